@@ -1,0 +1,388 @@
+"""The ``crossmodal-rag`` command line. Results go to stdout, progress and messages to stderr.
+
+Exit codes: 0 success, 1 failure (e.g. nothing could be indexed, an inconsistent collection, a
+model that cannot be loaded), 2 bad usage or bad query input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .errors import CrossmodalError, QueryError
+
+logger = logging.getLogger("crossmodal_rag")
+
+_MODEL_HELP = ("model spec: open_clip:ARCH/TAG, open_clip:ARCH/CHECKPOINT, open_clip:local-dir:FOLDER, "
+               "open_clip:hf-hub:REPO, hf:REPO or hf:FOLDER")
+
+
+class UsageError(CrossmodalError):
+    """Bad command-line usage (exit code 2)."""
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _nonneg_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="crossmodal-rag",
+        description="Cross-modal search and retrieval-augmented generation over image-text collections.",
+    )
+    p.add_argument("--version", action="version", version=f"crossmodal-rag {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, errors only")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add_collection(sp: argparse.ArgumentParser, positional: bool = False) -> None:
+        if positional:
+            sp.add_argument("dir", nargs="?", metavar="DIR", help="collection folder")
+        sp.add_argument("--collection", "-c", metavar="DIR", help="collection folder")
+
+    ix = sub.add_parser("index", help="add a folder, manifest, COCO file or passage corpus to a collection")
+    ix.add_argument("source", metavar="SOURCE",
+                    help="folder of images (+ same-stem .txt captions), .jsonl/.csv manifest, "
+                         "COCO captions .json, or .jsonl passage corpus")
+    add_collection(ix)
+    ix.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP + " (new collections; default "
+                    "open_clip:ViT-B-32/laion2b_s34b_b79k)")
+    ix.add_argument("--index-type", default="Flat", metavar="FACTORY",
+                    help="FAISS index-factory string for a new collection (default: Flat, exact)")
+    ix.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    ix.add_argument("--workers", type=_nonneg_int, default=None, metavar="N",
+                    help="image decoding processes (default: automatic)")
+    ix.add_argument("--max-image-pixels", type=_positive_int, default=None, metavar="N",
+                    help="skip images declaring more pixels than this (default 268435456)")
+    ix.add_argument("--image-root", metavar="DIR", help="manifest image paths are relative to DIR")
+    ix.add_argument("--allow-outside-root", action="store_true",
+                    help="accept manifest image paths that are absolute or leave the root folder")
+    ix.add_argument("--report", metavar="FILE", help="write a JSON report (skipped items and why) to FILE")
+    ix.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, not power-loss safe)")
+
+    se = sub.add_parser("search", help="search a collection by text or by image")
+    se.add_argument("text", nargs="?", metavar="TEXT", help="text query")
+    se.add_argument("--image", "-i", metavar="PATH", help="image query")
+    se.add_argument("--queries", metavar="FILE",
+                    help="batch: one query per line (text, or JSON {\"text\": ...} / {\"image\": ...})")
+    add_collection(se)
+    se.add_argument("--top-k", "-k", type=_positive_int, default=10, metavar="K")
+    se.add_argument("--target", "-t", choices=("images", "texts", "all"), default="images",
+                    help="what to return: images, texts (captions and passages) or all")
+    se.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
+    se.add_argument("--json", action="store_true", help="JSON output instead of TSV")
+    se.add_argument("--no-header", action="store_true", help="TSV without the header line")
+
+    inf = sub.add_parser("info", help="print a collection's manifest and counts")
+    add_collection(inf, positional=True)
+    inf.add_argument("--json", action="store_true")
+
+    ck = sub.add_parser("check", help="verify that a collection's indexes and metadata agree")
+    add_collection(ck, positional=True)
+    ck.add_argument("--json", action="store_true")
+
+    rm = sub.add_parser("remove", help="remove items by id or by source path")
+    rm.add_argument("ids", nargs="*", type=int, metavar="ID")
+    add_collection(rm)
+    rm.add_argument("--path", action="append", default=[], metavar="PATH", help="remove by path (repeatable)")
+    rm.add_argument("--json", action="store_true")
+
+    de = sub.add_parser("demo", help="index the bundled sample photos and run example queries")
+    de.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP)
+    de.add_argument("--collection", "-c", metavar="DIR",
+                    help="where to build the demo collection (default: under ~/.cache/crossmodal-rag)")
+    de.add_argument("--top-k", "-k", type=_positive_int, default=3, metavar="K")
+    return p
+
+
+def _collection_dir(args: argparse.Namespace) -> str:
+    folder = getattr(args, "collection", None) or getattr(args, "dir", None)
+    if not folder:
+        raise UsageError(f"{args.command}: name the collection folder with --collection DIR")
+    return folder
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
+                                          logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:
+        for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        # open_clip logs to the root logger; keep it to errors unless asked.
+        logging.getLogger().setLevel(max(level, logging.ERROR) if not verbose else level)
+        logging.getLogger("crossmodal_rag").setLevel(level)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if not verbose:
+            hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+# -- commands ----------------------------------------------------------------------------
+def cmd_index(args: argparse.Namespace) -> int:
+    from .collection import Collection
+    from .ingest import IngestSettings, ingest
+
+    folder = _collection_dir(args)
+    settings_kwargs: dict[str, Any] = {
+        "batch_size": args.batch_size, "workers": args.workers, "image_root": args.image_root,
+        "allow_outside_root": args.allow_outside_root, "progress": not args.quiet,
+    }
+    if args.max_image_pixels:
+        settings_kwargs["max_image_pixels"] = args.max_image_pixels
+    settings = IngestSettings(**settings_kwargs)
+    with Collection.open_or_create(folder, args.model, index_type=args.index_type,
+                                   fsync=not args.no_fsync) as coll:
+        report = ingest(coll, args.source, settings)
+        counts = coll.counts()
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} item(s):", file=sys.stderr)
+        for p in report.skipped[:50]:
+            print(f"  {p.item}: {p.reason}", file=sys.stderr)
+        if len(report.skipped) > 50:
+            print(f"  ... and {len(report.skipped) - 50} more (see --report FILE)", file=sys.stderr)
+    print(f"{report.summary()}")
+    print(f"collection {Path(folder).resolve()}: {counts['images']} images, {counts['captions']} "
+          f"captions, {counts['passages']} passages")
+    if not report.indexed_anything:
+        if not report.skipped:
+            print(f"error: found no images ({', '.join(sorted(_exts()))}) or texts in {args.source}",
+                  file=sys.stderr)
+        else:
+            print("error: nothing could be indexed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _exts() -> set[str]:
+    from .images import IMAGE_EXTENSIONS
+
+    return set(IMAGE_EXTENSIONS)
+
+
+def _read_queries(path: str) -> list[dict[str, Any]]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise QueryError(f"cannot read queries file {path}: {e}") from e
+    queries: list[dict[str, Any]] = []
+    for n, line in enumerate(lines, start=1):
+        s = line.strip()
+        if not s:
+            continue
+        q: dict[str, Any] = {"line": n}
+        if s.startswith("{"):
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError as e:
+                q["error"] = f"invalid JSON: {e.msg}"
+                queries.append(q)
+                continue
+            q["text"], q["image"] = obj.get("text"), obj.get("image")
+            if q["image"]:
+                q["image"] = str((Path(path).resolve().parent / q["image"]).resolve()) \
+                    if not Path(q["image"]).is_absolute() else q["image"]
+        else:
+            q["text"], q["image"] = s, None
+        queries.append(q)
+    return queries
+
+
+def _tsv_field(value: Any) -> str:
+    return "" if value is None else " ".join(str(value).split())
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .collection import Collection
+
+    folder = _collection_dir(args)
+    if args.queries and (args.text or args.image):
+        raise UsageError("search: give TEXT/--image or --queries FILE, not both")
+    if args.queries:
+        queries = _read_queries(args.queries)
+        if not queries:
+            raise QueryError(f"queries file {args.queries} holds no queries")
+    else:
+        if args.text is None and args.image is None:
+            raise QueryError("search: give a TEXT query, --image PATH, or --queries FILE")
+        if args.text is not None and args.image is not None:
+            raise QueryError("search: give a text query or --image, not both")
+        if args.text is not None and not args.text.strip():
+            raise QueryError("empty query: give a text to search for, or an image with --image")
+        if args.image is not None and not Path(args.image).is_file():
+            raise QueryError(f"query image {args.image} does not exist or is not a file")
+        queries = [{"line": None, "text": args.text, "image": args.image}]
+
+    failures = 0
+    records = []
+    with Collection.open(folder, model=args.model) as coll:
+        for q in queries:
+            label = q.get("text") if q.get("text") is not None else q.get("image")
+            try:
+                if q.get("error"):
+                    raise QueryError(q["error"])
+                hits = coll.search(q.get("text"), image=q.get("image"), k=args.top_k, target=args.target)
+            except QueryError as e:
+                if len(queries) == 1:
+                    raise
+                failures += 1
+                print(f"error: query on line {q['line']}: {e}", file=sys.stderr)
+                continue
+            records.append({"query": {"text": q.get("text"), "image": q.get("image")},
+                            "label": label, "hits": hits})
+    if args.json:
+        out = [{"query": r["query"], "target": args.target, "k": args.top_k,
+                "results": [h.to_dict() for h in r["hits"]]} for r in records]
+        print(json.dumps(out[0] if not args.queries else out, indent=2, ensure_ascii=False))
+    else:
+        if not args.no_header:
+            print("query\trank\tscore\tid\tkind\tpath\ttext")
+        for r in records:
+            for h in r["hits"]:
+                text = h.text if h.text is not None else " | ".join(h.captions)
+                print(f"{_tsv_field(r['label'])}\t{h.rank}\t{h.score:.4f}\t{h.id}\t{h.kind}\t"
+                      f"{_tsv_field(h.path)}\t{_tsv_field(text)}")
+    return 2 if failures else 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .collection import Collection
+
+    with Collection.open(_collection_dir(args)) as coll:
+        info = coll.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    counts = info["counts"]
+    print(f"collection:     {info['path']}")
+    print(f"format:         {info['format']} v{info['format_version']} (written by crossmodal-rag "
+          f"{info['library_version']})")
+    print(f"encoder:        {info['encoder']} ({info['dim']}-d, {info['metric']})")
+    print(f"index type:     {info['index_type']}")
+    print(f"items:          {counts['images']} images, {counts['captions']} captions, "
+          f"{counts['passages']} passages")
+    print(f"created:        {info['created_at']}")
+    print(f"updated:        {info['updated_at']}")
+    print(f"generation:     {info['generation']}" + (
+        f" ({info['pending_generations']} newer commit(s) replayed on open)" if info["pending_generations"] else ""))
+    for name, f in info["files"].items():
+        print(f"{name} index:{' ' * (8 - len(name))}{f['path']} ({f['count']} vectors, {f['bytes']} bytes)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .collection import Collection
+
+    with Collection.open(_collection_dir(args)) as coll:
+        report = coll.check()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for note in report.notes:
+            print(f"note: {note}")
+        for problem in report.problems:
+            print(f"problem: {problem}")
+        c = report.counts
+        status = "ok" if report.ok else "FAILED"
+        print(f"{status}: {c.get('images', 0)} images, {c.get('captions', 0)} captions, "
+              f"{c.get('passages', 0)} passages")
+    return 0 if report.ok else 1
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from .collection import Collection
+
+    if not args.ids and not args.path:
+        raise UsageError("remove: give item ids and/or --path PATH")
+    with Collection.open(_collection_dir(args), writable=True) as coll:
+        result = coll.remove(ids=args.ids, paths=args.path)
+    for u in result["unknown"]:
+        print(f"warning: no item {u!r} in the collection", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"removed {len(result['removed'])} item(s)" + (
+            f": {' '.join(map(str, result['removed']))}" if result["removed"] else ""))
+    return 1 if result["unknown"] and not result["removed"] else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .collection import Collection
+    from .demo import DEMO_QUERIES, default_demo_collection, sample_data_dir
+    from .encoders import DEFAULT_MODEL, parse_model_spec
+    from .ingest import IngestSettings, ingest
+
+    model = str(parse_model_spec(args.model or DEFAULT_MODEL))
+    sample = sample_data_dir()
+    folder = Path(args.collection) if args.collection else default_demo_collection(model)
+    print(f"indexing the sample photos in {sample} with {model}", file=sys.stderr)
+    with Collection.open_or_create(folder, model) as coll:
+        report = ingest(coll, sample, IngestSettings(progress=not args.quiet))
+        print(f"collection {coll.folder}: {report.summary()}")
+        for q in DEMO_QUERIES:
+            image = str(sample / q.image) if q.image else None
+            hits = coll.search(q.text, image=image, k=args.top_k, target=q.target)
+            label = f'"{q.text}"' if q.text else f"image {q.image}"
+            print(f"\n{label} -> {q.target}")
+            for h in hits:
+                what = h.text if h.text is not None else (Path(h.path).name if h.path else "")
+                print(f"  {h.rank}. {h.score:.3f}  {what}")
+    return 0
+
+
+COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
+            "remove": cmd_remove, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except (QueryError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CrossmodalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `crossmodal-rag search ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""CLIP encoders: images and texts into one L2-normalised embedding space.
+
+One class, :class:`ClipEncoder`, over two backends (open_clip and transformers CLIP) chosen by
+the model spec string (grammar in :mod:`crossmodal_rag.encoders.spec`). Weights load on first
+use, once per process (:func:`load_encoder` caches encoders by spec and device).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..images import load_image
+from .spec import DEFAULT_MODEL, ModelSpec, parse_model_spec
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ClipEncoder",
+    "ModelSpec",
+    "default_device",
+    "load_encoder",
+    "parse_model_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ClipBackend(Protocol):
+    """What a backend provides; :class:`ClipEncoder` adds batching and normalisation."""
+
+    spec: ModelSpec
+
+    def load(self, device: str) -> None: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def max_text_tokens(self) -> int: ...
+    def preprocess(self, image: Image.Image) -> torch.Tensor: ...
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def text_features(self, texts: list[str]) -> torch.Tensor: ...
+
+
+def default_device() -> str:
+    """``$CROSSMODAL_RAG_DEVICE`` if set, else CUDA when available, else CPU."""
+    forced = os.environ.get("CROSSMODAL_RAG_DEVICE")
+    if forced:
+        return forced
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _make_backend(spec: ModelSpec) -> ClipBackend:
+    if spec.backend == "open_clip":
+        from .openclip import OpenClipBackend
+
+        return OpenClipBackend(spec)
+    from .hf import HFClipBackend
+
+    return HFClipBackend(spec)
+
+
+class ClipEncoder:
+    """Encodes images and texts into L2-normalised float32 vectors of shape ``(N, dim)``.
+
+    The model loads on first use (thread-safe). Inputs to :meth:`encode_images` may be PIL
+    images or paths; paths are decoded with :func:`crossmodal_rag.images.load_image`.
+    """
+
+    def __init__(self, spec: str | ModelSpec, device: str | None = None) -> None:
+        self.spec = parse_model_spec(spec)
+        self.device = device or default_device()
+        self._backend = _make_backend(self.spec)
+        self._loaded = False
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ClipEncoder({str(self.spec)!r}, device={self.device!r})"
+
+    # -- loading -------------------------------------------------------------------------
+    def load(self) -> ClipEncoder:
+        """Load the weights now (otherwise the first encode does it). Returns ``self``."""
+        if not self._loaded:
+            with self._lock:
+                if not self._loaded:
+                    logger.info("loading CLIP model %s on %s", self.spec, self.device)
+                    self._backend.load(self.device)
+                    self._loaded = True
+        return self
+
+    @property
+    def backend(self) -> ClipBackend:
+        return self.load()._backend
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D."""
+        return self.backend.dim
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Token context of the text tower; longer texts are truncated."""
+        return self.backend.max_text_tokens
+
+    # -- images --------------------------------------------------------------------------
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One RGB PIL image -> the model's input tensor ``(3, H, W)``."""
+        return self.backend.preprocess(image)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Preprocessed batch ``(N, 3, H, W)`` -> normalised embeddings ``(N, D)`` float32."""
+        feats = self.backend.image_features(pixels.to(self.device))
+        return _normalise(feats)
+
+    def encode_images(
+        self, images: Sequence[Image.Image | str | Path], batch_size: int = 32
+    ) -> np.ndarray:
+        """Images (PIL or paths) -> ``(N, D)`` float32, rows of unit L2 norm."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pil = [im if isinstance(im, Image.Image) else load_image(im).image for im in chunk]
+            pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in pil])
+            out.append(self.encode_pixels(pixels))
+        return _concat(out, self)
+
+    # -- texts ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_texts(self, texts: str | Iterable[str], batch_size: int = 64) -> np.ndarray:
+        """Texts -> ``(N, D)`` float32, rows of unit L2 norm; a single string gives N=1.
+
+        Texts longer than the model's context are truncated by its tokenizer.
+        """
+        items = [texts] if isinstance(texts, str) else list(texts)
+        out = [
+            _normalise(self.backend.text_features(items[i : i + batch_size]))
+            for i in range(0, len(items), batch_size)
+        ]
+        return _concat(out, self)
+
+
+def _normalise(feats: torch.Tensor) -> np.ndarray:
+    feats = feats.float()
+    feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return np.ascontiguousarray(feats.cpu().numpy(), dtype=np.float32)
+
+
+def _concat(parts: list[np.ndarray], enc: ClipEncoder) -> np.ndarray:
+    if not parts:
+        return np.zeros((0, enc.dim), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+_CACHE: dict[tuple[str, str], ClipEncoder] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_encoder(spec: str | ModelSpec | None = None, device: str | None = None) -> ClipEncoder:
+    """The process-wide encoder for ``spec`` (default :data:`DEFAULT_MODEL`) on ``device``.
+
+    Returns at once; weights load on first use. Raises :class:`~crossmodal_rag.errors.ModelSpecError`
+    for a malformed spec.
+    """
+    parsed = parse_model_spec(spec or DEFAULT_MODEL)
+    key = (str(parsed), device or default_device())
+    with _CACHE_LOCK:
+        enc = _CACHE.get(key)
+        if enc is None:
+            enc = _CACHE[key] = ClipEncoder(parsed, device=key[1])
+        return enc

@@ -1,0 +1,372 @@
+"""Ingest: read a source, decode images in worker processes, embed in batches, commit.
+
+Stages, named for what flows through them::
+
+    read_source -> records -> (stat: skip unchanged files) -> DataLoader workers: read bytes,
+    hash, decode, preprocess -> batches of pixels -> encoder -> SQLite transaction -> indexes
+
+Each batch is one SQLite transaction, so a kill loses at most the batch in flight, and a re-run
+resumes: files whose path, size and modification time are already recorded are skipped without
+being read, and byte-identical files are stored once (SHA-256 of the contents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .errors import ImageDecodeError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from .sources import ImageRecord, Problem, TextRecord, read_source
+
+if TYPE_CHECKING:
+    from .collection import Collection
+
+__all__ = ["IngestReport", "IngestSettings", "ingest"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """How to ingest a source."""
+
+    batch_size: int = 32  # images per encoder batch (and per SQLite transaction)
+    workers: int | None = None  # decode processes; None = 1 when there is enough work, else 0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # refuse images declaring more pixels
+    image_root: str | None = None  # manifest/COCO image paths are relative to this folder
+    allow_outside_root: bool = False  # accept manifest paths outside the root
+    progress: bool = False  # show a progress bar on stderr
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+
+
+@dataclass
+class IngestReport:
+    """What an ingest run did."""
+
+    source: str
+    images_added: int = 0
+    captions_added: int = 0
+    captions_removed: int = 0
+    passages_added: int = 0
+    unchanged: int = 0  # files skipped because path, size and mtime were already recorded
+    duplicates: int = 0  # files whose contents were already stored under another path
+    replaced: int = 0  # files whose contents changed since the last run
+    skipped: list[Problem] = field(default_factory=list)
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # decode wait vs encode vs write
+
+    @property
+    def indexed_anything(self) -> bool:
+        return bool(self.images_added or self.captions_added or self.passages_added
+                    or self.unchanged or self.duplicates)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skipped"] = [p.to_dict() for p in self.skipped]
+        return d
+
+    def summary(self) -> str:
+        parts = [f"{self.images_added} images", f"{self.captions_added} captions",
+                 f"{self.passages_added} passages added"]
+        tail = [f"{self.unchanged} unchanged", f"{self.duplicates} duplicates",
+                f"{self.replaced} changed", f"{len(self.skipped)} skipped"]
+        return f"{', '.join(parts)}; {', '.join(tail)} in {self.seconds:.1f}s"
+
+
+# -- decode stage (runs in DataLoader workers) ----------------------------------------------
+class _DecodeDataset(Dataset):
+    def __init__(self, paths: list[Path], transform: Any, max_pixels: int) -> None:
+        self.paths = paths
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path = self.paths[i]
+        out: dict[str, Any] = {"i": i, "pixels": None, "error": None}
+        try:
+            st = path.stat()
+            data = path.read_bytes()
+            out.update(size=len(data), mtime_ns=st.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest())
+            decoded = decode_image(data, str(path), max_pixels=self.max_pixels)
+            out["pixels"] = self.transform(decoded.image)
+            out.update(width=decoded.width, height=decoded.height, format=decoded.format)
+        except ImageDecodeError as e:
+            out["error"] = e.reason
+        except FileNotFoundError:
+            out["error"] = "no such file"
+        except IsADirectoryError:
+            out["error"] = "is a directory, not an image file"
+        except OSError as e:
+            out["error"] = f"cannot read file: {e.strerror or e}"
+        except Exception as e:  # a broken file must never stop the batch
+            out["error"] = f"cannot preprocess image: {type(e).__name__}: {e}"
+        return out
+
+
+def _collate(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return batch
+
+
+def _batches(paths: list[Path], transform: Any, settings: IngestSettings) -> Iterator[list[dict[str, Any]]]:
+    workers = settings.workers
+    if workers is None:
+        workers = 1 if len(paths) > 2 * settings.batch_size and (os.cpu_count() or 1) > 1 else 0
+    dataset = _DecodeDataset(paths, transform, settings.max_image_pixels)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers,
+                        collate_fn=_collate, prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    yield from loader
+
+
+# -- the run ---------------------------------------------------------------------------------
+def ingest(collection: Collection, source: str | Path, settings: IngestSettings | None = None) -> IngestReport:
+    """Add everything in ``source`` to ``collection`` (opened writable); see the module docstring.
+
+    Bad items are skipped and listed in the report; the run goes on.
+    """
+    settings = settings or IngestSettings()
+    collection._require_writable()
+    t0 = time.perf_counter()
+    report = IngestReport(source=str(source))
+    images: list[ImageRecord] = []
+    texts: list[TextRecord] = []
+    for rec in read_source(source, image_root=settings.image_root,
+                           allow_outside_root=settings.allow_outside_root):
+        if isinstance(rec, Problem):
+            report.skipped.append(rec)
+        elif isinstance(rec, ImageRecord):
+            images.append(rec)
+        else:
+            texts.append(rec)
+    writer = _Writer(collection, report)
+    try:
+        if texts:
+            writer.add_passages(texts, settings)
+        if images:
+            writer.add_images(images, settings)
+    finally:
+        if writer.dirty:
+            collection.persist()
+    report.seconds = time.perf_counter() - t0
+    for p in report.skipped:
+        logger.warning("skipped %s: %s", p.item, p.reason)
+    return report
+
+
+class _Writer:
+    """Turns decoded batches into committed items and keeps the in-memory indexes in step."""
+
+    def __init__(self, collection: Collection, report: IngestReport) -> None:
+        self.c = collection
+        self.store = collection.store
+        self.report = report
+        self.dirty = False
+        self.timings = report.timings
+        for key in ("read_source", "decode_wait", "encode_images", "encode_texts", "write"):
+            self.timings.setdefault(key, 0.0)
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        t = time.perf_counter()
+        out = self.c.encoder.encode_texts(texts) if texts else np.zeros((0, self.c.manifest.dim), np.float32)
+        self.timings["encode_texts"] += time.perf_counter() - t
+        return out
+
+    # -- passages --------------------------------------------------------------------------
+    def add_passages(self, texts: list[TextRecord], settings: IngestSettings) -> None:
+        seen: set[str] = set()
+        new: list[tuple[str, TextRecord]] = []
+        for rec in texts:
+            sha = hashlib.sha256(json.dumps([rec.title, rec.text]).encode()).hexdigest()
+            if sha in seen or self.store.item_by_sha("passage", sha) is not None:
+                self.report.duplicates += 1
+                continue
+            seen.add(sha)
+            new.append((sha, rec))
+        bar = _bar(len(new), "passages", settings.progress)
+        step = max(settings.batch_size, 64)
+        for start in range(0, len(new), step):
+            chunk = new[start : start + step]
+            vecs = self._encode_texts([_passage_text(r) for _, r in chunk])
+            t = time.perf_counter()
+            with self.store.transaction():
+                ids = [self.store.insert_item("passage", v, sha256=sha, text=r.text, title=r.title,
+                                              ext_id=r.ext_id, origin=r.origin, extra=r.extra or None)
+                       for (sha, r), v in zip(chunk, vecs, strict=True)]
+            self.c.apply({"text": (np.asarray(ids, np.int64), vecs)}, [])
+            self.timings["write"] += time.perf_counter() - t
+            self.dirty = True
+            self.report.passages_added += len(ids)
+            bar.update(len(chunk))
+        bar.close()
+
+    # -- images ----------------------------------------------------------------------------
+    def add_images(self, images: list[ImageRecord], settings: IngestSettings) -> None:
+        todo: list[ImageRecord] = []
+        unchanged: list[tuple[int, ImageRecord]] = []
+        for rec in images:
+            entry = self.store.path_entry(str(rec.path))
+            if entry is not None:
+                try:
+                    st = rec.path.stat()
+                except OSError:
+                    st = None
+                if st is not None and entry[1] == st.st_size and entry[2] == st.st_mtime_ns:
+                    unchanged.append((entry[0], rec))
+                    continue
+            todo.append(rec)
+        self.report.unchanged += len(unchanged)
+        for start in range(0, len(unchanged), 256):
+            self._commit([], [(item_id, rec) for item_id, rec in unchanged[start : start + 256]])
+        if not todo:
+            return
+        encoder = self.c.encoder.load()
+        bar = _bar(len(todo), "images", settings.progress)
+        t = time.perf_counter()
+        for batch in _batches([r.path for r in todo], encoder.preprocess, settings):
+            self.timings["decode_wait"] += time.perf_counter() - t
+            decoded = []
+            for out in batch:
+                rec = todo[out["i"]]
+                if out["error"]:
+                    self.report.skipped.append(Problem(str(rec.path), out["error"]))
+                else:
+                    decoded.append((rec, out))
+            self._commit(decoded, [])
+            bar.update(len(batch))
+            t = time.perf_counter()
+        bar.close()
+
+    def _commit(self, decoded: list[tuple[ImageRecord, dict[str, Any]]],
+                known: list[tuple[int, ImageRecord]]) -> None:
+        """One transaction: new images (decoded) and caption updates for known ones."""
+        store = self.store
+        # Which decoded files are new contents? (sha not stored and not earlier in this batch)
+        new: list[tuple[ImageRecord, dict[str, Any]]] = []
+        batch_sha: dict[str, ImageRecord] = {}
+        links: list[tuple[ImageRecord, dict[str, Any], int | None]] = []
+        for rec, out in decoded:
+            existing = store.item_by_sha("image", out["sha256"])
+            if existing is None and out["sha256"] not in batch_sha:
+                batch_sha[out["sha256"]] = rec
+                new.append((rec, out))
+            else:
+                links.append((rec, out, existing))
+        image_vecs = np.zeros((0, self.c.manifest.dim), np.float32)
+        if new:
+            t = time.perf_counter()
+            image_vecs = self.c.encoder.encode_pixels(torch.stack([o["pixels"] for _, o in new]))
+            self.timings["encode_images"] += time.perf_counter() - t
+        # Captions to embed: for new images all of them; for known ones only the unseen ones.
+        # (stored item id, or the sha of an image new in this batch; origin; caption text)
+        caption_jobs: list[tuple[int | str, str, str]] = []
+        for rec, out in new:
+            caption_jobs.extend((out["sha256"], rec.origin, c) for c in rec.captions)
+        known_caps: dict[int, dict[str, tuple[int, str | None]]] = {}
+        for rec, out, existing in links:
+            if existing is None:  # same contents as an image new in this batch
+                caption_jobs.extend((out["sha256"], rec.origin, c) for c in rec.captions)
+        for item_id, rec in known + [(e, r) for r, _, e in links if e is not None]:
+            caps = known_caps.setdefault(item_id, store.captions_of(item_id))
+            caption_jobs.extend((item_id, rec.origin, c) for c in rec.captions if c not in caps)
+        unique_texts = list(dict.fromkeys(c for _, _, c in caption_jobs))
+        text_vecs = dict(zip(unique_texts, self._encode_texts(unique_texts), strict=True))
+
+        t = time.perf_counter()
+        added_images: list[tuple[int, np.ndarray]] = []
+        added_texts: list[tuple[int, np.ndarray]] = []
+        removed: list[int] = []
+        with store.transaction():
+            new_ids: dict[str, int] = {}
+            for (rec, out), vec in zip(new, image_vecs, strict=True):
+                removed += self._unlink_path(rec, out["sha256"])
+                item_id = store.insert_item(
+                    "image", vec, sha256=out["sha256"], width=out["width"], height=out["height"],
+                    format=out["format"], size_bytes=out["size"], origin=rec.origin or None,
+                    extra=rec.extra or None)
+                new_ids[out["sha256"]] = item_id
+                store.set_path(str(rec.path), item_id, out["size"], out["mtime_ns"])
+                added_images.append((item_id, vec))
+                self.report.images_added += 1
+            for rec, out, existing in links:
+                item_id = existing if existing is not None else new_ids[out["sha256"]]
+                previous = store.path_entry(str(rec.path))
+                if previous is None or previous[0] != item_id:
+                    removed += self._unlink_path(rec, out["sha256"])
+                    self.report.duplicates += 1
+                store.set_path(str(rec.path), item_id, out["size"], out["mtime_ns"])
+            written: set[tuple[int, str]] = set()
+            for key, origin, text in caption_jobs:
+                owner = key if isinstance(key, int) else new_ids[key]
+                if (owner, text) in written:
+                    continue
+                written.add((owner, text))
+                cid = store.insert_item("caption", text_vecs[text], parent_id=owner, text=text,
+                                        origin=origin or None)
+                added_texts.append((cid, text_vecs[text]))
+                self.report.captions_added += 1
+            # Captions that came from the same caption file / manifest and are gone from it.
+            for item_id, rec in known:
+                if not rec.origin:
+                    continue
+                stale = [cid for text, (cid, origin) in known_caps[item_id].items()
+                         if origin == rec.origin and text not in rec.captions]
+                if stale:
+                    removed += store.delete_items(stale)
+                    self.report.captions_removed += len(stale)
+        added: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, rows in (("image", added_images), ("text", added_texts)):
+            if rows:
+                added[name] = (np.asarray([r[0] for r in rows], np.int64), np.stack([r[1] for r in rows]))
+        self.c.apply(added, removed)
+        self.timings["write"] += time.perf_counter() - t
+        if added or removed or decoded:
+            self.dirty = True
+
+    def _unlink_path(self, rec: ImageRecord, sha: str) -> list[int]:
+        """The file at rec.path now has other contents: drop its old item if nothing else uses it."""
+        previous = self.store.path_entry(str(rec.path))
+        if previous is None:
+            return []
+        old_id = previous[0]
+        if self.store.item_by_sha("image", sha) == old_id:
+            return []
+        self.store.conn.execute("DELETE FROM paths WHERE path = ?", (str(rec.path),))
+        self.report.replaced += 1
+        if self.store.paths_of(old_id):
+            return []
+        return self.store.delete_items([old_id])
+
+
+def _passage_text(rec: TextRecord) -> str:
+    return f"{rec.title}. {rec.text}" if rec.title else rec.text
+
+
+def _bar(total: int, unit: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, unit=f" {unit}", disable=not enabled or total == 0, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+

@@ -1,0 +1,307 @@
+"""SQLite metadata: items (images, captions, passages), their source paths and their vectors.
+
+SQLite is the collection's commit log: an item exists once its transaction commits, and its
+vector is stored in the same row, so the FAISS indexes can always be rebuilt or brought up to date
+from here after a crash (see :meth:`crossmodal_rag.collection.Collection.open`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CollectionError
+
+__all__ = ["SCHEMA_VERSION", "Item", "MetadataStore"]
+
+SCHEMA_VERSION = 1
+DB_NAME = "metadata.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('image', 'caption', 'passage')),
+    parent_id  INTEGER REFERENCES items(id) ON DELETE CASCADE,
+    sha256     TEXT,
+    text       TEXT,
+    title      TEXT,
+    ext_id     TEXT,
+    origin     TEXT,
+    width      INTEGER,
+    height     INTEGER,
+    format     TEXT,
+    size_bytes INTEGER,
+    extra      TEXT,
+    added_at   REAL NOT NULL,
+    vector     BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS items_image_sha ON items(sha256) WHERE kind = 'image';
+CREATE UNIQUE INDEX IF NOT EXISTS items_passage_sha ON items(sha256) WHERE kind = 'passage';
+CREATE UNIQUE INDEX IF NOT EXISTS items_caption ON items(parent_id, text) WHERE kind = 'caption';
+CREATE INDEX IF NOT EXISTS items_kind ON items(kind);
+CREATE TABLE IF NOT EXISTS paths (
+    path       TEXT PRIMARY KEY,
+    item_id    INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+    size_bytes INTEGER,
+    mtime_ns   INTEGER,
+    added_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS paths_item ON paths(item_id);
+"""
+
+#: Which FAISS index holds each item kind.
+INDEX_OF_KIND = {"image": "image", "caption": "text", "passage": "text"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One stored item (an image, a caption of an image, or a text passage)."""
+
+    id: int
+    kind: str  # "image" | "caption" | "passage"
+    path: str | None  # image file (for a caption: its image's file); None for passages
+    text: str | None  # caption or passage text
+    captions: tuple[str, ...]  # an image's captions
+    parent_id: int | None  # a caption's image
+    title: str | None
+    ext_id: str | None  # the id a passage corpus gave it
+    width: int | None
+    height: int | None
+    format: str | None
+    size_bytes: int | None
+    sha256: str | None
+    added_at: float
+    extra: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["captions"] = list(self.captions)
+        return d
+
+
+class MetadataStore:
+    """Thin typed layer over the SQLite file; one instance per open collection."""
+
+    def __init__(self, folder: Path, *, readonly: bool = False, fsync: bool = True) -> None:
+        self.path = folder / DB_NAME
+        if readonly and not self.path.is_file():
+            raise CollectionError(f"metadata file missing: {self.path}")
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            if not readonly:
+                self.conn.execute("PRAGMA journal_mode = WAL")
+                self.conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
+                self.conn.executescript(_SCHEMA)
+                if self.get_meta("schema_version") is None:
+                    self.set_meta("schema_version", str(SCHEMA_VERSION))
+            version = self.get_meta("schema_version")
+        except sqlite3.DatabaseError as e:
+            raise CollectionError(f"{self.path} is not a readable SQLite database: {e}") from e
+        if version is None or int(version) > SCHEMA_VERSION:
+            raise CollectionError(
+                f"{self.path}: metadata schema version {version!r} is not supported "
+                f"(this crossmodal-rag reads up to {SCHEMA_VERSION})"
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions --------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write; bumps the generation counter on commit."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+            gen = int(self.get_meta("generation") or 0) + 1
+            self.set_meta("generation", str(gen))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read view (a deferred read transaction)."""
+        self.conn.execute("BEGIN")
+        try:
+            yield self.conn
+        finally:
+            self.conn.execute("COMMIT")
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta("generation") or 0)
+
+    # -- writes (call inside transaction()) ---------------------------------------------
+    def insert_item(self, kind: str, vector: np.ndarray, **fields: Any) -> int:
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if "extra" in fields:
+            fields["extra"] = json.dumps(fields["extra"], ensure_ascii=False, sort_keys=True)
+        cols = ["kind", "vector", "added_at", *fields]
+        blob = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+        values = [kind, blob, time.time(), *fields.values()]
+        cur = self.conn.execute(
+            f"INSERT INTO items({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values
+        )
+        return int(cur.lastrowid)
+
+    def set_path(self, path: str, item_id: int, size_bytes: int | None, mtime_ns: int | None) -> None:
+        self.conn.execute(
+            "INSERT INTO paths(path, item_id, size_bytes, mtime_ns, added_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET item_id = excluded.item_id, "
+            "size_bytes = excluded.size_bytes, mtime_ns = excluded.mtime_ns",
+            (path, item_id, size_bytes, mtime_ns, time.time()),
+        )
+
+    def delete_items(self, ids: Iterable[int]) -> list[int]:
+        """Delete items (an image takes its captions and paths along); returns all ids deleted."""
+        ids = list(ids)
+        if not ids:
+            return []
+        gone: list[int] = []
+        for chunk in _chunks(ids, 500):
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(
+                f"SELECT id FROM items WHERE id IN ({marks}) OR parent_id IN ({marks})", chunk + chunk
+            ).fetchall()
+            gone.extend(r[0] for r in rows)
+            self.conn.execute(f"DELETE FROM items WHERE parent_id IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk)
+        return sorted(set(gone))
+
+    # -- reads ---------------------------------------------------------------------------
+    def path_entry(self, path: str) -> tuple[int, int | None, int | None] | None:
+        row = self.conn.execute(
+            "SELECT item_id, size_bytes, mtime_ns FROM paths WHERE path = ?", (path,)
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def item_by_sha(self, kind: str, sha256: str) -> int | None:
+        row = self.conn.execute(
+            "SELECT id FROM items WHERE kind = ? AND sha256 = ?", (kind, sha256)
+        ).fetchone()
+        return row[0] if row else None
+
+    def captions_of(self, image_id: int) -> dict[str, tuple[int, str | None]]:
+        """caption text -> (caption id, origin)."""
+        rows = self.conn.execute(
+            "SELECT text, id, origin FROM items WHERE kind = 'caption' AND parent_id = ? ORDER BY id",
+            (image_id,),
+        ).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def paths_of(self, item_id: int) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT path FROM paths WHERE item_id = ? ORDER BY rowid", (item_id,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def ids(self, index: str) -> np.ndarray:
+        """Ids of the items that belong in the ``"image"`` or ``"text"`` index, sorted."""
+        kinds = ("image",) if index == "image" else ("caption", "passage")
+        marks = ",".join("?" * len(kinds))
+        rows = self.conn.execute(
+            f"SELECT id FROM items WHERE kind IN ({marks}) ORDER BY id", kinds
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def vectors(self, ids: Sequence[int], dim: int) -> np.ndarray:
+        """Stored vectors of ``ids`` in that order: ``(len(ids), dim)`` float32."""
+        out = np.empty((len(ids), dim), dtype=np.float32)
+        pos = {int(i): n for n, i in enumerate(ids)}
+        for chunk in _chunks([int(i) for i in ids], 500):
+            marks = ",".join("?" * len(chunk))
+            for item_id, blob in self.conn.execute(
+                f"SELECT id, vector FROM items WHERE id IN ({marks})", chunk
+            ):
+                vec = np.frombuffer(blob, dtype="<f4")
+                if vec.shape[0] != dim:
+                    raise CollectionError(
+                        f"{self.path}: item {item_id} has a {vec.shape[0]}-d vector, expected {dim}"
+                    )
+                out[pos[item_id]] = vec
+        return out
+
+    def counts(self) -> dict[str, int]:
+        rows = dict(self.conn.execute("SELECT kind, COUNT(*) FROM items GROUP BY kind").fetchall())
+        return {"images": rows.get("image", 0), "captions": rows.get("caption", 0),
+                "passages": rows.get("passage", 0)}
+
+    def get_items(self, ids: Sequence[int]) -> dict[int, Item]:
+        """Items by id (ids that do not exist are left out)."""
+        result: dict[int, Item] = {}
+        int_ids = [int(i) for i in ids]
+        for chunk in _chunks(int_ids, 500):
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(
+                "SELECT id, kind, parent_id, sha256, text, title, ext_id, width, height, format, "
+                f"size_bytes, extra, added_at FROM items WHERE id IN ({marks})",
+                chunk,
+            ).fetchall()
+            for r in rows:
+                (item_id, kind, parent_id, sha, text, title, ext_id, w, h, fmt, size, extra, added) = r
+                owner = parent_id if kind == "caption" else item_id
+                paths = self.paths_of(owner) if kind != "passage" else []
+                captions: tuple[str, ...] = ()
+                if kind == "image":
+                    captions = tuple(self.captions_of(item_id))
+                result[item_id] = Item(
+                    id=item_id, kind=kind, path=paths[0] if paths else None, text=text,
+                    captions=captions, parent_id=parent_id, title=title, ext_id=ext_id, width=w,
+                    height=h, format=fmt, size_bytes=size, sha256=sha, added_at=added,
+                    extra=json.loads(extra) if extra else {},
+                )
+        return result
+
+    def item_ids_for_paths(self, paths: Iterable[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in paths:
+            entry = self.path_entry(p)
+            if entry:
+                out[p] = entry[0]
+        return out
+
+    def integrity_problems(self) -> list[str]:
+        problems: list[str] = []
+        res = self.conn.execute("PRAGMA integrity_check").fetchall()
+        if res != [("ok",)]:
+            problems.append(f"{self.path}: SQLite integrity check failed: {res[:3]}")
+        orphans = self.conn.execute(
+            "SELECT COUNT(*) FROM items c LEFT JOIN items p ON c.parent_id = p.id "
+            "WHERE c.kind = 'caption' AND p.id IS NULL"
+        ).fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} captions whose image is missing")
+        dangling = self.conn.execute(
+            "SELECT COUNT(*) FROM paths LEFT JOIN items ON paths.item_id = items.id WHERE items.id IS NULL"
+        ).fetchone()[0]
+        if dangling:
+            problems.append(f"{dangling} paths that point to no item")
+        return problems
+
+
+def _chunks(seq: Sequence[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(seq), n):
+        yield list(seq[i : i + n])

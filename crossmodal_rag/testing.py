@@ -1,0 +1,118 @@
+"""Tiny random CLIP models for offline tests, demos and benchmarks.
+
+They are saved in exactly the layouts users' local checkpoints have, so loading them exercises the
+real loading code: :func:`make_tiny_open_clip` writes an ``open_clip:local-dir:`` folder
+(``open_clip_config.json`` + ``open_clip_model.safetensors``) and :func:`make_tiny_hf_clip` a
+transformers ``save_pretrained`` folder (``hf:FOLDER``). Their embeddings carry no meaning.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TINY_OPEN_CLIP_ARCH", "make_tiny_hf_clip", "make_tiny_open_clip", "tiny_open_clip_config"]
+
+TINY_OPEN_CLIP_ARCH = "xmrag-tiny"
+
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def tiny_open_clip_config(
+    embed_dim: int = 32, image_size: int = 32, width: int = 64, layers: int = 2
+) -> dict[str, Any]:
+    """An open_clip ``model_cfg`` for a ViT of the given size (defaults: very small)."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width,
+                       "patch_size": max(image_size // 4, 1), "head_width": max(width // 2, 8)},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": width,
+                     "heads": max(width // 32, 1), "layers": layers},
+    }
+
+
+def make_tiny_open_clip(
+    folder: str | Path, *, seed: int = 0, model_cfg: dict[str, Any] | None = None
+) -> Path:
+    """Build a random open_clip model and save it as a ``local-dir`` folder; returns the folder.
+
+    The config is also registered with ``open_clip.add_model_config`` under
+    :data:`TINY_OPEN_CLIP_ARCH`, so ``open_clip:xmrag-tiny/FOLDER/open_clip_model.safetensors``
+    works as well.
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model_cfg or tiny_open_clip_config()
+    image_size = cfg["vision_cfg"]["image_size"]
+    (folder / f"{TINY_OPEN_CLIP_ARCH}.json").write_text(json.dumps(cfg, indent=2))
+    open_clip.add_model_config(folder / f"{TINY_OPEN_CLIP_ARCH}.json")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_OPEN_CLIP_ARCH)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    preprocess = {"size": image_size, "mean": list(_OPENAI_MEAN), "std": list(_OPENAI_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2)
+    )
+    (folder / f"{TINY_OPEN_CLIP_ARCH}.json").unlink()
+    return folder
+
+
+def _byte_vocab() -> dict[str, int]:
+    """A character-level CLIP BPE vocabulary (no merges): every byte, alone and word-final."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def make_tiny_hf_clip(folder: str | Path, *, seed: int = 0, dim: int = 32) -> Path:
+    """Build a random transformers ``CLIPModel`` with its tokenizer and image processor, and
+    ``save_pretrained`` all three into ``folder``; returns the folder (load it as ``hf:FOLDER``)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _byte_vocab()
+    tok_dir = folder / "_tok"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": dim, "intermediate_size": 2 * dim,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
+                     "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
+                     "pad_token_id": vocab["<|endoftext|>"]},
+        vision_config={"hidden_size": dim, "intermediate_size": 2 * dim, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=dim,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return folder
