@@ -226,6 +226,7 @@ class Collection:
     # -- indexes ---------------------------------------------------------------------------
     def _load_indexes(self) -> None:
         m = self.manifest
+        stale = m.generation != self.store.generation
         for name in _INDEX_NAMES:
             record = m.files.get(name)
             index = None
@@ -234,8 +235,9 @@ class Collection:
                     index = VectorIndex.load(self.folder, record, m.dim, m.index_type)
                 except CollectionError as e:
                     logger.warning("%s; rebuilding it from the metadata", e)
+            stale = stale or index is None
             self.indexes[name] = index or VectorIndex(m.dim, m.index_type)
-        if m.generation != self.store.generation or any(n not in m.files for n in _INDEX_NAMES):
+        if stale:
             added, removed = self.reconcile()
             logger.info("replayed %d additions and %d removals committed after the last index "
                         "write", added, removed)

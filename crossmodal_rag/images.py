@@ -103,6 +103,8 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's guard is a process-wide setting: hold it to this call's limit.
+            Image.MAX_IMAGE_PIXELS = max_pixels
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width <= 0 or height <= 0:
@@ -116,19 +118,17 @@ def decode_image(
             fmt = img.format or "unknown"
             if fmt == "JPEG" and max(width, height) > 2 * _DRAFT_SIDE:
                 img.draft("RGB", (_DRAFT_SIDE, _DRAFT_SIDE))
-            # Pillow's own guard uses a global; hold it to our limit while decoding.
-            previous = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = max_pixels
-            try:
-                img.load()
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous
+            img.load()
             img = ImageOps.exif_transpose(img) or img
             rgb = to_rgb(img)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(name, f"decompression bomb refused: {e}") from e
+        raise ImageDecodeError(
+            name,
+            f"declared size exceeds the limit of {max_pixels} pixels (decompression-bomb guard; "
+            "raise --max-image-pixels if the file is trusted)",
+        ) from e
     except UnidentifiedImageError as e:
         raise ImageDecodeError(name, "not a recognised image file") from e
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError) as e:

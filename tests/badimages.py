@@ -1,0 +1,82 @@
+"""Builders of hostile and unusual image files, used by several test modules."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def jpeg_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height but whose data is one tiny row (a 'bomb')."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" + b"\x00" * 3)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def write_bad_images(folder: Path) -> dict[str, str]:
+    """Write one file of each bad kind; returns file name -> expected reason fragment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str] = {}
+    (folder / "empty.jpg").write_bytes(b"")
+    expected["empty.jpg"] = "empty file"
+    good = jpeg_bytes((256, 256))
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    expected["truncated.jpg"] = "truncated"
+    (folder / "notimage.png").write_text("this is plain text, not a PNG\n")
+    expected["notimage.png"] = "not a recognised image"
+    (folder / "bomb.png").write_bytes(png_declaring(60000, 60000))
+    expected["bomb.png"] = "exceeds the limit"
+    (folder / "dangling.jpg").symlink_to(folder / "does-not-exist.jpg")
+    expected["dangling.jpg"] = "no such file"
+    (folder / "folder.jpg").mkdir()
+    expected["folder.jpg"] = "directory"
+    return expected
+
+
+def write_odd_images(folder: Path) -> dict[str, Image.Image]:
+    """Valid but unusual images (modes, EXIF, animation); returns name -> the image written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Image.Image] = {}
+    grey = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (32, 1)), mode="L")
+    grey.save(folder / "grey.png")
+    out["grey.png"] = grey
+    sixteen = Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16))
+    sixteen.save(folder / "sixteen.png")
+    out["sixteen.png"] = sixteen
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.save(folder / "palette.png", transparency=0)
+    out["palette.png"] = pal
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    rgba.save(folder / "rgba.png")
+    out["rgba.png"] = rgba
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red in CMYK
+    cmyk.save(folder / "cmyk.jpg", "JPEG")
+    out["cmyk.jpg"] = cmyk
+    tall = Image.new("RGB", (40, 20), (0, 128, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    tall.save(folder / "rotated.jpg", "JPEG", exif=exif.tobytes())
+    out["rotated.jpg"] = tall
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out["anim.gif"] = frames[0]
+    Image.new("RGB", (20, 10), (10, 20, 30)).save(folder / "plain.webp", "WEBP")
+    Image.new("RGB", (20, 10), (10, 20, 30)).save(folder / "plain.bmp", "BMP")
+    Image.new("RGB", (20, 10), (10, 20, 30)).save(folder / "plain.tiff", "TIFF")
+    return out

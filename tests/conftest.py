@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random CLIP models saved in the layouts users' checkpoints have,
+the bundled sample photos, and builders for bad image files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Tests never reach for the network: the encoders' hub probe answers "offline" at once.
+os.environ.setdefault("CROSSMODAL_RAG_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def tiny_oc_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from crossmodal_rag.testing import make_tiny_open_clip
+
+    return make_tiny_open_clip(tmp_path_factory.mktemp("tiny-open-clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_oc_spec(tiny_oc_dir: Path) -> str:
+    return f"open_clip:local-dir:{tiny_oc_dir}"
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from crossmodal_rag.testing import make_tiny_hf_clip
+
+    return make_tiny_hf_clip(tmp_path_factory.mktemp("tiny-hf-clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    assert SAMPLE.is_dir(), "data/sample is missing"
+    return SAMPLE
+
+
+@pytest.fixture
+def photos(tmp_path: Path, sample_dir: Path) -> Path:
+    """A writable copy of five sample photos with their caption files."""
+    dest = tmp_path / "photos"
+    dest.mkdir()
+    for name in ("cat", "coffee", "pagoda", "dahlia", "grace_hopper"):
+        shutil.copy(sample_dir / f"{name}.jpg", dest)
+        shutil.copy(sample_dir / f"{name}.txt", dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def sample_collection(tmp_path_factory: pytest.TempPathFactory, tiny_oc_spec: str, sample_dir: Path) -> Path:
+    """The sample photos indexed once with the tiny open_clip model (copy it before writing)."""
+    from crossmodal_rag import Collection
+
+    folder = tmp_path_factory.mktemp("coll") / "sample"
+    with Collection.create(folder, tiny_oc_spec) as coll:
+        report = coll.add(sample_dir)
+    assert report.images_added == len(list(sample_dir.rglob("*.jpg")) + list(sample_dir.rglob("*.png")))
+    return folder
+
+
+@pytest.fixture
+def collection_copy(tmp_path: Path, sample_collection: Path) -> Path:
+    dest = tmp_path / "coll"
+    shutil.copytree(sample_collection, dest, ignore=shutil.ignore_patterns(".lock"))
+    return dest

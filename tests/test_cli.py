@@ -1,0 +1,128 @@
+"""End to end: the real CLI in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.badimages import write_bad_images
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "crossmodal_rag", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def test_index_search_info_check_remove(tmp_path: Path, photos: Path, tiny_oc_spec: str) -> None:
+    coll = tmp_path / "coll"
+    bad = photos / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    report = tmp_path / "report.json"
+    r = run("index", str(photos), "--collection", str(coll), "--model", tiny_oc_spec, "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    assert "5 images, 15 captions" in r.stdout and "1 skipped" in r.stdout
+    assert "broken.jpg" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(report.read_text())["skipped"][0]["item"] == str(bad)
+
+    r = run("search", "a cat", "--collection", str(coll), "--top-k", "3")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split("\t") == ["query", "rank", "score", "id", "kind", "path", "text"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [row[1] for row in rows] == ["1", "2", "3"] and all(row[4] == "image" for row in rows)
+    scores = [float(row[2]) for row in rows]
+    assert scores == sorted(scores, reverse=True)
+
+    r = run("search", "--image", str(photos / "cat.jpg"), "-c", str(coll), "-k", "2", "--target", "texts", "--json")
+    out = json.loads(r.stdout)
+    assert out["target"] == "texts" and len(out["results"]) == 2
+    assert {"id", "score", "path", "text", "kind", "captions"} <= set(out["results"][0])
+
+    queries = tmp_path / "q.txt"
+    queries.write_text(f'a cup of coffee\n\n{{"image": "{photos / "cat.jpg"}"}}\n{{"text": ""}}\n')
+    r = run("search", "--queries", str(queries), "-c", str(coll), "-k", "1", "--json")
+    assert r.returncode == 2 and "line 4" in r.stderr  # the bad query is reported, the others answered
+    batch = json.loads(r.stdout)
+    assert len(batch) == 2 and batch[1]["results"][0]["path"] == str(photos / "cat.jpg")
+
+    r = run("info", str(coll))
+    assert r.returncode == 0 and "5 images, 15 captions" in r.stdout and tiny_oc_spec in r.stdout
+    info = json.loads(run("info", str(coll), "--json").stdout)
+    assert info["counts"] == {"images": 5, "captions": 15, "passages": 0} and info["dim"] == 32
+    r = run("check", str(coll))
+    assert r.returncode == 0 and r.stdout.startswith("ok")
+
+    first_id = rows[0][3]
+    r = run("remove", first_id, "--collection", str(coll))
+    assert r.returncode == 0 and "removed 4 item(s)" in r.stdout
+    r = run("remove", "424242", "--collection", str(coll))
+    assert r.returncode == 1 and "424242" in r.stderr
+    assert json.loads(run("info", str(coll), "--json").stdout)["counts"]["images"] == 4
+
+
+def test_bad_queries_exit_2(sample_collection: Path, tmp_path: Path) -> None:
+    for args, fragment in [
+        (["search", "   "], "empty query"),
+        (["search"], "give a TEXT query"),
+        (["search", "--image", str(tmp_path / "nope.jpg")], "does not exist"),
+        (["search", "cat", "--top-k", "0"], "positive integer"),
+    ]:
+        r = run(*args, "--collection", str(sample_collection))
+        assert r.returncode == 2, (args, r.stderr)
+        assert fragment in r.stderr and "Traceback" not in r.stderr
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    r = run("search", "--image", str(junk), "--collection", str(sample_collection))
+    assert r.returncode == 2 and "junk.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nothing_indexable_exits_1(tmp_path: Path, tiny_oc_spec: str) -> None:
+    (tmp_path / "empty").mkdir()
+    r = run("index", str(tmp_path / "empty"), "-c", str(tmp_path / "c1"), "--model", tiny_oc_spec)
+    assert r.returncode == 1 and "found no images" in r.stderr
+    write_bad_images(tmp_path / "bad")
+    r = run("index", str(tmp_path / "bad"), "-c", str(tmp_path / "c2"), "--model", tiny_oc_spec)
+    assert r.returncode == 1 and "nothing could be indexed" in r.stderr and "truncated" in r.stderr
+    r = run("index", str(tmp_path / "missing"), "-c", str(tmp_path / "c3"), "--model", tiny_oc_spec)
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_wrong_encoder_and_missing_collection(sample_collection: Path, tiny_hf_dir: Path, tmp_path: Path) -> None:
+    r = run("search", "cat", "-c", str(sample_collection), "--model", f"hf:{tiny_hf_dir}")
+    assert r.returncode == 1 and "was built with" in r.stderr and "Traceback" not in r.stderr
+    r = run("search", "cat", "-c", str(tmp_path / "none"))
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_offline_default_model_fails_fast_with_instructions(tmp_path: Path, photos: Path) -> None:
+    env = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for args in (["demo"], ["index", str(photos), "-c", str(tmp_path / "c")]):
+        t0 = time.perf_counter()
+        r = run(*args, env=env, timeout=120)
+        assert r.returncode == 1, r.stderr
+        assert time.perf_counter() - t0 < 60
+        assert "local-dir" in r.stderr and "--model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_demo_with_local_weights(tmp_path: Path, tiny_oc_dir: Path) -> None:
+    r = run("demo", "--model", f"open_clip:local-dir:{tiny_oc_dir}", "--collection", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr
+    assert "15 images" in r.stdout and '"a cat looking at the camera" -> images' in r.stdout
+    assert "image space/astronaut.jpg -> texts" in r.stdout
+    r = run("demo", "--model", f"open_clip:local-dir:{tiny_oc_dir}", "--collection", str(tmp_path / "demo"))
+    assert r.returncode == 0 and "15 unchanged" in r.stdout
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["search", "--help"]])
+def test_console_script_and_help(argv: list[str]) -> None:
+    exe = Path(sys.executable).parent / "crossmodal-rag"
+    r = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and ("crossmodal-rag" in r.stdout or "usage" in r.stdout)

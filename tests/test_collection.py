@@ -1,0 +1,242 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossmodal_rag import Collection, EncoderMismatchError, IngestSettings, QueryError
+from crossmodal_rag.errors import CollectionError, CollectionLockedError
+from crossmodal_rag.testing import make_tiny_open_clip
+from tests.badimages import jpeg_bytes, write_bad_images, write_odd_images
+
+
+def _brute_force(coll: Collection, query: np.ndarray, index: str, k: int) -> list[tuple[int, float]]:
+    ids = coll.store.ids(index)
+    vecs = coll.store.vectors(ids.tolist(), coll.manifest.dim)
+    scores = vecs @ query
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(int(ids[j]), float(scores[j])) for j in order]
+
+
+def test_text_and_image_search_match_brute_force(sample_collection: Path) -> None:
+    with Collection.open(sample_collection) as coll:
+        q = coll.embed_query("a cat looking at the camera")
+        hits = coll.search("a cat looking at the camera", k=5)
+        assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+        expected = _brute_force(coll, q, "image", 5)
+        assert [h.id for h in hits] == [i for i, _ in expected]
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-5)
+        assert all(h.kind == "image" and h.path and h.captions for h in hits)
+
+        cat = str(Path(hits[0].path))
+        same = coll.search(image=cat, k=3)
+        assert same[0].path == cat and same[0].score == pytest.approx(1.0, abs=1e-4)
+
+        texts = coll.search(image=cat, k=4, target="texts")
+        qi = coll.embed_query(image=cat)
+        assert [h.id for h in texts] == [i for i, _ in _brute_force(coll, qi, "text", 4)]
+        assert all(h.kind == "caption" and h.text and h.parent_id for h in texts)
+        assert texts[0].path == coll.get(texts[0].parent_id)[0].path
+
+        mixed = coll.search("a cup of coffee", k=8, target="all")
+        assert {h.kind for h in mixed} <= {"image", "caption"}
+        assert [h.score for h in mixed] == sorted((h.score for h in mixed), reverse=True)
+        everything = coll.search("x", k=1000, target="all")
+        assert len(everything) == sum(coll.counts().values())
+
+
+def test_bad_queries_are_query_errors(sample_collection: Path, tmp_path: Path) -> None:
+    with Collection.open(sample_collection) as coll:
+        for bad in ("", "   \n\t"):
+            with pytest.raises(QueryError, match="empty query"):
+                coll.search(bad)
+        with pytest.raises(QueryError, match="empty query"):
+            coll.search(None)
+        with pytest.raises(QueryError, match="no such file"):
+            coll.search(image=tmp_path / "missing.jpg")
+        (tmp_path / "junk.jpg").write_text("junk")
+        with pytest.raises(QueryError, match="junk.jpg"):
+            coll.search(image=tmp_path / "junk.jpg")
+        with pytest.raises(QueryError, match="positive integer"):
+            coll.search("cat", k=0)
+        with pytest.raises(QueryError, match="target"):
+            coll.search("cat", target="videos")
+
+
+def test_reindexing_is_incremental_and_idempotent(photos: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
+    folder = tmp_path / "c"
+    with Collection.create(folder, tiny_oc_spec) as coll:
+        first = coll.add(photos)
+        assert (first.images_added, first.captions_added) == (5, 15)
+        again = coll.add(photos)
+        assert (again.images_added, again.captions_added, again.unchanged) == (0, 0, 5)
+
+        # a byte-identical copy is stored once, under both paths
+        shutil.copy(photos / "cat.jpg", photos / "cat-copy.jpg")
+        dup = coll.add(photos)
+        assert (dup.images_added, dup.duplicates) == (0, 1)
+        assert coll.counts()["images"] == 5
+
+        # an edited caption file: new captions added, dropped ones removed
+        (photos / "coffee.txt").write_text("a mug of black coffee\n")
+        edited = coll.add(photos)
+        assert (edited.captions_added, edited.captions_removed) == (1, 3)
+        coffee = [h for h in coll.search("coffee", k=5) if h.path.endswith("coffee.jpg")][0]
+        assert coffee.captions == ("a mug of black coffee",)
+
+        # a changed image at the same path replaces the old item
+        old_ids = {h.path: h.id for h in coll.search("x", k=10)}
+        (photos / "dahlia.jpg").write_bytes(jpeg_bytes((80, 60), (10, 200, 10)))
+        changed = coll.add(photos)
+        assert (changed.images_added, changed.replaced) == (1, 1)
+        new_ids = {h.path: h.id for h in coll.search("x", k=10)}
+        assert new_ids[str(photos / "dahlia.jpg")] != old_ids[str(photos / "dahlia.jpg")]
+        assert coll.get(old_ids[str(photos / "dahlia.jpg")]) == []
+        assert coll.check().ok
+
+
+def test_remove_by_id_and_by_path(photos: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
+    shutil.copy(photos / "cat.jpg", photos / "cat-copy.jpg")
+    with Collection.create(tmp_path / "c", tiny_oc_spec) as coll:
+        coll.add(photos)
+        cat_id = coll.store.path_entry(str(photos / "cat.jpg"))[0]
+        # removing one of two copies only forgets that path
+        result = coll.remove(paths=[str(photos / "cat-copy.jpg")])
+        assert result == {"removed": [], "unknown": []}
+        assert coll.get(cat_id)[0].path == str(photos / "cat.jpg")
+        n_caps = len(coll.get(cat_id)[0].captions)
+        result = coll.remove(ids=[cat_id, 99999])
+        assert len(result["removed"]) == 1 + n_caps and result["unknown"] == [99999]
+        assert cat_id not in {h.id for h in coll.search("x", k=100, target="all")}
+        assert all(h.parent_id != cat_id for h in coll.search("x", k=100, target="texts"))
+        assert coll.check().ok
+    with Collection.open(tmp_path / "c") as coll:
+        assert coll.counts()["images"] == 4 and coll.check().ok
+
+
+def test_bad_items_are_skipped_and_the_rest_indexed(tmp_path: Path, tiny_oc_spec: str) -> None:
+    src = tmp_path / "src"
+    expected = write_bad_images(src)
+    write_odd_images(src)
+    with Collection.create(tmp_path / "c", tiny_oc_spec) as coll:
+        report = coll.add(src, max_image_pixels=10_000_000)
+        reasons = {Path(p.item).name: p.reason for p in report.skipped}
+        assert set(reasons) == set(expected) - {"folder.jpg"}  # a folder named x.jpg is not a file
+        for name, fragment in expected.items():
+            if name in reasons:
+                assert fragment in reasons[name], (name, reasons[name])
+        assert report.images_added == 10  # the 10 odd-but-valid images
+        assert coll.check().ok
+
+
+def test_passage_corpus_is_searchable_text(tmp_path: Path, tiny_oc_spec: str) -> None:
+    corpus = tmp_path / "passages.jsonl"
+    rows = [{"id": f"p{i}", "title": f"T{i}", "text": f"passage number {i} about topic {i % 3}"} for i in range(20)]
+    corpus.write_text("\n".join(json.dumps(r) for r in rows + rows[:3]) + "\n")
+    with Collection.create(tmp_path / "c", tiny_oc_spec) as coll:
+        report = coll.add(corpus)
+        assert (report.passages_added, report.duplicates) == (20, 3)
+        q = coll.encoder.encode_texts(["T5. passage number 5 about topic 2"])[0]
+        hits = coll.search_vectors(q[None], k=3, target="texts")[0]
+        assert hits[0].kind == "passage" and hits[0].text == rows[5]["text"] and hits[0].score == pytest.approx(1, abs=1e-4)
+        assert coll.get(hits[0].id)[0].ext_id == "p5"
+        assert coll.search("topic", k=5) == []  # no images in this collection
+
+
+def test_other_encoder_is_refused(collection_copy: Path, tiny_hf_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(EncoderMismatchError, match="was built with"):
+        Collection.open(collection_copy, model=f"hf:{tiny_hf_dir}")
+    other = make_tiny_open_clip(tmp_path / "other", seed=1)  # same shape, other weights
+    with pytest.raises(EncoderMismatchError, match="different embeddings"):
+        Collection.open(collection_copy, model=f"open_clip:local-dir:{other}")
+    # Weights replaced in place under the same spec are caught on first use.
+    with Collection.open(collection_copy) as coll:
+        spec_dir = Path(coll.manifest.encoder.split("local-dir:", 1)[1])
+    backup = tmp_path / "backup"
+    shutil.copytree(spec_dir, backup)
+    try:
+        shutil.copy(other / "open_clip_model.safetensors", spec_dir / "open_clip_model.safetensors")
+        from crossmodal_rag.encoders import _CACHE
+
+        _CACHE.clear()
+        with Collection.open(collection_copy) as coll, pytest.raises(EncoderMismatchError):
+            coll.search("a cat")
+    finally:
+        shutil.copy(backup / "open_clip_model.safetensors", spec_dir / "open_clip_model.safetensors")
+        _CACHE.clear()
+
+
+def test_one_writer_at_a_time(collection_copy: Path) -> None:
+    writer = Collection.open(collection_copy, writable=True)
+    try:
+        with pytest.raises(CollectionLockedError, match="another process"):
+            Collection.open(collection_copy, writable=True)
+        with Collection.open(collection_copy) as reader:  # readers are never blocked
+            assert reader.counts()["images"] == 15
+    finally:
+        writer.close()
+    Collection.open(collection_copy, writable=True).close()
+
+
+def test_commits_newer_than_the_index_are_replayed(collection_copy: Path) -> None:
+    with Collection.open(collection_copy, writable=True) as coll:
+        image_ids = coll.store.ids("image")
+        vec = coll.store.vectors([int(image_ids[0])], coll.manifest.dim)[0]
+        # commit metadata changes without writing the index (as a kill would leave it)
+        with coll.store.transaction():
+            new_id = coll.store.insert_item("passage", vec, text="late passage", sha256="x")
+            coll.store.delete_items([int(image_ids[1])])
+    with Collection.open(collection_copy) as reader:
+        report = reader.check()
+        assert report.ok and report.notes  # consistent after replay, with a note that it replayed
+        assert new_id in reader.indexes["text"].ids()
+        assert int(image_ids[1]) not in reader.indexes["image"].ids()
+        assert reader.info()["pending_generations"] == 1
+    with Collection.open(collection_copy, writable=True) as writer:
+        assert writer.info()["pending_generations"] == 0  # a writer persists the replay
+
+
+def test_corrupt_index_file_is_rebuilt_from_metadata(collection_copy: Path) -> None:
+    manifest = json.loads((collection_copy / "manifest.json").read_text())
+    (collection_copy / manifest["files"]["image"]["path"]).write_bytes(b"garbage")
+    with Collection.open(collection_copy) as coll:
+        report = coll.check()
+        assert not report.ok and any("image" in p and "bytes" in p for p in report.problems)
+        assert len(coll.indexes["image"]) == 15  # rebuilt in memory, searches still work
+    with Collection.open(collection_copy, writable=True) as coll:
+        coll.persist()
+        assert coll.check().ok
+
+
+def test_manifest_is_validated(collection_copy: Path, tmp_path: Path) -> None:
+    path = collection_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "format_version": 99}))
+    with pytest.raises(CollectionError, match="newer"):
+        Collection.open(collection_copy)
+    path.write_text(json.dumps({**data, "surprise": 1}))
+    with pytest.raises(CollectionError, match="unknown keys"):
+        Collection.open(collection_copy)
+    path.write_text("{ not json")
+    with pytest.raises(CollectionError, match="manifest.json"):
+        Collection.open(collection_copy)
+    with pytest.raises(CollectionError, match="not a crossmodal-rag collection"):
+        Collection.open(tmp_path)
+    with pytest.raises(CollectionError, match="does not exist"):
+        Collection.open(tmp_path / "nope")
+
+
+def test_create_refuses_non_empty_folders(tmp_path: Path, tiny_oc_spec: str) -> None:
+    (tmp_path / "stuff.txt").write_text("x")
+    with pytest.raises(CollectionError, match="not an empty folder"):
+        Collection.create(tmp_path, tiny_oc_spec)
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        IngestSettings(batch_size=0)
+    with pytest.raises(TypeError):
+        IngestSettings(bogus=1)  # type: ignore[call-arg]
