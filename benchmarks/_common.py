@@ -145,3 +145,19 @@ class CpuMeter:
         steal = (s1[1] - self._s0[1]) / self._hz
         return {"wall_s": w1 - self._w0, "own_cpu_s": own, "foreign_s": max(busy - own, 0.0),
                 "steal_s": steal}
+
+
+def wait_quiet(max_wait_s: float, *, threshold_cores: float = 0.1, window_s: float = 2.0) -> float:
+    """Wait (up to ``max_wait_s``) until other processes use under ``threshold_cores`` of CPU over a
+    ``window_s`` window; returns the seconds waited. Call it between measurements, never inside one."""
+    import time
+
+    if max_wait_s <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    while True:
+        meter = CpuMeter()
+        time.sleep(window_s)
+        m = meter.stop()
+        if not (m["foreign_s"] / m["wall_s"] >= threshold_cores) or time.perf_counter() - t0 >= max_wait_s:
+            return time.perf_counter() - t0

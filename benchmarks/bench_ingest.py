@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -94,6 +95,20 @@ def model_only(encoder, pixels: torch.Tensor, batch_size: int) -> float:
     return time.perf_counter() - t
 
 
+def _nice_worker(worker_id: int, increment: int) -> None:
+    os.nice(increment)
+
+
+def _patch_worker_nice(increment: int) -> None:
+    """Make ingest's DataLoader renice its workers (an experiment, not a library setting)."""
+    import functools
+
+    import crossmodal_rag.ingest as ingest_module
+
+    ingest_module.DataLoader = functools.partial(  # type: ignore[misc]
+        ingest_module.DataLoader, worker_init_fn=functools.partial(_nice_worker, increment=increment))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=256, help="synthetic photos to ingest (default 256)")
@@ -104,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                     "then adds to the ingest time; off by default so only the image path is measured)")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch.set_num_threads in this process (default: leave torch's default)")
+    ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                    help="before each measurement wait up to S seconds for other processes to go idle "
+                    "(for shared machines; the foreign column shows what was left)")
+    ap.add_argument("--worker-nice", type=int, default=None, metavar="N",
+                    help="EXPERIMENT: os.nice(N) in each DataLoader worker (patched in from here; "
+                    "ingest.py has no such setting)")
     ap.add_argument("--model-dir", type=Path, default=_common.DEFAULT_MODEL_DIR,
                     help="where the random ViT-B-32 model is cached")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder)")
@@ -113,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    if args.worker_nice is not None:
+        _patch_worker_nice(args.worker_nice)
 
     info = _common.machine_info()
     _common.print_machine(info)
@@ -123,16 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_images(work / "photos", args.images, captions=args.captions)
         mb = sum(p.stat().st_size for p in paths) / 1e6
         print(f"# {len(paths)} synthetic JPEGs ({mb:.1f} MB) made in {time.perf_counter() - t:.1f}s; "
-              f"batch size {args.batch_size}; torch threads {torch.get_num_threads()}")
+              f"batch size {args.batch_size}; torch threads {torch.get_num_threads()}"
+              + (f"; workers reniced by {args.worker_nice}" if args.worker_nice is not None else ""))
 
         encoder = load_encoder(spec, "cpu").load()
 
         # (b) decode + preprocess only, single process: the exact work of an ingest worker.
         dataset = _DecodeDataset(paths, encoder.preprocess, DEFAULT_MAX_IMAGE_PIXELS)
         dataset[0]  # warm up
+        _common.wait_quiet(args.quiet_wait)
+        decode_meter = _common.CpuMeter()
         t = time.perf_counter()
         items = [dataset[i] for i in range(len(dataset))]
         decode_s = time.perf_counter() - t
+        decode_foreign = decode_meter.stop()
         assert not any(it["error"] for it in items), [it["error"] for it in items if it["error"]]
         pixels = torch.stack([it["pixels"] for it in items])
         del items
@@ -141,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder.encode_pixels(pixels[: args.batch_size])
 
         def timed_model_only() -> dict[str, float]:
+            _common.wait_quiet(args.quiet_wait)
             meter = _common.CpuMeter()
             model_only(encoder, pixels, args.batch_size)
             m = meter.stop()
@@ -154,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder = work / f"coll-w{workers}-r{rep}"
                 coll = Collection.create(folder, spec)
                 try:
+                    _common.wait_quiet(args.quiet_wait)
                     meter = _common.CpuMeter()
                     report = ingest(coll, work / "photos",
                                     IngestSettings(batch_size=args.batch_size, workers=workers))
@@ -180,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print()
         print(f"model-only encode_pixels, batch {args.batch_size}: "
-              + ", ".join(f"{x:.2f}" for x in model_ips) + " images/s "
+              + ", ".join(f"{m['images_per_s']:.2f} ({m['foreign_s'] / m['wall_s']:.0%})" for m in model_runs)
+              + " images/s (foreign) "
               f"(median {_common.median(model_ips):.2f}; {1000 / _common.median(model_ips):.1f} ms/image)")
         print(f"decode+preprocess only (1 process): {len(paths) / decode_s:.1f} images/s "
-              f"({1000 * decode_s / len(paths):.1f} ms/image)")
+              f"({1000 * decode_s / len(paths):.1f} ms/image; foreign "
+              f"{decode_foreign['foreign_s'] / decode_foreign['wall_s']:.0%})")
         print()
         print(f"{'workers':>7} {'rep':>3} {'seconds':>8} {'img/s':>7} {'model img/s':>11} {'ratio':>6} "
               f"{'enc img/s':>9} {'decode_wait':>11} {'encode_img':>10} {'encode_txt':>10} {'write':>6} "
@@ -211,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out_json.write_text(json.dumps({
                 "machine": info, "images": len(paths), "megabytes": mb, "batch_size": args.batch_size,
                 "torch_threads": torch.get_num_threads(), "captions": args.captions,
+                "worker_nice": args.worker_nice,
                 "model_only_runs": model_runs,
                 "decode_preprocess_images_per_s": len(paths) / decode_s, "runs": runs,
             }, indent=2))

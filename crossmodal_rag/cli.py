@@ -111,6 +111,59 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--path", action="append", default=[], metavar="PATH", help="remove by path (repeatable)")
     rm.add_argument("--json", action="store_true")
 
+    def add_generation(sp: argparse.ArgumentParser) -> None:
+        add_collection(sp)
+        sp.add_argument("--generator", "-g", metavar="SPEC",
+                        help="hub id, save_pretrained folder or .gguf file (default google/flan-t5-base)")
+        sp.add_argument("--k", "-k", "--top-k", dest="k", type=_positive_int, default=5, metavar="K",
+                        help="retrieved items (default 5)")
+        sp.add_argument("--mode", choices=("concat", "rag-sequence", "rag-token"), default="concat")
+        sp.add_argument("--target", choices=("texts", "images", "all"), default="texts",
+                        help="what retrieval returns to condition on (default texts: captions, passages)")
+        sp.add_argument("--prior-temperature", type=float, default=0.05, metavar="T",
+                        help="P(z|x) = softmax(score / T) (default 0.05)")
+        sp.add_argument("--prompt-template", metavar="TEXT",
+                        help="prompt with {context} and {question} placeholders")
+        sp.add_argument("--max-context-tokens", type=_positive_int, metavar="N",
+                        help="prompt token budget (default: the generator's context)")
+        sp.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
+        sp.add_argument("--beams", type=_positive_int, default=1, metavar="N")
+        sp.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
+        sp.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature")
+        sp.add_argument("--top-p", type=float, default=1.0, metavar="P")
+        sp.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
+        sp.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
+        sp.add_argument("--json", action="store_true", help="print the whole answer record as JSON")
+
+    ak = sub.add_parser("ask", help="answer a question grounded in the collection (RAG)")
+    ak.add_argument("question", nargs="?", metavar="QUESTION")
+    ak.add_argument("--image", "-i", metavar="PATH",
+                    help="retrieve by this image (alone: ask what it shows)")
+    add_generation(ak)
+
+    ch = sub.add_parser("chat", help="multi-turn chat grounded in the collection")
+    ch.add_argument("message", nargs="?", metavar="MESSAGE",
+                    help="one message (with --session, the conversation continues); none: interactive")
+    ch.add_argument("--session", "-s", metavar="FILE", help="JSON file to resume from and save to")
+    ch.add_argument("--image", "-i", metavar="PATH", help="an image to go with the message")
+    add_generation(ch)
+
+    wr = sub.add_parser("write", help="continue a draft with grounded, cited content")
+    wr.add_argument("draft", nargs="?", metavar="DRAFT", help="the draft text (or --draft-file)")
+    wr.add_argument("--draft-file", metavar="FILE")
+    add_generation(wr)
+
+    rc = sub.add_parser("recommend", help="items like the ones you liked (not already liked)")
+    add_collection(rc)
+    rc.add_argument("--liked", type=int, nargs="*", default=[], metavar="ID", help="liked item ids")
+    rc.add_argument("--liked-image", action="append", default=[], metavar="PATH",
+                    help="a liked image file (repeatable)")
+    rc.add_argument("--top-k", "-k", type=_positive_int, default=10, metavar="K")
+    rc.add_argument("--diversity", type=float, default=0.3, metavar="D",
+                    help="0 = most similar first, 1 = most diverse (MMR; default 0.3)")
+    rc.add_argument("--target", choices=("images", "texts", "all"), default="images")
+    rc.add_argument("--json", action="store_true")
+
     de = sub.add_parser("demo", help="index the bundled sample photos and run example queries")
     de.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP)
     de.add_argument("--collection", "-c", metavar="DIR",
@@ -360,8 +413,121 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace, coll: Any) -> Any:
+    from .generation import GenerationSettings, RagPipeline, RagSettings
+
+    try:
+        rs: dict[str, Any] = {"k": args.k, "mode": args.mode, "target": args.target,
+                              "prior_temperature": args.prior_temperature,
+                              "max_context_tokens": args.max_context_tokens}
+        if args.prompt_template:
+            rs["prompt_template"] = args.prompt_template
+        settings = RagSettings(**rs)
+        gen = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
+                                 do_sample=args.sample, temperature=args.temperature,
+                                 top_p=args.top_p, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return RagPipeline(coll, args.generator, settings, gen)
+
+
+def _print_answer(answer: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
+        return
+    print(answer.answer if answer.answer else "(no answer: nothing was retrieved)")
+    if answer.sources:
+        print("\nsources:")
+        for s in answer.sources:
+            flag = "" if s.included else "  (not in prompt)"
+            flag += "  (truncated)" if s.truncated else ""
+            print(f"  [{s.rank}] posterior {s.posterior:.3f}  prior {s.prior:.3f}  score {s.score:.3f}  "
+                  f"#{s.id} {s.path or ''}  {_tsv_field(s.text)[:120]}{flag}")
+
+
+def _check_image_arg(image: str | None) -> None:
+    if image is not None and not Path(image).is_file():
+        raise QueryError(f"image {image} does not exist or is not a file")
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .collection import Collection
+
+    if (args.question is None or not args.question.strip()) and args.image is None:
+        raise QueryError("ask: give a QUESTION, an --image, or both")
+    _check_image_arg(args.image)
+    with Collection.open(_collection_dir(args), model=args.model) as coll:
+        answer = _pipeline(args, coll).ask(args.question, image=args.image)
+    _print_answer(answer, args.json)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .apps import ChatSession
+    from .collection import Collection
+
+    _check_image_arg(args.image)
+    session = ChatSession.load_or_new(args.session)
+    with Collection.open(_collection_dir(args), model=args.model) as coll:
+        pipeline = _pipeline(args, coll)
+        if args.message is not None:
+            answer = session.send(pipeline, args.message, image=args.image)
+            _print_answer(answer, args.json)
+        else:
+            print("chat: type a message, an empty line or Ctrl-D to stop", file=sys.stderr)
+            for line in sys.stdin:
+                if not line.strip():
+                    break
+                answer = session.send(pipeline, line)
+                _print_answer(answer, args.json)
+                if args.session:
+                    session.save(args.session)
+    if args.session:
+        session.save(args.session)
+    return 0
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    from .apps import write
+    from .collection import Collection
+
+    draft = args.draft
+    if args.draft_file:
+        try:
+            draft = Path(args.draft_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise QueryError(f"cannot read draft file {args.draft_file}: {e}") from e
+    if draft is None or not draft.strip():
+        raise QueryError("write: give the DRAFT text or --draft-file FILE")
+    with Collection.open(_collection_dir(args), model=args.model) as coll:
+        answer = write(_pipeline(args, coll), draft)
+    _print_answer(answer, args.json)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from .apps import recommend
+    from .collection import Collection
+
+    for image in args.liked_image:
+        _check_image_arg(image)
+    with Collection.open(_collection_dir(args)) as coll:
+        recs = recommend(coll, args.liked, args.liked_image, k=args.top_k, diversity=args.diversity,
+                         target=args.target)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in recs], indent=2, ensure_ascii=False))
+    else:
+        print("rank\tscore\tmmr\tid\tkind\tpath\ttext")
+        for r in recs:
+            h = r.hit
+            text = h.text if h.text is not None else " | ".join(h.captions)
+            print(f"{h.rank}\t{h.score:.4f}\t{r.mmr:.4f}\t{h.id}\t{h.kind}\t{_tsv_field(h.path)}\t{_tsv_field(text)}")
+    return 0
+
+
 COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
-            "remove": cmd_remove, "demo": cmd_demo}
+            "remove": cmd_remove, "demo": cmd_demo, "ask": cmd_ask, "chat": cmd_chat,
+            "write": cmd_write, "recommend": cmd_recommend}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

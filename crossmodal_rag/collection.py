@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 #: Texts whose embeddings fingerprint the encoder that built a collection.
 PROBE_TEXTS = ("a photo of a dog", "a red car parked on a street", "an empty white page")
 _PROBE_MIN_COSINE = 0.99
+#: Text queries are cut to this many characters (CLIP reads 77 tokens; this is far beyond).
+MAX_QUERY_CHARS = 4096
 _INDEX_NAMES = ("image", "text")
 
 
@@ -353,7 +355,12 @@ class Collection:
             return self.encoder.encode_images([pil])[0]
         if text is None or not str(text).strip():
             raise QueryError("empty query: give a text to search for, or an image with --image")
-        return self.encoder.encode_texts([" ".join(str(text).split())])[0]
+        clean = " ".join(str(text).split())
+        if len(clean) > MAX_QUERY_CHARS:
+            logger.warning("query of %d characters truncated to %d (the encoder reads at most %d "
+                           "tokens)", len(clean), MAX_QUERY_CHARS, self.encoder.max_text_tokens)
+            clean = clean[:MAX_QUERY_CHARS]
+        return self.encoder.encode_texts([clean])[0]
 
     def search(
         self, query: str | None = None, *, image: str | Path | Image.Image | None = None,

@@ -12,7 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_OPEN_CLIP_ARCH", "make_tiny_hf_clip", "make_tiny_open_clip", "tiny_open_clip_config"]
+__all__ = [
+    "TINY_OPEN_CLIP_ARCH",
+    "make_tiny_causal_lm",
+    "make_tiny_hf_clip",
+    "make_tiny_open_clip",
+    "make_tiny_t5",
+    "tiny_open_clip_config",
+]
 
 TINY_OPEN_CLIP_ARCH = "xmrag-tiny"
 
@@ -115,4 +122,40 @@ def make_tiny_hf_clip(folder: str | Path, *, seed: int = 0, dim: int = 32) -> Pa
     for f in tok_dir.iterdir():
         f.unlink()
     tok_dir.rmdir()
+    return folder
+
+
+def make_tiny_t5(folder: str | Path, *, seed: int = 0, d_model: int = 32, layers: int = 2) -> Path:
+    """A random T5 with a byte-level tokenizer (ByT5: no vocabulary file), ``save_pretrained``
+    into ``folder``; load it with ``--generator FOLDER``."""
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    folder = Path(folder)
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=2 * d_model, d_kv=d_model // 2,
+                      num_layers=layers, num_decoder_layers=layers, num_heads=2,
+                      decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_causal_lm(folder: str | Path, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A random Llama-architecture decoder-only LM with a byte-level tokenizer, saved into
+    ``folder``."""
+    import torch
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    tokenizer = ByT5Tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder

@@ -1,0 +1,358 @@
+"""Retrieval-augmented generation: P(y|x) = sum_z P(z|x) P(y|x,z) over the top-k retrieved items.
+
+Modes:
+
+* ``concat`` -- one prompt holding the question and the retrieved texts (under a token budget);
+* ``rag-sequence`` -- candidates generated per item, each candidate y scored by
+  ``log sum_z P(z|x) P(y|x,z)`` (every candidate under every item's prompt, one batched pass);
+* ``rag-token`` -- at each decoding step the k next-token distributions are mixed with P(z|x)
+  (the k items decoded in lock-step, one batched forward pass per step).
+
+Every answer carries its sources with ``prior`` = P(z|x) (softmax of retrieval scores at
+``prior_temperature``) and ``posterior`` = P(z|x,y) proportional to P(z|x) P(y|x,z), the share of
+the answer's likelihood each source carried, computed for every mode by scoring the final answer
+under each item's own prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import QueryError
+from ..search import Hit, check_k
+from .models import GenerationSettings, Generator, load_generator
+
+if TYPE_CHECKING:
+    from ..collection import Collection
+
+__all__ = ["MODES", "Answer", "RagPipeline", "RagSettings", "Source", "priors"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("concat", "rag-sequence", "rag-token")
+
+DEFAULT_TEMPLATE = (
+    "Answer the question using the context.\n\nContext:\n{context}\n\nQuestion: {question}\n\nAnswer:"
+)
+
+
+@dataclass(frozen=True)
+class RagSettings:
+    """How retrieval conditions generation."""
+
+    k: int = 5  # items retrieved
+    mode: str = "concat"  # concat | rag-sequence | rag-token
+    target: str = "texts"  # what retrieval returns: texts (captions, passages), images, all
+    prior_temperature: float = 0.05  # P(z|x) = softmax(score / prior_temperature)
+    prompt_template: str = DEFAULT_TEMPLATE  # needs {context} and {question}
+    item_template: str = "[{n}] {text}"  # one retrieved item inside the context
+    context_separator: str = "\n"  # between items in concat mode
+    max_context_tokens: int | None = None  # prompt budget; default: the generator's context
+    default_question: str = "What does this image show?"  # for an image-only query
+
+    def __post_init__(self) -> None:
+        check_k(self.k)
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.prior_temperature <= 0:
+            raise ValueError(f"prior_temperature must be > 0, got {self.prior_temperature}")
+        for key in ("{context}", "{question}"):
+            if key not in self.prompt_template:
+                raise ValueError(f"prompt_template must contain {key}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RagSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown RAG settings {unknown}; valid: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class Source:
+    """A retrieved item and how much it carried the answer."""
+
+    rank: int
+    id: int
+    kind: str  # image | caption | passage
+    path: str | None
+    text: str  # what the generator read for this item
+    score: float  # retrieval score (cosine)
+    prior: float  # P(z|x)
+    posterior: float  # P(z|x,y)
+    logprob: float  # log P(y|x,z)
+    included: bool = True  # in concat mode: whether it fit the prompt budget
+    truncated: bool = False  # in concat mode: whether it was cut to fit
+
+
+@dataclass
+class Answer:
+    """A generated answer with its provenance."""
+
+    answer: str
+    question: str
+    mode: str
+    sources: list[Source]
+    prompts: list[str]
+    timings: dict[str, float]
+    generator: str
+    encoder: str
+    image: str | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # rag-sequence: all scored
+    logprob: float | None = None  # log P(y|x) = log sum_z P(z|x) P(y|x,z)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def priors(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """P(z|x): softmax of retrieval scores at ``temperature`` (float64, sums to 1)."""
+    z = np.asarray(scores, dtype=np.float64) / temperature
+    z = z - z.max()
+    p = np.exp(z)
+    return p / p.sum()
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max()
+    return x - (m + math.log(np.exp(x - m).sum()))
+
+
+def item_text(hit: Hit) -> str:
+    """What the generator reads for a hit: an image's captions, or the text itself."""
+    if hit.kind == "image":
+        return "; ".join(hit.captions) if hit.captions else f"an image ({Path(hit.path or '').name})"
+    if hit.kind == "passage" and hit.title:
+        return f"{hit.title}: {hit.text}"
+    return hit.text or ""
+
+
+class RagPipeline:
+    """Collection + generator + settings. ``ask`` answers a question and cites its sources.
+
+    ``knowledge`` is an optional second collection the conditioning texts are retrieved from
+    instead (it must use the same encoder).
+    """
+
+    def __init__(
+        self, collection: Collection, generator: str | Generator | None = None,
+        settings: RagSettings | None = None, generation: GenerationSettings | None = None,
+    ) -> None:
+        self.collection = collection
+        self.generator = generator if isinstance(generator, Generator) else load_generator(generator)
+        self.settings = settings or RagSettings()
+        self.generation = generation or GenerationSettings()
+
+    # -- retrieval -------------------------------------------------------------------------
+    def retrieve(self, question: str | None, image: str | Path | Image.Image | None, k: int,
+                 target: str) -> tuple[list[Hit], np.ndarray]:
+        """Top-k hits for the query (the image when given, else the question) and the query vector."""
+        if image is not None:
+            vec = self.collection.embed_query(image=image)
+        else:
+            vec = self.collection.embed_query(question)
+        hits = self.collection.search_vectors(vec[None], k=k * 2 if target == "all" else k,
+                                              target=target)[0]
+        if target == "all":  # a caption of an image already retrieved adds nothing new
+            images = {h.id for h in hits if h.kind == "image"}
+            hits = [h for h in hits if not (h.kind == "caption" and h.parent_id in images)][:k]
+        return hits, vec
+
+    # -- prompts ---------------------------------------------------------------------------
+    def _budget(self) -> int:
+        s, g = self.settings, self.generator
+        budget = s.max_context_tokens or g.max_input_tokens
+        if g.kind == "causal":  # the answer shares the context window
+            budget = min(budget, g.max_input_tokens - self.generation.max_new_tokens)
+        return max(budget, 16)
+
+    def _fill(self, question: str, context: str) -> str:
+        return self.settings.prompt_template.replace("{question}", question).replace("{context}", context)
+
+    def concat_prompt(self, question: str, texts: list[str]) -> tuple[str, list[bool], list[bool]]:
+        """One prompt with as many items as fit, in rank order.
+
+        Truncation policy: items are added whole while they fit the budget; the first item that
+        does not fit is cut to the tokens left (if at least 8 remain) and the rest are left out.
+        The question and template are never cut. Returns (prompt, included, truncated).
+        """
+        g, s = self.generator, self.settings
+        remaining = self._budget() - g.count_tokens(self._fill(question, ""))
+        parts: list[str] = []
+        included = [False] * len(texts)
+        truncated = [False] * len(texts)
+        sep_cost = g.count_tokens(s.context_separator) if s.context_separator.strip() else 1
+        for i, text in enumerate(texts):
+            line = s.item_template.format(n=i + 1, text=text)
+            cost = g.count_tokens(line) + (sep_cost if parts else 0)
+            if cost <= remaining:
+                parts.append(line)
+                included[i] = True
+                remaining -= cost
+                continue
+            if remaining - (sep_cost if parts else 0) >= 8:
+                parts.append(g.truncate_tokens(line, remaining - (sep_cost if parts else 0)))
+                included[i] = truncated[i] = True
+            break
+        return self._fill(question, s.context_separator.join(parts)), included, truncated
+
+    def item_prompt(self, question: str, text: str) -> str:
+        """The prompt for one retrieved item (rag-sequence / rag-token), cut to the budget."""
+        line = self.settings.item_template.format(n=1, text=text)
+        room = self._budget() - self.generator.count_tokens(self._fill(question, ""))
+        if self.generator.count_tokens(line) > room:
+            line = self.generator.truncate_tokens(line, max(room, 8))
+        return self._fill(question, line)
+
+    # -- answering -------------------------------------------------------------------------
+    def ask(
+        self, question: str | None = None, image: str | Path | Image.Image | None = None, *,
+        k: int | None = None, mode: str | None = None, target: str | None = None,
+        hits: list[Hit] | None = None, prompt_question: str | None = None,
+    ) -> Answer:
+        """Answer ``question`` (and/or retrieve by ``image``) from the collection.
+
+        ``--image`` alone retrieves by the image and asks ``default_question``; with a question,
+        the image drives retrieval and the question drives generation. ``hits`` skips retrieval
+        (e.g. chat or write supply their own); ``prompt_question`` overrides the text put in the
+        prompt's question slot.
+        """
+        s = self.settings
+        k = check_k(k if k is not None else s.k)
+        mode = mode or s.mode
+        if mode not in MODES:
+            raise QueryError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if question is not None and not question.strip():
+            question = None
+        if question is None and image is None and hits is None:
+            raise QueryError("empty question: ask something, or give an image with --image")
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        self.generator.load()
+        timings["load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if hits is None:
+            hits, _ = self.retrieve(question, image, k, target or s.target)
+        timings["retrieve"] = time.perf_counter() - t
+        q_text = " ".join((prompt_question or question or s.default_question).split())
+        image_label = str(image) if isinstance(image, str | Path) else None
+        if not hits:
+            return Answer(answer="", question=q_text, mode=mode, sources=[], prompts=[],
+                          timings=timings, generator=self.generator.spec,
+                          encoder=self.collection.manifest.encoder, image=image_label)
+        texts = [item_text(h) for h in hits]
+        prior = priors(np.array([h.score for h in hits]), s.prior_temperature)
+        log_prior = np.log(np.maximum(prior, 1e-300))
+        t = time.perf_counter()
+        item_prompts = [self.item_prompt(q_text, x) for x in texts]
+        included, truncated = [True] * len(hits), [False] * len(hits)
+        prompts = item_prompts
+        if mode == "concat":
+            prompt, included, truncated = self.concat_prompt(q_text, texts)
+            prompts = [prompt]
+        timings["prompt"] = time.perf_counter() - t
+        candidates: list[dict[str, Any]] = []
+        t = time.perf_counter()
+        if mode == "concat":
+            answer = self.generator.generate(prompts, self.generation)[0][0]
+            timings["generate"] = time.perf_counter() - t
+            t = time.perf_counter()
+            lp = self.generator.sequence_logprobs(item_prompts, [answer] * len(hits))
+        elif mode == "rag-sequence":
+            answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings)
+        else:
+            answer, lp = self._rag_token(item_prompts, log_prior)
+            timings["generate"] = time.perf_counter() - t
+            t = time.perf_counter()
+        joint = log_prior + lp
+        posterior = np.exp(_log_softmax(joint))
+        total = float(np.logaddexp.reduce(joint))
+        if mode != "rag-sequence":
+            timings["score"] = time.perf_counter() - t
+        sources = [
+            Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=x, score=h.score,
+                   prior=float(p), posterior=float(post), logprob=float(lpi), included=inc,
+                   truncated=tr)
+            for h, x, p, post, lpi, inc, tr in zip(hits, texts, prior, posterior, lp, included,
+                                                   truncated, strict=True)
+        ]
+        return Answer(answer=answer, question=q_text, mode=mode, sources=sources, prompts=prompts,
+                      timings=timings, generator=self.generator.spec,
+                      encoder=self.collection.manifest.encoder, image=image_label,
+                      candidates=candidates, logprob=total)
+
+    def _rag_sequence(self, prompts: list[str], log_prior: np.ndarray,
+                      timings: dict[str, float]) -> tuple[str, np.ndarray, list[dict[str, Any]]]:
+        g, gs = self.generator, self.generation
+        t = time.perf_counter()
+        per_item = g.generate(prompts, gs, num_return_sequences=gs.num_beams)
+        timings["generate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cands = list(dict.fromkeys(c for group in per_item for c in group))
+        k = len(prompts)
+        # every candidate under every item's prompt, one batched pass: lp[z, y]
+        flat = g.sequence_logprobs([p for p in prompts for _ in cands], cands * k)
+        lp = flat.reshape(k, len(cands))
+        scores = np.logaddexp.reduce(log_prior[:, None] + lp, axis=0)
+        best = int(np.argmax(scores))
+        timings["score"] = time.perf_counter() - t
+        ranked = sorted(range(len(cands)), key=lambda j: -scores[j])
+        return cands[best], lp[:, best], [{"text": cands[j], "logprob": float(scores[j])} for j in ranked]
+
+    @torch.inference_mode()
+    def _rag_token(self, prompts: list[str], log_prior: np.ndarray) -> tuple[str, np.ndarray]:
+        g, gs = self.generator, self.generation
+        if gs.num_beams > 1:
+            raise QueryError("rag-token decodes greedily or by sampling; use --beams 1 (beam search "
+                             "is available in concat and rag-sequence modes)")
+        state = g.start(prompts)
+        lprior = torch.tensor(log_prior, dtype=torch.float32, device=g.device)[:, None]
+        eos = _eos_ids(g)
+        rng = torch.Generator(device="cpu")
+        if gs.seed is not None:
+            rng.manual_seed(gs.seed)
+        tokens: list[int] = []
+        per_item = torch.zeros(len(prompts), dtype=torch.float64)
+        for _ in range(gs.max_new_tokens):
+            lp = state.logprobs()  # (k, V)
+            mix = torch.logsumexp(lp + lprior, dim=0)  # log sum_z P(z|x) p(y_t | x, z, y_<t)
+            tok = _sample(mix, gs, rng) if gs.do_sample else int(torch.argmax(mix))
+            per_item += lp[:, tok].double().cpu()
+            tokens.append(tok)
+            if tok in eos:
+                break
+            state.feed(tok)
+        text = g.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
+        return text, per_item.numpy()
+
+
+def _eos_ids(g: Generator) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(g.model, "generation_config", None), g.tokenizer):
+        value = getattr(src, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _sample(logp: torch.Tensor, gs: GenerationSettings, rng: torch.Generator) -> int:
+    probs = torch.softmax(logp.float().cpu() / gs.temperature, dim=-1)
+    if gs.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < gs.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=rng))
