@@ -60,14 +60,16 @@ def test_sigkill_during_ingest_never_loses_or_duplicates(tmp_path: Path, tiny_oc
     _assert_complete(tmp_path / "calib", n)
 
     rng = random.Random(1234)
-    outcomes = []
-    for trial in range(TRIALS):
-        coll = tmp_path / f"c{trial}"
+    landed = attempts = 0
+    while landed < TRIALS:
+        attempts += 1
+        assert attempts <= 4 * TRIALS, f"only {landed} of {attempts} runs were killed mid-ingest"
+        coll = tmp_path / f"c{attempts}"
         kills = 0
-        for _ in range(2):  # kill twice per trial, at different points
+        for _ in range(2):  # up to two kills per trial, at different points
             proc = subprocess.Popen(_ingest_cmd(src, coll, tiny_oc_spec), env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.3, duration))
+            time.sleep(rng.uniform(0.2, duration))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
@@ -75,10 +77,12 @@ def test_sigkill_during_ingest_never_loses_or_duplicates(tmp_path: Path, tiny_oc
             if (coll / "manifest.json").exists():
                 with Collection.open(coll) as c:  # opens, and is consistent after every kill
                     report = c.check()
-                    assert report.ok, (trial, report.problems)
+                    assert report.ok, (attempts, report.problems)
         r = subprocess.run(_ingest_cmd(src, coll, tiny_oc_spec), env=env, timeout=300, capture_output=True,
                            text=True)
         assert r.returncode == 0, r.stderr
         _assert_complete(coll, n)
-        outcomes.append(kills)
-    assert sum(outcomes) >= TRIALS  # most kills landed while ingest was running
+        if kills:
+            landed += 1
+        else:  # the machine ran faster than calibrated: aim earlier
+            duration *= 0.7

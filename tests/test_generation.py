@@ -1,0 +1,181 @@
+"""RAG arithmetic checked against brute force over the same tiny models' probabilities."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from crossmodal_rag import Collection, WeightsUnavailableError
+from crossmodal_rag.errors import ModelSpecError, QueryError
+from crossmodal_rag.generation import GenerationSettings, Generator, RagPipeline, RagSettings, priors
+from crossmodal_rag.testing import make_tiny_causal_lm, make_tiny_t5
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_t5(tmp_path_factory.mktemp("t5") / "t5", seed=0)
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "lm", seed=0)
+
+
+@pytest.fixture(scope="module", params=["seq2seq", "causal"])
+def gen(request: pytest.FixtureRequest, t5_dir: Path, lm_dir: Path) -> Generator:
+    g = Generator(str(t5_dir if request.param == "seq2seq" else lm_dir)).load()
+    assert g.kind == request.param
+    return g
+
+
+def naive_logprob(g: Generator, prompt: str, answer: str) -> float:
+    """log P(answer | prompt), one token at a time, no batching, no padding, no cache."""
+    p_ids, a_ids = g._prompt_ids([prompt])[0], g._answer_ids(answer)
+    total = 0.0
+    with torch.no_grad():
+        for t, tok in enumerate(a_ids):
+            total += float(naive_next(g, p_ids, a_ids[:t])[tok])
+    return total
+
+
+def naive_next(g: Generator, p_ids: list[int], prefix: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        if g.kind == "seq2seq":
+            dec = [g.model.config.decoder_start_token_id, *prefix]
+            logits = g.model(input_ids=torch.tensor([p_ids]), decoder_input_ids=torch.tensor([dec])).logits
+        else:
+            logits = g.model(input_ids=torch.tensor([p_ids + prefix])).logits
+    return torch.log_softmax(logits[0, -1].double(), dim=-1)
+
+
+def test_sequence_logprobs_match_token_by_token(gen: Generator) -> None:
+    prompts = ["question: what is it? context: a cat", "a much longer prompt " * 3, "x"]
+    answers = ["a cat", "", "something else entirely"]
+    got = gen.sequence_logprobs(prompts, answers)
+    want = [naive_logprob(gen, p, a) for p, a in zip(prompts, answers, strict=True)]
+    np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_priors_are_a_tempered_softmax() -> None:
+    scores = np.array([0.31, 0.29, 0.10])
+    p = priors(scores, 0.05)
+    hand = [math.exp(s / 0.05) for s in scores]
+    np.testing.assert_allclose(p, [h / sum(hand) for h in hand], rtol=1e-12)
+    assert priors(scores, 1e-4)[0] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def pipelines(sample_collection: Path, gen: Generator):
+    coll = Collection.open(sample_collection)
+    yield lambda **kw: RagPipeline(coll, gen, RagSettings(k=3, **kw), GenerationSettings(max_new_tokens=6))
+    coll.close()
+
+
+def test_rag_sequence_scores_match_brute_force(pipelines, gen: Generator) -> None:
+    pipe = pipelines(mode="rag-sequence")
+    pipe.generation = GenerationSettings(max_new_tokens=6, num_beams=2)
+    ans = pipe.ask("what animal is in the photo?")
+    log_prior = np.log([s.prior for s in ans.sources])
+    assert len(ans.prompts) == 3 and ans.candidates
+    for cand in ans.candidates:
+        lp = [naive_logprob(gen, p, cand["text"]) for p in ans.prompts]
+        assert cand["logprob"] == pytest.approx(float(np.logaddexp.reduce(log_prior + lp)), abs=2e-3)
+    assert ans.answer == ans.candidates[0]["text"]
+    lp_best = np.array([naive_logprob(gen, p, ans.answer) for p in ans.prompts])
+    posterior = np.exp(log_prior + lp_best - np.logaddexp.reduce(log_prior + lp_best))
+    np.testing.assert_allclose([s.posterior for s in ans.sources], posterior, atol=1e-3)
+    assert sum(s.posterior for s in ans.sources) == pytest.approx(1.0)
+    assert ans.logprob == pytest.approx(ans.candidates[0]["logprob"], abs=1e-6)
+
+
+def test_rag_token_mixes_next_token_distributions(pipelines, gen: Generator) -> None:
+    ans = pipelines(mode="rag-token").ask("what animal is in the photo?")
+    log_prior = torch.tensor([math.log(s.prior) for s in ans.sources], dtype=torch.float64)
+    p_ids = gen._prompt_ids(ans.prompts)
+    eos = gen.tokenizer.eos_token_id
+    tokens: list[int] = []
+    per_item = torch.zeros(3, dtype=torch.float64)
+    for _ in range(6):
+        lp = torch.stack([naive_next(gen, p, tokens) for p in p_ids])
+        tok = int(torch.argmax(torch.logsumexp(lp + log_prior[:, None], dim=0)))
+        per_item += lp[:, tok]
+        tokens.append(tok)
+        if tok == eos:
+            break
+    expected = gen.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True).strip()
+    assert ans.answer == expected
+    np.testing.assert_allclose([s.logprob for s in ans.sources], per_item.numpy(), atol=2e-3)
+    post = torch.softmax(log_prior + per_item, 0).numpy()
+    np.testing.assert_allclose([s.posterior for s in ans.sources], post, atol=1e-3)
+
+
+def test_concat_respects_the_token_budget(pipelines, gen: Generator) -> None:
+    pipe = pipelines(mode="concat", max_context_tokens=120)
+    prompt, included, truncated = pipe.concat_prompt("what is it?", ["a" * 40, "b" * 40, "c" * 40, "d" * 40])
+    assert gen.count_tokens(prompt) <= 120
+    assert included[0] and not included[-1]
+    assert included == sorted(included, reverse=True)  # a prefix of the ranking
+    assert sum(truncated) <= 1
+    ans = pipe.ask("what is it?")
+    assert sum(s.posterior for s in ans.sources) == pytest.approx(1.0)
+    assert {"retrieve", "prompt", "generate", "score"} <= set(ans.timings)
+    assert ans.to_dict()["sources"][0]["prior"] == ans.sources[0].prior
+
+
+def test_sampling_is_deterministic_under_a_seed(pipelines) -> None:
+    for mode in ("concat", "rag-token"):
+        pipe = pipelines(mode=mode)
+        pipe.generation = GenerationSettings(max_new_tokens=8, do_sample=True, seed=7, temperature=1.5)
+        assert pipe.ask("tell me something").answer == pipe.ask("tell me something").answer
+
+
+def test_image_query_and_bad_input(pipelines, sample_dir: Path) -> None:
+    pipe = pipelines(mode="concat")
+    ans = pipe.ask(image=sample_dir / "cat.jpg")
+    assert ans.question == RagSettings().default_question and ans.image.endswith("cat.jpg")
+    ans2 = pipe.ask("is it sleeping?", image=sample_dir / "cat.jpg")
+    assert ans2.question == "is it sleeping?"
+    assert [s.id for s in ans2.sources] == [s.id for s in ans.sources]  # retrieval by the image
+    with pytest.raises(QueryError):
+        pipe.ask("   ")
+    with pytest.raises(QueryError, match="rag-token"):
+        p = pipelines(mode="rag-token")
+        p.generation = GenerationSettings(num_beams=2)
+        p.ask("x")
+
+
+def test_saved_generator_reloads_with_the_same_outputs(tmp_path: Path) -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    folder = make_tiny_t5(tmp_path / "t5", seed=5)
+    torch.manual_seed(5)
+    ref = T5ForConditionalGeneration(T5Config.from_pretrained(folder)).eval()
+    g = Generator(str(folder)).load()
+    ids = torch.tensor([g._prompt_ids(["hello world"])[0]])
+    dec = torch.tensor([[0, 104, 101]])
+    with torch.no_grad():
+        np.testing.assert_allclose(g.model(input_ids=ids, decoder_input_ids=dec).logits.numpy(),
+                                   ref(input_ids=ids, decoder_input_ids=dec).logits.numpy(), atol=1e-5)
+
+
+def test_generator_spec_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="--generator"):
+        Generator("google/flan-t5-base").load()
+    assert time.perf_counter() - t0 < 20
+    with pytest.raises(ModelSpecError, match="GGUF file does not exist"):
+        Generator(str(tmp_path / "x.gguf")).load()
+    with pytest.raises(ModelSpecError, match="config.json"):
+        Generator(str(tmp_path)).load()
+    with pytest.raises(ModelSpecError):
+        Generator("  ")
+    with pytest.raises(ValueError, match="unknown generation settings"):
+        GenerationSettings.from_dict({"beams": 2})
+    with pytest.raises(ValueError, match="mode"):
+        RagSettings(mode="rag")
