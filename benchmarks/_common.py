@@ -78,7 +78,7 @@ def machine_info() -> dict[str, object]:
         "pillow": PIL.__version__,
         "crossmodal_rag": lib_version,
         "git_commit": commit,
-        "argv": " ".join([Path(sys.executable).name] + sys.argv),
+        "argv": " ".join([Path(sys.executable).name, *sys.argv]),
     }
 
 

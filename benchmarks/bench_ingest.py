@@ -32,12 +32,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-from crossmodal_rag import Collection  # noqa: E402
-from crossmodal_rag.encoders import load_encoder  # noqa: E402
-from crossmodal_rag.images import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
-from crossmodal_rag.ingest import IngestSettings, _DecodeDataset, ingest  # noqa: E402
+from crossmodal_rag import Collection
+from crossmodal_rag.encoders import load_encoder
+from crossmodal_rag.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from crossmodal_rag.ingest import IngestSettings, _DecodeDataset, ingest
 
 # Mostly 4:3 camera-like sizes around 640x480, both orientations, some larger.
 _SIZES = [(640, 480), (640, 480), (640, 480), (480, 640), (800, 600), (1024, 768), (640, 427), (500, 375)]
@@ -109,6 +109,30 @@ def _patch_worker_nice(increment: int) -> None:
         ingest_module.DataLoader, worker_init_fn=functools.partial(_nice_worker, increment=increment))
 
 
+def _patch_phase_decode(threads: int) -> None:
+    """EXPERIMENT: replace ingest's DataLoader with decode *phases*: each batch is decoded by a pool
+    of ``threads`` threads while the model waits (torch limited to one thread meanwhile), then the
+    model runs on all cores. No overlap, but no fight for cores either."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import crossmodal_rag.ingest as ingest_module
+
+    def _batches(paths, transform, settings):  # same signature as ingest._batches
+        dataset = ingest_module._DecodeDataset(paths, transform, settings.max_image_pixels)
+        model_threads = torch.get_num_threads()
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for start in range(0, len(dataset), settings.batch_size):
+                torch.set_num_threads(1)
+                try:
+                    batch = list(pool.map(dataset.__getitem__,
+                                          range(start, min(start + settings.batch_size, len(dataset)))))
+                finally:
+                    torch.set_num_threads(model_threads)
+                yield batch
+
+    ingest_module._batches = _batches
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=256, help="synthetic photos to ingest (default 256)")
@@ -125,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-nice", type=int, default=None, metavar="N",
                     help="EXPERIMENT: os.nice(N) in each DataLoader worker (patched in from here; "
                     "ingest.py has no such setting)")
+    ap.add_argument("--phase-decode-threads", type=int, default=None, metavar="N",
+                    help="EXPERIMENT: decode each batch with N threads while the model waits, instead of "
+                    "DataLoader workers (patched in from here; --workers is then ignored)")
     ap.add_argument("--model-dir", type=Path, default=_common.DEFAULT_MODEL_DIR,
                     help="where the random ViT-B-32 model is cached")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder)")
@@ -136,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.torch_threads)
     if args.worker_nice is not None:
         _patch_worker_nice(args.worker_nice)
+    if args.phase_decode_threads:
+        _patch_phase_decode(args.phase_decode_threads)
 
     info = _common.machine_info()
     _common.print_machine(info)
@@ -147,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         mb = sum(p.stat().st_size for p in paths) / 1e6
         print(f"# {len(paths)} synthetic JPEGs ({mb:.1f} MB) made in {time.perf_counter() - t:.1f}s; "
               f"batch size {args.batch_size}; torch threads {torch.get_num_threads()}"
-              + (f"; workers reniced by {args.worker_nice}" if args.worker_nice is not None else ""))
+              + (f"; workers reniced by {args.worker_nice}" if args.worker_nice is not None else "")
+              + (f"; EXPERIMENT phase decode with {args.phase_decode_threads} threads (workers ignored)"
+                 if args.phase_decode_threads else "")
+              + (f"; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else ""))
 
         encoder = load_encoder(spec, "cpu").load()
 
@@ -163,6 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         assert not any(it["error"] for it in items), [it["error"] for it in items if it["error"]]
         pixels = torch.stack([it["pixels"] for it in items])
         del items
+        # the same work split in two: read + SHA-256 + safe decode, then the model's preprocess
+        _common.wait_quiet(args.quiet_wait)
+        t = time.perf_counter()
+        decoded = [decode_image(p.read_bytes(), str(p)).image for p in paths]
+        split_decode_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for im in decoded:
+            encoder.preprocess(im)
+        split_prep_s = time.perf_counter() - t
+        del decoded
 
         # (a) model only, warmed up; then full ingests, each between two model-only runs.
         encoder.encode_pixels(pixels[: args.batch_size])
@@ -214,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(median {_common.median(model_ips):.2f}; {1000 / _common.median(model_ips):.1f} ms/image)")
         print(f"decode+preprocess only (1 process): {len(paths) / decode_s:.1f} images/s "
               f"({1000 * decode_s / len(paths):.1f} ms/image; foreign "
-              f"{decode_foreign['foreign_s'] / decode_foreign['wall_s']:.0%})")
+              f"{decode_foreign['foreign_s'] / decode_foreign['wall_s']:.0%}); of which read+decode "
+              f"{1000 * split_decode_s / len(paths):.1f} ms, preprocess (resize, crop, normalise) "
+              f"{1000 * split_prep_s / len(paths):.1f} ms")
         print()
         print(f"{'workers':>7} {'rep':>3} {'seconds':>8} {'img/s':>7} {'model img/s':>11} {'ratio':>6} "
               f"{'enc img/s':>9} {'decode_wait':>11} {'encode_img':>10} {'encode_txt':>10} {'write':>6} "
@@ -242,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
             args.out_json.write_text(json.dumps({
                 "machine": info, "images": len(paths), "megabytes": mb, "batch_size": args.batch_size,
                 "torch_threads": torch.get_num_threads(), "captions": args.captions,
-                "worker_nice": args.worker_nice,
+                "worker_nice": args.worker_nice, "phase_decode_threads": args.phase_decode_threads,
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "model_only_runs": model_runs,
-                "decode_preprocess_images_per_s": len(paths) / decode_s, "runs": runs,
+                "decode_preprocess_images_per_s": len(paths) / decode_s,
+                "decode_foreign_cpu_frac": decode_foreign["foreign_s"] / decode_foreign["wall_s"],
+                "read_decode_ms_per_image": 1000 * split_decode_s / len(paths),
+                "preprocess_ms_per_image": 1000 * split_prep_s / len(paths), "runs": runs,
             }, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)

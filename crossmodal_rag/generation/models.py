@@ -28,11 +28,14 @@ from ..encoders import default_device
 from ..encoders._hub import hub_reachable
 from ..errors import ModelSpecError, WeightsUnavailableError
 
-__all__ = ["DEFAULT_GENERATOR", "DecodeState", "GenerationSettings", "Generator", "load_generator"]
+__all__ = ["DEFAULT_GENERATOR", "DecodeState", "GenerationSettings", "Generator", "Prompt", "load_generator"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GENERATOR = "google/flan-t5-base"
+
+#: A prompt: plain text, or chat messages ``[{"role": "system"|"user", "content": ...}]``.
+Prompt = str | list[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -159,19 +162,28 @@ class Generator:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: max(n, 0)]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def render(self, prompt: str) -> str:
-        """The text the model reads: instruct LMs with a chat template get it applied."""
+    @property
+    def is_chat(self) -> bool:
+        """A decoder-only model whose tokenizer has a chat template (an instruct model)."""
         self.load()
-        if self.kind == "causal" and getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        return prompt
+        return self.kind == "causal" and bool(getattr(self.tokenizer, "chat_template", None))
 
-    def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+    def render(self, prompt: Prompt) -> str:
+        """The text the model reads. A prompt is a string or a list of chat messages
+        (``{"role", "content"}``); chat models get their chat template applied (a string becomes
+        the user message), other models read the messages' contents joined by blank lines."""
+        self.load()
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if self.is_chat:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if isinstance(prompt, str):
+            return prompt
+        return "\n\n".join(m["content"] for m in prompt)
+
+    def _prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
         tok = self.tokenizer
         if self.kind == "seq2seq":
-            return [tok(p)["input_ids"] for p in prompts]
+            return [tok(self.render(p))["input_ids"] for p in prompts]
         out = []
         for p in prompts:
             ids = tok(self.render(p), add_special_tokens=False)["input_ids"]
@@ -201,7 +213,7 @@ class Generator:
 
     # -- generation ----------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: list[str], settings: GenerationSettings | None = None,
+    def generate(self, prompts: list[Prompt], settings: GenerationSettings | None = None,
                  num_return_sequences: int = 1) -> list[list[str]]:
         """Answers for each prompt (``num_return_sequences`` each), in one batched ``generate``."""
         self.load()
@@ -223,7 +235,7 @@ class Generator:
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     @torch.inference_mode()
-    def sequence_logprobs(self, prompts: list[str], answers: list[str]) -> np.ndarray:
+    def sequence_logprobs(self, prompts: list[Prompt], answers: list[str]) -> np.ndarray:
         """``log P(answer_i | prompt_i)`` for each pair, one batched forward pass. Shape ``(N,)``."""
         self.load()
         if len(prompts) != len(answers):
@@ -252,7 +264,7 @@ class Generator:
         return (tok * sel).sum(-1).cpu().double().numpy()
 
     @torch.inference_mode()
-    def start(self, prompts: list[str]) -> DecodeState:
+    def start(self, prompts: list[Prompt]) -> DecodeState:
         """Begin lock-step decoding of ``prompts``; see :class:`DecodeState`."""
         self.load()
         return DecodeState(self, self._prompt_ids(prompts))

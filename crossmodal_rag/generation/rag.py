@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..errors import QueryError
 from ..search import Hit, check_k
-from .models import GenerationSettings, Generator, load_generator
+from .models import GenerationSettings, Generator, Prompt, load_generator
 
 if TYPE_CHECKING:
     from ..collection import Collection
@@ -43,6 +43,10 @@ MODES = ("concat", "rag-sequence", "rag-token")
 DEFAULT_TEMPLATE = (
     "Answer the question using the context.\n\nContext:\n{context}\n\nQuestion: {question}\n\nAnswer:"
 )
+#: With the default template, chat (instruct) models get the instruction and context as the
+#: system message and the question as the user message: small instruct models follow the
+#: context far more reliably that way than with everything in one user turn.
+CHAT_SYSTEM_TEMPLATE = "Answer the question using the context.\n\nContext:\n{context}"
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class Answer:
     question: str
     mode: str
     sources: list[Source]
-    prompts: list[str]
+    prompts: list[str]  # the exact texts the generator read
     timings: dict[str, float]
     generator: str
     encoder: str
@@ -177,10 +181,17 @@ class RagPipeline:
             budget = min(budget, g.max_input_tokens - self.generation.max_new_tokens)
         return max(budget, 16)
 
-    def _fill(self, question: str, context: str) -> str:
-        return self.settings.prompt_template.replace("{question}", question).replace("{context}", context)
+    def _fill(self, question: str, context: str) -> Prompt:
+        template = self.settings.prompt_template
+        if template == DEFAULT_TEMPLATE and self.generator.is_chat:
+            return [{"role": "system", "content": CHAT_SYSTEM_TEMPLATE.replace("{context}", context)},
+                    {"role": "user", "content": question}]
+        return template.replace("{question}", question).replace("{context}", context)
 
-    def concat_prompt(self, question: str, texts: list[str]) -> tuple[str, list[bool], list[bool]]:
+    def _cost(self, prompt: Prompt) -> int:
+        return self.generator.count_tokens(self.generator.render(prompt))
+
+    def concat_prompt(self, question: str, texts: list[str]) -> tuple[Prompt, list[bool], list[bool]]:
         """One prompt with as many items as fit, in rank order.
 
         Truncation policy: items are added whole while they fit the budget; the first item that
@@ -188,7 +199,7 @@ class RagPipeline:
         The question and template are never cut. Returns (prompt, included, truncated).
         """
         g, s = self.generator, self.settings
-        remaining = self._budget() - g.count_tokens(self._fill(question, ""))
+        remaining = self._budget() - self._cost(self._fill(question, ""))
         parts: list[str] = []
         included = [False] * len(texts)
         truncated = [False] * len(texts)
@@ -207,10 +218,10 @@ class RagPipeline:
             break
         return self._fill(question, s.context_separator.join(parts)), included, truncated
 
-    def item_prompt(self, question: str, text: str) -> str:
+    def item_prompt(self, question: str, text: str) -> Prompt:
         """The prompt for one retrieved item (rag-sequence / rag-token), cut to the budget."""
         line = self.settings.item_template.format(n=1, text=text)
-        room = self._budget() - self.generator.count_tokens(self._fill(question, ""))
+        room = self._budget() - self._cost(self._fill(question, ""))
         if self.generator.count_tokens(line) > room:
             line = self.generator.truncate_tokens(line, max(room, 8))
         return self._fill(question, line)
@@ -287,12 +298,13 @@ class RagPipeline:
             for h, x, p, post, lpi, inc, tr in zip(hits, texts, prior, posterior, lp, included,
                                                    truncated, strict=True)
         ]
-        return Answer(answer=answer, question=q_text, mode=mode, sources=sources, prompts=prompts,
+        return Answer(answer=answer, question=q_text, mode=mode, sources=sources,
+                      prompts=[self.generator.render(p) for p in prompts],
                       timings=timings, generator=self.generator.spec,
                       encoder=self.collection.manifest.encoder, image=image_label,
                       candidates=candidates, logprob=total)
 
-    def _rag_sequence(self, prompts: list[str], log_prior: np.ndarray,
+    def _rag_sequence(self, prompts: list[Prompt], log_prior: np.ndarray,
                       timings: dict[str, float]) -> tuple[str, np.ndarray, list[dict[str, Any]]]:
         g, gs = self.generator, self.generation
         t = time.perf_counter()
@@ -311,7 +323,7 @@ class RagPipeline:
         return cands[best], lp[:, best], [{"text": cands[j], "logprob": float(scores[j])} for j in ranked]
 
     @torch.inference_mode()
-    def _rag_token(self, prompts: list[str], log_prior: np.ndarray) -> tuple[str, np.ndarray]:
+    def _rag_token(self, prompts: list[Prompt], log_prior: np.ndarray) -> tuple[str, np.ndarray]:
         g, gs = self.generator, self.generation
         if gs.num_beams > 1:
             raise QueryError("rag-token decodes greedily or by sampling; use --beams 1 (beam search "

