@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path

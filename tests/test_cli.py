@@ -126,3 +126,45 @@ def test_console_script_and_help(argv: list[str]) -> None:
     exe = Path(sys.executable).parent / "crossmodal-rag"
     r = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and ("crossmodal-rag" in r.stdout or "usage" in r.stdout)
+
+
+def test_ask_chat_write_recommend(sample_collection: Path, sample_dir: Path, tmp_path: Path) -> None:
+    from crossmodal_rag.testing import make_tiny_t5
+
+    t5 = str(make_tiny_t5(tmp_path / "t5"))
+    base = ["--collection", str(sample_collection), "--generator", t5, "--max-new-tokens", "4"]
+    r = run("ask", "what animal is in the photo?", *base, "--k", "3", "--mode", "rag-sequence", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"answer", "sources", "prompts", "timings", "mode"} <= set(out) and out["mode"] == "rag-sequence"
+    assert len(out["sources"]) == 3
+    assert abs(sum(s["posterior"] for s in out["sources"]) - 1) < 1e-6
+    assert {"id", "path", "text", "score", "prior", "posterior"} <= set(out["sources"][0])
+
+    r = run("ask", "--image", str(sample_dir / "cat.jpg"), *base, "--mode", "rag-token")
+    assert r.returncode == 0, r.stderr
+    assert "sources:" in r.stdout and "posterior" in r.stdout
+
+    session = tmp_path / "chat.json"
+    assert run("chat", "hello", "--session", str(session), *base).returncode == 0
+    r = run("chat", "and the cat?", "--session", str(session), *base, "--json")
+    assert r.returncode == 0 and "User: hello" in json.loads(r.stdout)["prompts"][0]
+    assert [t["role"] for t in json.loads(session.read_text())["turns"]] == ["user", "assistant"] * 2
+
+    r = run("write", "The cat sat on the mat.", *base, "--json")
+    assert r.returncode == 0 and "Draft: The cat sat on the mat." in json.loads(r.stdout)["prompts"][0]
+
+    r = run("recommend", "--liked", "1", "2", "--top-k", "3", "--collection", str(sample_collection), "--json")
+    recs = json.loads(r.stdout)
+    assert r.returncode == 0 and len(recs) == 3 and not {1, 2} & {x["id"] for x in recs}
+
+    for args, code in [(["ask", "  ", *base], 2), (["ask", *base], 2),
+                       (["ask", "q", "--image", str(tmp_path / "none.jpg"), *base], 2),
+                       (["ask", "q", "--collection", str(sample_collection), "--prior-temperature", "0"], 2),
+                       (["recommend", "--liked", "999999", "--collection", str(sample_collection)], 2)]:
+        r = run(*args)
+        assert r.returncode == code, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+    r = run("ask", "q", "--collection", str(sample_collection), env={"HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 1 and "--generator" in r.stderr and "Traceback" not in r.stderr

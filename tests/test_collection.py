@@ -84,7 +84,7 @@ def test_reindexing_is_incremental_and_idempotent(photos: Path, tmp_path: Path, 
         (photos / "coffee.txt").write_text("a mug of black coffee\n")
         edited = coll.add(photos)
         assert (edited.captions_added, edited.captions_removed) == (1, 3)
-        coffee = [h for h in coll.search("coffee", k=5) if h.path.endswith("coffee.jpg")][0]
+        coffee = next(h for h in coll.search("coffee", k=5) if h.path.endswith("coffee.jpg"))
         assert coffee.captions == ("a mug of black coffee",)
 
         # a changed image at the same path replaces the old item

@@ -12,7 +12,13 @@ import torch
 
 from crossmodal_rag import Collection, WeightsUnavailableError
 from crossmodal_rag.errors import ModelSpecError, QueryError
-from crossmodal_rag.generation import GenerationSettings, Generator, RagPipeline, RagSettings, priors
+from crossmodal_rag.generation import (
+    GenerationSettings,
+    Generator,
+    RagPipeline,
+    RagSettings,
+    priors,
+)
 from crossmodal_rag.testing import make_tiny_causal_lm, make_tiny_t5
 
 

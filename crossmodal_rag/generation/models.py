@@ -101,7 +101,12 @@ class Generator:
         return self
 
     def _load(self) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoTokenizer,
+        )
 
         path = Path(os.path.expanduser(self.spec))
         kwargs: dict[str, Any] = {}
