@@ -139,7 +139,7 @@ def test_ask_chat_write_recommend(sample_collection: Path, sample_dir: Path, tmp
     assert {"answer", "sources", "prompts", "timings", "mode"} <= set(out) and out["mode"] == "rag-sequence"
     assert len(out["sources"]) == 3
     assert abs(sum(s["posterior"] for s in out["sources"]) - 1) < 1e-6
-    assert {"id", "path", "text", "score", "prior", "posterior"} <= set(out["sources"][0])
+    assert {"id", "path", "caption", "text", "score", "prior", "posterior"} <= set(out["sources"][0])
 
     r = run("ask", "--image", str(sample_dir / "cat.jpg"), *base, "--mode", "rag-token")
     assert r.returncode == 0, r.stderr

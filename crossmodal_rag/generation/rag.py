@@ -91,6 +91,7 @@ class Source:
     kind: str  # image | caption | passage
     path: str | None
     text: str  # what the generator read for this item
+    caption: str  # the item's caption(s) or passage text (for an image: its captions joined)
     score: float  # retrieval score (cosine)
     prior: float  # P(z|x)
     posterior: float  # P(z|x,y)
@@ -292,7 +293,8 @@ class RagPipeline:
         if mode != "rag-sequence":
             timings["score"] = time.perf_counter() - t
         sources = [
-            Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=x, score=h.score,
+            Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=x,
+                   caption=" | ".join(h.captions) if h.kind == "image" else (h.text or ""), score=h.score,
                    prior=float(p), posterior=float(post), logprob=float(lpi), included=inc,
                    truncated=tr)
             for h, x, p, post, lpi, inc, tr in zip(hits, texts, prior, posterior, lp, included,
