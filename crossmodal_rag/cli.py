@@ -164,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--target", choices=("images", "texts", "all"), default="images")
     rc.add_argument("--json", action="store_true")
 
+    sv = sub.add_parser("serve", help="start the web app and REST API for a collection")
+    add_collection(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--generator", "-g", metavar="SPEC", help="generator for answers (default google/flan-t5-base)")
+    sv.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB")
+    sv.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000, metavar="N")
+    sv.add_argument("--max-k", type=_positive_int, default=100, metavar="K")
+    sv.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
+    sv.add_argument("--thumbnail-dir", metavar="DIR", help="thumbnail cache (default under ~/.cache/crossmodal-rag)")
+    sv.add_argument("--lazy-generator", action="store_true",
+                    help="load the generator on the first question instead of at start-up")
+
     de = sub.add_parser("demo", help="index the bundled sample photos and run example queries")
     de.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP)
     de.add_argument("--collection", "-c", metavar="DIR",
@@ -525,9 +539,32 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .web import WebSettings, create_app
+    except ImportError as e:
+        raise UsageError(f"serve needs the web extras: pip install 'crossmodal-rag[serve]' ({e})") from e
+
+    settings = WebSettings(
+        collection=_collection_dir(args), generator=args.generator, model=args.model,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
+        max_k=args.max_k, max_new_tokens=args.max_new_tokens, thumbnail_dir=args.thumbnail_dir,
+        load_generator_at_startup=not args.lazy_generator,
+    )
+    from .collection import Collection
+
+    Collection.open(settings.collection).close()  # fail fast, with a clear message, before binding
+    print(f"serving {settings.collection} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port,
+                log_level="warning" if not args.verbose else "info", timeout_keep_alive=5)
+    return 0
+
+
 COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
             "remove": cmd_remove, "demo": cmd_demo, "ask": cmd_ask, "chat": cmd_chat,
-            "write": cmd_write, "recommend": cmd_recommend}
+            "write": cmd_write, "recommend": cmd_recommend, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,10 @@ from here after a crash (see :meth:`crossmodal_rag.collection.Collection.open`).
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +60,17 @@ CREATE TABLE IF NOT EXISTS paths (
 CREATE INDEX IF NOT EXISTS paths_item ON paths(item_id);
 """
 
+def _locked(method):
+    """Serialise use of the shared connection (the web app calls from many threads)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 #: Which FAISS index holds each item kind.
 INDEX_OF_KIND = {"image": "image", "caption": "text", "passage": "text"}
 
@@ -93,6 +106,7 @@ class MetadataStore:
 
     def __init__(self, folder: Path, *, readonly: bool = False, fsync: bool = True) -> None:
         self.path = folder / DB_NAME
+        self._lock = threading.RLock()
         if readonly and not self.path.is_file():
             raise CollectionError(f"metadata file missing: {self.path}")
         try:
@@ -121,6 +135,10 @@ class MetadataStore:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write; bumps the generation counter on commit."""
+        with self._lock:
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -134,12 +152,14 @@ class MetadataStore:
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
         """A consistent read view (a deferred read transaction)."""
-        self.conn.execute("BEGIN")
-        try:
-            yield self.conn
-        finally:
-            self.conn.execute("COMMIT")
+        with self._lock:
+            self.conn.execute("BEGIN")
+            try:
+                yield self.conn
+            finally:
+                self.conn.execute("COMMIT")
 
+    @_locked
     def get_meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -192,18 +212,21 @@ class MetadataStore:
         return sorted(set(gone))
 
     # -- reads ---------------------------------------------------------------------------
+    @_locked
     def path_entry(self, path: str) -> tuple[int, int | None, int | None] | None:
         row = self.conn.execute(
             "SELECT item_id, size_bytes, mtime_ns FROM paths WHERE path = ?", (path,)
         ).fetchone()
         return (row[0], row[1], row[2]) if row else None
 
+    @_locked
     def item_by_sha(self, kind: str, sha256: str) -> int | None:
         row = self.conn.execute(
             "SELECT id FROM items WHERE kind = ? AND sha256 = ?", (kind, sha256)
         ).fetchone()
         return row[0] if row else None
 
+    @_locked
     def captions_of(self, image_id: int) -> dict[str, tuple[int, str | None]]:
         """caption text -> (caption id, origin)."""
         rows = self.conn.execute(
@@ -212,12 +235,14 @@ class MetadataStore:
         ).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
+    @_locked
     def paths_of(self, item_id: int) -> list[str]:
         rows = self.conn.execute(
             "SELECT path FROM paths WHERE item_id = ? ORDER BY rowid", (item_id,)
         ).fetchall()
         return [r[0] for r in rows]
 
+    @_locked
     def ids(self, index: str) -> np.ndarray:
         """Ids of the items that belong in the ``"image"`` or ``"text"`` index, sorted."""
         kinds = ("image",) if index == "image" else ("caption", "passage")
@@ -227,6 +252,7 @@ class MetadataStore:
         ).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
+    @_locked
     def vectors(self, ids: Sequence[int], dim: int) -> np.ndarray:
         """Stored vectors of ``ids`` in that order: ``(len(ids), dim)`` float32."""
         out = np.empty((len(ids), dim), dtype=np.float32)
@@ -244,11 +270,13 @@ class MetadataStore:
                 out[pos[item_id]] = vec
         return out
 
+    @_locked
     def counts(self) -> dict[str, int]:
         rows = dict(self.conn.execute("SELECT kind, COUNT(*) FROM items GROUP BY kind").fetchall())
         return {"images": rows.get("image", 0), "captions": rows.get("caption", 0),
                 "passages": rows.get("passage", 0)}
 
+    @_locked
     def get_items(self, ids: Sequence[int]) -> dict[int, Item]:
         """Items by id (ids that do not exist are left out)."""
         result: dict[int, Item] = {}

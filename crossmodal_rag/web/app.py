@@ -1,0 +1,432 @@
+"""FastAPI app: a search page and a JSON REST API over one collection.
+
+Safety: the server binds to 127.0.0.1 unless told otherwise; images are served only for item
+ids in the collection (the path comes from the metadata, never from the request); uploads are
+size-limited, their type is checked from their content, their declared pixel count is checked
+before decoding; query length and k are bounded; every error is JSON
+``{"error": {"code", "message"}}`` with a matching HTTP status. CPU-heavy work (encoding, search,
+generation) runs in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .._version import __version__
+from ..collection import Collection
+from ..errors import CrossmodalError, ImageDecodeError, QueryError, WeightsUnavailableError
+from ..generation import GenerationSettings, RagPipeline, RagSettings, load_generator
+from ..images import decode_image
+from ..search import Hit
+from .thumbnails import ThumbnailCache, default_cache_dir
+
+__all__ = ["WebSettings", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+_MEDIA = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+          "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """Limits and models of a server."""
+
+    collection: str  # collection folder
+    generator: str | None = None  # generator spec (default google/flan-t5-base)
+    model: str | None = None  # encoder spec (default: the collection's)
+    max_upload_bytes: int = 10 * 1024 * 1024  # largest accepted upload
+    max_image_pixels: int = 50_000_000  # largest declared width*height of an upload
+    max_query_chars: int = 1000  # longest text query or question
+    max_k: int = 100  # largest k
+    max_new_tokens: int = 64  # longest generated answer
+    thumbnail_size: int = 256  # default thumbnail side
+    thumbnail_dir: str | None = None  # thumbnail cache folder (default under ~/.cache)
+    load_generator_at_startup: bool = True  # else on the first ask
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# -- response models ------------------------------------------------------------------------
+class HitOut(BaseModel):
+    rank: int
+    score: float
+    id: int
+    kind: str
+    path: str | None
+    text: str | None
+    captions: list[str]
+    parent_id: int | None
+    title: str | None
+    image_id: int | None = Field(description="the item whose image shows this hit (itself or its image)")
+    image_url: str | None
+    thumbnail_url: str | None
+
+
+class SearchOut(BaseModel):
+    query: dict[str, Any]
+    target: str
+    k: int
+    results: list[HitOut]
+    seconds: float
+
+
+class SourceOut(BaseModel):
+    rank: int
+    id: int
+    kind: str
+    path: str | None
+    caption: str
+    text: str
+    score: float
+    prior: float
+    posterior: float
+    logprob: float
+    included: bool
+    truncated: bool
+    image_id: int | None
+    thumbnail_url: str | None
+    image_url: str | None
+
+
+class AskIn(BaseModel):
+    question: str = Field(min_length=1, description="the question")
+    k: int = Field(5, ge=1, description="items retrieved")
+    mode: Literal["concat", "rag-sequence", "rag-token"] = "concat"
+    target: Literal["texts", "images", "all"] = "texts"
+
+
+class AskOut(BaseModel):
+    answer: str
+    question: str
+    mode: str
+    sources: list[SourceOut]
+    prompts: list[str]
+    timings: dict[str, float]
+    generator: str
+    encoder: str
+    logprob: float | None
+
+
+class ItemOut(BaseModel):
+    id: int
+    kind: str
+    path: str | None
+    text: str | None
+    captions: list[str]
+    parent_id: int | None
+    title: str | None
+    width: int | None
+    height: int | None
+    format: str | None
+    size_bytes: int | None
+    added_at: float
+    extra: dict[str, Any]
+    image_url: str | None
+    thumbnail_url: str | None
+
+
+class StatsOut(BaseModel):
+    collection: str
+    encoder: str
+    dim: int
+    index_type: str
+    counts: dict[str, int]
+    generation: int
+    updated_at: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+    encoder: str
+    generator: str
+    generator_status: str = Field(description="not-loaded | loading | ready | error: ...")
+
+
+class ErrorOut(BaseModel):
+    error: dict[str, str]
+
+
+# -- state ----------------------------------------------------------------------------------
+class _State:
+    def __init__(self, settings: WebSettings) -> None:
+        self.settings = settings
+        self.collection = Collection.open(settings.collection, model=settings.model)
+        self.collection.encoder.load()
+        self.generator = load_generator(settings.generator)
+        self.generator_status = "not-loaded"
+        self.gen_lock = threading.Lock()  # one generation at a time: it uses every core anyway
+        thumbs = Path(settings.thumbnail_dir) if settings.thumbnail_dir else default_cache_dir(
+            self.collection.folder)
+        self.thumbnails = ThumbnailCache(thumbs)
+
+    def load_generator(self) -> None:
+        self.generator_status = "loading"
+        try:
+            self.generator.load()
+            self.generator_status = "ready"
+        except CrossmodalError as e:
+            self.generator_status = f"error: {e}"
+            logger.warning("generator unavailable: %s", e)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(settings: WebSettings) -> FastAPI:
+    """Build the app; the collection opens and the encoder loads at start-up."""
+    state: dict[str, _State] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        st = await run_in_threadpool(_State, settings)
+        state["s"] = st
+        if settings.load_generator_at_startup:
+            threading.Thread(target=st.load_generator, name="load-generator", daemon=True).start()
+        yield
+        st.collection.close()
+
+    app = FastAPI(title="crossmodal-rag", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # the hosted docs UIs load from a CDN
+                  description="Cross-modal search and retrieval-augmented answers over one collection.")
+
+    def S() -> _State:
+        return state["s"]
+
+    # -- errors ---------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(QueryError)
+    async def _query_error(request: Request, exc: QueryError) -> JSONResponse:
+        return _error(422, "bad_query", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
+            parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s", request.url.path)
+        return _error(500, "internal_error", "internal error; see the server log")
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        limit = settings.max_upload_bytes + 64 * 1024
+        if length is not None:
+            if not length.isdigit():
+                return _error(400, "bad_request", "invalid Content-Length header")
+            if int(length) > limit:
+                return _error(413, "too_large",
+                              f"request body of {length} bytes exceeds the {settings.max_upload_bytes} byte upload limit")
+        return await call_next(request)
+
+    # -- helpers --------------------------------------------------------------------------
+    def check_query(text: str | None, what: str = "query") -> str | None:
+        if text is None:
+            return None
+        if len(text) > settings.max_query_chars:
+            raise ApiError(422, "query_too_long",
+                           f"{what} is {len(text)} characters; the limit is {settings.max_query_chars}")
+        if not text.strip():
+            raise ApiError(422, "empty_query", f"empty {what}")
+        return text
+
+    def check_k(k: int) -> int:
+        if not 1 <= k <= settings.max_k:
+            raise ApiError(422, "bad_k", f"k must be between 1 and {settings.max_k}, got {k}")
+        return k
+
+    async def read_upload(upload: UploadFile) -> Any:
+        data = await upload.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise ApiError(413, "too_large", f"upload exceeds the {settings.max_upload_bytes} byte limit")
+        if not data:
+            raise ApiError(422, "empty_upload", "the uploaded file is empty")
+        try:
+            decoded = await run_in_threadpool(decode_image, data, upload.filename or "upload",
+                                              max_pixels=settings.max_image_pixels)
+        except ImageDecodeError as e:
+            status = 413 if "exceeds the limit" in e.reason else 415 if "not a recognised" in e.reason else 422
+            raise ApiError(status, "bad_image", f"uploaded image: {e.reason}") from e
+        if decoded.format not in ALLOWED_FORMATS:
+            raise ApiError(415, "unsupported_type",
+                           f"uploaded image is {decoded.format}; allowed: {', '.join(sorted(ALLOWED_FORMATS))}")
+        return decoded.image
+
+    def image_id_of(kind: str, item_id: int, parent_id: int | None) -> int | None:
+        return item_id if kind == "image" else parent_id if kind == "caption" else None
+
+    def urls(image_id: int | None) -> dict[str, str | None]:
+        if image_id is None:
+            return {"image_url": None, "thumbnail_url": None}
+        return {"image_url": f"/api/items/{image_id}/image", "thumbnail_url": f"/api/items/{image_id}/thumbnail"}
+
+    def hit_out(h: Hit) -> HitOut:
+        iid = image_id_of(h.kind, h.id, h.parent_id)
+        return HitOut(**h.to_dict(), image_id=iid, **urls(iid))
+
+    def search_out(query: dict[str, Any], target: str, k: int, hits: list[Hit], t0: float) -> SearchOut:
+        return SearchOut(query=query, target=target, k=k, results=[hit_out(h) for h in hits],
+                         seconds=time.perf_counter() - t0)
+
+    def run_ask(question: str | None, image: Any, k: int, mode: str, target: str) -> AskOut:
+        st = S()
+        if st.generator_status.startswith("error"):
+            raise ApiError(503, "generator_unavailable", st.generator_status[len("error: "):])
+        pipe = RagPipeline(st.collection, st.generator, RagSettings(k=k, mode=mode, target=target),
+                           GenerationSettings(max_new_tokens=settings.max_new_tokens))
+        with st.gen_lock:
+            try:
+                if st.generator_status != "ready":
+                    st.load_generator()
+                    if st.generator_status != "ready":
+                        raise ApiError(503, "generator_unavailable", st.generator_status[len("error: "):])
+                answer = pipe.ask(question, image=image, k=k, mode=mode)
+            except WeightsUnavailableError as e:
+                raise ApiError(503, "generator_unavailable", str(e)) from e
+        d = answer.to_dict()
+        sources = []
+        for s in d["sources"]:
+            item = st.collection.get(s["id"])
+            parent = item[0].parent_id if item else None
+            iid = image_id_of(s["kind"], s["id"], parent)
+            sources.append(SourceOut(**s, image_id=iid, **urls(iid)))
+        d["sources"] = sources
+        return AskOut(**{k2: v for k2, v in d.items() if k2 in AskOut.model_fields})
+
+    # -- API ------------------------------------------------------------------------------
+    err = {422: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415: {"model": ErrorOut}}
+
+    @app.get("/api/health", response_model=HealthOut, tags=["meta"])
+    def health() -> HealthOut:
+        st = S()
+        return HealthOut(status="ok", version=__version__, encoder=st.collection.manifest.encoder,
+                         generator=st.generator.spec, generator_status=st.generator_status)
+
+    @app.get("/api/stats", response_model=StatsOut, tags=["meta"])
+    def stats() -> StatsOut:
+        c = S().collection
+        m = c.manifest
+        return StatsOut(collection=str(c.folder), encoder=m.encoder, dim=m.dim, index_type=m.index_type,
+                        counts=c.counts(), generation=m.generation, updated_at=m.updated_at)
+
+    @app.get("/api/search", response_model=SearchOut, responses=err, tags=["search"])
+    def search_text(q: str = Query(..., description="text query"), k: int = Query(10),
+                    target: Literal["images", "texts", "all"] = Query("images")) -> SearchOut:
+        """Search by text."""
+        t0 = time.perf_counter()
+        check_query(q)
+        hits = S().collection.search(q, k=check_k(k), target=target)
+        return search_out({"text": q}, target, k, hits, t0)
+
+    @app.post("/api/search/image", response_model=SearchOut, responses=err, tags=["search"])
+    async def search_image(image: UploadFile = File(..., description="query image"),
+                           k: int = Form(10), target: Literal["images", "texts", "all"] = Form("images")) -> SearchOut:
+        """Search by an uploaded image."""
+        t0 = time.perf_counter()
+        check_k(k)
+        pil = await read_upload(image)
+        hits = await run_in_threadpool(S().collection.search, image=pil, k=k, target=target)
+        return search_out({"image": image.filename}, target, k, hits, t0)
+
+    @app.post("/api/ask", response_model=AskOut, responses={**err, 503: {"model": ErrorOut}}, tags=["ask"])
+    def ask(body: AskIn) -> AskOut:
+        """Answer a question from the collection, with sources (JSON body)."""
+        check_query(body.question, "question")
+        return run_ask(body.question, None, check_k(body.k), body.mode, body.target)
+
+    @app.post("/api/ask/image", response_model=AskOut, responses={**err, 503: {"model": ErrorOut}}, tags=["ask"])
+    async def ask_image(image: UploadFile = File(..., description="image that drives retrieval"),
+                        question: str | None = Form(None), k: int = Form(5),
+                        mode: Literal["concat", "rag-sequence", "rag-token"] = Form("concat"),
+                        target: Literal["texts", "images", "all"] = Form("texts")) -> AskOut:
+        """Answer with an uploaded image (and optionally a question)."""
+        if question is not None and not question.strip():
+            question = None
+        check_query(question, "question")
+        check_k(k)
+        pil = await read_upload(image)
+        return await run_in_threadpool(run_ask, question, pil, k, mode, target)
+
+    def _item(item_id: int):
+        items = S().collection.get(item_id)
+        if not items:
+            raise ApiError(404, "not_found", f"no item {item_id} in the collection")
+        return items[0]
+
+    @app.get("/api/items/{item_id}", response_model=ItemOut, responses={404: {"model": ErrorOut}}, tags=["items"])
+    def item(item_id: int) -> ItemOut:
+        it = _item(item_id)
+        d = it.to_dict()
+        iid = image_id_of(it.kind, it.id, it.parent_id)
+        return ItemOut(**{k: v for k, v in d.items() if k in ItemOut.model_fields}, **urls(iid))
+
+    def _image_item(item_id: int):
+        it = _item(item_id)
+        if it.kind != "image" or not it.path:
+            raise ApiError(404, "not_found", f"item {item_id} is not an image")
+        if not Path(it.path).is_file():
+            raise ApiError(404, "gone", f"the file of item {item_id} is no longer on disk")
+        return it
+
+    @app.get("/api/items/{item_id}/image", responses={404: {"model": ErrorOut}}, tags=["items"],
+             response_class=FileResponse)
+    def item_image(item_id: int) -> FileResponse:
+        it = _image_item(item_id)
+        return FileResponse(it.path, media_type=_MEDIA.get(it.format or "", "application/octet-stream"),
+                            headers={"Cache-Control": "private, max-age=3600",
+                                     "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/api/items/{item_id}/thumbnail", responses={404: {"model": ErrorOut}}, tags=["items"],
+             response_class=Response)
+    def item_thumbnail(item_id: int, size: int = Query(0, ge=0, le=1024)) -> Response:
+        it = _image_item(item_id)
+        try:
+            data = S().thumbnails.get(it.path, it.sha256 or str(it.id), size or settings.thumbnail_size,
+                                      settings.max_image_pixels * 10)
+        except ImageDecodeError as e:
+            raise ApiError(422, "bad_image", f"item {item_id}: {e.reason}") from e
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"})
+
+    # -- page -----------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,160 @@
+"use strict";
+// crossmodal-rag page: plain JS, no build step, nothing loaded from outside this server.
+const $ = (id) => document.getElementById(id);
+let chosenFile = null;
+
+function setStatus(el, text, isError = false) {
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+async function api(url, options = {}) {
+  const resp = await fetch(url, options);
+  let body = null;
+  try { body = await resp.json(); } catch (e) { /* not JSON */ }
+  if (!resp.ok) {
+    const msg = body && body.error ? body.error.message : `${resp.status} ${resp.statusText}`;
+    throw new Error(msg);
+  }
+  return body;
+}
+
+function el(tag, attrs = {}, text = null) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+function renderResults(data) {
+  const list = $("results");
+  list.replaceChildren();
+  for (const hit of data.results) {
+    const li = el("li", { class: "card", "data-id": String(hit.id), "data-kind": hit.kind });
+    const caption = hit.text !== null ? hit.text : hit.captions.join(" · ");
+    if (hit.thumbnail_url) {
+      const a = el("a", { href: hit.image_url, target: "_blank", rel: "noopener" });
+      a.append(el("img", { src: hit.thumbnail_url, alt: caption || `item ${hit.id}`, loading: "lazy" }));
+      li.append(a);
+    }
+    const meta = el("div", { class: "meta" });
+    meta.append(el("div", { class: "score" }, `#${hit.rank} · ${hit.score.toFixed(3)}`));
+    meta.append(el("div", { class: "cap" }, caption || (hit.path || "").split("/").pop()));
+    li.append(meta);
+    list.append(li);
+  }
+}
+
+async function searchText(ev) {
+  ev.preventDefault();
+  const q = $("q").value.trim();
+  if (!q) { setStatus($("search-status"), "Type something to search for, or drop an image.", true); return; }
+  const params = new URLSearchParams({ q, k: $("k").value, target: $("target").value });
+  await runSearch(() => api(`/api/search?${params}`), `“${q}”`);
+}
+
+async function searchImage(file) {
+  chosenFile = file;
+  $("use-image").checked = true;
+  const drop = $("drop");
+  drop.querySelector("img")?.remove();
+  const preview = el("img", { alt: "query image", src: URL.createObjectURL(file) });
+  drop.prepend(preview);
+  const form = new FormData();
+  form.append("image", file);
+  form.append("k", $("k").value);
+  form.append("target", $("target").value);
+  await runSearch(() => api("/api/search/image", { method: "POST", body: form }), file.name);
+}
+
+async function runSearch(call, label) {
+  const status = $("search-status");
+  $("search-btn").disabled = true;
+  setStatus(status, `Searching for ${label}…`);
+  try {
+    const data = await call();
+    renderResults(data);
+    setStatus(status, `${data.results.length} results for ${label} in ${(data.seconds * 1000).toFixed(0)} ms`);
+  } catch (e) {
+    $("results").replaceChildren();
+    setStatus(status, `Search failed: ${e.message}`, true);
+  } finally {
+    $("search-btn").disabled = false;
+  }
+}
+
+async function ask(ev) {
+  ev.preventDefault();
+  const question = $("question").value.trim();
+  const useImage = $("use-image").checked && chosenFile;
+  const status = $("ask-status");
+  if (!question && !useImage) { setStatus(status, "Type a question, or choose an image above.", true); return; }
+  $("ask-btn").disabled = true;
+  $("answer-panel").hidden = true;
+  setStatus(status, "Thinking… (the first answer also loads the language model)");
+  try {
+    let data;
+    if (useImage) {
+      const form = new FormData();
+      form.append("image", chosenFile);
+      if (question) form.append("question", question);
+      form.append("mode", $("mode").value);
+      data = await api("/api/ask/image", { method: "POST", body: form });
+    } else {
+      data = await api("/api/ask", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ question, mode: $("mode").value }) });
+    }
+    renderAnswer(data);
+    setStatus(status, `Answered in ${Object.values(data.timings).reduce((a, b) => a + b, 0).toFixed(2)} s (${data.mode})`);
+  } catch (e) {
+    setStatus(status, `Could not answer: ${e.message}`, true);
+  } finally {
+    $("ask-btn").disabled = false;
+  }
+}
+
+function renderAnswer(data) {
+  $("answer").textContent = data.answer || "(the model gave an empty answer)";
+  const list = $("sources");
+  list.replaceChildren();
+  for (const s of data.sources) {
+    const li = el("li", { "data-id": String(s.id) });
+    if (s.thumbnail_url) li.append(el("img", { src: s.thumbnail_url, alt: s.caption || `item ${s.id}` }));
+    const body = el("div");
+    const pct = (s.posterior * 100).toFixed(1);
+    const bar = el("span", { class: "bar", style: `width:${Math.max(2, s.posterior * 120)}px`, "aria-hidden": "true" });
+    body.append(bar, document.createTextNode(` weight ${pct}% (prior ${(s.prior * 100).toFixed(1)}%, score ${s.score.toFixed(3)})`));
+    body.append(el("div", { class: "muted" }, s.text));
+    li.append(body);
+    list.append(li);
+  }
+  $("answer-panel").hidden = false;
+}
+
+function setupDrop() {
+  const drop = $("drop"), file = $("file");
+  drop.addEventListener("click", () => file.click());
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); file.click(); } });
+  file.addEventListener("change", () => { if (file.files[0]) searchImage(file.files[0]); });
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault(); drop.classList.remove("over");
+    if (e.dataTransfer.files[0]) searchImage(e.dataTransfer.files[0]);
+  });
+}
+
+async function loadStats() {
+  try {
+    const [stats, health] = await Promise.all([api("/api/stats"), api("/api/health")]);
+    const c = stats.counts;
+    setStatus($("stats"), `${c.images} images · ${c.captions} captions · ${c.passages} passages · encoder ${stats.encoder} · generator ${health.generator} (${health.generator_status})`);
+  } catch (e) {
+    setStatus($("stats"), `Cannot reach the server: ${e.message}`, true);
+  }
+}
+
+$("search-form").addEventListener("submit", searchText);
+$("ask-form").addEventListener("submit", ask);
+setupDrop();
+loadStats();
