@@ -1,0 +1,107 @@
+"""The page in real headless Chromium (Debian's chromium, driven by Playwright): type a query,
+upload an image, ask a question, check what is rendered. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+uvicorn = pytest.importorskip("uvicorn")
+
+from crossmodal_rag.testing import make_tiny_t5
+from crossmodal_rag.web import WebSettings, create_app
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path):
+    coll = tmp_path_factory.mktemp("browser") / "coll"
+    shutil.copytree(sample_collection, coll, ignore=shutil.ignore_patterns(".lock"))
+    t5 = make_tiny_t5(tmp_path_factory.mktemp("t5") / "t5")
+    app = create_app(WebSettings(collection=str(coll), generator=str(t5), max_new_tokens=4,
+                                 thumbnail_dir=str(tmp_path_factory.mktemp("thumbs"))))
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_search_upload_and_ask_in_chromium(server: str, sample_dir: Path) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        failed: list[str] = []
+        page.on("requestfailed", lambda req: failed.append(req.url))
+        outside: list[str] = []
+        page.on("request", lambda req: None if req.url.startswith(server) or req.url.startswith("blob:")
+                else outside.append(req.url))
+        page.goto(server + "/")
+        page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+        assert "15 images" in page.text_content("#stats")
+
+        # keyboard only: focus the query box, type, press Enter
+        page.keyboard.press("Tab")
+        page.focus("#q")
+        page.keyboard.type("a cat looking at the camera")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#results li.card")
+        page.wait_for_function("document.getElementById('search-status').textContent.includes('results for')")
+        cards = page.query_selector_all("#results li.card")
+        assert len(cards) == 12
+        scores = [float(c.query_selector(".score").text_content().split("·")[1]) for c in cards]
+        assert scores == sorted(scores, reverse=True)
+        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+        page.screenshot(path=str(ARTIFACTS / "search-text.png"), full_page=True)
+
+        # upload an image through the file input (what the drop zone opens)
+        page.set_input_files("#file", str(sample_dir / "cat.jpg"))
+        page.wait_for_function("document.getElementById('search-status').textContent.includes('results for cat.jpg')")
+        first = page.query_selector("#results li.card img")
+        assert "cat" in (first.get_attribute("alt") or "") or "tabby" in (first.get_attribute("alt") or "")
+        page.screenshot(path=str(ARTIFACTS / "search-image.png"), full_page=True)
+
+        # ask, with the chosen image driving retrieval
+        page.focus("#question")
+        page.keyboard.type("What is the cat doing?")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#answer-panel:not([hidden])", timeout=60_000)
+        sources = page.query_selector_all("#sources li")
+        assert len(sources) == 5
+        weights = [float(s.text_content().split("weight")[1].split("%")[0]) for s in sources]
+        assert sum(weights) == pytest.approx(100, abs=0.5)
+        page.screenshot(path=str(ARTIFACTS / "ask.png"), full_page=True)
+
+        # an error state: an empty question without an image
+        page.uncheck("#use-image")
+        page.fill("#question", "")
+        page.click("#ask-btn")
+        assert "Type a question" in page.text_content("#ask-status")
+        browser.close()
+    assert not failed, failed
+    assert not outside, outside
