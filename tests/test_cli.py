@@ -72,7 +72,7 @@ def test_bad_queries_exit_2(sample_collection: Path, tmp_path: Path) -> None:
         (["search", "   "], "empty query"),
         (["search"], "give a TEXT query"),
         (["search", "--image", str(tmp_path / "nope.jpg")], "does not exist"),
-        (["search", "cat", "--top-k", "0"], "positive integer"),
+        (["search", "cat", "--top-k", "0"], "integer >= 1"),
     ]:
         r = run(*args, "--collection", str(sample_collection))
         assert r.returncode == 2, (args, r.stderr)

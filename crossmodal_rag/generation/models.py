@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._config import strict_from_dict
 from ..encoders import default_device
 from ..encoders._hub import hub_reachable
 from ..errors import ModelSpecError, WeightsUnavailableError
@@ -61,11 +62,7 @@ class GenerationSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown generation settings {unknown}; valid: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "generation settings")
 
 
 def _weights_hint(spec: str) -> str:

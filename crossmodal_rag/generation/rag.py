@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .._config import strict_from_dict
 from ..errors import QueryError
 from ..search import Hit, check_k
 from .models import GenerationSettings, Generator, Prompt, load_generator
@@ -75,11 +76,7 @@ class RagSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RagSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown RAG settings {unknown}; valid: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, "RAG settings")
 
 
 @dataclass
