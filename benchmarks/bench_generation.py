@@ -11,7 +11,9 @@ rag-sequence, rag-token):
 * answers are forced to exactly ``--max-new-tokens`` tokens so modes and models are comparable:
   ``generation_config.min_new_tokens`` for the ``generate``-based modes, and EOS switched off in
   rag-token's loop (the benchmark replaces ``crossmodal_rag.generation.rag._eos_ids``; nothing in
-  the library is changed). ``--natural-length`` turns both off.
+  the library is changed). For the random T5s, ``generation_config.suppress_tokens`` also keeps
+  ``generate`` on printable ASCII bytes (a random model otherwise emits pad/unk ids, which decode
+  to an empty answer). ``--natural-length`` turns all of this off.
 
 Batching checks (same prompts, same process, naive and batched timed alternately):
 
@@ -71,6 +73,9 @@ T5_SIZES = {
     "t5-base": {"d_model": 768, "d_ff": 3072, "num_layers": 12, "num_heads": 12, "d_kv": 64},
 }
 
+BYTE_OFFSET = 3  # ByT5: ids 0-2 are pad, eos, unk; byte b is id b + 3; ids 259-383 are extra ids
+PRINTABLE_COMPLEMENT = [i for i in range(384) if not BYTE_OFFSET + 32 <= i <= BYTE_OFFSET + 126]
+
 
 # -- setup -------------------------------------------------------------------------------------
 def wait_for_other_benchmarks(max_wait_s: float) -> float:
@@ -101,7 +106,7 @@ def random_t5(name: str, seed: int = 0) -> Path:
     cfg = T5Config(vocab_size=len(tok), **T5_SIZES[name], num_decoder_layers=T5_SIZES[name]["num_layers"],
                    feed_forward_proj="relu", decoder_start_token_id=tok.pad_token_id,
                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                   tie_word_embeddings=True, n_positions=512)
+                   tie_word_embeddings=False, n_positions=512)
     torch.manual_seed(seed)
     T5ForConditionalGeneration(cfg).eval().save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -265,6 +270,9 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     n = args.max_new_tokens
     if not args.natural_length:
         gen.model.generation_config.min_new_tokens = n
+        if label in T5_SIZES:  # random weights: keep generate() on printable ASCII bytes, else the
+            # answers decode to "" (pad/unk/extra ids are dropped) and every candidate is the same
+            gen.model.generation_config.suppress_tokens = PRINTABLE_COMPLEMENT
     gs = GenerationSettings(max_new_tokens=n)
     pipe = RagPipeline(coll, gen, RagSettings(k=args.k, target="texts"), gs)
     print(f"\n## {label}: {spec}\n# kind={gen.kind} params={res['params_m']}M vocab={res['vocab']} "

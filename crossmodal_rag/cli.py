@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--target", "-t", choices=("images", "texts", "all"), default="images",
                     help="what to return: images, texts (captions and passages) or all")
     se.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
+    se.add_argument("--where", "-w", action="append", default=[], metavar="EXPR",
+                    help="metadata filter, e.g. 'width>=1000', 'path=*/2023/*', 'caption~dog' (repeatable, ANDed)")
+    se.add_argument("--min-score", metavar="S|auto", help="drop hits scoring below S ('auto': calibrated)")
+    se.add_argument("--plus", action="append", default=[], metavar="TEXT", help="add a text to the query (repeatable)")
+    se.add_argument("--minus", action="append", default=[], metavar="TEXT", help="subtract a text from the query")
     se.add_argument("--json", action="store_true", help="JSON output instead of TSV")
     se.add_argument("--no-header", action="store_true", help="TSV without the header line")
 
@@ -130,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--top-p", type=float, default=1.0, metavar="P")
         sp.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
         sp.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
+        sp.add_argument("--where", "-w", action="append", default=[], metavar="EXPR",
+                        help="metadata filter on retrieval (repeatable, ANDed)")
+        sp.add_argument("--min-score", metavar="S|auto",
+                        help="abstain ('not found in the collection') when the best score is below S")
+        sp.add_argument("--knowledge", metavar="DIR",
+                        help="retrieve the conditioning texts from this other collection (same encoder)")
         sp.add_argument("--json", action="store_true", help="print the whole answer record as JSON")
 
     ak = sub.add_parser("ask", help="answer a question grounded in the collection (RAG)")
@@ -159,7 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--diversity", type=float, default=0.3, metavar="D",
                     help="0 = most similar first, 1 = most diverse (MMR; default 0.3)")
     rc.add_argument("--target", choices=("images", "texts", "all"), default="images")
+    rc.add_argument("--where", "-w", action="append", default=[], metavar="EXPR", help="metadata filter")
     rc.add_argument("--json", action="store_true")
+
+    du = sub.add_parser("duplicates", help="list groups of near-identical images")
+    add_collection(du, positional=True)
+    du.add_argument("--threshold", type=float, default=0.95, metavar="T",
+                    help="cosine similarity at or above which two images count as near-duplicates")
+    du.add_argument("--json", action="store_true", help="JSON instead of TSV")
 
     sv = sub.add_parser("serve", help="start the web app and REST API for a collection")
     add_collection(sv)
@@ -299,8 +317,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         if args.text is None and args.image is None:
             raise QueryError("search: give a TEXT query, --image PATH, or --queries FILE")
-        if args.text is not None and args.image is not None:
-            raise QueryError("search: give a text query or --image, not both")
         if args.text is not None and not args.text.strip():
             raise QueryError("empty query: give a text to search for, or an image with --image")
         if args.image is not None and not Path(args.image).is_file():
@@ -315,7 +331,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             try:
                 if q.get("error"):
                     raise QueryError(q["error"])
-                hits = coll.search(q.get("text"), image=q.get("image"), k=args.top_k, target=args.target)
+                hits = coll.search(q.get("text"), image=q.get("image"), k=args.top_k, target=args.target,
+                                   where=args.where, min_score=args.min_score, plus=args.plus,
+                                   minus=args.minus)
             except QueryError as e:
                 if len(queries) == 1:
                     raise
@@ -430,7 +448,8 @@ def _pipeline(args: argparse.Namespace, coll: Any) -> Any:
     try:
         rs: dict[str, Any] = {"k": args.k, "mode": args.mode, "target": args.target,
                               "prior_temperature": args.prior_temperature,
-                              "max_context_tokens": args.max_context_tokens}
+                              "max_context_tokens": args.max_context_tokens,
+                              "min_score": args.min_score, "where": tuple(args.where)}
         if args.prompt_template:
             rs["prompt_template"] = args.prompt_template
         settings = RagSettings(**rs)
@@ -439,7 +458,12 @@ def _pipeline(args: argparse.Namespace, coll: Any) -> Any:
                                  top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    return RagPipeline(coll, args.generator, settings, gen)
+    knowledge = None
+    if args.knowledge:
+        from .collection import Collection
+
+        knowledge = Collection.open(args.knowledge)
+    return RagPipeline(coll, args.generator, settings, gen, knowledge=knowledge)
 
 
 def _print_answer(answer: Any, as_json: bool) -> None:
@@ -448,7 +472,7 @@ def _print_answer(answer: Any, as_json: bool) -> None:
         return
     print(answer.answer if answer.answer else "(no answer: nothing was retrieved)")
     if answer.sources:
-        print("\nsources:")
+        print("\nnearest sources (below the --min-score threshold):" if answer.abstained else "\nsources:")
         for s in answer.sources:
             flag = "" if s.included else "  (not in prompt)"
             flag += "  (truncated)" if s.truncated else ""
@@ -524,7 +548,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         _check_image_arg(image)
     with Collection.open(_collection_dir(args)) as coll:
         recs = recommend(coll, args.liked, args.liked_image, k=args.top_k, diversity=args.diversity,
-                         target=args.target)
+                         target=args.target, where=args.where)
     if args.json:
         print(json.dumps([r.to_dict() for r in recs], indent=2, ensure_ascii=False))
     else:
@@ -533,6 +557,26 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             h = r.hit
             text = h.text if h.text is not None else " | ".join(h.captions)
             print(f"{h.rank}\t{h.score:.4f}\t{r.mmr:.4f}\t{h.id}\t{h.kind}\t{_tsv_field(h.path)}\t{_tsv_field(text)}")
+    return 0
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from .collection import Collection
+
+    with Collection.open(_collection_dir(args)) as coll:
+        groups = coll.near_duplicates(args.threshold)
+        out = []
+        for n, group in enumerate(groups, start=1):
+            items = coll.get(group)
+            out.append({"group": n, "items": [{"id": it.id, "path": it.path} for it in items]})
+    if args.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    else:
+        print("group\tid\tpath")
+        for g in out:
+            for it in g["items"]:
+                print(f"{g['group']}\t{it['id']}\t{_tsv_field(it['path'])}")
+    print(f"{len(groups)} group(s) of near-duplicates at threshold {args.threshold}", file=sys.stderr)
     return 0
 
 
@@ -561,7 +605,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
             "remove": cmd_remove, "demo": cmd_demo, "ask": cmd_ask, "chat": cmd_chat,
-            "write": cmd_write, "recommend": cmd_recommend, "serve": cmd_serve}
+            "write": cmd_write, "recommend": cmd_recommend, "serve": cmd_serve,
+            "duplicates": cmd_duplicates}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,7 +32,10 @@ from .encoders import DEFAULT_MODEL, ClipEncoder, load_encoder, parse_model_spec
 from .errors import CollectionError, EncoderMismatchError, ImageDecodeError, QueryError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .lock import WriteLock
-from .search import Hit, search_vectors
+from .calibration import auto_threshold
+from .filters import allowed_ids, parse_where
+from .query import combine, parse_query
+from .search import Hit, check_target, search_vectors
 from .store.manifest import MANIFEST_NAME, Manifest
 from .store.metadata import Item, MetadataStore
 from .store.vectors import VectorIndex
@@ -215,6 +218,13 @@ class Collection:
                     f"collection (probe cosine {cosine:.3f}). {hint}"
                 )
 
+    def check_compatible(self, other: Collection) -> None:
+        """Refuse (``EncoderMismatchError``) unless ``other``'s encoder embeds like ours, so
+        vectors from one can query the other (e.g. a separate knowledge collection)."""
+        if other.manifest.encoder == self.manifest.encoder and other.manifest.dim == self.manifest.dim:
+            return
+        self._verify_encoder(other.encoder, asked=f"{other.manifest.encoder} (of {other.folder})")
+
     @property
     def encoder(self) -> ClipEncoder:
         """The collection's encoder (loaded and fingerprint-checked on first use)."""
@@ -338,11 +348,28 @@ class Collection:
     # -- searching -------------------------------------------------------------------------
     def embed_query(
         self, text: str | None = None, image: str | Path | Image.Image | None = None,
-        *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        *, plus: list[str] | None = None, minus: list[str] | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> np.ndarray:
-        """A query embedding ``(D,)`` from a text or an image (path or PIL image)."""
-        if text is not None and image is not None:
-            raise QueryError("give a text query or an image query, not both")
+        """A query embedding ``(D,)`` from a text, an image (path or PIL image), or both.
+
+        Text queries support arithmetic (``"a cat" + "snow" - "indoors"``, ``2:cat``; see
+        :mod:`crossmodal_rag.query`); ``plus``/``minus`` add or subtract more texts. The result is
+        the normalised weighted sum of the terms' embeddings.
+        """
+        texts: list[str] = []
+        weights: list[float] = []
+        if text is not None:
+            for term in parse_query(text):
+                texts.append(self._clip_query(term.text))
+                weights.append(term.weight)
+        for extra, sign in ((plus or [], 1.0), (minus or [], -1.0)):
+            for t in extra:
+                if not t or not str(t).strip():
+                    raise QueryError("empty --plus/--minus text")
+                texts.append(self._clip_query(" ".join(str(t).split())))
+                weights.append(sign)
+        vectors = []
         if image is not None:
             if isinstance(image, Image.Image):
                 pil = image.convert("RGB")
@@ -351,34 +378,100 @@ class Collection:
                     pil = load_image(image, max_pixels=max_image_pixels).image
                 except ImageDecodeError as e:
                     raise QueryError(f"query image {e.path}: {e.reason}") from e
-            return self.encoder.encode_images([pil])[0]
-        if text is None or not str(text).strip():
+            vectors.append(self.encoder.encode_images([pil]))
+            weights.insert(0, 1.0)
+        elif text is None:
             raise QueryError("empty query: give a text to search for, or an image with --image")
-        clean = " ".join(str(text).split())
-        if len(clean) > MAX_QUERY_CHARS:
+        if texts:
+            vectors.append(self.encoder.encode_texts(texts))
+        stacked = np.concatenate(vectors)
+        if len(weights) == 1 and weights[0] == 1.0:
+            return stacked[0]
+        return combine(stacked, weights)
+
+    def _clip_query(self, text: str) -> str:
+        if len(text) > MAX_QUERY_CHARS:
             logger.warning("query of %d characters truncated to %d (the encoder reads at most %d "
-                           "tokens)", len(clean), MAX_QUERY_CHARS, self.encoder.max_text_tokens)
-            clean = clean[:MAX_QUERY_CHARS]
-        return self.encoder.encode_texts([clean])[0]
+                           "tokens)", len(text), MAX_QUERY_CHARS, self.encoder.max_text_tokens)
+            return text[:MAX_QUERY_CHARS]
+        return text
+
+    def resolve_min_score(self, min_score: float | str | None, *, query_is_image: bool,
+                          target: str) -> float | None:
+        """A number, ``"auto"`` (the calibrated threshold), or None (no threshold)."""
+        if min_score is None or min_score == "":
+            return None
+        if isinstance(min_score, str):
+            if min_score.strip().lower() == "auto":
+                return auto_threshold(self, query_is_image, target)
+            try:
+                return float(min_score)
+            except ValueError:
+                raise QueryError(f"min score must be a number or 'auto', got {min_score!r}") from None
+        return float(min_score)
 
     def search(
         self, query: str | None = None, *, image: str | Path | Image.Image | None = None,
-        k: int = 10, target: str = "images",
+        k: int = 10, target: str = "images", where: list[str] | str | None = None,
+        min_score: float | str | None = None, plus: list[str] | None = None,
+        minus: list[str] | None = None,
     ) -> list[Hit]:
-        """Search by text or by image; ``target`` is ``"images"``, ``"texts"`` or ``"all"``.
+        """Search by text (with arithmetic), by image, or both; ``target`` is ``"images"``,
+        ``"texts"`` or ``"all"``; ``where`` filters by metadata (:mod:`crossmodal_rag.filters`);
+        ``min_score`` drops weaker hits (a number, or ``"auto"`` for the calibrated threshold).
 
         Example: ``Collection.open("photos").search("a cat on a sofa", k=5)``.
         """
-        vector = self.embed_query(query, image)
-        return self.search_vectors(vector[None, :], k=k, target=target)[0]
+        check_target(target)
+        threshold = self.resolve_min_score(min_score, query_is_image=image is not None, target=target)
+        vector = self.embed_query(query, image, plus=plus, minus=minus)
+        return self.search_vectors(vector[None, :], k=k, target=target, where=where,
+                                   min_score=threshold)[0]
 
-    def search_vectors(self, vectors: np.ndarray, *, k: int = 10, target: str = "images") -> list[list[Hit]]:
+    def search_vectors(
+        self, vectors: np.ndarray, *, k: int = 10, target: str = "images",
+        where: list[str] | str | None = None, min_score: float | None = None,
+    ) -> list[list[Hit]]:
         """Search with precomputed query embeddings ``(Q, D)``; one hit list per row."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if vectors.shape[1] != self.manifest.dim:
             raise QueryError(f"query vectors are {vectors.shape[1]}-d; this collection is "
                              f"{self.manifest.dim}-d")
-        return search_vectors(self.indexes, self.store, vectors, k, target)
+        conditions = parse_where(where)
+        allowed = allowed_ids(self.store, conditions) if conditions else None
+        return search_vectors(self.indexes, self.store, vectors, k, target, allowed, min_score)
+
+    def near_duplicates(self, threshold: float = 0.95) -> list[list[int]]:
+        """Groups of image ids whose embeddings have cosine >= ``threshold`` (linked
+        transitively), largest groups first. Byte-identical files are already one item."""
+        if not -1.0 <= threshold <= 1.0:
+            raise QueryError(f"threshold must be between -1 and 1, got {threshold}")
+        ids = self.store.ids("image")
+        if len(ids) < 2:
+            return []
+        parent = {int(i): int(i) for i in ids}
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        index = self.indexes["image"].index
+        for start in range(0, len(ids), 1024):
+            chunk = ids[start : start + 1024]
+            vecs = self.store.vectors(chunk.tolist(), self.manifest.dim)
+            lims, _, found = index.range_search(vecs, float(threshold) - 1e-6)
+            for row, item_id in enumerate(chunk):
+                for other in found[lims[row] : lims[row + 1]]:
+                    if int(other) != int(item_id):
+                        a, b = find(int(item_id)), find(int(other))
+                        if a != b:
+                            parent[max(a, b)] = min(a, b)
+        groups: dict[int, list[int]] = {}
+        for i in parent:
+            groups.setdefault(find(i), []).append(i)
+        return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, source: str | Path, **settings: Any):  # -> IngestReport

@@ -170,6 +170,9 @@ def ingest(collection: Collection, source: str | Path, settings: IngestSettings 
             writer.add_images(images, settings)
     finally:
         if writer.dirty:
+            from .calibration import store_calibration
+
+            store_calibration(collection)  # score thresholds follow the collection's contents
             collection.persist()
     report.seconds = time.perf_counter() - t0
     for p in report.skipped:

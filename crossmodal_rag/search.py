@@ -57,21 +57,26 @@ def search_vectors(
     queries: np.ndarray,
     k: int,
     target: str = "images",
+    allowed: Mapping[str, np.ndarray] | None = None,
+    min_score: float | None = None,
 ) -> list[list[Hit]]:
     """Top-``k`` hits for each row of ``queries`` ``(Q, D)``, best first.
 
     With ``target="all"`` image and text results are merged by score (scores of the two
     modalities are on the same cosine scale, though CLIP's modality gap favours same-modality hits).
+    ``allowed`` maps index name -> ids a filter lets through; ``min_score`` drops weaker hits.
     """
     k = check_k(k)
     names = _INDEXES_OF_TARGET[check_target(target)]
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    per_index = [indexes[n].search(queries, k) for n in names]
+    per_index = [indexes[n].search(queries, k, None if allowed is None else allowed[n]) for n in names]
     results: list[list[Hit]] = []
     for q in range(len(queries)):
         scores = np.concatenate([s[q] for s, _ in per_index])
         ids = np.concatenate([i[q] for _, i in per_index])
         keep = ids >= 0
+        if min_score is not None:
+            keep &= scores >= min_score
         scores, ids = scores[keep], ids[keep]
         order = np.argsort(-scores, kind="stable")[:k]
         items = store.get_items(ids[order].tolist())

@@ -54,7 +54,7 @@ def mmr(query: np.ndarray, candidates: np.ndarray, k: int, diversity: float) -> 
 def recommend(
     collection: Collection, liked_ids: list[int] | None = None,
     liked_images: list[str | Path] | None = None, *, k: int = 10, diversity: float = 0.3,
-    target: str = "images", pool: int | None = None,
+    target: str = "images", pool: int | None = None, where: list[str] | None = None,
 ) -> list[Recommendation]:
     """Items similar to the liked ones (ids in the collection and/or image files), liked ones
     excluded. The profile is the normalised mean of the liked embeddings; ``pool`` candidates
@@ -79,7 +79,8 @@ def recommend(
         raise QueryError("the liked items cancel out; like more items")
     profile = (profile / norm).astype(np.float32)
     pool = max(pool or 5 * k, k)
-    hits = collection.search_vectors(profile[None], k=pool + len(liked_ids), target=target)[0]
+    hits = collection.search_vectors(profile[None], k=pool + len(liked_ids), target=target,
+                                     where=where)[0]
     exclude = set(liked_ids)
     hits = [h for h in hits if h.id not in exclude and (h.parent_id is None or h.parent_id not in exclude)]
     hits = hits[:pool]

@@ -63,6 +63,9 @@ class RagSettings:
     context_separator: str = "\n"  # between items in concat mode
     max_context_tokens: int | None = None  # prompt budget; default: the generator's context
     default_question: str = "What does this image show?"  # for an image-only query
+    min_score: float | str | None = None  # abstain below this top score ("auto": calibrated)
+    where: tuple[str, ...] = ()  # metadata filters on retrieval (see crossmodal_rag.filters)
+    abstain_answer: str = "not found in the collection"  # the answer when abstaining
 
     def __post_init__(self) -> None:
         check_k(self.k)
@@ -112,6 +115,8 @@ class Answer:
     image: str | None = None
     candidates: list[dict[str, Any]] = field(default_factory=list)  # rag-sequence: all scored
     logprob: float | None = None  # log P(y|x) = log sum_z P(z|x) P(y|x,z)
+    abstained: bool = False  # True: the evidence was below min_score; sources are the nearest
+    min_score: float | None = None  # the threshold that applied
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,11 +155,15 @@ class RagPipeline:
     def __init__(
         self, collection: Collection, generator: str | Generator | None = None,
         settings: RagSettings | None = None, generation: GenerationSettings | None = None,
+        knowledge: Collection | None = None,
     ) -> None:
         self.collection = collection
         self.generator = generator if isinstance(generator, Generator) else load_generator(generator)
         self.settings = settings or RagSettings()
         self.generation = generation or GenerationSettings()
+        self.knowledge = knowledge
+        if knowledge is not None:  # queries are embedded by the main collection's encoder
+            knowledge.check_compatible(collection)
 
     # -- retrieval -------------------------------------------------------------------------
     def retrieve(self, question: str | None, image: str | Path | Image.Image | None, k: int,
@@ -164,8 +173,9 @@ class RagPipeline:
             vec = self.collection.embed_query(image=image)
         else:
             vec = self.collection.embed_query(question)
-        hits = self.collection.search_vectors(vec[None], k=k * 2 if target == "all" else k,
-                                              target=target)[0]
+        source = self.knowledge or self.collection
+        hits = source.search_vectors(vec[None], k=k * 2 if target == "all" else k, target=target,
+                                     where=list(self.settings.where) or None)[0]
         if target == "all":  # a caption of an image already retrieved adds nothing new
             images = {h.id for h in hits if h.kind == "image"}
             hits = [h for h in hits if not (h.kind == "caption" and h.parent_id in images)][:k]
@@ -251,16 +261,26 @@ class RagPipeline:
         self.generator.load()
         timings["load"] = time.perf_counter() - t
         t = time.perf_counter()
+        target = target or s.target
+        threshold = (self.knowledge or self.collection).resolve_min_score(
+            s.min_score, query_is_image=image is not None, target=target)
         if hits is None:
-            hits, _ = self.retrieve(question, image, k, target or s.target)
+            hits, _ = self.retrieve(question, image, k, target)
         timings["retrieve"] = time.perf_counter() - t
         q_text = " ".join((prompt_question or question or s.default_question).split())
         image_label = str(image) if isinstance(image, str | Path) else None
-        if not hits:
-            return Answer(answer="", question=q_text, mode=mode, sources=[], prompts=[],
-                          timings=timings, generator=self.generator.spec,
-                          encoder=self.collection.manifest.encoder, image=image_label)
         texts = [item_text(h) for h in hits]
+        if not hits or (threshold is not None and hits[0].score < threshold):
+            # Abstain: no generation from evidence this weak; show the nearest sources.
+            prior = priors(np.array([h.score for h in hits]), s.prior_temperature) if hits else []
+            sources = [Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=x,
+                              caption=" | ".join(h.captions) if h.kind == "image" else (h.text or ""),
+                              score=h.score, prior=float(p), posterior=0.0, logprob=0.0, included=False)
+                       for h, x, p in zip(hits, texts, prior, strict=True)]
+            return Answer(answer=s.abstain_answer, question=q_text, mode=mode, sources=sources,
+                          prompts=[], timings=timings, generator=self.generator.spec,
+                          encoder=self.collection.manifest.encoder, image=image_label,
+                          abstained=True, min_score=threshold)
         prior = priors(np.array([h.score for h in hits]), s.prior_temperature)
         log_prior = np.log(np.maximum(prior, 1e-300))
         t = time.perf_counter()
@@ -301,7 +321,7 @@ class RagPipeline:
                       prompts=[self.generator.render(p) for p in prompts],
                       timings=timings, generator=self.generator.spec,
                       encoder=self.collection.manifest.encoder, image=image_label,
-                      candidates=candidates, logprob=total)
+                      candidates=candidates, logprob=total, min_score=threshold)
 
     def _rag_sequence(self, prompts: list[Prompt], log_prior: np.ndarray,
                       timings: dict[str, float]) -> tuple[str, np.ndarray, list[dict[str, Any]]]:

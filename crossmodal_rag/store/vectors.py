@@ -78,8 +78,13 @@ class VectorIndex:
     def reconstruct(self, item_id: int) -> np.ndarray:
         return self.index.reconstruct(int(item_id))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product: ``(scores, ids)``, both ``(Q, k')`` with k' = min(k, len)."""
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: ``(scores, ids)``, both ``(Q, k')`` with k' = min(k, len).
+
+        ``allowed`` (int64 ids) restricts the search to those ids inside FAISS, so the top-k
+        under a filter is exact.
+        """
         queries = _f32(queries)
         if queries.ndim == 1:
             queries = queries[None, :]
@@ -88,12 +93,14 @@ class VectorIndex:
                 f"query vectors are {queries.shape[1]}-d but the index holds {self.dim}-d vectors "
                 "(was the collection built with another encoder?)"
             )
-        k = min(int(k), len(self))
+        k = min(int(k), len(self) if allowed is None else min(len(self), len(allowed)))
         if k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         faiss.cvar.distance_compute_blas_threshold = _BLAS_THRESHOLD
-        scores, ids = self.index.search(queries, k)
-        return scores, ids
+        if allowed is None:
+            return self.index.search(queries, k)
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
 
     # -- persistence ---------------------------------------------------------------------
     def save(self, folder: Path, relpath: str, *, fsync: bool = True) -> IndexFile:

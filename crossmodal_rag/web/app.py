@@ -114,6 +114,8 @@ class AskIn(BaseModel):
     k: int = Field(5, ge=1, description="items retrieved")
     mode: Literal["concat", "rag-sequence", "rag-token"] = "concat"
     target: Literal["texts", "images", "all"] = "texts"
+    where: list[str] = Field(default_factory=list, description="metadata filters on retrieval")
+    min_score: str | float | None = Field(None, description="abstain below this score; 'auto' = calibrated")
 
 
 class AskOut(BaseModel):
@@ -126,6 +128,8 @@ class AskOut(BaseModel):
     generator: str
     encoder: str
     logprob: float | None
+    abstained: bool = False
+    min_score: float | None = None
 
 
 class ItemOut(BaseModel):
@@ -303,11 +307,14 @@ def create_app(settings: WebSettings) -> FastAPI:
         return SearchOut(query=query, target=target, k=k, results=[hit_out(h) for h in hits],
                          seconds=time.perf_counter() - t0)
 
-    def run_ask(question: str | None, image: Any, k: int, mode: str, target: str) -> AskOut:
+    def run_ask(question: str | None, image: Any, k: int, mode: str, target: str,
+                where: list[str] | None = None, min_score: str | float | None = None) -> AskOut:
         st = S()
         if st.generator_status.startswith("error"):
             raise ApiError(503, "generator_unavailable", st.generator_status[len("error: "):])
-        pipe = RagPipeline(st.collection, st.generator, RagSettings(k=k, mode=mode, target=target),
+        pipe = RagPipeline(st.collection, st.generator,
+                           RagSettings(k=k, mode=mode, target=target, where=tuple(where or ()),
+                                       min_score=min_score),
                            GenerationSettings(max_new_tokens=settings.max_new_tokens))
         with st.gen_lock:
             try:
@@ -345,29 +352,39 @@ def create_app(settings: WebSettings) -> FastAPI:
                         counts=c.counts(), generation=m.generation, updated_at=m.updated_at)
 
     @app.get("/api/search", response_model=SearchOut, responses=err, tags=["search"])
-    def search_text(q: str = Query(..., description="text query"), k: int = Query(10),
-                    target: Literal["images", "texts", "all"] = Query("images")) -> SearchOut:
+    def search_text(q: str = Query(..., description='text query; arithmetic allowed: "a cat" + "snow" - indoors, 2:cat'),
+                    k: int = Query(10), target: Literal["images", "texts", "all"] = Query("images"),
+                    where: list[str] = Query([], description="metadata filters, e.g. width>=1000 (repeatable, ANDed)"),
+                    min_score: str | None = Query(None, description="a number, or auto (calibrated)")) -> SearchOut:
         """Search by text."""
         t0 = time.perf_counter()
         check_query(q)
-        hits = S().collection.search(q, k=check_k(k), target=target)
-        return search_out({"text": q}, target, k, hits, t0)
+        hits = S().collection.search(q, k=check_k(k), target=target, where=where, min_score=min_score)
+        return search_out({"text": q, "where": where}, target, k, hits, t0)
 
     @app.post("/api/search/image", response_model=SearchOut, responses=err, tags=["search"])
     async def search_image(image: UploadFile = File(..., description="query image"),
-                           k: int = Form(10), target: Literal["images", "texts", "all"] = Form("images")) -> SearchOut:
-        """Search by an uploaded image."""
+                           k: int = Form(10), target: Literal["images", "texts", "all"] = Form("images"),
+                           plus: list[str] = Form([], description="texts added to the image query"),
+                           minus: list[str] = Form([], description="texts subtracted from it"),
+                           where: list[str] = Form([], description="metadata filters"),
+                           min_score: str | None = Form(None)) -> SearchOut:
+        """Search by an uploaded image (optionally plus/minus texts)."""
         t0 = time.perf_counter()
         check_k(k)
+        for t in [*plus, *minus]:
+            check_query(t, "plus/minus text")
         pil = await read_upload(image)
-        hits = await run_in_threadpool(S().collection.search, image=pil, k=k, target=target)
-        return search_out({"image": image.filename}, target, k, hits, t0)
+        hits = await run_in_threadpool(S().collection.search, image=pil, k=k, target=target, where=where,
+                                       min_score=min_score, plus=plus, minus=minus)
+        return search_out({"image": image.filename, "plus": plus, "minus": minus, "where": where},
+                          target, k, hits, t0)
 
     @app.post("/api/ask", response_model=AskOut, responses={**err, 503: {"model": ErrorOut}}, tags=["ask"])
     def ask(body: AskIn) -> AskOut:
         """Answer a question from the collection, with sources (JSON body)."""
         check_query(body.question, "question")
-        return run_ask(body.question, None, check_k(body.k), body.mode, body.target)
+        return run_ask(body.question, None, check_k(body.k), body.mode, body.target, body.where, body.min_score)
 
     @app.post("/api/ask/image", response_model=AskOut, responses={**err, 503: {"model": ErrorOut}}, tags=["ask"])
     async def ask_image(image: UploadFile = File(..., description="image that drives retrieval"),

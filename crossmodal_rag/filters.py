@@ -1,0 +1,256 @@
+"""Metadata filters: ``--where EXPR`` conditions turned into the set of item ids a search may
+return, so FAISS searches only those (top-k stays exact under a filter).
+
+Grammar (one condition per ``--where``; several are ANDed)::
+
+    EXPR  := FIELD OP VALUE
+    OP    := "=" | "!=" | "<" | "<=" | ">" | ">=" | "~"        ("~" = contains, case-insensitive)
+
+    path    = GLOB | ~ TEXT      the image file's path (any of its paths), e.g. path=*/2023/*.jpg
+    name    = GLOB               the file name, e.g. name=IMG_*.jpg
+    folder  = DIR                the image lies under DIR (!= : not under)
+    type    = jpeg|png|...       file type (format); jpg and tif are accepted
+    size    <op> N[KB|MB|GB]     file size in bytes
+    width, height <op> N         pixels
+    added   <op> DATE            when it was indexed, ISO date or date-time (UTC)
+    caption ~ TEXT | = TEXT      a caption of the image (for a caption: the caption itself)
+    text    ~ TEXT               caption or passage text
+    title   ~ TEXT | = TEXT      a passage's title
+    kind    = image|caption|passage
+    KEY     <op> VALUE           any extra column a manifest carried (numbers compare as numbers);
+                                 also written extra.KEY
+
+For captions, the image fields refer to the captioned image. An item without the field (e.g. a
+passage and ``width``) does not match.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import QueryError
+from .store.metadata import MetadataStore
+
+__all__ = ["Condition", "allowed_ids", "parse_where"]
+
+_OPS = ("<=", ">=", "!=", "=", "<", ">", "~")
+_EXPR = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*(<=|>=|!=|=|<|>|~)\s*(.*?)\s*$", re.S)
+_NUMERIC = {"size", "width", "height", "added"}
+_KNOWN = {"path", "name", "folder", "type", "format", "size", "width", "height", "added", "caption",
+          "text", "title", "kind"}
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
+_TYPE_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
+
+
+@dataclass(frozen=True)
+class Condition:
+    field: str  # a known field, or "extra.KEY"
+    op: str
+    value: Any
+    source: str  # the expression as written
+
+
+def _error(expr: str, pos: int, message: str) -> QueryError:
+    pointer = " " * pos + "^"
+    return QueryError(f"--where {expr!r}: {message} (at position {pos})\n  {expr}\n  {pointer}")
+
+
+def parse_where(exprs: Iterable[str] | str | None) -> list[Condition]:
+    """Parse ``--where`` expressions; raises :class:`QueryError` naming the position at fault."""
+    if exprs is None:
+        return []
+    if isinstance(exprs, str):
+        exprs = [exprs]
+    out = []
+    for expr in exprs:
+        if not expr or not expr.strip():
+            raise _error(expr or "", 0, "empty expression")
+        m = _EXPR.match(expr)
+        if not m:
+            head = re.match(r"\s*[A-Za-z_][\w.\-]*", expr)
+            pos = head.end() if head else len(expr) - len(expr.lstrip())
+            what = "expected an operator (= != < <= > >= ~)" if head else "expected a field name"
+            raise _error(expr, pos, what)
+        name, op, raw = m.group(1), m.group(2), m.group(3)
+        vpos = m.start(3)
+        if raw.startswith(("'", '"')) and raw.endswith(raw[0]) and len(raw) >= 2:
+            raw = raw[1:-1]
+        if raw == "":
+            raise _error(expr, vpos, "missing value")
+        key = name.lower()
+        field = key if key in _KNOWN else f"extra.{name[6:] if key.startswith('extra.') else name}"
+        if key == "format":
+            field = "type"
+        value: Any = raw
+        if field in _NUMERIC:
+            if op == "~":
+                raise _error(expr, m.start(2), f"'{field}' compares with = != < <= > >=, not ~")
+            value = _parse_number(field, raw, expr, vpos)
+        elif field == "type":
+            value = _TYPE_ALIASES.get(raw.lower().lstrip("."), raw.lower().lstrip("."))
+        elif field == "kind":
+            if raw not in ("image", "caption", "passage"):
+                raise _error(expr, vpos, "kind is image, caption or passage")
+        elif field == "folder":
+            value = str(Path(raw).expanduser().resolve())
+        if op in ("<", "<=", ">", ">=") and field in ("path", "name", "folder", "type", "caption",
+                                                      "text", "title", "kind"):
+            raise _error(expr, m.start(2), f"'{field}' compares with = != or ~ only")
+        out.append(Condition(field, op, value, expr))
+    return out
+
+
+def _parse_number(field: str, raw: str, expr: str, pos: int) -> float:
+    if field == "added":
+        try:
+            dt = datetime.fromisoformat(raw)
+        except ValueError:
+            raise _error(expr, pos, "expected an ISO date like 2024-05-01 or 2024-05-01T12:00") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", raw)
+    if not m or m.group(2).lower() not in (_UNITS if field == "size" else {""}):
+        unit = " (units: KB, MB, GB)" if field == "size" else ""
+        raise _error(expr, pos, f"expected a number{unit}")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _compare(actual: Any, op: str, wanted: Any) -> bool:
+    if actual is None:
+        return False
+    if op == "=":
+        return actual == wanted
+    if op == "!=":
+        return actual != wanted
+    if op == "<":
+        return actual < wanted
+    if op == "<=":
+        return actual <= wanted
+    if op == ">":
+        return actual > wanted
+    if op == ">=":
+        return actual >= wanted
+    return str(wanted).lower() in str(actual).lower()  # "~"
+
+
+def _match_text(values: list[str], op: str, wanted: str) -> bool:
+    if op == "~":
+        return any(wanted.lower() in v.lower() for v in values)
+    hit = any(v == wanted for v in values)
+    return hit if op == "=" else not hit and bool(values)
+
+
+def _match_extra(extra: dict[str, Any], key: str, op: str, wanted: str) -> bool:
+    if key not in extra:
+        return False
+    actual = extra[key]
+    if op in ("<", "<=", ">", ">="):
+        try:
+            return _compare(float(actual), op, float(wanted))
+        except (TypeError, ValueError):
+            return _compare(str(actual), op, wanted)
+    if op in ("=", "!="):
+        try:
+            same = float(actual) == float(wanted)
+        except (TypeError, ValueError):
+            same = str(actual) == wanted
+        return same if op == "=" else not same
+    return wanted.lower() in str(actual).lower()
+
+
+def _image_matches(cond: Condition, row: dict[str, Any]) -> bool | None:
+    """Match a condition on an image's own fields; None when the field is not an image field."""
+    f, op, v = cond.field, cond.op, cond.value
+    paths: list[str] = row["paths"]
+    if f == "path":
+        if op == "~":
+            return any(v.lower() in p.lower() for p in paths)
+        hit = any(fnmatch.fnmatchcase(p, v) for p in paths)
+        return hit if op == "=" else bool(paths) and not hit
+    if f == "name":
+        hit = any(fnmatch.fnmatchcase(Path(p).name, v) for p in paths)
+        return hit if op != "!=" else bool(paths) and not hit
+    if f == "folder":
+        under = any(p == v or p.startswith(v.rstrip("/") + "/") for p in paths)
+        return under if op != "!=" else bool(paths) and not under
+    if f == "type":
+        fmt = (row["format"] or "").lower()
+        fmt = "jpeg" if fmt == "mpo" else fmt
+        return _compare(fmt, op, v) if op != "~" else v in fmt
+    if f == "size":
+        return _compare(row["size_bytes"], op, v)
+    if f in ("width", "height"):
+        return _compare(row[f], op, v)
+    return None
+
+
+def allowed_ids(store: MetadataStore, conditions: list[Condition]) -> dict[str, np.ndarray]:
+    """Ids per index ("image", "text") of the items that satisfy every condition."""
+    with store.snapshot() as conn:
+        rows = conn.execute(
+            "SELECT id, kind, parent_id, text, title, format, size_bytes, width, height, added_at, extra "
+            "FROM items").fetchall()
+        path_rows = conn.execute("SELECT item_id, path FROM paths").fetchall()
+    paths: dict[int, list[str]] = {}
+    for item_id, p in path_rows:
+        paths.setdefault(item_id, []).append(p)
+    items: dict[int, dict[str, Any]] = {}
+    captions: dict[int, list[str]] = {}
+    for r in rows:
+        d = dict(zip(("id", "kind", "parent_id", "text", "title", "format", "size_bytes", "width",
+                      "height", "added_at", "extra"), r, strict=True))
+        d["extra"] = json.loads(d["extra"]) if d["extra"] else {}
+        d["paths"] = paths.get(d["id"], [])
+        items[d["id"]] = d
+        if d["kind"] == "caption":
+            captions.setdefault(d["parent_id"], []).append(d["text"] or "")
+    extra_keys = {k for d in items.values() for k in d["extra"]}
+    for c in conditions:
+        if c.field.startswith("extra.") and c.field[len("extra."):] not in extra_keys:
+            pos = len(c.source) - len(c.source.lstrip())
+            known = ", ".join(sorted(_KNOWN - {"format"}))
+            extras = ", ".join(sorted(extra_keys)) or "none"
+            raise _error(c.source, pos, f"unknown field '{c.field[len('extra.'):]}'; fields: {known}; "
+                                        f"extra columns in this collection: {extras}")
+    image_ok: list[int] = []
+    text_ok: list[int] = []
+    for d in items.values():
+        image = d if d["kind"] == "image" else items.get(d["parent_id"]) if d["kind"] == "caption" else None
+        if all(_item_matches(c, d, image, captions) for c in conditions):
+            (image_ok if d["kind"] == "image" else text_ok).append(d["id"])
+    return {"image": np.array(sorted(image_ok), dtype=np.int64),
+            "text": np.array(sorted(text_ok), dtype=np.int64)}
+
+
+def _item_matches(c: Condition, d: dict[str, Any], image: dict[str, Any] | None,
+                  captions: dict[int, list[str]]) -> bool:
+    f, op, v = c.field, c.op, c.value
+    if f == "kind":
+        return _compare(d["kind"], op, v) if op != "~" else v in d["kind"]
+    if f == "added":
+        return _compare(d["added_at"], op, v)
+    if f == "caption":
+        texts = captions.get(d["id"], []) if d["kind"] == "image" else [d["text"] or ""] if d["kind"] == "caption" else []
+        return _match_text(texts, op, v)
+    if f == "text":
+        texts = [d["text"]] if d["text"] else captions.get(d["id"], [])
+        return _match_text(texts, op, v)
+    if f == "title":
+        return _match_text([d["title"]] if d["title"] else [], op, v)
+    if f.startswith("extra."):
+        extra = {**(image["extra"] if image and image is not d else {}), **d["extra"]}
+        return _match_extra(extra, f[len("extra."):], op, str(v))
+    if image is None:
+        return False
+    result = _image_matches(c, image)
+    return bool(result)
