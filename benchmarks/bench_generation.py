@@ -177,11 +177,13 @@ def peak_of(fn, *args) -> tuple[float, float, object]:
 def rag_token_batched(gen: Generator, prompts: list[str], lprior: torch.Tensor, steps: int):
     t0 = time.perf_counter()
     state = gen.start(prompts)
+    lp = state.logprobs()  # (k, V): the prompts' forward pass (causal LMs run the prompt here)
     t1 = time.perf_counter()
     tokens: list[int] = []
     per_item = torch.zeros(len(prompts), dtype=torch.float64)
-    for _ in range(steps):
-        lp = state.logprobs()  # (k, V), one forward pass of batch k
+    for step in range(steps):
+        if step:
+            lp = state.logprobs()  # (k, V), one forward pass of batch k
         mix = torch.logsumexp(lp + lprior, dim=0)
         tok = int(torch.argmax(mix))
         per_item += lp[:, tok].double()
@@ -195,11 +197,13 @@ def rag_token_batched(gen: Generator, prompts: list[str], lprior: torch.Tensor, 
 def rag_token_naive(gen: Generator, prompts: list[str], lprior: torch.Tensor, steps: int):
     t0 = time.perf_counter()
     states = [gen.start([p]) for p in prompts]  # k states of batch 1, each with its own KV cache
+    lp = torch.cat([s.logprobs() for s in states], dim=0)
     t1 = time.perf_counter()
     tokens: list[int] = []
     per_item = torch.zeros(len(prompts), dtype=torch.float64)
-    for _ in range(steps):
-        lp = torch.cat([s.logprobs() for s in states], dim=0)  # k forward passes of batch 1
+    for step in range(steps):
+        if step:
+            lp = torch.cat([s.logprobs() for s in states], dim=0)  # k forward passes of batch 1
         mix = torch.logsumexp(lp + lprior, dim=0)
         tok = int(torch.argmax(mix))
         per_item += lp[:, tok].double()
@@ -284,7 +288,10 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     q0 = QUESTIONS[-1]
     for mode in MODES:  # warm-up (first forward passes allocate; first tokenizer calls cache)
         pipe.ask(q0, mode=mode)
+    foreign = {}
     for qi, q in enumerate(questions):
+        _common.wait_quiet(args.quiet_wait)
+        meter_q = _common.CpuMeter()
         order = MODES if qi % 2 == 0 else MODES[::-1]
         for mode in order:
             t_enc, vec = timed(coll.embed_query, q)
@@ -301,6 +308,7 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
                                "total": t_enc + t_search + t_ask, "answer_tokens": toks,
                                "prompt_tokens": float(np.mean(ptoks)), "answer": ans.answer,
                                "candidates": len(ans.candidates)})
+        foreign[f"q{qi}"] = meter_q.stop()["foreign_s"]
     res["modes"] = {}
     print(f"\n{'mode':<13} {'encode':>8} {'search':>8} {'prompt':>8} {'generate':>9} {'score':>8} "
           f"{'total':>8}  {'prompt tok':>10} {'ans tok':>7} {'|Y|':>4}   (median ms over {len(questions)})")
@@ -324,6 +332,8 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     prior = rag_mod.priors(np.array([h.score for h in hits]), pipe.settings.prior_temperature)
     lprior = torch.tensor(np.log(np.maximum(prior, 1e-300)), dtype=torch.float32)[:, None]
     steps = n
+    _common.wait_quiet(args.quiet_wait)
+    meter_b = _common.CpuMeter()
     a = {"naive": [], "batched": []}
     for rep in range(args.batch_reps):
         for name in (("naive", "batched") if rep % 2 == 0 else ("batched", "naive")):
@@ -338,7 +348,11 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
               ratio_total=ra["naive"]["total"] / ra["batched"]["total"])
     res["rag_token_batching"] = ra
 
+    foreign["rag_token_batching"] = meter_b.stop()["foreign_s"]
+
     # (c) candidate generation, (b) scoring
+    _common.wait_quiet(args.quiet_wait)
+    meter_b = _common.CpuMeter()
     cgen = {"naive": [], "batched": []}
     for rep in range(args.batch_reps):
         for name in (("naive", "batched") if rep % 2 == 0 else ("batched", "naive")):
@@ -354,6 +368,9 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     rc["ratio"] = rc["naive"] / rc["batched"]
     res["rag_sequence_generate_batching"] = rc
 
+    foreign["generate_batching"] = meter_b.stop()["foreign_s"]
+    _common.wait_quiet(args.quiet_wait)
+    meter_b = _common.CpuMeter()
     cands = cand_batched  # k candidates, one per item (duplicates kept: the k x k worst case)
     pair_p = [p for p in prompts for _ in cands]
     pair_a = cands * len(prompts)
@@ -389,11 +406,14 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     rb["alt_max_abs_diff"] = float(np.max(np.abs(alt[0][2] - lp_batched)))
     rb["alt_speedup"] = rb["batched"] / rb["alt"]
     res["rag_sequence_scoring_batching"] = rb
+    foreign["scoring_batching"] = meter_b.stop()["foreign_s"]
+    res["foreign_cpu_s"] = foreign
     res["cpu"] = meter.stop()
 
-    print(f"\n(a) rag-token, {steps} steps, k={len(prompts)}: naive prefill {ra['naive']['prefill']*1e3:.0f} ms"
-          f" + decode {ra['naive']['decode']*1e3:.0f} ms | batched prefill {ra['batched']['prefill']*1e3:.0f}"
-          f" ms + decode {ra['batched']['decode']*1e3:.0f} ms | naive/batched decode "
+    print(f"\n(a) rag-token, {steps} tokens, k={len(prompts)}: naive prefill {ra['naive']['prefill']*1e3:.0f} ms"
+          f" + {steps - 1} steps {ra['naive']['decode']*1e3:.0f} ms | batched prefill "
+          f"{ra['batched']['prefill']*1e3:.0f} ms + {steps - 1} steps {ra['batched']['decode']*1e3:.0f} ms"
+          f" | naive/batched steps "
           f"{ra['ratio_decode']:.2f}x, total {ra['ratio_total']:.2f}x | same tokens {same_tokens}, "
           f"max |dlogp| {lp_diff:.2e}")
     print(f"(c) rag-sequence candidates, {len(prompts)} prompts x {n} tokens: naive {rc['naive']*1e3:.0f} ms"
@@ -405,7 +425,8 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     print(f"(d) batched scoring, {rb['alt_name']}: {rb['alt']*1e3:.0f} ms (peak +{rb['alt_peak_mib']:.0f} MiB),"
           f" {rb['alt_speedup']:.2f}x faster than sequence_logprobs, max |diff| {rb['alt_max_abs_diff']:.2e}")
     print(f"# cpu: wall {res['cpu']['wall_s']:.0f} s, own {res['cpu']['own_cpu_s']:.0f} s, "
-          f"foreign {res['cpu']['foreign_s']:.1f} s, steal {res['cpu']['steal_s']:.1f} s", flush=True)
+          f"foreign {res['cpu']['foreign_s']:.1f} s, steal {res['cpu']['steal_s']:.1f} s; foreign per "
+          "section: " + ", ".join(f"{key} {v:.1f} s" for key, v in foreign.items()), flush=True)
     return res
 
 
@@ -419,6 +440,8 @@ def main() -> None:
     ap.add_argument("--natural-length", action="store_true",
                     help="let answers stop at EOS instead of forcing --max-new-tokens tokens")
     ap.add_argument("--wait-other", type=float, default=600, help="max seconds to wait for other bench_*")
+    ap.add_argument("--quiet-wait", type=float, default=120,
+                    help="before each timed section, wait up to this long for other processes to go idle")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.reps > len(QUESTIONS) - 1:
@@ -457,7 +480,6 @@ def main() -> None:
         t, coll = timed(lambda: build_collection(Path(tmp)))
         print(f"# collection: {coll.counts()} built in {t:.1f} s", flush=True)
         for name, spec in specs.items():
-            _common.wait_quiet(60)
             results["generators"].append(bench_generator(name, spec, coll, args))
             if args.json:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ def parse_query(query: str) -> list[QueryTerm]:
     parts: list[tuple[int, str]] = []  # (sign, raw text)
     sign, buf, pos = 1, [], 0
     text = str(query).strip()
+    if re.search(r'(^[+-]\s)|(\s[+-]$)', text) and not text.startswith('"'):
+        raise QueryError(f"query {query!r} starts or ends with an operator; write \"a cat\" + \"snow\"")
     for m in _SPLIT.finditer(text):
         if m.group(1):  # a quoted run: keep as it is
             continue

@@ -240,3 +240,94 @@ def test_settings_are_validated() -> None:
         IngestSettings(batch_size=0)
     with pytest.raises(TypeError):
         IngestSettings(bogus=1)  # type: ignore[call-arg]
+
+
+def test_near_duplicates_match_pairwise_brute_force(tmp_path: Path, tiny_oc_spec: str) -> None:
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    base = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(4)]
+    for i, arr in enumerate(base):
+        Image.fromarray(arr).save(src / f"b{i}.png")
+        Image.fromarray(arr).resize((41, 40)).save(src / f"b{i}-resized.png")  # near, not byte-identical
+    with Collection.create(tmp_path / "c", tiny_oc_spec) as coll:
+        coll.add(src)
+        ids = coll.store.ids("image")
+        vecs = coll.store.vectors(ids.tolist(), coll.manifest.dim)
+        for threshold in (0.999, 0.99, 0.9):
+            sims = vecs @ vecs.T
+            parent = list(range(len(ids)))
+
+            def find(x: int) -> int:
+                while parent[x] != x:
+                    x = parent[x]
+                return x
+
+            for a in range(len(ids)):
+                for b in range(a + 1, len(ids)):
+                    if sims[a, b] >= threshold:
+                        parent[find(b)] = find(a)
+            groups: dict[int, list[int]] = {}
+            for a in range(len(ids)):
+                groups.setdefault(find(a), []).append(int(ids[a]))
+            expected = sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
+            assert coll.near_duplicates(threshold) == expected
+        with pytest.raises(QueryError):
+            coll.near_duplicates(1.5)
+
+
+def test_calibration_threshold_by_hand() -> None:
+    from crossmodal_rag.calibration import _threshold
+
+    pos = np.array([0.30, 0.32, 0.35, 0.28])
+    neg = np.array([0.10, 0.12, 0.29, 0.05])
+    t = _threshold(pos, neg)
+    # at 0.30: TPR 3/4, FPR 0 -> J 0.75; at 0.28: TPR 1, FPR 1/4 -> J 0.75 (first maximum wins)
+    assert t["threshold"] == pytest.approx(0.28) and t["tpr"] == 1.0 and t["fpr"] == 0.25
+
+
+def test_calibration_is_stored_and_refreshed(photos: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
+    from crossmodal_rag.calibration import load_calibration
+
+    with Collection.create(tmp_path / "c", tiny_oc_spec) as coll:
+        coll.add(photos)
+        first = load_calibration(coll)
+        assert {"text-image", "text-text"} <= set(first)
+        t = coll.resolve_min_score("auto", query_is_image=False, target="images")
+        assert t == first["text-image"]["threshold"]
+        assert all(h.score >= t for h in coll.search("a cat", k=5, min_score="auto"))
+        (photos / "extra.txt").write_text("x")
+        shutil.copy(photos / "cat.jpg", photos / "extra.jpg")
+        (photos / "extra.txt").write_text("another caption\nand one more\n")
+        coll.add(photos)
+        assert load_calibration(coll)["generation"] > first["generation"]
+        with pytest.raises(QueryError, match="no calibration"):
+            coll.search(image=photos / "cat.jpg", min_score="auto")
+
+
+def test_ask_abstains_below_the_threshold_and_knowledge_collection(sample_collection: Path, tmp_path: Path,
+                                                                  tiny_oc_spec: str, tiny_hf_dir: Path) -> None:
+    from crossmodal_rag.generation import GenerationSettings, RagPipeline, RagSettings
+    from crossmodal_rag.testing import make_tiny_t5
+
+    t5 = str(make_tiny_t5(tmp_path / "t5"))
+    corpus = tmp_path / "kb.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"fact number {i}"}) for i in range(6)))
+    with Collection.create(tmp_path / "kb", tiny_oc_spec) as kb:
+        kb.add(corpus)
+    with Collection.open(sample_collection) as coll, Collection.open(tmp_path / "kb") as kb:
+        gs = GenerationSettings(max_new_tokens=3)
+        ans = RagPipeline(coll, t5, RagSettings(k=3, min_score=1.01), gs).ask("what is it?")
+        assert ans.abstained and ans.answer == "not found in the collection" and ans.prompts == []
+        assert len(ans.sources) == 3 and ans.min_score == 1.01
+        ok = RagPipeline(coll, t5, RagSettings(k=3, min_score=-1.0), gs).ask("what is it?")
+        assert not ok.abstained and ok.prompts
+        kb_ans = RagPipeline(coll, t5, RagSettings(k=2), gs, knowledge=kb).ask("which fact?")
+        assert {s.kind for s in kb_ans.sources} == {"passage"}
+        assert all(s.text.startswith("fact number") for s in kb_ans.sources)
+    with Collection.create(tmp_path / "hfkb", f"hf:{tiny_hf_dir}") as other, \
+            Collection.open(sample_collection) as coll:
+        with pytest.raises(EncoderMismatchError):
+            RagPipeline(coll, t5, knowledge=other)
