@@ -224,10 +224,13 @@ def allowed_ids(store: MetadataStore, conditions: list[Condition]) -> dict[str, 
                                         f"extra columns in this collection: {extras}")
     image_ok: list[int] = []
     text_ok: list[int] = []
-    for d in items.values():
+    for row in items.values():
+        d = items.get(row["parent_id"]) if row["kind"] == "window" else row  # a window counts as its item
+        if d is None:
+            continue
         image = d if d["kind"] == "image" else items.get(d["parent_id"]) if d["kind"] == "caption" else None
         if all(_item_matches(c, d, image, captions) for c in conditions):
-            (image_ok if d["kind"] == "image" else text_ok).append(d["id"])
+            (image_ok if d["kind"] == "image" else text_ok).append(row["id"])
     return {"image": np.array(sorted(image_ok), dtype=np.int64),
             "text": np.array(sorted(text_ok), dtype=np.int64)}
 

@@ -192,6 +192,27 @@ class _Writer:
         for key in ("read_source", "decode_wait", "encode_images", "encode_texts", "write"):
             self.timings.setdefault(key, 0.0)
 
+    def _embed_windows(self, texts: list[str]) -> dict[str, tuple[np.ndarray, list[tuple[str, np.ndarray]]]]:
+        """text -> (its item vector = first window's, [(window text, vector) of the other windows]).
+
+        Texts longer than the encoder's context are split into overlapping windows, each indexed
+        (as a "window" row pointing to its item) so no part of a long text is unsearchable."""
+        enc = self.c.encoder
+        windows = {t: enc.text_windows(t) for t in texts}
+        flat = [w for ws in windows.values() for w in ws]
+        vecs = self._encode_texts(flat)
+        out, n = {}, 0
+        for t, ws in windows.items():
+            out[t] = (vecs[n], [(w, vecs[n + j]) for j, w in enumerate(ws[1:], start=1)])
+            n += len(ws)
+        return out
+
+    def _add_windows(self, item_id: int, rest: list[tuple[str, np.ndarray]],
+                     added: list[tuple[int, np.ndarray]]) -> None:
+        for text, vec in rest:
+            wid = self.store.insert_item("window", vec, parent_id=item_id, text=text)
+            added.append((wid, vec))
+
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
         t = time.perf_counter()
         out = self.c.encoder.encode_texts(texts) if texts else np.zeros((0, self.c.manifest.dim), np.float32)
@@ -213,16 +234,21 @@ class _Writer:
         step = max(settings.batch_size, 64)
         for start in range(0, len(new), step):
             chunk = new[start : start + step]
-            vecs = self._encode_texts([_passage_text(r) for _, r in chunk])
+            embedded = self._embed_windows([_passage_text(r) for _, r in chunk])
             t = time.perf_counter()
+            added: list[tuple[int, np.ndarray]] = []
             with self.store.transaction():
-                ids = [self.store.insert_item("passage", v, sha256=sha, text=r.text, title=r.title,
-                                              ext_id=r.ext_id, origin=r.origin, extra=r.extra or None)
-                       for (sha, r), v in zip(chunk, vecs, strict=True)]
-            self.c.apply({"text": (np.asarray(ids, np.int64), vecs)}, [])
+                for sha, r in chunk:
+                    first, rest = embedded[_passage_text(r)]
+                    item_id = self.store.insert_item("passage", first, sha256=sha, text=r.text, title=r.title,
+                                                     ext_id=r.ext_id, origin=r.origin, extra=r.extra or None)
+                    added.append((item_id, first))
+                    self._add_windows(item_id, rest, added)
+            self.c.apply({"text": (np.asarray([i for i, _ in added], np.int64),
+                                   np.stack([v for _, v in added]))}, [])
             self.timings["write"] += time.perf_counter() - t
             self.dirty = True
-            self.report.passages_added += len(ids)
+            self.report.passages_added += len(chunk)
             bar.update(len(chunk))
         bar.close()
 
@@ -296,7 +322,7 @@ class _Writer:
             caps = known_caps.setdefault(item_id, store.captions_of(item_id))
             caption_jobs.extend((item_id, rec.origin, c) for c in rec.captions if c not in caps)
         unique_texts = list(dict.fromkeys(c for _, _, c in caption_jobs))
-        text_vecs = dict(zip(unique_texts, self._encode_texts(unique_texts), strict=True))
+        text_vecs = self._embed_windows(unique_texts)
 
         t = time.perf_counter()
         added_images: list[tuple[int, np.ndarray]] = []
@@ -327,9 +353,11 @@ class _Writer:
                 if (owner, text) in written:
                     continue
                 written.add((owner, text))
-                cid = store.insert_item("caption", text_vecs[text], parent_id=owner, text=text,
+                first, rest = text_vecs[text]
+                cid = store.insert_item("caption", first, parent_id=owner, text=text,
                                         origin=origin or None)
-                added_texts.append((cid, text_vecs[text]))
+                added_texts.append((cid, first))
+                self._add_windows(cid, rest, added_texts)
                 self.report.captions_added += 1
             # Captions that came from the same caption file / manifest and are gone from it.
             for item_id, rec in known:

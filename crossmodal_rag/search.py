@@ -69,24 +69,47 @@ def search_vectors(
     k = check_k(k)
     names = _INDEXES_OF_TARGET[check_target(target)]
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    per_index = [indexes[n].search(queries, k, None if allowed is None else allowed[n]) for n in names]
-    results: list[list[Hit]] = []
-    for q in range(len(queries)):
-        scores = np.concatenate([s[q] for s, _ in per_index])
-        ids = np.concatenate([i[q] for _, i in per_index])
+    return [_search_one(indexes, store, q, k, names, allowed, min_score) for q in queries]
+
+
+def _search_one(indexes: Mapping[str, VectorIndex], store: MetadataStore, query: np.ndarray, k: int,
+                names: tuple[str, ...], allowed: Mapping[str, np.ndarray] | None,
+                min_score: float | None) -> list[Hit]:
+    """Top-k items for one query. Windows of long texts count for their item (its best window's
+    score), so the search fetches more until it has k distinct items or has seen everything."""
+    fetch = k
+    total = sum(len(indexes[n]) for n in names)
+    while True:
+        per_index = [indexes[n].search(query[None], fetch, None if allowed is None else allowed[n])
+                     for n in names]
+        scores = np.concatenate([s[0] for s, _ in per_index])
+        ids = np.concatenate([i[0] for _, i in per_index])
         keep = ids >= 0
         if min_score is not None:
             keep &= scores >= min_score
         scores, ids = scores[keep], ids[keep]
-        order = np.argsort(-scores, kind="stable")[:k]
+        order = np.argsort(-scores, kind="stable")
         items = store.get_items(ids[order].tolist())
-        hits: list[Hit] = []
+        parents = store.get_items([it.parent_id for it in items.values() if it.kind == "window"])
+        best: dict[int, tuple[float, object]] = {}
         for j in order:
             item = items.get(int(ids[j]))
             if item is None:  # removed by a concurrent writer since the index was read
                 continue
-            hits.append(Hit(rank=len(hits) + 1, score=float(scores[j]), id=item.id, kind=item.kind,
-                            path=item.path, text=item.text, captions=item.captions,
-                            parent_id=item.parent_id, title=item.title))
-        results.append(hits)
-    return results
+            if item.kind == "window":
+                item = parents.get(item.parent_id)
+                if item is None:
+                    continue
+            if item.id not in best:
+                best[item.id] = (float(scores[j]), item)
+        # fewer rows than asked for means nothing else passes the filter or the threshold
+        exhausted = fetch >= total or len(ids) < fetch * len(names)
+        if len(best) >= k or exhausted:
+            break
+        fetch = min(fetch * 4, total)
+    hits: list[Hit] = []
+    for score, item in list(best.values())[:k]:
+        hits.append(Hit(rank=len(hits) + 1, score=score, id=item.id, kind=item.kind, path=item.path,
+                        text=item.text, captions=item.captions, parent_id=item.parent_id,
+                        title=item.title))
+    return hits

@@ -46,6 +46,7 @@ class ClipBackend(Protocol):
     def preprocess(self, image: Image.Image) -> torch.Tensor: ...
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor: ...
     def text_features(self, texts: list[str]) -> torch.Tensor: ...
+    def count_tokens(self, text: str) -> int: ...
 
 
 def default_device() -> str:
@@ -107,6 +108,30 @@ class ClipEncoder:
     def max_text_tokens(self) -> int:
         """Token context of the text tower; longer texts are truncated."""
         return self.backend.max_text_tokens
+
+    def text_windows(self, text: str, overlap: float = 0.25) -> list[str]:
+        """Split a text longer than the model's context into overlapping word windows that each
+        fit (a text that fits is returned alone). Windows overlap by about ``overlap`` of their
+        words, so a phrase cut at one window's edge is whole in the next."""
+        words = text.split()
+        budget = self.max_text_tokens - 2  # start and end tokens
+        if not words or self.backend.count_tokens(text) <= budget:
+            return [text]
+        # CLIP's BPE splits on whitespace first, so per-word counts add up.
+        costs = [max(1, self.backend.count_tokens(w)) for w in words]
+        windows: list[str] = []
+        start = 0
+        while start < len(words):
+            end, used = start, 0
+            while end < len(words) and used + costs[end] <= budget:
+                used += costs[end]
+                end += 1
+            end = max(end, start + 1)  # a single over-long word still makes a (truncated) window
+            windows.append(" ".join(words[start:end]))
+            if end >= len(words):
+                break
+            start = max(start + 1, end - int((end - start) * overlap))
+        return windows
 
     # -- images --------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -146,6 +146,15 @@ class OpenClipBackend:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def count_tokens(self, text: str) -> int:
+        tok = self.tokenizer
+        if hasattr(tok, "encode") and not hasattr(tok, "tokenizer"):
+            return len(tok.encode(text))  # open_clip's SimpleTokenizer (CLIP BPE)
+        inner = getattr(tok, "tokenizer", None)  # open_clip's HFTokenizer wrapper
+        if inner is not None:
+            return len(inner(text, add_special_tokens=False)["input_ids"])
+        return len(text.split())
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)
 

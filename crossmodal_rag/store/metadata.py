@@ -31,7 +31,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
     id         INTEGER PRIMARY KEY,
-    kind       TEXT NOT NULL CHECK (kind IN ('image', 'caption', 'passage')),
+    kind       TEXT NOT NULL CHECK (kind IN ('image', 'caption', 'passage', 'window')),
     parent_id  INTEGER REFERENCES items(id) ON DELETE CASCADE,
     sha256     TEXT,
     text       TEXT,
@@ -72,7 +72,7 @@ def _locked(method):
 
 
 #: Which FAISS index holds each item kind.
-INDEX_OF_KIND = {"image": "image", "caption": "text", "passage": "text"}
+INDEX_OF_KIND = {"image": "image", "caption": "text", "passage": "text", "window": "text"}
 
 
 @dataclass(frozen=True)
@@ -200,16 +200,20 @@ class MetadataStore:
         ids = list(ids)
         if not ids:
             return []
-        gone: list[int] = []
-        for chunk in _chunks(ids, 500):
+        gone: set[int] = set()
+        level = ids
+        while level:  # an image's captions, and the windows of captions and passages
+            gone.update(level)
+            children: list[int] = []
+            for chunk in _chunks(level, 500):
+                marks = ",".join("?" * len(chunk))
+                children += [r[0] for r in self.conn.execute(
+                    f"SELECT id FROM items WHERE parent_id IN ({marks})", chunk)]
+            level = [c for c in children if c not in gone]
+        for chunk in _chunks(sorted(gone), 500):
             marks = ",".join("?" * len(chunk))
-            rows = self.conn.execute(
-                f"SELECT id FROM items WHERE id IN ({marks}) OR parent_id IN ({marks})", chunk + chunk
-            ).fetchall()
-            gone.extend(r[0] for r in rows)
-            self.conn.execute(f"DELETE FROM items WHERE parent_id IN ({marks})", chunk)
             self.conn.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk)
-        return sorted(set(gone))
+        return sorted(gone)
 
     # -- reads ---------------------------------------------------------------------------
     @_locked
@@ -245,7 +249,7 @@ class MetadataStore:
     @_locked
     def ids(self, index: str) -> np.ndarray:
         """Ids of the items that belong in the ``"image"`` or ``"text"`` index, sorted."""
-        kinds = ("image",) if index == "image" else ("caption", "passage")
+        kinds = ("image",) if index == "image" else ("caption", "passage", "window")
         marks = ",".join("?" * len(kinds))
         rows = self.conn.execute(
             f"SELECT id FROM items WHERE kind IN ({marks}) ORDER BY id", kinds
@@ -273,8 +277,11 @@ class MetadataStore:
     @_locked
     def counts(self) -> dict[str, int]:
         rows = dict(self.conn.execute("SELECT kind, COUNT(*) FROM items GROUP BY kind").fetchall())
-        return {"images": rows.get("image", 0), "captions": rows.get("caption", 0),
-                "passages": rows.get("passage", 0)}
+        counts = {"images": rows.get("image", 0), "captions": rows.get("caption", 0),
+                  "passages": rows.get("passage", 0)}
+        if rows.get("window"):
+            counts["windows"] = rows["window"]  # extra windows of long texts
+        return counts
 
     @_locked
     def get_items(self, ids: Sequence[int]) -> dict[int, Item]:
