@@ -18,6 +18,8 @@ Run:  python benchmarks/bench_ingest.py --images 256 --batch-size 32 --workers 0
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -34,10 +36,14 @@ from PIL import Image, ImageDraw, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
+import importlib
 from crossmodal_rag import Collection
 from crossmodal_rag.encoders import load_encoder
 from crossmodal_rag.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from crossmodal_rag.ingest import IngestSettings, _DecodeDataset, ingest
+
+# the module (the package's ``crossmodal_rag.ingest`` attribute is the function)
+ingest_module = importlib.import_module("crossmodal_rag.ingest")
 
 # Mostly 4:3 camera-like sizes around 640x480, both orientations, some larger.
 _SIZES = [(640, 480), (640, 480), (640, 480), (480, 640), (800, 600), (1024, 768), (640, 427), (500, 375)]
@@ -99,23 +105,11 @@ def _nice_worker(worker_id: int, increment: int) -> None:
     os.nice(increment)
 
 
-def _patch_worker_nice(increment: int) -> None:
-    """Make ingest's DataLoader renice its workers (an experiment, not a library setting)."""
-    import functools
-
-    import crossmodal_rag.ingest as ingest_module
-
-    ingest_module.DataLoader = functools.partial(  # type: ignore[misc]
-        ingest_module.DataLoader, worker_init_fn=functools.partial(_nice_worker, increment=increment))
-
-
-def _patch_phase_decode(threads: int) -> None:
-    """EXPERIMENT: replace ingest's DataLoader with decode *phases*: each batch is decoded by a pool
-    of ``threads`` threads while the model waits (torch limited to one thread meanwhile), then the
-    model runs on all cores. No overlap, but no fight for cores either."""
+def _phase_batches(threads: int):
+    """A stand-in for ``ingest._batches``: each batch is decoded by a pool of ``threads`` threads
+    while the model waits (torch limited to one thread meanwhile), then the model runs on all
+    cores. No overlap, but no fight for cores either."""
     from concurrent.futures import ThreadPoolExecutor
-
-    import crossmodal_rag.ingest as ingest_module
 
     def _batches(paths, transform, settings):  # same signature as ingest._batches
         dataset = ingest_module._DecodeDataset(paths, transform, settings.max_image_pixels)
@@ -130,41 +124,66 @@ def _patch_phase_decode(threads: int) -> None:
                     torch.set_num_threads(model_threads)
                 yield batch
 
-    ingest_module._batches = _batches
+    return _batches
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """How one full-ingest run decodes; yields the IngestSettings.workers value.
+
+    ``N``: the library as it is, N DataLoader workers. EXPERIMENTS, patched into
+    ``crossmodal_rag.ingest`` for the run only (the library has no such settings): ``Nnice``: N
+    workers reniced to 19; ``phaseN``: no DataLoader, each batch decoded by N threads, then encoded.
+    """
+    saved = ingest_module.DataLoader, ingest_module._batches
+    try:
+        if name.isdigit():
+            yield int(name)
+        elif name.endswith("nice") and name[:-4].isdigit():
+            ingest_module.DataLoader = functools.partial(
+                saved[0], worker_init_fn=functools.partial(_nice_worker, increment=19))
+            yield int(name[:-4])
+        elif name.startswith("phase") and name[5:].isdigit():
+            ingest_module._batches = _phase_batches(int(name[5:]))
+            yield 0
+        else:
+            raise SystemExit(f"unknown --workers value {name!r} (N, Nnice or phaseN)")
+    finally:
+        ingest_module.DataLoader, ingest_module._batches = saved
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=256, help="synthetic photos to ingest (default 256)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", default="0,1", help="comma-separated IngestSettings.workers values")
+    ap.add_argument("--workers", default="0,1",
+                    help="comma-separated runs: N = IngestSettings.workers N; experiments (patched in "
+                    "for the run): Nnice = N workers reniced to 19, phaseN = decode each batch with N "
+                    "threads, then encode (no DataLoader)")
     ap.add_argument("--repeats", type=int, default=1, help="full-ingest runs per workers value")
     ap.add_argument("--captions", action="store_true", help="give each image a .txt caption (text encoding "
                     "then adds to the ingest time; off by default so only the image path is measured)")
+    ap.add_argument("--min-clean", type=int, default=0, metavar="K",
+                    help="after --repeats rounds, keep running the settings that have fewer than K "
+                    "undisturbed runs (foreign <= --disturbed), until --max-minutes")
+    ap.add_argument("--max-minutes", type=float, default=8.0,
+                    help="time budget for the extra rounds of --min-clean (default 8)")
+    ap.add_argument("--disturbed", type=float, default=0.05,
+                    help="a run is disturbed when other processes used more than this share of a core")
     ap.add_argument("--torch-threads", type=int, default=None,
                     help="torch.set_num_threads in this process (default: leave torch's default)")
     ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                     help="before each measurement wait up to S seconds for other processes to go idle "
                     "(for shared machines; the foreign column shows what was left)")
-    ap.add_argument("--worker-nice", type=int, default=None, metavar="N",
-                    help="EXPERIMENT: os.nice(N) in each DataLoader worker (patched in from here; "
-                    "ingest.py has no such setting)")
-    ap.add_argument("--phase-decode-threads", type=int, default=None, metavar="N",
-                    help="EXPERIMENT: decode each batch with N threads while the model waits, instead of "
-                    "DataLoader workers (patched in from here; --workers is then ignored)")
     ap.add_argument("--model-dir", type=Path, default=_common.DEFAULT_MODEL_DIR,
                     help="where the random ViT-B-32 model is cached")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--out-json", type=Path, default=None)
     args = ap.parse_args(argv)
-    workers_list = [int(w) for w in args.workers.split(",") if w.strip()]
+    workers_list = [w.strip() for w in args.workers.split(",") if w.strip()]
     logging.basicConfig(level=logging.ERROR)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    if args.worker_nice is not None:
-        _patch_worker_nice(args.worker_nice)
-    if args.phase_decode_threads:
-        _patch_phase_decode(args.phase_decode_threads)
 
     info = _common.machine_info()
     _common.print_machine(info)
@@ -176,9 +195,6 @@ def main(argv: list[str] | None = None) -> int:
         mb = sum(p.stat().st_size for p in paths) / 1e6
         print(f"# {len(paths)} synthetic JPEGs ({mb:.1f} MB) made in {time.perf_counter() - t:.1f}s; "
               f"batch size {args.batch_size}; torch threads {torch.get_num_threads()}"
-              + (f"; workers reniced by {args.worker_nice}" if args.worker_nice is not None else "")
-              + (f"; EXPERIMENT phase decode with {args.phase_decode_threads} threads (workers ignored)"
-                 if args.phase_decode_threads else "")
               + (f"; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if os.environ.get("OMP_WAIT_POLICY") else ""))
 
         encoder = load_encoder(spec, "cpu").load()
@@ -219,34 +235,53 @@ def main(argv: list[str] | None = None) -> int:
 
         model_runs = [timed_model_only()]
         runs: list[dict[str, object]] = []
-        for rep in range(args.repeats):  # interleaved, so slow drift hits every setting alike
-            for workers in workers_list:
-                folder = work / f"coll-w{workers}-r{rep}"
-                coll = Collection.create(folder, spec)
-                try:
+        deadline = time.perf_counter() + 60 * args.max_minutes
+
+        def schedule():
+            """Rounds over the settings (interleaved, so drift hits all alike): --repeats rounds,
+            then more rounds for settings short of --min-clean undisturbed runs, until the deadline."""
+            for rep in range(args.repeats):
+                yield from ((rep, w) for w in workers_list)
+            rep = args.repeats
+            while time.perf_counter() < deadline:
+                short = [w for w in workers_list
+                         if sum(1 for r in runs if r["workers"] == w
+                                and r["foreign_cpu_frac"] <= args.disturbed) < args.min_clean]
+                if not short:
+                    return
+                yield from ((rep, w) for w in short)
+                rep += 1
+
+        for rep, workers in schedule():
+            folder = work / f"coll-w{workers}-r{rep}"
+            coll = Collection.create(folder, spec)
+            try:
+                with variant(workers) as n_workers:
                     _common.wait_quiet(args.quiet_wait)
                     meter = _common.CpuMeter()
                     report = ingest(coll, work / "photos",
-                                    IngestSettings(batch_size=args.batch_size, workers=workers))
+                                    IngestSettings(batch_size=args.batch_size, workers=n_workers))
                     cpu = meter.stop()
-                finally:
-                    coll.close()
-                assert report.images_added == len(paths), report.summary()
-                shutil.rmtree(folder, ignore_errors=True)
-                model_runs.append(timed_model_only())
-                before, after = model_runs[-2], model_runs[-1]
-                baseline_ips = (before["images_per_s"] + after["images_per_s"]) / 2
-                timings = dict(report.timings)
-                timings["other"] = report.seconds - sum(timings.values())
-                foreign = max(cpu["foreign_s"] / cpu["wall_s"], before["foreign_s"] / before["wall_s"],
-                              after["foreign_s"] / after["wall_s"])
-                runs.append({"workers": workers, "repeat": rep, "seconds": report.seconds,
-                             "images_per_s": len(paths) / report.seconds,
-                             "model_only_images_per_s": baseline_ips,
-                             "ratio": (len(paths) / report.seconds) / baseline_ips,
-                             "encode_images_per_s": len(paths) / report.timings["encode_images"],
-                             "own_cpu_s": cpu["own_cpu_s"], "foreign_cpu_frac": foreign,
-                             "steal_s": cpu["steal_s"], "timings": timings})
+            finally:
+                coll.close()
+            assert report.images_added == len(paths), report.summary()
+            shutil.rmtree(folder, ignore_errors=True)
+            model_runs.append(timed_model_only())
+            before, after = model_runs[-2], model_runs[-1]
+            baseline_ips = (before["images_per_s"] + after["images_per_s"]) / 2
+            timings = dict(report.timings)
+            timings["other"] = report.seconds - sum(timings.values())
+            foreign = max(cpu["foreign_s"] / cpu["wall_s"], before["foreign_s"] / before["wall_s"],
+                          after["foreign_s"] / after["wall_s"])
+            runs.append({"workers": workers, "repeat": rep, "seconds": report.seconds,
+                         "images_per_s": len(paths) / report.seconds,
+                         "model_only_images_per_s": baseline_ips,
+                         "ratio": (len(paths) / report.seconds) / baseline_ips,
+                         "encode_images_per_s": len(paths) / report.timings["encode_images"],
+                         "own_cpu_s": cpu["own_cpu_s"], "foreign_cpu_frac": foreign,
+                         "steal_s": cpu["steal_s"], "timings": timings})
+            print(f"  [workers={workers} round {rep}: {runs[-1]['ratio']:.1%} of model-only, "
+                  f"foreign {foreign:.0%}]", flush=True)
         model_ips = [m["images_per_s"] for m in model_runs]
 
         print()
@@ -275,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
               "after); target >= 90%.\nenc img/s = images / encode_images time inside the ingest (the model "
               "slowed by whatever runs beside it). cpu_s = CPU seconds of this process and its workers. "
               "foreign = share of one core's time used by OTHER processes during the run or its baselines "
-              "(worst of the three); rows with foreign > 5% are disturbed.")
+              f"(worst of the three); rows with foreign > {args.disturbed:.0%} are disturbed.")
         for workers in workers_list:
-            clean = [r["ratio"] for r in runs if r["workers"] == workers and r["foreign_cpu_frac"] <= 0.05]
+            clean = [r["ratio"] for r in runs if r["workers"] == workers and r["foreign_cpu_frac"] <= args.disturbed]
             every = [r["ratio"] for r in runs if r["workers"] == workers]
             print(f"workers={workers}: median ratio {_common.median(every):.1%} over {len(every)} run(s); "
                   + (f"{_common.median(clean):.1%} over {len(clean)} undisturbed" if clean
@@ -286,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
             args.out_json.write_text(json.dumps({
                 "machine": info, "images": len(paths), "megabytes": mb, "batch_size": args.batch_size,
                 "torch_threads": torch.get_num_threads(), "captions": args.captions,
-                "worker_nice": args.worker_nice, "phase_decode_threads": args.phase_decode_threads,
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "model_only_runs": model_runs,
                 "decode_preprocess_images_per_s": len(paths) / decode_s,

@@ -179,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cosine similarity at or above which two images count as near-duplicates")
     du.add_argument("--json", action="store_true", help="JSON instead of TSV")
 
+    ev = sub.add_parser("eval", help="measure retrieval (recall@K) or generation quality")
+    evsub = ev.add_subparsers(dest="eval_command", metavar="KIND")
+    evsub.required = True
+    er = evsub.add_parser("retrieval", help="recall@1/5/10 text->image and image->text")
+    er.add_argument("dataset", metavar="DATASET",
+                    help="Karpathy-split JSON, COCO captions JSON, folder with .txt captions, or manifest")
+    er.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP)
+    er.add_argument("--split", help="Karpathy split to use (e.g. test)")
+    er.add_argument("--image-root", metavar="DIR", help="folder the dataset's image paths are relative to")
+    er.add_argument("--ks", default="1,5,10", help="comma-separated K values (default 1,5,10)")
+    er.add_argument("--plots", metavar="DIR", help="write recall and score-histogram PNGs here")
+    er.add_argument("--json", action="store_true")
+    eg = evsub.add_parser("generation", help="QA exact match/F1, or captioning BLEU-4/ROUGE-L/CIDEr")
+    eg.add_argument("dataset", metavar="DATASET",
+                    help="QA: JSONL {question, answers, image?}; caption: any captioned dataset")
+    eg.add_argument("--task", choices=("qa", "caption"), default="qa")
+    eg.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate the first N items")
+    eg.add_argument("--plots", metavar="DIR", help="write a latency chart PNG here")
+    add_generation(eg)
+
     sv = sub.add_parser("serve", help="start the web app and REST API for a collection")
     add_collection(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -560,6 +580,52 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.eval_command == "retrieval":
+        from .eval import evaluate_retrieval
+
+        try:
+            ks = tuple(int(k) for k in args.ks.split(",") if k.strip())
+            assert ks and all(k >= 1 for k in ks)
+        except (ValueError, AssertionError):
+            raise UsageError(f"--ks must be positive integers like 1,5,10, got {args.ks!r}") from None
+        try:
+            report = evaluate_retrieval(args.dataset, args.model, ks=ks, split=args.split,
+                                        image_root=args.image_root)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        if args.plots:
+            from .viz import recall_curves, score_histogram
+
+            out = Path(args.plots)
+            recall_curves({report.model: {"text_to_image": report.text_to_image,
+                                          "image_to_text": report.image_to_text}}, save=out / "recall_at_k.png")
+            if report.negative_scores:
+                score_histogram(report.positive_scores, report.negative_scores, save=out / "scores.png")
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+        for s in report.skipped:
+            print(f"skipped {s}", file=sys.stderr)
+        return 0
+
+    from .collection import Collection
+    from .eval import evaluate_captioning, evaluate_qa
+
+    with Collection.open(_collection_dir(args), model=args.model) as coll:
+        pipe = _pipeline(args, coll)
+        if args.task == "qa":
+            report = evaluate_qa(pipe, args.dataset, limit=args.limit)
+        else:
+            report = evaluate_captioning(pipe, args.dataset, limit=args.limit)
+    if args.plots:
+        from .viz import latency_chart
+
+        latency_chart({f"{report.task} ({report.mode})": report.timings}, save=Path(args.plots) / "latency.png")
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.table())
+    for s in report.skipped:
+        print(f"skipped {s}", file=sys.stderr)
+    return 0
+
+
 def cmd_duplicates(args: argparse.Namespace) -> int:
     from .collection import Collection
 
@@ -606,7 +672,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
             "remove": cmd_remove, "demo": cmd_demo, "ask": cmd_ask, "chat": cmd_chat,
             "write": cmd_write, "recommend": cmd_recommend, "serve": cmd_serve,
-            "duplicates": cmd_duplicates}
+            "duplicates": cmd_duplicates, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
