@@ -34,9 +34,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import importlib
+
 import _common
 
-import importlib
 from crossmodal_rag import Collection
 from crossmodal_rag.encoders import load_encoder
 from crossmodal_rag.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image

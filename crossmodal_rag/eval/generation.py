@@ -116,7 +116,8 @@ def evaluate_captioning(pipeline: RagPipeline, dataset: str | Path, *, limit: in
         preds.append(ans.answer)
         refs.append(list(item.captions))
         timings.append(ans.timings)
-        examples.append({"image": str(item.path), "prediction": ans.answer, "references": list(item.captions)})
+        examples.append({"image": str(item.path), "prediction": ans.answer, "references": list(item.captions),
+                         "sources": [s.path for s in ans.sources]})
     if not preds:
         raise SourceError(f"{dataset}: no captioned images")
     return GenerationReport(task="caption", dataset=str(dataset), generator=pipeline.generator.spec,
