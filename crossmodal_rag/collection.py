@@ -28,12 +28,12 @@ import numpy as np
 from PIL import Image
 
 from ._version import __version__
+from .calibration import auto_threshold
 from .encoders import DEFAULT_MODEL, ClipEncoder, load_encoder, parse_model_spec
 from .errors import CollectionError, EncoderMismatchError, ImageDecodeError, QueryError
+from .filters import allowed_ids, parse_where
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .lock import WriteLock
-from .calibration import auto_threshold
-from .filters import allowed_ids, parse_where
 from .query import combine, parse_query
 from .search import Hit, check_target, search_vectors
 from .store.manifest import MANIFEST_NAME, Manifest

@@ -97,7 +97,7 @@ def embedding_map(collection: Collection, *, method: str = "pca", thumbnails: bo
     fig = _figure(figsize=(9, 8))
     ax = fig.add_subplot(1, 1, 1)
     pos = {int(i): xy[n] for n, i in enumerate(img_ids)}
-    for (cid, parent), p in zip(rows, xy[n_img:], strict=True):
+    for (_cid, parent), p in zip(rows, xy[n_img:], strict=True):
         if int(parent) in pos:
             q = pos[int(parent)]
             ax.plot([p[0], q[0]], [p[1], q[1]], color="0.8", lw=0.5, zorder=1)

@@ -11,9 +11,11 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 HERE = Path(__file__).parent
 
 SETUP = '''%matplotlib inline
-import os, tempfile
+import os
+import tempfile
 from pathlib import Path
-from crossmodal_rag import Collection, DEFAULT_MODEL
+
+from crossmodal_rag import DEFAULT_MODEL, Collection
 from crossmodal_rag.demo import sample_data_dir
 
 # The real default model loads from the hub; point these at local weights when offline.

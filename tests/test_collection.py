@@ -260,7 +260,7 @@ def test_near_duplicates_match_pairwise_brute_force(tmp_path: Path, tiny_oc_spec
             sims = vecs @ vecs.T
             parent = list(range(len(ids)))
 
-            def find(x: int) -> int:
+            def find(x: int, parent: list[int] = parent) -> int:
                 while parent[x] != x:
                     x = parent[x]
                 return x
@@ -328,6 +328,5 @@ def test_ask_abstains_below_the_threshold_and_knowledge_collection(sample_collec
         assert {s.kind for s in kb_ans.sources} == {"passage"}
         assert all(s.text.startswith("fact number") for s in kb_ans.sources)
     with Collection.create(tmp_path / "hfkb", f"hf:{tiny_hf_dir}") as other, \
-            Collection.open(sample_collection) as coll:
-        with pytest.raises(EncoderMismatchError):
-            RagPipeline(coll, t5, knowledge=other)
+            Collection.open(sample_collection) as coll, pytest.raises(EncoderMismatchError):
+        RagPipeline(coll, t5, knowledge=other)
