@@ -12,8 +12,8 @@ rag-sequence, rag-token):
   ``generation_config.min_new_tokens`` for the ``generate``-based modes, and EOS switched off in
   rag-token's loop (the benchmark replaces ``crossmodal_rag.generation.rag._eos_ids``; nothing in
   the library is changed). For the random T5s, ``generation_config.suppress_tokens`` also keeps
-  ``generate`` on printable ASCII bytes (a random model otherwise emits pad/unk ids, which decode
-  to an empty answer). ``--natural-length`` turns all of this off.
+  ``generate`` on printable non-space ASCII bytes (a random model otherwise emits pad/unk ids or
+  spaces, which decode/strip to an empty answer). ``--natural-length`` turns all of this off.
 
 Batching checks (same prompts, same process, naive and batched timed alternately):
 
@@ -74,7 +74,8 @@ T5_SIZES = {
 }
 
 BYTE_OFFSET = 3  # ByT5: ids 0-2 are pad, eos, unk; byte b is id b + 3; ids 259-383 are extra ids
-PRINTABLE_COMPLEMENT = [i for i in range(384) if not BYTE_OFFSET + 32 <= i <= BYTE_OFFSET + 126]
+# printable ASCII without the space (an all-space answer strips to "")
+PRINTABLE_COMPLEMENT = [i for i in range(384) if not BYTE_OFFSET + 33 <= i <= BYTE_OFFSET + 126]
 
 
 # -- setup -------------------------------------------------------------------------------------
@@ -93,6 +94,12 @@ def wait_for_other_benchmarks(max_wait_s: float) -> float:
             return time.perf_counter() - t0
         print(f"# waiting for: {others[0]}", flush=True)
         time.sleep(30)
+
+
+def settle(args) -> None:
+    """Before a timed section: let other benchmarks finish, then wait for the CPU to go idle."""
+    wait_for_other_benchmarks(args.wait_other)
+    settle(args)
 
 
 def random_t5(name: str, seed: int = 0) -> Path:
@@ -290,7 +297,7 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
         pipe.ask(q0, mode=mode)
     foreign = {}
     for qi, q in enumerate(questions):
-        _common.wait_quiet(args.quiet_wait)
+        settle(args)
         meter_q = _common.CpuMeter()
         order = MODES if qi % 2 == 0 else MODES[::-1]
         for mode in order:
@@ -332,7 +339,7 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     prior = rag_mod.priors(np.array([h.score for h in hits]), pipe.settings.prior_temperature)
     lprior = torch.tensor(np.log(np.maximum(prior, 1e-300)), dtype=torch.float32)[:, None]
     steps = n
-    _common.wait_quiet(args.quiet_wait)
+    settle(args)
     meter_b = _common.CpuMeter()
     a = {"naive": [], "batched": []}
     for rep in range(args.batch_reps):
@@ -351,7 +358,7 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     foreign["rag_token_batching"] = meter_b.stop()["foreign_s"]
 
     # (c) candidate generation, (b) scoring
-    _common.wait_quiet(args.quiet_wait)
+    settle(args)
     meter_b = _common.CpuMeter()
     cgen = {"naive": [], "batched": []}
     for rep in range(args.batch_reps):
@@ -369,7 +376,7 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     res["rag_sequence_generate_batching"] = rc
 
     foreign["generate_batching"] = meter_b.stop()["foreign_s"]
-    _common.wait_quiet(args.quiet_wait)
+    settle(args)
     meter_b = _common.CpuMeter()
     cands = cand_batched  # k candidates, one per item (duplicates kept: the k x k worst case)
     pair_p = [p for p in prompts for _ in cands]

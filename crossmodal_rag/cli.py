@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--allow-outside-root", action="store_true",
                     help="accept manifest image paths that are absolute or leave the root folder")
     ix.add_argument("--report", metavar="FILE", help="write a JSON report (skipped items and why) to FILE")
-    ix.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, not power-loss safe)")
+    ix.add_argument("--fsync", choices=("full", "normal", "off"), default="full",
+                    help="durability policy (default full; see README 'Collections')")
+    ix.add_argument("--no-fsync", dest="fsync", action="store_const", const="off", help="same as --fsync off")
 
     se = sub.add_parser("search", help="search a collection by text or by image")
     se.add_argument("text", nargs="?", metavar="TEXT", help="text query")
@@ -262,7 +264,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         settings_kwargs["max_image_pixels"] = args.max_image_pixels
     settings = IngestSettings(**settings_kwargs)
     with Collection.open_or_create(folder, args.model, index_type=args.index_type,
-                                   fsync=not args.no_fsync) as coll:
+                                   fsync=args.fsync) as coll:
         report = ingest(coll, args.source, settings)
         counts = coll.counts()
     if args.report:

@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -51,6 +51,13 @@ _PROBE_MIN_COSINE = 0.99
 MAX_QUERY_CHARS = 4096
 _INDEX_NAMES = ("image", "text")
 
+#: Durability: "full" fsyncs SQLite commits (synchronous=FULL), index files, the manifest and
+#: their folder; "normal" fsyncs index files and the manifest but lets SQLite's WAL sync at
+#: checkpoints (a power cut may lose the last commits, never consistency); "off" fsyncs
+#: nothing (safe against process crashes and kills, not against power loss).
+FsyncPolicy = Literal["full", "normal", "off"]
+FSYNC_POLICIES = ("full", "normal", "off")
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -74,7 +81,7 @@ class Collection:
 
     def __init__(
         self, folder: Path, manifest: Manifest, store: MetadataStore, *, writable: bool,
-        lock: WriteLock | None, model: str, device: str | None, fsync: bool,
+        lock: WriteLock | None, model: str, device: str | None, fsync: FsyncPolicy,
     ) -> None:
         self.folder = folder
         self.manifest = manifest
@@ -83,7 +90,7 @@ class Collection:
         self._lock = lock
         self._model = model
         self._device = device
-        self._fsync = fsync
+        self._fsync = fsync != "off"
         self._encoder: ClipEncoder | None = None
         self.indexes: dict[str, VectorIndex] = {}
 
@@ -91,12 +98,13 @@ class Collection:
     @classmethod
     def create(
         cls, folder: str | Path, model: str = DEFAULT_MODEL, *, index_type: str = "Flat",
-        device: str | None = None, fsync: bool = True,
+        device: str | None = None, fsync: FsyncPolicy = "full",
     ) -> Collection:
         """Create an empty collection in ``folder`` (new or empty) for encoder ``model``.
 
         Loads the encoder (to learn its dimension and fingerprint it).
         """
+        _check_fsync(fsync)
         folder = Path(folder).expanduser().resolve()
         if (folder / MANIFEST_NAME).exists():
             raise CollectionError(f"{folder} already holds a collection; open it instead")
@@ -130,7 +138,7 @@ class Collection:
     @classmethod
     def open(
         cls, folder: str | Path, *, model: str | None = None, writable: bool = False,
-        device: str | None = None, fsync: bool = True,
+        device: str | None = None, fsync: FsyncPolicy = "full",
     ) -> Collection:
         """Open an existing collection.
 
@@ -140,6 +148,7 @@ class Collection:
                 embeddings.
             writable: take the write lock (refused while another process writes).
         """
+        _check_fsync(fsync)
         folder = Path(folder).expanduser().resolve()
         manifest = Manifest.read(folder)
         lock = None
@@ -162,7 +171,7 @@ class Collection:
     @classmethod
     def open_or_create(
         cls, folder: str | Path, model: str | None = None, *, index_type: str = "Flat",
-        device: str | None = None, fsync: bool = True,
+        device: str | None = None, fsync: FsyncPolicy = "full",
     ) -> Collection:
         """Open ``folder`` for writing, or create it with ``model`` if it holds no collection."""
         if (Path(folder).expanduser() / MANIFEST_NAME).is_file():
@@ -243,7 +252,7 @@ class Collection:
             index = None
             if record is not None:
                 try:
-                    index = VectorIndex.load(self.folder, record, m.dim, m.index_type)
+                    index = VectorIndex.load(self.folder, record, m.dim, m.index_type, verify_hash=True)
                 except CollectionError as e:
                     logger.warning("%s; rebuilding it from the metadata", e)
             stale = stale or index is None
@@ -516,6 +525,11 @@ class Collection:
         self.apply({}, gone)
         self.persist()
         return {"removed": gone, "unknown": unknown}
+
+
+def _check_fsync(fsync: str) -> None:
+    if fsync not in FSYNC_POLICIES:
+        raise CollectionError(f"unknown fsync policy {fsync!r}; choose one of {', '.join(FSYNC_POLICIES)}")
 
 
 def open_collection(folder: str | Path, **kwargs: Any) -> Collection:

@@ -104,7 +104,7 @@ class Item:
 class MetadataStore:
     """Thin typed layer over the SQLite file; one instance per open collection."""
 
-    def __init__(self, folder: Path, *, readonly: bool = False, fsync: bool = True) -> None:
+    def __init__(self, folder: Path, *, readonly: bool = False, fsync: str = "full") -> None:
         self.path = folder / DB_NAME
         self._lock = threading.RLock()
         if readonly and not self.path.is_file():
@@ -115,7 +115,8 @@ class MetadataStore:
             self.conn.execute("PRAGMA foreign_keys = ON")
             if not readonly:
                 self.conn.execute("PRAGMA journal_mode = WAL")
-                self.conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
+                level = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}.get(fsync, "FULL")
+                self.conn.execute(f"PRAGMA synchronous = {level}")
                 self.conn.executescript(_SCHEMA)
                 if self.get_meta("schema_version") is None:
                     self.set_meta("schema_version", str(SCHEMA_VERSION))

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 # faiss-cpu switches exact search to BLAS only from 20 queries by default; on small CPUs BLAS
 # already wins from a handful (see shared PERFORMANCE notes), so batched queries use it sooner.
 _BLAS_THRESHOLD = 4
+# The four-byte tags FAISS writes first for IDMap / IDMap2 indexes.
+_FAISS_IDMAP_HEADERS = (b"IxM2", b"IxMp")
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
@@ -137,6 +139,10 @@ class VectorIndex:
         size = path.stat().st_size
         if size != record.bytes:
             raise CollectionError(f"index file {path} is {size} bytes, the manifest says {record.bytes}")
+        with open(path, "rb") as f:
+            header = f.read(4)
+        if header not in _FAISS_IDMAP_HEADERS:
+            raise CollectionError(f"index file {path} is not a FAISS id-mapped index (header {header!r})")
         if verify_hash and file_sha256(path) != record.sha256:
             raise CollectionError(f"index file {path} does not match the checksum in the manifest")
         try:

@@ -11,6 +11,7 @@ generation) runs in worker threads, never on the event loop.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -416,8 +417,13 @@ def create_app(settings: WebSettings) -> FastAPI:
         it = _item(item_id)
         if it.kind != "image" or not it.path:
             raise ApiError(404, "not_found", f"item {item_id} is not an image")
-        if not Path(it.path).is_file():
+        path = Path(it.path)
+        if not path.is_file():
             raise ApiError(404, "gone", f"the file of item {item_id} is no longer on disk")
+        # Paths are stored resolved; a symlink or a different file put there since indexing
+        # is not served (it could point anywhere on the machine).
+        if os.path.realpath(path) != it.path or (it.size_bytes is not None and path.stat().st_size != it.size_bytes):
+            raise ApiError(404, "gone", f"the file of item {item_id} changed since it was indexed; re-index it")
         return it
 
     @app.get("/api/items/{item_id}/image", responses={404: {"model": ErrorOut}}, tags=["items"],
