@@ -99,7 +99,7 @@ def wait_for_other_benchmarks(max_wait_s: float) -> float:
 def settle(args) -> None:
     """Before a timed section: let other benchmarks finish, then wait for the CPU to go idle."""
     wait_for_other_benchmarks(args.wait_other)
-    settle(args)
+    _common.wait_quiet(args.quiet_wait)
 
 
 def random_t5(name: str, seed: int = 0) -> Path:
