@@ -266,18 +266,21 @@ class Collection:
 
     def reconcile(self) -> tuple[int, int]:
         """Make the in-memory indexes hold exactly the committed items; returns (added, removed)."""
-        added = removed = 0
         with self.store.snapshot():
-            for name in _INDEX_NAMES:
-                index = self.indexes[name]
-                want, have = self.store.ids(name), index.ids()
-                extra = np.setdiff1d(have, want, assume_unique=True)
-                missing = np.setdiff1d(want, have, assume_unique=True)
-                removed += index.remove(extra)
-                for start in range(0, len(missing), 10_000):
-                    chunk = missing[start : start + 10_000]
-                    index.add(chunk, self.store.vectors(chunk.tolist(), self.manifest.dim))
-                added += len(missing)
+            return self._reconcile_in_snapshot()
+
+    def _reconcile_in_snapshot(self) -> tuple[int, int]:
+        added = removed = 0
+        for name in _INDEX_NAMES:
+            index = self.indexes[name]
+            want, have = self.store.ids(name), index.ids()
+            extra = np.setdiff1d(have, want, assume_unique=True)
+            missing = np.setdiff1d(want, have, assume_unique=True)
+            removed += index.remove(extra)
+            for start in range(0, len(missing), 10_000):
+                chunk = missing[start : start + 10_000]
+                index.add(chunk, self.store.vectors(chunk.tolist(), self.manifest.dim))
+            added += len(missing)
         return added, removed
 
     def persist(self) -> None:
@@ -336,6 +339,9 @@ class Collection:
             report.notes.append(f"{pending} metadata commit(s) newer than the index files; they "
                                 "are replayed from the metadata on open")
         with self.store.snapshot():
+            # Commits that landed since this collection was opened (a writer may be running) are
+            # taken in first, so the comparison is within one consistent snapshot.
+            self._reconcile_in_snapshot()
             for name in _INDEX_NAMES:
                 want, have = self.store.ids(name), self.indexes[name].ids()
                 if not np.array_equal(want, have):

@@ -66,7 +66,10 @@ def _locked(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.DatabaseError as e:
+                raise self.damaged(e) from e
 
     return wrapper
 
@@ -132,12 +135,21 @@ class MetadataStore:
     def close(self) -> None:
         self.conn.close()
 
+    def damaged(self, e: Exception) -> CollectionError:
+        return CollectionError(
+            f"metadata file {self.path} is damaged or unreadable ({e}); restore it from a backup "
+            "(the index files alone cannot rebuild it)"
+        )
+
     # -- transactions --------------------------------------------------------------------
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write; bumps the generation counter on commit."""
         with self._lock:
-            yield from self._transaction()
+            try:
+                yield from self._transaction()
+            except sqlite3.DatabaseError as e:
+                raise self.damaged(e) from e
 
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         self.conn.execute("BEGIN IMMEDIATE")
@@ -154,11 +166,14 @@ class MetadataStore:
     def snapshot(self) -> Iterator[sqlite3.Connection]:
         """A consistent read view (a deferred read transaction)."""
         with self._lock:
-            self.conn.execute("BEGIN")
             try:
-                yield self.conn
-            finally:
-                self.conn.execute("COMMIT")
+                self.conn.execute("BEGIN")
+                try:
+                    yield self.conn
+                finally:
+                    self.conn.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                raise self.damaged(e) from e
 
     @_locked
     def get_meta(self, key: str) -> str | None:
@@ -319,6 +334,7 @@ class MetadataStore:
                 out[p] = entry[0]
         return out
 
+    @_locked
     def integrity_problems(self) -> list[str]:
         problems: list[str] = []
         res = self.conn.execute("PRAGMA integrity_check").fetchall()
