@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossmodal_rag import Collection, CollectionError
+from crossmodal_rag import Collection
 
 
 @pytest.mark.parametrize("victim", ["manifest", "metadata", "image-index", "text-index"])
