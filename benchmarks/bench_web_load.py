@@ -54,6 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--soak", action="store_true",
+                    help="also send bad requests (they must get 4xx) and sample server memory every 10 s")
     ap.add_argument("--out-json")
     args = ap.parse_args()
 
@@ -77,8 +79,17 @@ def main() -> None:
             ids = [h["id"] for h in probe.get("/api/search", params={"q": "x", "k": 15}).json()["results"]]
         rss_before = _rss(server.pid)
 
-        lat: dict[str, list[float]] = {"search": [], "thumbnail": [], "meta": []}
+        lat: dict[str, list[float]] = {"search": [], "thumbnail": [], "meta": [], "bad": []}
         errors: list[str] = []
+        rss: list[tuple[float, float | None]] = []
+        bad_requests = [
+            ("get", "/api/search", {"params": {"q": "cat", "k": 0}}),
+            ("get", "/api/search", {"params": {"q": "x" * 5000}}),
+            ("get", "/api/items/99999999", {}),
+            ("post", "/api/search/image", {"files": {"image": ("x.jpg", b"not an image", "image/jpeg")}}),
+            ("post", "/api/ask", {"content": b"{broken", "headers": {"content-type": "application/json"}}),
+            ("get", "/api/items/..%2F..%2Fetc%2Fpasswd/image", {}),
+        ]
         lock = threading.Lock()
         stop = time.perf_counter() + args.seconds
 
@@ -89,6 +100,16 @@ def main() -> None:
                     r = rng.random()
                     t0 = time.perf_counter()
                     try:
+                        if args.soak and r > 0.9:
+                            kind = "bad"
+                            method, url, kw = rng.choice(bad_requests)
+                            resp = getattr(c, method)(url, **kw)
+                            ok = 400 <= resp.status_code < 500
+                            err = f"bad: HTTP {resp.status_code} for {url}"
+                            dt = time.perf_counter() - t0
+                            with lock:
+                                (lat[kind].append(dt) if ok else errors.append(err))
+                            continue
                         if r < 0.7:
                             kind = "search"
                             resp = c.get("/api/search", params={"q": rng.choice(QUERIES), "k": 10})
@@ -106,7 +127,14 @@ def main() -> None:
                     with lock:
                         (lat[kind].append(dt) if ok else errors.append(err))
 
+        def sampler() -> None:
+            t_begin = time.perf_counter()
+            while time.perf_counter() < stop:
+                rss.append((round(time.perf_counter() - t_begin, 1), _rss(server.pid)))
+                time.sleep(10)
+
         threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        threads.append(threading.Thread(target=sampler))
         t_start = time.perf_counter()
         for t in threads:
             t.start()
@@ -136,6 +164,12 @@ def main() -> None:
             result["all"] = {"p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
             print(f"{'all':<10} {len(all_lat):>5} {p50:>8.1f} {p99:>8.1f}")
         print(f"server RSS: {rss_before} MB before, {rss_after} MB after")
+        if rss:
+            result["rss_samples_mb"] = rss
+            print("RSS over time (s, MB):", ", ".join(f"{t:.0f}:{m}" for t, m in rss))
+        five_xx = [e for e in errors if "HTTP 5" in e]
+        result["http_5xx"] = len(five_xx)
+        print(f"5xx responses: {len(five_xx)}")
         if args.out_json:
             Path(args.out_json).write_text(json.dumps(result, indent=2))
     finally:
