@@ -192,3 +192,25 @@ def test_generator_unavailable_is_503_and_search_still_works(web_collection: Pat
         assert r.status_code == 503 and "--generator" in r.json()["error"]["message"]
         assert c.get("/api/search", params={"q": "cat"}).status_code == 200
     assert np.isfinite(0)  # the app shut down cleanly
+
+
+def test_swapped_files_and_symlinks_are_not_served(tmp_path: Path, sample_collection: Path, tiny_oc_spec: str) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (20, 20), (10, 20, 30) if name == "a" else (200, 0, 0)).save(photos / f"{name}.png")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not serve me")
+    with Collection.create(tmp_path / "c", tiny_oc_spec) as coll:
+        coll.add(photos)
+        ids = {Path(it.path).name: it.id for it in coll.get(coll.store.ids("image").tolist())}
+    (photos / "a.png").unlink()
+    (photos / "a.png").symlink_to(secret)  # an indexed image replaced by a link to elsewhere
+    (photos / "b.png").write_bytes(b"different contents of another size")
+    with TestClient(create_app(WebSettings(collection=str(tmp_path / "c"), generator=str(tmp_path / "none"),
+                                           thumbnail_dir=str(tmp_path / "t"), load_generator_at_startup=False))) as c:
+        for name in ("a.png", "b.png"):
+            for suffix in ("image", "thumbnail"):
+                r = c.get(f"/api/items/{ids[name]}/{suffix}")
+                assert r.status_code == 404 and b"do not serve me" not in r.content, (name, suffix)
+                assert "changed since it was indexed" in r.json()["error"]["message"]

@@ -391,14 +391,16 @@ def create_app(settings: WebSettings) -> FastAPI:
     async def ask_image(image: UploadFile = File(..., description="image that drives retrieval"),
                         question: str | None = Form(None), k: int = Form(5),
                         mode: Literal["concat", "rag-sequence", "rag-token"] = Form("concat"),
-                        target: Literal["texts", "images", "all"] = Form("texts")) -> AskOut:
+                        target: Literal["texts", "images", "all"] = Form("texts"),
+                        where: list[str] = Form([], description="metadata filters on retrieval"),
+                        min_score: str | None = Form(None)) -> AskOut:
         """Answer with an uploaded image (and optionally a question)."""
         if question is not None and not question.strip():
             question = None
         check_query(question, "question")
         check_k(k)
         pil = await read_upload(image)
-        return await run_in_threadpool(run_ask, question, pil, k, mode, target)
+        return await run_in_threadpool(run_ask, question, pil, k, mode, target, where, min_score)
 
     def _item(item_id: int):
         items = S().collection.get(item_id)
