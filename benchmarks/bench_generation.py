@@ -131,7 +131,7 @@ def smollm2_gguf() -> Path:
 
 
 def build_collection(root: Path) -> Collection:
-    coll = Collection.create(root / "coll", _common.vit_b32_random(), fsync=False)
+    coll = Collection.create(root / "coll", _common.vit_b32_random(), fsync="off")
     coll.add(str(SAMPLE))
     return coll
 
@@ -309,7 +309,7 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
             t_ask = time.perf_counter() - t
             tm = ans.timings
             toks = gen.count_tokens(ans.answer)
-            ptoks = [len(ids) for ids in gen._prompt_ids(ans.prompts)]
+            ptoks = [gen.count_tokens(p) for p in ans.prompts]  # the exact texts read
             rows[mode].append({"encode": t_enc, "search": t_search, "prompt": tm.get("prompt", 0.0),
                                "generate": tm.get("generate", 0.0), "score": tm.get("score", 0.0),
                                "total": t_enc + t_search + t_ask, "answer_tokens": toks,
