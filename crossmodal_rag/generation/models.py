@@ -247,10 +247,18 @@ class Generator:
         p_ids = self._prompt_ids(prompts)
         a_ids = [self._answer_ids(a) for a in answers]
         if self.kind == "seq2seq":
-            enc, enc_mask = self._pad(p_ids, left=False)
+            # Each distinct prompt is encoded once and its states shared by every answer scored
+            # under it (rag-sequence scores every candidate under every item's prompt).
+            keys = [tuple(ids) for ids in p_ids]
+            uniq = list(dict.fromkeys(keys))
+            row = torch.tensor([uniq.index(k) for k in keys], device=self.device)
+            enc, enc_mask = self._pad([list(k) for k in uniq], left=False)
+            states = self.model.get_encoder()(input_ids=enc, attention_mask=enc_mask).last_hidden_state
             labels, lab_mask = self._pad(a_ids, left=False)
             dec_in = self.model._shift_right(labels)
-            logits = self.model(input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec_in).logits
+            logits = self.model(encoder_outputs=(states.index_select(0, row),),
+                                attention_mask=enc_mask.index_select(0, row),
+                                decoder_input_ids=dec_in).logits
             logp = torch.log_softmax(logits.float(), dim=-1)
             tok = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             return (tok * lab_mask).sum(-1).cpu().double().numpy()
