@@ -23,9 +23,10 @@ Batching checks (same prompts, same process, naive and batched timed alternately
 * (b) rag-sequence scoring: one ``sequence_logprobs`` call over all k x |Y| (prompt, candidate)
   pairs vs one call per pair; the log-probabilities must agree;
 * (c) rag-sequence candidate generation: one ``generate`` call with the k prompts vs k calls;
-* (d) what the batched scoring could save: for T5, encoding each prompt once instead of |Y| times;
-  for causal LMs, projecting only the answer positions onto the vocabulary instead of every
-  position (benchmark-side code, compared for equality with ``sequence_logprobs``).
+* (d) a benchmark-side reference scorer, checked equal to ``sequence_logprobs``: for T5, each
+  distinct prompt encoded once and shared by its |Y| candidates (what the library does since
+  d40eeba, so about 1x is expected); for causal LMs, only the answer positions projected onto the
+  vocabulary instead of every prompt position (what the library could save).
 
 Run:  python benchmarks/bench_generation.py --reps 3 --json /tmp/xmrag-bench/out/generation.json
 """
@@ -100,6 +101,27 @@ def settle(args) -> None:
     """Before a timed section: let other benchmarks finish, then wait for the CPU to go idle."""
     wait_for_other_benchmarks(args.wait_other)
     _common.wait_quiet(args.quiet_wait)
+
+
+def clean(args, name: str, foreign: dict[str, float], fn, *fargs):
+    """Run one timed unit after :func:`settle`; if other processes took more than
+    ``--max-foreign`` of one core meanwhile, run it again (up to ``--retries`` times) and keep the
+    least disturbed attempt. Records that attempt's foreign CPU seconds in ``foreign[name]``."""
+    best = None
+    for attempt in range(args.retries + 1):
+        settle(args)
+        meter = _common.CpuMeter()
+        out = fn(*fargs)
+        m = meter.stop()
+        share = m["foreign_s"] / m["wall_s"]
+        if best is None or share < best[0]:
+            best = (share, m["foreign_s"], out)
+        if share <= args.max_foreign:
+            break
+        print(f"# {name}: other processes used {share:.0%} of a core (attempt {attempt + 1}), "
+              "measuring again", flush=True)
+    foreign[name] = round(best[1], 2)
+    return best[2]
 
 
 def random_t5(name: str, seed: int = 0) -> Path:
@@ -295,27 +317,28 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     q0 = QUESTIONS[-1]
     for mode in MODES:  # warm-up (first forward passes allocate; first tokenizer calls cache)
         pipe.ask(q0, mode=mode)
-    foreign = {}
-    for qi, q in enumerate(questions):
-        settle(args)
-        meter_q = _common.CpuMeter()
-        order = MODES if qi % 2 == 0 else MODES[::-1]
-        for mode in order:
+    foreign: dict[str, float] = {}
+
+    def one_question(q: str, qi: int) -> list[tuple[str, dict]]:
+        out = []
+        for mode in (MODES if qi % 2 == 0 else MODES[::-1]):
             t_enc, vec = timed(coll.embed_query, q)
             t_search, found = timed(coll.search_vectors, vec[None], k=args.k, target="texts")
-            hits = found[0]
             t = time.perf_counter()
-            ans = pipe.ask(q, hits=hits, mode=mode)
+            ans = pipe.ask(q, hits=found[0], mode=mode)
             t_ask = time.perf_counter() - t
             tm = ans.timings
-            toks = gen.count_tokens(ans.answer)
-            ptoks = [gen.count_tokens(p) for p in ans.prompts]  # the exact texts read
-            rows[mode].append({"encode": t_enc, "search": t_search, "prompt": tm.get("prompt", 0.0),
+            out.append((mode, {"encode": t_enc, "search": t_search, "prompt": tm.get("prompt", 0.0),
                                "generate": tm.get("generate", 0.0), "score": tm.get("score", 0.0),
-                               "total": t_enc + t_search + t_ask, "answer_tokens": toks,
-                               "prompt_tokens": float(np.mean(ptoks)), "answer": ans.answer,
-                               "candidates": len(ans.candidates)})
-        foreign[f"q{qi}"] = meter_q.stop()["foreign_s"]
+                               "total": t_enc + t_search + t_ask,
+                               "answer_tokens": gen.count_tokens(ans.answer),
+                               "prompt_tokens": float(np.mean([gen.count_tokens(p) for p in ans.prompts])),
+                               "answer": ans.answer, "candidates": len(ans.candidates)}))
+        return out
+
+    for qi, q in enumerate(questions):
+        for mode, row in clean(args, f"{label} q{qi}", foreign, one_question, q, qi):
+            rows[mode].append(row)
     res["modes"] = {}
     print(f"\n{'mode':<13} {'encode':>8} {'search':>8} {'prompt':>8} {'generate':>9} {'score':>8} "
           f"{'total':>8}  {'prompt tok':>10} {'ans tok':>7} {'|Y|':>4}   (median ms over {len(questions)})")
@@ -339,13 +362,14 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     prior = rag_mod.priors(np.array([h.score for h in hits]), pipe.settings.prior_temperature)
     lprior = torch.tensor(np.log(np.maximum(prior, 1e-300)), dtype=torch.float32)[:, None]
     steps = n
-    settle(args)
-    meter_b = _common.CpuMeter()
     a = {"naive": [], "batched": []}
-    for rep in range(args.batch_reps):
-        for name in (("naive", "batched") if rep % 2 == 0 else ("batched", "naive")):
-            fn = rag_token_naive if name == "naive" else rag_token_batched
-            a[name].append(fn(gen, prompts, lprior, steps))
+    for rep in range(args.batch_reps):  # each rep: naive and batched back to back, order alternating
+        order = ("naive", "batched") if rep % 2 == 0 else ("batched", "naive")
+        pair = clean(args, f"{label} rag-token rep{rep}", foreign, lambda order=order: {
+            name: (rag_token_naive if name == "naive" else rag_token_batched)(gen, prompts, lprior, steps)
+            for name in order})
+        for name in order:
+            a[name].append(pair[name])
     same_tokens = all(x["tokens"] == a["batched"][0]["tokens"] for x in a["naive"] + a["batched"])
     lp_diff = float(np.max(np.abs(a["naive"][0]["per_item"] - a["batched"][0]["per_item"])))
     ra = {name: {"prefill": med([x["prefill"] for x in v]), "decode": med([x["decode"] for x in v]),
@@ -355,19 +379,15 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
               ratio_total=ra["naive"]["total"] / ra["batched"]["total"])
     res["rag_token_batching"] = ra
 
-    foreign["rag_token_batching"] = meter_b.stop()["foreign_s"]
-
-    # (c) candidate generation, (b) scoring
-    settle(args)
-    meter_b = _common.CpuMeter()
+    # (c) candidate generation
     cgen = {"naive": [], "batched": []}
     for rep in range(args.batch_reps):
-        for name in (("naive", "batched") if rep % 2 == 0 else ("batched", "naive")):
-            if name == "naive":
-                dt, out = timed(generate_each, gen, prompts, gs)
-            else:
-                dt, out = timed(gen.generate, prompts, gs)
-            cgen[name].append((dt, out))
+        order = ("naive", "batched") if rep % 2 == 0 else ("batched", "naive")
+        pair = clean(args, f"{label} generate rep{rep}", foreign, lambda order=order: {
+            name: timed(generate_each, gen, prompts, gs) if name == "naive"
+            else timed(gen.generate, prompts, gs) for name in order})
+        for name in order:
+            cgen[name].append(pair[name])
     cand_naive = [o[0] for o in cgen["naive"][0][1]]
     cand_batched = [o[0] for o in cgen["batched"][0][1]]
     rc = {"naive": med([x[0] for x in cgen["naive"]]), "batched": med([x[0] for x in cgen["batched"]]),
@@ -375,45 +395,36 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     rc["ratio"] = rc["naive"] / rc["batched"]
     res["rag_sequence_generate_batching"] = rc
 
-    foreign["generate_batching"] = meter_b.stop()["foreign_s"]
-    settle(args)
-    meter_b = _common.CpuMeter()
+    # (b) scoring, and (d) the same scores without the redundant work
     cands = cand_batched  # k candidates, one per item (duplicates kept: the k x k worst case)
     pair_p = [p for p in prompts for _ in cands]
     pair_a = cands * len(prompts)
-    sc = {"naive": [], "batched": [], "naive_peak": [], "batched_peak": []}
+    alt_fn, alt_args = ((score_seq2seq_shared_encoder, (gen, prompts, cands)) if gen.kind == "seq2seq"
+                        else (score_causal_answer_positions, (gen, pair_p, pair_a)))
+    sc = {"naive": [], "batched": [], "alt": []}
     for rep in range(args.batch_reps):
-        for name in (("naive", "batched") if rep % 2 == 0 else ("batched", "naive")):
-            if name == "naive":
-                dt, peak, out = peak_of(score_each, gen, pair_p, pair_a)
-            else:
-                dt, peak, out = peak_of(gen.sequence_logprobs, pair_p, pair_a)
-            sc[name].append((dt, out))
-            sc[name + "_peak"].append(peak)
-    lp_naive, lp_batched = sc["naive"][0][1], sc["batched"][0][1]
+        order = ("naive", "batched", "alt") if rep % 2 == 0 else ("alt", "batched", "naive")
+        trio = clean(args, f"{label} scoring rep{rep}", foreign, lambda order=order: {
+            name: peak_of(score_each, gen, pair_p, pair_a) if name == "naive"
+            else peak_of(gen.sequence_logprobs, pair_p, pair_a) if name == "batched"
+            else peak_of(alt_fn, *alt_args) for name in order})
+        for name in order:
+            sc[name].append(trio[name])
+    lp_naive, lp_batched, lp_alt = sc["naive"][0][2], sc["batched"][0][2], sc["alt"][0][2]
     rb = {"pairs": len(pair_p), "unique_candidates": len(set(cands)),
           "answer_tokens": [len(gen._answer_ids(y)) for y in cands],
           "naive": med([x[0] for x in sc["naive"]]), "batched": med([x[0] for x in sc["batched"]]),
-          "naive_peak_mib": max(sc["naive_peak"]), "batched_peak_mib": max(sc["batched_peak"]),
+          "naive_peak_mib": max(x[1] for x in sc["naive"]), "batched_peak_mib": max(x[1] for x in sc["batched"]),
           "max_abs_diff": float(np.max(np.abs(lp_naive - lp_batched))),
           "max_rel_diff": float(np.max(np.abs(lp_naive - lp_batched) / np.maximum(np.abs(lp_naive), 1e-9)))}
     rb["ratio"] = rb["naive"] / rb["batched"]
-
-    # (d) the same scores without the redundant work
-    alt = []
-    for _ in range(args.batch_reps):
-        if gen.kind == "seq2seq":
-            alt.append(peak_of(score_seq2seq_shared_encoder, gen, prompts, cands))
-        else:
-            alt.append(peak_of(score_causal_answer_positions, gen, pair_p, pair_a))
-    rb["alt_name"] = ("encode each prompt once" if gen.kind == "seq2seq"
-                      else "LM head on answer positions only")
-    rb["alt"] = med([x[0] for x in alt])
-    rb["alt_peak_mib"] = max(x[1] for x in alt)
-    rb["alt_max_abs_diff"] = float(np.max(np.abs(alt[0][2] - lp_batched)))
+    rb["alt_name"] = ("reference: each prompt encoded once" if gen.kind == "seq2seq"
+                      else "reference: LM head on answer positions only")
+    rb["alt"] = med([x[0] for x in sc["alt"]])
+    rb["alt_peak_mib"] = max(x[1] for x in sc["alt"])
+    rb["alt_max_abs_diff"] = float(np.max(np.abs(lp_alt - lp_batched)))
     rb["alt_speedup"] = rb["batched"] / rb["alt"]
     res["rag_sequence_scoring_batching"] = rb
-    foreign["scoring_batching"] = meter_b.stop()["foreign_s"]
     res["foreign_cpu_s"] = foreign
     res["cpu"] = meter.stop()
 
@@ -430,7 +441,7 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
           f"{rb['batched']*1e3:.0f} ms (peak +{rb['batched_peak_mib']:.0f} MiB) | ratio {rb['ratio']:.2f}x"
           f" | max |diff| {rb['max_abs_diff']:.2e} (rel {rb['max_rel_diff']:.1e})")
     print(f"(d) batched scoring, {rb['alt_name']}: {rb['alt']*1e3:.0f} ms (peak +{rb['alt_peak_mib']:.0f} MiB),"
-          f" {rb['alt_speedup']:.2f}x faster than sequence_logprobs, max |diff| {rb['alt_max_abs_diff']:.2e}")
+          f" sequence_logprobs/reference {rb['alt_speedup']:.2f}x, max |diff| {rb['alt_max_abs_diff']:.2e}")
     print(f"# cpu: wall {res['cpu']['wall_s']:.0f} s, own {res['cpu']['own_cpu_s']:.0f} s, "
           f"foreign {res['cpu']['foreign_s']:.1f} s, steal {res['cpu']['steal_s']:.1f} s; foreign per "
           "section: " + ", ".join(f"{key} {v:.1f} s" for key, v in foreign.items()), flush=True)
@@ -449,6 +460,9 @@ def main() -> None:
     ap.add_argument("--wait-other", type=float, default=600, help="max seconds to wait for other bench_*")
     ap.add_argument("--quiet-wait", type=float, default=120,
                     help="before each timed section, wait up to this long for other processes to go idle")
+    ap.add_argument("--max-foreign", type=float, default=0.10,
+                    help="re-measure a unit when other processes used more than this share of a core")
+    ap.add_argument("--retries", type=int, default=4)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.reps > len(QUESTIONS) - 1:

@@ -298,14 +298,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"{'workers':>7} {'rep':>3} {'seconds':>8} {'img/s':>7} {'model img/s':>11} {'ratio':>6} "
               f"{'enc img/s':>9} {'decode_wait':>11} {'encode_img':>10} {'encode_txt':>10} {'write':>6} "
-              f"{'other':>6} {'cpu_s':>6} {'foreign':>7}")
+              f"{'other':>6} {'cpu_s':>6} {'foreign':>7} {'steal_s':>7}")
         for r in runs:
             tm = r["timings"]
             print(f"{r['workers']:>7} {r['repeat']:>3} {r['seconds']:>8.2f} {r['images_per_s']:>7.2f} "
                   f"{r['model_only_images_per_s']:>11.2f} {r['ratio']:>6.1%} {r['encode_images_per_s']:>9.2f} "
                   f"{tm['decode_wait']:>11.2f} {tm['encode_images']:>10.2f} {tm['encode_texts']:>10.2f} "
                   f"{tm['write']:>6.2f} {tm['other']:>6.2f} {r['own_cpu_s']:>6.1f} "
-                  f"{r['foreign_cpu_frac']:>7.0%}")
+                  f"{r['foreign_cpu_frac']:>7.0%} {r['steal_s']:>7.2f}")
         print()
         print("ratio = full-ingest img/s / model-only img/s (mean of the model-only runs just before and "
               "after); target >= 90%.\nenc img/s = images / encode_images time inside the ingest (the model "

@@ -99,10 +99,117 @@ def ms(seconds: list[float]) -> tuple[float, float]:
     return 1000 * _common.pct(seconds, 50), 1000 * _common.pct(seconds, 99)
 
 
+def measure_size(n: int, encoder, args: argparse.Namespace) -> dict[str, object]:
+    """Build an index of ``n`` clustered vectors and time searches in it; one table row."""
+    default_threads = faiss.omp_get_max_threads()
+    t = time.perf_counter()
+    base, queries = clustered_vectors(n, max(args.queries, args.batch), seed=n)
+    ids = np.arange(1, n + 1, dtype=np.int64) * 7 + 3  # ids are not row numbers
+    gen_s = time.perf_counter() - t
+    t = time.perf_counter()
+    index = VectorIndex(DIM)
+    index.add(ids, base)
+    add_s = time.perf_counter() - t
+
+    # correctness: top-10 ids vs brute force
+    exact = 0
+    max_score_diff = 0.0
+    for q in queries[: args.queries]:
+        s_ix, i_ix = index.search(q, K)
+        s_np, r_np = numpy_topk(base, q, K)
+        if set(i_ix[0].tolist()) == set(ids[r_np].tolist()):
+            exact += 1
+        max_score_diff = max(max_score_diff, float(np.abs(s_ix[0] - s_np).max()))
+
+    # Single queries. Each method runs in blocks of consecutive queries, the blocks of the three
+    # methods taking turns (so drift hits all alike). Not query by query: FAISS (its own
+    # OpenMP), numpy (OpenBLAS) and torch keep separate thread pools whose idle threads spin
+    # for a while after each call, and on 2 cores a call right after another library's call
+    # is slowed by those spinning threads (measured: 0.07 ms -> 4 ms at 1k). The first 2
+    # queries of each block are not timed; "after encode" below measures the realistic case.
+    def one_thread_search(q):
+        faiss.omp_set_num_threads(1)
+        try:
+            return index.search(q, K)
+        finally:
+            faiss.omp_set_num_threads(default_threads)
+
+    methods = {
+        "index": lambda q: index.search(q, K),
+        "index_1thread": one_thread_search,
+        "numpy": lambda q: numpy_topk(base, q, K),
+    }
+    _common.wait_quiet(args.quiet_wait)
+    meter = _common.CpuMeter()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    block = max(args.queries // args.rounds, 1)
+    for r in range(args.rounds):
+        qs = queries[r * block : (r + 1) * block]
+        for name, fn in methods.items():
+            for q in qs[:2]:
+                fn(q)
+            for q in qs:
+                t = time.perf_counter()
+                fn(q)
+                times[name].append(time.perf_counter() - t)
+
+    # batches: same scheme, one untimed call before each timed one
+    qb = queries[: args.batch]
+    b_ix, b_np = [], []
+    for _ in range(args.batch_repeats):
+        index.search(qb, K)
+        t = time.perf_counter()
+        _, bi = index.search(qb, K)
+        b_ix.append(time.perf_counter() - t)
+        numpy_topk_batch(base, qb, K)
+        t = time.perf_counter()
+        br = numpy_topk_batch(base, qb, K)
+        b_np.append(time.perf_counter() - t)
+    batch_agree = float(np.mean([set(a.tolist()) == set(ids[b].tolist())
+                                 for a, b in zip(bi, br, strict=True)]))
+
+    # End to end: encode one text, then search, as a query does; the search is timed apart
+    # too, since right after torch's encode it is slower than alone (see above).
+    after: dict[str, list[float]] = {m: [] for m in methods}
+    e2e = []
+    for qtext in QUERIES:
+        for name, fn in methods.items():
+            t = time.perf_counter()
+            v = encoder.encode_texts([qtext])
+            t1 = time.perf_counter()
+            fn(v[0])
+            t2 = time.perf_counter()
+            after[name].append(t2 - t1)
+            if name == "index":
+                e2e.append(t2 - t)
+    cpu = meter.stop()
+    t_ix, t_ix1, t_np = times["index"], times["index_1thread"], times["numpy"]
+
+    row = {
+        "n": n, "gen_s": gen_s, "add_s": add_s,
+        "top10_exact_frac": exact / args.queries, "max_score_diff": max_score_diff,
+        "index_p50_ms": ms(t_ix)[0], "index_p99_ms": ms(t_ix)[1],
+        "index_1thread_p50_ms": ms(t_ix1)[0], "index_1thread_p99_ms": ms(t_ix1)[1],
+        "numpy_p50_ms": ms(t_np)[0], "numpy_p99_ms": ms(t_np)[1],
+        "batch_index_ms": 1000 * _common.median(b_ix), "batch_numpy_ms": 1000 * _common.median(b_np),
+        "batch_top10_agree": batch_agree,
+        "e2e_p50_ms": ms(e2e)[0], "e2e_p99_ms": ms(e2e)[1],
+        "after_encode_index_p50_ms": ms(after["index"])[0],
+        "after_encode_index_1thread_p50_ms": ms(after["index_1thread"])[0],
+        "after_encode_numpy_p50_ms": ms(after["numpy"])[0],
+        "foreign_cpu_frac": cpu["foreign_s"] / cpu["wall_s"],
+    }
+    print(f"# n={n}: vectors made in {gen_s:.1f}s, VectorIndex.add {add_s:.2f}s; top-10 equal to brute "
+          f"force for {exact}/{args.queries} queries (batch: {batch_agree:.0%}), max score diff "
+          f"{max_score_diff:.1e}", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,10000,100000", help="comma-separated index sizes")
     ap.add_argument("--queries", type=int, default=200, help="single-query searches timed per size")
+    ap.add_argument("--rounds", type=int, default=4, help="blocks per method for single queries")
     ap.add_argument("--batch", type=int, default=100, help="queries in the batched search")
     ap.add_argument("--batch-repeats", type=int, default=7)
     ap.add_argument("--text-rounds", type=int, default=2, help="passes over the text queries for encode timing")
@@ -145,105 +252,29 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- search ------------------------------------------------------------------------------
     rows = []
-    default_threads = faiss.omp_get_max_threads()
     for n in sizes:
-        t = time.perf_counter()
-        base, queries = clustered_vectors(n, max(args.queries, args.batch), seed=n)
-        ids = np.arange(1, n + 1, dtype=np.int64) * 7 + 3  # ids are not row numbers
-        gen_s = time.perf_counter() - t
-        t = time.perf_counter()
-        index = VectorIndex(DIM)
-        index.add(ids, base)
-        add_s = time.perf_counter() - t
-
-        # correctness: top-10 ids vs brute force
-        exact = 0
-        max_score_diff = 0.0
-        for q in queries[: args.queries]:
-            s_ix, i_ix = index.search(q, K)
-            s_np, r_np = numpy_topk(base, q, K)
-            if set(i_ix[0].tolist()) == set(ids[r_np].tolist()):
-                exact += 1
-            max_score_diff = max(max_score_diff, float(np.abs(s_ix[0] - s_np).max()))
-
-        # single queries, the two methods alternating per query (warm up first)
-        for q in queries[:5]:
-            index.search(q, K)
-            numpy_topk(base, q, K)
-        _common.wait_quiet(args.quiet_wait)
-        meter = _common.CpuMeter()
-        t_ix, t_np, t_ix1 = [], [], []
-        for q in queries[: args.queries]:
-            t = time.perf_counter()
-            index.search(q, K)
-            t_ix.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            numpy_topk(base, q, K)
-            t_np.append(time.perf_counter() - t)
-        faiss.omp_set_num_threads(1)
-        try:
-            for q in queries[:5]:
-                index.search(q, K)
-            for q in queries[: args.queries]:
-                t = time.perf_counter()
-                index.search(q, K)
-                t_ix1.append(time.perf_counter() - t)
-        finally:
-            faiss.omp_set_num_threads(default_threads)
-
-        # batches
-        qb = queries[: args.batch]
-        index.search(qb, K)
-        numpy_topk_batch(base, qb, K)
-        b_ix, b_np = [], []
-        for _ in range(args.batch_repeats):
-            t = time.perf_counter()
-            _, bi = index.search(qb, K)
-            b_ix.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            br = numpy_topk_batch(base, qb, K)
-            b_np.append(time.perf_counter() - t)
-        batch_agree = float(np.mean([set(a.tolist()) == set(ids[b].tolist()) for a, b in zip(bi, br, strict=True)]))
-
-        # end to end: encode one text + search
-        e2e = []
-        for qtext in QUERIES:
-            t = time.perf_counter()
-            v = encoder.encode_texts([qtext])
-            index.search(v, K)
-            e2e.append(time.perf_counter() - t)
-        cpu = meter.stop()
-
-        row = {
-            "n": n, "gen_s": gen_s, "add_s": add_s,
-            "top10_exact_frac": exact / args.queries, "max_score_diff": max_score_diff,
-            "index_p50_ms": ms(t_ix)[0], "index_p99_ms": ms(t_ix)[1],
-            "index_1thread_p50_ms": ms(t_ix1)[0], "index_1thread_p99_ms": ms(t_ix1)[1],
-            "numpy_p50_ms": ms(t_np)[0], "numpy_p99_ms": ms(t_np)[1],
-            "batch_index_ms": 1000 * _common.median(b_ix), "batch_numpy_ms": 1000 * _common.median(b_np),
-            "batch_top10_agree": batch_agree,
-            "e2e_p50_ms": ms(e2e)[0], "e2e_p99_ms": ms(e2e)[1],
-            "foreign_cpu_frac": cpu["foreign_s"] / cpu["wall_s"],
-        }
-        rows.append(row)
-        print(f"# n={n}: vectors made in {gen_s:.1f}s, VectorIndex.add {add_s:.2f}s; top-10 equal to brute "
-              f"force for {exact}/{args.queries} queries (batch: {batch_agree:.0%}), max score diff "
-              f"{max_score_diff:.1e}", flush=True)
-        del index, base, queries
+        rows.append(measure_size(n, encoder, args))
     result["search"] = rows
 
     print()
-    print(f"single query, k={K}, ms (p50 / p99); ratio = VectorIndex p50 / numpy p50; batch = {args.batch} "
-          "queries in one call, ms (median)")
+    print(f"single query, k={K}, ms (p50 / p99), each method on its own (see the code); ratio = "
+          f"VectorIndex p50 / numpy p50; batch = {args.batch} queries in one call, ms (median)")
     print(f"{'N':>7} | {'VectorIndex':>13} | {'faiss 1 thr':>13} | {'numpy':>13} | {'ratio':>5} | "
-          f"{'batch VI':>8} | {'batch np':>8} | {'top10 ok':>8} | {'encode+search':>13} | {'foreign':>7}")
+          f"{'batch VI':>8} | {'batch np':>8} | {'top10 ok':>8} | {'foreign':>7}")
     for r in rows:
         print(f"{r['n']:>7} | {r['index_p50_ms']:>5.2f} / {r['index_p99_ms']:>5.2f} | "
               f"{r['index_1thread_p50_ms']:>5.2f} / {r['index_1thread_p99_ms']:>5.2f} | "
               f"{r['numpy_p50_ms']:>5.2f} / {r['numpy_p99_ms']:>5.2f} | "
               f"{r['index_p50_ms'] / r['numpy_p50_ms']:>5.2f} | {r['batch_index_ms']:>8.1f} | "
-              f"{r['batch_numpy_ms']:>8.1f} | {r['top10_exact_frac']:>8.0%} | "
-              f"{r['e2e_p50_ms']:>5.1f} / {r['e2e_p99_ms']:>5.1f} | {r['foreign_cpu_frac']:>7.0%}")
+              f"{r['batch_numpy_ms']:>8.1f} | {r['top10_exact_frac']:>8.0%} | {r['foreign_cpu_frac']:>7.0%}")
+    print()
+    print("a query as it happens: encode one text (torch), then search; ms p50 (p99 for the total)")
+    print(f"{'N':>7} | {'encode+search (VI)':>18} | {'search after encode: VI':>23} | {'faiss 1 thr':>11} | "
+          f"{'numpy':>7}")
+    for r in rows:
+        print(f"{r['n']:>7} | {r['e2e_p50_ms']:>7.1f} / {r['e2e_p99_ms']:>7.1f}  | "
+              f"{r['after_encode_index_p50_ms']:>23.2f} | {r['after_encode_index_1thread_p50_ms']:>11.2f} | "
+              f"{r['after_encode_numpy_p50_ms']:>7.2f}")
     print(f"\ntext encode alone: p50 {e50:.1f} ms, p99 {e99:.1f} ms. foreign = share of one core used by "
           "other processes during that size's measurements (> 5% means disturbed).")
     if args.out_json:
