@@ -220,7 +220,65 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--collection", "-c", metavar="DIR",
                     help="where to build the demo collection (default: under ~/.cache/crossmodal-rag)")
     de.add_argument("--top-k", "-k", type=_positive_int, default=3, metavar="K")
+
+    tr = sub.add_parser("train", help="fine-tune on your image-text pairs: the encoder (clip), "
+                                      "the image-prefix network (prefix), generator + query side (rag)")
+    trsub = tr.add_subparsers(dest="train_command", metavar="TASK")
+    trsub.required = True
+    tc = trsub.add_parser("clip", help="contrastive fine-tuning of the CLIP encoder (open_clip), then "
+                                       "re-embed a collection with it")
+    _add_train_flags(tc)
+    tc.add_argument("--model", "-m", metavar="SPEC", help="encoder to start from (open_clip specs; default: "
+                    "the --collection's encoder, else open_clip:ViT-B-32/laion2b_s34b_b79k)")
+    tc.add_argument("--collection", "-c", metavar="DIR",
+                    help="after training, re-embed this collection's items with the trained encoder")
+    tc.add_argument("--freeze-text", action="store_true", help="train the image tower only")
+    tc.add_argument("--freeze-image", action="store_true", help="train the text tower only")
     return p
+
+
+def _add_train_flags(sp: argparse.ArgumentParser) -> None:
+    """SOURCE, --out and the flags every ``train`` task shares (read back by :func:`_train_settings`)."""
+    sp.add_argument("source", metavar="SOURCE", help="image-caption pairs: folder of images + same-stem "
+                    ".txt captions, .jsonl/.csv manifest, or COCO captions .json")
+    sp.add_argument("--out", "-o", required=True, metavar="DIR",
+                    help="output folder: checkpoints/, best/ (the trained model), metrics.jsonl, settings.json")
+    sp.add_argument("--image-root", metavar="DIR", help="manifest image paths are relative to DIR")
+    sp.add_argument("--allow-outside-root", action="store_true",
+                    help="accept manifest image paths that are absolute or leave the root folder")
+    g = sp.add_argument_group("training (defaults depend on the task; see README 'Training')")
+    g.add_argument("--steps", type=_positive_int, metavar="N", help="optimizer steps")
+    g.add_argument("--batch-size", type=_positive_int, metavar="N")
+    g.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (AdamW, cosine decay)")
+    g.add_argument("--weight-decay", type=float, metavar="W")
+    g.add_argument("--warmup-steps", type=_nonneg_int, metavar="N")
+    g.add_argument("--val-fraction", type=float, metavar="F", help="share of examples held out for validation")
+    g.add_argument("--eval-every", type=_positive_int, metavar="N", help="steps between validation passes")
+    g.add_argument("--checkpoint-every", type=_positive_int, metavar="N", help="steps between checkpoints")
+    g.add_argument("--keep-checkpoints", type=_positive_int, metavar="N")
+    g.add_argument("--patience", type=_nonneg_int, metavar="N",
+                   help="stop after N validation passes without improvement (0: never)")
+    g.add_argument("--seed", type=int, metavar="N")
+    g.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: cuda if present)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    g.add_argument("--metrics", metavar="FILE", help="JSONL metrics file (default OUT/metrics.jsonl)")
+
+
+def _train_settings(args: argparse.Namespace, **defaults: Any) -> Any:
+    """The :class:`~crossmodal_rag.training.TrainSettings` of a ``train`` command: the flags given,
+    else the task's ``defaults``, else the dataclass defaults."""
+    from .training import TrainSettings
+
+    flags = {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+             "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
+             "val_fraction": args.val_fraction, "eval_every": args.eval_every,
+             "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
+             "patience": args.patience, "seed": args.seed, "device": args.device}
+    values = {**defaults, **{k: v for k, v in flags.items() if v is not None}}
+    try:
+        return TrainSettings(**values)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def _collection_dir(args: argparse.Namespace) -> str:
@@ -671,10 +729,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from .training.clip import ClipTaskSettings, train_clip
+
+    settings = _train_settings(args, **ClipTaskSettings.TRAIN_DEFAULTS)
+    summary = train_clip(
+        args.source, args.out, model=args.model, settings=settings,
+        task_settings=ClipTaskSettings(train_image=not args.freeze_image, train_text=not args.freeze_text),
+        collection=args.collection, image_root=args.image_root, allow_outside_root=args.allow_outside_root,
+        resume=args.resume, progress=not args.quiet, metrics_path=args.metrics,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+#: ``train`` tasks by name (each parser is added in build_parser next to ``train clip``).
+TRAIN_COMMANDS = {"clip": cmd_train_clip}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return TRAIN_COMMANDS[args.train_command](args)
+
+
 COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
             "remove": cmd_remove, "demo": cmd_demo, "ask": cmd_ask, "chat": cmd_chat,
             "write": cmd_write, "recommend": cmd_recommend, "serve": cmd_serve,
-            "duplicates": cmd_duplicates, "eval": cmd_eval}
+            "duplicates": cmd_duplicates, "eval": cmd_eval, "train": cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
