@@ -10,6 +10,12 @@ Besides ``generate``, a generator exposes what RAG needs:
   one batched forward pass (teacher forcing, end-of-sequence token included);
 * :meth:`Generator.start` / :meth:`DecodeState.step` -- incremental decoding of k prompts in
   lock-step (one batched forward pass per step, with a key/value cache), for RAG-token mixing.
+
+All three accept ``prefixes``: one ``(P, H)`` tensor (or None) per prompt, vectors in the model's
+input-embedding space (an image prefix, :mod:`crossmodal_rag.generation.prefix`). A prefix is
+placed before the prompt's token embeddings and the model reads ``inputs_embeds``: on the encoder
+side for seq2seq models; for causal LMs right after the leading BOS token when the prompt has one,
+else first. Without prefixes the token-id code paths run unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,8 @@ from ..encoders import default_device
 from ..encoders._hub import hub_reachable
 from ..errors import ModelSpecError, WeightsUnavailableError
 
-__all__ = ["DEFAULT_GENERATOR", "DecodeState", "GenerationSettings", "Generator", "Prompt", "load_generator"]
+__all__ = ["DEFAULT_GENERATOR", "DecodeState", "GenerationSettings", "Generator", "Prefixes", "Prompt",
+           "load_generator"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +45,8 @@ DEFAULT_GENERATOR = "google/flan-t5-base"
 
 #: A prompt: plain text, or chat messages ``[{"role": "system"|"user", "content": ...}]``.
 Prompt = str | list[dict[str, str]]
+#: Prefix embeddings, one ``(P_i, H)`` tensor or None per prompt (None: no prefixes at all).
+Prefixes = Sequence[torch.Tensor | None] | None
 
 
 @dataclass(frozen=True)
@@ -213,47 +223,106 @@ class Generator:
                 ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _prefix_at(self, ids: list[int]) -> int:
+        """Where a prefix goes in a prompt's ids: after a causal LM's leading BOS, else first."""
+        bos = self.tokenizer.bos_token_id
+        return 1 if self.kind == "causal" and bos is not None and ids[:1] == [bos] else 0
+
+    def _embed(self, seqs: list[list[int]], prefixes: Sequence[torch.Tensor | None], left: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Token ids with each row's prefix inserted -> ``inputs_embeds (N, W, H)``, attention mask
+        ``(N, W)`` and each row's prefix length. Prefix rows keep their autograd graph."""
+        if len(prefixes) != len(seqs):
+            raise ValueError(f"got {len(prefixes)} prefixes for {len(seqs)} prompts")
+        table = self.model.get_input_embeddings()
+        rows, lengths = [], []
+        for ids, prefix in zip(seqs, prefixes, strict=True):
+            tok = table(torch.tensor(ids, dtype=torch.long, device=self.device))
+            if prefix is None:
+                rows.append(tok)
+                lengths.append(0)
+                continue
+            if prefix.ndim != 2 or prefix.shape[1] != tok.shape[1]:
+                raise ValueError(f"a prefix must have shape (P, {tok.shape[1]}), got {tuple(prefix.shape)}")
+            at = self._prefix_at(ids)
+            rows.append(torch.cat([tok[:at], prefix.to(device=tok.device, dtype=tok.dtype), tok[at:]]))
+            lengths.append(int(prefix.shape[0]))
+        width = max(r.shape[0] for r in rows)
+        embeds = rows[0].new_zeros((len(rows), width, rows[0].shape[1]))
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            sl = slice(width - r.shape[0], width) if left else slice(0, r.shape[0])
+            embeds[i, sl], mask[i, sl] = r, 1
+        return embeds, mask, lengths
+
     # -- generation ----------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt], settings: GenerationSettings | None = None,
-                 num_return_sequences: int = 1) -> list[list[str]]:
-        """Answers for each prompt (``num_return_sequences`` each), in one batched ``generate``."""
+                 num_return_sequences: int = 1, prefixes: Prefixes = None) -> list[list[str]]:
+        """Answers for each prompt (``num_return_sequences`` each), in one batched ``generate``;
+        ``prefixes``: one ``(P, H)`` tensor or None per prompt (see the module docstring)."""
         self.load()
         s = settings or GenerationSettings()
         if s.seed is not None:
             torch.manual_seed(s.seed)
-        ids, mask = self._pad(self._prompt_ids(prompts), left=self.kind == "causal")
+        p_ids = self._prompt_ids(prompts)
+        if _any(prefixes):
+            embeds, mask, _ = self._embed(p_ids, prefixes, left=self.kind == "causal")  # type: ignore[arg-type]
+            inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
+            new_only = True  # generate() from embeddings returns only the new tokens
+        else:
+            ids, mask = self._pad(p_ids, left=self.kind == "causal")
+            inputs, new_only = {"input_ids": ids}, False
         kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams,
                                   "do_sample": s.do_sample,
                                   "num_return_sequences": num_return_sequences,
                                   "pad_token_id": self.tokenizer.pad_token_id}
         if s.do_sample:
             kwargs.update(temperature=s.temperature, top_p=s.top_p)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        if self.kind == "causal":
-            out = out[:, ids.shape[1]:]
+        out = self.model.generate(**inputs, attention_mask=mask, **kwargs)
+        if self.kind == "causal" and not new_only:
+            out = out[:, inputs["input_ids"].shape[1]:]
         texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         n = num_return_sequences
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     @torch.inference_mode()
-    def sequence_logprobs(self, prompts: list[Prompt], answers: list[str]) -> np.ndarray:
+    def sequence_logprobs(self, prompts: list[Prompt], answers: list[str],
+                          prefixes: Prefixes = None) -> np.ndarray:
         """``log P(answer_i | prompt_i)`` for each pair, one batched forward pass. Shape ``(N,)``."""
         self.load()
         if len(prompts) != len(answers):
             raise ValueError("prompts and answers must have the same length")
         if not prompts:
             return np.zeros(0)
+        tok, sel = self.token_logprobs(prompts, answers, prefixes)
+        return (tok * sel).sum(-1).cpu().double().numpy()
+
+    def token_logprobs(self, prompts: list[Prompt], answers: list[str],
+                       prefixes: Prefixes = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``log P(answer token | prompt, earlier answer tokens)`` ``(N, T)`` float32 and
+        the mask of real answer tokens ``(N, T)`` (end-of-sequence included), teacher-forced in one
+        forward pass. Differentiable (it runs under the caller's grad mode), so training can
+        backpropagate into prefixes and, when unfrozen, the model."""
+        self.load()
         p_ids = self._prompt_ids(prompts)
         a_ids = [self._answer_ids(a) for a in answers]
+        use_prefix = _any(prefixes)
         if self.kind == "seq2seq":
-            # Each distinct prompt is encoded once and its states shared by every answer scored
-            # under it (rag-sequence scores every candidate under every item's prompt).
-            keys = [tuple(ids) for ids in p_ids]
+            # Each distinct prompt (and prefix) is encoded once and its states shared by every
+            # answer scored under it (rag-sequence scores every candidate under every item's prompt).
+            pre = list(prefixes) if use_prefix else [None] * len(p_ids)  # type: ignore[arg-type]
+            keys = [(tuple(ids), id(p) if p is not None else None) for ids, p in zip(p_ids, pre, strict=True)]
             uniq = list(dict.fromkeys(keys))
+            first = {k: pre[keys.index(k)] for k in uniq}
             row = torch.tensor([uniq.index(k) for k in keys], device=self.device)
-            enc, enc_mask = self._pad([list(k) for k in uniq], left=False)
-            states = self.model.get_encoder()(input_ids=enc, attention_mask=enc_mask).last_hidden_state
+            if use_prefix:
+                embeds, enc_mask, _ = self._embed([list(k[0]) for k in uniq], [first[k] for k in uniq],
+                                                  left=False)
+                states = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
+            else:
+                enc, enc_mask = self._pad([list(k[0]) for k in uniq], left=False)
+                states = self.model.get_encoder()(input_ids=enc, attention_mask=enc_mask).last_hidden_state
             labels, lab_mask = self._pad(a_ids, left=False)
             dec_in = self.model._shift_right(labels)
             logits = self.model(encoder_outputs=(states.index_select(0, row),),
@@ -261,39 +330,59 @@ class Generator:
                                 decoder_input_ids=dec_in).logits
             logp = torch.log_softmax(logits.float(), dim=-1)
             tok = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            return (tok * lab_mask).sum(-1).cpu().double().numpy()
+            return tok, lab_mask.to(tok.dtype)
         seqs = [p + a for p, a in zip(p_ids, a_ids, strict=True)]
-        ids, mask = self._pad(seqs, left=False)
+        if use_prefix:
+            embeds, mask, plen = self._embed(seqs, prefixes, left=False)  # type: ignore[arg-type]
+            # the ids of the same rows with placeholders where the prefix vectors sit
+            ids = torch.full(mask.shape, self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+            for i, (s, n) in enumerate(zip(seqs, plen, strict=True)):
+                at = self._prefix_at(s) if n else 0
+                ids[i, :at] = torch.tensor(s[:at], dtype=torch.long)
+                ids[i, at + n : n + len(s)] = torch.tensor(s[at:], dtype=torch.long)
+            inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
+        else:
+            ids, mask = self._pad(seqs, left=False)
+            plen, inputs = [0] * len(seqs), {"input_ids": ids}
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        logits = self.model(**inputs, attention_mask=mask, position_ids=pos).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         sel = torch.zeros_like(tok)
-        for i, (p, a) in enumerate(zip(p_ids, a_ids, strict=True)):
-            sel[i, len(p) - 1 : len(p) - 1 + len(a)] = 1
-        return (tok * sel).sum(-1).cpu().double().numpy()
+        for i, (p, a, n) in enumerate(zip(p_ids, a_ids, plen, strict=True)):
+            sel[i, n + len(p) - 1 : n + len(p) - 1 + len(a)] = 1
+        return tok, sel
 
     @torch.inference_mode()
-    def start(self, prompts: list[Prompt]) -> DecodeState:
-        """Begin lock-step decoding of ``prompts``; see :class:`DecodeState`."""
+    def start(self, prompts: list[Prompt], prefixes: Prefixes = None) -> DecodeState:
+        """Begin lock-step decoding of ``prompts`` (each with its prefix, if any); see
+        :class:`DecodeState`."""
         self.load()
-        return DecodeState(self, self._prompt_ids(prompts))
+        return DecodeState(self, self._prompt_ids(prompts), prefixes)
 
 
 class DecodeState:
     """k prompts decoded together: every :meth:`step` feeds the same next token to all rows and
     returns the k next-token log-distributions ``(k, V)``, in one forward pass with a KV cache."""
 
-    def __init__(self, gen: Generator, prompt_ids: list[list[int]]) -> None:
+    def __init__(self, gen: Generator, prompt_ids: list[list[int]], prefixes: Prefixes = None) -> None:
         self.gen = gen
         self.k = len(prompt_ids)
         self.past: Any = None
+        self.first_embeds: torch.Tensor | None = None  # causal with prefixes: the first step's input
         model = gen.model
         if gen.kind == "seq2seq":
-            ids, self.enc_mask = gen._pad(prompt_ids, left=False)
-            self.encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=self.enc_mask)
+            if _any(prefixes):
+                embeds, self.enc_mask, _ = gen._embed(prompt_ids, prefixes, left=False)  # type: ignore[arg-type]
+                self.encoder_outputs = model.get_encoder()(inputs_embeds=embeds, attention_mask=self.enc_mask)
+            else:
+                ids, self.enc_mask = gen._pad(prompt_ids, left=False)
+                self.encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=self.enc_mask)
             start = model.config.decoder_start_token_id
             self.next_input = torch.full((self.k, 1), start, dtype=torch.long, device=gen.device)
+        elif _any(prefixes):
+            self.first_embeds, self.mask, _ = gen._embed(prompt_ids, prefixes, left=True)  # type: ignore[arg-type]
+            self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
         else:
             self.next_input, self.mask = gen._pad(prompt_ids, left=True)
             self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
@@ -305,6 +394,10 @@ class DecodeState:
         if self.gen.kind == "seq2seq":
             out = model(encoder_outputs=self.encoder_outputs, attention_mask=self.enc_mask,
                         decoder_input_ids=self.next_input, past_key_values=self.past, use_cache=True)
+        elif self.first_embeds is not None:
+            out = model(inputs_embeds=self.first_embeds, attention_mask=self.mask, position_ids=self.pos,
+                        past_key_values=self.past, use_cache=True)
+            self.first_embeds = None
         else:
             out = model(input_ids=self.next_input, attention_mask=self.mask, position_ids=self.pos,
                         past_key_values=self.past, use_cache=True)
@@ -318,6 +411,10 @@ class DecodeState:
             self.mask = torch.cat([self.mask, torch.ones((self.k, 1), dtype=self.mask.dtype,
                                                          device=self.mask.device)], dim=1)
             self.pos = self.pos[:, -1:] + 1
+
+
+def _any(prefixes: Prefixes) -> bool:
+    return prefixes is not None and any(p is not None for p in prefixes)
 
 
 _CACHE: dict[tuple[str, str], Generator] = {}

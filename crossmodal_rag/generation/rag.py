@@ -12,6 +12,12 @@ Every answer carries its sources with ``prior`` = P(z|x) (softmax of retrieval s
 ``prior_temperature``) and ``posterior`` = P(z|x,y) proportional to P(z|x) P(y|x,z), the share of
 the answer's likelihood each source carried, computed for every mode by scoring the final answer
 under each item's own prompt.
+
+With an image prefix (:class:`~crossmodal_rag.generation.prefix.ImagePrefix`) the generator also
+reads images as prefix vectors: in ``concat`` the one prompt carries the query image's prefix
+(when the query has an image); every item's own prompt (rag-sequence, rag-token, and the posterior
+scoring of all modes) carries the prefix of the item's image when the item is an image, else the
+query image's prefix, else none. ``Answer.prefix_images`` and ``Source.prefix_image`` say which.
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ import torch
 from PIL import Image
 
 from .._config import strict_from_dict
-from ..errors import QueryError
+from ..errors import ImageDecodeError, QueryError
+from ..images import load_image
 from ..search import Hit, check_k
 from .models import GenerationSettings, Generator, Prompt, load_generator
 
 if TYPE_CHECKING:
     from ..collection import Collection
+    from .prefix import ImagePrefix
 
 __all__ = ["MODES", "Answer", "RagPipeline", "RagSettings", "Source", "priors"]
 
@@ -98,6 +106,7 @@ class Source:
     logprob: float  # log P(y|x,z)
     included: bool = True  # in concat mode: whether it fit the prompt budget
     truncated: bool = False  # in concat mode: whether it was cut to fit
+    prefix_image: str | None = None  # the image whose prefix this item's own prompt carried
 
 
 @dataclass
@@ -117,6 +126,8 @@ class Answer:
     logprob: float | None = None  # log P(y|x) = log sum_z P(z|x) P(y|x,z)
     abstained: bool = False  # True: the evidence was below min_score; sources are the nearest
     min_score: float | None = None  # the threshold that applied
+    image_prefix: str | None = None  # the image-prefix checkpoint used, if any
+    prefix_images: list[str | None] = field(default_factory=list)  # per prompt: the prefixed image
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,21 +160,29 @@ class RagPipeline:
     """Collection + generator + settings. ``ask`` answers a question and cites its sources.
 
     ``knowledge`` is an optional second collection the conditioning texts are retrieved from
-    instead (it must use the same encoder).
+    instead (it must use the same encoder). ``image_prefix`` lets the generator read images as
+    prefix vectors (see the module docstring); it must match the collection's encoder and the
+    generator (default generator: the checkpoint's own).
     """
 
     def __init__(
         self, collection: Collection, generator: str | Generator | None = None,
         settings: RagSettings | None = None, generation: GenerationSettings | None = None,
-        knowledge: Collection | None = None,
+        knowledge: Collection | None = None, image_prefix: ImagePrefix | None = None,
     ) -> None:
         self.collection = collection
+        if generator is None and image_prefix is not None:
+            generator = load_generator(image_prefix.generator_spec)
         self.generator = generator if isinstance(generator, Generator) else load_generator(generator)
         self.settings = settings or RagSettings()
         self.generation = generation or GenerationSettings()
         self.knowledge = knowledge
         if knowledge is not None:  # queries are embedded by the main collection's encoder
             knowledge.check_compatible(collection)
+        self.image_prefix = image_prefix
+        if image_prefix is not None:
+            image_prefix.check_encoder(collection.manifest.encoder, collection.manifest.dim)
+            image_prefix.check_generator(self.generator)
 
     # -- retrieval -------------------------------------------------------------------------
     def retrieve(self, question: str | None, image: str | Path | Image.Image | None, k: int,
@@ -187,6 +206,8 @@ class RagPipeline:
         budget = s.max_context_tokens or g.max_input_tokens
         if g.kind == "causal":  # the answer shares the context window
             budget = min(budget, g.max_input_tokens - self.generation.max_new_tokens)
+        if self.image_prefix is not None:  # prefix vectors take positions too
+            budget -= self.image_prefix.config.settings.prefix_length
         return max(budget, 16)
 
     def _fill(self, question: str, context: str) -> Prompt:
@@ -264,8 +285,9 @@ class RagPipeline:
         target = target or s.target
         threshold = (self.knowledge or self.collection).resolve_min_score(
             s.min_score, query_is_image=image is not None, target=target)
+        qvec = None
         if hits is None:
-            hits, _ = self.retrieve(question, image, k, target)
+            hits, qvec = self.retrieve(question, image, k, target)
         timings["retrieve"] = time.perf_counter() - t
         q_text = " ".join((prompt_question or question or s.default_question).split())
         image_label = str(image) if isinstance(image, str | Path) else None
@@ -284,24 +306,26 @@ class RagPipeline:
         prior = priors(np.array([h.score for h in hits]), s.prior_temperature)
         log_prior = np.log(np.maximum(prior, 1e-300))
         t = time.perf_counter()
+        q_prefix, item_prefixes, q_label, item_labels = self._image_prefixes(image, qvec, hits)
         item_prompts = [self.item_prompt(q_text, x) for x in texts]
         included, truncated = [True] * len(hits), [False] * len(hits)
-        prompts = item_prompts
+        prompts, prefix_labels = item_prompts, item_labels
         if mode == "concat":
             prompt, included, truncated = self.concat_prompt(q_text, texts)
-            prompts = [prompt]
+            prompts, prefix_labels = [prompt], [q_label]
         timings["prompt"] = time.perf_counter() - t
         candidates: list[dict[str, Any]] = []
         t = time.perf_counter()
         if mode == "concat":
-            answer = self.generator.generate(prompts, self.generation)[0][0]
+            answer = self.generator.generate(prompts, self.generation,
+                                             prefixes=[q_prefix] if q_prefix is not None else None)[0][0]
             timings["generate"] = time.perf_counter() - t
             t = time.perf_counter()
-            lp = self.generator.sequence_logprobs(item_prompts, [answer] * len(hits))
+            lp = self.generator.sequence_logprobs(item_prompts, [answer] * len(hits), prefixes=item_prefixes)
         elif mode == "rag-sequence":
-            answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings)
+            answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings, item_prefixes)
         else:
-            answer, lp = self._rag_token(item_prompts, log_prior)
+            answer, lp = self._rag_token(item_prompts, log_prior, item_prefixes)
             timings["generate"] = time.perf_counter() - t
             t = time.perf_counter()
         joint = log_prior + lp
@@ -313,27 +337,63 @@ class RagPipeline:
             Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=x,
                    caption=" | ".join(h.captions) if h.kind == "image" else (h.text or ""), score=h.score,
                    prior=float(p), posterior=float(post), logprob=float(lpi), included=inc,
-                   truncated=tr)
-            for h, x, p, post, lpi, inc, tr in zip(hits, texts, prior, posterior, lp, included,
-                                                   truncated, strict=True)
+                   truncated=tr, prefix_image=pl)
+            for h, x, p, post, lpi, inc, tr, pl in zip(hits, texts, prior, posterior, lp, included,
+                                                       truncated, item_labels, strict=True)
         ]
         return Answer(answer=answer, question=q_text, mode=mode, sources=sources,
                       prompts=[self.generator.render(p) for p in prompts],
                       timings=timings, generator=self.generator.spec,
                       encoder=self.collection.manifest.encoder, image=image_label,
-                      candidates=candidates, logprob=total, min_score=threshold)
+                      candidates=candidates, logprob=total, min_score=threshold,
+                      image_prefix=self.image_prefix.label if self.image_prefix is not None else None,
+                      prefix_images=prefix_labels if self.image_prefix is not None else [])
 
-    def _rag_sequence(self, prompts: list[Prompt], log_prior: np.ndarray,
-                      timings: dict[str, float]) -> tuple[str, np.ndarray, list[dict[str, Any]]]:
+    def _image_prefixes(
+        self, image: str | Path | Image.Image | None, qvec: np.ndarray | None, hits: list[Hit],
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None] | None, str | None, list[str | None]]:
+        """The query image's prefix ``(P, H)`` and each item prompt's prefix (its own image's for an
+        image item, else the query image's), with labels naming the images; all None without an
+        image prefix. A retrieved image that cannot be read keeps the query's prefix (logged)."""
+        ip = self.image_prefix
+        if ip is None:
+            return None, None, None, [None] * len(hits)
+        q_prefix, q_label = None, None
+        if image is not None:
+            if qvec is None:
+                qvec = self.collection.embed_query(image=image)
+            q_prefix = ip.prefixes(qvec)[0]
+            q_label = str(image) if isinstance(image, str | Path) else "query image"
+        prefixes: list[torch.Tensor | None] = [q_prefix] * len(hits)
+        labels: list[str | None] = [q_label] * len(hits)
+        rows = [i for i, h in enumerate(hits) if h.kind == "image" and h.path]
+        pils, ok = [], []
+        for i in rows:
+            try:
+                pils.append(load_image(hits[i].path).image)  # type: ignore[arg-type]
+                ok.append(i)
+            except (ImageDecodeError, OSError) as e:
+                logger.warning("retrieved image %s cannot be read (%s); its prompt gets no image prefix "
+                               "of its own", hits[i].path, e)
+        if ok:
+            item = ip.prefixes(self.collection.encoder.encode_images(pils))
+            for j, i in enumerate(ok):
+                prefixes[i], labels[i] = item[j], hits[i].path
+        return q_prefix, prefixes, q_label, labels
+
+    def _rag_sequence(self, prompts: list[Prompt], log_prior: np.ndarray, timings: dict[str, float],
+                      prefixes: list[torch.Tensor | None] | None = None,
+                      ) -> tuple[str, np.ndarray, list[dict[str, Any]]]:
         g, gs = self.generator, self.generation
         t = time.perf_counter()
-        per_item = g.generate(prompts, gs, num_return_sequences=gs.num_beams)
+        per_item = g.generate(prompts, gs, num_return_sequences=gs.num_beams, prefixes=prefixes)
         timings["generate"] = time.perf_counter() - t
         t = time.perf_counter()
         cands = list(dict.fromkeys(c for group in per_item for c in group))
         k = len(prompts)
         # every candidate under every item's prompt, one batched pass: lp[z, y]
-        flat = g.sequence_logprobs([p for p in prompts for _ in cands], cands * k)
+        flat = g.sequence_logprobs([p for p in prompts for _ in cands], cands * k,
+                                   prefixes=[x for x in prefixes for _ in cands] if prefixes else None)
         lp = flat.reshape(k, len(cands))
         scores = np.logaddexp.reduce(log_prior[:, None] + lp, axis=0)
         best = int(np.argmax(scores))
@@ -342,12 +402,13 @@ class RagPipeline:
         return cands[best], lp[:, best], [{"text": cands[j], "logprob": float(scores[j])} for j in ranked]
 
     @torch.inference_mode()
-    def _rag_token(self, prompts: list[Prompt], log_prior: np.ndarray) -> tuple[str, np.ndarray]:
+    def _rag_token(self, prompts: list[Prompt], log_prior: np.ndarray,
+                   prefixes: list[torch.Tensor | None] | None = None) -> tuple[str, np.ndarray]:
         g, gs = self.generator, self.generation
         if gs.num_beams > 1:
             raise QueryError("rag-token decodes greedily or by sampling; use --beams 1 (beam search "
                              "is available in concat and rag-sequence modes)")
-        state = g.start(prompts)
+        state = g.start(prompts, prefixes)
         lprior = torch.tensor(log_prior, dtype=torch.float32, device=g.device)[:, None]
         eos = _eos_ids(g)
         rng = torch.Generator(device="cpu")
