@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="abstain ('not found in the collection') when the best score is below S")
         sp.add_argument("--knowledge", metavar="DIR",
                         help="retrieve the conditioning texts from this other collection (same encoder)")
+        sp.add_argument("--image-prefix", metavar="CKPT",
+                        help="image-prefix checkpoint (from `train prefix`): the generator also reads the "
+                             "query image and retrieved images as prefix vectors (default generator: "
+                             "the checkpoint's own)")
         sp.add_argument("--json", action="store_true", help="print the whole answer record as JSON")
 
     ak = sub.add_parser("ask", help="answer a question grounded in the collection (RAG)")
@@ -215,6 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--lazy-generator", action="store_true",
                     help="load the generator on the first question instead of at start-up")
 
+    cp = sub.add_parser("caption", help="caption images: image prefix + retrieved neighbours' captions "
+                                        "(SmallCap style)")
+    cp.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) to caption")
+    cp.add_argument("--image-prefix", required=True, metavar="CKPT",
+                    help="image-prefix checkpoint folder (from `train prefix`)")
+    cp.add_argument("--collection", "-c", metavar="DIR",
+                    help="retrieve the neighbours' captions from this collection (its encoder must be the "
+                         "checkpoint's); without it the prompt holds no captions")
+    cp.add_argument("--k", "-k", type=_nonneg_int, metavar="K",
+                    help="neighbours' captions in the prompt (default: as trained, else 4; 0: none)")
+    cp.add_argument("--generator", "-g", metavar="SPEC", help="generator (default: the checkpoint's own)")
+    cp.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
+    cp.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
+    cp.add_argument("--beams", type=_positive_int, default=1, metavar="N")
+    cp.add_argument("--json", action="store_true", help="JSON records with the prompt and the sources")
+
     de = sub.add_parser("demo", help="index the bundled sample photos and run example queries")
     de.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP)
     de.add_argument("--collection", "-c", metavar="DIR",
@@ -234,6 +254,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after training, re-embed this collection's items with the trained encoder")
     tc.add_argument("--freeze-text", action="store_true", help="train the image tower only")
     tc.add_argument("--freeze-image", action="store_true", help="train the text tower only")
+    tp = trsub.add_parser("prefix", help="train the image-prefix mapping network (CLIP image embedding -> "
+                                         "generator input embeddings), generator frozen or not")
+    _add_train_flags(tp)
+    tp.add_argument("--model", "-m", required=True, metavar="SPEC", help="CLIP encoder (frozen): " + _MODEL_HELP)
+    tp.add_argument("--generator", "-g", required=True, metavar="SPEC",
+                    help="generator: hub id or save_pretrained folder")
+    tp.add_argument("--prefix-length", type=_positive_int, default=10, metavar="P",
+                    help="prefix vectors per image (default 10)")
+    tp.add_argument("--mapper", choices=("mlp", "transformer"), default="mlp",
+                    help="mapping network (default mlp)")
+    tp.add_argument("--hidden-size", type=_positive_int, default=512, metavar="N",
+                    help="mapper width (default 512)")
+    tp.add_argument("--mapper-layers", type=_positive_int, default=2, metavar="N",
+                    help="mlp hidden layers / transformer layers (default 2)")
+    tp.add_argument("--mapper-heads", type=_positive_int, default=8, metavar="N",
+                    help="transformer mapper attention heads (default 8)")
+    fz = tp.add_mutually_exclusive_group()
+    fz.add_argument("--freeze-generator", dest="train_generator", action="store_false", default=False,
+                    help="train the mapper only (default)")
+    fz.add_argument("--train-generator", dest="train_generator", action="store_true",
+                    help="fine-tune the generator with the mapper (saved inside the checkpoint)")
+    tp.add_argument("--retrieval", metavar="COLL",
+                    help="collection whose nearest captions go in the prompt (SmallCap style; same encoder)")
+    tp.add_argument("--k", "-k", type=_positive_int, default=4, metavar="K",
+                    help="neighbours' captions per prompt with --retrieval (default 4)")
     return p
 
 
@@ -543,7 +588,12 @@ def _pipeline(args: argparse.Namespace, coll: Any) -> Any:
         from .collection import Collection
 
         knowledge = Collection.open(args.knowledge)
-    return RagPipeline(coll, args.generator, settings, gen, knowledge=knowledge)
+    image_prefix = None
+    if getattr(args, "image_prefix", None):
+        from .generation.prefix import load_image_prefix
+
+        image_prefix = load_image_prefix(args.image_prefix)
+    return RagPipeline(coll, args.generator, settings, gen, knowledge=knowledge, image_prefix=image_prefix)
 
 
 def _print_answer(answer: Any, as_json: bool) -> None:
@@ -558,6 +608,40 @@ def _print_answer(answer: Any, as_json: bool) -> None:
             flag += "  (truncated)" if s.truncated else ""
             print(f"  [{s.rank}] posterior {s.posterior:.3f}  prior {s.prior:.3f}  score {s.score:.3f}  "
                   f"#{s.id} {s.path or ''}  {_tsv_field(s.text)[:120]}{flag}")
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .collection import Collection
+    from .generation import GenerationSettings
+    from .generation.caption import Captioner
+    from .generation.prefix import load_image_prefix
+
+    prefix = load_image_prefix(args.image_prefix)
+    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.beams)
+    coll = Collection.open(args.collection, model=args.model) if args.collection else None
+    failures, records = 0, []
+    try:
+        captioner = Captioner(prefix, collection=coll, generator=args.generator, k=args.k,
+                              generation=generation)
+        for image in args.images:
+            try:
+                result = captioner.caption(image)
+            except QueryError as e:
+                if len(args.images) == 1:
+                    raise
+                failures += 1
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            records.append(result)
+            if not args.json:
+                print(result.caption if len(args.images) == 1 else f"{_tsv_field(image)}\t{_tsv_field(result.caption)}")
+    finally:
+        if coll is not None:
+            coll.close()
+    if args.json:
+        out = [r.to_dict() for r in records]
+        print(json.dumps(out[0] if len(args.images) == 1 else out, indent=2, ensure_ascii=False))
+    return 2 if failures else 0
 
 
 def _check_image_arg(image: str | None) -> None:
@@ -743,8 +827,29 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_prefix(args: argparse.Namespace) -> int:
+    from .generation.prefix import PrefixSettings
+    from .training.prefix import TRAIN_DEFAULTS, PrefixTaskSettings, train_prefix
+
+    settings = _train_settings(args, **TRAIN_DEFAULTS)
+    try:
+        task_settings = PrefixTaskSettings(
+            model=args.model, generator=args.generator,
+            prefix=PrefixSettings(kind=args.mapper, prefix_length=args.prefix_length,
+                                  hidden_size=args.hidden_size, num_layers=args.mapper_layers,
+                                  num_heads=args.mapper_heads),
+            train_generator=args.train_generator, retrieval=args.retrieval, k=args.k)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    summary = train_prefix(args.source, args.out, task_settings, settings, image_root=args.image_root,
+                           allow_outside_root=args.allow_outside_root, resume=args.resume,
+                           progress=not args.quiet, metrics_path=args.metrics)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 #: ``train`` tasks by name (each parser is added in build_parser next to ``train clip``).
-TRAIN_COMMANDS = {"clip": cmd_train_clip}
+TRAIN_COMMANDS = {"clip": cmd_train_clip, "prefix": cmd_train_prefix}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -754,7 +859,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
             "remove": cmd_remove, "demo": cmd_demo, "ask": cmd_ask, "chat": cmd_chat,
             "write": cmd_write, "recommend": cmd_recommend, "serve": cmd_serve,
-            "duplicates": cmd_duplicates, "eval": cmd_eval, "train": cmd_train}
+            "duplicates": cmd_duplicates, "eval": cmd_eval, "train": cmd_train, "caption": cmd_caption}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

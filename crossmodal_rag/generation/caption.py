@@ -1,0 +1,116 @@
+"""Retrieval-augmented captioning in the style of SmallCap: the query image is read as an image
+prefix, and the captions of its nearest neighbours in a collection are the text prompt
+(:func:`~crossmodal_rag.generation.prefix.caption_prompt`, the same prompt ``train prefix`` uses).
+
+Example::
+
+    from crossmodal_rag import Collection
+    from crossmodal_rag.generation.caption import Captioner
+    from crossmodal_rag.generation.prefix import load_image_prefix
+    with Collection.open("photos.xmr") as coll:
+        captioner = Captioner(load_image_prefix("runs/prefix/best"), collection=coll, k=4)
+        print(captioner.caption("cat.jpg").caption)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from ..encoders import load_encoder
+from ..errors import ImageDecodeError, QueryError
+from ..images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from ..search import Hit
+from .models import GenerationSettings, Generator, load_generator
+from .prefix import ImagePrefix, caption_prompt
+
+if TYPE_CHECKING:
+    from ..collection import Collection
+
+__all__ = ["Caption", "Captioner"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Caption:
+    """A generated caption, the prompt the generator read and the neighbours it came from."""
+
+    image: str
+    caption: str
+    prompt: str  # the text after the image prefix
+    sources: list[dict[str, Any]] = field(default_factory=list)  # the retrieved captions (Hit dicts)
+    image_prefix: str = ""  # the checkpoint
+    generator: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Captioner:
+    """Captions images with an image prefix and (optionally) retrieved neighbours' captions.
+
+    ``k`` neighbours' captions are retrieved from ``collection`` (caption items, i.e.
+    ``target="texts"``); default ``k``: the number the checkpoint was trained with, or 4 when it
+    was trained without retrieval. ``k=0`` or no collection: the prompt holds no captions. The
+    generator defaults to the checkpoint's own; the collection's encoder and the generator must be
+    the ones the checkpoint belongs to.
+    """
+
+    def __init__(
+        self, image_prefix: ImagePrefix, *, collection: Collection | None = None,
+        generator: str | Generator | None = None, k: int | None = None,
+        generation: GenerationSettings | None = None,
+    ) -> None:
+        self.prefix, self.collection = image_prefix, collection
+        if generator is None:
+            generator = image_prefix.generator_spec
+        self.generator = generator if isinstance(generator, Generator) else load_generator(generator)
+        image_prefix.check_generator(self.generator)
+        if collection is not None:
+            image_prefix.check_encoder(collection.manifest.encoder, collection.manifest.dim)
+            self.encoder = collection.encoder
+        else:
+            self.encoder = load_encoder(image_prefix.config.encoder)
+        trained_k = image_prefix.config.retrieval_k
+        self.k = 0 if collection is None else (k if k is not None else (trained_k or 4))
+        if self.k < 0:
+            raise QueryError(f"k must be >= 0, got {self.k}")
+        if collection is not None and trained_k and self.k != trained_k:
+            logger.info("captioning with %d neighbours; %s was trained with %d", self.k, image_prefix.label,
+                        trained_k)
+        self.generation = generation or GenerationSettings(max_new_tokens=64)
+
+    def caption(self, image: str | Path | Image.Image, *,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Caption:
+        """Caption one image (a path or a PIL image).
+
+        Raises:
+            QueryError: the image cannot be read.
+        """
+        label = str(image) if isinstance(image, str | Path) else "image"
+        if isinstance(image, Image.Image):
+            pil = image.convert("RGB")
+        else:
+            if not Path(image).is_file():
+                raise QueryError(f"image {image} does not exist or is not a file")
+            try:
+                pil = load_image(image, max_pixels=max_image_pixels).image
+            except ImageDecodeError as e:
+                raise QueryError(f"image {e.path}: {e.reason}") from e
+        vec = self.encoder.encode_images([pil])
+        hits: list[Hit] = []
+        if self.collection is not None and self.k > 0:
+            own = str(Path(image).resolve()) if isinstance(image, str | Path) else None
+            found = self.collection.search_vectors(vec, k=self.k + 1, target="texts")[0]
+            hits = [h for h in found if own is None or h.path is None or
+                    str(Path(h.path).resolve()) != own][: self.k]
+        prompt = caption_prompt([h.text or "" for h in hits])
+        prefix = self.prefix.prefixes(vec)
+        text = self.generator.generate([prompt], self.generation, prefixes=[prefix[0]])[0][0]
+        return Caption(image=label, caption=text, prompt=prompt, sources=[h.to_dict() for h in hits],
+                       image_prefix=self.prefix.label, generator=self.generator.spec)
