@@ -1,0 +1,489 @@
+"""``train clip``: contrastive fine-tuning of the CLIP encoder on image-caption pairs, and
+re-embedding a collection with the result.
+
+The loss is open_clip's :class:`~open_clip.loss.ClipLoss` (symmetric cross-entropy over the
+batch's image-text similarities) with the model's own trainable ``logit_scale``. Images go
+through the model's own (evaluation) preprocessing, so the trained encoder sees pictures exactly
+as it will when indexing. Both backends train: an open_clip model is saved as an
+``open_clip:local-dir:`` folder (``open_clip_config.json`` + ``open_clip_model.safetensors``), a
+transformers CLIP model as a ``save_pretrained`` folder (``hf:FOLDER``); either loads through the
+ordinary model spec.
+
+A batch keeps one image per distinct caption: two pictures with the same caption would
+otherwise count as each other's negatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .._config import strict_from_dict
+from ..encoders import ClipEncoder, parse_model_spec
+from ..encoders.spec import DEFAULT_MODEL, ModelSpec
+from ..errors import CollectionError, ImageDecodeError, ModelSpecError
+from ..images import decode_image
+from ..sources import Problem
+from .loop import TrainResult, TrainSettings, train
+from .pairs import CaptionedImages, read_captioned_images
+
+__all__ = [
+    "ClipTask",
+    "ClipTaskSettings",
+    "ReembedReport",
+    "artifact_spec",
+    "reembed_collection",
+    "train_clip",
+]
+
+logger = logging.getLogger(__name__)
+
+_MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the temperature
+_IMAGE_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
+_SCALE_NAMES = ("logit_scale", "logit_bias")
+
+
+@dataclass(frozen=True)
+class ClipTaskSettings:
+    """What of the encoder trains and how images are held."""
+
+    train_image: bool = True  # update the image tower
+    train_text: bool = True  # update the text tower
+    train_logit_scale: bool = True  # update the temperature
+    cache_images: bool = True  # keep preprocessed images in memory (else decode each batch)
+
+    #: TrainSettings defaults for fine-tuning a pretrained encoder (flags override them).
+    TRAIN_DEFAULTS: ClassVar[dict[str, Any]] = {"lr": 1e-5, "weight_decay": 0.1, "batch_size": 32,
+                                                "warmup_steps": 20, "max_steps": 500}
+
+    def __post_init__(self) -> None:
+        if not (self.train_image or self.train_text or self.train_logit_scale):
+            raise ValueError("clip task: nothing to train (train_image, train_text and "
+                             "train_logit_scale are all off)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClipTaskSettings:
+        return strict_from_dict(cls, data, "clip task settings")
+
+
+def _load_backend(spec: ModelSpec) -> Any:
+    if spec.backend == "open_clip":
+        from ..encoders.openclip import OpenClipBackend
+
+        backend: Any = OpenClipBackend(spec)
+    else:
+        from ..encoders.hf import HFClipBackend
+
+        backend = HFClipBackend(spec)
+    backend.load("cpu")
+    return backend
+
+
+def _open_clip_config(spec: ModelSpec, model: Any) -> dict[str, Any]:
+    """``{"model_cfg", "preprocess_cfg"}`` of a loaded open_clip model, as a local-dir folder holds."""
+    import open_clip
+
+    name = spec.name
+    if name.startswith("local-dir:"):
+        return json.loads((Path(name[len("local-dir:") :]) / "open_clip_config.json").read_text())
+    if name.startswith("hf-hub:"):
+        from ..encoders._hub import cached_hub_file
+
+        path = cached_hub_file(name[len("hf-hub:") :], ["open_clip_config.json"])
+        if path is None:
+            raise ModelSpecError(f"cannot find open_clip_config.json of {spec} in the hub cache")
+        return json.loads(Path(path).read_text())
+    model_cfg = dict(open_clip.get_model_config(name) or {})
+    if not model_cfg:
+        raise ModelSpecError(f"unknown open_clip architecture {name!r}")
+    pretrained_cfg = open_clip.get_pretrained_cfg(name, spec.pretrained or "") or {}
+    if pretrained_cfg.get("quick_gelu"):
+        model_cfg["quick_gelu"] = True
+    pre = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    size = pre.get("size", model_cfg.get("vision_cfg", {}).get("image_size", 224))
+    preprocess = {"size": list(size) if isinstance(size, tuple | list) else size,
+                  "mean": list(pre.get("mean", ())), "std": list(pre.get("std", ())),
+                  "interpolation": pre.get("interpolation", "bicubic"),
+                  "resize_mode": pre.get("resize_mode", "shortest")}
+    return {"model_cfg": model_cfg, "preprocess_cfg": {k: v for k, v in preprocess.items() if v != []}}
+
+
+def _load_rgb(path: Path) -> tuple[Any, str]:
+    """(RGB PIL image, sha256 of the file's bytes); raises ImageDecodeError."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(str(path), f"cannot read file: {e.strerror or e}") from e
+    return decode_image(data, str(path)).image, hashlib.sha256(data).hexdigest()
+
+
+class ClipTask:
+    """Contrastive fine-tuning of a CLIP model (a :class:`~crossmodal_rag.training.TrainTask`).
+
+    Examples are the captioned images of ``data``; a training batch pairs each image with one of
+    its captions drawn at random, validation with its first caption. Images that cannot be
+    decoded are skipped (``skipped`` says why).
+    """
+
+    name = "clip"
+
+    def __init__(self, model: str | ModelSpec, data: CaptionedImages,
+                 settings: ClipTaskSettings | None = None) -> None:
+        self.spec = parse_model_spec(model)
+        self.settings = settings or ClipTaskSettings()
+        self.backend = _load_backend(self.spec)
+        self.model = self.backend.model
+        self.config = _open_clip_config(self.spec, self.model) if self.spec.backend == "open_clip" else None
+        self.skipped: list[Problem] = list(data.skipped)
+        self.paths: list[Path] = []
+        self.captions: list[tuple[str, ...]] = []
+        self._pixels: list[torch.Tensor] = []
+        for path, caps in zip(data.paths, data.captions, strict=True):
+            try:
+                image, _ = _load_rgb(path)
+            except ImageDecodeError as e:
+                self.skipped.append(Problem(e.path, e.reason))
+                continue
+            self.paths.append(path)
+            self.captions.append(caps)
+            if self.settings.cache_images:
+                self._pixels.append(self.backend.preprocess(image))
+        if len(self.paths) < 2:
+            raise CollectionError(f"clip training needs at least 2 readable captioned images, got {len(self.paths)}")
+        self._groups = self._set_trainable()
+        self._loss_fn: Any = None
+
+    def _set_trainable(self) -> dict[str, list[torch.nn.Parameter]]:
+        groups: dict[str, list[torch.nn.Parameter]] = {"image": [], "text": [], "scale": []}
+        for pname, p in self.model.named_parameters():
+            group = ("scale" if pname in _SCALE_NAMES else
+                     "image" if pname.startswith(_IMAGE_PREFIXES) else "text")
+            on = {"image": self.settings.train_image, "text": self.settings.train_text,
+                  "scale": self.settings.train_logit_scale}[group]
+            p.requires_grad_(on)
+            if on:
+                groups[group].append(p)
+        return groups
+
+    # -- TrainTask --------------------------------------------------------------------------
+    def num_examples(self) -> int:
+        return len(self.paths)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for ps in self._groups.values() for p in ps]
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _pixels_of(self, indices: Sequence[int]) -> torch.Tensor:
+        if self.settings.cache_images:
+            batch = [self._pixels[i] for i in indices]
+        else:
+            batch = [self.backend.preprocess(_load_rgb(self.paths[i])[0]) for i in indices]
+        return torch.stack(batch).to(self._device())
+
+    def _features(self, indices: Sequence[int], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.backend.image_features(self._pixels_of(indices))
+        txt = self.backend.text_features(texts)
+        return (torch.nn.functional.normalize(img.float(), dim=-1),
+                torch.nn.functional.normalize(txt.float(), dim=-1))
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.clamp(0, _MAX_LOGIT_SCALE).exp()
+
+    def loss(self, indices: Sequence[int], *, train: bool) -> torch.Tensor:
+        """Mean ClipLoss of a batch; one image per distinct caption is kept."""
+        from open_clip.loss import ClipLoss
+
+        if self._loss_fn is None:
+            self._loss_fn = ClipLoss()
+        self.model.train(train)
+        seen: set[str] = set()
+        keep: list[int] = []
+        texts: list[str] = []
+        for i in indices:
+            caps = self.captions[i]
+            text = caps[int(torch.randint(len(caps), (1,)))] if train and len(caps) > 1 else caps[0]
+            if text not in seen:
+                seen.add(text)
+                keep.append(i)
+                texts.append(text)
+        img, txt = self._features(keep, texts)
+        return self._loss_fn(img, txt, self.logit_scale())
+
+    @torch.no_grad()
+    def embed(self, indices: Sequence[int], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised image and first-caption embeddings of examples ``indices``: two ``(N, D)``."""
+        self.model.eval()
+        imgs, txts = [], []
+        for start in range(0, len(indices), batch_size):
+            chunk = list(indices[start : start + batch_size])
+            img, txt = self._features(chunk, [self.captions[i][0] for i in chunk])
+            imgs.append(img.cpu().numpy())
+            txts.append(txt.cpu().numpy())
+        return np.concatenate(imgs), np.concatenate(txts)
+
+    def evaluate(self, indices: Sequence[int]) -> dict[str, float]:
+        """Recall@1 over the validation examples, both ways: a hit is any image sharing the
+        caption (text->image) or any caption of the same text (image->text)."""
+        img, txt = self.embed(indices)
+        texts = [self.captions[i][0] for i in indices]
+        same = np.array([[a == b for b in texts] for a in texts])
+        sims = txt @ img.T
+        t2i = float(same[np.arange(len(texts)), sims.argmax(1)].mean())
+        i2t = float(same[np.arange(len(texts)), sims.T.argmax(1)].mean())
+        return {"t2i_r1": t2i, "i2t_r1": i2t, "logit_scale": float(self.logit_scale())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+    def save_artifact(self, folder: Path) -> None:
+        """An ``open_clip:local-dir:`` folder, or a transformers ``save_pretrained`` folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.spec.backend == "open_clip":
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(folder / "open_clip_model.safetensors"))
+            (folder / "open_clip_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        else:
+            self.model.save_pretrained(folder)
+            self.backend.tokenizer.save_pretrained(folder)
+            self.backend.processor.save_pretrained(folder)
+        (folder / "train_info.json").write_text(
+            json.dumps({"task": "clip", "base_model": str(self.spec), "settings": self.settings.to_dict()},
+                       indent=2) + "\n")
+
+    def to(self, device: str) -> None:
+        self.model.to(device)
+
+
+def artifact_spec(folder: str | Path) -> str:
+    """The model spec of a saved artifact folder (``open_clip:local-dir:...`` or ``hf:...``)."""
+    return str(parse_model_spec(str(Path(folder).resolve())))
+
+
+@dataclass(frozen=True)
+class ReembedReport:
+    """What :func:`reembed_collection` did."""
+
+    collection: str
+    previous_encoder: str
+    encoder: str
+    images: int  # image vectors recomputed
+    texts: int  # caption, passage and window vectors recomputed
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _image_vectors(coll: Any, encoder: ClipEncoder, ids: np.ndarray, batch_size: int,
+                   progress: bool) -> tuple[np.ndarray, list[str]]:
+    from tqdm.auto import tqdm
+
+    out = np.zeros((len(ids), encoder.dim), dtype=np.float32)
+    problems: list[str] = []
+    bar = tqdm(total=len(ids), desc="re-embed images", unit=" img", file=sys.stderr,
+               disable=not progress or not len(ids), dynamic_ncols=True)
+    for start in range(0, len(ids), batch_size):
+        chunk = [int(i) for i in ids[start : start + batch_size]]
+        items = coll.get(chunk)
+        pixels, rows = [], []
+        for row, item in enumerate(items, start=start):
+            reasons = []
+            for p in coll.store.paths_of(item.id):
+                try:
+                    image, sha = _load_rgb(Path(p))
+                except ImageDecodeError as e:
+                    reasons.append(f"{p}: {e.reason}")
+                    continue
+                if item.sha256 and sha != item.sha256:
+                    reasons.append(f"{p}: changed since it was indexed")
+                    continue
+                pixels.append(encoder.preprocess(image))
+                rows.append(row)
+                break
+            else:
+                problems.append(f"image item {item.id}: " + ("; ".join(reasons) or "no source path"))
+        if pixels:
+            out[rows] = encoder.encode_pixels(torch.stack(pixels))
+        bar.update(len(chunk))
+    bar.close()
+    return out, problems
+
+
+def _text_of(item: Any) -> str:
+    if item.kind == "passage" and item.title:
+        return f"{item.title}. {item.text}"
+    return item.text or ""
+
+
+def _staging_paths(folder: Path) -> tuple[Path, Path]:
+    return folder.parent / f".{folder.name}.reembed", folder.parent / f".{folder.name}.pre-reembed"
+
+
+def _finish_swap(folder: Path) -> None:
+    """Complete a re-embedding whose process died between the two folder renames."""
+    staging, backup = _staging_paths(folder)
+    if not folder.exists() and (staging / _READY).is_file() and backup.is_dir():
+        logger.warning("completing an interrupted re-embedding of %s", folder)
+        os.replace(staging, folder)
+    if folder.exists() and backup.is_dir():
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+_READY = ".reembed-ready"
+
+
+def _fresh_manifest(old: Any, spec: str, dim: int) -> Any:
+    """``old`` for a new encoder: no index files, shards or tuning (rebuilt on open)."""
+    from dataclasses import fields as dc_fields
+
+    names = {f.name for f in dc_fields(old)}
+    reset = {k: {} for k in ("files", "embeddings", "index_types", "tuning", "build") if k in names}
+    return replace(old, encoder=spec, dim=dim, generation=0, **reset)
+
+
+def reembed_collection(
+    folder: str | Path, model: str | ModelSpec, *, batch_size: int = 32, device: str | None = None,
+    progress: bool = True, fsync: str = "full",
+) -> ReembedReport:
+    """Recompute every vector of the collection in ``folder`` with encoder ``model`` and make it
+    the collection's encoder (its manifest names it; searches use it). Item ids stay the same.
+
+    Images are re-read from their source files (a file that is gone or changed since indexing
+    makes the call fail before anything is changed: remove the item or restore the file).
+    Captions and passages are re-encoded from their stored text. The new collection is built
+    beside the old one (a copy of the metadata with the new vectors; its indexes are rebuilt
+    from them), then swapped in by renaming, holding the old one's write lock throughout. A
+    process that dies before the swap leaves the old collection untouched; one that dies
+    between the two renames is completed by the next call.
+
+    Raises:
+        CollectionError: the collection cannot be opened for writing, or an image is unreadable.
+    """
+    from ..collection import PROBE_TEXTS, Collection
+    from ..store.metadata import DB_NAME, MetadataStore
+
+    started = time.perf_counter()
+    folder = Path(folder).expanduser().resolve()
+    _finish_swap(folder)
+    staging, backup = _staging_paths(folder)
+    spec = str(parse_model_spec(model))
+    with Collection.open(folder, writable=True, device=device, fsync=fsync) as coll:  # type: ignore[arg-type]
+        encoder = ClipEncoder(spec, device=device).load()  # not the process cache: the folder may be new
+        previous = coll.manifest
+        image_ids = coll.store.ids("image")
+        text_ids = coll.store.ids("text")
+        image_vecs, problems = _image_vectors(coll, encoder, image_ids, batch_size, progress)
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise CollectionError(
+                f"cannot re-embed {folder}: {len(problems)} image(s) unreadable, e.g. "
+                f"{'; '.join(problems[:5])}{more}. Restore the files, or remove the items "
+                "(crossmodal-rag remove --path ...) and run again; nothing was changed"
+            )
+        text_vecs = np.zeros((len(text_ids), encoder.dim), dtype=np.float32)
+        for start in range(0, len(text_ids), 256):
+            chunk = [int(i) for i in text_ids[start : start + 256]]
+            texts = []
+            for item in coll.get(chunk):
+                text = _text_of(item)
+                texts.append(text if item.kind == "window" else encoder.text_windows(text)[0])
+            text_vecs[start : start + len(chunk)] = encoder.encode_texts(texts)
+        probe = encoder.encode_texts(list(PROBE_TEXTS))
+
+        # Build the new collection beside the old one.
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        dst = sqlite3.connect(staging / DB_NAME)
+        with coll.store.snapshot() as src:
+            src.backup(dst)
+        dst.close()
+        store = MetadataStore(staging, fsync=fsync)
+        try:
+            with store.transaction() as conn:
+                for ids, vecs in ((image_ids, image_vecs), (text_ids, text_vecs)):
+                    conn.executemany("UPDATE items SET vector = ? WHERE id = ?",
+                                     [(np.ascontiguousarray(v, dtype="<f4").tobytes(), int(i))
+                                      for i, v in zip(ids, vecs, strict=True)])
+                store.set_meta("encoder_probe", json.dumps(probe.round(6).tolist()))
+        finally:
+            store.close()
+        _fresh_manifest(previous, spec, encoder.dim).write(staging, fsync=fsync != "off")
+        with Collection.open(staging, writable=True, device=device, fsync=fsync) as new:  # type: ignore[arg-type]
+            counts = new.counts()  # opening rebuilt the indexes from the new vectors
+        if counts != coll.counts():
+            raise CollectionError(f"re-embedding {folder}: the new collection holds {counts}, the old "
+                                  f"{coll.counts()}; nothing was changed (remove {staging})")
+        (staging / _READY).write_text(spec + "\n")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(folder, backup)
+        os.replace(staging, folder)
+    (folder / _READY).unlink(missing_ok=True)
+    shutil.rmtree(backup, ignore_errors=True)
+    logger.info("re-embedded %s: %d images, %d texts with %s (was %s)", folder, len(image_ids),
+                len(text_ids), spec, previous.encoder)
+    return ReembedReport(str(folder), previous.encoder, spec, len(image_ids), len(text_ids),
+                         round(time.perf_counter() - started, 3))
+
+
+def train_clip(
+    source: str | Path, out_dir: str | Path, *, model: str | None = None,
+    settings: TrainSettings | None = None, task_settings: ClipTaskSettings | None = None,
+    collection: str | Path | None = None, image_root: str | Path | None = None,
+    allow_outside_root: bool = False, resume: bool = False, progress: bool = True,
+    metrics_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """Fine-tune a CLIP encoder on the captioned images of ``source``; with ``collection``,
+    re-embed that collection with the best checkpoint afterwards.
+
+    Args:
+        model: the encoder to start from (default: the collection's encoder, else the default model).
+        settings: loop settings (default: :attr:`ClipTaskSettings.TRAIN_DEFAULTS`).
+
+    Returns:
+        A JSON-able summary: the :class:`TrainResult` fields, ``model`` (the trained encoder's
+        spec: ``out_dir/best``), ``base_model``, ``examples``, ``skipped`` and ``reembedded``.
+    """
+    if model is None and collection is not None:
+        from ..store.manifest import Manifest
+
+        model = Manifest.read(Path(collection).expanduser().resolve()).encoder
+    settings = settings or TrainSettings(**ClipTaskSettings.TRAIN_DEFAULTS)
+    data = read_captioned_images(source, image_root=image_root, allow_outside_root=allow_outside_root)
+    task = ClipTask(model or DEFAULT_MODEL, data, task_settings)
+    result: TrainResult = train(task, settings, out_dir, resume=resume, progress=progress,
+                                metrics_path=metrics_path)
+    trained = artifact_spec(result.best_dir)
+    summary: dict[str, Any] = {
+        "task": "clip", **result.to_dict(), "model": trained, "base_model": str(task.spec),
+        "examples": task.num_examples(), "skipped": [p.to_dict() for p in task.skipped],
+        "reembedded": None,
+    }
+    if collection is not None:
+        report = reembed_collection(collection, trained, device=settings.device, progress=progress)
+        summary["reembedded"] = report.to_dict()
+    return summary

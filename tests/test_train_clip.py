@@ -1,0 +1,143 @@
+"""train clip: contrastive fine-tuning on the synthetic shapes (tiny random models), the saved
+encoder reloading through its model spec, and re-embedding a collection with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossmodal_rag import Collection
+from crossmodal_rag.encoders import ClipEncoder
+from crossmodal_rag.errors import CollectionError, EncoderMismatchError
+from crossmodal_rag.synthetic import make_shapes
+from crossmodal_rag.training import TrainSettings, train
+from crossmodal_rag.training.clip import (
+    ClipTask,
+    ClipTaskSettings,
+    artifact_spec,
+    reembed_collection,
+)
+from crossmodal_rag.training.pairs import read_captioned_images
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes")
+    make_shapes(folder, 48, seed=0, size=32)
+    return folder
+
+
+def _train_losses(metrics: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["split"] == "train"]
+
+
+def _check_reload(task: ClipTask, best: Path) -> None:
+    """The saved folder, loaded through its spec, embeds exactly like the trained model."""
+    indices = list(range(task.num_examples()))
+    img, txt = task.embed(indices)
+    enc = ClipEncoder(artifact_spec(best), device="cpu")
+    np.testing.assert_allclose(enc.encode_images(task.paths), img, atol=1e-5)
+    np.testing.assert_allclose(enc.encode_texts([c[0] for c in task.captions]), txt, atol=1e-5)
+
+
+def test_open_clip_loss_falls_and_encoder_reloads(tmp_path: Path, shapes: Path, tiny_oc_spec: str) -> None:
+    task = ClipTask(tiny_oc_spec, read_captioned_images(shapes))
+    before = task.state_dict()["visual.conv1.weight"]
+    settings = TrainSettings(max_steps=30, batch_size=16, lr=1e-3, val_fraction=0.0, checkpoint_every=30,
+                             device="cpu")
+    result = train(task, settings, tmp_path / "run", progress=False)
+    losses = _train_losses(result.metrics_path)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert not np.allclose(task.state_dict()["visual.conv1.weight"], before)
+    # Without a validation set, best/ is the final model; it is an open_clip local-dir folder.
+    assert artifact_spec(result.best_dir).startswith("open_clip:local-dir:")
+    assert json.loads((result.best_dir / "train_info.json").read_text())["base_model"] == tiny_oc_spec
+    _check_reload(task, result.best_dir)
+
+
+def test_frozen_tower_does_not_change(shapes: Path, tiny_oc_spec: str, tmp_path: Path) -> None:
+    task = ClipTask(tiny_oc_spec, read_captioned_images(shapes), ClipTaskSettings(train_text=False))
+    text_before = task.state_dict()["token_embedding.weight"]
+    image_before = task.state_dict()["visual.conv1.weight"]
+    train(task, TrainSettings(max_steps=3, batch_size=8, lr=1e-3, device="cpu"), tmp_path / "r", progress=False)
+    assert np.array_equal(task.state_dict()["token_embedding.weight"], text_before)
+    assert not np.array_equal(task.state_dict()["visual.conv1.weight"], image_before)
+    with pytest.raises(ValueError, match="nothing to train"):
+        ClipTaskSettings(train_image=False, train_text=False, train_logit_scale=False)
+
+
+def test_hf_clip_trains_and_reloads(tmp_path: Path, shapes: Path, tiny_hf_dir: Path) -> None:
+    task = ClipTask(f"hf:{tiny_hf_dir}", read_captioned_images(shapes))
+    settings = TrainSettings(max_steps=12, batch_size=16, lr=1e-3, val_fraction=0.0, device="cpu")
+    result = train(task, settings, tmp_path / "hf", progress=False)
+    losses = _train_losses(result.metrics_path)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    assert artifact_spec(result.best_dir).startswith("hf:")
+    _check_reload(task, result.best_dir)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "crossmodal_rag", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_train_clip_reembeds_the_collection(tmp_path: Path, shapes: Path, tiny_oc_spec: str) -> None:
+    coll_dir = tmp_path / "coll"
+    with Collection.create(coll_dir, tiny_oc_spec) as coll:
+        coll.add(shapes)
+    r = _cli("train", "clip", str(shapes / "manifest.jsonl"), "--out", str(tmp_path / "out"),
+             "--collection", str(coll_dir), "--steps", "6", "--batch-size", "16", "--lr", "1e-3",
+             "--eval-every", "3", "--val-fraction", "0.25", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 6 and summary["examples"] == 48 and summary["base_model"] == tiny_oc_spec
+    new_spec = summary["model"]
+    assert new_spec == f"open_clip:local-dir:{tmp_path / 'out' / 'best'}"
+    assert summary["reembedded"]["images"] == 48 and summary["reembedded"]["texts"] == 48
+
+    with Collection.open(coll_dir) as coll:
+        assert coll.manifest.encoder == new_spec  # the collection names its new encoder
+        assert coll.check().ok
+        enc = ClipEncoder(new_spec, device="cpu")
+        items = coll.get(coll.store.ids("image").tolist())
+        stored = coll.store.vectors([it.id for it in items], coll.manifest.dim)
+        np.testing.assert_allclose(stored, enc.encode_images([it.path for it in items]), atol=1e-5)
+        caption_ids = coll.store.ids("text").tolist()
+        captions = coll.get(caption_ids)
+        np.testing.assert_allclose(coll.store.vectors(caption_ids, coll.manifest.dim),
+                                   enc.encode_texts([c.text for c in captions]), atol=1e-5)
+        # Searching uses the new encoder: scores are new-text . new-image products.
+        query = items[0].captions[0]
+        hits = coll.search(query, k=3)
+        q = enc.encode_texts(query)[0]
+        by_id = dict(zip([it.id for it in items], stored, strict=True))
+        assert [h.score for h in hits] == pytest.approx([float(q @ by_id[h.id]) for h in hits], abs=1e-5)
+        assert hits[0].score == pytest.approx(float((stored @ q).max()), abs=1e-5)
+    with pytest.raises(EncoderMismatchError):  # the old encoder no longer fits
+        Collection.open(coll_dir, model=tiny_oc_spec).close()
+
+
+def test_reembed_refuses_unreadable_images_and_changes_nothing(
+    tmp_path: Path, shapes: Path, tiny_oc_spec: str, tiny_hf_dir: Path
+) -> None:
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(shapes, src)
+    coll_dir = tmp_path / "coll"
+    with Collection.create(coll_dir, tiny_oc_spec) as coll:
+        coll.add(src)
+    (src / "shape-00003.png").write_bytes(b"not a png")
+    before = (coll_dir / "manifest.json").read_bytes()
+    with pytest.raises(CollectionError, match="shape-00003.png"):
+        reembed_collection(coll_dir, f"hf:{tiny_hf_dir}", progress=False)
+    assert (coll_dir / "manifest.json").read_bytes() == before
+    with Collection.open(coll_dir) as coll:
+        assert coll.manifest.encoder == tiny_oc_spec and coll.check().ok
