@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--fsync", choices=("full", "normal", "off"), default="full",
                     help="durability policy (default full; see README 'Collections')")
     ix.add_argument("--no-fsync", dest="fsync", action="store_const", const="off", help="same as --fsync off")
+    ix.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="embed on Ray: alone, a local Ray instance started for the run; 'auto', "
+                         "HOST:PORT or ray://HOST:PORT, an existing cluster (needs crossmodal-rag[distributed])")
+    ix.add_argument("--ray-actors", type=_positive_int, default=None, metavar="N",
+                    help="encoder actors (default: one per GPU, or 1 without GPUs)")
+    ix.add_argument("--ray-batch-size", type=_positive_int, default=None, metavar="N",
+                    help="images per Ray decode task and encoder call (default: --batch-size)")
+    ix.add_argument("--ray-actor-cpus", type=float, default=1.0, metavar="N",
+                    help="CPUs each encoder actor reserves, its torch threads on CPU (default 1)")
 
     se = sub.add_parser("search", help="search a collection by text or by image")
     se.add_argument("text", nargs="?", metavar="TEXT", help="text query")
@@ -366,9 +375,15 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.max_image_pixels:
         settings_kwargs["max_image_pixels"] = args.max_image_pixels
     settings = IngestSettings(**settings_kwargs)
+    ray_settings = _ray_settings(args)
     with Collection.open_or_create(folder, args.model, index_type=args.index_type,
                                    fsync=args.fsync) as coll:
-        report = ingest(coll, args.source, settings)
+        if ray_settings is not None:
+            from .distributed import ingest_ray
+
+            report = ingest_ray(coll, args.source, settings, ray_settings)
+        else:
+            report = ingest(coll, args.source, settings)
         counts = coll.counts()
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -389,6 +404,24 @@ def cmd_index(args: argparse.Namespace) -> int:
             print("error: nothing could be indexed", file=sys.stderr)
         return 1
     return 0
+
+
+def _ray_settings(args: argparse.Namespace) -> Any:
+    """RaySettings for ``index --ray``, or None (refusing --ray-* options without --ray)."""
+    if args.ray is None:
+        given = [f for f, v in (("--ray-actors", args.ray_actors), ("--ray-batch-size", args.ray_batch_size),
+                                ("--ray-actor-cpus", args.ray_actor_cpus != 1.0)) if v]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply with --ray")
+        return None
+    from .distributed import RaySettings, require_ray
+
+    require_ray()  # before a collection is created
+    try:
+        return RaySettings(address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
+                           batch_size=args.ray_batch_size, actor_cpus=args.ray_actor_cpus)
+    except ValueError as e:
+        raise UsageError(f"index: {e}") from e
 
 
 def _exts() -> set[str]:

@@ -8,6 +8,11 @@ Stages, named for what flows through them::
 Each batch is one SQLite transaction, so a kill loses at most the batch in flight, and a re-run
 resumes: files whose path, size and modification time are already recorded are skipped without
 being read, and byte-identical files are stored once (SHA-256 of the contents).
+
+Where the vectors come from is an :class:`Embedder`: by default this process (DataLoader workers
+decode, the collection's encoder embeds each batch as it is committed);
+:mod:`crossmodal_rag.distributed` computes them on a Ray cluster beforehand. Either way the same
+commit code runs, in source order, so the ids and metadata are the same.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -35,7 +40,7 @@ from .sources import ImageRecord, Problem, TextRecord, read_source
 if TYPE_CHECKING:
     from .collection import Collection
 
-__all__ = ["IngestReport", "IngestSettings", "ingest"]
+__all__ = ["Embedder", "IngestReport", "IngestSettings", "ingest"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +147,56 @@ def _batches(paths: list[Path], transform: Any, settings: IngestSettings) -> Ite
     yield from loader
 
 
+# -- where vectors come from ------------------------------------------------------------------
+class Embedder(Protocol):
+    """Gives ingest its vectors. :meth:`prepare` is called once, before anything is committed,
+    with what will need vectors; then the commit asks for decoded image batches and vectors."""
+
+    def prepare(self, texts: list[str], images: list[ImageRecord], settings: IngestSettings) -> None:
+        """``texts``: passages to embed (images' captions come with ``images``, the files to embed)."""
+
+    def image_batches(self, images: list[ImageRecord],
+                      settings: IngestSettings) -> Iterable[list[dict[str, Any]]]:
+        """``images`` in order, in batches of ``settings.batch_size``: per image a dict with ``i``
+        (its position in ``images``) and either ``error`` (a one-line reason) or ``sha256``,
+        ``size``, ``mtime_ns``, ``width``, ``height``, ``format`` and what :meth:`image_vectors`
+        needs (``pixels`` ``(3, H, W)``, or a precomputed ``vector`` ``(D,)``)."""
+
+    def image_vectors(self, decoded: list[dict[str, Any]]) -> np.ndarray:
+        """Decoded images (dicts from :meth:`image_batches`) -> ``(N, D)`` float32, unit rows."""
+
+    def text_vectors(self, texts: list[str]) -> np.ndarray:
+        """Texts (each fits the encoder's context) -> ``(N, D)`` float32, unit rows."""
+
+
+class _LocalEmbedder:
+    """Vectors computed in this process as the commit goes (DataLoader workers decode)."""
+
+    def __init__(self, collection: Collection) -> None:
+        self.c = collection
+
+    def prepare(self, texts: list[str], images: list[ImageRecord], settings: IngestSettings) -> None:
+        pass
+
+    def image_batches(self, images: list[ImageRecord],
+                      settings: IngestSettings) -> Iterable[list[dict[str, Any]]]:
+        encoder = self.c.encoder.load()
+        return _batches([r.path for r in images], encoder.preprocess, settings)
+
+    def image_vectors(self, decoded: list[dict[str, Any]]) -> np.ndarray:
+        return self.c.encoder.encode_pixels(torch.stack([o["pixels"] for o in decoded]))
+
+    def text_vectors(self, texts: list[str]) -> np.ndarray:
+        return self.c.encoder.encode_texts(texts)
+
+
 # -- the run ---------------------------------------------------------------------------------
-def ingest(collection: Collection, source: str | Path, settings: IngestSettings | None = None) -> IngestReport:
+def ingest(collection: Collection, source: str | Path, settings: IngestSettings | None = None, *,
+           embedder: Embedder | None = None) -> IngestReport:
     """Add everything in ``source`` to ``collection`` (opened writable); see the module docstring.
 
-    Bad items are skipped and listed in the report; the run goes on.
+    Bad items are skipped and listed in the report; the run goes on. ``embedder``: where the
+    vectors come from (default: this process, with the collection's encoder).
     """
     settings = settings or IngestSettings()
     collection._require_writable()
@@ -162,12 +212,15 @@ def ingest(collection: Collection, source: str | Path, settings: IngestSettings 
             images.append(rec)
         else:
             texts.append(rec)
-    writer = _Writer(collection, report)
+    writer = _Writer(collection, report, embedder or _LocalEmbedder(collection))
     try:
-        if texts:
-            writer.add_passages(texts, settings)
+        passages = writer.new_passages(texts)
+        todo, unchanged = writer.split_unchanged(images)
+        writer.embedder.prepare([_passage_text(r) for _, r in passages], todo, settings)
+        if passages:
+            writer.add_passages(passages, settings)
         if images:
-            writer.add_images(images, settings)
+            writer.add_images(todo, unchanged, settings)
     finally:
         if writer.dirty:
             from .calibration import store_calibration
@@ -183,10 +236,11 @@ def ingest(collection: Collection, source: str | Path, settings: IngestSettings 
 class _Writer:
     """Turns decoded batches into committed items and keeps the in-memory indexes in step."""
 
-    def __init__(self, collection: Collection, report: IngestReport) -> None:
+    def __init__(self, collection: Collection, report: IngestReport, embedder: Embedder) -> None:
         self.c = collection
         self.store = collection.store
         self.report = report
+        self.embedder = embedder
         self.dirty = False
         self.timings = report.timings
         for key in ("read_source", "decode_wait", "encode_images", "encode_texts", "write"):
@@ -215,12 +269,13 @@ class _Writer:
 
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
         t = time.perf_counter()
-        out = self.c.encoder.encode_texts(texts) if texts else np.zeros((0, self.c.manifest.dim), np.float32)
+        out = self.embedder.text_vectors(texts) if texts else np.zeros((0, self.c.manifest.dim), np.float32)
         self.timings["encode_texts"] += time.perf_counter() - t
         return out
 
     # -- passages --------------------------------------------------------------------------
-    def add_passages(self, texts: list[TextRecord], settings: IngestSettings) -> None:
+    def new_passages(self, texts: list[TextRecord]) -> list[tuple[str, TextRecord]]:
+        """(sha, record) of the passages not stored yet; the others count as duplicates."""
         seen: set[str] = set()
         new: list[tuple[str, TextRecord]] = []
         for rec in texts:
@@ -230,6 +285,9 @@ class _Writer:
                 continue
             seen.add(sha)
             new.append((sha, rec))
+        return new
+
+    def add_passages(self, new: list[tuple[str, TextRecord]], settings: IngestSettings) -> None:
         bar = _bar(len(new), "passages", settings.progress)
         step = max(settings.batch_size, 64)
         for start in range(0, len(new), step):
@@ -253,7 +311,10 @@ class _Writer:
         bar.close()
 
     # -- images ----------------------------------------------------------------------------
-    def add_images(self, images: list[ImageRecord], settings: IngestSettings) -> None:
+    def split_unchanged(
+        self, images: list[ImageRecord]
+    ) -> tuple[list[ImageRecord], list[tuple[int, ImageRecord]]]:
+        """(files to read, (item id, record) of files whose path, size and mtime are recorded)."""
         todo: list[ImageRecord] = []
         unchanged: list[tuple[int, ImageRecord]] = []
         for rec in images:
@@ -267,15 +328,18 @@ class _Writer:
                     unchanged.append((entry[0], rec))
                     continue
             todo.append(rec)
+        return todo, unchanged
+
+    def add_images(self, todo: list[ImageRecord], unchanged: list[tuple[int, ImageRecord]],
+                   settings: IngestSettings) -> None:
         self.report.unchanged += len(unchanged)
         for start in range(0, len(unchanged), 256):
             self._commit([], [(item_id, rec) for item_id, rec in unchanged[start : start + 256]])
         if not todo:
             return
-        encoder = self.c.encoder.load()
         bar = _bar(len(todo), "images", settings.progress)
         t = time.perf_counter()
-        for batch in _batches([r.path for r in todo], encoder.preprocess, settings):
+        for batch in self.embedder.image_batches(todo, settings):
             self.timings["decode_wait"] += time.perf_counter() - t
             decoded = []
             for out in batch:
@@ -307,7 +371,7 @@ class _Writer:
         image_vecs = np.zeros((0, self.c.manifest.dim), np.float32)
         if new:
             t = time.perf_counter()
-            image_vecs = self.c.encoder.encode_pixels(torch.stack([o["pixels"] for _, o in new]))
+            image_vecs = self.embedder.image_vectors([o for _, o in new])
             self.timings["encode_images"] += time.perf_counter() - t
         # Captions to embed: for new images all of them; for known ones only the unseen ones.
         # (stored item id, or the sha of an image new in this batch; origin; caption text)
