@@ -92,25 +92,51 @@ class Captioner:
         Raises:
             QueryError: the image cannot be read.
         """
-        label = str(image) if isinstance(image, str | Path) else "image"
+        result = self.caption_many([image], max_image_pixels=max_image_pixels)[0]
+        if isinstance(result, QueryError):
+            raise result
+        return result
+
+    def caption_many(self, images: list[str | Path | Image.Image], *, batch_size: int = 32,
+                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Caption | QueryError]:
+        """Caption many images, ``batch_size`` per generator pass. An image that cannot be read
+        gets a :class:`QueryError` (naming it) in its place and the others go on."""
+        results: list[Caption | QueryError | None] = [None] * len(images)
+        for start in range(0, len(images), batch_size):
+            rows, pils = [], []
+            for i in range(start, min(start + batch_size, len(images))):
+                try:
+                    pils.append(self._read(images[i], max_image_pixels))
+                    rows.append(i)
+                except QueryError as e:
+                    results[i] = e
+            if not rows:
+                continue
+            vecs = self.encoder.encode_images(pils)
+            neighbours: list[list[Hit]] = [[] for _ in rows]
+            if self.collection is not None and self.k > 0:
+                found = self.collection.search_vectors(vecs, k=self.k + 1, target="texts")
+                for j, i in enumerate(rows):
+                    own = str(Path(images[i]).resolve()) if isinstance(images[i], str | Path) else None
+                    neighbours[j] = [h for h in found[j] if own is None or h.path is None or
+                                     str(Path(h.path).resolve()) != own][: self.k]
+            prompts = [caption_prompt([h.text or "" for h in hits]) for hits in neighbours]
+            prefixes = self.prefix.prefixes(vecs)
+            texts = self.generator.generate(prompts, self.generation, prefixes=list(prefixes))
+            for j, i in enumerate(rows):
+                label = str(images[i]) if isinstance(images[i], str | Path) else "image"
+                results[i] = Caption(image=label, caption=texts[j][0], prompt=prompts[j],
+                                     sources=[h.to_dict() for h in neighbours[j]],
+                                     image_prefix=self.prefix.label, generator=self.generator.spec)
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _read(image: str | Path | Image.Image, max_image_pixels: int) -> Image.Image:
         if isinstance(image, Image.Image):
-            pil = image.convert("RGB")
-        else:
-            if not Path(image).is_file():
-                raise QueryError(f"image {image} does not exist or is not a file")
-            try:
-                pil = load_image(image, max_pixels=max_image_pixels).image
-            except ImageDecodeError as e:
-                raise QueryError(f"image {e.path}: {e.reason}") from e
-        vec = self.encoder.encode_images([pil])
-        hits: list[Hit] = []
-        if self.collection is not None and self.k > 0:
-            own = str(Path(image).resolve()) if isinstance(image, str | Path) else None
-            found = self.collection.search_vectors(vec, k=self.k + 1, target="texts")[0]
-            hits = [h for h in found if own is None or h.path is None or
-                    str(Path(h.path).resolve()) != own][: self.k]
-        prompt = caption_prompt([h.text or "" for h in hits])
-        prefix = self.prefix.prefixes(vec)
-        text = self.generator.generate([prompt], self.generation, prefixes=[prefix[0]])[0][0]
-        return Caption(image=label, caption=text, prompt=prompt, sources=[h.to_dict() for h in hits],
-                       image_prefix=self.prefix.label, generator=self.generator.spec)
+            return image.convert("RGB")
+        if not Path(image).is_file():
+            raise QueryError(f"image {image} does not exist or is not a file")
+        try:
+            return load_image(image, max_pixels=max_image_pixels).image
+        except ImageDecodeError as e:
+            raise QueryError(f"image {e.path}: {e.reason}") from e
