@@ -414,14 +414,15 @@ def _ray_settings(args: argparse.Namespace) -> Any:
         if given:
             raise UsageError(f"{', '.join(given)} only apply with --ray")
         return None
-    from .distributed import RaySettings, require_ray
+    from .distributed import RaySettings, check_ray
 
-    require_ray()  # before a collection is created
     try:
-        return RaySettings(address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
-                           batch_size=args.ray_batch_size, actor_cpus=args.ray_actor_cpus)
+        ray_settings = RaySettings(address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
+                                   batch_size=args.ray_batch_size, actor_cpus=args.ray_actor_cpus)
     except ValueError as e:
         raise UsageError(f"index: {e}") from e
+    check_ray(ray_settings)  # Ray installed, ADDRESS answering: before a collection is created
+    return ray_settings
 
 
 def _exts() -> set[str]:

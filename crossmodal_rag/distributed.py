@@ -11,9 +11,10 @@ The stages, named for what flows through them::
 
 Texts (new passages and the captions of the images to add) are split into windows on the driver
 (the tokenizer is cheap) and embedded by the same encoder actors: they are rows of the same Ray
-Dataset (text rows pass through the decode stage untouched), so each actor loads the model once. Because the commit is the one :func:`crossmodal_rag.ingest.ingest` runs, in
-the same order and batches, a Ray run gives the same ids and metadata as a single-process run,
-and the same vectors within float tolerance.
+Dataset (text rows pass through the decode stage untouched), so each actor loads the model once.
+Because the commit is the one :func:`crossmodal_rag.ingest.ingest` runs, in the same order and
+batches, a Ray run gives the same ids and metadata as a single-process run, and the same vectors
+within float tolerance.
 
 What runs where: listing the source, the skip decisions, text windows, the shards and every
 write to the collection happen on the driver (the only process that opens the collection);
@@ -59,6 +60,7 @@ __all__ = [
     "DistributedError",
     "RayEmbedder",
     "RaySettings",
+    "check_ray",
     "clean_staging",
     "ingest_ray",
     "require_ray",
@@ -121,15 +123,17 @@ def ingest_ray(collection: Collection, source: str | Path, settings: IngestSetti
         DistributedError: Ray is not installed, the cluster cannot be reached or is too small
             for the actors asked for, or the Ray run failed (e.g. a node cannot load the model).
     """
-    require_ray()  # fail before anything is read
+    ray_settings = ray_settings or RaySettings()
+    check_ray(ray_settings)  # fail before anything is read
     collection._require_writable()
     clean_staging(collection.folder)  # a crashed run's shards are never committed
-    embedder = RayEmbedder(collection, ray_settings or RaySettings())
+    embedder = RayEmbedder(collection, ray_settings)
     try:
         report = ingest(collection, source, settings, embedder=embedder)
     finally:
         embedder.cleanup()
     report.timings["ray"] = embedder.seconds
+    report.timings["ray_startup"] = embedder.startup_seconds
     return report
 
 
@@ -157,8 +161,11 @@ class RayEmbedder:
     def __init__(self, collection: Collection, ray_settings: RaySettings) -> None:
         self.c = collection
         self.rs = ray_settings
-        self.staging = collection.folder / STAGING_DIR / f"{_RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        self.seconds = 0.0
+        run = f"{_RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.staging = collection.folder / STAGING_DIR / run
+        self.seconds = 0.0  # the Ray part: start, embed, shards written
+        self.startup_seconds = 0.0  # of which: until the first results came back
+        self.first_rows = 0  # how many items those first results held
         self._images: _Shards | None = None
         self._texts: _Shards | None = None
         self._text_rows: dict[str, int] = {}
@@ -167,33 +174,39 @@ class RayEmbedder:
     def prepare(self, texts: list[str], images: list[ImageRecord], settings: IngestSettings) -> None:
         encoder = self.c.encoder.load()
         captions = [c for rec in images for c in rec.captions]
-        windows = list(dict.fromkeys(w for t in dict.fromkeys(texts + captions) for w in encoder.text_windows(t)))
+        windows = list(dict.fromkeys(w for t in dict.fromkeys(texts + captions)
+                                     for w in encoder.text_windows(t)))
         if not windows and not images:
             return
         t0 = time.perf_counter()
-        with _ray_session(self.rs) as ray:
+        with _ray_session(self.rs) as ray, _quiet_ray_data(ray):
             plan = _Plan.make(ray, self.rs)
             logger.info("Ray: %d encoder actor(s) on %s, %g CPU(s) each", plan.actors,
                         "GPUs" if plan.gpus else "CPU", self.rs.actor_cpus)
             self.staging.mkdir(parents=True)
-            batch_size = self.rs.batch_size or settings.batch_size
-            # One row per text window, then one per image file (``path`` empty for texts).
-            rows = [{"position": i, "path": "", "text": w} for i, w in enumerate(windows)]
-            rows += [{"position": i, "path": str(r.path), "text": ""} for i, r in enumerate(images)]
-            with _quiet_ray_data(ray):
-                # Decode tasks reserve memory for their batch (decoded images and pixels), which
-                # also keeps Ray from fusing decoding into the encoder actors: it stays in
-                # parallel CPU tasks.
-                ds = ray.data.from_items(rows).map_batches(
-                    _decode_batch, batch_size=batch_size, num_cpus=1, memory=batch_size * _DECODE_MEMORY,
-                    batch_format="numpy", fn_kwargs={"transform": _preprocessor(encoder), "max_pixels": settings.max_image_pixels})
-                ds = plan.embed(ds, str(encoder.spec), _probe(encoder), batch_size,
-                                tuple(encoder.preprocess(Image.new("RGB", (8, 8))).shape))
-                self._texts = _Shards(self.staging, "texts", len(windows))
-                self._images = _Shards(self.staging, "images", len(images))
-                _write_shards(ds, self._texts, self._images, settings.progress)
-            self._text_rows = {w: i for i, w in enumerate(windows)}
+            ds = self._pipeline(ray, plan, encoder, windows, images, settings)
+            self._texts = _Shards(self.staging, "texts", len(windows))
+            self._images = _Shards(self.staging, "images", len(images))
+            first, self.first_rows = _write_shards(ds, self._texts, self._images, settings.progress)
+        self._text_rows = {w: i for i, w in enumerate(windows)}
         self.seconds = time.perf_counter() - t0
+        self.startup_seconds = first - t0
+
+    def _pipeline(self, ray: Any, plan: _Plan, encoder: ClipEncoder, windows: list[str],
+                  images: list[ImageRecord], settings: IngestSettings) -> Any:
+        """The Ray Dataset: one row per text window, then one per image file (``path`` empty for
+        texts) -> decode tasks -> encoder actors."""
+        batch_size = self.rs.batch_size or settings.batch_size
+        rows = [{"position": i, "path": "", "text": w} for i, w in enumerate(windows)]
+        rows += [{"position": i, "path": str(r.path), "text": ""} for i, r in enumerate(images)]
+        # Decode tasks reserve memory for their batch (decoded images and pixels), which also
+        # keeps Ray from fusing decoding into the encoder actors: it stays in parallel CPU tasks.
+        decoded = ray.data.from_items(rows).map_batches(
+            _decode_batch, batch_size=batch_size, num_cpus=1, memory=batch_size * _DECODE_MEMORY,
+            batch_format="numpy",
+            fn_kwargs={"transform": _preprocessor(encoder), "max_pixels": settings.max_image_pixels})
+        shape = tuple(encoder.preprocess(Image.new("RGB", (8, 8))).shape)
+        return plan.embed(decoded, str(encoder.spec), _probe(encoder), batch_size, shape)
 
     def image_batches(self, images: list[ImageRecord],
                       settings: IngestSettings) -> Iterable[list[dict[str, Any]]]:
@@ -279,7 +292,8 @@ class _EncoderActor:
         if device == "cpu":
             torch.set_num_threads(threads)
         self.encoder = load_encoder(spec, device).load()
-        cosine = float((self.encoder.encode_texts(list(PROBE_TEXTS)) * np.asarray(probe, np.float32)).sum(1).min())
+        mine = self.encoder.encode_texts(list(PROBE_TEXTS))
+        cosine = float((mine * np.asarray(probe, np.float32)).sum(1).min())
         if cosine < _PROBE_MIN_COSINE:
             raise DistributedError(
                 f"model {spec} on Ray node {socket.gethostname()} embeds differently from the "
@@ -356,13 +370,17 @@ class _Shards:
         return out
 
 
-def _write_shards(ds: Any, texts: _Shards, images: _Shards, progress: bool) -> None:
-    """Stream the run's output into shards (texts and images apart) as it arrives."""
+def _write_shards(ds: Any, texts: _Shards, images: _Shards, progress: bool) -> tuple[float, int]:
+    """Stream the run's output into shards (texts and images apart) as it arrives; returns the
+    ``time.perf_counter()`` at which the first results arrived and how many items they held."""
+    first, first_rows = 0.0, 0
     bar = tqdm(total=texts.count + images.count, unit=" items", desc="ray: embedding",
                disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             is_text = np.asarray(batch["is_text"], bool)
+            if not first:
+                first, first_rows = time.perf_counter(), len(is_text)
             for shards, rows in ((texts, is_text), (images, ~is_text)):
                 if rows.any():
                     shards.write({k: np.asarray(v)[rows] for k, v in batch.items()})
@@ -375,6 +393,7 @@ def _write_shards(ds: Any, texts: _Shards, images: _Shards, progress: bool) -> N
         bar.close()
     texts.check_complete()
     images.check_complete()
+    return first or time.perf_counter(), first_rows
 
 
 # -- cluster -------------------------------------------------------------------------------------
@@ -392,7 +411,7 @@ class _Plan:
         n_gpus, n_cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
         gpus = n_gpus > 0 if rs.gpus is None else rs.gpus
         if gpus and n_gpus == 0:
-            raise DistributedError("GPUs were asked for but the Ray cluster has none; leave out the GPU option")
+            raise DistributedError("RaySettings(gpus=True) but the Ray cluster has no GPUs")
         actors = rs.actors or (n_gpus if gpus else 1)
         if gpus and actors > n_gpus:
             raise DistributedError(f"{actors} encoder actors need {actors} GPUs but the Ray cluster has "
@@ -426,10 +445,19 @@ def require_ray() -> Any:
     return ray
 
 
+def check_ray(rs: RaySettings) -> None:
+    """Fail early, before any work: Ray Data is installed, and ``rs.address`` (when given, and no
+    Ray session is running in this process) answers. Raises :class:`DistributedError`."""
+    ray = require_ray()
+    if rs.address is not None and not ray.is_initialized():
+        _check_reachable(rs.address, rs.connect_timeout_s)
+
+
 @contextlib.contextmanager
 def _ray_session(rs: RaySettings) -> Iterator[Any]:
-    """Ray, initialised: the caller's session if there is one (left running), else a local
-    instance or a connection to ``rs.address`` (shut down / disconnected afterwards)."""
+    """Ray, initialised: the caller's session if this process has one (used as it is, and left
+    running), else a local instance or a connection to ``rs.address`` (shut down / disconnected
+    afterwards)."""
     ray = require_ray()
     if ray.is_initialized():
         yield ray
@@ -472,7 +500,8 @@ def _check_reachable(address: str, timeout: float) -> None:
     try:
         port_n = int(port)
     except ValueError:
-        raise DistributedError(f"bad Ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto") from None
+        raise DistributedError(
+            f"bad Ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto") from None
     try:
         socket.create_connection((host.strip("[]"), port_n), timeout=timeout).close()
     except OSError as e:
@@ -484,16 +513,20 @@ def _check_reachable(address: str, timeout: float) -> None:
 def _quiet_ray_data(ray: Any) -> Iterator[None]:
     """Our progress bar instead of Ray Data's bars and per-run log lines (restored after)."""
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats)
+    switches = [a for a in ("enable_progress_bars", "print_on_execution_start", "enable_auto_log_stats")
+                if hasattr(ctx, a)]  # which exist depends on the Ray version
+    saved = {a: getattr(ctx, a) for a in switches}
     data_logger = logging.getLogger("ray.data")
     level = data_logger.level
-    ctx.enable_progress_bars = ctx.print_on_execution_start = ctx.enable_auto_log_stats = False
+    for a in switches:
+        setattr(ctx, a, False)
     if not logger.isEnabledFor(logging.INFO):
         data_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats = saved
+        for a, value in saved.items():
+            setattr(ctx, a, value)
         data_logger.setLevel(level)
 
 

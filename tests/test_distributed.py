@@ -1,0 +1,188 @@
+"""Embedding on Ray (``index --ray``): the oracle is a single-process ingest of the same source,
+which a Ray run must reproduce (same ids, kinds, paths, captions, metadata and skipped items;
+vectors within float tolerance)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossmodal_rag import Collection
+from crossmodal_rag.distributed import (
+    STAGING_DIR,
+    DistributedError,
+    RaySettings,
+    ingest_ray,
+    require_ray,
+)
+from crossmodal_rag.ingest import IngestSettings, ingest
+from tests.badimages import write_bad_images
+
+REPO = Path(__file__).resolve().parents[1]
+LONG = " ".join(f"word{i}" for i in range(300))  # several windows of the tiny model's context
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for the in-process tests (ingest_ray uses a running session)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
+    """The sample photos and captions, a byte-identical copy, bad files, and a manifest of the
+    same photos with other captions plus text passages (one long, one repeated)."""
+    src = tmp_path_factory.mktemp("ray-src") / "src"
+    shutil.copytree(sample_dir, src, ignore=shutil.ignore_patterns("*.md"))
+    shutil.copy(src / "cat.jpg", src / "cat-copy.jpg")
+    write_bad_images(src / "bad")
+    rows: list[dict[str, object]] = [
+        {"image": str(p.relative_to(src)), "caption": f"photo number {i}"}
+        for i, p in enumerate(sorted(src.rglob("*.jpg")) + sorted(src.rglob("*.png")))
+    ]
+    rows += [{"image": "missing.jpg", "caption": "gone"},
+             {"id": "p1", "title": "Dahlias", "text": "dahlias bloom from midsummer to the first frost"},
+             {"id": "p2", "text": LONG},
+             {"id": "p3", "text": "dahlias bloom from midsummer to the first frost", "title": "Dahlias"}]
+    (src / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return src
+
+
+def _snapshot(folder: Path) -> tuple[list[tuple], list[tuple], np.ndarray]:
+    """(item rows without timestamps and vectors, path rows, vectors in id order) from SQLite."""
+    conn = sqlite3.connect(f"file:{folder / 'metadata.sqlite'}?mode=ro", uri=True)
+    try:
+        items = conn.execute("SELECT id, kind, parent_id, sha256, text, title, ext_id, origin, width, height, "
+                             "format, size_bytes, extra FROM items ORDER BY id").fetchall()
+        paths = conn.execute("SELECT path, item_id, size_bytes, mtime_ns FROM paths ORDER BY path").fetchall()
+        blobs = conn.execute("SELECT vector FROM items ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    return items, paths, np.stack([np.frombuffer(b, "<f4") for (b,) in blobs])
+
+
+def _assert_same_collection(a: Path, b: Path) -> None:
+    items_a, paths_a, vecs_a = _snapshot(a)
+    items_b, paths_b, vecs_b = _snapshot(b)
+    assert items_a == items_b  # ids, kinds, parents, hashes, texts, captions' origins, sizes
+    assert paths_a == paths_b
+    np.testing.assert_allclose(vecs_a, vecs_b, atol=1e-5)
+    # the indexes agree too: the same hits, in the same order, for a text and an image query
+    with Collection.open(a) as ca, Collection.open(b) as cb:
+        assert ca.counts() == cb.counts()
+        n = sum(ca.counts().values())
+        for query in ({"query": "a cat"}, {"image": sorted(paths_a)[0][0]}):
+            hits_a = ca.search(**query, k=n, target="all")
+            hits_b = cb.search(**query, k=n, target="all")
+            assert [h.id for h in hits_a] == [h.id for h in hits_b]
+            np.testing.assert_allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=1e-5)
+
+
+def test_ray_ingest_matches_single_process(ray_session, source: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
+    manifest = source / "manifest.jsonl"
+    settings = IngestSettings(batch_size=4)
+    with Collection.create(tmp_path / "single", tiny_oc_spec) as coll:
+        single = ingest(coll, manifest, settings)
+    assert single.images_added >= 15 and single.duplicates == 2 and single.passages_added == 2
+    assert len(single.skipped) == 7  # six bad files and a missing one
+
+    folder = tmp_path / "ray"
+    with Collection.create(folder, tiny_oc_spec) as coll:
+        stale = folder / STAGING_DIR / "ray-crashed-run"  # what a killed run leaves behind
+        stale.mkdir(parents=True)
+        (stale / "images-000000.npy").write_bytes(b"partial")
+        # other Ray batches than the commit batches: the commit must not depend on them
+        report = ingest_ray(coll, manifest, settings, RaySettings(actors=2, batch_size=3))
+    assert not (folder / STAGING_DIR).exists()  # the crashed run's and this run's shards are gone
+    for field in ("images_added", "captions_added", "passages_added", "duplicates", "unchanged"):
+        assert getattr(report, field) == getattr(single, field), field
+    assert report.skipped == single.skipped  # same items, same reasons, same order
+    assert report.timings["ray"] > 0
+    _assert_same_collection(tmp_path / "single", folder)
+
+    # Files already indexed are not read again, and when nothing needs vectors Ray is not used.
+    with Collection.open(folder, writable=True) as coll:
+        again = ingest_ray(coll, source / "cat.jpg", settings, RaySettings(actors=2))
+    assert (again.images_added, again.unchanged, again.timings["ray"]) == (0, 1, 0)
+    _assert_same_collection(tmp_path / "single", folder)
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "crossmodal_rag", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=REPO)
+
+
+def test_cli_index_with_ray_matches_single_process(source: Path, tmp_path: Path, tiny_oc_spec: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("ray.data")
+    from crossmodal_rag.cli import main
+
+    # The folder source: same-stem .txt captions, a copy, bad files (the manifest is not an image).
+    common = ("index", str(source), "--model", tiny_oc_spec, "--batch-size", "4")
+    assert main(["-q", *common, "--collection", str(tmp_path / "single"), "--workers", "0"]) == 0
+    single = capsys.readouterr()
+    # a fresh process, which starts (and stops) its own local Ray instance
+    distributed = _cli("-q", *common, "--collection", str(tmp_path / "ray"), "--ray", "--ray-actors", "1")
+    assert distributed.returncode == 0, distributed.stderr
+    assert "Traceback" not in distributed.stderr
+    def counts(out: str) -> list[str]:  # the summary and counts, without the time and folder
+        return [re.sub(r" in [\d.]+s$| /\S+:", "", line) for line in out.splitlines()]
+
+    def skipped(err: str) -> list[str]:
+        return [line for line in err.splitlines() if line.startswith("  ")]
+
+    assert counts(distributed.stdout) == counts(single.out)
+    assert "15 images" in single.out and "1 duplicates" in single.out
+    assert skipped(distributed.stderr) == skipped(single.err) and len(skipped(single.err)) >= 4
+    _assert_same_collection(tmp_path / "single", tmp_path / "ray")
+
+
+def test_unreachable_cluster_is_a_one_line_error(source: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
+    pytest.importorskip("ray.data")
+    t = time.perf_counter()
+    out = _cli("index", str(source / "cat.jpg"), "--collection", str(tmp_path / "c"), "--model", tiny_oc_spec,
+               "--ray", "127.0.0.1:1", timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: cannot reach a Ray cluster at 127.0.0.1:1")
+    assert "Traceback" not in out.stderr and "ray start --head" in out.stderr
+    assert time.perf_counter() - t < 100
+    assert not (tmp_path / "c").exists()  # refused before a collection was created
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    from crossmodal_rag.cli import main
+
+    assert main(["index", str(tmp_path), "-c", str(tmp_path / "c"), "--ray-actors", "2"]) == 2
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(ValueError, match="actors"):
+        RaySettings(actors=0)
+    with pytest.raises(ValueError, match="unknown Ray settings"):
+        RaySettings.from_dict({"actor": 2})
+    assert RaySettings.from_dict(RaySettings(address="auto", actors=2).to_dict()) == RaySettings(address="auto", actors=2)
+
+
+def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_oc_spec: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from crossmodal_rag.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(DistributedError, match=r'pip install "crossmodal-rag\[distributed\]"'):
+        require_ray()
+    code = main(["index", str(tmp_path), "-c", str(tmp_path / "c"), "--model", tiny_oc_spec, "--ray"])
+    assert code == 1 and 'pip install "crossmodal-rag[distributed]"' in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before a collection was created
