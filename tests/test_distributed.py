@@ -5,6 +5,7 @@ vectors within float tolerance)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -92,13 +93,17 @@ def _assert_same_collection(a: Path, b: Path) -> None:
             np.testing.assert_allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=1e-5)
 
 
-def test_ray_ingest_matches_single_process(ray_session, source: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
+def test_ray_ingest_matches_single_process(ray_session, source: Path, tmp_path: Path, tiny_oc_spec: str,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="crossmodal_rag.distributed")
     manifest = source / "manifest.jsonl"
     settings = IngestSettings(batch_size=4)
     with Collection.create(tmp_path / "single", tiny_oc_spec) as coll:
         single = ingest(coll, manifest, settings)
     assert single.images_added >= 15 and single.duplicates == 2 and single.passages_added == 2
     assert len(single.skipped) == 7  # six bad files and a missing one
+    with Collection.open(tmp_path / "single") as coll:
+        assert coll.counts().get("windows")  # the long passage's extra windows
 
     folder = tmp_path / "ray"
     with Collection.create(folder, tiny_oc_spec) as coll:
@@ -112,6 +117,8 @@ def test_ray_ingest_matches_single_process(ray_session, source: Path, tmp_path: 
         assert getattr(report, field) == getattr(single, field), field
     assert report.skipped == single.skipped  # same items, same reasons, same order
     assert report.timings["ray"] > 0
+    # every caption, passage and window came from the actors (none embedded on the driver)
+    assert not [r for r in caplog.records if "did not see" in r.getMessage()]
     _assert_same_collection(tmp_path / "single", folder)
 
     # Files already indexed are not read again, and when nothing needs vectors Ray is not used.
