@@ -4,6 +4,7 @@ vectors within float tolerance)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -193,3 +194,28 @@ def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     code = main(["index", str(tmp_path), "-c", str(tmp_path / "c"), "--model", tiny_oc_spec, "--ray"])
     assert code == 1 and 'pip install "crossmodal-rag[distributed]"' in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # refused before a collection was created
+
+
+def test_decode_tasks_preprocess_like_the_encoder(tiny_oc_spec: str, tiny_hf_dir: Path, sample_dir: Path) -> None:
+    """What the decode tasks get (the transform without the weights) gives the pixels the
+    single-process workers make, for both backends, and is small to ship."""
+    import pickle
+
+    from crossmodal_rag.distributed import _decode_batch, _preprocessor
+    from crossmodal_rag.encoders import load_encoder
+    from crossmodal_rag.images import load_image
+
+    photo = sample_dir / "cat.jpg"
+    for spec in (tiny_oc_spec, f"hf:{tiny_hf_dir}"):
+        encoder = load_encoder(spec, "cpu").load()
+        shipped = pickle.loads(pickle.dumps(_preprocessor(encoder)))
+        assert len(pickle.dumps(_preprocessor(encoder))) < 100_000  # no model weights inside
+        expected = encoder.preprocess(load_image(photo).image).numpy()
+        paths = ["", str(photo), str(sample_dir / "nope.jpg")]  # a text row, an image, a missing file
+        batch = {"position": np.arange(3), "path": np.array(paths, object),
+                 "text": np.array(["a caption", "", ""], object)}
+        out = _decode_batch(batch, shipped, 10**9)
+        np.testing.assert_array_equal(np.frombuffer(out["pixels"][1], np.float32).reshape(expected.shape), expected)
+        assert list(out["error"]) == ["", "", "no such file"]  # the text row passes through
+        assert out["pixels"][0] == b"" and out["pixels"][2] == b"" and out["text"][0] == "a caption"
+        assert out["sha256"][1] == hashlib.sha256(photo.read_bytes()).hexdigest()
