@@ -250,14 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where to build the demo collection (default: under ~/.cache/crossmodal-rag)")
     de.add_argument("--top-k", "-k", type=_positive_int, default=3, metavar="K")
 
+    re_ = sub.add_parser("reembed", help="recompute a collection's vectors with another encoder "
+                                         "(e.g. one trained with train clip); item ids stay the same")
+    add_collection(re_, positional=True)
+    re_.add_argument("--model", "-m", required=True, metavar="SPEC", help=_MODEL_HELP)
+    re_.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+
     tr = sub.add_parser("train", help="fine-tune on your image-text pairs: the encoder (clip), "
                                       "the image-prefix network (prefix), generator + query side (rag)")
     trsub = tr.add_subparsers(dest="train_command", metavar="TASK")
     trsub.required = True
-    tc = trsub.add_parser("clip", help="contrastive fine-tuning of the CLIP encoder (open_clip), then "
-                                       "re-embed a collection with it")
+    tc = trsub.add_parser("clip", help="contrastive fine-tuning of the CLIP encoder (open_clip or "
+                                       "transformers), then re-embed a collection with it")
     _add_train_flags(tc)
-    tc.add_argument("--model", "-m", metavar="SPEC", help="encoder to start from (open_clip specs; default: "
+    tc.add_argument("--model", "-m", metavar="SPEC", help="encoder to start from (default: "
                     "the --collection's encoder, else open_clip:ViT-B-32/laion2b_s34b_b79k)")
     tc.add_argument("--collection", "-c", metavar="DIR",
                     help="after training, re-embed this collection's items with the trained encoder")
@@ -888,10 +894,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return TRAIN_COMMANDS[args.train_command](args)
 
 
+def cmd_reembed(args: argparse.Namespace) -> int:
+    from .training.clip import reembed_collection
+
+    report = reembed_collection(_collection_dir(args), args.model, batch_size=args.batch_size,
+                                progress=not args.quiet)
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
 COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
             "remove": cmd_remove, "demo": cmd_demo, "ask": cmd_ask, "chat": cmd_chat,
             "write": cmd_write, "recommend": cmd_recommend, "serve": cmd_serve,
             "duplicates": cmd_duplicates, "eval": cmd_eval, "train": cmd_train, "caption": cmd_caption}
+
+COMMANDS["reembed"] = cmd_reembed
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,3 +141,17 @@ def test_reembed_refuses_unreadable_images_and_changes_nothing(
     assert (coll_dir / "manifest.json").read_bytes() == before
     with Collection.open(coll_dir) as coll:
         assert coll.manifest.encoder == tiny_oc_spec and coll.check().ok
+        ids_before = coll.store.ids("image").tolist()
+    # Restored, the collection re-embeds with any encoder (here another backend), from the CLI.
+    shutil.copy(shapes / "shape-00003.png", src / "shape-00003.png")
+    r = _cli("reembed", str(coll_dir), "--model", f"hf:{tiny_hf_dir}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["encoder"] == f"hf:{tiny_hf_dir}"
+    with Collection.open(coll_dir) as coll:
+        assert coll.manifest.encoder == f"hf:{tiny_hf_dir}" and coll.check().ok
+        assert coll.store.ids("image").tolist() == ids_before
+        hit = coll.search(coll.get(ids_before[5])[0].captions[0], k=1)[0]
+        enc = ClipEncoder(f"hf:{tiny_hf_dir}", device="cpu")
+        expected = enc.encode_texts(coll.get(ids_before[5])[0].captions[0])[0]
+        assert hit.score == pytest.approx(float((enc.encode_images([hit.path]) @ expected)[0]), abs=1e-5)
+    assert not list(tmp_path.glob(".coll.*"))  # no staging or backup folder left behind
