@@ -68,8 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_collection(ix)
     ix.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP + " (new collections; default "
                     "open_clip:ViT-B-32/laion2b_s34b_b79k)")
-    ix.add_argument("--index-type", default="Flat", metavar="FACTORY",
-                    help="FAISS index-factory string for a new collection (default: Flat, exact)")
+    ix.add_argument("--index", "--index-type", dest="index_type", default="auto", metavar="SPEC",
+                    help="index type of a new collection: 'auto' (default: exact search up to 50k "
+                         "vectors, then IVF, IVF-PQ past --max-index-memory) or a FAISS factory "
+                         "string such as Flat, HNSW32, IVF4096,Flat, OPQ64,IVF4096,PQ64np")
+    ix.add_argument("--max-index-memory", metavar="SIZE",
+                    help="memory budget 'auto' chooses the index type under, e.g. 4G, 512M")
     ix.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
     ix.add_argument("--workers", type=_nonneg_int, default=None, metavar="N",
                     help="image decoding processes (default: automatic)")
@@ -109,6 +113,40 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--minus", action="append", default=[], metavar="TEXT", help="subtract a text from the query")
     se.add_argument("--json", action="store_true", help="JSON output instead of TSV")
     se.add_argument("--no-header", action="store_true", help="TSV without the header line")
+    _add_ann_flags(se)
+
+    ri = sub.add_parser("reindex", help="rebuild a collection's indexes (another type, retuned) "
+                                        "from its stored embeddings, without re-encoding")
+    add_collection(ri, positional=True)
+    ri.add_argument("--index", dest="index_type", default=None, metavar="SPEC",
+                    help="'auto' or a FAISS factory string (default: keep the current choice)")
+    ri.add_argument("--max-index-memory", metavar="SIZE", help="memory budget for 'auto', e.g. 4G")
+    ri.add_argument("--target-recall", type=float, default=0.95, metavar="R",
+                    help="tune nprobe/efSearch to the fastest setting with recall@10 >= R (default 0.95)")
+    ri.add_argument("--no-tune", dest="tune", action="store_false", help="keep FAISS's default search settings")
+    ri.add_argument("--seed", type=int, default=0, help="seed of the training sample and tuning queries")
+    ri.add_argument("--sharded", dest="sharded", action="store_true", default=None,
+                    help="IVF: add shards separately and merge the lists on disk (default: over 2 GiB)")
+    ri.add_argument("--no-sharded", dest="sharded", action="store_false")
+    ri.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="parallel shard builds")
+    ri.add_argument("--fsync", choices=("full", "normal", "off"), default="full")
+    ri.add_argument("--json", action="store_true", help="print the build report as JSON")
+
+    im = sub.add_parser("import", help="build a collection from precomputed embeddings "
+                                       "(npy/parquet shards, e.g. clip-retrieval's output)")
+    im.add_argument("source", metavar="FOLDER",
+                    help="folder with img_emb/*.npy (+ text_emb/*.npy) and metadata/*.parquet, or "
+                         "*.npy files each with a same-stem .parquet/.jsonl metadata file")
+    add_collection(im)
+    im.add_argument("--model", "-m", metavar="SPEC", required=True,
+                    help="the encoder that made the embeddings (queries are embedded with it)")
+    im.add_argument("--image-root", metavar="DIR",
+                    help="metadata image paths are relative to DIR (default: the source folder)")
+    im.add_argument("--index", dest="index_type", default="auto", metavar="SPEC")
+    im.add_argument("--max-index-memory", metavar="SIZE")
+    im.add_argument("--verify", type=_nonneg_int, default=3, metavar="N",
+                    help="re-embed N readable images and refuse if they disagree (default 3; 0 = off)")
+    im.add_argument("--fsync", choices=("full", "normal", "off"), default="full")
 
     inf = sub.add_parser("info", help="print a collection's manifest and counts")
     add_collection(inf, positional=True)
@@ -225,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-k", type=_positive_int, default=100, metavar="K")
     sv.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
     sv.add_argument("--thumbnail-dir", metavar="DIR", help="thumbnail cache (default under ~/.cache/crossmodal-rag)")
+    sv.add_argument("--mmap", action="store_true", help="memory-map the index files (collections larger than RAM)")
     sv.add_argument("--lazy-generator", action="store_true",
                     help="load the generator on the first question instead of at start-up")
 
@@ -294,6 +333,36 @@ def build_parser() -> argparse.ArgumentParser:
                     help="collection whose nearest captions go in the prompt (SmallCap style; same encoder)")
     tp.add_argument("--k", "-k", type=_positive_int, default=4, metavar="K",
                     help="neighbours' captions per prompt with --retrieval (default 4)")
+    trg = trsub.add_parser("rag", help="fine-tune generator + query projection with the RAG marginal likelihood "
+                                       "over a collection's top-k items (the index stays fixed)",
+                           description="SOURCE: a QA .jsonl (question, answer or answers, optional image) or "
+                                       "image-caption pairs (x = image, y = caption). The trained folder "
+                                       "(OUT/best) works as --generator for ask/chat: its query projection "
+                                       "is picked up from there.")
+    _add_train_flags(trg)
+    trg.add_argument("--collection", "-c", required=True, metavar="DIR", help="collection to retrieve from")
+    trg.add_argument("--generator", "-g", required=True, metavar="SPEC",
+                     help="generator to start from: hub id or save_pretrained folder")
+    trg.add_argument("--k", "-k", type=_positive_int, default=4, metavar="K", help="items in the marginal (default 4)")
+    trg.add_argument("--candidates", type=_nonneg_int, default=0, metavar="C",
+                     help="items retrieved once per example and re-scored every step (default 4k)")
+    trg.add_argument("--temperature", type=float, default=0.05, metavar="T",
+                     help="P(z|x) = softmax(score / T), also used by ask with the result (default 0.05)")
+    trg.add_argument("--mode", choices=("rag-sequence", "rag-token"), default="rag-sequence",
+                     help="form of the marginal likelihood (default rag-sequence)")
+    trg.add_argument("--target", choices=("texts", "images", "all"), default="texts",
+                     help="what retrieval returns (default texts)")
+    trg.add_argument("--bias", action="store_true", help="give the query projection a bias")
+    trg.add_argument("--projection-lr-scale", type=float, default=0.05, metavar="S",
+                     help="query projection's learning rate relative to --lr (default 0.05)")
+    rfz = trg.add_mutually_exclusive_group()
+    rfz.add_argument("--freeze-generator", action="store_true", help="train the query projection only")
+    rfz.add_argument("--freeze-projection", action="store_true", help="train the generator only")
+    trg.add_argument("--question", metavar="TEXT", help="prompt question for image-caption pairs "
+                     "(default 'What does this image show?')")
+    trg.add_argument("--prompt-template", metavar="TEXT", help="prompt with {context} and {question} "
+                     "(saved with the result; ask uses it)")
+    trg.add_argument("--item-template", metavar="TEXT", help="one retrieved item, with {text} (default '[{n}] {text}')")
     return p
 
 
@@ -369,6 +438,61 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 # -- commands ----------------------------------------------------------------------------
+def _add_ann_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nprobe", type=_positive_int, metavar="N",
+                        help="IVF indexes: lists to visit (default: the tuned value)")
+    parser.add_argument("--ef-search", type=_positive_int, metavar="N",
+                        help="HNSW indexes: candidate list size (default: the tuned value)")
+    parser.add_argument("--rerank", type=_nonneg_int, metavar="F",
+                        help="PQ indexes: re-rank k x F candidates exactly (default 8; 0 = off)")
+    parser.add_argument("--mmap", action="store_true",
+                        help="memory-map the index files (collections larger than RAM)")
+
+
+def _search_params(args: argparse.Namespace):  # -> SearchParams | None
+    from .store.ann import SearchParams
+
+    values = {k: getattr(args, k, None) for k in ("nprobe", "ef_search", "rerank")}
+    return SearchParams(**values) if any(v is not None for v in values.values()) else None
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from .collection import Collection
+
+    folder = _collection_dir(args)
+    with Collection.open(folder, writable=True, fsync=args.fsync) as coll:
+        report = coll.reindex(args.index_type, max_index_memory=args.max_index_memory,
+                              seed=args.seed, tune=args.tune, target_recall=args.target_recall,
+                              sharded=args.sharded, workers=args.workers)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for name, r in report.items():
+        tuning = r.get("tuning") or {}
+        tuned = ""
+        if tuning.get("param"):
+            last = tuning["measured"][-1] if tuning.get("measured") else {}
+            tuned = (f", {tuning['param']}={tuning['value']} (recall@10 {last.get('recall', 0):.3f}, "
+                     f"p50 {last.get('p50_ms', 0):.2f} ms{'' if tuning.get('reached') else ', target missed'})")
+        build = r.get("build") or {}
+        print(f"{name}: {r['index_type']}, {r['count']} vectors, built in {build.get('seconds', 0):.1f} s"
+              f"{' (sharded)' if build.get('sharded') else ''}{tuned}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importer import import_embeddings
+
+    folder = _collection_dir(args)
+    report = import_embeddings(args.source, folder, args.model, image_root=args.image_root,
+                               index_type=args.index_type, max_index_memory=args.max_index_memory,
+                               verify=args.verify, fsync=args.fsync, progress=not args.quiet)
+    for p in report.skipped[:50]:
+        print(f"  {p.item}: {p.reason}", file=sys.stderr)
+    print(report.summary())
+    return 0 if report.indexed_anything else 1
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from .collection import Collection
     from .ingest import IngestSettings, ingest
@@ -383,7 +507,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     settings = IngestSettings(**settings_kwargs)
     ray_settings = _ray_settings(args)
     with Collection.open_or_create(folder, args.model, index_type=args.index_type,
+                                   max_index_memory=args.max_index_memory,
                                    fsync=args.fsync) as coll:
+        requested = args.index_type
+        if requested != coll.manifest.index_type and requested != "auto":
+            print(f"note: {folder} keeps its index type {coll.manifest.index_type!r}; change it with "
+                  f"`crossmodal-rag reindex {folder} --index {requested}`", file=sys.stderr)
         if ray_settings is not None:
             from .distributed import ingest_ray
 
@@ -490,7 +619,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     failures = 0
     records = []
-    with Collection.open(folder, model=args.model) as coll:
+    params = _search_params(args)
+    with Collection.open(folder, model=args.model, mmap=args.mmap) as coll:
         for q in queries:
             label = q.get("text") if q.get("text") is not None else q.get("image")
             try:
@@ -498,7 +628,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     raise QueryError(q["error"])
                 hits = coll.search(q.get("text"), image=q.get("image"), k=args.top_k, target=args.target,
                                    where=args.where, min_score=args.min_score, plus=args.plus,
-                                   minus=args.minus)
+                                   minus=args.minus, params=params)
             except QueryError as e:
                 if len(queries) == 1:
                     raise
@@ -840,7 +970,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         collection=_collection_dir(args), generator=args.generator, model=args.model,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
         max_k=args.max_k, max_new_tokens=args.max_new_tokens, thumbnail_dir=args.thumbnail_dir,
-        load_generator_at_startup=not args.lazy_generator,
+        load_generator_at_startup=not args.lazy_generator, mmap=args.mmap,
     )
     from .collection import Collection
 
@@ -886,8 +1016,28 @@ def cmd_train_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_rag(args: argparse.Namespace) -> int:
+    from .training.rag import TRAIN_DEFAULTS, RagTrainSettings, train_rag
+
+    settings = _train_settings(args, **TRAIN_DEFAULTS)
+    try:
+        task_settings = RagTrainSettings(
+            k=args.k, candidates=args.candidates, temperature=args.temperature, mode=args.mode,
+            target=args.target, bias=args.bias, projection_lr_scale=args.projection_lr_scale,
+            freeze_generator=args.freeze_generator, freeze_projection=args.freeze_projection,
+            question=args.question, prompt_template=args.prompt_template, item_template=args.item_template)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    summary = train_rag(args.collection, args.source, args.out, generator=args.generator,
+                        settings=task_settings, train_settings=settings, image_root=args.image_root,
+                        allow_outside_root=args.allow_outside_root, resume=args.resume,
+                        progress=not args.quiet, metrics_path=args.metrics)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 #: ``train`` tasks by name (each parser is added in build_parser next to ``train clip``).
-TRAIN_COMMANDS = {"clip": cmd_train_clip, "prefix": cmd_train_prefix}
+TRAIN_COMMANDS = {"clip": cmd_train_clip, "prefix": cmd_train_prefix, "rag": cmd_train_rag}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -906,7 +1056,8 @@ def cmd_reembed(args: argparse.Namespace) -> int:
 COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
             "remove": cmd_remove, "demo": cmd_demo, "ask": cmd_ask, "chat": cmd_chat,
             "write": cmd_write, "recommend": cmd_recommend, "serve": cmd_serve,
-            "duplicates": cmd_duplicates, "eval": cmd_eval, "train": cmd_train, "caption": cmd_caption}
+            "duplicates": cmd_duplicates, "eval": cmd_eval, "reindex": cmd_reindex,
+            "import": cmd_import, "train": cmd_train, "caption": cmd_caption}
 
 COMMANDS["reembed"] = cmd_reembed
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import QueryError
+from .store.ann import SearchParams
 from .store.metadata import MetadataStore
 from .store.vectors import VectorIndex
 
@@ -59,6 +60,7 @@ def search_vectors(
     target: str = "images",
     allowed: Mapping[str, np.ndarray] | None = None,
     min_score: float | None = None,
+    params: SearchParams | None = None,
 ) -> list[list[Hit]]:
     """Top-``k`` hits for each row of ``queries`` ``(Q, D)``, best first.
 
@@ -69,18 +71,19 @@ def search_vectors(
     k = check_k(k)
     names = _INDEXES_OF_TARGET[check_target(target)]
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    return [_search_one(indexes, store, q, k, names, allowed, min_score) for q in queries]
+    return [_search_one(indexes, store, q, k, names, allowed, min_score, params) for q in queries]
 
 
 def _search_one(indexes: Mapping[str, VectorIndex], store: MetadataStore, query: np.ndarray, k: int,
                 names: tuple[str, ...], allowed: Mapping[str, np.ndarray] | None,
-                min_score: float | None) -> list[Hit]:
+                min_score: float | None, params: SearchParams | None = None) -> list[Hit]:
     """Top-k items for one query. Windows of long texts count for their item (its best window's
     score), so the search fetches more until it has k distinct items or has seen everything."""
     fetch = k
     total = sum(len(indexes[n]) for n in names)
     while True:
-        per_index = [indexes[n].search(query[None], fetch, None if allowed is None else allowed[n])
+        per_index = [indexes[n].search(query[None], fetch, None if allowed is None else allowed[n],
+                                       params=params)
                      for n in names]
         scores = np.concatenate([s[0] for s, _ in per_index])
         ids = np.concatenate([i[0] for _, i in per_index])

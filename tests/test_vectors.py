@@ -82,7 +82,7 @@ def test_save_load_round_trip_and_checks(tmp_path: Path) -> None:
     with pytest.raises(CollectionError, match="checksum"):
         VectorIndex.load(tmp_path, record, 16, "Flat", verify_hash=True)
     path.write_bytes(b"\x00" * record.bytes)
-    with pytest.raises(CollectionError, match="not a FAISS id-mapped index"):
+    with pytest.raises(CollectionError, match="not a FAISS index"):
         VectorIndex.load(tmp_path, record, 16, "Flat")
     path.write_bytes(b"IxM2" + b"\xff" * (record.bytes - 4))  # right header, garbage body
     with pytest.raises(CollectionError, match="checksum"):

@@ -11,10 +11,10 @@ from typing import Any
 
 from ..errors import CollectionError
 
-__all__ = ["FORMAT_VERSION", "IndexFile", "Manifest", "atomic_write_bytes", "fsync_dir"]
+__all__ = ["FORMAT_VERSION", "IndexFile", "Manifest", "ShardFile", "atomic_write_bytes", "fsync_dir"]
 
 #: Bumped whenever the on-disk layout changes incompatibly.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-index types, search defaults, tuning, embedding shards
 MANIFEST_NAME = "manifest.json"
 _FORMAT_TAG = "crossmodal-rag collection"
 
@@ -64,10 +64,34 @@ class IndexFile:
     bytes: int  # file size, checked before FAISS reads the file
     sha256: str  # content hash, checked by `crossmodal-rag check`
     count: int  # number of vectors in it
+    data_path: str | None = None  # on-disk inverted lists (.ivfdata) the index reads, if any
+    data_bytes: int | None = None  # their size, checked on open
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexFile:
         return cls(**_strict(cls, data, "manifest index file"))
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard as the manifest records it."""
+
+    path: str  # float16 vectors, relative to the collection folder
+    ids_path: str  # int64 ids
+    count: int
+    min_id: int
+    max_id: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShardFile:
+        known = {"path", "ids_path", "count", "min_id", "max_id"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CollectionError(f"manifest embedding shard: unknown keys {unknown} (valid: {sorted(known)})")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -76,7 +100,7 @@ class Manifest:
 
     encoder: str  # canonical model spec the collection was built with
     dim: int  # embedding dimension
-    index_type: str = "Flat"  # FAISS index-factory string (wrapped in IDMap2)
+    index_type: str = "Flat"  # requested type: "auto" or a FAISS index-factory string
     metric: str = "inner_product"  # on L2-normalised vectors, i.e. cosine similarity
     format: str = _FORMAT_TAG
     format_version: int = FORMAT_VERSION
@@ -86,9 +110,22 @@ class Manifest:
     generation: int = 0  # metadata generation the index files reflect
     counts: dict[str, int] = field(default_factory=dict)  # images / captions / passages
     files: dict[str, IndexFile] = field(default_factory=dict)  # "image" / "text" -> file
+    max_index_memory: int | None = None  # bytes; the budget "auto" chooses an index type under
+    index_types: dict[str, str] = field(default_factory=dict)  # index -> factory string in use
+    search_params: dict[str, dict[str, int]] = field(default_factory=dict)  # index -> defaults
+    tuning: dict[str, Any] = field(default_factory=dict)  # index -> what tuning measured
+    build: dict[str, Any] = field(default_factory=dict)  # index -> seed, training size, sharding
+    embeddings: dict[str, list[ShardFile]] = field(default_factory=dict)  # index -> float16 shards
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def index_type_of(self, name: str) -> str:
+        """The factory string index ``name`` uses (collections from format 1 have one type)."""
+        t = self.index_types.get(name)
+        if t:
+            return t
+        return "Flat" if self.index_type == "auto" else self.index_type
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
@@ -97,6 +134,8 @@ class Manifest:
         data = dict(_strict(cls, data, where))
         try:
             data["files"] = {k: IndexFile.from_dict(v) for k, v in data.get("files", {}).items()}
+            data["embeddings"] = {k: [ShardFile.from_dict(s) for s in v]
+                                  for k, v in data.get("embeddings", {}).items()}
             return cls(**data)
         except TypeError as e:
             raise CollectionError(f"{where}: {e}") from e

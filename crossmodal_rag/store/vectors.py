@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from ..errors import CollectionError
+from .ann import SearchParams, describe_index, min_training_vectors, search_parameters
 from .manifest import IndexFile, fsync_dir
 
 __all__ = ["VectorIndex"]
@@ -22,8 +26,46 @@ logger = logging.getLogger(__name__)
 _BLAS_THRESHOLD = 4
 # Up to this many queries, exact search runs as a numpy product over FAISS's own storage.
 _NUMPY_MAX_QUERIES = 4
-# The four-byte tags FAISS writes first for IDMap / IDMap2 indexes.
-_FAISS_IDMAP_HEADERS = (b"IxM2", b"IxMp")
+# PQ shortlists are re-ranked with exact vectors: fetch k x this many candidates by default.
+DEFAULT_PQ_RERANK = 8
+
+
+def make_faiss_index(dim: int, index_type: str) -> faiss.Index:
+    """A FAISS index for a factory string: IVF types keep ids natively, others get ``IDMap2``."""
+    if not index_type or index_type.strip().lower() == "auto" or "IDMap" in index_type:
+        raise CollectionError(f"invalid FAISS index type {index_type!r}: give a factory string "
+                              "such as Flat, HNSW32, IVF1024,Flat or IVF1024,PQ64np")
+    try:
+        probe = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+        if faiss.try_extract_index_ivf(probe) is not None:
+            return probe
+        return faiss.index_factory(dim, f"IDMap2,{index_type}", faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        raise CollectionError(f"invalid FAISS index type {index_type!r}: {msg}") from e
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what C++ code prints to stdout (file descriptor 1) to stderr while inside, so it
+    cannot mix with a command's results."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # pragma: no cover - no stdout at all
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _looks_like_faiss(header: bytes) -> bool:
+    """FAISS files start with a four-letter ASCII tag such as IxM2, IwFl, IwPQ or IxPT."""
+    return len(header) == 4 and header[:1] == b"I" and header.isalnum()
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
@@ -39,20 +81,42 @@ def file_sha256(path: Path) -> str:
 
 
 class VectorIndex:
-    """An inner-product FAISS index (``IDMap2`` around an index-factory type) keyed by int64 ids.
+    """An inner-product FAISS index keyed by int64 ids.
 
-    Vectors are expected L2-normalised, so scores are cosine similarities.
+    ``index_type`` is a FAISS index-factory string (see :mod:`crossmodal_rag.store.ann`). IVF
+    types keep the ids in their inverted lists; the others are wrapped in ``IDMap2``. Vectors are
+    expected L2-normalised, so scores are cosine similarities. Types that need training are
+    trained by :meth:`train` (or on the first :meth:`add`).
     """
 
-    def __init__(self, dim: int, index_type: str = "Flat", index: faiss.Index | None = None) -> None:
+    def __init__(self, dim: int, index_type: str = "Flat", index: faiss.Index | None = None,
+                 params: SearchParams | None = None) -> None:
         self.dim = int(dim)
         self.index_type = index_type
         if index is None:
-            try:
-                index = faiss.index_factory(self.dim, f"IDMap2,{index_type}", faiss.METRIC_INNER_PRODUCT)
-            except RuntimeError as e:
-                raise CollectionError(f"invalid FAISS index type {index_type!r}: {e}") from e
+            index = make_faiss_index(self.dim, index_type)
         self.index = index
+        self.params = params or SearchParams()  # stored defaults (nprobe, ef_search, rerank)
+        #: ids -> exact float32 vectors ``(n, dim)``, used to re-rank PQ shortlists
+        self.exact_vectors: Callable[[np.ndarray], np.ndarray] | None = None
+        self.mmapped = False
+
+    @property
+    def kind(self) -> str:
+        """``flat``, ``hnsw``, ``ivf`` (or a FAISS class name for other types)."""
+        return describe_index(self.index)["kind"]
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    @property
+    def supports_remove(self) -> bool:
+        return self.kind != "hnsw"
+
+    @property
+    def uses_pq(self) -> bool:
+        return bool(describe_index(self.index).get("pq"))
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -61,7 +125,29 @@ class VectorIndex:
         """All ids held, sorted, int64."""
         if len(self) == 0:
             return np.zeros(0, dtype=np.int64)
-        return np.sort(faiss.vector_to_array(self.index.id_map).astype(np.int64))
+        if hasattr(self.index, "id_map"):
+            return np.sort(faiss.vector_to_array(self.index.id_map).astype(np.int64))
+        invlists = faiss.extract_index_ivf(self.index).invlists
+        parts = []
+        for lst in range(invlists.nlist):
+            size = invlists.list_size(lst)
+            if size:
+                ptr = invlists.get_ids(lst)
+                parts.append(faiss.rev_swig_ptr(ptr, size).astype(np.int64))
+                invlists.release_ids(lst, ptr)
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train an index type that needs it (IVF centroids, PQ codebooks) on ``(N, dim)``."""
+        if self.index.is_trained:
+            return
+        need = min_training_vectors(self.index)
+        if len(vectors) < need:
+            raise CollectionError(
+                f"index type {self.index_type!r} needs at least {need:,} training vectors, got "
+                f"{len(vectors):,}; use --index auto or Flat for a collection this small"
+            )
+        self.index.train(_f32(vectors))
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add ``vectors`` ``(N, dim)`` under ``ids`` ``(N,)``."""
@@ -71,23 +157,67 @@ class VectorIndex:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise CollectionError(f"vectors of shape {vectors.shape} do not fit a {self.dim}-d index")
         if not self.index.is_trained:
-            self.index.train(vectors)
+            self.train(vectors)
+        self._in_memory()
         self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
 
     def remove(self, ids: np.ndarray) -> int:
+        """Remove ``ids``; returns how many were held. HNSW graphs cannot remove: the caller
+        rebuilds them (see ``supports_remove``)."""
         if len(ids) == 0 or len(self) == 0:
             return 0
+        if not self.supports_remove:
+            raise CollectionError(f"a {self.index_type} index cannot remove vectors; rebuild it")
+        self._in_memory()
         return int(self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+
+    def empty_like(self) -> VectorIndex:
+        """An empty index of the same type, sharing this one's training (centroids, codebooks)."""
+        if self.kind == "ivf":
+            clone = faiss.clone_index(self.index)
+            clone.reset()
+            ivf = faiss.extract_index_ivf(clone)
+            if not isinstance(ivf.invlists, faiss.ArrayInvertedLists):
+                arrays = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+                ivf.replace_invlists(arrays, True)
+                arrays.this.disown()
+        else:
+            clone = make_faiss_index(self.dim, self.index_type)
+        return VectorIndex(self.dim, self.index_type, index=clone, params=self.params)
+
+    def _in_memory(self) -> None:
+        """Copy memory-mapped / on-disk inverted lists into RAM before the index is changed."""
+        if self.kind != "ivf":
+            if self.mmapped:  # a serialised round trip copies the mapped vectors into RAM
+                self.index = faiss.deserialize_index(faiss.serialize_index(self.index))
+                self.mmapped = False
+            return
+        ivf = faiss.extract_index_ivf(self.index)
+        if isinstance(ivf.invlists, faiss.ArrayInvertedLists) and not self.mmapped:
+            return
+        arrays = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        src = ivf.invlists
+        for lst in range(ivf.nlist):
+            size = src.list_size(lst)
+            if size:
+                ids_ptr, codes_ptr = src.get_ids(lst), src.get_codes(lst)
+                arrays.add_entries(lst, size, ids_ptr, codes_ptr)
+                src.release_ids(lst, ids_ptr)
+                src.release_codes(lst, codes_ptr)
+        ivf.replace_invlists(arrays, True)
+        arrays.this.disown()
+        self.mmapped = False
 
     def reconstruct(self, item_id: int) -> np.ndarray:
         return self.index.reconstruct(int(item_id))
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               params: SearchParams | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product: ``(scores, ids)``, both ``(Q, k')`` with k' = min(k, len).
 
         ``allowed`` (int64 ids) restricts the search to those ids inside FAISS, so the top-k
-        under a filter is exact.
+        under a filter is exact for exact indexes. ``params`` overrides the stored search
+        defaults (``nprobe``, ``ef_search``, ``rerank``) for this call.
         """
         queries = _f32(queries)
         if queries.ndim == 1:
@@ -103,18 +233,43 @@ class VectorIndex:
         faiss.cvar.distance_compute_blas_threshold = _BLAS_THRESHOLD
         if len(queries) <= _NUMPY_MAX_QUERIES and self._flat_view() is not None:
             return self._search_numpy(queries, k, allowed)
-        if allowed is None:
-            return self.index.search(queries, k)
-        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-        return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
+        p = self.params.merged(params)
+        rerank = p.rerank if p.rerank is not None else (DEFAULT_PQ_RERANK if self.uses_pq else 0)
+        fetch = k
+        if rerank and self.exact_vectors is not None:
+            fetch = min(k * rerank, len(self))
+        sel = None if allowed is None else faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        fparams = search_parameters(self.index, p, sel)
+        scores, ids = self.index.search(queries, fetch, params=fparams)
+        if fetch > k:
+            scores, ids = self._rerank(queries, scores, ids, k)
+        return scores, ids
+
+    def _rerank(self, queries: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Re-score a shortlist with the exact vectors and keep the best ``k``."""
+        out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(queries), k), -1, dtype=np.int64)
+        for row in range(len(queries)):
+            cand = ids[row][ids[row] >= 0]
+            if len(cand) == 0:
+                continue
+            exact = self.exact_vectors(cand) @ queries[row]  # type: ignore[misc]
+            order = np.argsort(-exact, kind="stable")[:k]
+            out_s[row, : len(order)] = exact[order]
+            out_i[row, : len(order)] = cand[order]
+        return out_s, out_i
 
     def _flat_view(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Zero-copy views (vectors ``(n, d)``, ids ``(n,)``) of an exact inner-product index."""
         inner = getattr(self.index, "index", None)
-        if inner is None or not isinstance(faiss.downcast_index(inner), faiss.IndexFlat):
+        if inner is None or not hasattr(self.index, "id_map"):
+            return None
+        flat = faiss.downcast_index(inner)
+        if not isinstance(flat, faiss.IndexFlat):
             return None
         n = len(self)
-        xb = faiss.rev_swig_ptr(faiss.downcast_index(inner).get_xb(), n * self.dim).reshape(n, self.dim)
+        xb = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
         ids = faiss.rev_swig_ptr(self.index.id_map.data(), n)
         return xb, ids
 
@@ -137,8 +292,22 @@ class VectorIndex:
         return out_scores, out_ids
 
     # -- persistence ---------------------------------------------------------------------
+    def on_disk_data(self) -> str | None:
+        """File name of the on-disk inverted lists (``.ivfdata``) this index reads, if any."""
+        if self.kind != "ivf":
+            return None
+        invlists = faiss.extract_index_ivf(self.index).invlists
+        ondisk = faiss.downcast_InvertedLists(invlists)
+        if isinstance(ondisk, faiss.OnDiskInvertedLists):
+            return Path(ondisk.filename).name
+        return None
+
     def save(self, folder: Path, relpath: str, *, fsync: bool = True) -> IndexFile:
-        """Write atomically to ``folder/relpath``; returns the manifest record for the file."""
+        """Write atomically to ``folder/relpath``; returns the manifest record for the file.
+
+        An index over on-disk inverted lists writes only its small header file; the ``.ivfdata``
+        file beside it (written by the sharded builder) is recorded, not copied.
+        """
         path = folder / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -152,14 +321,21 @@ class VectorIndex:
                 fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
+        data = self.on_disk_data()
+        data_rel = str(Path(relpath).parent / data) if data else None
         return IndexFile(path=relpath, bytes=path.stat().st_size, sha256=file_sha256(path),
-                         count=len(self))
+                         count=len(self), data_path=data_rel,
+                         data_bytes=(folder / data_rel).stat().st_size if data_rel else None)
 
     @classmethod
     def load(
-        cls, folder: Path, record: IndexFile, dim: int, index_type: str, *, verify_hash: bool = False
+        cls, folder: Path, record: IndexFile, dim: int, index_type: str, *, verify_hash: bool = False,
+        mmap: bool = False, params: SearchParams | None = None,
     ) -> VectorIndex:
         """Read an index file after checking it against its manifest record.
+
+        ``mmap=True`` maps the vectors / inverted lists from the file instead of reading them
+        into RAM (read-only until changed), so an index larger than RAM can be served.
 
         Raises:
             CollectionError: naming the file, if it is missing, of the wrong size or hash, not a
@@ -173,19 +349,39 @@ class VectorIndex:
             raise CollectionError(f"index file {path} is {size} bytes, the manifest says {record.bytes}")
         with open(path, "rb") as f:
             header = f.read(4)
-        if header not in _FAISS_IDMAP_HEADERS:
-            raise CollectionError(f"index file {path} is not a FAISS id-mapped index (header {header!r})")
+        if not _looks_like_faiss(header):
+            raise CollectionError(f"index file {path} is not a FAISS index (header {header!r})")
+        if record.data_path:
+            data = folder / record.data_path
+            if not data.is_file() or data.stat().st_size != record.data_bytes:
+                raise CollectionError(
+                    f"inverted-list file {data} of index {path} is missing or of the wrong size; "
+                    f"rebuild the index with `crossmodal-rag reindex {folder}`"
+                )
         if verify_hash and file_sha256(path) != record.sha256:
             raise CollectionError(f"index file {path} does not match the checksum in the manifest")
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as e:
-            raise CollectionError(f"index file {path} is not a readable FAISS index: {e}") from e
+        base = faiss.IO_FLAG_ONDISK_SAME_DIR
+        if mmap and not record.data_path:  # on-disk inverted lists are always mapped
+            # inverted lists map with IO_FLAG_MMAP, flat codes with IO_FLAG_MMAP_IFC (not both)
+            ivf_like = header.startswith(b"Iw") or header == b"IxPT"
+            kinds = (faiss.IO_FLAG_MMAP, faiss.IO_FLAG_MMAP_IFC)
+            attempts = [base | faiss.IO_FLAG_READ_ONLY | f for f in (kinds if ivf_like else kinds[::-1])]
+        else:
+            attempts = [base]
+        for n, flags in enumerate(attempts):
+            try:
+                with stdout_to_stderr():  # FAISS prints notes about on-disk lists to stdout
+                    index = faiss.read_index(str(path), flags)
+                break
+            except RuntimeError as e:
+                if n == len(attempts) - 1:
+                    raise CollectionError(f"index file {path} is not a readable FAISS index: "
+                                          f"{str(e).strip().splitlines()[-1]}") from e
         if index.d != dim or index.ntotal != record.count:
             raise CollectionError(
                 f"index file {path} holds {index.ntotal} {index.d}-d vectors; the manifest says "
                 f"{record.count} {dim}-d vectors"
             )
-        if not hasattr(index, "id_map"):
-            index = faiss.downcast_index(index)
-        return cls(dim, index_type, index=index)
+        out = cls(dim, index_type, index=index, params=params)
+        out.mmapped = mmap
+        return out

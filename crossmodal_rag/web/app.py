@@ -60,6 +60,7 @@ class WebSettings:
     thumbnail_size: int = 256  # default thumbnail side
     thumbnail_dir: str | None = None  # thumbnail cache folder (default under ~/.cache)
     load_generator_at_startup: bool = True  # else on the first ask
+    mmap: bool = False  # memory-map the index files instead of reading them into RAM
 
 
 class ApiError(Exception):
@@ -177,7 +178,7 @@ class ErrorOut(BaseModel):
 class _State:
     def __init__(self, settings: WebSettings) -> None:
         self.settings = settings
-        self.collection = Collection.open(settings.collection, model=settings.model)
+        self.collection = Collection.open(settings.collection, model=settings.model, mmap=settings.mmap)
         self.collection.encoder.load()
         self.generator = load_generator(settings.generator)
         self.generator_status = "not-loaded"

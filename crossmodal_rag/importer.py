@@ -1,0 +1,303 @@
+"""Importing precomputed embeddings: build a collection without running the encoder on images.
+
+Layouts understood (the first matching one wins):
+
+1. clip-retrieval's inference output::
+
+       FOLDER/img_emb/img_emb_0.npy        float16/32 (n, d), L2-normalised image embeddings
+       FOLDER/text_emb/text_emb_0.npy      optional caption embeddings, same rows
+       FOLDER/metadata/metadata_0.parquet  image_path, caption (+ any other columns)
+
+2. loose shards: ``FOLDER/NAME.npy`` (image embeddings) with ``FOLDER/NAME.parquet`` or
+   ``FOLDER/NAME.jsonl`` metadata (``image_path`` or ``path``; optional ``caption``/``text``),
+   optionally ``FOLDER/NAME.text.npy`` holding caption embeddings for the same rows.
+
+Rows are matched to metadata by position. Captions without stored embeddings are embedded with
+the encoder (texts are cheap). The encoder must be the one that made the embeddings: its
+dimension is checked, and ``verify`` images that can be read are re-embedded and compared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CollectionError, EncoderMismatchError, ImageDecodeError
+from .images import load_image
+from .ingest import IngestReport, Problem
+
+__all__ = ["EmbeddingShard", "find_shards", "import_embeddings"]
+
+logger = logging.getLogger(__name__)
+
+_VERIFY_MIN_COSINE = 0.98  # float16 storage and resampling differences stay well above this
+_BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class EmbeddingShard:
+    """One shard of precomputed embeddings and its metadata."""
+
+    images: Path  # (n, d) .npy
+    metadata: Path | None  # .parquet or .jsonl, n rows
+    texts: Path | None = None  # optional (n, d) .npy of caption embeddings
+
+
+def _index_of(path: Path) -> tuple[int, str]:
+    m = re.search(r"(\d+)(?=\D*$)", path.stem)
+    return (int(m.group(1)) if m else -1, path.name)
+
+
+def find_shards(folder: str | Path) -> list[EmbeddingShard]:
+    """The embedding shards in ``folder`` (see the module docstring for the layouts)."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise CollectionError(f"embedding folder {folder} does not exist")
+    if folder.is_file():
+        if folder.suffix != ".npy":
+            raise CollectionError(f"{folder} is not a .npy embedding file")
+        folder, only = folder.parent, folder
+    else:
+        only = None
+    img_dir = folder / "img_emb"
+    if only is None and img_dir.is_dir():
+        shards = []
+        for npy in sorted(img_dir.glob("*.npy"), key=_index_of):
+            suffix = npy.stem[len("img_emb"):] if npy.stem.startswith("img_emb") else f"_{_index_of(npy)[0]}"
+            meta = next((p for p in (folder / "metadata" / f"metadata{suffix}.parquet",
+                                     folder / "metadata" / f"metadata{suffix}.jsonl") if p.is_file()), None)
+            text = folder / "text_emb" / f"text_emb{suffix}.npy"
+            shards.append(EmbeddingShard(npy, meta, text if text.is_file() else None))
+        if shards:
+            return shards
+    candidates = [only] if only else sorted(
+        (p for p in folder.glob("*.npy") if not p.name.endswith(".text.npy")), key=_index_of)
+    shards = []
+    for npy in candidates:
+        stem = npy.name[: -len(".npy")]
+        meta = next((p for p in (npy.with_name(f"{stem}.parquet"), npy.with_name(f"{stem}.jsonl"))
+                     if p.is_file()), None)
+        text = npy.with_name(f"{stem}.text.npy")
+        shards.append(EmbeddingShard(npy, meta, text if text.is_file() else None))
+    if not shards:
+        raise CollectionError(
+            f"no embeddings in {folder}: expected img_emb/*.npy + metadata/*.parquet "
+            "(clip-retrieval's layout) or NAME.npy files with NAME.parquet/NAME.jsonl metadata"
+        )
+    return shards
+
+
+def _read_metadata(path: Path | None, n: int) -> list[dict[str, Any]]:
+    if path is None:
+        raise CollectionError("embedding shard has no metadata file (image paths are needed)")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise CollectionError(
+                f"reading {path} needs pyarrow: pip install 'crossmodal-rag[distributed]' (or "
+                "write the metadata as .jsonl)"
+            ) from e
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for damaged files
+            raise CollectionError(f"metadata file {path} is unreadable: {e}") from e
+    else:
+        rows = []
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CollectionError(f"metadata file {path} is unreadable: {e}") from e
+        for k, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CollectionError(f"{path}, line {k}: invalid JSON ({e.msg})") from e
+            rows.append(obj if isinstance(obj, dict) else {})
+    if len(rows) != n:
+        raise CollectionError(f"metadata file {path} has {len(rows)} rows but its embeddings have {n}")
+    return rows
+
+
+def _load_matrix(path: Path, dim: int) -> np.ndarray:
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CollectionError(f"embedding file {path} is not a readable .npy array: {e}") from e
+    if x.ndim != 2:
+        raise CollectionError(f"embedding file {path} holds an array of shape {x.shape}, not (n, d)")
+    if x.shape[1] != dim:
+        raise EncoderMismatchError(
+            f"embeddings in {path} are {x.shape[1]}-d but the encoder makes {dim}-d ones; import "
+            "them with the --model that produced them"
+        )
+    return x
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _image_path(row: dict[str, Any], root: Path) -> Path | None:
+    value = row.get("image_path") or row.get("path") or row.get("image")
+    if not value or not isinstance(value, str):
+        return None
+    p = Path(value).expanduser()
+    return (p if p.is_absolute() else root / p).resolve()
+
+
+def _caption(row: dict[str, Any]) -> str | None:
+    value = row.get("caption") if row.get("caption") is not None else row.get("text")
+    if isinstance(value, str) and value.strip():
+        return " ".join(value.split())
+    return None
+
+
+def _rows(shards: list[EmbeddingShard], dim: int) -> Iterator[tuple[EmbeddingShard, int, np.ndarray,
+                                                                      np.ndarray | None, list[dict]]]:
+    for shard in shards:
+        images = _load_matrix(shard.images, dim)
+        texts = _load_matrix(shard.texts, dim) if shard.texts else None
+        if texts is not None and len(texts) != len(images):
+            raise CollectionError(f"{shard.texts} has {len(texts)} rows, {shard.images} {len(images)}")
+        meta = _read_metadata(shard.metadata, len(images))
+        for start in range(0, len(images), _BATCH):
+            stop = start + _BATCH
+            yield (shard, start, images[start:stop], None if texts is None else texts[start:stop],
+                   meta[start:stop])
+
+
+def import_embeddings(
+    source: str | Path, collection: str | Path, model: str, *, image_root: str | Path | None = None,
+    index_type: str = "auto", max_index_memory: int | str | None = None, verify: int = 3,
+    fsync: str = "full", progress: bool = True,
+) -> IngestReport:
+    """Add precomputed image (and caption) embeddings from ``source`` to ``collection``.
+
+    Creates the collection for ``model`` if needed. Rows whose image path is already in the
+    collection are skipped (re-running an import is safe); rows without an image path are
+    skipped with a reason. Returns the same report as an ingest.
+    """
+    from tqdm import tqdm
+
+    from .collection import Collection
+
+    t0 = time.perf_counter()
+    source = Path(source).expanduser()
+    shards = find_shards(source)
+    root = Path(image_root).expanduser().resolve() if image_root else (
+        source if source.is_dir() else source.parent).resolve()
+    report = IngestReport(source=str(source))
+    with Collection.open_or_create(collection, model, index_type=index_type,
+                                   max_index_memory=max_index_memory, fsync=fsync) as coll:
+        dim = coll.manifest.dim
+        total = sum(int(_load_matrix(s.images, dim).shape[0]) for s in shards)
+        if verify:
+            _verify(coll, shards, root, verify)
+        bar = tqdm(total=total, unit="rows", desc="importing", disable=not progress, leave=False)
+        for shard, start, img, txt, meta in _rows(shards, dim):
+            _import_batch(coll, shard, start, _normalise(img), None if txt is None else _normalise(txt),
+                          meta, root, report)
+            bar.update(len(meta))
+        bar.close()
+        coll.persist()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _import_batch(coll: Any, shard: EmbeddingShard, start: int, img: np.ndarray,
+                  txt: np.ndarray | None, meta: list[dict[str, Any]], root: Path,
+                  report: IngestReport) -> None:
+    store = coll.store
+    rows: list[tuple[int, Path, os.stat_result | None]] = []
+    for k, row in enumerate(meta):
+        where = f"{shard.images.name} row {start + k}"
+        path = _image_path(row, root)
+        if path is None:
+            report.skipped.append(Problem(where, "no image_path in the metadata"))
+            continue
+        if store.path_entry(str(path)) is not None:
+            report.unchanged += 1
+            continue
+        try:
+            st = path.stat()
+        except OSError:
+            st = None  # imported all the same: the embedding is what matters for search
+        rows.append((k, path, st))
+    # captions without stored embeddings are embedded here
+    need_text = [k for k, _, _ in rows if txt is None and _caption(meta[k])]
+    text_vecs: dict[int, np.ndarray] = {}
+    if need_text:
+        encoded = coll.encoder.encode_texts([_caption(meta[k]) for k in need_text])
+        text_vecs = dict(zip(need_text, encoded, strict=True))
+    elif txt is not None:
+        text_vecs = {k: txt[k] for k, _, _ in rows if _caption(meta[k])}
+    added_img: list[tuple[int, np.ndarray]] = []
+    added_txt: list[tuple[int, np.ndarray]] = []
+    with store.transaction():
+        for k, path, st in rows:
+            extra = {key: value for key, value in meta[k].items()
+                     if key not in ("image_path", "path", "image", "caption", "text")
+                     and isinstance(value, (str, int, float, bool))}
+            item_id = store.insert_item("image", img[k], origin=f"import:{shard.images.name}",
+                                        size_bytes=st.st_size if st else None, extra=extra or None)
+            store.set_path(str(path), item_id, st.st_size if st else None, st.st_mtime_ns if st else None)
+            added_img.append((item_id, img[k]))
+            caption = _caption(meta[k])
+            if caption is not None:
+                cid = store.insert_item("caption", text_vecs[k], parent_id=item_id, text=caption,
+                                        origin=f"import:{shard.images.name}")
+                added_txt.append((cid, text_vecs[k]))
+    update = {}
+    if added_img:
+        update["image"] = (np.asarray([i for i, _ in added_img], np.int64), np.stack([v for _, v in added_img]))
+    if added_txt:
+        update["text"] = (np.asarray([i for i, _ in added_txt], np.int64), np.stack([v for _, v in added_txt]))
+    coll.apply(update, [])
+    report.images_added += len(added_img)
+    report.captions_added += len(added_txt)
+
+
+def _verify(coll: Any, shards: list[EmbeddingShard], root: Path, n: int) -> None:
+    """Re-embed up to ``n`` readable images and compare with their imported embeddings."""
+    checked = 0
+    for shard in shards:
+        images = _load_matrix(shard.images, coll.manifest.dim)
+        meta = _read_metadata(shard.metadata, len(images))
+        for k, row in enumerate(meta):
+            path = _image_path(row, root)
+            if path is None or not path.is_file():
+                continue
+            try:
+                pil = load_image(path).image
+            except ImageDecodeError:
+                continue
+            mine = coll.encoder.encode_images([pil])[0]
+            theirs = _normalise(np.asarray(images[k : k + 1]))[0]
+            cosine = float(mine @ theirs)
+            if cosine < _VERIFY_MIN_COSINE:
+                raise EncoderMismatchError(
+                    f"the embedding of {path} in {shard.images} differs from what "
+                    f"{coll.manifest.encoder} makes of it (cosine {cosine:.3f}): the embeddings "
+                    "were made by another model. Import with the --model that made them (or "
+                    "--verify 0 if the image files changed since)"
+                )
+            checked += 1
+            if checked >= n:
+                return
+    if checked == 0:
+        logger.warning("no image file of the import could be read; the embeddings were not "
+                       "checked against %s", coll.manifest.encoder)

@@ -1,0 +1,172 @@
+"""Building indexes from embedding shards: in memory, or shard by shard onto disk.
+
+The sharded build follows FAISS's on-disk recipe: train the IVF quantizer (and PQ codebooks)
+once on a reproducible sample, add each shard to its own copy of the trained empty index (in
+parallel), write the parts, then merge their inverted lists into one ``.ivfdata`` file that the
+final index memory-maps. No step holds more than a shard's vectors (plus the sample) in RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from ..errors import CollectionError
+from .ann import SearchParams, Tuning, recall_at_k, training_rows, tune
+from .shards import EmbeddingShards
+from .vectors import VectorIndex, stdout_to_stderr
+
+__all__ = ["BuildReport", "build_index", "exact_top_k", "tune_index"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildReport:
+    """How an index was built (recorded in the manifest's ``build`` section)."""
+
+    index_type: str
+    count: int
+    seed: int
+    train_vectors: int
+    sharded: bool
+    parts: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _sample_rows(shards: EmbeddingShards, live: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Vectors at positions ``rows`` (sorted) of the live vectors in shard order."""
+    out = np.empty((len(rows), shards.dim), dtype=np.float32)
+    offset = filled = 0
+    for _, vecs in shards.iter_chunks(live):
+        lo, hi = np.searchsorted(rows, [offset, offset + len(vecs)])
+        if hi > lo:
+            out[filled : filled + hi - lo] = vecs[rows[lo:hi] - offset]
+            filled += hi - lo
+        offset += len(vecs)
+    if filled != len(rows):
+        raise CollectionError(f"the embedding shards hold {offset} live vectors, expected at least "
+                              f"{rows[-1] + 1}; rebuild them with `crossmodal-rag reindex`")
+    return out
+
+
+def build_index(
+    index_type: str, shards: EmbeddingShards, live: np.ndarray, *, seed: int = 0,
+    params: SearchParams | None = None, sharded: bool = False, out_dir: Path | None = None,
+    basename: str = "index", workers: int = 2,
+) -> tuple[VectorIndex, BuildReport]:
+    """Build a ``index_type`` index over the ``live`` ids (sorted int64) held in ``shards``.
+
+    ``sharded=True`` (IVF types only) adds each shard separately and merges the inverted lists
+    into ``out_dir/basename.ivfdata`` on disk.
+    """
+    t0 = time.perf_counter()
+    index = VectorIndex(shards.dim, index_type, params=params)
+    rows = training_rows(len(live), index.index, seed)
+    if len(rows):
+        logger.info("training %s on %d of %d vectors (seed %d)", index_type, len(rows), len(live), seed)
+        index.train(_sample_rows(shards, live, rows))
+    parts = 1
+    if sharded:
+        if index.kind != "ivf":
+            raise CollectionError(f"a sharded build needs an IVF index type, not {index_type!r}")
+        if out_dir is None:
+            raise CollectionError("a sharded build needs an output folder")
+        index, parts = _build_sharded_ivf(index, shards, live, out_dir, basename, workers)
+    else:
+        for ids, vecs in shards.iter_chunks(live):
+            index.add(ids, vecs)
+    if len(index) != len(live):
+        raise CollectionError(f"built an index of {len(index)} vectors for {len(live)} live items; "
+                              "the embedding shards are incomplete — run `crossmodal-rag reindex`")
+    report = BuildReport(index_type=index_type, count=len(index), seed=seed, train_vectors=len(rows),
+                         sharded=sharded, parts=parts, seconds=round(time.perf_counter() - t0, 3))
+    return index, report
+
+
+def _build_sharded_ivf(trained: VectorIndex, shards: EmbeddingShards, live: np.ndarray,
+                       out_dir: Path, basename: str, workers: int) -> tuple[VectorIndex, int]:
+    work = out_dir / f".build-{basename}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        def add_part(n: int) -> Path | None:
+            part = trained.empty_like()
+            one = EmbeddingShards(shards.folder, shards.name, shards.dim, [shards.shards[n]])
+            for ids, vecs in one.iter_chunks(live):
+                part.add(ids, vecs)
+            if len(part) == 0:
+                return None
+            path = work / f"part-{n:06d}.faiss"
+            faiss.write_index(part.index, str(path))
+            return path
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            paths = [p for p in pool.map(add_part, range(len(shards.shards))) if p is not None]
+        merged = trained.empty_like()
+        ivf = faiss.extract_index_ivf(merged.index)
+        data_path = out_dir / f"{basename}.ivfdata"
+        data_path.unlink(missing_ok=True)
+        ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data_path))
+        part_lists = faiss.InvertedListsPtrVector()
+        opened = []
+        for p in paths:
+            part_index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP)
+            opened.append(part_index)  # keep the parts alive while their lists are merged
+            part_lists.push_back(faiss.extract_index_ivf(part_index).invlists)
+        with stdout_to_stderr():  # FAISS reports the file resizing on stdout
+            ntotal = ondisk.merge_from_multiple(part_lists.data(), part_lists.size(), False) \
+                if paths else 0
+        ivf.ntotal = ntotal
+        merged.index.ntotal = ntotal
+        ivf.replace_invlists(ondisk, True)
+        ondisk.this.disown()
+        del opened
+        return merged, len(paths)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def exact_top_k(shards: EmbeddingShards, live: np.ndarray, queries: np.ndarray, k: int
+                ) -> np.ndarray:
+    """Ids ``(Q, k)`` of the exact top-``k`` live vectors for ``queries`` (chunked brute force)."""
+    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(queries), 0), dtype=np.int64)
+    for ids, vecs in shards.iter_chunks(live):
+        s = queries @ vecs.T
+        cat_s = np.concatenate([best_s, s], axis=1)
+        cat_i = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
+        kk = min(k, cat_s.shape[1])
+        top = np.argpartition(-cat_s, kk - 1, axis=1)[:, :kk]
+        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_i, order, 1)
+
+
+def tune_index(index: VectorIndex, shards: EmbeddingShards, live: np.ndarray, queries: np.ndarray,
+               *, k: int = 10, target_recall: float = 0.95) -> Tuning:
+    """Tune ``index``'s search knob on ``queries`` against exact search over the same vectors."""
+    k = min(k, len(live))
+    truth = exact_top_k(shards, live, queries, k)
+
+    def search(q: np.ndarray, kk: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        return index.search(q, kk, params=params)
+
+    result = tune(search, index.index, queries, truth, k=k, target_recall=target_recall)
+    if result.param:
+        index.params = SearchParams(**{**index.params.to_dict(), result.param: result.value})
+    else:
+        _, found = index.search(queries, k)
+        result.measured.append({"value": 0, "recall": round(recall_at_k(found, truth), 4)})
+    return result
