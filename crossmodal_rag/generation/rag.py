@@ -41,6 +41,7 @@ from .models import GenerationSettings, Generator, Prompt, load_generator
 
 if TYPE_CHECKING:
     from ..collection import Collection
+    from ..training.rag import RagCheckpoint
     from .prefix import ImagePrefix
 
 __all__ = ["MODES", "Answer", "RagPipeline", "RagSettings", "Source", "priors"]
@@ -169,12 +170,28 @@ class RagPipeline:
         self, collection: Collection, generator: str | Generator | None = None,
         settings: RagSettings | None = None, generation: GenerationSettings | None = None,
         knowledge: Collection | None = None, image_prefix: ImagePrefix | None = None,
+        query_projection: RagCheckpoint | str | None = "auto",
     ) -> None:
         self.collection = collection
         if generator is None and image_prefix is not None:
             generator = load_generator(image_prefix.generator_spec)
         self.generator = generator if isinstance(generator, Generator) else load_generator(generator)
         self.settings = settings or RagSettings()
+        # A query projection trained by `train rag` (auto: found in the generator's folder) maps
+        # the query before search and sets P(z|x)'s temperature and the trained prompt.
+        if query_projection == "auto":
+            from ..training.rag import has_rag_checkpoint, load_rag_checkpoint
+
+            spec = self.generator.spec
+            query_projection = load_rag_checkpoint(spec) if has_rag_checkpoint(spec) else None
+        elif isinstance(query_projection, str):
+            from ..training.rag import load_rag_checkpoint
+
+            query_projection = load_rag_checkpoint(query_projection)
+        self.query_projection = query_projection
+        if query_projection is not None:
+            query_projection.check_collection(collection)
+            self.settings = query_projection.adapt(self.settings)
         self.generation = generation or GenerationSettings()
         self.knowledge = knowledge
         if knowledge is not None:  # queries are embedded by the main collection's encoder
@@ -192,8 +209,10 @@ class RagPipeline:
             vec = self.collection.embed_query(image=image)
         else:
             vec = self.collection.embed_query(question)
+        # a trained query projection maps the query for the search only (vec stays CLIP's)
+        search = vec if self.query_projection is None else self.query_projection.apply(vec)
         source = self.knowledge or self.collection
-        hits = source.search_vectors(vec[None], k=k * 2 if target == "all" else k, target=target,
+        hits = source.search_vectors(search[None], k=k * 2 if target == "all" else k, target=target,
                                      where=list(self.settings.where) or None)[0]
         if target == "all":  # a caption of an image already retrieved adds nothing new
             images = {h.id for h in hits if h.kind == "image"}
