@@ -40,7 +40,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (40, 70, 225),
     "yellow": (240, 210, 30), "purple": (140, 50, 180), "orange": (245, 130, 20),
 }
-SIZES: dict[str, float] = {"small": 0.10, "large": 0.17}  # radius as a share of the image side
+SIZES: dict[str, float] = {"small": 0.12, "large": 0.19}  # radius as a share of the image side
 #: name -> (column, row) in a 3x3 grid; the phrase used in captions
 POSITIONS: dict[str, tuple[int, int]] = {
     "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
@@ -55,7 +55,7 @@ _POSITION_PHRASE = {
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245), "black": (15, 15, 15), "grey": (128, 128, 128),
 }
-_CELL_CENTRES = (0.21, 0.5, 0.79)  # grid-cell centres as shares of the side
+_CELL_CENTRES = (0.23, 0.5, 0.77)  # grid-cell centres as shares of the side
 _JITTER = 0.03  # max centre offset, share of the side
 _SCALE_JITTER = 0.1  # max relative radius change
 

@@ -67,7 +67,7 @@ def test_captions_describe_the_pictures(tmp_path: Path) -> None:
         # background's colour in the farthest corner.
         pixels = np.asarray(Image.open(png).convert("RGB"))
         col, rowi = POSITIONS[row["position"]]
-        cy, cx = int((0.21, 0.5, 0.79)[rowi] * 64), int((0.21, 0.5, 0.79)[col] * 64)
+        cy, cx = int((0.23, 0.5, 0.77)[rowi] * 64), int((0.23, 0.5, 0.77)[col] * 64)
         assert tuple(pixels[cy, cx]) == COLOURS[row["colour"]], (png, caption)
         corner = (63 if rowi == 0 else 0, 63 if col == 0 else 0)
         assert tuple(pixels[corner]) == BACKGROUNDS[row["background"]]
