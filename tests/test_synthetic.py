@@ -80,7 +80,7 @@ def test_large_shapes_cover_more_pixels() -> None:
         for size in SIZES:
             img = render_shape_example(sample_attrs(rng, (shape, "red", size, "centre", "white")))
             counts[size] = int((np.asarray(img) == COLOURS["red"]).all(-1).sum())
-        assert counts["large"] > 2 * counts["small"] > 0, shape
+        assert counts["large"] > 1.5 * counts["small"] > 0, shape  # radius 0.19 vs 0.12, +-10% jitter
 
 
 def test_distinct_captions_and_bad_attributes(tmp_path: Path) -> None:
