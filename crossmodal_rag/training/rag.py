@@ -506,7 +506,7 @@ class RagTrainTask:
         q = self.projection(self.queries.index_select(0, idx))  # (B, D)
         z = self.item_vectors.index_select(0, idx)  # (B, C, D)
         s = torch.einsum("bd,bcd->bc", q, z) / self.settings.temperature
-        top = torch.topk(s.detach(), self.settings.k, dim=1).indices  # ties: lowest position first
+        top = torch.topk(s.detach(), self.settings.k, dim=1).indices  # the selection is not differentiated
         return top, torch.log_softmax(s.gather(1, top), dim=1)
 
     def log_likelihoods(self, indices: Sequence[int], top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
