@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("--fsync", choices=("full", "normal", "off"), default="full")
     ri.add_argument("--json", action="store_true", help="print the build report as JSON")
 
+    tu = sub.add_parser("tune", help="re-tune nprobe/efSearch to a target recall, or store explicit "
+                                     "search defaults")
+    add_collection(tu, positional=True)
+    tu.add_argument("--target-recall", type=float, default=0.95, metavar="R")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.add_argument("--nprobe", type=_positive_int, metavar="N", help="store this nprobe instead of tuning")
+    tu.add_argument("--ef-search", type=_positive_int, metavar="N", help="store this efSearch instead of tuning")
+    tu.add_argument("--rerank", type=_nonneg_int, metavar="F", help="store this PQ re-rank factor")
+    tu.add_argument("--index-name", choices=("image", "text"), help="only this index (explicit values)")
+
     im = sub.add_parser("import", help="build a collection from precomputed embeddings "
                                        "(npy/parquet shards, e.g. clip-retrieval's output)")
     im.add_argument("source", metavar="FOLDER",
@@ -477,6 +487,21 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         build = r.get("build") or {}
         print(f"{name}: {r['index_type']}, {r['count']} vectors, built in {build.get('seconds', 0):.1f} s"
               f"{' (sharded)' if build.get('sharded') else ''}{tuned}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .collection import Collection
+
+    params = _search_params(args)
+    with Collection.open(_collection_dir(args), writable=True) as coll:
+        if params is not None:
+            coll.set_search_params(params, args.index_name)
+            out = {n: {"index_type": ix.index_type, "search_params": ix.params.to_dict()}
+                   for n, ix in coll.indexes.items()}
+        else:
+            out = coll.tune(target_recall=args.target_recall, seed=args.seed)
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -1056,7 +1081,7 @@ def cmd_reembed(args: argparse.Namespace) -> int:
 COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check": cmd_check,
             "remove": cmd_remove, "demo": cmd_demo, "ask": cmd_ask, "chat": cmd_chat,
             "write": cmd_write, "recommend": cmd_recommend, "serve": cmd_serve,
-            "duplicates": cmd_duplicates, "eval": cmd_eval, "reindex": cmd_reindex,
+            "duplicates": cmd_duplicates, "eval": cmd_eval, "reindex": cmd_reindex, "tune": cmd_tune,
             "import": cmd_import, "train": cmd_train, "caption": cmd_caption}
 
 COMMANDS["reembed"] = cmd_reembed

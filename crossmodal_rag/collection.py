@@ -523,6 +523,26 @@ class Collection:
                     "build": self._built.get(n), "tuning": self._tuning.get(n)}
                 for n in _INDEX_NAMES}
 
+    def tune(self, *, target_recall: float = 0.95, seed: int = 0) -> dict[str, Any]:
+        """Re-tune the search settings of the approximate indexes (no rebuild); stores and
+        returns what was measured per index."""
+        self._require_writable()
+        if not 0.0 < target_recall <= 1.0:
+            raise CollectionError(f"target recall must be in (0, 1], got {target_recall}")
+        for name, index in self.indexes.items():
+            live = self.store.ids(name)
+            self._sync_shards(name, live)
+            if index.kind not in ("ivf", "hnsw") or not len(live):
+                continue
+            queries = self._tuning_queries(name, live, index, seed)
+            index.params = SearchParams(rerank=index.params.rerank)
+            self._tuning[name] = tune_index(index, self.shards[name], live, queries,
+                                            target_recall=target_recall).to_dict()
+            self._dirty.add(name)
+        self.persist()
+        return {n: {"index_type": ix.index_type, "search_params": ix.params.to_dict(),
+                    "tuning": self._tuning.get(n)} for n, ix in self.indexes.items()}
+
     def set_search_params(self, params: SearchParams, index: str | None = None) -> None:
         """Store ``params`` as the default search settings of one index (or both), persisted."""
         self._require_writable()
@@ -530,6 +550,7 @@ class Collection:
             if name not in self.indexes:
                 raise CollectionError(f"unknown index {name!r}; choose image or text")
             self.indexes[name].params = self.indexes[name].params.merged(params)
+            self._dirty.add(name)
         self.persist()
 
     def _require_writable(self) -> None:

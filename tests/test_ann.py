@@ -150,11 +150,20 @@ def _write_import(folder: Path, vectors: np.ndarray, captions: bool = True) -> P
     half = len(vectors) // 2
     for n, part in enumerate((vectors[:half], vectors[half:])):
         np.save(src / "img_emb" / f"img_emb_{n}.npy", part.astype(np.float16))
+        rows = []
+        for k in range(len(part)):
+            row = {"image_path": f"images/{n}_{k}.jpg", "group": k % 5, "caption": None}
+            if captions and k % 10 == 0:
+                row["caption"] = f"picture number {k} of part {n}"
+            rows.append(row)
+        if n == 1:  # clip-retrieval writes parquet; the second shard uses it
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), src / "metadata" / f"metadata_{n}.parquet")
+            continue
         with open(src / "metadata" / f"metadata_{n}.jsonl", "w", encoding="utf-8") as f:
-            for k in range(len(part)):
-                row = {"image_path": f"images/{n}_{k}.jpg", "group": k % 5}
-                if captions and k % 10 == 0:
-                    row["caption"] = f"picture number {k} of part {n}"
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
     return src
 
@@ -289,6 +298,15 @@ def test_cli_reindex_import_search_flags(imported, tmp_path: Path, tiny_oc_spec:
             "--mmap", "--json")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["results"]) == 10
+    r = run("tune", str(folder), "--nprobe", "3", "--index-name", "image")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["image"]["search_params"]["nprobe"] == 3
+    info = json.loads(run("info", str(folder), "--json").stdout)
+    assert info["search_params"]["image"]["nprobe"] == 3
+    r = run("tune", str(folder), "--target-recall", "0.99")
+    assert r.returncode == 0, r.stderr
+    tuned = json.loads(r.stdout)["image"]["tuning"]
+    assert tuned["target_recall"] == 0.99 and (tuned["reached"] or tuned["value"] == 16)
     r = run("reindex", str(folder), "--index", "IVF99999,Flat")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "99,999" in r.stderr
     r = run("reindex", str(folder), "--index", "NotAnIndex")
