@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -520,8 +521,8 @@ def _quiet_ray_data(ray: Any) -> Iterator[None]:
     level = data_logger.level
     for a in switches:
         setattr(ctx, a, False)
-    if not logger.isEnabledFor(logging.INFO):
-        data_logger.setLevel(logging.ERROR)
+    if not logger.isEnabledFor(logging.INFO):  # failures reach the user as DistributedError
+        data_logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -531,13 +532,19 @@ def _quiet_ray_data(ray: Any) -> Iterator[None]:
 
 
 def _root_message(e: BaseException) -> str:
-    """The innermost cause's first line (Ray wraps worker errors several times)."""
+    """One line for a failure Ray wrapped (several times, tracebacks included): the last line of
+    the innermost exception that has a message, e.g. ``ModelSpecError: ... does not exist``."""
+    found = type(e).__name__
     seen: set[int] = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[-1] if text else ''}".rstrip(": ")
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        lines = [line.strip() for line in str(x).splitlines() if line.strip()]
+        if lines:
+            last = lines[-1]
+            named = re.match(r"^([\w.]+(?:Error|Exception|Exit|Interrupt)\w*): (.*)$", last)
+            found = (f"{named.group(1).rsplit('.', 1)[-1]}: {named.group(2)}" if named
+                     else f"{type(x).__name__}: {last}")
+        inner = getattr(x, "cause", None)
+        x = inner if isinstance(inner, BaseException) else x.__cause__
+    return found

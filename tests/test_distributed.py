@@ -219,3 +219,23 @@ def test_decode_tasks_preprocess_like_the_encoder(tiny_oc_spec: str, tiny_hf_dir
         assert list(out["error"]) == ["", "", "no such file"]  # the text row passes through
         assert out["pixels"][0] == b"" and out["pixels"][2] == b"" and out["text"][0] == "a caption"
         assert out["sha256"][1] == hashlib.sha256(photo.read_bytes()).hexdigest()
+
+
+def test_worker_failures_become_one_line() -> None:
+    """Ray hands a worker's failure over wrapped, traceback inside; the user gets its last line."""
+    from crossmodal_rag.distributed import _root_message
+
+    class SystemException(Exception):  # Ray Data's outer wrapper has no message
+        pass
+
+    worker_trace = ("The actor died because of an error raised in its creation task\nTraceback (most recent "
+                    "call last):\n  File \"x.py\", line 1, in load\ncrossmodal_rag.errors.ModelSpecError: "
+                    "open_clip local-dir folder does not exist: /models/m")
+    try:
+        try:
+            raise SystemException()
+        except SystemException as inner:
+            raise RuntimeError(worker_trace) from inner
+    except RuntimeError as e:
+        assert _root_message(e) == "ModelSpecError: open_clip local-dir folder does not exist: /models/m"
+    assert _root_message(ConnectionError("no cluster")) == "ConnectionError: no cluster"
