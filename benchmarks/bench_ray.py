@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--actors", default="1,2", help="comma-separated encoder-actor counts (default 1,2)")
     ap.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs (torch threads) per actor")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over single + each actor count")
+    ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                    help="before each run wait up to S seconds for other processes to go idle")
     ap.add_argument("--model-dir", type=Path, default=_common.DEFAULT_MODEL_DIR,
                     help="where the random ViT-B-32 model is cached")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp folder)")
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 folder = work / f"coll-{setting}-{rep}"
                 coll = Collection.create(folder, spec)  # loads the model: not part of the timing
                 try:
+                    _common.wait_quiet(args.quiet_wait)
                     quiet = _common.CpuMeter()
                     time.sleep(2.0)
                     background = quiet.stop()
