@@ -302,12 +302,14 @@ class _EncoderActor:
         self.shape = tuple(shape)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = batch.pop("pixels")
-        is_text = np.asarray([not p for p in batch["path"]], bool)
+        """Rows from the decode tasks -> (position, is_text, file facts, error, vector ``(D,)``);
+        the pixels and texts stay here."""
+        pixels, texts_col = batch.pop("pixels"), batch.pop("text")
+        is_text = np.asarray([not p for p in batch.pop("path")], bool)
         is_image = np.asarray([bool(len(b)) for b in pixels], bool)
         vectors = np.zeros((len(is_text), self.encoder.dim), np.float32)
         if is_text.any():
-            texts = [str(t) for t in batch["text"][is_text]]
+            texts = [str(t) for t in texts_col[is_text]]
             vectors[is_text] = self.encoder.encode_texts(texts, batch_size=len(texts))
         if is_image.any():
             stacked = np.stack([np.frombuffer(b, np.float32).reshape(self.shape) for b in pixels[is_image]])
