@@ -382,7 +382,8 @@ class Collection:
         """Rebuild index ``name`` as ``index_type`` from the shards (training, tuning)."""
         probe = VectorIndex(self.manifest.dim, index_type)
         if sharded is None:
-            sharded = probe.kind == "ivf" and len(live) * self.manifest.dim * 4 > _SHARDED_BUILD_MIN_BYTES
+            sharded = len(live) * self.manifest.dim * 4 > _SHARDED_BUILD_MIN_BYTES
+        sharded = sharded and probe.kind == "ivf"  # e.g. a small caption index stays exact
         basename = f"{name}.{self.store.generation}.{secrets.token_hex(4)}"
         logger.info("building the %s index as %s over %d vectors%s", name, index_type, len(live),
                     " shard by shard on disk" if sharded else "")
@@ -500,7 +501,10 @@ class Collection:
         if request != AUTO:
             make_faiss_index(self.manifest.dim, request)
         if request != AUTO:
-            need = min_training_vectors(make_faiss_index(self.manifest.dim, request))
+            probe = VectorIndex(self.manifest.dim, request)
+            if sharded and probe.kind != "ivf":
+                raise CollectionError(f"--sharded builds IVF index types; {request!r} is not one")
+            need = min_training_vectors(probe.index)
             largest = max(len(self.store.ids(n)) for n in _INDEX_NAMES)
             if largest < need:
                 raise CollectionError(

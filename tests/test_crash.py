@@ -85,3 +85,54 @@ def test_sigkill_during_ingest_never_loses_or_duplicates(tmp_path: Path, tiny_oc
             landed += 1
         else:  # the machine ran faster than calibrated: aim earlier
             duration *= 0.7
+
+
+def test_sigkill_during_reindex_keeps_a_working_collection(tmp_path: Path, tiny_oc_spec: str) -> None:
+    """A reindex killed at any moment leaves the previous index in service (or the new one,
+    complete): the collection opens, passes its check, and holds the same items."""
+    import json
+
+    from crossmodal_rag.importer import import_embeddings
+
+    with Collection.create(tmp_path / "probe", tiny_oc_spec) as c:
+        dim = c.manifest.dim
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, dim))
+    x = centres[rng.integers(0, 20, 4000)] + 0.5 * rng.normal(size=(4000, dim))
+    src = tmp_path / "emb"
+    src.mkdir()
+    np.save(src / "part.npy", (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+    (src / "part.jsonl").write_text("".join(json.dumps({"image_path": f"{i}.jpg"}) + "\n" for i in range(4000)))
+    coll = tmp_path / "coll"
+    import_embeddings(src, coll, tiny_oc_spec, progress=False)
+    with Collection.open(coll) as c:
+        ids = c.store.ids("image")
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
+    specs = ["IVF32,Flat", "HNSW16", "IVF16,PQ8np", "Flat"]
+
+    def cmd(spec: str) -> list[str]:
+        return [sys.executable, "-m", "crossmodal_rag", "-q", "reindex", str(coll), "--index", spec,
+                "--sharded" if spec.startswith("IVF") else "--no-sharded"]
+
+    t0 = time.perf_counter()
+    subprocess.run(cmd("IVF32,Flat"), env=env, check=True, timeout=300, capture_output=True)
+    duration = time.perf_counter() - t0
+    prng = random.Random(99)
+    for trial in range(max(TRIALS, 4)):
+        proc = subprocess.Popen(cmd(specs[trial % len(specs)]), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(prng.uniform(0.5, duration))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        with Collection.open(coll) as c:
+            report = c.check()
+            assert report.ok, (trial, report.problems)
+            assert np.array_equal(c.indexes["image"].ids(), ids)
+            assert len(c.search_vectors(x[:1].astype(np.float32), k=5)[0]) == 5
+    r = subprocess.run(cmd("IVF32,Flat"), env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with Collection.open(coll) as c:
+        assert c.check().ok and c.manifest.index_types["image"] == "IVF32,Flat"
+        leftovers = [p.name for p in (coll / "index").iterdir()]
+        assert not [n for n in leftovers if n.startswith(".build") or n.endswith(".tmp")], leftovers

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import CollectionError
 from .ann import SearchParams, Tuning, recall_at_k, training_rows, tune
 from .shards import EmbeddingShards
-from .vectors import VectorIndex, stdout_to_stderr
+from .vectors import VectorIndex, silence_c_stdout
 
 __all__ = ["BuildReport", "build_index", "exact_top_k", "tune_index"]
 
@@ -125,7 +125,7 @@ def _build_sharded_ivf(trained: VectorIndex, shards: EmbeddingShards, live: np.n
             part_index = faiss.read_index(str(p), faiss.IO_FLAG_MMAP)
             opened.append(part_index)  # keep the parts alive while their lists are merged
             part_lists.push_back(faiss.extract_index_ivf(part_index).invlists)
-        with stdout_to_stderr():  # FAISS reports the file resizing on stdout
+        with silence_c_stdout():  # FAISS reports the file resizing
             ntotal = ondisk.merge_from_multiple(part_lists.data(), part_lists.size(), False) \
                 if paths else 0
         ivf.ntotal = ntotal

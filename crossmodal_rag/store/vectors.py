@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -46,21 +47,29 @@ def make_faiss_index(dim: int, index_type: str) -> faiss.Index:
 
 
 @contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Send what C++ code prints to stdout (file descriptor 1) to stderr while inside, so it
-    cannot mix with a command's results."""
+def silence_c_stdout() -> Iterator[None]:
+    """Discard what C++ code prints (file descriptors 1 and 2) while inside: FAISS prints notes
+    about on-disk inverted lists, which must not mix with a command's results. Errors still
+    arrive as exceptions."""
     sys.stdout.flush()
+    sys.stderr.flush()
     try:
-        saved = os.dup(1)
-    except OSError:  # pragma: no cover - no stdout at all
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # pragma: no cover - no standard streams at all
         yield
         return
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(2, 1)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         yield
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).fflush(None)  # C's buffers are written out while they point at null
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
 
 
 def _looks_like_faiss(header: bytes) -> bool:
@@ -370,7 +379,7 @@ class VectorIndex:
             attempts = [base]
         for n, flags in enumerate(attempts):
             try:
-                with stdout_to_stderr():  # FAISS prints notes about on-disk lists to stdout
+                with silence_c_stdout():  # FAISS notes about on-disk lists
                     index = faiss.read_index(str(path), flags)
                 break
             except RuntimeError as e:
