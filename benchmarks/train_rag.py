@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--projection-lr-scale", type=float, default=0.05, help="W's learning rate relative to --lr")
+    p.add_argument("--projection-lr-scale", type=float, default=0.3, help="W's learning rate relative to --lr")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a busy 2-core machine)")
@@ -206,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         base_answers = [base.ask(q["question"]) for q in held[:10]]
     ask_s = time.perf_counter() - t2
     em = float(np.mean([a.answer == q["answer"] for a, q in zip(answers, held, strict=True)]))
+    # what decides the rag-sequence answer: the item with the largest prior, and whether the
+    # projected query still retrieves the right passage from the whole collection
+    top_prior = [max(a.sources, key=lambda src: src.prior) for a in answers]
+    ask_follow = float(np.mean([a.answer in t.text for a, t in zip(answers, top_prior, strict=True)]))
+    ask_right_top = float(np.mean([q["answer"] in t.text for q, t in zip(held, top_prior, strict=True)]))
+    ask_retrieved = float(np.mean([any(q["answer"] in src.text for src in a.sources)
+                                   for a, q in zip(answers, held, strict=True)]))
     ask_post = float(np.mean([sum(src.posterior for src in a.sources if q["answer"] in src.text)
                               for a, q in zip(answers, held, strict=True)]))
     base_em = float(np.mean([a.answer == q["answer"] for a, q in zip(base_answers, held[:10], strict=True)]))
@@ -224,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         "prior_answer_item_end": last.get("prior_answer_item"),
         "top1_answer_item_end": last.get("top1_answer_item"),
         "val_loss_start": first["loss"], "val_loss_end": last["loss"],
-        "ask_exact_match_trained": em, "ask_posterior_answer_item": ask_post, "ask_exact_match_untrained": base_em, "ask_questions": len(held),
+        "ask_exact_match_trained": em, "ask_posterior_answer_item": ask_post,
+        "ask_right_item_retrieved": ask_retrieved, "ask_right_item_top_prior": ask_right_top,
+        "ask_answer_from_top_prior_item": ask_follow, "ask_exact_match_untrained": base_em, "ask_questions": len(held),
         "target_met": (last.get("posterior_answer_item") or 0) >= 0.9,
         "setup_s": round(setup_s, 1), "train_s": round(train_s, 1), "ask_s": round(ask_s, 1),
         "wall_s": round(time.perf_counter() - t0, 1),
