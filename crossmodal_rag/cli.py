@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the encoder that made the embeddings (queries are embedded with it)")
     im.add_argument("--image-root", metavar="DIR",
                     help="metadata image paths are relative to DIR (default: the source folder)")
+    im.add_argument("--allow-outside-root", action="store_true",
+                    help="accept metadata image paths that are absolute or leave the root folder")
     im.add_argument("--index", dest="index_type", default="auto", metavar="SPEC")
     im.add_argument("--max-index-memory", metavar="SIZE")
     im.add_argument("--verify", type=_nonneg_int, default=3, metavar="N",
@@ -511,7 +513,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     folder = _collection_dir(args)
     report = import_embeddings(args.source, folder, args.model, image_root=args.image_root,
                                index_type=args.index_type, max_index_memory=args.max_index_memory,
-                               verify=args.verify, fsync=args.fsync, progress=not args.quiet)
+                               verify=args.verify, fsync=args.fsync, progress=not args.quiet,
+                               allow_outside_root=args.allow_outside_root)
     for p in report.skipped[:50]:
         print(f"  {p.item}: {p.reason}", file=sys.stderr)
     print(report.summary())

@@ -151,12 +151,19 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def _image_path(row: dict[str, Any], root: Path) -> Path | None:
+def _image_path(row: dict[str, Any], root: Path, allow_outside_root: bool = True) -> Path | None:
+    """The row's image path, resolved against ``root``; None if it has none. Raises ValueError
+    for a path outside ``root`` unless allowed (metadata must not point the collection, and
+    the web app serving it, at arbitrary files)."""
     value = row.get("image_path") or row.get("path") or row.get("image")
     if not value or not isinstance(value, str):
         return None
     p = Path(value).expanduser()
-    return (p if p.is_absolute() else root / p).resolve()
+    resolved = (p if p.is_absolute() else root / p).resolve()
+    if not allow_outside_root and not resolved.is_relative_to(root):
+        raise ValueError(f"image path {value!r} leaves {root}; pass --allow-outside-root if the "
+                         "metadata is trusted")
+    return resolved
 
 
 def _caption(row: dict[str, Any]) -> str | None:
@@ -183,13 +190,14 @@ def _rows(shards: list[EmbeddingShard], dim: int) -> Iterator[tuple[EmbeddingSha
 def import_embeddings(
     source: str | Path, collection: str | Path, model: str, *, image_root: str | Path | None = None,
     index_type: str = "auto", max_index_memory: int | str | None = None, verify: int = 3,
-    fsync: str = "full", progress: bool = True,
+    fsync: str = "full", progress: bool = True, allow_outside_root: bool = False,
 ) -> IngestReport:
     """Add precomputed image (and caption) embeddings from ``source`` to ``collection``.
 
     Creates the collection for ``model`` if needed. Rows whose image path is already in the
     collection are skipped (re-running an import is safe); rows without an image path are
-    skipped with a reason. Returns the same report as an ingest.
+    skipped with a reason, and so are image paths leaving the source folder (or ``image_root``)
+    unless ``allow_outside_root``. Returns the same report as an ingest.
     """
     from tqdm import tqdm
 
@@ -210,7 +218,7 @@ def import_embeddings(
         bar = tqdm(total=total, unit="rows", desc="importing", disable=not progress, leave=False)
         for shard, start, img, txt, meta in _rows(shards, dim):
             _import_batch(coll, shard, start, _normalise(img), None if txt is None else _normalise(txt),
-                          meta, root, report)
+                          meta, root, report, allow_outside_root)
             bar.update(len(meta))
         bar.close()
         coll.persist()
@@ -220,12 +228,16 @@ def import_embeddings(
 
 def _import_batch(coll: Any, shard: EmbeddingShard, start: int, img: np.ndarray,
                   txt: np.ndarray | None, meta: list[dict[str, Any]], root: Path,
-                  report: IngestReport) -> None:
+                  report: IngestReport, allow_outside_root: bool) -> None:
     store = coll.store
     rows: list[tuple[int, Path, os.stat_result | None]] = []
     for k, row in enumerate(meta):
         where = f"{shard.images.name} row {start + k}"
-        path = _image_path(row, root)
+        try:
+            path = _image_path(row, root, allow_outside_root)
+        except ValueError as e:
+            report.skipped.append(Problem(where, str(e)))
+            continue
         if path is None:
             report.skipped.append(Problem(where, "no image_path in the metadata"))
             continue
@@ -278,7 +290,10 @@ def _verify(coll: Any, shards: list[EmbeddingShard], root: Path, n: int) -> None
         images = _load_matrix(shard.images, coll.manifest.dim)
         meta = _read_metadata(shard.metadata, len(images))
         for k, row in enumerate(meta):
-            path = _image_path(row, root)
+            try:
+                path = _image_path(row, root, allow_outside_root=False)
+            except ValueError:
+                continue
             if path is None or not path.is_file():
                 continue
             try:

@@ -117,7 +117,7 @@ def test_training_sample_is_reproducible(shard_set) -> None:
 
 
 def test_sharded_build_equals_in_memory_build_and_mmap(shard_set, tmp_path: Path) -> None:
-    folder, shards, live, _, _, q = shard_set
+    _, shards, live, _, _, q = shard_set
     mem, _ = build_index("IVF32,Flat", shards, live, seed=2)
     disk, report = build_index("IVF32,Flat", shards, live, seed=2, sharded=True,
                                out_dir=tmp_path / "index", basename="image.1")
@@ -311,5 +311,14 @@ def test_cli_reindex_import_search_flags(imported, tmp_path: Path, tiny_oc_spec:
     assert r.returncode != 0 and "Traceback" not in r.stderr and "99,999" in r.stderr
     r = run("reindex", str(folder), "--index", "NotAnIndex")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "NotAnIndex" in r.stderr
+    # hostile metadata: a path leaving the source folder is skipped, the rest goes on
+    src = tmp_path / "emb"
+    src.mkdir()
+    np.save(src / "p.npy", clustered(3, imported[1].shape[1], seed=2))
+    (src / "p.jsonl").write_text("".join(json.dumps({"image_path": p}) + "\n"
+                                         for p in ("a.jpg", "/etc/passwd", "../../outside.jpg")))
+    r = run("import", str(src), "-c", str(tmp_path / "hostile"), "--model", tiny_oc_spec)
+    assert r.returncode == 0, r.stderr
+    assert "1 images" in r.stdout and "2 skipped" in r.stdout and "leaves" in r.stderr
     r = run("import", str(tmp_path / "nowhere"), "-c", str(tmp_path / "new"), "--model", tiny_oc_spec)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "does not exist" in r.stderr
