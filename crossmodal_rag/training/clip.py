@@ -167,12 +167,15 @@ class ClipTask:
                 self._pixels.append(self.backend.preprocess(image))
         if len(self.paths) < 2:
             raise CollectionError(f"clip training needs at least 2 readable captioned images, got {len(self.paths)}")
+        self._fixed = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         self._groups = self._set_trainable()
         self._loss_fn: Any = None
 
     def _set_trainable(self) -> dict[str, list[torch.nn.Parameter]]:
         groups: dict[str, list[torch.nn.Parameter]] = {"image": [], "text": [], "scale": []}
         for pname, p in self.model.named_parameters():
+            if pname in self._fixed:
+                continue  # fixed by the architecture (e.g. sin-cos position embeddings)
             group = ("scale" if pname in _SCALE_NAMES else
                      "image" if pname.startswith(_IMAGE_PREFIXES) else "text")
             on = {"image": self.settings.train_image, "text": self.settings.train_text,
