@@ -693,7 +693,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"format:         {info['format']} v{info['format_version']} (written by crossmodal-rag "
           f"{info['library_version']})")
     print(f"encoder:        {info['encoder']} ({info['dim']}-d, {info['metric']})")
-    print(f"index type:     {info['index_type']}")
+    budget = f", budget {info['max_index_memory']:,} bytes" if info.get("max_index_memory") else ""
+    print(f"index type:     {info['index_type']}{budget}")
     print(f"items:          {counts['images']} images, {counts['captions']} captions, "
           f"{counts['passages']} passages")
     print(f"created:        {info['created_at']}")
@@ -701,7 +702,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"generation:     {info['generation']}" + (
         f" ({info['pending_generations']} newer commit(s) replayed on open)" if info["pending_generations"] else ""))
     for name, f in info["files"].items():
-        print(f"{name} index:{' ' * (8 - len(name))}{f['path']} ({f['count']} vectors, {f['bytes']} bytes)")
+        kind = info.get("index_types", {}).get(name, info["index_type"])
+        params = ", ".join(f"{k}={v}" for k, v in info.get("search_params", {}).get(name, {}).items())
+        print(f"{name} index:{' ' * (8 - len(name))}{f['path']} ({kind}, {f['count']} vectors, "
+              f"{f['bytes']} bytes{', ' + params if params else ''})")
+        tuning = info.get("tuning", {}).get(name)
+        if tuning and tuning.get("measured"):
+            last = tuning["measured"][-1]
+            print(f"  tuned:        {tuning['param']}={tuning['value']} -> recall@{tuning['k']} "
+                  f"{last.get('recall', 0):.3f}, p50 {last.get('p50_ms', 0):.2f} ms (target "
+                  f"{tuning['target_recall']}{'' if tuning.get('reached') else ', missed'})")
+    shards = info.get("embeddings", {})
+    if shards:
+        print("embeddings:     " + ", ".join(f"{n} {sum(s['count'] for s in v)} in {len(v)} float16 shard(s)"
+                                           for n, v in shards.items()))
     return 0
 
 
