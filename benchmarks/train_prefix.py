@@ -71,9 +71,10 @@ FIXED_SPEC = "fixed:shape-features"
 
 
 def shape_features(paths: list) -> np.ndarray:  # noqa: F821 - numpy is imported lazily
-    """A fixed feature vector per picture ``(N, 153)``: background colour (the border's median),
-    foreground colour (mean of the pixels far from it), foreground area, centroid, and the
-    foreground mask cropped to its bounding box and resized to 12x12 (scale-free shape)."""
+    """A fixed feature vector per picture ``(N, 217)``: background colour (the border's median),
+    foreground colour (mean of the pixels far from it), foreground area, centroid (these nine
+    times 4); the foreground mask cropped to its bounding box, resized to 12x12 and scaled to
+    unit length (scale-free shape); and the whole mask at 8x8, scaled to length 2 (where)."""
     import numpy as np
     from PIL import Image
 
@@ -89,8 +90,13 @@ def shape_features(paths: list) -> np.ndarray:  # noqa: F821 - numpy is imported
         ys, xs = np.nonzero(mask)
         crop = Image.fromarray((mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] * 255).astype(np.uint8))
         shape = np.asarray(crop.resize((12, 12), Image.BILINEAR), dtype=np.float32).ravel() / 255
-        out.append(np.concatenate([bg, a[mask].mean(0), [mask.mean() * 10], [xs.mean() / w, ys.mean() / h],
-                                   shape]))
+        where = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).resize((8, 8), Image.BILINEAR),
+                           dtype=np.float32).ravel() / 255
+        scalars = np.concatenate([bg, a[mask].mean(0), [mask.mean() * 10], [xs.mean() / w, ys.mean() / h]])
+        # the 9 scalars are scaled up and the two masks to unit length, so that no block drowns
+        # the others in the mapper's first layer
+        out.append(np.concatenate([4 * scalars, shape / max(float(np.linalg.norm(shape)), 1e-6),
+                                   2 * where / max(float(np.linalg.norm(where)), 1e-6)]))
     return np.stack(out).astype(np.float32)
 
 
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-width", type=int, default=64)
     p.add_argument("--clip-layers", type=int, default=3)
     p.add_argument("--clip-dim", type=int, default=64)
-    p.add_argument("--steps", type=int, default=700, help="prefix training steps")
+    p.add_argument("--steps", type=int, default=1200, help="prefix training steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--t5-width", type=int, default=64)
