@@ -121,7 +121,7 @@ def train_fixed(source: Path, out_dir: Path, task_settings, settings) -> dict:
             "last_validation": [r for r in rows if r["split"] == "val"][-1]}
 
 
-def plot(metrics: Path, out: Path, heldout: float | None) -> None:
+def plot(metrics: Path, out: Path, heldout: float | None, features: str = "fixed") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,7 +144,8 @@ def plot(metrics: Path, out: Path, heldout: float | None) -> None:
     ax[1].set_ylim(0, 1.02)
     ax[1].set_xlabel("step")
     ax[1].legend(loc="lower right", fontsize=8)
-    fig.suptitle("train prefix: tiny CLIP + tiny T5 captioning synthetic shapes from scratch")
+    what = "fixed shape features" if features == "fixed" else "tiny CLIP"
+    fig.suptitle(f"train prefix: {what} + mapper + tiny T5, captioning synthetic shapes from scratch")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         em = float(ok.mean())
 
         shutil.copy(summary["metrics_path"], out / "metrics.jsonl")
-        plot(out / "metrics.jsonl", out / "curve.png", em)
+        plot(out / "metrics.jsonl", out / "curve.png", em, args.features)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in rows if r["split"] == "train"]
         result = {
