@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from crossmodal_rag.training.clip import ClipTask, artifact_spec
     from crossmodal_rag.training.pairs import read_captioned_images
 
-    t0 = time.perf_counter()
+    t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="xmrag-train-clip-"))
@@ -134,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget:
             # Steps that fit the wall-clock budget on this machine now: time a few forward and
             # backward passes (no optimizer step, so the model is unchanged).
-            batch = list(range(args.batch_size))
-            task.loss(batch, train=True).backward()  # warm-up
-            t = time.perf_counter()
-            for _ in range(4):
-                task.loss(batch, train=True).backward()
-            step_s = (time.perf_counter() - t) / 4 * 1.15  # + optimizer step and validation passes
+            times = []
+            for i in range(8):  # the first passes warm up allocators and caches
+                t = time.perf_counter()
+                task.loss(list(range(i * args.batch_size, (i + 1) * args.batch_size)), train=True).backward()
+                times.append(time.perf_counter() - t)
+            step_s = float(np.median(times[2:])) * 1.5  # + optimizer step (AdamW) and validation passes
             for prm in task.trainable_parameters():
                 prm.grad = None
             left = args.budget - (time.perf_counter() - t0) - 40  # evaluation, plots, margin
@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             "train_pictures": args.train_n, "examples_after_split": summary["examples"],
             "settings": settings.to_dict(), "model_cfg": cfg,
             "parameters": int(sum(t.numel() for t in enc.backend.model.parameters())),
-            "torch_threads": torch.get_num_threads(), "machine": machine_info(),
+            "torch_threads": torch.get_num_threads(),
+            "process_cpu_s": round(time.process_time() - c0, 1),
+            "loadavg_1min_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
+            "machine": machine_info(),
             "command": "python benchmarks/train_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
