@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -190,15 +191,26 @@ def build_child(job: dict[str, Any]) -> dict[str, Any]:
     folder = Path(job["folder"])
     shards = EmbeddingShards(folder, "image", DIM, [ShardFile(**s) for s in job["shards"]])
     live = np.arange(job["n"], dtype=np.int64)
-    rss0 = rss_mib()
+    rss0, anon0 = rss_mib(), _status_kib("RssAnon") / 1024
+    peak_anon = [anon0]
+    done = threading.Event()
+
+    def sample() -> None:  # VmHWM also counts mapped file pages (shards, parts); anon does not
+        while not done.wait(0.02):
+            peak_anon[0] = max(peak_anon[0], _status_kib("RssAnon") / 1024)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t = time.perf_counter()
     index, report = build_index(job["spec"], shards, live, seed=0, sharded=job["sharded"],
                                 out_dir=folder / "index", basename=job["basename"], workers=2)
     build_s = time.perf_counter() - t
+    done.set()
+    sampler.join()
     peak = _status_kib("VmHWM") / 1024
     record = index.save(folder, f"index/{job['basename']}.faiss", fsync=False)
     return {"build_s": build_s, "report": report.to_dict(), "rss_before_mib": rss0,
-            "peak_rss_mib": peak, "record": record.__dict__}
+            "peak_rss_mib": peak, "peak_anon_mib": peak_anon[0] - anon0, "record": record.__dict__}
 
 
 def load_child(job: dict[str, Any]) -> dict[str, Any]:
@@ -346,6 +358,7 @@ def measure_size(n: int, args, save) -> dict[str, Any]:
             c = meter.stop()
             row.update(build_s=built["build_s"], train_vectors=built["report"]["train_vectors"],
                        build_peak_rss_mib=built["peak_rss_mib"] - built["rss_before_mib"],
+                       build_peak_anon_mib=built.get("peak_anon_mib"),
                        file_mib=built["record"]["bytes"] / 2**20,
                        build_foreign_cpu_frac=c["foreign_s"] / c["wall_s"])
             record = IndexFile(**built["record"])
@@ -414,6 +427,7 @@ def _measure_sharded(folder: Path, shards: EmbeddingShards, n: int, spec: str, p
         c = meter.stop()
         row.update(build_s=built["build_s"], parts=built["report"]["parts"],
                    build_peak_rss_mib=built["peak_rss_mib"] - built["rss_before_mib"],
+                   build_peak_anon_mib=built.get("peak_anon_mib"),
                    file_mib=built["record"]["bytes"] / 2**20,
                    ivfdata_mib=(built["record"]["data_bytes"] or 0) / 2**20,
                    build_foreign_cpu_frac=c["foreign_s"] / c["wall_s"])
