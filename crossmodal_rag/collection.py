@@ -405,7 +405,7 @@ class Collection:
         self._rebuild.discard(name)
 
     def _tuning_queries(self, name: str, live: np.ndarray, index: VectorIndex, seed: int,
-                        n: int = 200) -> np.ndarray:
+                        n: int = 500) -> np.ndarray:
         """Held-out queries: stored vectors not used for training, half from the other modality
         (captions query images and the other way round) when it has any."""
         rng = np.random.default_rng(seed + 1)

@@ -261,7 +261,8 @@ def training_rows(n_total: int, index: faiss.Index, seed: int) -> np.ndarray:
     ivf = faiss.try_extract_index_ivf(index)
     want = need * _POINTS_PER_CENTROID if ivf is None else max(int(ivf.nlist) * _POINTS_PER_CENTROID,
                                                                   need * 39)
-    want = min(n_total, max(want, min(n_total, 10_000)), _MAX_TRAINING_VECTORS)
+    cap = max(_MAX_TRAINING_VECTORS, 39 * (int(ivf.nlist) if ivf is not None else 0))
+    want = min(n_total, max(want, min(n_total, 10_000)), cap)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_total, size=want, replace=False)).astype(np.int64)
 

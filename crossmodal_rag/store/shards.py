@@ -62,6 +62,7 @@ class EmbeddingShards:
         self.dim = int(dim)
         self.shards: list[ShardFile] = list(shards or [])
         self._lookup: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._opened: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # path -> (ids, vectors) maps
 
     def __len__(self) -> int:
         return sum(s.count for s in self.shards)
@@ -105,6 +106,17 @@ class EmbeddingShards:
                          min_id=int(ids.min()), max_id=int(ids.max()))
 
     def _open(self, shard: ShardFile) -> tuple[np.ndarray, np.ndarray]:
+        """Memory maps of a shard's ids and vectors, kept open (re-ranking reads them per query)."""
+        cached = self._opened.get(shard.path)
+        if cached is not None:
+            return cached
+        opened = self._map(shard)
+        if len(self._opened) >= 4096:
+            self._opened.clear()
+        self._opened[shard.path] = opened
+        return opened
+
+    def _map(self, shard: ShardFile) -> tuple[np.ndarray, np.ndarray]:
         vec_path, ids_path = self.folder / shard.path, self.folder / shard.ids_path
         try:
             ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
@@ -184,6 +196,7 @@ class EmbeddingShards:
                                      np.concatenate(buf_vecs), fsync))
         self.shards = fresh
         self._lookup = None
+        self._opened.clear()
         return fresh
 
     def files(self) -> set[str]:

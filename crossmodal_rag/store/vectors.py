@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -70,6 +71,26 @@ def silence_c_stdout() -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
+
+
+_thread_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _single_thread_if(small: bool) -> Iterator[None]:
+    """Run a handful of queries on one OpenMP thread: a single IVF/HNSW query gains nothing from
+    a second thread, and on a busy 2-core machine waiting for one costs 10x (see benchmarks)."""
+    if not small:
+        yield
+        return
+    with _thread_lock:
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        with _thread_lock:
+            faiss.omp_set_num_threads(before)
 
 
 def _looks_like_faiss(header: bytes) -> bool:
@@ -249,7 +270,8 @@ class VectorIndex:
             fetch = min(k * rerank, len(self))
         sel = None if allowed is None else faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
         fparams = search_parameters(self.index, p, sel)
-        scores, ids = self.index.search(queries, fetch, params=fparams)
+        with _single_thread_if(len(queries) <= _NUMPY_MAX_QUERIES):
+            scores, ids = self.index.search(queries, fetch, params=fparams)
         if fetch > k:
             scores, ids = self._rerank(queries, scores, ids, k)
         return scores, ids
