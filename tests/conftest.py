@@ -71,3 +71,19 @@ def collection_copy(tmp_path: Path, sample_collection: Path) -> Path:
     dest = tmp_path / "coll"
     shutil.copytree(sample_collection, dest, ignore=shutil.ignore_patterns(".lock"))
     return dest
+
+
+@pytest.fixture(scope="session")
+def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random T5 (byte-level tokenizer) saved as a transformers folder."""
+    from crossmodal_rag.testing import make_tiny_t5
+
+    return make_tiny_t5(tmp_path_factory.mktemp("t5") / "t5", seed=0)
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random decoder-only LM (byte-level tokenizer) saved as a transformers folder."""
+    from crossmodal_rag.testing import make_tiny_causal_lm
+
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "lm", seed=0)

@@ -19,17 +19,7 @@ from crossmodal_rag.generation import (
     RagSettings,
     priors,
 )
-from crossmodal_rag.testing import make_tiny_causal_lm, make_tiny_t5
-
-
-@pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_t5(tmp_path_factory.mktemp("t5") / "t5", seed=0)
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "lm", seed=0)
+from crossmodal_rag.testing import make_tiny_t5
 
 
 @pytest.fixture(scope="module", params=["seq2seq", "causal"])

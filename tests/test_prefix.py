@@ -24,19 +24,8 @@ from crossmodal_rag.generation.prefix import (
     caption_prompt,
     load_image_prefix,
 )
-from crossmodal_rag.testing import make_tiny_causal_lm, make_tiny_t5
 
 SMALL = PrefixSettings(prefix_length=3, hidden_size=16, num_layers=1)
-
-
-@pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_t5(tmp_path_factory.mktemp("t5") / "t5", seed=0)
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "lm", seed=0)
 
 
 @pytest.fixture(scope="module", params=["seq2seq", "causal"])
