@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=48, help="picture side in pixels")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-model", metavar="DIR",
+                   help="keep the trained encoder (an open_clip:local-dir: folder) in DIR, e.g. for "
+                        "train_prefix.py --features clip --clip open_clip:local-dir:DIR")
     p.add_argument("--quick", action="store_true", help="a few steps on little data (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -202,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(),
             "command": "python benchmarks/train_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
+        if args.save_model:
+            shutil.rmtree(args.save_model, ignore_errors=True)
+            best = Path(summary["model"].split("local-dir:", 1)[-1])  # open_clip:local-dir:FOLDER
+            shutil.copytree(best, args.save_model)
         (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "settings", "model_cfg")},
                          indent=2))
