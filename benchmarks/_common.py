@@ -161,3 +161,40 @@ def wait_quiet(max_wait_s: float, *, threshold_cores: float = 0.1, window_s: flo
         m = meter.stop()
         if not (m["foreign_s"] / m["wall_s"] >= threshold_cores) or time.perf_counter() - t0 >= max_wait_s:
             return time.perf_counter() - t0
+
+
+def training_curve(metrics: Path, out: Path, *, loss_label: str, log_loss: bool,
+                   series: list[tuple[str, str, str]], heldout: float | None, heldout_label: str,
+                   target: float, title: str) -> None:
+    """Two panels from a training run's metrics.jsonl: train/validation loss, and validation
+    metrics (``series``: (key, marker, label)) with the held-out figure and the target."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    tr = [r for r in rows if r["split"] == "train"]
+    va = [r for r in rows if r["split"] == "val"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=0.6, alpha=0.6, label="train")
+    ax[0].plot([r["step"] for r in va], [r["loss"] for r in va], "o-", label="validation")
+    if log_loss:
+        ax[0].set_yscale("log")
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel(loss_label)
+    ax[0].legend()
+    for key, marker, label in series:
+        ax[1].plot([r["step"] for r in va], [r.get(key, 0) for r in va], marker, label=label)
+    if heldout is not None:
+        ax[1].axhline(heldout, color="g", ls=":", label=f"{heldout_label} = {heldout:.3f}")
+    ax[1].axhline(target, color="r", ls="--", lw=0.8, label=f"target {target}")
+    ax[1].set_ylim(0, 1.02)
+    ax[1].set_xlabel("step")
+    ax[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -54,32 +54,12 @@ def recall_at_1(text_vecs, image_vecs) -> float:
 
 
 def plot(metrics: Path, out: Path, heldout: float | None) -> None:
-    import matplotlib
+    from _common import training_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    tr = [r for r in rows if r["split"] == "train"]
-    va = [r for r in rows if r["split"] == "val"]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=0.6, alpha=0.6, label="train")
-    ax[0].plot([r["step"] for r in va], [r["loss"] for r in va], "o-", label="validation")
-    ax[0].set_xlabel("step")
-    ax[0].set_ylabel("CLIP loss")
-    ax[0].legend()
-    ax[1].plot([r["step"] for r in va], [r["t2i_r1"] for r in va], "o-", label="val text->image R@1")
-    ax[1].plot([r["step"] for r in va], [r["i2t_r1"] for r in va], "s-", label="val image->text R@1")
-    if heldout is not None:
-        ax[1].axhline(heldout, color="g", ls=":", label=f"held-out gallery t2i R@1 = {heldout:.3f}")
-    ax[1].axhline(0.8, color="r", ls="--", lw=0.8, label="target 0.8")
-    ax[1].set_ylim(0, 1.02)
-    ax[1].set_xlabel("step")
-    ax[1].legend(loc="lower right", fontsize=8)
-    fig.suptitle("train clip: tiny CLIP from scratch on synthetic shapes")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    training_curve(metrics, out, loss_label="CLIP loss", log_loss=False,
+                   series=[("t2i_r1", "o-", "val text->image R@1"), ("i2t_r1", "s-", "val image->text R@1")],
+                   heldout=heldout, heldout_label="held-out gallery t2i R@1", target=0.8,
+                   title="train clip: tiny CLIP from scratch on synthetic shapes")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,33 +122,13 @@ def train_fixed(source: Path, out_dir: Path, task_settings, settings) -> dict:
 
 
 def plot(metrics: Path, out: Path, heldout: float | None, features: str = "fixed") -> None:
-    import matplotlib
+    from _common import training_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    tr = [r for r in rows if r["split"] == "train"]
-    va = [r for r in rows if r["split"] == "val"]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], lw=0.6, alpha=0.6, label="train")
-    ax[0].plot([r["step"] for r in va], [r["loss"] for r in va], "o-", label="validation")
-    ax[0].set_yscale("log")
-    ax[0].set_xlabel("step")
-    ax[0].set_ylabel("caption NLL per token")
-    ax[0].legend()
-    ax[1].plot([r["step"] for r in va], [r.get("exact_match", 0) for r in va], "o-", label="validation EM")
-    if heldout is not None:
-        ax[1].axhline(heldout, color="g", ls=":", label=f"held-out EM = {heldout:.3f}")
-    ax[1].axhline(0.8, color="r", ls="--", lw=0.8, label="target 0.8")
-    ax[1].set_ylim(0, 1.02)
-    ax[1].set_xlabel("step")
-    ax[1].legend(loc="lower right", fontsize=8)
     what = "fixed shape features" if features == "fixed" else "tiny CLIP"
-    fig.suptitle(f"train prefix: {what} + mapper + tiny T5, captioning synthetic shapes from scratch")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    training_curve(metrics, out, loss_label="caption NLL per token", log_loss=True,
+                   series=[("exact_match", "o-", "validation EM")], heldout=heldout,
+                   heldout_label="held-out EM", target=0.8,
+                   title=f"train prefix: {what} + mapper + tiny T5, captioning synthetic shapes from scratch")
 
 
 def main(argv: list[str] | None = None) -> int:
