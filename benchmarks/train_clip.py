@@ -1,9 +1,13 @@
 #!/usr/bin/env python
 """Proof that ``train clip`` learns: a tiny CLIP from scratch on the synthetic shapes.
 
-A randomly initialised small open_clip model (ViT image tower for 64x64 pictures, 3-layer text
-transformer) is trained with :func:`crossmodal_rag.training.clip.train_clip` (the code behind
-``crossmodal-rag train clip``) on pictures from :mod:`crossmodal_rag.synthetic`. It is then
+A randomly initialised small open_clip model (3-layer ViT on 16x16 patches of 64x64 pictures with
+fixed 2-D sine-cosine position embeddings, 2-layer text transformer) is trained with
+:func:`crossmodal_rag.training.clip.train_clip` (the code behind ``crossmodal-rag train clip``) on
+pictures from :mod:`crossmodal_rag.synthetic`, with hard-negative batches (``--hard-negatives
+0.5``: half of each batch is caption neighbours of the other half, so captions that differ in one
+word meet; without them the image embedding keeps colour and size but only one of shape and
+position, whichever the patch size makes easy). It is then
 loaded back from its saved folder through the ordinary model spec and measured on a held-out
 gallery of new pictures whose captions are all different (so each caption has exactly one right
 image): text->image recall@1 (target >= 0.8), and image->text recall@1.
@@ -35,12 +39,13 @@ os.environ.setdefault("CROSSMODAL_RAG_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def model_config(width: int, image_layers: int, text_layers: int, embed_dim: int, image_size: int) -> dict:
-    """An open_clip ``model_cfg`` for small square pictures (a ViT on 8x8 patches) and short
+def model_config(width: int, image_layers: int, text_layers: int, embed_dim: int, image_size: int,
+                 patch_size: int = 8, pos_embed: str = "learnable") -> dict:
+    """An open_clip ``model_cfg`` for small square pictures (a ViT on square patches) and short
     captions (the synthetic captions are at most 14 tokens with the start and end tokens)."""
     return {
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "patch_size": 8, "width": width, "layers": image_layers,
+        "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "pos_embed_type": pos_embed, "width": width, "layers": image_layers,
                        "head_width": 32, "mlp_ratio": 4.0},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": width, "heads": max(width // 32, 1),
                      "layers": text_layers},
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(HERE / "train_clip"), help="results folder")
     p.add_argument("--train-n", type=int, default=6000, help="training pictures")
     p.add_argument("--gallery-n", type=int, default=300, help="held-out pictures (distinct captions)")
-    p.add_argument("--steps", type=int, default=3000, help="at most this many steps")
+    p.add_argument("--steps", type=int, default=6000, help="at most this many steps")
     p.add_argument("--budget", type=float, default=600,
                    help="wall-clock budget in seconds for the whole run; the step count is fitted to it "
                         "(0: run --steps)")
@@ -77,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-layers", type=int, default=3)
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=48, help="picture side in pixels")
+    p.add_argument("--image-size", type=int, default=64, help="picture side in pixels")
+    p.add_argument("--patch-size", type=int, default=16, help="ViT patch side in pixels")
+    p.add_argument("--pos-embed", choices=("learnable", "sin_cos_2d"), default="sin_cos_2d",
+                   help="the ViT's position embedding")
+    p.add_argument("--hard-negatives", type=float, default=0.5,
+                   help="share of each batch filled with caption neighbours (ClipTaskSettings.hard_negatives)")
+    p.add_argument("--neighbours", type=int, default=24, help="caption neighbours per example (hard negatives)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-model", metavar="DIR",
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from crossmodal_rag.synthetic import make_shapes
     from crossmodal_rag.testing import make_tiny_open_clip
     from crossmodal_rag.training import TrainSettings, train
-    from crossmodal_rag.training.clip import ClipTask, artifact_spec
+    from crossmodal_rag.training.clip import ClipTask, ClipTaskSettings, artifact_spec
     from crossmodal_rag.training.pairs import read_captioned_images
 
     t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
@@ -105,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="xmrag-train-clip-"))
     try:
-        cfg = model_config(args.width, args.image_layers, args.text_layers, args.embed_dim, args.image_size)
+        cfg = model_config(args.width, args.image_layers, args.text_layers, args.embed_dim, args.image_size,
+                           args.patch_size, args.pos_embed)
         base = make_tiny_open_clip(work / "init", seed=args.seed, model_cfg=cfg)
         make_shapes(work / "train", args.train_n, seed=args.seed, size=args.image_size)
         gallery = make_shapes(work / "gallery", args.gallery_n, seed=args.seed + 1000, distinct=True,
                               size=args.image_size)
         t_data = time.perf_counter() - t0
 
-        task = ClipTask(f"open_clip:local-dir:{base}", read_captioned_images(work / "train" / "manifest.jsonl"))
+        task = ClipTask(f"open_clip:local-dir:{base}", read_captioned_images(work / "train" / "manifest.jsonl"),
+                        ClipTaskSettings(hard_negatives=args.hard_negatives, neighbours=args.neighbours))
         steps, step_s = args.steps, None
         if args.budget:
             # Steps that fit the wall-clock budget on this machine now: time a few forward and

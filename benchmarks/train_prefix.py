@@ -56,17 +56,6 @@ os.environ.setdefault("CROSSMODAL_RAG_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def clip_config(width: int, layers: int, embed_dim: int, patch: int) -> dict:
-    """An open_clip ``model_cfg`` for 64x64 pictures and short captions."""
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": 64, "patch_size": patch, "width": width, "layers": layers,
-                       "head_width": 32, "mlp_ratio": 4.0},
-        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": width, "heads": max(width // 32, 1),
-                     "layers": 2},
-    }
-
-
 FIXED_SPEC = "fixed:shape-features"
 
 
@@ -140,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="image features: the fixed extractor, or a CLIP (trained here unless --clip)")
     p.add_argument("--clip", metavar="SPEC", help="a trained CLIP to use (skips the CLIP stage)")
     p.add_argument("--save-clip", metavar="DIR", help="keep the CLIP trained here in DIR (for --clip)")
-    p.add_argument("--clip-steps", type=int, default=300)
+    p.add_argument("--image-size", type=int, default=64, help="picture side in pixels")
+    p.add_argument("--clip-steps", type=int, default=3000)
     p.add_argument("--clip-batch-size", type=int, default=64)
-    p.add_argument("--clip-patch", type=int, default=16, help="ViT patch size (64x64 pictures)")
+    p.add_argument("--clip-patch", type=int, default=16, help="ViT patch side in pixels")
+    p.add_argument("--clip-pos-embed", choices=("learnable", "sin_cos_2d"), default="sin_cos_2d")
+    p.add_argument("--clip-hard-negatives", type=float, default=0.5,
+                   help="share of each CLIP batch filled with caption neighbours")
     p.add_argument("--clip-lr", type=float, default=2e-3)
     p.add_argument("--clip-width", type=int, default=64)
     p.add_argument("--clip-layers", type=int, default=3)
@@ -153,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--t5-width", type=int, default=64)
     p.add_argument("--prefix-length", type=int, default=4)
     p.add_argument("--mapper", choices=("mlp", "transformer"), default="mlp")
+    p.add_argument("--hidden-size", type=int, default=256, help="mapper hidden width")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps on little data (smoke test)")
@@ -178,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="xmrag-train-prefix-"))
     try:
-        train_pics = make_shapes(work / "train", args.train_n, seed=args.seed)
-        heldout = make_shapes(work / "heldout", args.heldout_n, seed=args.seed + 1000, distinct=True)
+        train_pics = make_shapes(work / "train", args.train_n, seed=args.seed, size=args.image_size)
+        heldout = make_shapes(work / "heldout", args.heldout_n, seed=args.seed + 1000, distinct=True,
+                              size=args.image_size)
         t_data = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -189,9 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.clip:
             clip_spec = args.clip
         else:
-            from crossmodal_rag.training.clip import train_clip
+            from train_clip import model_config
 
-            cfg = clip_config(args.clip_width, args.clip_layers, args.clip_dim, args.clip_patch)
+            from crossmodal_rag.training.clip import ClipTaskSettings, train_clip
+
+            cfg = model_config(args.clip_width, args.clip_layers, 2, args.clip_dim, args.image_size,
+                               args.clip_patch, args.clip_pos_embed)
             base = make_tiny_open_clip(work / "clip-init", seed=args.seed, model_cfg=cfg)
             clip_settings = TrainSettings(
                 max_steps=args.clip_steps, batch_size=args.clip_batch_size, lr=args.clip_lr, weight_decay=0.05,
@@ -199,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 eval_every=args.clip_steps, checkpoint_every=args.clip_steps, patience=0, seed=args.seed,
                 device="cpu")
             clip_summary = train_clip(work / "train" / "manifest.jsonl", work / "clip-run",
-                                      model=f"open_clip:local-dir:{base}", settings=clip_settings, progress=True)
+                                      model=f"open_clip:local-dir:{base}", settings=clip_settings, progress=True,
+                                      task_settings=ClipTaskSettings(hard_negatives=args.clip_hard_negatives,
+                                                                     neighbours=24))
             clip_spec = clip_summary["model"]
             if args.save_clip:
                 shutil.copytree(Path(clip_spec.split("local-dir:", 1)[-1]), args.save_clip, dirs_exist_ok=True)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         t5 = make_tiny_t5(work / "t5-init", seed=args.seed, d_model=args.t5_width, layers=2)
         task_settings = PrefixTaskSettings(
             model=clip_spec, generator=str(t5),
-            prefix=PrefixSettings(kind=args.mapper, prefix_length=args.prefix_length, hidden_size=256,
+            prefix=PrefixSettings(kind=args.mapper, prefix_length=args.prefix_length, hidden_size=args.hidden_size,
                                   num_layers=2, num_heads=4),
             train_generator=True, eval_examples=100, max_caption_tokens=72)
         settings = TrainSettings(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after training, re-embed this collection's items with the trained encoder")
     tc.add_argument("--freeze-text", action="store_true", help="train the image tower only")
     tc.add_argument("--freeze-image", action="store_true", help="train the text tower only")
+    tc.add_argument("--hard-negatives", type=_hard_negative_share, default=0.0, metavar="SHARE",
+                    help="share of each training batch (0 to <1) filled with examples whose captions are "
+                         "the most alike by words to the rest's, so that captions differing in one detail "
+                         "meet in a batch (default 0: random batches)")
     tp = trsub.add_parser("prefix", help="train the image-prefix mapping network (CLIP image embedding -> "
                                          "generator input embeddings), generator frozen or not")
     _add_train_flags(tp)
@@ -336,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mlp hidden layers / transformer layers (default 2)")
     tp.add_argument("--mapper-heads", type=_positive_int, default=8, metavar="N",
                     help="transformer mapper attention heads (default 8)")
+    tp.add_argument("--no-scale-input", action="store_true",
+                    help="feed the unit-length image embedding to the mapper as it is (default: scaled "
+                         "by sqrt(dimension), so each coordinate has unit RMS)")
     fz = tp.add_mutually_exclusive_group()
     fz.add_argument("--freeze-generator", dest="train_generator", action="store_false", default=False,
                     help="train the mapper only (default)")
@@ -1023,13 +1030,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hard_negative_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {text!r}")
+    return value
+
+
 def cmd_train_clip(args: argparse.Namespace) -> int:
     from .training.clip import ClipTaskSettings, train_clip
 
     settings = _train_settings(args, **ClipTaskSettings.TRAIN_DEFAULTS)
     summary = train_clip(
         args.source, args.out, model=args.model, settings=settings,
-        task_settings=ClipTaskSettings(train_image=not args.freeze_image, train_text=not args.freeze_text),
+        task_settings=ClipTaskSettings(train_image=not args.freeze_image, train_text=not args.freeze_text,
+                                       hard_negatives=args.hard_negatives),
         collection=args.collection, image_root=args.image_root, allow_outside_root=args.allow_outside_root,
         resume=args.resume, progress=not args.quiet, metrics_path=args.metrics,
     )
@@ -1047,7 +1065,7 @@ def cmd_train_prefix(args: argparse.Namespace) -> int:
             model=args.model, generator=args.generator,
             prefix=PrefixSettings(kind=args.mapper, prefix_length=args.prefix_length,
                                   hidden_size=args.hidden_size, num_layers=args.mapper_layers,
-                                  num_heads=args.mapper_heads),
+                                  num_heads=args.mapper_heads, scale_input=not args.no_scale_input),
             train_generator=args.train_generator, retrieval=args.retrieval, k=args.k)
     except ValueError as e:
         raise UsageError(str(e)) from e

@@ -85,6 +85,27 @@ def test_mapper_shapes_and_checkpoint_round_trip(kind: str, tmp_path: Path, tiny
         PrefixSettings(kind="lstm")
 
 
+def test_mapper_input_scaling(tmp_path: Path, tiny_oc_spec: str) -> None:
+    """scale_input multiplies the unit-length embedding by sqrt(D) before the network; a checkpoint
+    written before the setting existed loads with it off (so its outputs do not change)."""
+    scaled = PrefixSettings(prefix_length=2, hidden_size=8, num_layers=1)
+    plain = PrefixSettings(prefix_length=2, hidden_size=8, num_layers=1, scale_input=False)
+    assert scaled.scale_input
+    torch.manual_seed(0)
+    a = PrefixMapper(scaled, 16, 4).eval()
+    b = PrefixMapper(plain, 16, 4).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x * 4.0))  # sqrt(16)
+        assert not torch.allclose(a(x), b(x))
+    folder = make_prefix(tmp_path / "old", tiny_oc_spec, "t5-folder", dim=16, embed=4, settings=plain)
+    cfg = json.loads((folder / "prefix_config.json").read_text())
+    del cfg["settings"]["scale_input"]  # as written by an earlier version
+    (folder / "prefix_config.json").write_text(json.dumps(cfg))
+    assert load_image_prefix(folder, device="cpu").config.settings.scale_input is False
+
+
 def test_checkpoint_errors(tmp_path: Path, tiny_oc_spec: str, t5_dir: Path, lm_dir: Path,
                            monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ModelSpecError, match="does not exist or has no prefix_config.json"):

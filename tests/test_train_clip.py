@@ -155,3 +155,56 @@ def test_reembed_refuses_unreadable_images_and_changes_nothing(
         expected = enc.encode_texts(coll.get(ids_before[5])[0].captions[0])[0]
         assert hit.score == pytest.approx(float((enc.encode_images([hit.path]) @ expected)[0]), abs=1e-5)
     assert not list(tmp_path.glob(".coll.*"))  # no staging or backup folder left behind
+
+
+def test_caption_neighbours_match_brute_force() -> None:
+    from crossmodal_rag.training.clip import _hashed_tfidf, caption_neighbours
+
+    texts = ["a red circle on the left", "a red circle on the right", "a blue circle on the left",
+             "a red circle on the left", "a green star at the top", "a green star at the bottom", "x"]
+    nb = caption_neighbours(texts, k=3)
+    vecs = _hashed_tfidf(texts)
+    sims = vecs @ vecs.T
+    for i, row in enumerate(nb):
+        found = [int(j) for j in row if j >= 0]
+        # never itself, never an identical caption, each neighbour's caption different
+        assert all(texts[j] != texts[i] for j in found)
+        assert len({texts[j] for j in found}) == len(found)
+        # oracle: the distinct other captions ranked by cosine, best first
+        best = sorted({texts[j]: sims[i, j] for j in range(len(texts)) if texts[j] != texts[i]}.values(),
+                      reverse=True)[:3]
+        np.testing.assert_allclose([sims[i, j] for j in found], best, atol=1e-5)
+    assert texts[nb[0][0]] in ("a red circle on the right", "a blue circle on the left")
+
+
+def test_hard_negative_batches_come_from_the_training_split(shapes: Path, tiny_oc_spec: str,
+                                                            tmp_path: Path) -> None:
+    data = read_captioned_images(shapes)
+    task = ClipTask(tiny_oc_spec, data, ClipTaskSettings(hard_negatives=0.5, neighbours=4))
+    seen: list[list[int]] = []
+    original = task.hard_batch
+
+    def spy(indices):  # record what the loss really trained on
+        batch = original(indices)
+        seen.append(batch)
+        return batch
+
+    task.hard_batch = spy  # type: ignore[method-assign]
+    settings = TrainSettings(max_steps=6, batch_size=8, lr=1e-3, val_fraction=0.25, eval_every=100,
+                             checkpoint_every=100, device="cpu")
+    from crossmodal_rag.training.loop import split_indices
+
+    _, val_idx = split_indices(task.num_examples(), 0.25, 0)
+    train(task, settings, tmp_path / "run", progress=False)
+    assert len(seen) == 6
+    for batch in seen:
+        assert len(batch) == 8 and len(set(batch)) == 8
+        assert not set(batch) & {int(i) for i in val_idx}
+        seeds, added = batch[:4], batch[4:]
+        # each added example is a caption neighbour of a seed (a different caption)
+        caps = [task.captions[i][0] for i in seeds]
+        for j in added:
+            assert task.captions[j][0] not in caps
+            assert any(j in task._neighbours[task._neighbour_row[s]] for s in seeds)
+    with pytest.raises(ValueError, match="hard_negatives"):
+        ClipTaskSettings(hard_negatives=1.0)

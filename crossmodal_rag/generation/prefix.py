@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,6 +77,9 @@ class PrefixSettings:
     num_layers: int = 2  # mlp: hidden layers; transformer: encoder layers
     num_heads: int = 8  # transformer only: attention heads (must divide hidden_size)
     dropout: float = 0.0  # dropout inside the mapper while training
+    #: multiply the (unit-length) image embedding by sqrt(D) first, so each coordinate has unit
+    #: RMS as the mapper's initialisation expects (checkpoints from before this setting: off)
+    scale_input: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in MAPPER_KINDS:
@@ -121,7 +125,9 @@ class PrefixConfig:
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"image-prefix format version {data['format_version']} is newer than this "
                              f"library reads ({FORMAT_VERSION}); upgrade crossmodal-rag")
-        data["settings"] = PrefixSettings.from_dict(data.get("settings", {}))
+        settings = dict(data.get("settings", {}))
+        settings.setdefault("scale_input", False)  # written before the setting existed
+        data["settings"] = PrefixSettings.from_dict(settings)
         return strict_from_dict(cls, data, "prefix config")
 
 
@@ -174,7 +180,10 @@ class PrefixMapper(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.encoder_dim:
             raise ValueError(f"expected image embeddings of shape (B, {self.encoder_dim}), got "
                              f"{tuple(x.shape)}")
-        return self.net(x.float())
+        x = x.float()
+        if self.settings.scale_input:
+            x = x * math.sqrt(self.encoder_dim)
+        return self.net(x)
 
 
 def canonical_generator_spec(spec: str) -> str:

@@ -11,11 +11,20 @@ ordinary model spec.
 
 A batch keeps one image per distinct caption: two pictures with the same caption would
 otherwise count as each other's negatives.
+
+Hard negatives (``hard_negatives``, ``train clip --hard-negatives``): with random batches a pair
+whose captions differ in one detail ("a red circle" / "a red star") rarely meets in a batch, the
+loss soon saturates on the easy differences and the encoder never has to see the detail. With a
+share ``h`` set, each training batch keeps ``(1 - h) * batch_size`` of its randomly drawn examples
+and fills the rest with their caption neighbours: training examples whose captions are the most
+alike by words (hashed unigram + bigram TF-IDF, cosine, identical captions excluded), found once
+per run among the training split only. This is batch composition only; the loss is unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -65,6 +74,9 @@ class ClipTaskSettings:
     train_text: bool = True  # update the text tower
     train_logit_scale: bool = True  # update the temperature
     cache_images: bool = True  # keep preprocessed images in memory (else decode each batch)
+    #: share of each training batch filled with caption neighbours of the rest (0: random batches)
+    hard_negatives: float = 0.0
+    neighbours: int = 16  # caption neighbours kept per training example (hard_negatives > 0)
 
     #: TrainSettings defaults for fine-tuning a pretrained encoder (flags override them).
     TRAIN_DEFAULTS: ClassVar[dict[str, Any]] = {"lr": 1e-5, "weight_decay": 0.1, "batch_size": 32,
@@ -74,6 +86,10 @@ class ClipTaskSettings:
         if not (self.train_image or self.train_text or self.train_logit_scale):
             raise ValueError("clip task: nothing to train (train_image, train_text and "
                              "train_logit_scale are all off)")
+        if not 0.0 <= self.hard_negatives < 1.0:
+            raise ValueError(f"clip task: hard_negatives must be in [0, 1), got {self.hard_negatives}")
+        if self.neighbours < 1:
+            raise ValueError(f"clip task: neighbours must be >= 1, got {self.neighbours}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +149,70 @@ def _load_rgb(path: Path) -> tuple[Any, str]:
         raise ImageDecodeError(str(path), f"cannot read file: {e.strerror or e}") from e
     return decode_image(data, str(path)).image, hashlib.sha256(data).hexdigest()
 
+_HASH_DIM = 1024  # hashed bag-of-words width for caption neighbours
+_MAX_NEIGHBOUR_CANDIDATES = 20_000  # neighbours are searched among at most this many examples
+
+
+def _hashed_tfidf(texts: Sequence[str]) -> np.ndarray:
+    """``(N, _HASH_DIM)`` float32, unit rows: lower-cased word unigrams and bigrams, hashed
+    (stable across runs: crc32), weighted by smoothed inverse document frequency."""
+    import zlib
+
+    rows: list[dict[int, float]] = []
+    df = np.zeros(_HASH_DIM, dtype=np.float64)
+    for text in texts:
+        words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+        counts: dict[int, float] = {}
+        for term in words + [a + " " + b for a, b in itertools.pairwise(words)]:
+            h = zlib.crc32(term.encode("utf-8")) % _HASH_DIM
+            counts[h] = counts.get(h, 0.0) + 1.0
+        for h in counts:
+            df[h] += 1
+        rows.append(counts)
+    idf = np.log((1 + len(texts)) / (1 + df)) + 1
+    out = np.zeros((len(texts), _HASH_DIM), dtype=np.float32)
+    for r, counts in enumerate(rows):
+        for h, c in counts.items():
+            out[r, h] = c * idf[h]
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-12)
+
+
+def caption_neighbours(texts: Sequence[str], k: int = 16, seed: int = 0) -> np.ndarray:
+    """For each text, up to ``k`` positions of the most alike *other* texts (``(N, k)`` int64,
+    ``-1`` where there are fewer), each with a different text: cosine of hashed word TF-IDF
+    vectors; identical texts are excluded.
+    Over :data:`_MAX_NEIGHBOUR_CANDIDATES` texts, neighbours come from a seeded random sample."""
+    import faiss
+
+    n = len(texts)
+    out = np.full((n, k), -1, dtype=np.int64)
+    if n < 2:
+        return out
+    vecs = _hashed_tfidf(texts)
+    cand = np.arange(n)
+    if n > _MAX_NEIGHBOUR_CANDIDATES:
+        cand = np.sort(np.random.default_rng(seed).choice(n, _MAX_NEIGHBOUR_CANDIDATES, replace=False))
+    index = faiss.IndexFlatIP(_HASH_DIM)
+    index.add(vecs[cand])
+    # identical captions score ~1 and are skipped, so ask for more than k
+    extra = min(len(cand), 8 * k + 16)
+    for start in range(0, n, 4096):
+        _, hits = index.search(vecs[start : start + 4096], extra)
+        for row, found in enumerate(hits):
+            i = start + row
+            kept: list[int] = []
+            seen = {texts[i]}  # one example per distinct neighbouring caption
+            for j in found:
+                if j < 0 or len(kept) == k:
+                    continue
+                text = texts[int(cand[j])]
+                if text not in seen:
+                    seen.add(text)
+                    kept.append(int(cand[j]))
+            out[i, : len(kept)] = kept
+    return out
+
 
 class ClipTask:
     """Contrastive fine-tuning of a CLIP model (a :class:`~crossmodal_rag.training.TrainTask`).
@@ -170,6 +250,9 @@ class ClipTask:
         self._fixed = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         self._groups = self._set_trainable()
         self._loss_fn: Any = None
+        self._train_idx: np.ndarray | None = None
+        self._neighbours: np.ndarray | None = None  # (len(train), k) example indices, -1 padded
+        self._neighbour_row: np.ndarray | None = None  # example index -> row of _neighbours (-1: none)
 
     def _set_trainable(self) -> dict[str, list[torch.nn.Parameter]]:
         groups: dict[str, list[torch.nn.Parameter]] = {"image": [], "text": [], "scale": []}
@@ -211,13 +294,62 @@ class ClipTask:
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.clamp(0, _MAX_LOGIT_SCALE).exp()
 
+    def set_training_examples(self, indices: Sequence[int]) -> None:
+        """The training split (the loop calls this before the first step): hard negatives are
+        drawn from these examples only, never from validation."""
+        self._train_idx = np.asarray(indices, dtype=np.int64)
+        self._neighbours = self._neighbour_row = None
+
+    def _find_neighbours(self) -> None:
+        pool = self._train_idx if self._train_idx is not None else np.arange(len(self.paths))
+        t = time.perf_counter()
+        found = caption_neighbours([self.captions[int(i)][0] for i in pool], self.settings.neighbours)
+        self._neighbours = np.where(found >= 0, pool[np.maximum(found, 0)], -1)
+        self._neighbour_row = np.full(len(self.paths), -1, dtype=np.int64)
+        self._neighbour_row[pool] = np.arange(len(pool))
+        logger.info("caption neighbours of %d training examples in %.1f s", len(pool), time.perf_counter() - t)
+
+    def hard_batch(self, indices: Sequence[int]) -> list[int]:
+        """A training batch with hard negatives: the first ``(1 - hard_negatives)`` share of
+        ``indices`` is kept, and the rest is filled with a caption neighbour of each kept example
+        in turn (drawn with torch's generator, so a resumed run draws the same), topped up from
+        ``indices`` where neighbours run out."""
+        size = len(indices)
+        if self.settings.hard_negatives <= 0 or size < 2:
+            return [int(i) for i in indices]
+        if self._neighbours is None:
+            self._find_neighbours()
+        assert self._neighbours is not None and self._neighbour_row is not None
+        n_seeds = max(1, round(size * (1 - self.settings.hard_negatives)))
+        batch = [int(i) for i in indices[:n_seeds]]
+        have = set(batch)
+        for i in batch[:n_seeds]:
+            if len(batch) >= size:
+                break
+            row = self._neighbour_row[i]
+            options = [int(j) for j in self._neighbours[row] if j >= 0 and int(j) not in have] if row >= 0 else []
+            if options:
+                j = options[int(torch.randint(len(options), (1,)))]
+                batch.append(j)
+                have.add(j)
+        for i in indices[n_seeds:]:
+            if len(batch) >= size:
+                break
+            if int(i) not in have:
+                batch.append(int(i))
+                have.add(int(i))
+        return batch
+
     def loss(self, indices: Sequence[int], *, train: bool) -> torch.Tensor:
-        """Mean ClipLoss of a batch; one image per distinct caption is kept."""
+        """Mean ClipLoss of a batch (with hard negatives when training, if set); one image per
+        distinct caption is kept."""
         from open_clip.loss import ClipLoss
 
         if self._loss_fn is None:
             self._loss_fn = ClipLoss()
         self.model.train(train)
+        if train:
+            indices = self.hard_batch(indices)
         seen: set[str] = set()
         keep: list[int] = []
         texts: list[str] = []

@@ -136,6 +136,9 @@ class TrainTask(Protocol):
 
     def to(self, device: str) -> None: ...
 
+    # Optional: ``set_training_examples(indices)`` -- called once with the training split before
+    # the first step (a task that composes its own batches, e.g. hard negatives, draws from these).
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -378,6 +381,8 @@ def train(
     np.random.seed(settings.seed % 2**32)
     random.seed(settings.seed)
     task.to(device)
+    if hasattr(task, "set_training_examples"):
+        task.set_training_examples([int(i) for i in train_idx])
     params = [p for p in task.trainable_parameters() if p.requires_grad]
     if not params:
         raise TrainingError(f"the {task.name} task has no trainable parameters")
