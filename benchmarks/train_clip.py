@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(HERE / "train_clip"), help="results folder")
     p.add_argument("--train-n", type=int, default=6000, help="training pictures")
     p.add_argument("--gallery-n", type=int, default=300, help="held-out pictures (distinct captions)")
-    p.add_argument("--steps", type=int, default=6000, help="at most this many steps")
+    p.add_argument("--steps", type=int, default=3000, help="at most this many steps")
     p.add_argument("--budget", type=float, default=600,
                    help="wall-clock budget in seconds for the whole run; the step count is fitted to it "
                         "(0: run --steps)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--image-layers", type=int, default=3)

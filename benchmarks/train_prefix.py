@@ -1,31 +1,26 @@
 #!/usr/bin/env python
 """Proof that ``train prefix`` learns: image-prefix captioning from scratch on the synthetic shapes.
 
-Image features (``--features``):
+Everything starts from random weights and goes through the product's API (``--features clip``,
+the default and the recorded proof):
 
-* ``fixed`` (the default, and the recorded proof): a fixed, hand-written feature extractor for
-  these pictures (:func:`shape_features`: background colour, foreground colour, area, centroid,
-  and the foreground mask cropped to its bounding box at 12x12) stands in for the CLIP image
-  embedding. On this machine a tiny CLIP trained here for a few minutes does not yet tell shapes
-  and positions apart (see RESULTS.md), and no mapper can describe what its input does not hold.
-  The mapper, the generator, the training loop and the checkpoint are the product's
-  (``PrefixTask`` with its embedding step replaced, ``train``, ``load_image_prefix``,
-  ``Generator.generate(prefixes=...)``); the checkpoint records ``fixed:shape-features`` as its
-  encoder.
-* ``clip``: everything through the product's API, as below.
-
-With ``--features clip`` everything starts from random weights:
-
-1. a tiny open_clip model (ViT for 64x64 pictures) is trained with ``train_clip`` (the code behind
-   ``crossmodal-rag train clip``) on the training pictures -- a random CLIP's embeddings do not
-   tell shapes and positions apart, so the prefix would have nothing to read (``--clip SPEC``
-   uses an already trained encoder instead and skips this stage);
-2. a tiny random T5 (byte-level ByT5 tokenizer) and the mapping network are trained together with
-   ``train_prefix`` (``crossmodal-rag train prefix --train-generator``) on the frozen CLIP's
+1. a tiny open_clip model (3-layer ViT on 16x16 patches of 64x64 pictures, fixed 2-D sine-cosine
+   position embeddings) is trained with ``train_clip`` (the code behind ``crossmodal-rag train
+   clip``) with hard-negative batches (``ClipTaskSettings.hard_negatives=0.5``) on the training
+   pictures -- without them its image embedding keeps colour and size but only one of shape and
+   position, and a mapper cannot describe what its input does not hold (``--clip SPEC`` uses an
+   already trained encoder instead and skips this stage);
+2. a tiny random T5 (byte-level ByT5 tokenizer) and the MLP mapping network are trained together
+   with ``train_prefix`` (``crossmodal-rag train prefix --train-generator``) on the frozen CLIP's
    image embeddings;
 3. the saved checkpoint is loaded back with ``load_image_prefix`` and every held-out picture is
    captioned by :class:`~crossmodal_rag.generation.caption.Captioner` (what ``crossmodal-rag
    caption`` runs), greedy. Exact match: the caption equals the picture's caption.
+
+``--features fixed`` replaces the CLIP by a fixed, hand-written feature extractor for these
+pictures (:func:`shape_features`: background and foreground colour, area, centroid, the cropped
+and the whole foreground mask), recorded as encoder ``fixed:shape-features``: an upper reference
+for what the mapper and generator can do when the image features hold every attribute.
 
 Held-out pictures are new renderings with distinct captions (seed + 1000); the share of their
 captions that also occur among the training captions is reported, and exact match is given for
@@ -123,15 +118,15 @@ def plot(metrics: Path, out: Path, heldout: float | None, features: str = "fixed
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(HERE / "train_prefix"), help="results folder")
-    p.add_argument("--train-n", type=int, default=2000, help="training pictures")
+    p.add_argument("--train-n", type=int, default=6000, help="training pictures")
     p.add_argument("--heldout-n", type=int, default=300, help="held-out pictures (distinct captions)")
-    p.add_argument("--features", choices=("fixed", "clip"), default="fixed",
+    p.add_argument("--features", choices=("fixed", "clip"), default="clip",
                    help="image features: the fixed extractor, or a CLIP (trained here unless --clip)")
     p.add_argument("--clip", metavar="SPEC", help="a trained CLIP to use (skips the CLIP stage)")
     p.add_argument("--save-clip", metavar="DIR", help="keep the CLIP trained here in DIR (for --clip)")
     p.add_argument("--image-size", type=int, default=64, help="picture side in pixels")
     p.add_argument("--clip-steps", type=int, default=3000)
-    p.add_argument("--clip-batch-size", type=int, default=64)
+    p.add_argument("--clip-batch-size", type=int, default=128)
     p.add_argument("--clip-patch", type=int, default=16, help="ViT patch side in pixels")
     p.add_argument("--clip-pos-embed", choices=("learnable", "sin_cos_2d"), default="sin_cos_2d")
     p.add_argument("--clip-hard-negatives", type=float, default=0.5,
@@ -140,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-width", type=int, default=64)
     p.add_argument("--clip-layers", type=int, default=3)
     p.add_argument("--clip-dim", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1200, help="prefix training steps")
+    p.add_argument("--steps", type=int, default=2000, help="prefix training steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--t5-width", type=int, default=64)
