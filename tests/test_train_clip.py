@@ -94,8 +94,9 @@ def test_cli_train_clip_reembeds_the_collection(tmp_path: Path, shapes: Path, ti
         coll.add(shapes)
     r = _cli("train", "clip", str(shapes / "manifest.jsonl"), "--out", str(tmp_path / "out"),
              "--collection", str(coll_dir), "--steps", "6", "--batch-size", "16", "--lr", "1e-3",
-             "--eval-every", "3", "--val-fraction", "0.25", "--seed", "1")
+             "--eval-every", "3", "--val-fraction", "0.25", "--seed", "1", "--hard-negatives", "0.5")
     assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "best" / "train_info.json").read_text())["settings"]["hard_negatives"] == 0.5
     summary = json.loads(r.stdout)
     assert summary["steps"] == 6 and summary["examples"] == 48 and summary["base_model"] == tiny_oc_spec
     new_spec = summary["model"]
@@ -208,3 +209,6 @@ def test_hard_negative_batches_come_from_the_training_split(shapes: Path, tiny_o
             assert any(j in task._neighbours[task._neighbour_row[s]] for s in seeds)
     with pytest.raises(ValueError, match="hard_negatives"):
         ClipTaskSettings(hard_negatives=1.0)
+    bad = _cli("train", "clip", str(shapes), "--out", str(tmp_path / "bad"), "--hard-negatives", "1.5")
+    assert bad.returncode == 2 and "--hard-negatives" in bad.stderr and "[0, 1)" in bad.stderr
+    assert "Traceback" not in bad.stderr
