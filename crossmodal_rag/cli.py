@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -541,20 +542,33 @@ def cmd_index(args: argparse.Namespace) -> int:
         settings_kwargs["max_image_pixels"] = args.max_image_pixels
     settings = IngestSettings(**settings_kwargs)
     ray_settings = _ray_settings(args)
-    with Collection.open_or_create(folder, args.model, index_type=args.index_type,
-                                   max_index_memory=args.max_index_memory,
-                                   fsync=args.fsync) as coll:
-        requested = args.index_type
-        if requested != coll.manifest.index_type and requested != "auto":
-            print(f"note: {folder} keeps its index type {coll.manifest.index_type!r}; change it with "
-                  f"`crossmodal-rag reindex {folder} --index {requested}`", file=sys.stderr)
-        if ray_settings is not None:
-            from .distributed import ingest_ray
+    existed = Path(folder).exists()
+    remove_created = False
+    try:
+        with Collection.open_or_create(folder, args.model, index_type=args.index_type,
+                                       max_index_memory=args.max_index_memory,
+                                       fsync=args.fsync) as coll:
+            requested = args.index_type
+            if requested != coll.manifest.index_type and requested != "auto":
+                print(f"note: {folder} keeps its index type {coll.manifest.index_type!r}; change it with "
+                      f"`crossmodal-rag reindex {folder} --index {requested}`", file=sys.stderr)
+            if ray_settings is not None:
+                from .distributed import DistributedError, ingest_ray
 
-            report = ingest_ray(coll, args.source, settings, ray_settings)
-        else:
-            report = ingest(coll, args.source, settings)
-        counts = coll.counts()
+                try:
+                    report = ingest_ray(coll, args.source, settings, ray_settings)
+                except DistributedError:
+                    # Ray could not start or be reached: a collection this command created and
+                    # that holds nothing is not left behind (anything committed is kept)
+                    remove_created = not existed and not any(coll.counts().values())
+                    raise
+            else:
+                report = ingest(coll, args.source, settings)
+            counts = coll.counts()
+    except CrossmodalError:
+        if remove_created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     if report.skipped:
