@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--k", "-k", type=_nonneg_int, metavar="K",
                     help="neighbours' captions in the prompt (default: as trained, else 4; 0: none)")
     cp.add_argument("--generator", "-g", metavar="SPEC", help="generator (default: the checkpoint's own)")
-    cp.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
+    cp.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own, else the checkpoint's; must be the one the checkpoint was trained on)")
     cp.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
     cp.add_argument("--beams", type=_positive_int, default=1, metavar="N")
     cp.add_argument("--json", action="store_true", help="JSON records with the prompt and the sources")
@@ -855,7 +855,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     failures, records = 0, []
     try:
         captioner = Captioner(prefix, collection=coll, generator=args.generator, k=args.k,
-                              generation=generation)
+                              generation=generation, encoder=None if coll is not None else args.model)
         for image, result in zip(args.images, captioner.caption_many(args.images), strict=True):
             if isinstance(result, QueryError):
                 if len(args.images) == 1:

@@ -277,6 +277,9 @@ def test_caption_cli_end_to_end(prefix_ckpts: dict[str, Path], sample_collection
     assert main(["caption", str(tmp_path / "nope.jpg"), "--image-prefix", ckpt]) == 2
     assert main(["caption", cat, "--image-prefix", str(tmp_path / "no-ckpt")]) == 1
     assert "no prefix_config.json" in capsys.readouterr().err
+    # without a collection, --model must still be the checkpoint's encoder (refused before loading)
+    assert main(["caption", cat, "--image-prefix", ckpt, "--model", "open_clip:ViT-B-32/laion2b_s34b_b79k"]) == 1
+    assert "was trained on embeddings of" in capsys.readouterr().err
 
 
 # -- training --------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class Captioner:
     def __init__(
         self, image_prefix: ImagePrefix, *, collection: Collection | None = None,
         generator: str | Generator | None = None, k: int | None = None,
-        generation: GenerationSettings | None = None,
+        generation: GenerationSettings | None = None, encoder: str | None = None,
     ) -> None:
         self.prefix, self.collection = image_prefix, collection
         if generator is None:
@@ -75,7 +75,9 @@ class Captioner:
             image_prefix.check_encoder(collection.manifest.encoder, collection.manifest.dim)
             self.encoder = collection.encoder
         else:
-            self.encoder = load_encoder(image_prefix.config.encoder)
+            if encoder is not None:  # must be the checkpoint's own (the dimension is checked per image)
+                image_prefix.check_encoder(encoder, image_prefix.config.encoder_dim)
+            self.encoder = load_encoder(encoder or image_prefix.config.encoder)
         trained_k = image_prefix.config.retrieval_k
         self.k = 0 if collection is None else (k if k is not None else (trained_k or 4))
         if self.k < 0:
