@@ -14,7 +14,7 @@ import torch
 
 from crossmodal_rag import Collection
 from crossmodal_rag.cli import main
-from crossmodal_rag.errors import EncoderMismatchError, ModelSpecError
+from crossmodal_rag.errors import EncoderMismatchError, ModelSpecError, SourceError
 from crossmodal_rag.generation import Generator, RagPipeline, RagSettings
 from crossmodal_rag.testing import make_tiny_causal_lm, make_tiny_t5
 from crossmodal_rag.training import TrainSettings, split_indices, train
@@ -244,6 +244,13 @@ def test_examples_from_qa_and_from_captioned_images(tmp_path: Path, photos: Path
     assert len(pairs) >= 5 and all(ex.image and ex.question is None for ex in pairs)
     cat = next(ex for ex in pairs if ex.image.endswith("cat.jpg"))
     assert cat.answer in (photos / "cat.txt").read_text()
+
+    # a .jsonl with neither QA rows nor image-caption rows names both formats
+    for text in ('{"q": 1}\n', ""):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        with pytest.raises(SourceError, match='holds no training pairs: a QA file needs rows like {"question"'):
+            load_rag_examples(bad)
 
 
 def test_image_caption_pairs_train_by_image_retrieval(sample_collection: Path, photos: Path, t5_dir: Path) -> None:

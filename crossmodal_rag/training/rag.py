@@ -373,8 +373,16 @@ def load_rag_examples(source: str | Path, *, image_root: str | Path | None = Non
         return examples, skipped
     from .pairs import read_captioned_images
 
-    data = read_captioned_images(path, image_root=image_root, allow_outside_root=allow_outside_root,
-                                 min_images=1)
+    try:
+        data = read_captioned_images(path, image_root=image_root, allow_outside_root=allow_outside_root,
+                                     min_images=1)
+    except SourceError as e:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):  # neither QA rows nor image-caption rows
+            raise SourceError(
+                f"{source} holds no training pairs: a QA file needs rows like "
+                '{"question": "...", "answer": "..."} (its first row decides the format), an image '
+                "manifest rows with image and caption columns") from e
+        raise
     skipped += [f"{p.item}: {p.reason}" for p in data.skipped]
     examples += [RagExample(answer=caption, image=str(image)) for image, caption in data.pairs()]
     return examples, skipped
