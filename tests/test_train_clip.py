@@ -212,3 +212,33 @@ def test_hard_negative_batches_come_from_the_training_split(shapes: Path, tiny_o
     bad = _cli("train", "clip", str(shapes), "--out", str(tmp_path / "bad"), "--hard-negatives", "1.5")
     assert bad.returncode == 2 and "--hard-negatives" in bad.stderr and "[0, 1)" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_hard_negative_run_resumes_exactly(shapes: Path, tiny_oc_spec: str, tmp_path: Path) -> None:
+    """Neighbour draws use torch's generator, which a checkpoint restores: an interrupted and
+    resumed run logs the losses of an uninterrupted one."""
+    settings = TrainSettings(max_steps=6, batch_size=8, lr=1e-3, val_fraction=0.25, eval_every=3,
+                             checkpoint_every=3, device="cpu")
+    hn = ClipTaskSettings(hard_negatives=0.5, neighbours=4)
+    data = read_captioned_images(shapes)
+    full = train(ClipTask(tiny_oc_spec, data, hn), settings, tmp_path / "full", progress=False)
+
+    crashing = ClipTask(tiny_oc_spec, data, hn)
+    calls = {"n": 0}
+    original = crashing.hard_batch
+
+    def crash_at_five(indices):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(indices)
+
+    crashing.hard_batch = crash_at_five  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        train(crashing, settings, tmp_path / "part", progress=False)
+    resumed = train(ClipTask(tiny_oc_spec, data, hn), settings, tmp_path / "part", resume=True, progress=False)
+
+    def log(path: Path) -> list[tuple]:
+        return [(r["step"], r["split"], round(r["loss"], 6)) for r in map(json.loads, path.read_text().splitlines())]
+
+    assert log(full.metrics_path) == log(resumed.metrics_path)
