@@ -149,6 +149,7 @@ def _load_rgb(path: Path) -> tuple[Any, str]:
         raise ImageDecodeError(str(path), f"cannot read file: {e.strerror or e}") from e
     return decode_image(data, str(path)).image, hashlib.sha256(data).hexdigest()
 
+
 _HASH_DIM = 1024  # hashed bag-of-words width for caption neighbours
 _MAX_NEIGHBOUR_CANDIDATES = 20_000  # neighbours are searched among at most this many examples
 
