@@ -89,25 +89,107 @@ def test_rag_sequence_scores_match_brute_force(pipelines, gen: Generator) -> Non
     assert ans.logprob == pytest.approx(ans.candidates[0]["logprob"], abs=1e-6)
 
 
+def naive_rag_token_decode(g: Generator, prompts: list[str], log_prior: np.ndarray, n: int) -> list[int]:
+    """Greedy RAG-token decoding by hand: each next token maximises sum_z P(z|x) p(y_t|x,z,y_<t)."""
+    p_ids = g._prompt_ids(prompts)
+    lprior = torch.tensor(log_prior, dtype=torch.float64)[:, None]
+    tokens: list[int] = []
+    for _ in range(n):
+        lp = torch.stack([naive_next(g, p, tokens) for p in p_ids])
+        tokens.append(int(torch.argmax(torch.logsumexp(lp + lprior, dim=0))))
+        if tokens[-1] == g.tokenizer.eos_token_id:
+            break
+    return tokens
+
+
 def test_rag_token_mixes_next_token_distributions(pipelines, gen: Generator) -> None:
     ans = pipelines(mode="rag-token").ask("what animal is in the photo?")
-    log_prior = torch.tensor([math.log(s.prior) for s in ans.sources], dtype=torch.float64)
-    p_ids = gen._prompt_ids(ans.prompts)
+    log_prior = np.log([s.prior for s in ans.sources])
+    tokens = naive_rag_token_decode(gen, ans.prompts, log_prior, 6)
     eos = gen.tokenizer.eos_token_id
-    tokens: list[int] = []
-    per_item = torch.zeros(3, dtype=torch.float64)
-    for _ in range(6):
-        lp = torch.stack([naive_next(gen, p, tokens) for p in p_ids])
-        tok = int(torch.argmax(torch.logsumexp(lp + log_prior[:, None], dim=0)))
-        per_item += lp[:, tok]
-        tokens.append(tok)
-        if tok == eos:
-            break
     expected = gen.tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True).strip()
     assert ans.answer == expected
-    np.testing.assert_allclose([s.logprob for s in ans.sources], per_item.numpy(), atol=2e-3)
-    post = torch.softmax(log_prior + per_item, 0).numpy()
-    np.testing.assert_allclose([s.posterior for s in ans.sources], post, atol=1e-3)
+
+
+def naive_answer_logprobs(g: Generator, prompt: str | list[dict[str, str]], answer: str) -> np.ndarray:
+    """log p(y_t | prompt, y_<t) for each token of the answer text re-tokenised, then the end token;
+    one unbatched forward pass per token."""
+    p_ids = g._prompt_ids([prompt])[0]
+    a_ids = [*g.tokenizer(answer, add_special_tokens=False)["input_ids"], g.tokenizer.eos_token_id]
+    return np.array([float(naive_next(g, p_ids, a_ids[:t])[tok]) for t, tok in enumerate(a_ids)])
+
+
+def hand_scored(pipe: RagPipeline, ans) -> tuple[np.ndarray, np.ndarray, float]:
+    """The returned answer scored by hand under each item's prompt: (log P(y+eos|x,z) per item,
+    P(z|x,y), and log P(y+eos|x) under the mode's own model)."""
+    g = pipe.generator
+    items = [pipe.item_prompt(ans.question, s.text) for s in ans.sources]
+    per_token = np.stack([naive_answer_logprobs(g, p, ans.answer) for p in items])  # (k, T)
+    log_prior = np.log([s.prior for s in ans.sources])
+    lp = per_token.sum(1)
+    posterior = np.exp(log_prior + lp - np.logaddexp.reduce(log_prior + lp))
+    if ans.mode == "concat":  # the one prompt the answer was decoded from
+        prompt = pipe.concat_prompt(ans.question, [s.text for s in ans.sources])[0]
+        total = float(naive_answer_logprobs(g, prompt, ans.answer).sum())
+    elif ans.mode == "rag-sequence":  # log sum_z P(z|x) P(y|x,z)
+        total = float(np.logaddexp.reduce(log_prior + lp))
+    else:  # sum_t log sum_z P(z|x) p(y_t|x,z,y_<t)
+        total = float(np.logaddexp.reduce(log_prior[:, None] + per_token, axis=0).sum())
+    return lp, posterior, total
+
+
+@pytest.fixture(scope="module")
+def special_gen(gen: Generator, t5_dir: Path, lm_dir: Path, pipelines) -> Generator:
+    """A copy of ``gen`` whose rag-token answer to QUESTION decodes special tokens: when the plain
+    model's decoded ids hold none, the output rows of its first token and of an unused special
+    token are swapped, so the special token is decoded in its place."""
+    g = Generator(str(t5_dir if gen.kind == "seq2seq" else lm_dir)).load()
+    ans = pipelines(mode="rag-token").ask(QUESTION)
+    tokens = naive_rag_token_decode(gen, ans.prompts, np.log([s.prior for s in ans.sources]), 6)
+    special = set(g.tokenizer.all_special_ids) - {g.tokenizer.eos_token_id}
+    if not special & set(tokens):
+        swap = max(special)
+        with torch.no_grad():
+            rows = g.model.get_output_embeddings().weight
+            rows[[tokens[0], swap]] = rows[[swap, tokens[0]]].clone()
+    return g
+
+
+QUESTION = "what animal is in the photo?"
+
+
+@pytest.mark.parametrize("mode", ["concat", "rag-sequence", "rag-token"])
+@pytest.mark.parametrize("case", ["truncated", "special-tokens"])
+def test_answer_logprob_and_posterior_score_the_returned_text(
+    sample_collection: Path, gen: Generator, special_gen: Generator, mode: str, case: str,
+) -> None:
+    """In every mode the sources' logprob/posterior and Answer.logprob are those of exactly the
+    returned text plus the end token, computed by hand: also when max_new_tokens cut the answer
+    (no end token decoded) and when the decoded ids held special tokens the text does not."""
+    g = gen if case == "truncated" else special_gen
+    n = 3 if case == "truncated" else 6
+    with Collection.open(sample_collection) as coll:
+        pipe = RagPipeline(coll, g, RagSettings(k=3, mode=mode), GenerationSettings(max_new_tokens=n))
+        ans = pipe.ask(QUESTION)
+        if mode == "rag-token":  # the case really arises: no end token / special tokens decoded
+            tokens = naive_rag_token_decode(g, ans.prompts, np.log([s.prior for s in ans.sources]), n)
+            if case == "truncated":
+                assert len(tokens) == n and g.tokenizer.eos_token_id not in tokens
+            else:
+                special = set(g.tokenizer.all_special_ids) - {g.tokenizer.eos_token_id}
+                assert special & set(tokens), tokens
+        lp, posterior, total = hand_scored(pipe, ans)
+    np.testing.assert_allclose([s.logprob for s in ans.sources], lp, atol=2e-3)
+    np.testing.assert_allclose([s.posterior for s in ans.sources], posterior, atol=1e-3)
+    np.testing.assert_allclose(ans.logprob, total, atol=2e-3)
+    assert ans.to_dict()["logprob_of"] == LOGPROB_OF[mode]
+
+
+LOGPROB_OF = {
+    "concat": "log P(answer+eos | concat prompt)",
+    "rag-sequence": "log sum_z P(z|x) P(answer+eos | x,z)",
+    "rag-token": "sum_t log sum_z P(z|x) P(y_t | x,z,y<t) over answer+eos",
+}
 
 
 def test_concat_respects_the_token_budget(pipelines, gen: Generator) -> None:

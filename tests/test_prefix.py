@@ -219,17 +219,17 @@ def test_rag_with_image_prefixes(mode: str, gen: Generator, prefix_ckpts: dict[s
     if mode == "rag-token":  # oracle: each item decoded alone, the next-token mixtures by hand
         states = [gen.start([p], [x]) for p, x in zip(prompts, item_prefixes, strict=True)]
         log_prior = torch.tensor(np.log([s.prior for s in ans.sources]), dtype=torch.float32)[:, None]
-        want = np.zeros(len(states))
+        tokens: list[int] = []
         for _ in range(5):
             lp = torch.cat([st.logprobs() for st in states])
-            tok = int(torch.argmax(torch.logsumexp(lp + log_prior, 0)))
-            want += lp[:, tok].double().numpy()
-            if tok == gen.tokenizer.eos_token_id:
+            tokens.append(int(torch.argmax(torch.logsumexp(lp + log_prior, 0))))
+            if tokens[-1] == gen.tokenizer.eos_token_id:
                 break
             for st in states:
-                st.feed(tok)
-    else:
-        want = gen.sequence_logprobs(prompts, [ans.answer] * len(prompts), prefixes=item_prefixes)
+                st.feed(tokens[-1])
+        assert ans.answer == gen.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    # every mode scores the returned text (plus the end token) under each item's prompt
+    want = gen.sequence_logprobs(prompts, [ans.answer] * len(prompts), prefixes=item_prefixes)
     np.testing.assert_allclose([s.logprob for s in ans.sources], want, atol=2e-3)
     if mode == "concat":
         assert ans.prefix_images == [str(sample_dir / "cat.jpg")]

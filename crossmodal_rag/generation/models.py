@@ -7,7 +7,8 @@ architecture decides the kind: encoder-decoder configs are ``seq2seq``, the rest
 Besides ``generate``, a generator exposes what RAG needs:
 
 * :meth:`Generator.sequence_logprobs` -- log P(y | prompt) for many (prompt, answer) pairs in
-  one batched forward pass (teacher forcing, end-of-sequence token included);
+  one batched forward pass (teacher forcing, end-of-sequence token included), and per token
+  (:meth:`Generator.answer_token_logprobs`);
 * :meth:`Generator.start` / :meth:`DecodeState.step` -- incremental decoding of k prompts in
   lock-step (one batched forward pass per step, with a key/value cache), for RAG-token mixing.
 
@@ -297,6 +298,21 @@ class Generator:
             return np.zeros(0)
         tok, sel = self.token_logprobs(prompts, answers, prefixes)
         return (tok * sel).sum(-1).cpu().double().numpy()
+
+    @torch.inference_mode()
+    def answer_token_logprobs(self, prompts: list[Prompt], answers: list[str],
+                              prefixes: Prefixes = None) -> list[np.ndarray]:
+        """Per pair, ``log P(y_t | prompt_i, y_<t)`` for each token of ``answers[i]`` (the text
+        tokenised, then the end-of-sequence token), one batched forward pass: a list of ``(T_i,)``
+        float64 arrays whose sums are :meth:`sequence_logprobs`."""
+        self.load()
+        if len(prompts) != len(answers):
+            raise ValueError("prompts and answers must have the same length")
+        if not prompts:
+            return []
+        tok, sel = self.token_logprobs(prompts, answers, prefixes)
+        tok, sel = tok.cpu().double().numpy(), sel.cpu().numpy() > 0
+        return [row[mask] for row, mask in zip(tok, sel, strict=True)]
 
     def token_logprobs(self, prompts: list[Prompt], answers: list[str],
                        prefixes: Prefixes = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,13 @@ Every answer carries its sources with ``prior`` = P(z|x) (softmax of retrieval s
 the answer's likelihood each source carried, computed for every mode by scoring the final answer
 under each item's own prompt.
 
+In every mode, y is the returned answer text re-tokenised plus the end-of-sequence token (never
+the decode-time ids, which may hold special tokens the text drops, or lack the end token when
+``max_new_tokens`` cut the answer). ``Answer.logprob`` is log P(y|x) under the mode's own model
+(:data:`LOGPROB_OF`, also written in the answer as ``logprob_of``): the concat prompt's likelihood,
+the rag-sequence mixture sum_z P(z|x) P(y|x,z), or the rag-token per-token mixture
+prod_t sum_z P(z|x) p(y_t|x,z,y_<t).
+
 With an image prefix (:class:`~crossmodal_rag.generation.prefix.ImagePrefix`) the generator also
 reads images as prefix vectors: in ``concat`` the one prompt carries the query image's prefix
 (when the query has an image); every item's own prompt (rag-sequence, rag-token, and the posterior
@@ -44,11 +51,17 @@ if TYPE_CHECKING:
     from ..training.rag import RagCheckpoint
     from .prefix import ImagePrefix
 
-__all__ = ["MODES", "Answer", "RagPipeline", "RagSettings", "Source", "priors"]
+__all__ = ["LOGPROB_OF", "MODES", "Answer", "RagPipeline", "RagSettings", "Source", "priors"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("concat", "rag-sequence", "rag-token")
+#: What ``Answer.logprob`` is in each mode: y = the returned text re-tokenised plus the end token.
+LOGPROB_OF = {
+    "concat": "log P(answer+eos | concat prompt)",
+    "rag-sequence": "log sum_z P(z|x) P(answer+eos | x,z)",
+    "rag-token": "sum_t log sum_z P(z|x) P(y_t | x,z,y<t) over answer+eos",
+}
 
 DEFAULT_TEMPLATE = (
     "Answer the question using the context.\n\nContext:\n{context}\n\nQuestion: {question}\n\nAnswer:"
@@ -104,7 +117,7 @@ class Source:
     score: float  # retrieval score (cosine)
     prior: float  # P(z|x)
     posterior: float  # P(z|x,y)
-    logprob: float  # log P(y|x,z)
+    logprob: float  # log P(y|x,z): the answer text + end token under this item's own prompt
     included: bool = True  # in concat mode: whether it fit the prompt budget
     truncated: bool = False  # in concat mode: whether it was cut to fit
     prefix_image: str | None = None  # the image whose prefix this item's own prompt carried
@@ -124,7 +137,8 @@ class Answer:
     encoder: str
     image: str | None = None
     candidates: list[dict[str, Any]] = field(default_factory=list)  # rag-sequence: all scored
-    logprob: float | None = None  # log P(y|x) = log sum_z P(z|x) P(y|x,z)
+    logprob: float | None = None  # log P(answer text + end token | x) under the mode's model
+    logprob_of: str | None = None  # what logprob is: LOGPROB_OF[mode] (None when abstaining)
     abstained: bool = False  # True: the evidence was below min_score; sources are the nearest
     min_score: float | None = None  # the threshold that applied
     image_prefix: str | None = None  # the image-prefix checkpoint used, if any
@@ -335,23 +349,21 @@ class RagPipeline:
         timings["prompt"] = time.perf_counter() - t
         candidates: list[dict[str, Any]] = []
         t = time.perf_counter()
-        if mode == "concat":
-            answer = self.generator.generate(prompts, self.generation,
-                                             prefixes=[q_prefix] if q_prefix is not None else None)[0][0]
-            timings["generate"] = time.perf_counter() - t
-            t = time.perf_counter()
-            lp = self.generator.sequence_logprobs(item_prompts, [answer] * len(hits), prefixes=item_prefixes)
-        elif mode == "rag-sequence":
+        if mode == "rag-sequence":
             answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings, item_prefixes)
+            total = candidates[0]["logprob"]
         else:
-            answer, lp = self._rag_token(item_prompts, log_prior, item_prefixes)
+            if mode == "concat":
+                answer = self.generator.generate(prompts, self.generation,
+                                                 prefixes=[q_prefix] if q_prefix is not None else None)[0][0]
+            else:
+                answer = self._rag_token(item_prompts, log_prior, item_prefixes)
             timings["generate"] = time.perf_counter() - t
             t = time.perf_counter()
-        joint = log_prior + lp
-        posterior = np.exp(_log_softmax(joint))
-        total = float(np.logaddexp.reduce(joint))
-        if mode != "rag-sequence":
+            lp, total = self._score(answer, item_prompts, item_prefixes, log_prior,
+                                    (prompts[0], q_prefix) if mode == "concat" else None)
             timings["score"] = time.perf_counter() - t
+        posterior = np.exp(_log_softmax(log_prior + lp))
         sources = [
             Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=x,
                    caption=" | ".join(h.captions) if h.kind == "image" else (h.text or ""), score=h.score,
@@ -364,7 +376,7 @@ class RagPipeline:
                       prompts=[self.generator.render(p) for p in prompts],
                       timings=timings, generator=self.generator.spec,
                       encoder=self.collection.manifest.encoder, image=image_label,
-                      candidates=candidates, logprob=total, min_score=threshold,
+                      candidates=candidates, logprob=total, logprob_of=LOGPROB_OF[mode], min_score=threshold,
                       image_prefix=self.image_prefix.label if self.image_prefix is not None else None,
                       prefix_images=prefix_labels if self.image_prefix is not None else [])
 
@@ -400,6 +412,25 @@ class RagPipeline:
                 prefixes[i], labels[i] = item[j], hits[i].path
         return q_prefix, prefixes, q_label, labels
 
+    def _score(self, answer: str, prompts: list[Prompt], prefixes: list[torch.Tensor | None] | None,
+               log_prior: np.ndarray, concat: tuple[Prompt, torch.Tensor | None] | None,
+               ) -> tuple[np.ndarray, float]:
+        """The returned ``answer`` (re-tokenised, plus the end token) scored under each item's
+        prompt, one batched pass: ``log P(y|x,z)`` per item ``(k,)`` and ``log P(y|x)`` under the
+        mode's model -- the ``concat`` (prompt, prefix) when given, else the RAG-token per-token
+        mixture ``sum_t log sum_z P(z|x) p(y_t|x,z,y_<t)``."""
+        k = len(prompts)
+        rows, pre = list(prompts), list(prefixes) if prefixes is not None else [None] * k
+        if concat is not None:
+            rows.append(concat[0])
+            pre.append(concat[1])
+        per_token = self.generator.answer_token_logprobs(
+            rows, [answer] * len(rows), prefixes=pre if any(x is not None for x in pre) else None)
+        items = np.stack(per_token[:k])  # (k, T): every row scores the same tokens
+        if concat is not None:
+            return items.sum(1), float(per_token[k].sum())
+        return items.sum(1), float(np.logaddexp.reduce(log_prior[:, None] + items, axis=0).sum())
+
     def _rag_sequence(self, prompts: list[Prompt], log_prior: np.ndarray, timings: dict[str, float],
                       prefixes: list[torch.Tensor | None] | None = None,
                       ) -> tuple[str, np.ndarray, list[dict[str, Any]]]:
@@ -422,7 +453,8 @@ class RagPipeline:
 
     @torch.inference_mode()
     def _rag_token(self, prompts: list[Prompt], log_prior: np.ndarray,
-                   prefixes: list[torch.Tensor | None] | None = None) -> tuple[str, np.ndarray]:
+                   prefixes: list[torch.Tensor | None] | None = None) -> str:
+        """Greedy (or sampled) RAG-token decoding; the answer text (scored afterwards by ``_score``)."""
         g, gs = self.generator, self.generation
         if gs.num_beams > 1:
             raise QueryError("rag-token decodes greedily or by sampling; use --beams 1 (beam search "
@@ -434,18 +466,15 @@ class RagPipeline:
         if gs.seed is not None:
             rng.manual_seed(gs.seed)
         tokens: list[int] = []
-        per_item = torch.zeros(len(prompts), dtype=torch.float64)
         for _ in range(gs.max_new_tokens):
             lp = state.logprobs()  # (k, V)
             mix = torch.logsumexp(lp + lprior, dim=0)  # log sum_z P(z|x) p(y_t | x, z, y_<t)
             tok = _sample(mix, gs, rng) if gs.do_sample else int(torch.argmax(mix))
-            per_item += lp[:, tok].double().cpu()
             tokens.append(tok)
             if tok in eos:
                 break
             state.feed(tok)
-        text = g.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
-        return text, per_item.numpy()
+        return g.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
 
 
 def _eos_ids(g: Generator) -> set[int]:
