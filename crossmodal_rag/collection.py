@@ -20,7 +20,6 @@ replayed from SQLite (``reconcile``), so nothing committed is lost.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import shutil
@@ -33,6 +32,7 @@ import faiss
 import numpy as np
 from PIL import Image
 
+from . import fingerprint
 from ._version import __version__
 from .calibration import auto_threshold
 from .encoders import DEFAULT_MODEL, ClipEncoder, load_encoder, parse_model_spec
@@ -60,9 +60,6 @@ __all__ = ["CheckReport", "Collection"]
 
 logger = logging.getLogger(__name__)
 
-#: Texts whose embeddings fingerprint the encoder that built a collection.
-PROBE_TEXTS = ("a photo of a dog", "a red car parked on a street", "an empty white page")
-_PROBE_MIN_COSINE = 0.99
 #: Text queries are cut to this many characters (CLIP reads 77 tokens; this is far beyond).
 MAX_QUERY_CHARS = 4096
 _INDEX_NAMES = ("image", "text")
@@ -147,7 +144,7 @@ class Collection:
             )
         spec = parse_model_spec(model)
         encoder = load_encoder(spec, device)
-        probe = encoder.encode_texts(list(PROBE_TEXTS))
+        probe = fingerprint.compute(encoder)  # both towers
         budget = parse_memory(max_index_memory)
         if index_type != AUTO:
             make_faiss_index(encoder.dim, index_type)  # validates the type before anything is written
@@ -157,7 +154,7 @@ class Collection:
         try:
             store = MetadataStore(folder, fsync=fsync)
             with store.transaction():
-                store.set_meta("encoder_probe", json.dumps(probe.round(6).tolist()))
+                fingerprint.write(store, probe)
             manifest = Manifest(encoder=str(spec), dim=encoder.dim, index_type=index_type,
                                 max_index_memory=budget, library_version=__version__,
                                 created_at=_now(), updated_at=_now())
@@ -252,6 +249,8 @@ class Collection:
         self._encoder = encoder
 
     def _verify_encoder(self, encoder: ClipEncoder, asked: str) -> None:
+        """Refuse ``encoder`` unless it reproduces the collection's fingerprint (both towers;
+        see :mod:`crossmodal_rag.fingerprint`)."""
         hint = (f"{self.folder} was built with {self.manifest.encoder}; search it with that "
                 "encoder (leave out --model) or index into a new collection")
         if encoder.dim != self.manifest.dim:
@@ -259,15 +258,34 @@ class Collection:
                 f"encoder {asked} makes {encoder.dim}-d embeddings but {self.folder} holds "
                 f"{self.manifest.dim}-d ones. {hint}"
             )
-        stored = self.store.get_meta("encoder_probe")
-        if stored:
-            probe = encoder.encode_texts(list(PROBE_TEXTS))
-            cosine = float((probe * np.asarray(json.loads(stored), dtype=np.float32)).sum(1).min())
-            if cosine < _PROBE_MIN_COSINE:
-                raise EncoderMismatchError(
-                    f"encoder {asked} gives different embeddings from the one that built the "
-                    f"collection (probe cosine {cosine:.3f}). {hint}"
-                )
+        stored = fingerprint.read(self.store)
+        if stored is None:
+            logger.warning("%s holds no encoder fingerprint; %s cannot be verified", self.folder, asked)
+            return
+        fresh = fingerprint.compute(encoder)
+        problem = fingerprint.mismatch(stored, fresh)
+        if problem:
+            raise EncoderMismatchError(
+                f"encoder {asked} gives different embeddings from the one that built the "
+                f"collection ({problem}). {hint}"
+            )
+        if stored.image is None:
+            self._record_image_probe(stored, fresh, asked)
+
+    def _record_image_probe(self, stored: fingerprint.Fingerprint, fresh: fingerprint.Fingerprint,
+                            asked: str) -> None:
+        """A collection made before image probes: its text probe matched. Its own encoder, used
+        writable, records the image probe (no item changes: the generation stays); otherwise the
+        image tower goes unverified, with a warning."""
+        if self.writable and asked == self.manifest.encoder:
+            with self.store.snapshot():
+                fingerprint.write(self.store, replace(stored, image=fresh.image))
+            logger.info("%s: recorded the image-tower fingerprint of its encoder %s", self.folder, asked)
+            return
+        logger.warning(
+            "%s was made before image fingerprints: the image tower of %s cannot be verified for "
+            "this older collection (its text tower matches). Open it writable once with its own "
+            "encoder (e.g. `crossmodal-rag index` into it) to record one", self.folder, asked)
 
     def check_compatible(self, other: Collection) -> None:
         """Refuse (``EncoderMismatchError``) unless ``other``'s encoder embeds like ours, so

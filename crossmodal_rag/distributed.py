@@ -285,20 +285,20 @@ def _decode_batch(batch: dict[str, np.ndarray], transform: Any, max_pixels: int)
 class _EncoderActor:
     """One model per actor, loaded once; embeds the text rows and the decoded image rows."""
 
-    def __init__(self, spec: str, device: str, threads: int, probe: list[list[float]],
+    def __init__(self, spec: str, device: str, threads: int, probe: dict[str, Any],
                  shape: tuple[int, ...]) -> None:
-        from .collection import _PROBE_MIN_COSINE, PROBE_TEXTS
+        from . import fingerprint
         from .encoders import load_encoder
 
         if device == "cpu":
             torch.set_num_threads(threads)
         self.encoder = load_encoder(spec, device).load()
-        mine = self.encoder.encode_texts(list(PROBE_TEXTS))
-        cosine = float((mine * np.asarray(probe, np.float32)).sum(1).min())
-        if cosine < _PROBE_MIN_COSINE:
+        problem = fingerprint.mismatch(fingerprint.Fingerprint.from_dict(probe),
+                                       fingerprint.compute(self.encoder))
+        if problem:
             raise DistributedError(
                 f"model {spec} on Ray node {socket.gethostname()} embeds differently from the "
-                f"driver's (probe cosine {cosine:.3f}); give every node the same model files")
+                f"driver's ({problem}); give every node the same model files")
         self.shape = tuple(shape)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -319,10 +319,10 @@ class _EncoderActor:
         return batch
 
 
-def _probe(encoder: ClipEncoder) -> list[list[float]]:
-    from .collection import PROBE_TEXTS
+def _probe(encoder: ClipEncoder) -> dict[str, Any]:
+    from . import fingerprint
 
-    return encoder.encode_texts(list(PROBE_TEXTS)).tolist()
+    return fingerprint.compute(encoder).to_dict()  # both towers
 
 
 # -- the write stage (on the driver) ------------------------------------------------------------
@@ -426,7 +426,7 @@ class _Plan:
                 f"but the Ray cluster has {n_cpus:g}; pass fewer --ray-actors")
         return cls(actors, gpus, rs.actor_cpus)
 
-    def embed(self, ds: Any, spec: str, probe: list[list[float]], batch_size: int,
+    def embed(self, ds: Any, spec: str, probe: dict[str, Any], batch_size: int,
               shape: tuple[int, ...]) -> Any:
         from ray.data import ActorPoolStrategy
 

@@ -330,3 +330,89 @@ def test_ask_abstains_below_the_threshold_and_knowledge_collection(sample_collec
     with Collection.create(tmp_path / "hfkb", f"hf:{tiny_hf_dir}") as other, \
             Collection.open(sample_collection) as coll, pytest.raises(EncoderMismatchError):
         RagPipeline(coll, t5, knowledge=other)
+
+
+# -- encoder identity: both towers --------------------------------------------------------
+def _with_other_image_tower(src: Path, dst: Path, seed: int = 7) -> Path:
+    """A copy of the local-dir model in ``src`` whose text tower is bit-identical and whose
+    image tower (every ``visual.*`` weight) is perturbed, saved in the same layout."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(src / "open_clip_model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    for key, value in state.items():
+        if key.startswith("visual.") and value.is_floating_point():
+            state[key] = value + torch.randn(value.shape, generator=gen) * (value.std() + 0.02)
+    save_file(state, str(dst / "open_clip_model.safetensors"))
+    return dst
+
+
+@pytest.fixture
+def swapped_image_tower(tiny_oc_dir: Path, tmp_path: Path, sample_dir: Path) -> str:
+    from crossmodal_rag.encoders import load_encoder
+
+    other = _with_other_image_tower(tiny_oc_dir, tmp_path / "other-image-tower")
+    a, b = load_encoder(f"open_clip:local-dir:{tiny_oc_dir}"), load_encoder(f"open_clip:local-dir:{other}")
+    texts = ["a cat", "a cup of coffee on a table"]
+    assert np.allclose(a.encode_texts(texts), b.encode_texts(texts), atol=1e-6)  # same text tower
+    photo = [sample_dir / "cat.jpg"]
+    assert float(a.encode_images(photo)[0] @ b.encode_images(photo)[0]) < 0.95  # another image tower
+    return f"open_clip:local-dir:{other}"
+
+
+def test_other_image_tower_is_refused(collection_copy: Path, swapped_image_tower: str) -> None:
+    with pytest.raises(EncoderMismatchError) as err:
+        Collection.open(collection_copy, model=swapped_image_tower)
+    msg = str(err.value)
+    assert "image" in msg and str(collection_copy.resolve()) in msg and swapped_image_tower in msg
+    assert "leave out --model" in msg  # the fix
+
+
+def test_other_image_tower_is_refused_by_the_cli(collection_copy: Path, swapped_image_tower: str,
+                                                 sample_dir: Path) -> None:
+    from tests.test_cli import run
+
+    r = run("search", "--image", str(sample_dir / "cat.jpg"), "--collection", str(collection_copy),
+            "--model", swapped_image_tower)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "image" in r.stderr and "different embeddings" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_same_weights_under_another_name_open(collection_copy: Path, tiny_oc_dir: Path, tmp_path: Path,
+                                              sample_dir: Path) -> None:
+    moved = shutil.copytree(tiny_oc_dir, tmp_path / "moved")
+    with Collection.open(collection_copy) as own:
+        expect = [h.id for h in own.search(image=sample_dir / "cat.jpg", k=3)]
+    with Collection.open(collection_copy, model=f"open_clip:local-dir:{moved}") as coll:
+        assert [h.id for h in coll.search(image=sample_dir / "cat.jpg", k=3)] == expect
+
+
+def test_collection_without_image_fingerprint_opens_and_is_backfilled(
+        collection_copy: Path, tiny_oc_dir: Path, swapped_image_tower: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import sqlite3
+
+    from crossmodal_rag import fingerprint
+    from crossmodal_rag.encoders import load_encoder
+
+    with sqlite3.connect(collection_copy / "metadata.sqlite") as db:  # as made before image probes
+        db.execute("DELETE FROM meta WHERE key = ?", (fingerprint.IMAGE_KEY,))
+    moved = f"open_clip:local-dir:{shutil.copytree(tiny_oc_dir, tmp_path / 'moved')}"
+    with caplog.at_level(logging.WARNING, logger="crossmodal_rag"), \
+            Collection.open(collection_copy, model=moved) as coll:  # the text probe still checks
+        assert coll.search("a cat", k=1)
+        assert coll.store.get_meta(fingerprint.IMAGE_KEY) is None  # read-only: nothing written
+    assert "image tower" in caplog.text and "cannot be verified" in caplog.text
+    with Collection.open(collection_copy, writable=True) as coll:
+        coll.search("a cat", k=1)  # first use of the collection's own encoder back-fills the probe
+    with Collection.open(collection_copy) as coll:
+        stored = fingerprint.read(coll.store)
+        fresh = fingerprint.compute(load_encoder(coll.manifest.encoder))
+    assert stored is not None and stored.image is not None
+    assert np.allclose(stored.image, fresh.image, atol=1e-5)
+    with pytest.raises(EncoderMismatchError, match="image"):
+        Collection.open(collection_copy, model=swapped_image_tower)

@@ -520,7 +520,8 @@ def reembed_collection(
     Raises:
         CollectionError: the collection cannot be opened for writing, or an image is unreadable.
     """
-    from ..collection import PROBE_TEXTS, Collection
+    from .. import fingerprint
+    from ..collection import Collection
     from ..store.metadata import DB_NAME, MetadataStore
 
     started = time.perf_counter()
@@ -549,7 +550,7 @@ def reembed_collection(
                 text = _text_of(item)
                 texts.append(text if item.kind == "window" else encoder.text_windows(text)[0])
             text_vecs[start : start + len(chunk)] = encoder.encode_texts(texts)
-        probe = encoder.encode_texts(list(PROBE_TEXTS))
+        probe = fingerprint.compute(encoder)
 
         # Build the new collection beside the old one.
         shutil.rmtree(staging, ignore_errors=True)
@@ -565,7 +566,7 @@ def reembed_collection(
                     conn.executemany("UPDATE items SET vector = ? WHERE id = ?",
                                      [(np.ascontiguousarray(v, dtype="<f4").tobytes(), int(i))
                                       for i, v in zip(ids, vecs, strict=True)])
-                store.set_meta("encoder_probe", json.dumps(probe.round(6).tolist()))
+                fingerprint.write(store, probe)
         finally:
             store.close()
         _fresh_manifest(previous, spec, encoder.dim).write(staging, fsync=fsync != "off")

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .. import fingerprint
 from .._config import strict_from_dict
 from ..errors import EncoderMismatchError, ModelSpecError, QueryError, SourceError
 
@@ -72,7 +73,6 @@ QUERY_PROJECTION_FILE = "query_projection.safetensors"
 RAG_CONFIG_FILE = "rag_config.json"
 _FORMAT = "crossmodal-rag/query-projection"
 _FORMAT_VERSION = 1
-_PROBE_MIN_COSINE = 0.99
 RAG_TRAIN_MODES = ("rag-sequence", "rag-token")
 #: Loop settings for ``train rag`` where the command line gives none (fine-tuning a real generator).
 TRAIN_DEFAULTS: dict[str, Any] = {"max_steps": 1000, "batch_size": 8, "lr": 1e-4, "warmup_steps": 50}
@@ -261,12 +261,10 @@ class RagCheckpoint:
             raise EncoderMismatchError(hint)
         if m.encoder == self.config.encoder:
             return
-        stored = collection.store.get_meta("encoder_probe")
-        if stored and self.config.encoder_probe:  # same weights under another name (e.g. moved)
-            a = np.asarray(json.loads(stored), dtype=np.float32)
-            b = np.asarray(self.config.encoder_probe, dtype=np.float32)
-            if a.shape == b.shape and float((a * b).sum(1).min()) >= _PROBE_MIN_COSINE:
-                return
+        stored = fingerprint.read(collection.store)
+        if stored and self.config.encoder_probe and (  # same weights under another name (e.g. moved)
+                fingerprint.rows_cosine(stored.text, self.config.encoder_probe) >= fingerprint.MIN_COSINE):
+            return
         raise EncoderMismatchError(hint)
 
 
@@ -591,12 +589,12 @@ class RagTrainTask:
 
     def checkpoint_config(self) -> RagCheckpointConfig:
         s, m = self.settings, self.collection.manifest
-        probe = self.collection.store.get_meta("encoder_probe")
+        probe = fingerprint.read(self.collection.store)
         return RagCheckpointConfig(
             encoder=m.encoder, dim=m.dim, temperature=s.temperature, k=s.k, mode=s.mode, target=s.target,
             bias=s.bias, prompt_template=self.rag_settings.prompt_template,
             item_template=self.rag_settings.item_template,
-            encoder_probe=json.loads(probe) if probe else [], base_generator=self.generator.spec)
+            encoder_probe=probe.text.tolist() if probe else [], base_generator=self.generator.spec)
 
     def save_artifact(self, folder: Path) -> None:
         """The fine-tuned generator (``save_pretrained``) + ``query_projection.safetensors`` +

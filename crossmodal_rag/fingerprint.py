@@ -1,0 +1,132 @@
+"""Encoder fingerprints: what both towers of a CLIP encoder make of a few fixed inputs.
+
+A collection records the fingerprint of the encoder that built it (in its metadata, see
+:func:`write`). Another encoder is accepted only if it reproduces the fingerprint: the text
+tower on :data:`PROBE_TEXTS` and the image tower on :func:`probe_images` (synthetic pictures
+drawn by code, no files), each row within cosine :data:`MIN_COSINE` of the stored one. So two
+models that share a text tower but not an image tower (a fine-tune with a frozen text tower, a
+swapped checkpoint) are told apart.
+
+Collections made before image probes existed hold only the text probe (:attr:`Fingerprint.image`
+is None); :meth:`crossmodal_rag.collection.Collection.open` checks their text probe and records
+the image probe of the collection's own encoder the first time it is used writable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+if TYPE_CHECKING:
+    from .encoders import ClipEncoder
+    from .store.metadata import MetadataStore
+
+__all__ = [
+    "IMAGE_KEY",
+    "MIN_COSINE",
+    "PROBE_TEXTS",
+    "TEXT_KEY",
+    "Fingerprint",
+    "compute",
+    "mismatch",
+    "probe_images",
+    "read",
+    "rows_cosine",
+    "write",
+]
+
+#: Texts whose embeddings fingerprint the text tower.
+PROBE_TEXTS = ("a photo of a dog", "a red car parked on a street", "an empty white page")
+#: Every probe row of two encoders must agree at least this well (1.0 = identical; devices and
+#: dtypes of one model stay above 0.999, different weights fall far below).
+MIN_COSINE = 0.99
+#: Meta keys of the stored probes. The text key predates image probes; the image key carries the
+#: version of :func:`probe_images`, so changing the pictures can never compare unlike probes.
+TEXT_KEY = "encoder_probe"
+IMAGE_KEY = "encoder_image_probe.v1"
+_PROBE_SIZE = 224  # the usual CLIP input: preprocessing changes the pictures as little as possible
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Probe embeddings of one encoder."""
+
+    text: np.ndarray  # (len(PROBE_TEXTS), D) float32, unit rows
+    image: np.ndarray | None  # (len(probe_images()), D) float32; None: not recorded (older collection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (e.g. to send to another process)."""
+        return {"text": self.text.tolist(),
+                "image": None if self.image is None else self.image.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Fingerprint:
+        image = data.get("image")
+        return cls(np.asarray(data["text"], dtype=np.float32),
+                   None if image is None else np.asarray(image, dtype=np.float32))
+
+
+def probe_images() -> list[Image.Image]:
+    """Four deterministic RGB pictures (gradient, checkerboard, rings, shapes), drawn with
+    numpy from formulas only (no random numbers, no files), so every install draws the same."""
+    n = _PROBE_SIZE
+    y, x = np.mgrid[0:n, 0:n].astype(np.float32) / (n - 1)  # (n, n) each, in [0, 1]
+    gradient = np.stack([x, y, 1.0 - 0.5 * (x + y)], axis=-1)
+    cells = ((np.floor(x * 8) + np.floor(y * 8)) % 2).astype(np.float32)
+    checker = np.stack([cells, 0.2 + 0.6 * cells, 1.0 - cells], axis=-1)
+    r = np.hypot(x - 0.5, y - 0.5)
+    rings = np.stack([0.5 + 0.5 * np.cos(r * 40), 0.5 + 0.5 * np.sin(r * 25), r / r.max()], axis=-1)
+    shapes = np.ones((n, n, 3), np.float32) * np.array([0.9, 0.85, 0.7], np.float32)  # beige ground
+    shapes[np.hypot(x - 0.3, y - 0.35) < 0.18] = (0.85, 0.1, 0.1)  # red disc
+    shapes[(np.abs(x - 0.7) < 0.15) & (np.abs(y - 0.7) < 0.12)] = (0.1, 0.2, 0.8)  # blue box
+    shapes[(y > 0.55) & (y - 0.55 > np.abs(x - 0.3) * 1.5)] = (0.1, 0.6, 0.2)  # green triangle
+    return [Image.fromarray(np.round(a * 255).clip(0, 255).astype(np.uint8), "RGB")
+            for a in (gradient, checker, rings, shapes)]
+
+
+def compute(encoder: ClipEncoder) -> Fingerprint:
+    """The fingerprint of ``encoder``: both towers on the probes (loads the model)."""
+    return Fingerprint(encoder.encode_texts(list(PROBE_TEXTS)), encoder.encode_images(probe_images()))
+
+
+def read(store: MetadataStore) -> Fingerprint | None:
+    """The fingerprint stored in a collection's metadata; None if it holds none."""
+    text = store.get_meta(TEXT_KEY)
+    if not text:
+        return None
+    image = store.get_meta(IMAGE_KEY)
+    return Fingerprint(np.asarray(json.loads(text), dtype=np.float32),
+                       np.asarray(json.loads(image), dtype=np.float32) if image else None)
+
+
+def write(store: MetadataStore, fingerprint: Fingerprint) -> None:
+    """Store ``fingerprint`` (call inside one of the store's transactions or snapshots)."""
+    store.set_meta(TEXT_KEY, json.dumps(fingerprint.text.round(6).tolist()))
+    if fingerprint.image is not None:
+        store.set_meta(IMAGE_KEY, json.dumps(fingerprint.image.round(6).tolist()))
+
+
+def rows_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The lowest cosine between corresponding rows of ``a`` and ``b`` (-1.0 if the shapes differ)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if a.shape != b.shape or a.size == 0:
+        return -1.0
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(((a * b).sum(1) / np.maximum(norms, 1e-12)).min())
+
+
+def mismatch(stored: Fingerprint, fresh: Fingerprint) -> str | None:
+    """None if ``fresh`` reproduces ``stored`` (the image tower only where both have one), else
+    which tower differs, e.g. ``"image tower, probe cosine 0.412"``."""
+    pairs = [("text", stored.text, fresh.text)]
+    if stored.image is not None and fresh.image is not None:
+        pairs.append(("image", stored.image, fresh.image))
+    for tower, a, b in pairs:
+        cosine = rows_cosine(a, b)
+        if cosine < MIN_COSINE:
+            return f"{tower} tower, probe cosine {cosine:.3f}"
+    return None
