@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from . import fingerprint
+from ._phases import phase
 from ._version import __version__
 from .calibration import auto_threshold
 from .encoders import DEFAULT_MODEL, ClipEncoder, load_encoder, parse_model_spec
@@ -51,6 +52,7 @@ from .store.ann import (
     training_rows,
 )
 from .store.build import build_index, tune_index
+from .store.creation import Creation, clear_interrupted_creation
 from .store.manifest import MANIFEST_NAME, Manifest
 from .store.metadata import Item, MetadataStore
 from .store.shards import EmbeddingShards
@@ -123,6 +125,7 @@ class Collection:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
+    @phase("create")
     def create(
         cls, folder: str | Path, model: str = DEFAULT_MODEL, *, index_type: str = AUTO,
         max_index_memory: int | str | None = None, device: str | None = None,
@@ -138,34 +141,36 @@ class Collection:
         folder = Path(folder).expanduser().resolve()
         if (folder / MANIFEST_NAME).exists():
             raise CollectionError(f"{folder} already holds a collection; open it instead")
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise CollectionError(
-                f"{folder} exists and is not an empty folder; choose a new folder for the collection"
-            )
+        clear_interrupted_creation(folder)  # refuses a folder holding anything else
         spec = parse_model_spec(model)
         encoder = load_encoder(spec, device)
         probe = fingerprint.compute(encoder)  # both towers
         budget = parse_memory(max_index_memory)
         if index_type != AUTO:
             make_faiss_index(encoder.dim, index_type)  # validates the type before anything is written
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = WriteLock(folder)
-        lock.acquire()
+        creation = Creation(folder)  # a locked staging folder beside `folder` (see store.creation)
+        target, lock = creation.target, creation.lock
         try:
-            store = MetadataStore(folder, fsync=fsync)
+            store = MetadataStore(target, fsync=fsync)
             with store.transaction():
                 fingerprint.write(store, probe)
             manifest = Manifest(encoder=str(spec), dim=encoder.dim, index_type=index_type,
                                 max_index_memory=budget, library_version=__version__,
                                 created_at=_now(), updated_at=_now())
-            coll = cls(folder, manifest, store, writable=True, lock=lock, model=str(spec),
+            coll = cls(target, manifest, store, writable=True, lock=lock, model=str(spec),
                        device=device, fsync=fsync)
             coll._encoder = encoder
             coll.indexes = {n: VectorIndex(encoder.dim, coll._resolve_type(0)) for n in _INDEX_NAMES}
             coll._dirty.update(_INDEX_NAMES)
             coll.persist()  # the manifest is written last: it marks the folder as a collection
+            store.close()
+            creation.finish(fsync=fsync != "off")  # renamed into place: complete, or not there
+            coll = cls(folder, coll.manifest, MetadataStore(folder, fsync=fsync), writable=True,
+                       lock=lock, model=str(spec), device=device, fsync=fsync)
+            coll._encoder = encoder
+            coll._load_indexes()
         except BaseException:
-            lock.release()
+            creation.abandon()
             raise
         return coll
 
@@ -441,6 +446,7 @@ class Collection:
             parts.append(self.store.vectors(picked.tolist(), self.manifest.dim))
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
+    @phase("persist")
     def persist(self) -> None:
         """Bring the shards and indexes up to date, write changed indexes under new file names,
         then switch the manifest to them."""
@@ -496,6 +502,7 @@ class Collection:
                 else:
                     stale.unlink(missing_ok=True)
 
+    @phase("reindex")
     def reindex(
         self, index_type: str | None = None, *, max_index_memory: int | str | None = None,
         seed: int = 0, tune: bool = True, target_recall: float = 0.95, sharded: bool | None = None,
@@ -822,6 +829,7 @@ class Collection:
             else:
                 self._rebuild.add(name)
 
+    @phase("remove")
     def remove(self, ids: list[int] | None = None, paths: list[str] | None = None) -> dict[str, Any]:
         """Remove items by id and/or by source path, then persist.
 

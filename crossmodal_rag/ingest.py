@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ._phases import phase
 from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from .sources import ImageRecord, Problem, TextRecord, read_source
@@ -191,6 +192,7 @@ class _LocalEmbedder:
 
 
 # -- the run ---------------------------------------------------------------------------------
+@phase("ingest")
 def ingest(collection: Collection, source: str | Path, settings: IngestSettings | None = None, *,
            embedder: Embedder | None = None) -> IngestReport:
     """Add everything in ``source`` to ``collection`` (opened writable); see the module docstring.

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from crossmodal_rag import Collection
+from crossmodal_rag.errors import CollectionError
 
 TRIALS = int(os.environ.get("CROSSMODAL_RAG_CRASH_TRIALS", "5"))
 
@@ -136,3 +138,136 @@ def test_sigkill_during_reindex_keeps_a_working_collection(tmp_path: Path, tiny_
         assert c.check().ok and c.manifest.index_types["image"] == "IVF32,Flat"
         leftovers = [p.name for p in (coll / "index").iterdir()]
         assert not [n for n in leftovers if n.startswith(".build") or n.endswith(".tmp")], leftovers
+
+
+# -- kills during creation ------------------------------------------------------------------
+# The child runs the real CLI with one library function replaced by a SIGKILL of itself, so the
+# kill lands at an exact point of `Collection.create` (no timing involved).
+_KILL_CHILD = """
+import os, signal, sys
+from crossmodal_rag.store import manifest, metadata
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[1] == "after-sqlite":  # the metadata file exists, nothing else is written yet
+    init = metadata.MetadataStore.__init__
+    def init_then_die(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        die()
+    metadata.MetadataStore.__init__ = init_then_die
+else:  # "before-manifest": lock, SQLite and index files exist, the manifest is next
+    manifest.Manifest.write = die
+from crossmodal_rag.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["after-sqlite", "before-manifest"])
+def test_sigkill_during_creation_then_index_succeeds(tmp_path: Path, tiny_oc_spec: str, point: str) -> None:
+    n = 6
+    src = tmp_path / "src"
+    _make_source(src, n)
+    coll = tmp_path / "coll"
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILL_CHILD, point, *_ingest_cmd(src, coll, tiny_oc_spec)[3:]],
+                            env=env, timeout=300, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # creation is atomic: the folder appears complete or not at all
+    assert not coll.exists(), sorted(p.name for p in coll.iterdir())
+    r = subprocess.run(_ingest_cmd(src, coll, tiny_oc_spec), env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _assert_complete(coll, n)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coll", "src"]  # the killed staging folder is gone
+
+
+def _interrupted_in_place_creation(folder: Path, *, items: int = 0) -> None:
+    """What a kill just before the manifest left behind when collections were created in place
+    (older versions; and a folder that is a mount point still is): lock, SQLite, index files."""
+    from crossmodal_rag.lock import WriteLock
+    from crossmodal_rag.store.metadata import MetadataStore
+    from crossmodal_rag.store.vectors import VectorIndex
+
+    folder.mkdir()
+    lock = WriteLock(folder)
+    lock.acquire()
+    store = MetadataStore(folder)
+    with store.transaction():
+        store.set_meta("encoder_probe", "[[0.0]]")
+        for i in range(items):
+            store.insert_item("image", np.full(8, i, np.float32), sha256=f"{i:064x}")
+    store.close()
+    VectorIndex(8, "Flat").save(folder, "index/image.1.faiss")
+    (folder / "embeddings" / "image").mkdir(parents=True)
+    lock.release()
+
+
+def test_create_resumes_an_interrupted_in_place_creation(tmp_path: Path, tiny_oc_spec: str,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "coll"
+    _interrupted_in_place_creation(folder)
+    with Collection.open_or_create(folder, tiny_oc_spec) as c:
+        assert c.check().ok and c.counts() == {"images": 0, "captions": 0, "passages": 0}
+    assert "interrupted creation" in caplog.text
+    # an empty folder the user made is still a fine place for a new collection
+    (tmp_path / "empty").mkdir()
+    with Collection.create(tmp_path / "empty", tiny_oc_spec) as c:
+        assert c.check().ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coll", "empty"]
+
+
+def test_create_never_deletes_what_is_not_an_interrupted_creation(tmp_path: Path, tiny_oc_spec: str) -> None:
+    # a user's file beside the leftovers
+    mixed = tmp_path / "mixed"
+    _interrupted_in_place_creation(mixed)
+    (mixed / "notes.txt").write_text("mine")
+    # a real collection whose manifest was deleted: the SQLite file holds committed items
+    damaged = tmp_path / "damaged"
+    _interrupted_in_place_creation(damaged, items=3)
+    before = {f: sorted(p.relative_to(f) for p in f.rglob("*")) for f in (mixed, damaged)}
+    for folder in (mixed, damaged):
+        with pytest.raises(CollectionError, match="not an empty folder"):
+            Collection.open_or_create(folder, tiny_oc_spec)
+        assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before[folder]
+    assert (mixed / "notes.txt").read_text() == "mine"
+
+
+def test_stale_staging_folders_are_removed_but_not_live_or_foreign_ones(tmp_path: Path, tiny_oc_spec: str) -> None:
+    from crossmodal_rag.lock import WriteLock
+    from crossmodal_rag.store.metadata import MetadataStore
+
+    def staging(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        MetadataStore(folder).close()
+        (folder / ".lock").write_text("1")
+        return folder
+
+    stale = staging(".coll.creating-0123456789abcdef")
+    live = staging(".coll.creating-fedcba9876543210")
+    other = staging(".other.creating-0123456789abcdef")
+    foreign = tmp_path / ".coll.creating-00000000000000aa"
+    foreign.mkdir()
+    (foreign / "photo.jpg").write_bytes(b"mine")
+    held = WriteLock(live)
+    held.acquire()  # a creation running in another process
+    try:
+        with Collection.create(tmp_path / "coll", tiny_oc_spec) as c:
+            assert c.check().ok
+    finally:
+        held.release()
+    assert not stale.exists()
+    assert live.exists() and other.exists() and (foreign / "photo.jpg").read_bytes() == b"mine"
+
+
+def test_a_folder_that_cannot_be_renamed_over_is_built_in_place(tmp_path: Path, tiny_oc_spec: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mount point cannot be replaced by a rename: the collection is built in it, manifest
+    last (a kill there leaves what test_create_resumes_an_interrupted_in_place_creation clears)."""
+    from crossmodal_rag.store import creation
+
+    folder = tmp_path / "mnt"
+    folder.mkdir()
+    inode = folder.stat().st_ino
+    monkeypatch.setattr(creation.os.path, "ismount", lambda p: Path(p) == folder)
+    with Collection.create(folder, tiny_oc_spec) as c:
+        assert c.check().ok
+    assert folder.stat().st_ino == inode and sorted(p.name for p in tmp_path.iterdir()) == ["mnt"]
