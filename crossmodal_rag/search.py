@@ -78,36 +78,19 @@ def _search_one(indexes: Mapping[str, VectorIndex], store: MetadataStore, query:
                 names: tuple[str, ...], allowed: Mapping[str, np.ndarray] | None,
                 min_score: float | None, params: SearchParams | None = None) -> list[Hit]:
     """Top-k items for one query. Windows of long texts count for their item (its best window's
-    score), so the search fetches more until it has k distinct items or has seen everything."""
+    score), so the search fetches more until it has k distinct items that no unseen row can
+    beat, or has seen everything."""
     fetch = k
-    total = sum(len(indexes[n]) for n in names)
+    total = max(len(indexes[n]) if allowed is None else min(len(indexes[n]), len(allowed[n]))
+                for n in names)
     while True:
-        per_index = [indexes[n].search(query[None], fetch, None if allowed is None else allowed[n],
-                                       params=params)
-                     for n in names]
-        scores = np.concatenate([s[0] for s, _ in per_index])
-        ids = np.concatenate([i[0] for _, i in per_index])
-        keep = ids >= 0
-        if min_score is not None:
-            keep &= scores >= min_score
-        scores, ids = scores[keep], ids[keep]
+        scores, ids, bound = _fetch(indexes, query, fetch, names, allowed, min_score, params)
         order = np.argsort(-scores, kind="stable")
-        items = store.get_items(ids[order].tolist())
-        parents = store.get_items([it.parent_id for it in items.values() if it.kind == "window"])
-        best: dict[int, tuple[float, object]] = {}
-        for j in order:
-            item = items.get(int(ids[j]))
-            if item is None:  # removed by a concurrent writer since the index was read
-                continue
-            if item.kind == "window":
-                item = parents.get(item.parent_id)
-                if item is None:
-                    continue
-            if item.id not in best:
-                best[item.id] = (float(scores[j]), item)
-        # fewer rows than asked for means nothing else passes the filter or the threshold
-        exhausted = fetch >= total or len(ids) < fetch * len(names)
-        if len(best) >= k or exhausted:
+        best = _best_per_item(store, scores[order], ids[order])
+        # an unseen row scores at most ``bound`` (the lowest row fetched from an index that
+        # may hold more): with k items at or above it, no unseen row changes the top k
+        complete = len(best) >= k and list(best.values())[k - 1][0] >= bound
+        if complete or bound == -np.inf or fetch >= total:
             break
         fetch = min(fetch * 4, total)
     hits: list[Hit] = []
@@ -116,3 +99,47 @@ def _search_one(indexes: Mapping[str, VectorIndex], store: MetadataStore, query:
                         text=item.text, captions=item.captions, parent_id=item.parent_id,
                         title=item.title))
     return hits
+
+
+def _fetch(indexes: Mapping[str, VectorIndex], query: np.ndarray, fetch: int, names: tuple[str, ...],
+           allowed: Mapping[str, np.ndarray] | None, min_score: float | None,
+           params: SearchParams | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """The top ``fetch`` rows of each index (at or above ``min_score``): ``(scores, ids)`` and
+    the best score a row not fetched could have (-inf when every index gave all it has)."""
+    all_scores, all_ids, bound = [], [], -np.inf
+    for n in names:
+        s, i = indexes[n].search(query[None], fetch, None if allowed is None else allowed[n],
+                                 params=params)
+        s, i = s[0], i[0]
+        keep = i >= 0
+        s, i = s[keep], i[keep]
+        # fewer rows than asked for: nothing else in this index passes the filter
+        more = len(i) >= fetch and len(i) < len(indexes[n])
+        if min_score is not None:
+            more = more and bool(len(s)) and float(s.min()) >= min_score
+            keep = s >= min_score
+            s, i = s[keep], i[keep]
+        if more:
+            bound = max(bound, float(s.min()))
+        all_scores.append(s)
+        all_ids.append(i)
+    return np.concatenate(all_scores), np.concatenate(all_ids), bound
+
+
+def _best_per_item(store: MetadataStore, scores: np.ndarray, ids: np.ndarray
+                   ) -> dict[int, tuple[float, Any]]:
+    """Item id -> (best score, item) over rows sorted best first; a window counts for its item."""
+    items = store.get_items(ids.tolist())
+    parents = store.get_items([it.parent_id for it in items.values() if it.kind == "window"])
+    best: dict[int, tuple[float, Any]] = {}
+    for score, row_id in zip(scores.tolist(), ids.tolist(), strict=True):
+        item = items.get(int(row_id))
+        if item is None:  # removed by a concurrent writer since the index was read
+            continue
+        if item.kind == "window":
+            item = parents.get(item.parent_id)
+            if item is None:
+                continue
+        if item.id not in best:
+            best[item.id] = (float(score), item)
+    return best

@@ -40,12 +40,14 @@ __all__ = [
     "choose_index",
     "describe_index",
     "estimate_index_bytes",
+    "filtered_params",
     "format_memory",
     "min_training_vectors",
     "parse_memory",
     "recall_at_k",
     "training_rows",
     "tune",
+    "wider_params",
 ]
 
 logger = logging.getLogger(__name__)
@@ -284,6 +286,60 @@ def search_parameters(index: faiss.Index, params: SearchParams, sel: Any = None)
     if sel is not None:
         p.sel = sel
     return p
+
+
+#: Under a filter letting through a fraction s of the items, ``nprobe`` grows by s^-this and
+#: ``efSearch`` by s^-this (see :func:`filtered_params`; measured in RESULTS.md).
+FILTER_NPROBE_EXPONENT = 0.5
+FILTER_EF_EXPONENT = 1.0
+#: The widest ``efSearch`` a filtered HNSW search tries before searching the short rows exactly.
+FILTER_EF_MAX = 16_384
+
+
+def _stored_knob(index: faiss.Index, params: SearchParams) -> tuple[str, int, int] | None:
+    """(knob, value in force, its limit) of an IVF or HNSW ``index`` under ``params``."""
+    d = describe_index(index)
+    if d["kind"] == "ivf":
+        value = params.nprobe or int(faiss.extract_index_ivf(index).nprobe)
+        return "nprobe", value, int(d["nlist"])
+    if d["kind"] == "hnsw":
+        inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+        value = params.ef_search or int(inner.hnsw.efSearch)
+        return "ef_search", value, max(min(int(index.ntotal), FILTER_EF_MAX), value)
+    return None
+
+
+def filtered_params(index: faiss.Index, params: SearchParams, selectivity: float, k: int
+                    ) -> SearchParams:
+    """``params`` widened for a filter that lets through ``selectivity`` (0..1] of the items.
+
+    The filtered top-k lies among roughly the unfiltered top k / selectivity, so the search
+    must look further than the setting tuned for an unfiltered top-k: ``nprobe`` x s^-0.5 (more
+    lists, each holding allowed ids near the query), ``efSearch`` x s^-1 (the graph walk keeps
+    only allowed ids as results), both capped at their limits.
+    """
+    knob = _stored_knob(index, params)
+    if knob is None:
+        return params
+    name, value, limit = knob
+    s = min(max(float(selectivity), 1e-9), 1.0)
+    if name == "nprobe":
+        widened = value / s**FILTER_NPROBE_EXPONENT
+    else:
+        widened = max(value, k) / s**FILTER_EF_EXPONENT
+    return SearchParams(**{**params.to_dict(), name: int(min(limit, math.ceil(widened)))})
+
+
+def wider_params(index: faiss.Index, params: SearchParams) -> SearchParams | None:
+    """The next wider setting (x4) of ``index``'s knob for a filtered search, or None at its
+    limit (all lists for IVF; :data:`FILTER_EF_MAX` or the vector count for HNSW)."""
+    knob = _stored_knob(index, params)
+    if knob is None:
+        return None
+    name, value, limit = knob
+    if value >= limit:
+        return None
+    return SearchParams(**{**params.to_dict(), name: int(min(limit, value * 4))})
 
 
 def tunable_param(index: faiss.Index) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import CollectionError
 from .ann import SearchParams, describe_index, min_training_vectors, search_parameters
+from .filtered import id_selector, search_filtered, unique_ids
 from .manifest import IndexFile, fsync_dir
 
 __all__ = ["VectorIndex"]
@@ -243,11 +244,14 @@ class VectorIndex:
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
                params: SearchParams | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by inner product: ``(scores, ids)``, both ``(Q, k')`` with k' = min(k, len).
+        """Top-``k`` by inner product: ``(scores, ids)``, both ``(Q, k')`` with k' = min(k, len)
+        (and <= the number of ``allowed`` ids); rows short of k' hits are padded with id -1.
 
-        ``allowed`` (int64 ids) restricts the search to those ids inside FAISS, so the top-k
-        under a filter is exact for exact indexes. ``params`` overrides the stored search
-        defaults (``nprobe``, ``ef_search``, ``rerank``) for this call.
+        ``allowed`` (int64 ids) restricts the search to those ids. The filtered top-k is exact
+        on exact indexes and for small allowed sets; on approximate indexes a larger set is
+        searched with the knob widened until every row has k' hits (see :mod:`.filtered`).
+        ``params`` overrides the stored search defaults (``nprobe``, ``ef_search``,
+        ``rerank``) for this call.
         """
         queries = _f32(queries)
         if queries.ndim == 1:
@@ -257,6 +261,8 @@ class VectorIndex:
                 f"query vectors are {queries.shape[1]}-d but the index holds {self.dim}-d vectors "
                 "(was the collection built with another encoder?)"
             )
+        if allowed is not None:
+            allowed = unique_ids(allowed)
         k = min(int(k), len(self) if allowed is None else min(len(self), len(allowed)))
         if k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
@@ -264,11 +270,18 @@ class VectorIndex:
         if len(queries) <= _NUMPY_MAX_QUERIES and self._flat_view() is not None:
             return self._search_numpy(queries, k, allowed)
         p = self.params.merged(params)
+        if allowed is not None and self.kind != "flat":
+            return search_filtered(self, queries, k, allowed, p)
+        return self.search_ann(queries, k, p, None if allowed is None else id_selector(allowed))
+
+    def search_ann(self, queries: np.ndarray, k: int, p: SearchParams,
+                   sel: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One FAISS search of ``queries`` ``(Q, D)`` at settings ``p`` (restricted to ``sel``),
+        PQ shortlists re-ranked with exact vectors: ``(scores, ids)``, ``(Q, k)``."""
         rerank = p.rerank if p.rerank is not None else (DEFAULT_PQ_RERANK if self.uses_pq else 0)
         fetch = k
         if rerank and self.exact_vectors is not None:
             fetch = min(k * rerank, len(self))
-        sel = None if allowed is None else faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
         fparams = search_parameters(self.index, p, sel)
         with _single_thread_if(len(queries) <= _NUMPY_MAX_QUERIES):
             scores, ids = self.index.search(queries, fetch, params=fparams)
