@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -89,19 +90,22 @@ def test_readers_see_consistent_snapshots_during_ingest(tmp_path: Path, tiny_oc_
         assert final.counts()["images"] == 150
 
 
-def test_slow_client_does_not_block_others(tmp_path: Path, sample_collection: Path) -> None:
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path):
+    """``crossmodal-rag serve`` in a subprocess (uploads limited to 1 MB); yields its base URL."""
     pytest.importorskip("uvicorn")
     import httpx
 
+    tmp_path = tmp_path_factory.mktemp("serve")
     coll = tmp_path / "coll"
     shutil.copytree(sample_collection, coll, ignore=shutil.ignore_patterns(".lock"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    server = subprocess.Popen([sys.executable, "-m", "crossmodal_rag", "serve", "-c", str(coll), "--port", str(port),
-                               "--lazy-generator", "--thumbnail-dir", str(tmp_path / "t")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "crossmodal_rag", "serve", "-c", str(coll), "--port", str(port),
+                             "--lazy-generator", "--thumbnail-dir", str(tmp_path / "t"), "--max-upload-mb", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -110,21 +114,69 @@ def test_slow_client_does_not_block_others(tmp_path: Path, sample_collection: Pa
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
-        for s in slow:  # headers trickle in and never finish
-            s.sendall(b"GET /api/search?q=cat HTTP/1.1\r\nHost: x\r\n")
-        t0 = time.perf_counter()
-        for _ in range(5):
-            r = httpx.get(base + "/api/search", params={"q": "a cat", "k": 3}, timeout=10)
-            assert r.status_code == 200
-        assert time.perf_counter() - t0 < 10
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as big:  # declares 1 GB, sends 100 B
-            big.sendall(b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-                        b"boundary=z\r\nContent-Length: 1000000000\r\n\r\n" + b"x" * 100)
-            assert big.recv(100).startswith(b"HTTP/1.1 413")
-        for s in slow:
-            s.close()
-        assert httpx.get(base + "/api/health", timeout=10).status_code == 200
+        yield base
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_slow_client_does_not_block_others(server: str) -> None:
+    import httpx
+
+    port = int(server.rsplit(":", 1)[1])
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+    for s in slow:  # headers trickle in and never finish
+        s.sendall(b"GET /api/search?q=cat HTTP/1.1\r\nHost: x\r\n")
+    t0 = time.perf_counter()
+    for _ in range(5):
+        r = httpx.get(server + "/api/search", params={"q": "a cat", "k": 3}, timeout=10)
+        assert r.status_code == 200
+    assert time.perf_counter() - t0 < 10
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as big:  # declares 1 GB, sends 100 B
+        big.sendall(b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                    b"boundary=z\r\nContent-Length: 1000000000\r\n\r\n" + b"x" * 100)
+        assert big.recv(100).startswith(b"HTTP/1.1 413")
+    for s in slow:
+        s.close()
+    assert httpx.get(server + "/api/health", timeout=10).status_code == 200
+
+
+def test_chunked_upload_is_refused_while_it_arrives(server: str) -> None:
+    """No Content-Length: the server counts bytes as they arrive and answers 413 at the 1 MB limit,
+    long before the client has sent its 30 MB."""
+    import httpx
+
+    port = int(server.rsplit(":", 1)[1])
+    total, chunk = 30 * 1024 * 1024, 64 * 1024
+    sent = 0
+    answered = threading.Event()
+    sent_when_answered: list[int] = []
+
+    def upload(sock: socket.socket) -> None:
+        nonlocal sent
+        head = (b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Type: multipart/form-data; boundary=zz\r\n\r\n")
+        part = (b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+                b"Content-Type: image/jpeg\r\n\r\n")
+        try:
+            sock.sendall(head + b"%x\r\n%s\r\n" % (len(part), part))
+            while sent < total and not answered.is_set():
+                sock.sendall(b"%x\r\n%s\r\n" % (chunk, b"x" * chunk))
+                sent += chunk
+            sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server closed the connection after its answer
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sender = threading.Thread(target=upload, args=(sock,), daemon=True)
+        sender.start()
+        reply = sock.recv(4096)
+        sent_when_answered.append(sent)
+        while b'"}}' not in reply and (more := sock.recv(4096)):  # the rest of the JSON answer
+            reply += more
+        answered.set()
+        sender.join(timeout=60)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b'"too_large"' in reply
+    assert sent_when_answered[0] < total // 2, sent_when_answered  # answered mid-upload
+    assert httpx.get(server + "/api/health", timeout=10).status_code == 200

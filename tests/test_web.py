@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
 import threading
 import time
@@ -214,3 +216,113 @@ def test_swapped_files_and_symlinks_are_not_served(tmp_path: Path, sample_collec
                 r = c.get(f"/api/items/{ids[name]}/{suffix}")
                 assert r.status_code == 404 and b"do not serve me" not in r.content, (name, suffix)
                 assert "changed since it was indexed" in r.json()["error"]["message"]
+
+
+def _png_of_size(color: tuple[int, int, int], size: int) -> bytes:
+    """A valid PNG of another picture, padded after its end chunk to exactly ``size`` bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), color).save(buf, "PNG")
+    data = buf.getvalue()
+    assert len(data) < size
+    return data + b"\x00" * (size - len(data))  # decoders stop at IEND
+
+
+def test_same_size_swapped_files_are_not_served(tmp_path: Path, tiny_oc_spec: str) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("careful", "plain", "kept", "touched"):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(photos / f"{name}.png")
+    with Collection.create(tmp_path / "c", tiny_oc_spec) as coll:
+        coll.add(photos)
+        ids = {Path(it.path).stem: it.id for it in coll.get(coll.store.ids("image").tolist())}
+    originals = {name: (photos / f"{name}.png").read_bytes() for name in ids}
+    settings = WebSettings(collection=str(tmp_path / "c"), generator=str(tmp_path / "none"),
+                           thumbnail_dir=str(tmp_path / "t"), load_generator_at_startup=False)
+    with TestClient(create_app(settings)) as c:
+        for name in ids:  # served (and thumbnails cached) before the swap
+            for suffix in ("image", "thumbnail"):
+                assert c.get(f"/api/items/{ids[name]}/{suffix}").status_code == 200, (name, suffix)
+        # a careful attacker: another valid picture of the same byte size, mtime put back to the ns
+        careful = photos / "careful.png"
+        st = careful.stat()
+        careful.write_bytes(_png_of_size((255, 0, 0), st.st_size))
+        os.utime(careful, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert careful.stat().st_size == st.st_size and careful.stat().st_mtime_ns == st.st_mtime_ns
+        # the plain case: same size, new mtime
+        plain = photos / "plain.png"
+        swapped = _png_of_size((0, 0, 255), plain.stat().st_size)
+        plain.write_bytes(swapped)
+        # same contents, new mtime: still the indexed file
+        touched = photos / "touched.png"
+        os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+        for name in ("careful", "plain"):
+            for suffix in ("image", "thumbnail"):
+                r = c.get(f"/api/items/{ids[name]}/{suffix}")
+                assert r.status_code == 404, (name, suffix, r.status_code)
+                assert "changed since it was indexed" in r.json()["error"]["message"]
+        for name in ("kept", "touched"):
+            r = c.get(f"/api/items/{ids[name]}/image")
+            assert r.status_code == 200 and r.content == originals[name], name
+            thumb = c.get(f"/api/items/{ids[name]}/thumbnail")
+            assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        # put the careful file's original bytes back: it is the indexed file again
+        careful.write_bytes(originals["careful"])
+        r = c.get(f"/api/items/{ids['careful']}/image")
+        assert r.status_code == 200 and r.content == originals["careful"]
+
+
+def _send_chunked(client: TestClient, path: str, content_type: str, first: bytes,
+                  total: int, chunk: int = 64 * 1024) -> tuple[int, dict, int]:
+    """Call the app as a server would for a body without Content-Length (chunked), fed one chunk
+    per ``receive``; returns (status, JSON body, bytes the app consumed)."""
+    consumed = 0
+    sent: list[dict] = []
+
+    def chunks():
+        yield first
+        for _ in range((total - len(first)) // chunk):
+            yield b"x" * chunk
+
+    body = chunks()
+    done = False
+
+    async def receive() -> dict:
+        nonlocal consumed, done
+        if done:
+            return {"type": "http.disconnect"}
+        part = next(body, None)
+        if part is None:
+            done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        consumed += len(part)
+        return {"type": "http.request", "body": part, "more_body": True}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"host", b"test"), (b"content-type", content_type.encode()),
+                                          (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
+    client.portal.call(client.app, scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(payload), consumed
+
+
+@pytest.mark.parametrize("route", ["/api/search/image", "/api/ask"])
+def test_chunked_bodies_stop_at_the_limit(client: TestClient, route: str) -> None:
+    chunk = 64 * 1024
+    if route == "/api/ask":
+        ctype, first = "application/json", b'{"question": "'
+    else:
+        ctype = "multipart/form-data; boundary=zz"
+        first = b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n' \
+                b"Content-Type: image/jpeg\r\n\r\n"
+    status, body, consumed = _send_chunked(client, route, ctype, first, 30 * 1024 * 1024, chunk)
+    assert status == 413 and body["error"]["code"] == "too_large", body
+    limit = 200_000 + 64 * 1024  # the fixture's upload limit plus room for the form's headers
+    assert consumed <= limit + chunk, consumed  # stopped reading at the limit, not after 30 MB
+    assert client.get("/api/health").status_code == 200  # and the server keeps serving

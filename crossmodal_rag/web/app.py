@@ -1,9 +1,10 @@
 """FastAPI app: a search page and a JSON REST API over one collection.
 
 Safety: the server binds to 127.0.0.1 unless told otherwise; images are served only for item
-ids in the collection (the path comes from the metadata, never from the request); uploads are
-size-limited, their type is checked from their content, their declared pixel count is checked
-before decoding; query length and k are bounded; every error is JSON
+ids in the collection (the path comes from the metadata, never from the request), and only while
+the file is still the indexed one (size, and SHA-256 of the contents; see :mod:`.files`); request
+bodies are size-limited as they arrive (:mod:`.limits`), an upload's type is checked from its
+content, its declared pixel count is checked before decoding; query length and k are bounded; every error is JSON
 ``{"error": {"code", "message"}}`` with a matching HTTP status. CPU-heavy work (encoding, search,
 generation) runs in worker threads, never on the event loop.
 """
@@ -21,7 +22,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -33,7 +34,9 @@ from ..errors import CrossmodalError, ImageDecodeError, QueryError, WeightsUnava
 from ..generation import GenerationSettings, RagPipeline, RagSettings, load_generator
 from ..images import decode_image
 from ..search import Hit
-from .thumbnails import ThumbnailCache, default_cache_dir
+from .files import FileChanged, IndexedFile, VerifiedFiles, read_checked, stream
+from .limits import BodyLimit
+from .thumbnails import ThumbnailCache, content_key, default_cache_dir
 
 __all__ = ["WebSettings", "create_app"]
 
@@ -186,6 +189,7 @@ class _State:
         thumbs = Path(settings.thumbnail_dir) if settings.thumbnail_dir else default_cache_dir(
             self.collection.folder)
         self.thumbnails = ThumbnailCache(thumbs)
+        self.files = VerifiedFiles()
 
     def load_generator(self) -> None:
         self.generator_status = "loading"
@@ -240,7 +244,7 @@ def create_app(settings: WebSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -248,17 +252,9 @@ def create_app(settings: WebSettings) -> FastAPI:
         logger.exception("unexpected error on %s", request.url.path)
         return _error(500, "internal_error", "internal error; see the server log")
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = settings.max_upload_bytes + 64 * 1024
-        if length is not None:
-            if not length.isdigit():
-                return _error(400, "bad_request", "invalid Content-Length header")
-            if int(length) > limit:
-                return _error(413, "too_large",
-                              f"request body of {length} bytes exceeds the {settings.max_upload_bytes} byte upload limit")
-        return await call_next(request)
+    # bodies counted as they arrive, declared or chunked; 64 KiB of room for a form's own headers
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + 64 * 1024,
+                       shown_limit=settings.max_upload_bytes)
 
     # -- helpers --------------------------------------------------------------------------
     def check_query(text: str | None, what: str = "query") -> str | None:
@@ -416,36 +412,56 @@ def create_app(settings: WebSettings) -> FastAPI:
         iid = image_id_of(it.kind, it.id, it.parent_id)
         return ItemOut(**{k: v for k, v in d.items() if k in ItemOut.model_fields}, **urls(iid))
 
-    def _image_item(item_id: int):
+    def _image_item(item_id: int) -> tuple[Any, IndexedFile]:
         it = _item(item_id)
         if it.kind != "image" or not it.path:
             raise ApiError(404, "not_found", f"item {item_id} is not an image")
-        path = Path(it.path)
-        if not path.is_file():
+        if not Path(it.path).is_file():
             raise ApiError(404, "gone", f"the file of item {item_id} is no longer on disk")
-        # Paths are stored resolved; a symlink or a different file put there since indexing
-        # is not served (it could point anywhere on the machine).
-        if os.path.realpath(path) != it.path or (it.size_bytes is not None and path.stat().st_size != it.size_bytes):
-            raise ApiError(404, "gone", f"the file of item {item_id} changed since it was indexed; re-index it")
-        return it
+        # Paths are stored resolved; a symlink put there since indexing is not served (it could
+        # point anywhere on the machine); the file itself is checked when it is opened.
+        if os.path.realpath(it.path) != it.path:
+            raise _changed(item_id, "the path now leads through a symlink")
+        entry = S().collection.store.path_entry(it.path)
+        size, mtime_ns = (entry[1], entry[2]) if entry else (it.size_bytes, None)
+        return it, IndexedFile(it.path, size if size is not None else it.size_bytes, mtime_ns, it.sha256)
+
+    def _changed(item_id: int, reason: str) -> ApiError:
+        logger.warning("not serving the file of item %d: %s", item_id, reason)
+        return ApiError(404, "gone", f"the file of item {item_id} changed since it was indexed ({reason}); "
+                                     "re-index it")
+
+    def _open_verified(item_id: int, rec: IndexedFile):
+        try:
+            return S().files.open(rec)
+        except FileNotFoundError as e:
+            raise ApiError(404, "gone", f"the file of item {item_id} is no longer on disk") from e
+        except FileChanged as e:
+            raise _changed(item_id, e.reason) from e
 
     @app.get("/api/items/{item_id}/image", responses={404: {"model": ErrorOut}}, tags=["items"],
-             response_class=FileResponse)
-    def item_image(item_id: int) -> FileResponse:
-        it = _image_item(item_id)
-        return FileResponse(it.path, media_type=_MEDIA.get(it.format or "", "application/octet-stream"),
-                            headers={"Cache-Control": "private, max-age=3600",
-                                     "X-Content-Type-Options": "nosniff"})
+             response_class=StreamingResponse)
+    def item_image(item_id: int) -> StreamingResponse:
+        it, rec = _image_item(item_id)
+        f = _open_verified(item_id, rec)  # the bytes sent come from the descriptor that was checked
+        return StreamingResponse(stream(f), media_type=_MEDIA.get(it.format or "", "application/octet-stream"),
+                                 headers={"Content-Length": str(os.fstat(f.fileno()).st_size),
+                                          "Cache-Control": "private, max-age=3600",
+                                          "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/items/{item_id}/thumbnail", responses={404: {"model": ErrorOut}}, tags=["items"],
              response_class=Response)
     def item_thumbnail(item_id: int, size: int = Query(0, ge=0, le=1024)) -> Response:
-        it = _image_item(item_id)
-        try:
-            data = S().thumbnails.get(it.path, it.sha256 or str(it.id), size or settings.thumbnail_size,
-                                      settings.max_image_pixels * 10)
-        except ImageDecodeError as e:
-            raise ApiError(422, "bad_image", f"item {item_id}: {e.reason}") from e
+        it, rec = _image_item(item_id)
+        key = content_key(rec.sha256, rec.path, rec.size, rec.mtime_ns)
+        with _open_verified(item_id, rec) as f:  # checked before any cached thumbnail is served
+            try:
+                data = S().thumbnails.get(key, it.path, size or settings.thumbnail_size,
+                                          settings.max_image_pixels * 10, lambda: read_checked(f, rec.path))
+            except FileChanged as e:
+                raise _changed(item_id, e.reason) from e
+            except ImageDecodeError as e:
+                raise ApiError(422, "bad_image", f"item {item_id}: {e.reason}") from e
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"})
 

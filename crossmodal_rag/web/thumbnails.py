@@ -1,4 +1,9 @@
-"""Thumbnails of collection images, cached on disk by content hash (never stale) and in memory."""
+"""Thumbnails of collection images, cached on disk and in memory under a key of the content.
+
+The key is the image's SHA-256 (or, for items without one, a hash of path, size and mtime_ns), so
+a cached thumbnail always shows the contents it was made from. The caller checks that the file is
+still the indexed one before asking (see :mod:`.files`); the source bytes are read only on a miss.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,24 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
-from ..images import load_image
+from ..images import decode_image
 from ..store.manifest import atomic_write_bytes
 
+__all__ = ["ThumbnailCache", "content_key", "default_cache_dir", "render_thumbnail"]
+
 logger = logging.getLogger(__name__)
+
+
+def render_thumbnail(data: bytes, name: str, size: int, max_pixels: int) -> bytes:
+    """JPEG bytes of the encoded image ``data`` scaled to fit ``size`` x ``size``."""
+    img = decode_image(data, name, max_pixels=max_pixels).image
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
 
 
 class ThumbnailCache:
@@ -24,9 +41,14 @@ class ThumbnailCache:
         self._max = max_memory_items
         self._lock = threading.Lock()
 
-    def get(self, image_path: str, sha256: str, size: int, max_pixels: int) -> bytes:
-        """JPEG bytes of the image at ``image_path`` scaled to fit ``size`` x ``size``."""
-        key = f"{sha256}-{size}"
+    def get(self, content_key: str, name: str, size: int, max_pixels: int,
+            load: Callable[[], bytes]) -> bytes:
+        """The thumbnail of the image identified by ``content_key``; ``load`` gives its bytes on a miss.
+
+        Raises:
+            ImageDecodeError: the image cannot be decoded (``name`` is used in the message).
+        """
+        key = f"{content_key}-{size}"
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
@@ -35,11 +57,7 @@ class ThumbnailCache:
         try:
             data = path.read_bytes()
         except OSError:
-            img = load_image(image_path, max_pixels=max_pixels).image
-            img.thumbnail((size, size))
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=85)
-            data = buf.getvalue()
+            data = render_thumbnail(load(), name, size, max_pixels)
             try:
                 atomic_write_bytes(path, data, fsync=False)
             except OSError as e:  # a read-only cache folder only costs speed
@@ -49,6 +67,13 @@ class ThumbnailCache:
             if len(self._memory) > self._max:
                 self._memory.popitem(last=False)
         return data
+
+
+def content_key(sha256: str | None, path: str, size: int | None, mtime_ns: int | None) -> str:
+    """Cache key of an image's contents: its SHA-256, else a hash of what identifies the file."""
+    if sha256:
+        return sha256
+    return "f" + hashlib.sha256(f"{path}\0{size}\0{mtime_ns}".encode()).hexdigest()[:40]
 
 
 def default_cache_dir(collection_folder: Path) -> Path:
