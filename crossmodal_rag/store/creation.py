@@ -29,6 +29,7 @@ import sqlite3
 import stat
 from pathlib import Path
 
+from .._phases import mark
 from ..errors import CollectionError, CollectionLockedError
 from ..lock import WriteLock
 from .manifest import MANIFEST_NAME, fsync_dir
@@ -182,18 +183,20 @@ class Creation:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.finished = False
         remove_stale_staging(folder)
         self.staged = not (folder.is_dir() and os.path.ismount(folder))
         if self.staged:
             try:
                 self.target, self.lock = self._make_staging()
-                return
             except OSError as e:  # e.g. the parent cannot be written
                 if not folder.is_dir():
                     raise CollectionError(f"cannot create the collection folder {folder}: {e}") from e
                 logger.info("building %s in place (no staging folder beside it: %s)", folder, e)
                 self.staged = False
-        self.target, self.lock = folder, self._lock_in_place()
+        if not self.staged:
+            self.target, self.lock = folder, self._lock_in_place()
+        mark("start", "create.folder")
 
     def _make_staging(self) -> tuple[Path, WriteLock]:
         self.folder.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +223,8 @@ class Creation:
     def finish(self, *, fsync: bool) -> None:
         """Move the built collection into place (a rename; nothing to do when built in place)."""
         if not self.staged:
+            self.finished = True
+            mark("end", "create.folder")
             return
         try:
             if self.folder.is_dir():
@@ -235,9 +240,13 @@ class Creation:
         self.lock.moved_to(self.folder)
         if fsync:
             fsync_dir(self.folder.parent)
+        self.finished = True
+        mark("end", "create.folder")
 
     def abandon(self) -> None:
         """Release the lock and remove a staging folder that was not moved into place."""
+        if not self.finished:
+            mark("abort", "create.folder")
         self.lock.release()
         if self.staged:
             shutil.rmtree(self.target, ignore_errors=True)
