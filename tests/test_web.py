@@ -107,7 +107,6 @@ def test_items_images_and_thumbnails(client: TestClient, web_collection: Path) -
     thumb = client.get(f"/api/items/{image_id}/thumbnail")
     assert thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
-    assert client.get(f"/api/items/{image_id}/thumbnail").content == thumb.content  # cached
     small = Image.open(io.BytesIO(client.get(f"/api/items/{image_id}/thumbnail", params={"size": 64}).content))
     assert max(small.size) <= 64
     assert client.get(f"/api/items/{caption_id}/image").status_code == 404
@@ -183,6 +182,14 @@ def test_concurrent_requests_agree_with_sequential(client: TestClient) -> None:
 def test_generator_unavailable_is_503_and_search_still_works(web_collection: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    closed: list[Path] = []
+    real_close = Collection.close
+
+    def spy_close(self: Collection) -> None:
+        closed.append(self.folder)
+        real_close(self)
+
+    monkeypatch.setattr(Collection, "close", spy_close)
     settings = WebSettings(collection=str(web_collection), generator="google/flan-t5-base",
                            thumbnail_dir=str(tmp_path / "thumbs"))
     with TestClient(create_app(settings)) as c:
@@ -193,7 +200,8 @@ def test_generator_unavailable_is_503_and_search_still_works(web_collection: Pat
         r = c.post("/api/ask", json={"question": "what is it?"})
         assert r.status_code == 503 and "--generator" in r.json()["error"]["message"]
         assert c.get("/api/search", params={"q": "cat"}).status_code == 200
-    assert np.isfinite(0)  # the app shut down cleanly
+    # leaving the block ran the shutdown (TestClient re-raises a failed one), which closed the collection
+    assert [Path(f).resolve() for f in closed] == [web_collection.resolve()]
 
 
 def test_swapped_files_and_symlinks_are_not_served(tmp_path: Path, sample_collection: Path, tiny_oc_spec: str) -> None:
@@ -326,3 +334,73 @@ def test_chunked_bodies_stop_at_the_limit(client: TestClient, route: str) -> Non
     limit = 200_000 + 64 * 1024  # the fixture's upload limit plus room for the form's headers
     assert consumed <= limit + chunk, consumed  # stopped reading at the limit, not after 30 MB
     assert client.get("/api/health").status_code == 200  # and the server keeps serving
+
+
+def test_thumbnails_are_rendered_once_then_served_from_the_cache(web_collection: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import crossmodal_rag.web.thumbnails as thumbnails
+
+    rendered: list[int] = []
+    real_render = thumbnails.render_thumbnail
+
+    def counting_render(data: bytes, name: str, size: int, max_pixels: int) -> bytes:
+        rendered.append(size)
+        return real_render(data, name, size, max_pixels)
+
+    monkeypatch.setattr(thumbnails, "render_thumbnail", counting_render)
+    with Collection.open(web_collection) as coll:
+        item = coll.get(int(coll.store.ids("image")[0]))[0]
+    cache = tmp_path / "thumbs"
+    settings = WebSettings(collection=str(web_collection), generator=str(tmp_path / "none"),
+                           thumbnail_dir=str(cache), load_generator_at_startup=False)
+    url = f"/api/items/{item.id}/thumbnail"
+    with TestClient(create_app(settings)) as c:
+        first = c.get(url)
+        assert first.status_code == 200 and rendered == [256]
+        assert [f.name for f in cache.iterdir()] == [f"{item.sha256}-256.jpg"]
+        assert (cache / f"{item.sha256}-256.jpg").read_bytes() == first.content
+        assert c.get(url).content == first.content and rendered == [256]  # from memory
+    # a new server (empty memory cache) serves the file in the cache folder without rendering:
+    # replace its contents with another picture and that picture comes back
+    other = io.BytesIO()
+    Image.new("RGB", (9, 9), (0, 255, 0)).save(other, "JPEG")
+    (cache / f"{item.sha256}-256.jpg").write_bytes(other.getvalue())
+    with TestClient(create_app(settings)) as c:
+        assert c.get(url).content == other.getvalue() and rendered == [256]
+        small = c.get(url, params={"size": 64})
+        assert small.status_code == 200 and rendered == [256, 64]
+        assert max(Image.open(io.BytesIO(small.content)).size) <= 64
+
+
+def test_verified_files_hash_each_version_once(tmp_path: Path) -> None:
+    import hashlib
+
+    from crossmodal_rag.web.files import FileChanged, IndexedFile, VerifiedFiles
+
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"indexed contents")
+    st = path.stat()
+    rec = IndexedFile(str(path), st.st_size, st.st_mtime_ns, hashlib.sha256(b"indexed contents").hexdigest())
+    files = VerifiedFiles()
+    for _ in range(3):
+        with files.open(rec) as f:
+            assert f.read() == b"indexed contents"
+    assert files.hashed == 1  # one version, hashed once
+    path.write_bytes(b"swapped contents")  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    with pytest.raises(FileChanged, match="SHA-256"):
+        files.open(rec)
+    assert files.hashed == 2
+    # imported items have no hash: size and mtime_ns must both match
+    no_hash = IndexedFile(str(path), st.st_size, st.st_mtime_ns, None)
+    with files.open(no_hash) as f:
+        assert f.read() == b"swapped contents"  # what size + mtime cannot tell apart (SECURITY.md)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    with pytest.raises(FileChanged, match="mtime"):
+        files.open(no_hash)
+    with pytest.raises(FileChanged, match="no size"):
+        files.open(IndexedFile(str(path), None, None, None))
+    link = tmp_path / "link.bin"
+    link.symlink_to(path)
+    with pytest.raises(FileChanged, match="plain file"):
+        files.open(IndexedFile(str(link), None, None, rec.sha256))

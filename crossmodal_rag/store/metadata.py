@@ -68,7 +68,7 @@ def _locked(method):
         with self._lock:
             try:
                 return method(self, *args, **kwargs)
-            except sqlite3.DatabaseError as e:
+            except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # damaged text decodes badly
                 raise self.damaged(e) from e
 
     return wrapper
