@@ -6,6 +6,7 @@ The scanner is tested on hostile snippets first, so a clean scan of the package 
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,69 @@ def test_the_package_has_no_pickle_eval_or_shell() -> None:
     assert len(files) > 20  # the whole package, not an empty folder
     found = [v for f in files for v in violations(f.read_text(encoding="utf-8"), str(f.relative_to(PACKAGE)))]
     assert found == []
+
+
+def test_folders_skip_hidden_and_symlinked_folders_and_manifests_stay_in_their_root(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from crossmodal_rag.sources import ImageRecord, Problem, read_source
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (4, 4)).save(outside / "secret.png")
+    root = tmp_path / "photos"
+    (root / ".hidden").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "mine.png")
+    Image.new("RGB", (4, 4)).save(root / ".hidden" / "h.png")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    names = {r.path.name for r in read_source(root) if isinstance(r, ImageRecord)}
+    assert names == {"mine.png"}  # not the hidden one, not the one behind the symlinked folder
+    coco = {"images": [{"id": 1, "file_name": "mine.png"}, {"id": 2, "file_name": "../elsewhere/secret.png"},
+                       {"id": 3, "file_name": str(outside / "secret.png")}],
+            "annotations": [{"image_id": i, "id": i, "caption": "c"} for i in (1, 2, 3)]}
+    (root / "captions.json").write_text(json.dumps(coco))
+    records = list(read_source(root / "captions.json"))
+    assert {r.path.name for r in records if isinstance(r, ImageRecord)} == {"mine.png"}
+    assert sum("outside" in r.reason for r in records if isinstance(r, Problem)) == 2
+    allowed = read_source(root / "captions.json", allow_outside_root=True)
+    assert any(isinstance(r, ImageRecord) and r.path.name == "secret.png" for r in allowed)
+
+
+def test_serve_binds_to_this_machine_by_default() -> None:
+    from crossmodal_rag.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "-c", "somewhere"])
+    assert args.host == "127.0.0.1"
+
+
+def test_offline_loads_open_no_connection(tmp_path: Path) -> None:
+    """CROSSMODAL_RAG_OFFLINE=1 alone (HF_HUB_OFFLINE unset): loading a hub model that is not cached
+    fails with the weights hint and never opens a socket or resolves a host name."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import socket
+attempts = []
+def refuse(*a, **k):
+    attempts.append(a[:2])
+    raise OSError("network use during an offline run")
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.getaddrinfo = socket.create_connection = refuse
+from crossmodal_rag.encoders import ClipEncoder
+from crossmodal_rag.errors import WeightsUnavailableError
+for spec in ("hf:openai/clip-vit-base-patch32", "open_clip:ViT-B-32/laion2b_s34b_b79k"):
+    try:
+        ClipEncoder(spec).load()
+    except WeightsUnavailableError:
+        pass
+    else:
+        raise SystemExit(spec + " loaded?")
+print("attempts", len(attempts), attempts[:3])
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(CROSSMODAL_RAG_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "attempts 0 " in proc.stdout, proc.stdout

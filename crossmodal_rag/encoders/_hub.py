@@ -24,6 +24,7 @@ def hub_offline_requested() -> bool:
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when a TCP connection to the hub endpoint opens within ``timeout`` seconds."""
     if hub_offline_requested():
+        _forbid_hub_network()
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     parsed = urlparse(endpoint)
@@ -35,6 +36,17 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     except OSError as e:
         logger.info("model hub %s not reachable (%s); using local files only", host, e)
         return False
+
+
+def _forbid_hub_network() -> None:
+    """Make the hub libraries themselves offline too (they call the hub for more than weights,
+    e.g. huggingface_hub's agent registry, unless their own offline flag is set)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return
+    constants.HF_HUB_OFFLINE = True  # read once at import; set it where it is already loaded
 
 
 def cached_hub_file(repo_id: str, filenames: list[str]) -> str | None:
