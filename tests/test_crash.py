@@ -223,8 +223,8 @@ def test_create_never_deletes_what_is_not_an_interrupted_creation(tmp_path: Path
     damaged = tmp_path / "damaged"
     _interrupted_in_place_creation(damaged, items=3)
     before = {f: sorted(p.relative_to(f) for p in f.rglob("*")) for f in (mixed, damaged)}
-    for folder in (mixed, damaged):
-        with pytest.raises(CollectionError, match="not an empty folder"):
+    for folder, says in ((mixed, "not an empty folder"), (damaged, "items but no manifest.json")):
+        with pytest.raises(CollectionError, match=says):
             Collection.open_or_create(folder, tiny_oc_spec)
         assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before[folder]
     assert (mixed / "notes.txt").read_text() == "mine"

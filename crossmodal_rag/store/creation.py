@@ -135,8 +135,14 @@ def clear_interrupted_creation(folder: Path) -> None:
     lock = WriteLock(folder)
     lock.acquire()  # refused while a process still writes there
     try:
-        if not _is_leftover(folder, manifest_ok=False):  # look again, and into the metadata
+        if not _only_creation_files(folder, manifest_ok=False):  # look again, under the lock
             raise _not_empty(folder)
+        if (folder / DB_NAME).is_file() and _holds_rows(folder / DB_NAME):
+            raise CollectionError(
+                f"{folder} holds collection metadata with items but no {MANIFEST_NAME} (a damaged "
+                "collection?); nothing was deleted. Restore its manifest from a backup, or choose "
+                "a new folder for the collection"
+            )
         logger.warning("%s held an interrupted creation of a collection (no manifest, no items); "
                        "cleaned it up", folder)
         _empty(folder)
