@@ -15,7 +15,9 @@ Layout of ``DIR``::
 Crash safety: an item is committed when its SQLite transaction commits. Index files are
 written under new names and the manifest is switched to them afterwards, so a kill at any point
 leaves the last manifest's files intact; on open, any commits newer than the index files are
-replayed from SQLite (``reconcile``), so nothing committed is lost.
+replayed from SQLite (``reconcile``), so nothing committed is lost. A new collection is built in
+a staging folder beside ``DIR`` and renamed into place, so ``DIR`` is complete or absent
+(:mod:`crossmodal_rag.store.creation`).
 """
 
 from __future__ import annotations
