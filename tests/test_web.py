@@ -60,6 +60,8 @@ def test_health_stats_openapi(client: TestClient) -> None:
     assert page.status_code == 200 and "<form" in page.text
     assert "http" not in page.text.replace("http-equiv", "")  # nothing loaded from elsewhere
     assert client.get("/static/app.js").status_code == 200
+    for hosted_ui in ("/docs", "/redoc"):  # they would load scripts from a CDN
+        assert client.get(hosted_ui).status_code == 404
 
 
 def test_text_search_matches_the_library(client: TestClient, web_collection: Path) -> None:
