@@ -76,6 +76,8 @@ _INSTALL_HINT = 'pip install "crossmodal-rag[distributed]"'
 _DEFAULT_PORTS = {"": 6379, "ray": 10001}  # GCS port; Ray Client port
 # Environment the encoder actors need to resolve the model as the driver does.
 _FORWARDED_ENV = ("CROSSMODAL_RAG_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_ADDRESS_HINT = ("start one with `ray start --head`, or leave out the address (--ray alone) to start a "
+                 "local Ray instance")
 _DECODE_MEMORY = 8 * 2**20  # bytes reserved per image of a decode batch
 _META_COLUMNS = ("error", "sha256", "size", "mtime_ns", "width", "height", "format")
 
@@ -451,9 +453,32 @@ def require_ray() -> Any:
 def check_ray(rs: RaySettings) -> None:
     """Fail early, before any work: Ray Data is installed, and ``rs.address`` (when given, and no
     Ray session is running in this process) answers. Raises :class:`DistributedError`."""
+    if rs.address is not None:
+        _bound_ray_connect(rs.connect_timeout_s)
     ray = require_ray()
     if rs.address is not None and not ray.is_initialized():
         _check_reachable(rs.address, rs.connect_timeout_s)
+
+
+def _bound_ray_connect(timeout: float) -> None:
+    """Make Ray give up on an address that accepts connections but does not answer after about
+    ``timeout`` + 10 s, not after its default ~14 minutes of retries. Ray's C++ side reads
+    ``RAY_py_gcs_connect_timeout_s`` when ``ray`` is first imported, so this only takes effect
+    before that; a value the user set wins."""
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_py_gcs_connect_timeout_s", str(math.ceil(timeout)))
+
+
+def _describe(address: str) -> str:
+    """``address`` as the user gave it, with what ``auto`` resolves to when RAY_ADDRESS is set."""
+    env = _ray_address_env() if address == "auto" else None
+    return f"auto (RAY_ADDRESS={env})" if env else address
+
+
+def _ray_address_env() -> str | None:
+    """The address ``auto`` connects to when RAY_ADDRESS names one (else Ray searches itself)."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    return env if env not in ("", "auto", "local") else None
 
 
 @contextlib.contextmanager
@@ -479,11 +504,20 @@ def _ray_session(rs: RaySettings) -> Iterator[Any]:
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         if env:
             kwargs["runtime_env"] = {"env_vars": env}
-        where = f"the Ray cluster at {rs.address}"
+        where = f"the Ray cluster at {_describe(rs.address)}"
+    # one connection attempt, not Ray's 20 (each up to ~20 s against an address that does not answer)
+    retries = "RAY_gcs_server_port_wait_time_s"
+    saved = os.environ.get(retries)
+    if rs.address is not None and saved is None:
+        os.environ[retries] = "1"
     try:
         ray.init(**kwargs)
     except Exception as e:  # ConnectionError, RuntimeError, ValueError, ... depending on the case
-        raise DistributedError(f"cannot start or reach {where}: {_root_message(e)}") from e
+        hint = f"; {_ADDRESS_HINT}" if rs.address is not None else ""
+        raise DistributedError(f"cannot start or reach {where}: {_root_message(e).rstrip('.')}{hint}") from e
+    finally:
+        if saved is None:
+            os.environ.pop(retries, None)
     try:
         yield ray
     finally:
@@ -491,25 +525,27 @@ def _ray_session(rs: RaySettings) -> Iterator[Any]:
 
 
 def _check_reachable(address: str, timeout: float) -> None:
-    """Fail fast (one line, no hang) when ``HOST:PORT`` does not answer; ``auto`` is Ray's."""
+    """Fail fast (one line, no hang) when ``HOST:PORT`` does not answer. ``auto`` is checked
+    where RAY_ADDRESS points; without it, Ray looks for a local cluster itself."""
+    shown = _describe(address)
     if address == "auto":
-        return
+        address = _ray_address_env() or ""
+        if not address:
+            return
     scheme, _, rest = address.rpartition("://")
     host, sep, port = rest.rpartition(":")
     if not sep:
         host, port = rest, str(_DEFAULT_PORTS.get(scheme, 6379))
-    hint = ("start one with `ray start --head`, or leave out the address (--ray alone) to start a "
-            "local Ray instance")
     try:
         port_n = int(port)
     except ValueError:
         raise DistributedError(
-            f"bad Ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto") from None
+            f"bad Ray address {shown!r}: expected HOST:PORT, ray://HOST:PORT or auto") from None
     try:
         socket.create_connection((host.strip("[]"), port_n), timeout=timeout).close()
     except OSError as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        raise DistributedError(f"cannot reach a Ray cluster at {address}: {reason}; {hint}") from None
+        raise DistributedError(f"cannot reach a Ray cluster at {shown}: {reason}; {_ADDRESS_HINT}") from None
 
 
 @contextlib.contextmanager

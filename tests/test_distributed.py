@@ -172,35 +172,92 @@ def test_unreachable_cluster_is_a_one_line_error(source: Path, tmp_path: Path, t
     assert not (tmp_path / "c").exists()  # refused before a collection was created
 
 
-def test_ray_failure_after_open_leaves_no_new_collection_behind(
-        source: Path, tmp_path: Path, tiny_oc_spec: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """``--ray auto`` is resolved by Ray itself, after the collection is opened: when Ray then
-    cannot start or be reached, a collection the command created (still empty) is removed again,
-    and an existing one is kept as it was. Ray's failure is simulated here (whether ``auto`` finds
-    a cluster depends on what else runs on the machine, e.g. this module's own Ray session)."""
-    pytest.importorskip("ray.data")
-    import crossmodal_rag.distributed as distributed
-    from crossmodal_rag.cli import main
+@pytest.fixture
+def silent_port():
+    """A port that accepts TCP connections and never says a word (a Ray address that does not
+    answer: the TCP probe passes, so only Ray's own connection attempt can find out)."""
+    import socket
 
-    def unreachable(*args, **kwargs):
-        raise DistributedError("cannot start or reach the Ray cluster at auto: ConnectionError: "
-                               "Could not find any running Ray instance.")
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))  # Ray connects to this node's IP, not to 127.0.0.1
+        s.listen(16)
+        yield s.getsockname()[1]
 
-    monkeypatch.setattr(distributed, "ingest_ray", unreachable)
-    new = tmp_path / "new"
-    assert main(["index", str(source / "cat.jpg"), "--collection", str(new), "--model", tiny_oc_spec,
-                 "--ray", "auto"]) == 1
-    assert "cannot start or reach the Ray cluster at auto" in capsys.readouterr().err
-    assert not new.exists()
 
-    kept = tmp_path / "kept"
-    with Collection.create(kept, tiny_oc_spec) as coll:
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _index_existing(folder: Path, source: Path, spec: str) -> None:
+    with Collection.create(folder, spec) as coll:
         ingest(coll, source / "cat.jpg", IngestSettings(progress=False))
-    assert main(["index", str(source / "coffee.jpg"), "--collection", str(kept), "--model", tiny_oc_spec,
-                 "--ray", "auto"]) == 1
-    with Collection.open(kept) as coll:
+
+
+def _assert_kept(folder: Path) -> None:
+    with Collection.open(folder) as coll:
         assert coll.counts()["images"] == 1 and coll.check().ok
+
+
+def _cli_env(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run([sys.executable, "-m", "crossmodal_rag", *args], capture_output=True, text=True,
+                          env=full, timeout=timeout, cwd=REPO)
+
+
+def test_ray_auto_with_a_dead_ray_address_fails_fast(source: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
+    """``--ray auto`` connects where ``RAY_ADDRESS`` points: a closed port there is the same
+    one-line error as ``--ray HOST:PORT`` (Ray itself retries it for minutes), before any
+    collection is created; an existing collection is kept as it was."""
+    pytest.importorskip("ray.data")
+    address = f"127.0.0.1:{_closed_port()}"
+    new, kept = tmp_path / "new", tmp_path / "kept"
+    _index_existing(kept, source, tiny_oc_spec)
+    for folder in (new, kept):
+        t = time.perf_counter()
+        out = _cli_env("index", str(source / "coffee.jpg"), "--collection", str(folder), "--model", tiny_oc_spec,
+                       "--ray", "auto", env={"RAY_ADDRESS": address}, timeout=120)
+        assert time.perf_counter() - t < 60, "a closed port must not be retried for minutes"
+        assert out.returncode == 1, out.stderr[-2000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: cannot reach a Ray cluster at auto") and address in last, last
+        assert "ray start --head" in last and "Traceback" not in out.stderr
+    assert not new.exists()
+    _assert_kept(kept)
+
+
+@pytest.mark.parametrize("how", ["auto", "address"])
+def test_ray_address_that_does_not_answer(source: Path, tmp_path: Path, tiny_oc_spec: str, silent_port: int,
+                                          how: str) -> None:
+    """An address that accepts the connection and then says nothing passes the TCP probe, so the
+    collection is opened before Ray finds out: Ray's connection attempt is bounded (not its
+    default ~14 minutes of retries), the error names the address and the fix, a collection the
+    command created (still empty) is removed again and an existing one is kept as it was. The
+    real Ray connection code runs (no fake)."""
+    pytest.importorskip("ray.data")
+    address = f"127.0.0.1:{silent_port}"
+    flag, env = (("auto", {"RAY_ADDRESS": address}) if how == "auto" else (address, {}))
+    # the user's own Ray settings win over ours; these keep the test short
+    env.update(RAY_py_gcs_connect_timeout_s="3", RAY_gcs_rpc_server_connect_timeout_s="1")
+    new, kept = tmp_path / "new", tmp_path / "kept"
+    _index_existing(kept, source, tiny_oc_spec)
+    folders = (new, kept) if how == "auto" else (new,)
+    for folder in folders:
+        t = time.perf_counter()
+        out = _cli_env("index", str(source / "coffee.jpg"), "--collection", str(folder), "--model", tiny_oc_spec,
+                       "--ray", flag, env=env, timeout=150)
+        assert time.perf_counter() - t < 90
+        assert out.returncode == 1, out.stderr[-2000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: cannot start or reach the Ray cluster at {flag}"), last
+        assert str(silent_port) in last and "ray start --head" in last, last
+        assert "Traceback" not in out.stderr
+    assert not new.exists()
+    if how == "auto":
+        _assert_kept(kept)
 
 
 def test_usage_errors(tmp_path: Path) -> None:
