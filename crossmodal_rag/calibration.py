@@ -3,7 +3,9 @@
 From the collection's own captioned images: matching pairs (a caption and its image; a caption
 and a sibling caption of the same image) against random pairs (a caption and another image or
 another image's caption). The threshold is the score that best separates the two (maximum of
-Youden's J = TPR - FPR). Stored in the collection's metadata and refreshed after every ingest;
+Youden's J = TPR - FPR). Stored in the collection's metadata with the generation it describes,
+and refreshed by every path that changes vectors (ingest, import, remove, reembed); a stored
+calibration older than the collection is never used (see :func:`current_calibration`).
 ``--min-score auto`` and ``ask``'s abstention use it.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,12 +22,16 @@ from .errors import QueryError
 
 if TYPE_CHECKING:
     from .collection import Collection
+    from .store.metadata import MetadataStore
 
-__all__ = ["auto_threshold", "calibrate", "load_calibration"]
+__all__ = ["auto_threshold", "calibrate", "current_calibration", "load_calibration", "store_calibration",
+           "write_calibration"]
 
 logger = logging.getLogger(__name__)
 META_KEY = "calibration"
 _MIN_PAIRS = 5
+# calibrations computed on use for collections whose stored one is stale (never written)
+_computed: weakref.WeakKeyDictionary[Collection, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _threshold(pos: np.ndarray, neg: np.ndarray) -> dict[str, Any]:
@@ -38,11 +45,18 @@ def _threshold(pos: np.ndarray, neg: np.ndarray) -> dict[str, Any]:
 
 
 def calibrate(collection: Collection, max_pairs: int = 5000, seed: int = 0) -> dict[str, Any]:
-    """Compute thresholds from stored vectors (no encoder needed). Keys: ``text-image`` and
-    ``text-text`` (each present when the collection has enough captioned images)."""
-    store, dim = collection.store, collection.manifest.dim
+    """Compute thresholds from stored vectors (no encoder needed). Keys: ``generation`` (the
+    metadata generation they describe), ``text-image`` and ``text-text`` (each present when the
+    collection has enough captioned images). Reads one consistent snapshot; stores nothing."""
+    store = collection.store
+    with store.snapshot():
+        return {"generation": store.generation,
+                **_compute(store, collection.manifest.dim, max_pairs, seed)}
+
+
+def _compute(store: MetadataStore, dim: int, max_pairs: int = 5000, seed: int = 0) -> dict[str, Any]:
     rows = store.conn.execute("SELECT id, parent_id FROM items WHERE kind = 'caption'").fetchall()
-    result: dict[str, Any] = {"generation": store.generation}
+    result: dict[str, Any] = {}
     if not rows:
         return result
     rng = np.random.default_rng(seed)
@@ -78,15 +92,50 @@ def calibrate(collection: Collection, max_pairs: int = 5000, seed: int = 0) -> d
 
 
 def store_calibration(collection: Collection) -> dict[str, Any]:
-    calib = calibrate(collection)
-    with collection.store.transaction():
-        collection.store.set_meta(META_KEY, json.dumps(calib))
+    """Recompute the calibration of ``collection`` (opened writable) and store it."""
+    return write_calibration(collection.store, collection.manifest.dim)
+
+
+def write_calibration(store: MetadataStore, dim: int) -> dict[str, Any]:
+    """Recompute the calibration from the vectors in ``store`` and store it, in one commit.
+
+    The stored ``generation`` is that commit's own number (a transaction bumps the counter by
+    one), so any later commit, whatever it changed, makes the calibration stale (see
+    :func:`current_calibration`). Every path that changes vectors calls this when it is done.
+    """
+    with store.transaction():
+        calib = {"generation": store.generation + 1, **_compute(store, dim)}
+        store.set_meta(META_KEY, json.dumps(calib))
     return calib
 
 
 def load_calibration(collection: Collection) -> dict[str, Any] | None:
+    """The stored calibration as it is (possibly stale), or None."""
     raw = collection.store.get_meta(META_KEY)
     return json.loads(raw) if raw else None
+
+
+def current_calibration(collection: Collection) -> dict[str, Any]:
+    """The calibration of the collection as it is now.
+
+    The stored one when it is current; otherwise (vectors committed since, e.g. by a process
+    killed before it refreshed the calibration, or a collection made by an older version) one
+    computed from the vectors now and kept in memory for this collection and generation. It is
+    not stored: a search never writes.
+    """
+    stored = load_calibration(collection)
+    generation = collection.store.generation
+    if stored is not None and stored.get("generation") == generation:
+        return stored
+    cached = _computed.get(collection)
+    if cached is not None and cached["generation"] == generation:
+        return cached
+    logger.info("the stored calibration of %s is stale (generation %s, the collection is at %d); "
+                "computing it from the vectors", collection.folder,
+                None if stored is None else stored.get("generation"), generation)
+    fresh = calibrate(collection)
+    _computed[collection] = fresh
+    return fresh
 
 
 def auto_threshold(collection: Collection, query_is_image: bool, target: str) -> float:
@@ -95,7 +144,7 @@ def auto_threshold(collection: Collection, query_is_image: bool, target: str) ->
     Raises:
         QueryError: the collection has no calibration for that direction.
     """
-    calib = load_calibration(collection) or {}
+    calib = current_calibration(collection)
     key = "text-text" if (target == "texts" and not query_is_image) else "text-image"
     if query_is_image and target == "images":
         key = ""  # image-to-image scores have no matching pairs to learn from

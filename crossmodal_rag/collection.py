@@ -37,7 +37,7 @@ from PIL import Image
 from . import fingerprint
 from ._phases import phase
 from ._version import __version__
-from .calibration import auto_threshold
+from .calibration import auto_threshold, store_calibration
 from .encoders import DEFAULT_MODEL, ClipEncoder, load_encoder, parse_model_spec
 from .errors import CollectionError, EncoderMismatchError, ImageDecodeError, QueryError
 from .filters import allowed_ids, parse_where
@@ -857,6 +857,8 @@ class Collection:
                     targets.add(entry[0])
             gone = self.store.delete_items(sorted(targets))
         self.apply({}, gone)
+        if gone:
+            store_calibration(self)  # score thresholds follow the collection's contents
         self.persist()
         return {"removed": gone, "unknown": unknown}
 

@@ -11,7 +11,8 @@ Grammar (one condition per ``--where``; several are ANDed)::
     folder  = DIR                the image lies under DIR (!= : not under)
     type    = jpeg|png|...       file type (format); jpg and tif are accepted
     size    <op> N[KB|MB|GB]     file size in bytes
-    width, height <op> N         pixels
+    width, height <op> N         pixels (items without a measured size: the manifest's own
+                                 width/height column, if it has one)
     added   <op> DATE            when it was indexed, ISO date or date-time (UTC)
     caption ~ TEXT | = TEXT      a caption of the image (for a caption: the caption itself)
     text    ~ TEXT               caption or passage text
@@ -190,8 +191,20 @@ def _image_matches(cond: Condition, row: dict[str, Any]) -> bool | None:
     if f == "size":
         return _compare(row["size_bytes"], op, v)
     if f in ("width", "height"):
-        return _compare(row[f], op, v)
+        return _compare(_pixels(row, f), op, v)
     return None
+
+
+def _pixels(row: dict[str, Any], field: str) -> float | None:
+    """An image's ``width``/``height``: the one measured when it was added, else the metadata
+    column of that name (e.g. an imported item whose file was not readable at import)."""
+    if row[field] is not None:
+        return row[field]
+    try:
+        value = float(row["extra"][field])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
 
 
 def allowed_ids(store: MetadataStore, conditions: list[Condition]) -> dict[str, np.ndarray]:

@@ -23,13 +23,17 @@ import json
 import logging
 import os
 import re
+import shutil
+import stat
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .errors import CollectionError, EncoderMismatchError, ImageDecodeError
 from .images import load_image
@@ -40,6 +44,8 @@ __all__ = ["EmbeddingShard", "find_shards", "import_embeddings"]
 logger = logging.getLogger(__name__)
 
 _VERIFY_MIN_COSINE = 0.98  # float16 storage and resampling differences stay well above this
+_EXIF_ORIENTATION = 0x0112
+_EXIF_FORMATS = {"JPEG", "MPO", "TIFF", "PNG", "WEBP", "HEIF", "AVIF"}
 _BATCH = 10_000
 
 
@@ -166,6 +172,34 @@ def _image_path(row: dict[str, Any], root: Path, allow_outside_root: bool = True
     return resolved
 
 
+def _declared_size(row: dict[str, Any]) -> dict[str, Any]:
+    """``width``/``height`` from the metadata's own columns, where they are whole numbers > 0."""
+    out = {}
+    for key in ("width", "height"):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value == int(value):
+            out[key] = int(value)
+    return out if len(out) == 2 else {}
+
+
+def _image_header(path: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """``width``, ``height`` and ``format`` of the image file at ``path``, from its header (the
+    pixels are not decoded; EXIF rotation is applied as indexing does); the metadata's own
+    ``width``/``height`` when the file cannot be read as an image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                fmt = im.format
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if fmt in _EXIF_FORMATS else 1
+    except Exception:  # Pillow raises many types for files that are not images
+        return _declared_size(row)
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees one way or the other
+        width, height = height, width
+    return {"width": width, "height": height, "format": fmt}
+
+
 def _caption(row: dict[str, Any]) -> str | None:
     value = row.get("caption") if row.get("caption") is not None else row.get("text")
     if isinstance(value, str) and value.strip():
@@ -197,40 +231,85 @@ def import_embeddings(
     Creates the collection for ``model`` if needed. Rows whose image path is already in the
     collection are skipped (re-running an import is safe); rows without an image path are
     skipped with a reason, and so are image paths leaving the source folder (or ``image_root``)
-    unless ``allow_outside_root``. Returns the same report as an ingest.
+    unless ``allow_outside_root``. A collection this call created is removed again when the
+    import is refused or imports nothing. Returns the same report as an ingest.
     """
-    from tqdm import tqdm
-
-    from .collection import Collection
-
-    t0 = time.perf_counter()
     source = Path(source).expanduser()
     shards = find_shards(source)
     root = Path(image_root).expanduser().resolve() if image_root else (
         source if source.is_dir() else source.parent).resolve()
+    folder = Path(collection).expanduser()
+    was_empty_dir = folder.is_dir() and not any(folder.iterdir())
+    created = was_empty_dir or not folder.exists()  # by this call, if it makes a collection there
     report = IngestReport(source=str(source))
-    with Collection.open_or_create(collection, model, index_type=index_type,
-                                   max_index_memory=max_index_memory, fsync=fsync) as coll:
+    try:
+        _import(shards, root, folder, model, report, verify=verify, progress=progress,
+                allow_outside_root=allow_outside_root,
+                open_kwargs={"index_type": index_type, "max_index_memory": max_index_memory, "fsync": fsync})
+    except BaseException:
+        if created:
+            _remove_created(folder, "the import failed", was_empty_dir)
+        raise
+    if created and not report.images_added:
+        _remove_created(folder, "nothing was imported", was_empty_dir)
+    return report
+
+
+def _import(shards: list[EmbeddingShard], root: Path, folder: Path, model: str, report: IngestReport, *,
+            verify: int, progress: bool, allow_outside_root: bool, open_kwargs: dict[str, Any]) -> None:
+    from tqdm import tqdm
+
+    from .calibration import store_calibration
+    from .collection import Collection
+
+    t0 = time.perf_counter()
+    with Collection.open_or_create(folder, model, **open_kwargs) as coll:
         dim = coll.manifest.dim
         total = sum(int(_load_matrix(s.images, dim).shape[0]) for s in shards)
         if verify:
-            _verify(coll, shards, root, verify)
+            _verify(coll, shards, root, verify, allow_outside_root)
         bar = tqdm(total=total, unit="rows", desc="importing", disable=not progress, leave=False)
-        for shard, start, img, txt, meta in _rows(shards, dim):
-            _import_batch(coll, shard, start, _normalise(img), None if txt is None else _normalise(txt),
-                          meta, root, report, allow_outside_root)
-            bar.update(len(meta))
-        bar.close()
-        coll.persist()
+        try:
+            for shard, start, img, txt, meta in _rows(shards, dim):
+                _import_batch(coll, shard, start, _normalise(img), None if txt is None else _normalise(txt),
+                              meta, root, report, allow_outside_root)
+                bar.update(len(meta))
+        finally:
+            bar.close()
+            if report.images_added:
+                store_calibration(coll)  # score thresholds follow the collection's contents
+                coll.persist()
     report.seconds = time.perf_counter() - t0
-    return report
+
+
+def _remove_created(folder: Path, why: str, keep_empty_dir: bool) -> None:
+    """Remove the collection that this import created in ``folder`` when it holds no item (an
+    interrupted import keeps what it committed); a folder that was there empty stays, empty."""
+    from .collection import Collection
+    from .errors import CrossmodalError
+    from .store.manifest import MANIFEST_NAME
+
+    if not folder.is_dir():
+        return
+    if (folder / MANIFEST_NAME).is_file():
+        try:
+            with Collection.open(folder) as coll:
+                if any(coll.counts().values()):
+                    return
+        except CrossmodalError as e:
+            logger.warning("left %s as it is: %s", folder, e)
+            return
+    shutil.rmtree(folder, ignore_errors=True)
+    if keep_empty_dir:
+        folder.mkdir(exist_ok=True)
+    logger.warning("%s: removed the empty collection %s that it had created", why, folder)
 
 
 def _import_batch(coll: Any, shard: EmbeddingShard, start: int, img: np.ndarray,
                   txt: np.ndarray | None, meta: list[dict[str, Any]], root: Path,
                   report: IngestReport, allow_outside_root: bool) -> None:
     store = coll.store
-    rows: list[tuple[int, Path, os.stat_result | None]] = []
+    rows: list[tuple[int, Path, os.stat_result | None, dict[str, Any]]] = []
     for k, row in enumerate(meta):
         where = f"{shard.images.name} row {start + k}"
         try:
@@ -248,24 +327,26 @@ def _import_batch(coll: Any, shard: EmbeddingShard, start: int, img: np.ndarray,
             st = path.stat()
         except OSError:
             st = None  # imported all the same: the embedding is what matters for search
-        rows.append((k, path, st))
+        regular = st is not None and stat.S_ISREG(st.st_mode)  # never open a FIFO or a device
+        rows.append((k, path, st, _image_header(path, row) if regular else _declared_size(row)))
     # captions without stored embeddings are embedded here
-    need_text = [k for k, _, _ in rows if txt is None and _caption(meta[k])]
+    need_text = [k for k, *_ in rows if txt is None and _caption(meta[k])]
     text_vecs: dict[int, np.ndarray] = {}
     if need_text:
         encoded = coll.encoder.encode_texts([_caption(meta[k]) for k in need_text])
         text_vecs = dict(zip(need_text, encoded, strict=True))
     elif txt is not None:
-        text_vecs = {k: txt[k] for k, _, _ in rows if _caption(meta[k])}
+        text_vecs = {k: txt[k] for k, *_ in rows if _caption(meta[k])}
     added_img: list[tuple[int, np.ndarray]] = []
     added_txt: list[tuple[int, np.ndarray]] = []
     with store.transaction():
-        for k, path, st in rows:
+        for k, path, st, header in rows:
             extra = {key: value for key, value in meta[k].items()
                      if key not in ("image_path", "path", "image", "caption", "text")
                      and isinstance(value, (str, int, float, bool))}
             item_id = store.insert_item("image", img[k], origin=f"import:{shard.images.name}",
-                                        size_bytes=st.st_size if st else None, extra=extra or None)
+                                        size_bytes=st.st_size if st else None, extra=extra or None,
+                                        **header)
             store.set_path(str(path), item_id, st.st_size if st else None, st.st_mtime_ns if st else None)
             added_img.append((item_id, img[k]))
             caption = _caption(meta[k])
@@ -283,18 +364,22 @@ def _import_batch(coll: Any, shard: EmbeddingShard, start: int, img: np.ndarray,
     report.captions_added += len(added_txt)
 
 
-def _verify(coll: Any, shards: list[EmbeddingShard], root: Path, n: int) -> None:
-    """Re-embed up to ``n`` readable images and compare with their imported embeddings."""
-    checked = 0
+def _verify(coll: Any, shards: list[EmbeddingShard], root: Path, n: int, allow_outside_root: bool) -> None:
+    """Re-embed up to ``n`` readable images and compare with their imported embeddings. Reads
+    wherever the import may (outside ``root`` too when ``allow_outside_root``)."""
+    checked = tried = 0
     for shard in shards:
         images = _load_matrix(shard.images, coll.manifest.dim)
         meta = _read_metadata(shard.metadata, len(images))
         for k, row in enumerate(meta):
             try:
-                path = _image_path(row, root, allow_outside_root=False)
+                path = _image_path(row, root, allow_outside_root)
             except ValueError:
+                continue  # not imported either
+            if path is None:
                 continue
-            if path is None or not path.is_file():
+            tried += 1
+            if not path.is_file():
                 continue
             try:
                 pil = load_image(path).image
@@ -314,5 +399,5 @@ def _verify(coll: Any, shards: list[EmbeddingShard], root: Path, n: int) -> None
             if checked >= n:
                 return
     if checked == 0:
-        logger.warning("no image file of the import could be read; the embeddings were not "
-                       "checked against %s", coll.manifest.encoder)
+        logger.warning("none of the %d image files the import names could be read, so the embeddings "
+                       "were not checked against %s", tried, coll.manifest.encoder)

@@ -521,6 +521,7 @@ def reembed_collection(
         CollectionError: the collection cannot be opened for writing, or an image is unreadable.
     """
     from .. import fingerprint
+    from ..calibration import write_calibration
     from ..collection import Collection
     from ..store.metadata import DB_NAME, MetadataStore
 
@@ -567,6 +568,7 @@ def reembed_collection(
                                      [(np.ascontiguousarray(v, dtype="<f4").tobytes(), int(i))
                                       for i, v in zip(ids, vecs, strict=True)])
                 fingerprint.write(store, probe)
+            write_calibration(store, encoder.dim)  # thresholds of the new vectors, not the old encoder's
         finally:
             store.close()
         _fresh_manifest(previous, spec, encoder.dim).write(staging, fsync=fsync != "off")
