@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "TINY_GGUF_EOS",
+    "TINY_GGUF_MERGES",
     "TINY_OPEN_CLIP_ARCH",
     "make_tiny_causal_lm",
+    "make_tiny_gguf",
     "make_tiny_hf_clip",
     "make_tiny_open_clip",
     "make_tiny_t5",
+    "tiny_gguf_llama",
     "tiny_open_clip_config",
 ]
 
@@ -159,3 +163,99 @@ def make_tiny_causal_lm(folder: str | Path, *, seed: int = 0, hidden: int = 32, 
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+#: The byte-level BPE merges of :func:`make_tiny_gguf`'s vocabulary (GPT-2 spelling: Ġ is a space).
+TINY_GGUF_MERGES = ("Ġ t", "h e", "Ġt he")
+TINY_GGUF_EOS = "<|endoftext|>"
+
+
+def tiny_gguf_llama(*, seed: int = 0, hidden: int = 64, layers: int = 2) -> tuple[Any, dict[str, Any]]:
+    """The random Llama model :func:`make_tiny_gguf` writes: ``(LlamaConfig, state_dict)`` in
+    transformers' names and layout, before quantisation. 4 query heads, 2 key/value heads."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1 + 256 + len(TINY_GGUF_MERGES), hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random norm gains and sharp attention: every tensor shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.normal_(0.0, 0.5)
+    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _gguf_permute(w: Any, n_head: int) -> Any:
+    """llama.cpp's reordering of a Q/K projection's rows for its rotary embedding (the inverse of
+    what transformers undoes on load)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def make_tiny_gguf(path: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
+                   qtype: str = "Q8_0") -> Path:
+    """Write :func:`tiny_gguf_llama` as a llama-architecture ``.gguf`` file, the way llama.cpp's
+    converter does: tensors under GGUF names, Q/K rows permuted, 2-D weights quantised to
+    ``qtype`` (``Q8_0`` or ``F32``; norms stay F32), and a byte-level BPE tokenizer (256 byte
+    tokens, :data:`TINY_GGUF_MERGES`, ``<|endoftext|>`` as BOS/EOS) in the metadata. Load it
+    with ``--generator PATH``. Written to a temporary name, then renamed."""
+    import os
+
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+    from gguf.quants import quantize
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path = Path(path)
+    config, state = tiny_gguf_llama(seed=seed, hidden=hidden, layers=layers)
+    kind = GGMLQuantizationType[qtype]
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    tmp = path.with_name(path.name + ".tmp")
+    w = GGUFWriter(str(tmp), "llama")
+    w.add_name("crossmodal-rag tiny llama")
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    tokens = [TINY_GGUF_EOS, *bytes_to_unicode().values(), *(m.replace(" ", "") for m in TINY_GGUF_MERGES)]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([TokenType.CONTROL] + [TokenType.NORMAL] * (len(tokens) - 1))
+    w.add_token_merges(list(TINY_GGUF_MERGES))
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(layers):
+        for hf, gg in (("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"),
+                       ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                       ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
+                       ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf, gg in names.items():
+        t = state[hf].float().numpy()
+        if gg.endswith("attn_q.weight"):
+            t = _gguf_permute(t, heads)
+        elif gg.endswith("attn_k.weight"):
+            t = _gguf_permute(t, kv_heads)
+        if t.ndim == 2 and kind != GGMLQuantizationType.F32:
+            w.add_tensor(gg, quantize(np.ascontiguousarray(t), kind), raw_dtype=kind)
+        else:
+            w.add_tensor(gg, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path

@@ -87,3 +87,12 @@ def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from crossmodal_rag.testing import make_tiny_causal_lm
 
     return make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "lm", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama model written as a Q8_0 ``.gguf`` file by the gguf package's writer
+    (byte-level BPE tokenizer in its metadata); see :func:`crossmodal_rag.testing.make_tiny_gguf`."""
+    from crossmodal_rag.testing import make_tiny_gguf
+
+    return make_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.Q8_0.gguf", seed=0)
