@@ -526,7 +526,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     for p in report.skipped[:50]:
         print(f"  {p.item}: {p.reason}", file=sys.stderr)
     print(report.summary())
-    return 0 if report.indexed_anything else 1
+    if not report.indexed_anything:
+        print(f"error: nothing could be imported from {args.source}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_index(args: argparse.Namespace) -> int:

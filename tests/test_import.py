@@ -120,6 +120,7 @@ def test_refused_or_empty_import_leaves_no_folder(tmp_path: Path, captioned: Pat
                                              for p in ("/etc/passwd", "../../elsewhere.jpg")))
     r = run("import", str(outside), "-c", str(tmp_path / "c2"), "--model", tiny_oc_spec)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "2 skipped" in r.stdout
+    assert "nothing could be imported" in r.stderr
     assert not (tmp_path / "c2").exists()
     # an existing collection is kept as it was, whatever the import does
     existing = tmp_path / "c3"
