@@ -91,6 +91,7 @@ def test_ask_text_and_image(client: TestClient, sample_dir: Path) -> None:
     a = r.json()
     assert len(a["sources"]) == 3 and sum(s["posterior"] for s in a["sources"]) == pytest.approx(1.0)
     assert all(s["thumbnail_url"] for s in a["sources"])  # caption sources point to their image
+    assert a["logprob_of"] == "log sum_z P(z|x) P(answer+eos | x,z)"  # the JSON says what logprob is
     r = client.post("/api/ask/image", files={"image": ("cat.jpg", _jpeg(sample_dir / "cat.jpg"), "image/jpeg")},
                     data={"question": "what is it?", "mode": "rag-token"})
     assert r.status_code == 200, r.text

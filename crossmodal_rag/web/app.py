@@ -133,6 +133,7 @@ class AskOut(BaseModel):
     generator: str
     encoder: str
     logprob: float | None
+    logprob_of: str | None = None  # what logprob is (crossmodal_rag.generation.rag.LOGPROB_OF)
     abstained: bool = False
     min_score: float | None = None
 
