@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from crossmodal_rag import Collection
+from crossmodal_rag.errors import EncoderMismatchError
+from crossmodal_rag.importer import import_embeddings
 from tests.test_cli import run
 
 N_IMAGES = 24
@@ -111,6 +113,11 @@ def test_refused_or_empty_import_leaves_no_folder(tmp_path: Path, captioned: Pat
     r = run("import", str(wrong_dim), "-c", str(tmp_path / "c1"), "--model", tiny_oc_spec)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "7-d" in r.stderr
     assert not (tmp_path / "c1").exists()
+    empty = tmp_path / "empty"  # a folder that was there, empty, stays so
+    empty.mkdir()
+    with pytest.raises(EncoderMismatchError, match="7-d"):
+        import_embeddings(wrong_dim, empty, tiny_oc_spec, progress=False)
+    assert empty.is_dir() and not any(empty.iterdir())
     # every row skipped: nothing imported, no folder
     outside = tmp_path / "outside"
     outside.mkdir()
