@@ -43,11 +43,30 @@ def test_recall_matches_brute_force() -> None:
         assert (t2i[f"R@{k}"], i2t[f"R@{k}"]) == pytest.approx(_brute_recall(sims, cap_img, k))
 
 
+def _by_hand(spec: str, items: list) -> tuple[np.ndarray, np.ndarray]:
+    """(caption x image similarities, caption -> image) from the encoder run by hand."""
+    from crossmodal_rag.encoders import load_encoder
+    from crossmodal_rag.images import load_image
+
+    enc = load_encoder(spec)
+    img = enc.encode_images([load_image(it.path).image for it in items])
+    caps = [c for it in items for c in it.captions]
+    cap_img = np.array([i for i, it in enumerate(items) for _ in it.captions])
+    return enc.encode_texts(caps) @ img.T, cap_img
+
+
 def test_evaluate_retrieval_on_sample_and_karpathy(tmp_path: Path, sample_dir: Path, tiny_oc_spec: str) -> None:
     report = evaluate_retrieval(sample_dir, tiny_oc_spec)
     assert (report.images, report.captions) == (15, 45)
-    assert report.text_to_image["R@10"] >= report.text_to_image["R@1"]
-    assert len(report.positive_scores) == 45 and report.negative_scores
+    # oracle: the same encoder run by hand over the same pairs, ranked by brute force
+    sims, cap_img = _by_hand(tiny_oc_spec, load_captioned(sample_dir))
+    for k in (1, 5, 10):
+        want = _brute_recall(sims, cap_img, k)
+        assert (report.text_to_image[f"R@{k}"], report.image_to_text[f"R@{k}"]) == pytest.approx(want, abs=1e-9)
+    np.testing.assert_allclose(report.positive_scores, sims[np.arange(len(cap_img)), cap_img], atol=1e-4)
+    other = sims[cap_img[:, None] != np.arange(sims.shape[1])[None, :]]  # caption vs another image
+    assert report.negative_scores
+    assert np.abs(np.array(report.negative_scores)[:, None] - other[None, :]).min(1).max() < 2e-4
     karpathy = {"images": [
         {"filepath": "space", "filename": "astronaut.jpg", "split": "test", "sentences": [{"raw": "an astronaut"}]},
         {"filepath": "", "filename": "cat.jpg", "split": "test", "sentences": [{"raw": "a cat"}, {"raw": "a tabby"}]},
@@ -57,7 +76,10 @@ def test_evaluate_retrieval_on_sample_and_karpathy(tmp_path: Path, sample_dir: P
     items = load_captioned(tmp_path / "k.json", split="test", image_root=sample_dir)
     assert [i.path.name for i in items] == ["astronaut.jpg", "cat.jpg"] and items[1].captions == ("a cat", "a tabby")
     rep = evaluate_retrieval(tmp_path / "k.json", tiny_oc_spec, split="test", image_root=sample_dir, ks=(1, 2))
-    assert (rep.images, rep.captions) == (2, 3) and rep.text_to_image["R@2"] == 1.0
+    assert (rep.images, rep.captions) == (2, 3) and set(rep.text_to_image) == {"R@1", "R@2"}
+    sims, cap_img = _by_hand(tiny_oc_spec, items)
+    want = _brute_recall(sims, cap_img, 1)  # R@2 of 2 images is 1 whatever the model does
+    assert (rep.text_to_image["R@1"], rep.image_to_text["R@1"]) == pytest.approx(want, abs=1e-9)
 
 
 def test_qa_metrics_by_hand() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ nbformat = pytest.importorskip("nbformat", reason="notebook extras not installed
 nbclient = pytest.importorskip("nbclient", reason="notebook extras not installed")
 pytest.importorskip("ipykernel", reason="notebook extras not installed")
 
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
@@ -30,6 +30,7 @@ def test_committed_without_outputs(path: Path) -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path: Path, tiny_oc_spec: str, tmp_path_factory: pytest.TempPathFactory,
                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from crossmodal_rag import Collection
     from crossmodal_rag.testing import make_tiny_t5
 
     work = tmp_path_factory.mktemp("nb")
@@ -43,4 +44,10 @@ def test_notebook_runs(path: Path, tiny_oc_spec: str, tmp_path_factory: pytest.T
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert images, "the notebook shows no picture"
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert os.environ["CROSSMODAL_RAG_MODEL"] == tiny_oc_spec
+    # the notebook used the model and working folder it was pointed at, and indexed every photo
+    with Collection.open(work / "sample.xmr") as coll:
+        assert coll.manifest.encoder == tiny_oc_spec
+        photos = [p for p in SAMPLE.rglob("*") if p.suffix.lower() in (".jpg", ".png")]
+        assert coll.counts()["images"] == len(photos) > 0
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"model: {tiny_oc_spec}" in printed
