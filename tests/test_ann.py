@@ -91,7 +91,9 @@ def test_ann_types_tuned_to_target_recall(shard_set, spec: str) -> None:
     index, report = build_index(spec, shards, live, seed=3)
     index.exact_vectors = shards.lookup
     assert len(index) == len(live) and np.array_equal(index.ids(), live)
-    assert report.train_vectors == (0 if spec.startswith("HNSW") else min(len(live), report.train_vectors))
+    # by hand: HNSW needs no training; IVF trains on max(10,000, 64 x nlist, 39 x 2^nbits) vectors
+    # or all of them when fewer, and this set has 5,143 live vectors
+    assert len(live) == 5143 and report.train_vectors == (0 if spec.startswith("HNSW") else 5143)
     tuning = tune_index(index, shards, live, q, k=10, target_recall=0.9)
     assert tuning.reached, tuning.measured
     # the chosen setting is the cheapest that reached the target: the one before it missed
@@ -108,12 +110,35 @@ def test_ann_types_tuned_to_target_recall(shard_set, spec: str) -> None:
     assert recall_at_k(cheap, truth) <= recall_at_k(found, truth)
 
 
-def test_training_sample_is_reproducible(shard_set) -> None:
-    _, shards, live, *_ = shard_set
-    a, _ = build_index("IVF32,Flat", shards, live, seed=5)
-    b, _ = build_index("IVF32,Flat", shards, live, seed=5)
-    ca = a.index.quantizer.reconstruct_n(0, 32)
-    assert np.array_equal(ca, b.index.quantizer.reconstruct_n(0, 32))
+def test_training_sample_is_seeded_and_used(tmp_path: Path) -> None:
+    """Above 10,000 live vectors an IVF index trains on a sample drawn from the seed: its
+    centroids are those of k-means over exactly the sampled rows (drawn here by hand), not over
+    every vector, and another seed gives other centroids."""
+    d, n = 8, 15_000
+    x = clustered(n, d, seed=2, clusters=20)
+    ids = np.arange(n, dtype=np.int64) * 2
+    shards = EmbeddingShards(tmp_path, "image", d)
+    shards.append(ids, x, fsync=False)
+    live = ids[np.arange(n) % 5 != 0]  # 12,000 live items, 3,000 removed
+    index, report = build_index("IVF4,Flat", shards, live, seed=5)
+    # by hand: max(64 x 4 lists, 10,000) = 10,000 of the 12,000 live rows, chosen by the seed
+    assert report.train_vectors == 10_000
+
+    def centroids(vi: VectorIndex) -> np.ndarray:
+        return vi.index.quantizer.reconstruct_n(0, 4)
+
+    def trained_on(rows: np.ndarray) -> np.ndarray:
+        vi = VectorIndex(d, "IVF4,Flat")
+        vi.train(shards.lookup(live[rows]))
+        return centroids(vi)
+
+    rows = np.sort(np.random.default_rng(5).choice(len(live), 10_000, replace=False))
+    np.testing.assert_array_equal(centroids(index), trained_on(rows))
+    assert not np.array_equal(centroids(index), trained_on(np.arange(len(live))))  # not all rows
+    again, _ = build_index("IVF4,Flat", shards, live, seed=5)
+    other, _ = build_index("IVF4,Flat", shards, live, seed=6)
+    np.testing.assert_array_equal(centroids(again), centroids(index))
+    assert not np.array_equal(centroids(other), centroids(index))
 
 
 def test_sharded_build_equals_in_memory_build_and_mmap(shard_set, tmp_path: Path) -> None:
