@@ -53,6 +53,7 @@ from .store.ann import (
     parse_memory,
     training_rows,
 )
+from .store.audit import CHECK_ALL_MAX_VECTORS, audit_vectors, examples, id_disagreement, sample_ids
 from .store.build import build_index, tune_index
 from .store.creation import Creation, clear_interrupted_creation
 from .store.manifest import MANIFEST_NAME, Manifest
@@ -606,68 +607,123 @@ class Collection:
         found = self.store.get_items(ids_list)
         return [found[i] for i in ids_list if i in found]
 
-    def check(self, *, verify_hash: bool = True) -> CheckReport:
-        """Verify that manifest, index files and metadata agree (index ids == metadata ids)."""
+    def check(self, *, verify_hash: bool = True, max_vectors: int | None = CHECK_ALL_MAX_VECTORS,
+              seed: int = 0) -> CheckReport:
+        """Verify that what is stored agrees: the index files the manifest on disk names (loaded
+        fresh, not the in-memory indexes, which are reconciled on open), the float16 shards and
+        the metadata. Every id is compared, and every vector (the metadata's, its float16 copy,
+        the index's) for indexes of up to ``max_vectors`` vectors (None: no limit); larger ones
+        by a random sample of that many drawn from ``seed``, said so in the notes. Reads only.
+        See :mod:`crossmodal_rag.store.audit` for how each index type's vectors are compared."""
         report = CheckReport(ok=True)
-        m = self.manifest
         report.problems.extend(self.store.integrity_problems())
-        for name in _INDEX_NAMES:
-            record = m.files.get(name)
-            if record is None:
-                report.problems.append(f"manifest lists no {name} index file")
-                continue
-            try:
-                VectorIndex.load(self.folder, record, m.dim, m.index_type_of(name),
-                                 verify_hash=verify_hash, mmap=True)
-            except CollectionError as e:
-                report.problems.append(str(e))
-        pending = self.store.generation - m.generation
-        if pending:
-            report.notes.append(f"{pending} metadata commit(s) newer than the index files; they "
-                                "are replayed from the metadata on open")
-        with self.store.snapshot():
-            # Commits that landed since this collection was opened (a writer may be running) are
-            # taken in first, so the comparison is within one consistent snapshot.
-            self._reconcile_in_snapshot()
+        try:
+            m, disk, shards, held, problems = self._stored(verify_hash)
+        except CollectionError as e:  # the manifest itself
+            report.problems.append(str(e))
+            report.ok = False
+            return report
+        report.problems.extend(problems)
+        with self.store.snapshot():  # one consistent view of the metadata (a writer may run)
+            pending = self.store.generation - m.generation
+            if pending:
+                report.notes.append(f"{pending} metadata commit(s) newer than the index files; they "
+                                    "are replayed from the metadata on open")
             for name in _INDEX_NAMES:
-                want, have = self.store.ids(name), self.indexes[name].ids()
-                if not np.array_equal(want, have):
-                    report.problems.append(
-                        f"{name} index holds {len(have)} ids, metadata {len(want)}; "
-                        f"{len(np.setdiff1d(want, have))} missing, {len(np.setdiff1d(have, want))} extra"
-                    )
-                    continue
-                sample = want[:: max(1, len(want) // 64)][:64]
-                if len(sample) and self.indexes[name].kind == "flat":
-                    stored = self.store.vectors(sample.tolist(), m.dim)
-                    indexed = np.stack([self.indexes[name].reconstruct(int(i)) for i in sample])
-                    if self.indexes[name].kind == "flat" and not np.allclose(stored, indexed, atol=2e-3):
-                        report.problems.append(f"{name} index vectors differ from the stored ones")
-                self._check_shards(name, want, report)
-        report.counts = self.counts()
+                live = self.store.ids(name)
+                index = disk.get(name)
+                if index is not None:
+                    report.counts[f"{name}_index"] = len(index)
+                    self._check_ids(name, m.files[name].path, index, live, pending, report)
+                self._check_vectors(name, index, shards[name], held[name],
+                                    sample_ids(live, max_vectors, seed), len(live), seed, report)
+                self._check_shards(name, shards[name], held[name], live, report)
+            report.counts = {**self.store.counts(), **report.counts}
         report.ok = not report.problems
         return report
 
-    def _check_shards(self, name: str, live: np.ndarray, report: CheckReport) -> None:
-        """Every live item has a float16 copy in the shards, equal to its stored vector."""
-        shards = self.shards[name]
-        try:
-            held = shards.held_ids()
-        except CollectionError as e:
-            report.problems.append(str(e))
+    def _stored(self, verify_hash: bool, attempts: int = 3) -> tuple[
+            Manifest, dict[str, VectorIndex], dict[str, EmbeddingShards], dict[str, np.ndarray], list[str]]:
+        """The manifest on disk now, its index files (memory-mapped) and its shards (mapped, so
+        files a writer replaces meanwhile stay readable), and the problems loading them. Read
+        again if a writer switched the manifest while the files were being opened."""
+        for _ in range(attempts):
+            m = Manifest.read(self.folder)  # before the metadata snapshot: never newer than it
+            disk: dict[str, VectorIndex] = {}
+            problems: list[str] = []
+            for name in _INDEX_NAMES:
+                record = m.files.get(name)
+                if record is None:
+                    problems.append(f"manifest lists no {name} index file")
+                    continue
+                try:
+                    disk[name] = VectorIndex.load(self.folder, record, m.dim, m.index_type_of(name),
+                                                  verify_hash=verify_hash, mmap=True)
+                except CollectionError as e:
+                    problems.append(str(e))
+            shards = {n: EmbeddingShards(self.folder, n, m.dim, m.embeddings.get(n)) for n in _INDEX_NAMES}
+            held = {}
+            for name, sh in shards.items():
+                try:
+                    held[name] = sh.held_ids()
+                except CollectionError as e:
+                    problems.append(str(e))
+                    held[name] = np.zeros(0, np.int64)
+            if not problems or Manifest.read(self.folder).to_dict() == m.to_dict():
+                break
+        return m, disk, shards, held, problems
+
+    def _check_ids(self, name: str, path: str, index: VectorIndex, live: np.ndarray, pending: int,
+                   report: CheckReport) -> None:
+        """The ids of the index file against the metadata's: equal unless commits are pending."""
+        extra, missing = id_disagreement(index.ids(), live)
+        if not len(extra) and not len(missing):
             return
+        parts = [f"{len(extra)} id(s) in the index file only"
+                 + (f" (e.g. {examples(extra)})" if len(extra) else ""),
+                 f"{len(missing)} in the metadata only" + (f" (e.g. {examples(missing)})" if len(missing) else "")]
+        what = f"{name} index ({path}, {len(index)} ids) and the metadata ({len(live)} ids) differ: {', '.join(parts)}"
+        if pending:  # removals and additions since the index was written: expected
+            report.notes.append(f"{what}; expected, as {pending} commit(s) are newer than the index")
+        else:
+            report.problems.append(f"{what}; rebuild the index with `crossmodal-rag reindex {self.folder}`")
+
+    def _check_vectors(self, name: str, index: VectorIndex | None, shards: EmbeddingShards,
+                       held: np.ndarray, ids: np.ndarray, total: int, seed: int,
+                       report: CheckReport) -> None:
+        """Each sampled id's metadata vector against its float16 copy and the index's vector."""
+        dim = self.manifest.dim
+        audit = audit_vectors(index, ids, lambda chunk: self.store.vectors(chunk.tolist(), dim),
+                              shards, held)
+        how = (f"all {len(ids)} of {total}" if len(ids) == total else
+               f"{len(ids)} of {total}")
+        sampled = "" if len(ids) == total else f" (seeded random sample, seed {seed})"
+        against = "the float16 shards" + ("" if index is None or audit.unsupported else " and the index file")
+        report.notes.append(f"{name} index: compared {how} {name} vectors{sampled} of the metadata "
+                            f"with {against}")
+        if audit.unsupported:
+            report.notes.append(f"{name} index vectors not compared: {audit.unsupported}")
+        if audit.bad_index:
+            report.problems.append(
+                f"{name} index: {len(audit.bad_index)} of {len(ids)} vector(s) compared differ from "
+                f"the metadata beyond the precision of its codes (e.g. {examples(audit.bad_index)}); "
+                f"rebuild it with `crossmodal-rag reindex {self.folder}`")
+        if audit.bad_shards:
+            report.problems.append(
+                f"{name} embedding shards: {len(audit.bad_shards)} of {len(np.intersect1d(ids, held))} "
+                f"float16 copies differ from the metadata vectors (e.g. {examples(audit.bad_shards)}); "
+                "`reindex` builds from these copies: remove and re-add those items first")
+
+    def _check_shards(self, name: str, shards: EmbeddingShards, held: np.ndarray, live: np.ndarray,
+                      report: CheckReport) -> None:
+        """Every live item committed before the last shard write has a float16 copy."""
         unsharded = np.setdiff1d(live, held)
-        if len(unsharded):
-            # committed after the last persist: the next writer syncs them; only a gap is a problem
-            behind = unsharded[unsharded <= shards.max_id]
-            if len(behind):
-                report.problems.append(f"{len(behind)} {name} item(s) are missing from the "
-                                       f"embedding shards; run `crossmodal-rag reindex {self.folder}`")
-        sample = np.intersect1d(live, held)[:: max(1, len(live) // 64)][:64]
-        if len(sample):
-            stored = self.store.vectors(sample.tolist(), self.manifest.dim)
-            if not np.allclose(shards.lookup(sample), stored, atol=2e-3):
-                report.problems.append(f"{name} embedding shards differ from the stored vectors")
+        # committed after the last persist: the next writer syncs them; only a gap is a problem
+        behind = unsharded[unsharded <= shards.max_id]
+        if len(behind):
+            report.problems.append(f"{len(behind)} {name} item(s) are missing from the embedding "
+                                   f"shards (e.g. {examples(behind)}); run `crossmodal-rag reindex "
+                                   f"{self.folder}`")
 
     # -- searching -------------------------------------------------------------------------
     def embed_query(

@@ -22,7 +22,7 @@ from crossmodal_rag import Collection
 
 @pytest.mark.parametrize("victim", ["manifest", "metadata", "image-index", "text-index"])
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "zero", "delete"])
-def test_corrupt_files(collection_copy: Path, victim: str, damage: str) -> None:
+def test_corrupt_files(collection_copy: Path, sample_collection: Path, victim: str, damage: str) -> None:
     manifest = json.loads((collection_copy / "manifest.json").read_text())
     path = {"manifest": collection_copy / "manifest.json",
             "metadata": collection_copy / "metadata.sqlite",
@@ -43,7 +43,8 @@ def test_corrupt_files(collection_copy: Path, victim: str, damage: str) -> None:
         path.unlink()
     code = (f"import json\nfrom crossmodal_rag import Collection\n"
             f"c = Collection.open({str(collection_copy)!r})\n"
-            f"r = c.check()\nprint(json.dumps({{'ok': r.ok, 'problems': r.problems, 'counts': c.counts()}}))\n")
+            f"r = c.check()\nhits = [(h.id, h.path, round(h.score, 4)) for h in c.search('a cat', k=100)]\n"
+            f"print(json.dumps({{'ok': r.ok, 'problems': r.problems, 'counts': c.counts(), 'hits': hits}}))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"})
     assert proc.returncode in (0, 1), proc.stderr[-2000:]  # never a segfault (-11) or abort
@@ -56,8 +57,12 @@ def test_corrupt_files(collection_copy: Path, victim: str, damage: str) -> None:
         # an index file is a cache: rebuilt from the metadata, and `check` says what was wrong
         assert not report["ok"] and any(path.name in p for p in report["problems"]), report
     elif report["ok"]:
-        # SQLite may shrug off small damage in unused pages: then nothing may be missing either
+        # SQLite may shrug off small damage in unused pages: then nothing may be missing either,
+        # and the collection must search exactly like the undamaged one
         assert report["counts"] == {"images": 15, "captions": 45, "passages": 0}, report
+        with Collection.open(sample_collection) as pristine:
+            want = [[h.id, h.path, round(h.score, 4)] for h in pristine.search("a cat", k=100)]
+        assert report["hits"] == want
     else:
         assert report["problems"], report  # not ok means a named problem
 
