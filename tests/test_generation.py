@@ -206,10 +206,20 @@ def test_concat_respects_the_token_budget(pipelines, gen: Generator) -> None:
 
 
 def test_sampling_is_deterministic_under_a_seed(pipelines) -> None:
+    """One seed, one answer; and sampling really samples: the seeds give several answers, not
+    all greedy decoding's (a generator that ignored do_sample or the seed would fail this)."""
+    question = "tell me something"
     for mode in ("concat", "rag-token"):
         pipe = pipelines(mode=mode)
-        pipe.generation = GenerationSettings(max_new_tokens=8, do_sample=True, seed=7, temperature=1.5)
-        assert pipe.ask("tell me something").answer == pipe.ask("tell me something").answer
+        pipe.generation = GenerationSettings(max_new_tokens=8)
+        greedy = pipe.ask(question).answer
+        answers = set()
+        for seed in range(5):
+            pipe.generation = GenerationSettings(max_new_tokens=8, do_sample=True, seed=seed, temperature=1.5)
+            first = pipe.ask(question).answer
+            assert pipe.ask(question).answer == first, (mode, seed)
+            answers.add(first)
+        assert len(answers) > 1 and answers != {greedy}, (mode, greedy, answers)
 
 
 def test_image_query_and_bad_input(pipelines, sample_dir: Path) -> None:
