@@ -125,7 +125,11 @@ def test_demo_with_local_weights(tmp_path: Path, tiny_oc_dir: Path) -> None:
 def test_console_script_and_help(argv: list[str]) -> None:
     exe = Path(sys.executable).parent / "crossmodal-rag"
     r = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and ("crossmodal-rag" in r.stdout or "usage" in r.stdout)
+    from crossmodal_rag import __version__
+
+    want = {"--version": f"crossmodal-rag {__version__}\n", "--help": "usage: crossmodal-rag [-h]",
+            "search": "usage: crossmodal-rag search [-h]"}[argv[0]]
+    assert r.returncode == 0 and r.stdout.startswith(want), r.stdout[:200]
 
 
 def test_ask_chat_write_recommend(sample_collection: Path, sample_dir: Path, tmp_path: Path) -> None:
