@@ -6,7 +6,8 @@ and not the best ones (before this module: 3 of 10 on IVF and 1 of 10 on HNSW at
 items). Two strategies, chosen by the size of the allowed set, make the filtered top-k right:
 
 * **few allowed ids** (up to :data:`EXACT_MAX_ALLOWED`): their vectors are scored by brute
-  force, which is exact, complete and, at that size, faster than a widened ANN search;
+  force, which is exact, complete and, at that size, faster than a widened ANN search (on
+  IVF-Flat, a search of every list under the selector, exact too, when that is cheaper);
 * **many**: the ANN search runs with the selector and its knob (``nprobe`` / ``efSearch``)
   widened for the filter's selectivity (:func:`~.ann.filtered_params`); query rows that come
   back with fewer than k hits are searched again wider, and rows still short at the knob's
@@ -34,9 +35,13 @@ __all__ = ["EXACT_MAX_ALLOWED", "exact_allowed_search", "id_selector", "search_f
 logger = logging.getLogger(__name__)
 
 #: A filter allowing at most this many ids is searched exactly (brute force over their
-#: vectors). At 100k x 512 scoring 20k gathered float16 vectors costs about what the widened
-#: ANN search costs at that selectivity (see RESULTS.md, "Filtered search").
-EXACT_MAX_ALLOWED = 20_000
+#: vectors). Measured at 100k x 512 (RESULTS.md, "Filtered search"): the exact path costs
+#: ~1.2 us per allowed id (float16 shard lookup + scoring); HNSW32 widened for 3% selectivity
+#: ~7 ms vs 3.9 ms exact, for 10% 2.3 ms vs 13 ms, so the two cross near 4-5k ids.
+EXACT_MAX_ALLOWED = 4_096
+#: An IVF-Flat search probing every list under the selector is exact too; it costs ~1/250 of
+#: the exact path per id held (a selector test), so it is used when allowed x this > held.
+_SCAN_IDS_PER_EXACT_ID = 250
 #: Rows of allowed vectors scored per block by the exact path (bounded memory).
 _EXACT_BLOCK = 16_384
 
@@ -65,18 +70,25 @@ def id_selector(allowed: np.ndarray) -> faiss.IDSelector:
 def exact_allowed_search(vectors_of: VectorSource, allowed: np.ndarray, queries: np.ndarray,
                          k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force top-``k`` of ``queries`` ``(Q, D)`` among ``allowed`` ids, whose vectors
-    ``vectors_of(ids) -> (n, D)`` returns: ``(scores, ids)``, both ``(Q, k)``, best first."""
+    ``vectors_of(ids) -> (n, D)`` returns: ``(scores, ids)``, both ``(Q, k)``, best first.
+
+    Scored by FAISS's exhaustive kernel, on one thread for a few queries: numpy's BLAS product
+    waits for its second thread on a busy machine (a 1,000 x 512 product: 0.01 ms idle, ~30 ms
+    loaded, vs 0.13 ms here either way).
+    """
+    from .vectors import _NUMPY_MAX_QUERIES, _single_thread_if  # vectors imports this module
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(allowed), _EXACT_BLOCK):
         ids = allowed[start : start + _EXACT_BLOCK]
         vecs = np.ascontiguousarray(vectors_of(ids), dtype=np.float32)
-        cat_s = np.concatenate([best_s, queries @ vecs.T], axis=1)
-        cat_i = np.concatenate([best_i, np.broadcast_to(ids, (len(queries), len(ids)))], axis=1)
-        kk = min(k, cat_s.shape[1])
-        top = np.argpartition(-cat_s, kk - 1, axis=1)[:, :kk]
-        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
+        with _single_thread_if(len(queries) <= _NUMPY_MAX_QUERIES):
+            s, rows = faiss.knn(queries, vecs, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
+        best_s = np.concatenate([best_s, s], axis=1)
+        best_i = np.concatenate([best_i, ids[rows]], axis=1)
+    order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
     return (np.take_along_axis(best_s, order, 1).astype(np.float32),
             np.take_along_axis(best_i, order, 1).astype(np.int64))
 
@@ -91,15 +103,25 @@ def _vector_source(index: VectorIndex) -> VectorSource | None:
     return None
 
 
+def _scan_is_exact_and_cheaper(index: VectorIndex, p: SearchParams, n_allowed: int) -> bool:
+    """Whether the widened search probes every list of an IVF-Flat index (so is exact) at less
+    cost than scoring the allowed ids' vectors."""
+    if index.kind != "ivf" or index.uses_pq or p.nprobe is None:
+        return False
+    every_list = p.nprobe >= faiss.extract_index_ivf(index.index).nlist
+    return every_list and n_allowed * _SCAN_IDS_PER_EXACT_ID > len(index)
+
+
 def search_filtered(index: VectorIndex, queries: np.ndarray, k: int, allowed: np.ndarray,
                     params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of ``queries`` ``(Q, D)`` among sorted unique ``allowed`` ids on an approximate
     ``index``: ``(scores, ids)``, ``(Q, k)``; ``k`` <= ``len(allowed)`` is the caller's."""
     vectors_of = _vector_source(index)
-    if vectors_of is not None and len(allowed) <= EXACT_MAX_ALLOWED:
+    p = filtered_params(index.index, params, len(allowed) / max(len(index), 1), k)
+    if (vectors_of is not None and len(allowed) <= EXACT_MAX_ALLOWED
+            and not _scan_is_exact_and_cheaper(index, p, len(allowed))):
         return exact_allowed_search(vectors_of, allowed, queries, k)
     sel = id_selector(allowed)
-    p = filtered_params(index.index, params, len(allowed) / max(len(index), 1), k)
     scores, ids = index.search_ann(queries, k, p, sel)
     short = (ids >= 0).sum(axis=1) < k
     while short.any():
