@@ -1,5 +1,5 @@
 """Metadata filters: ``--where EXPR`` conditions turned into the set of item ids a search may
-return, so FAISS searches only those (top-k stays exact under a filter).
+return; the search keeps to those ids (exactly, or widened on ANN indexes: store/filtered.py).
 
 Grammar (one condition per ``--where``; several are ANDed)::
 
