@@ -7,7 +7,12 @@ What "safe" means here:
 * truncated files are errors, never half-grey images (``LOAD_TRUNCATED_IMAGES`` stays off);
 * EXIF orientation is applied; greyscale, palette, RGBA/LA (composited on white), CMYK and
   16-bit/32-bit/float images are converted to 8-bit RGB with their full range preserved;
-* animated images give their first frame.
+* animated images give their first frame;
+* a file is read only if it is a regular file of at most ``MAX_IMAGE_BYTES`` (a FIFO or a link
+  to ``/dev/zero`` is refused, never read: see :mod:`crossmodal_rag.safe_io`);
+* memory is bounded by what is decoded: a JPEG larger than 2048 pixels a side is decoded at
+  reduced scale (``draft``); other formats are decoded whole, so they are held to a quarter of
+  the pixel limit (67 megapixels by default) and reduced right after decoding.
 """
 
 from __future__ import annotations
@@ -19,16 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageDecodeError
+from .safe_io import MAX_IMAGE_BYTES, read_regular
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_BYTES",
     "DecodedImage",
     "decode_image",
     "load_image",
+    "read_image_file",
     "to_rgb",
 ]
 
@@ -40,10 +48,19 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", 
 #: Default limit on declared width*height (about 16k x 16k), well above any camera.
 DEFAULT_MAX_IMAGE_PIXELS = 268_435_456
 
-# A decoded JPEG larger than this on its long side is decoded at reduced scale (JPEG "draft"
-# mode); CLIP sees at most a few hundred pixels, so nothing of value is lost and decoding a
-# 50-megapixel photo becomes ~8x cheaper.
+# An image larger than twice this on its long side is decoded at reduced scale (JPEG "draft"
+# mode) or, for other formats, reduced right after decoding, by a power of two that keeps the long
+# side at least this; CLIP sees at most a few hundred pixels, so nothing of value is lost and
+# decoding a 50-megapixel photo becomes ~8x cheaper.
 _DRAFT_SIDE = 1024
+# Formats without reduced-scale decoding hold width*height*4 bytes or more while decoding, so
+# they are held to this fraction of the pixel limit (the default: 67 megapixels, ~270 MB).
+_FULL_DECODE_SHARE = 4
+_ORIENTATION = 0x0112
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_REDUCIBLE = frozenset({"L", "LA", "La", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F", "LAB", "HSV"})
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,32 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV
 
 
+def _reduction(width: int, height: int) -> int:
+    """The power of two to shrink an image by so its long side stays >= ``_DRAFT_SIDE``."""
+    factor = 1
+    while max(width, height) // (factor * 2) >= _DRAFT_SIDE and max(width, height) > 2 * _DRAFT_SIDE:
+        factor *= 2
+    return factor
+
+
+def _check_size(img: Image.Image, name: str, max_pixels: int) -> tuple[int, int, str]:
+    """Refuse by declared size, before any pixel is decoded; (width, height, format)."""
+    width, height = img.size
+    fmt = img.format or "unknown"
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(name, f"zero-sized image ({width}x{height})")
+    hint = "raise it with --max-image-pixels if the file is trusted"
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} ({hint})")
+    if fmt != "JPEG" and width * height > max_pixels // _FULL_DECODE_SHARE:
+        raise ImageDecodeError(
+            name, f"{width}x{height} = {width * height} pixels exceeds the limit of "
+            f"{max_pixels // _FULL_DECODE_SHARE} for {fmt} images, which are decoded at full size "
+            f"(a quarter of the limit of {max_pixels}; {hint})")
+    return width, height, fmt
+
+
 def decode_image(
     data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> DecodedImage:
@@ -92,7 +135,12 @@ def decode_image(
     Args:
         data: the encoded file contents.
         name: used in error messages (usually the path).
-        max_pixels: refuse images whose declared width*height exceeds this.
+        max_pixels: refuse images whose declared width*height exceeds this (JPEG), or a quarter
+            of it (other formats, which cannot be decoded at reduced scale).
+
+    Returns:
+        The image, reduced by a power of two when its long side exceeds 2048 pixels, with the
+        original (EXIF-rotated) width and height.
 
     Raises:
         ImageDecodeError: with a one-line ``reason`` (empty file, not an image, truncated,
@@ -106,20 +154,19 @@ def decode_image(
             # Pillow's guard is a process-wide setting: hold it to this call's limit.
             Image.MAX_IMAGE_PIXELS = max_pixels
             img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width <= 0 or height <= 0:
-                raise ImageDecodeError(name, f"zero-sized image ({width}x{height})")
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    name,
-                    f"{width}x{height} = {width * height} pixels exceeds the limit of "
-                    f"{max_pixels} (raise it with --max-image-pixels if the file is trusted)",
-                )
-            fmt = img.format or "unknown"
-            if fmt == "JPEG" and max(width, height) > 2 * _DRAFT_SIDE:
-                img.draft("RGB", (_DRAFT_SIDE, _DRAFT_SIDE))
+            width, height, fmt = _check_size(img, name, max_pixels)
+            factor = _reduction(width, height)
+            if fmt == "JPEG" and factor > 1:
+                img.draft("RGB", (width // factor, height // factor))
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            orientation = img.getexif().get(_ORIENTATION, 1)
+            factor = _reduction(*img.size)  # what draft did not do (all of it for other formats)
+            if factor > 1:
+                img = img.reduce(factor) if img.mode in _REDUCIBLE else img.resize(
+                    ((img.width + factor - 1) // factor, (img.height + factor - 1) // factor),
+                    Image.Resampling.BOX)
+            if orientation in _TRANSPOSE:
+                img = img.transpose(_TRANSPOSE[orientation])
             rgb = to_rgb(img)
     except ImageDecodeError:
         raise
@@ -136,24 +183,33 @@ def decode_image(
         if "truncated" in reason.lower():
             reason = "truncated image file"
         raise ImageDecodeError(name, f"cannot decode image: {reason}") from e
-    # After EXIF rotation the original width/height may swap.
-    return DecodedImage(image=rgb, width=rgb.width, height=rgb.height, format=fmt)
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees one way or the other
+        width, height = height, width
+    return DecodedImage(image=rgb, width=width, height=height, format=fmt)
 
 
-def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
+def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_bytes: int = MAX_IMAGE_BYTES) -> DecodedImage:
     """Read and decode an image file; see :func:`decode_image`.
 
+    Only a regular file (or a symlink to one) of at most ``max_bytes`` is read.
+
     Raises:
-        ImageDecodeError: the path does not exist, is not a file, cannot be read, or the
-            contents cannot be decoded.
+        ImageDecodeError: the path does not exist, is not a regular file (a FIFO, a device, a
+            directory), is larger than ``max_bytes``, cannot be read, or cannot be decoded.
     """
-    p = Path(path)
+    return decode_image(read_image_file(path, max_bytes=max_bytes), str(path), max_pixels=max_pixels)
+
+
+def read_image_file(path: str | Path, *, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the image file at ``path``, read as :func:`load_image` reads them.
+
+    Raises:
+        ImageDecodeError: with a one-line reason.
+    """
     try:
-        data = p.read_bytes()
+        return read_regular(Path(path), max_bytes=max_bytes, what="image file")
     except FileNotFoundError as e:
         raise ImageDecodeError(str(path), "no such file") from e
-    except IsADirectoryError as e:
-        raise ImageDecodeError(str(path), "is a directory, not an image file") from e
-    except OSError as e:
+    except OSError as e:  # includes safe_io.FileReadError (not a regular file, too large)
         raise ImageDecodeError(str(path), f"cannot read file: {e.strerror or e}") from e
-    return decode_image(data, str(path), max_pixels=max_pixels)
