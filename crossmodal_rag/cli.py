@@ -447,14 +447,26 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         # open_clip logs to the root logger; keep it to errors unless asked.
         logging.getLogger().setLevel(max(level, logging.ERROR) if not verbose else level)
         logging.getLogger("crossmodal_rag").setLevel(level)
-    try:
+    _quiet_hub_libraries(verbose)
+
+
+def _quiet_hub_libraries(verbose: int) -> None:
+    """No transformers/hub progress bars, and transformers' warnings only with -v. Set through
+    their environment variables, read when they are imported, so that commands which never load
+    a model never import them; a library already imported is set directly."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if not verbose:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         if not verbose:
             hf_logging.set_verbosity_error()
-    except Exception:  # pragma: no cover - transformers is a dependency
-        pass
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -705,10 +717,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .collection import Collection
+    from .store.summary import read_summary  # manifest + SQLite only: no FAISS, no model
 
-    with Collection.open(_collection_dir(args)) as coll:
-        info = coll.info()
+    info = read_summary(_collection_dir(args))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

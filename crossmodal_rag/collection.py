@@ -59,6 +59,7 @@ from .store.creation import Creation, clear_interrupted_creation
 from .store.manifest import MANIFEST_NAME, Manifest
 from .store.metadata import Item, MetadataStore
 from .store.shards import EmbeddingShards
+from .store.summary import describe
 from .store.vectors import VectorIndex, make_faiss_index
 
 __all__ = ["CheckReport", "Collection"]
@@ -594,12 +595,9 @@ class Collection:
         return self.store.counts()
 
     def info(self) -> dict[str, Any]:
-        """The manifest plus live counts."""
-        d = self.manifest.to_dict()
-        d["path"] = str(self.folder)
-        d["counts"] = self.counts()
-        d["pending_generations"] = self.store.generation - self.manifest.generation
-        return d
+        """The manifest plus live counts (:func:`crossmodal_rag.store.summary.read_summary`
+        reads the same without opening the collection)."""
+        return describe(self.folder, self.manifest, self.store)
 
     def get(self, ids: int | list[int]) -> list[Item]:
         """Items by id, in the order asked (missing ids are left out)."""

@@ -12,14 +12,14 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-import torch
-from PIL import Image
-
-from ..images import load_image
 from .spec import DEFAULT_MODEL, ModelSpec, parse_model_spec
+
+if TYPE_CHECKING:  # numpy, torch and PIL load with the first encoder that needs them
+    import numpy as np
+    import torch
+    from PIL import Image
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -54,6 +54,8 @@ def default_device() -> str:
     forced = os.environ.get("CROSSMODAL_RAG_DEVICE")
     if forced:
         return forced
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -138,16 +140,23 @@ class ClipEncoder:
         """One RGB PIL image -> the model's input tensor ``(3, H, W)``."""
         return self.backend.preprocess(image)
 
-    @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Preprocessed batch ``(N, 3, H, W)`` -> normalised embeddings ``(N, D)`` float32."""
-        feats = self.backend.image_features(pixels.to(self.device))
-        return _normalise(feats)
+        import torch
+
+        with torch.inference_mode():
+            feats = self.backend.image_features(pixels.to(self.device))
+            return _normalise(feats)
 
     def encode_images(
         self, images: Sequence[Image.Image | str | Path], batch_size: int = 32
     ) -> np.ndarray:
         """Images (PIL or paths) -> ``(N, D)`` float32, rows of unit L2 norm."""
+        import torch
+        from PIL import Image
+
+        from ..images import load_image
+
         out: list[np.ndarray] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
@@ -157,27 +166,33 @@ class ClipEncoder:
         return _concat(out, self)
 
     # -- texts ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def encode_texts(self, texts: str | Iterable[str], batch_size: int = 64) -> np.ndarray:
         """Texts -> ``(N, D)`` float32, rows of unit L2 norm; a single string gives N=1.
 
         Texts longer than the model's context are truncated by its tokenizer.
         """
+        import torch
+
         items = [texts] if isinstance(texts, str) else list(texts)
-        out = [
-            _normalise(self.backend.text_features(items[i : i + batch_size]))
-            for i in range(0, len(items), batch_size)
-        ]
+        with torch.inference_mode():
+            out = [
+                _normalise(self.backend.text_features(items[i : i + batch_size]))
+                for i in range(0, len(items), batch_size)
+            ]
         return _concat(out, self)
 
 
 def _normalise(feats: torch.Tensor) -> np.ndarray:
+    import numpy as np
+
     feats = feats.float()
     feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return np.ascontiguousarray(feats.cpu().numpy(), dtype=np.float32)
 
 
 def _concat(parts: list[np.ndarray], enc: ClipEncoder) -> np.ndarray:
+    import numpy as np
+
     if not parts:
         return np.zeros((0, enc.dim), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)

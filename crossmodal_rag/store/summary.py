@@ -1,0 +1,35 @@
+"""A collection's description (manifest plus live counts) read from the manifest and SQLite
+alone: no index file is loaded and neither FAISS nor any model is imported, so
+``crossmodal-rag info`` answers at once on a collection of any size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .manifest import Manifest
+from .metadata import MetadataStore
+
+__all__ = ["describe", "read_summary"]
+
+
+def describe(folder: Path, manifest: Manifest, store: MetadataStore) -> dict[str, Any]:
+    """The manifest of the collection in ``folder`` plus its live counts, its path and how many
+    committed generations its index files lag behind (replayed on open)."""
+    d = manifest.to_dict()
+    d["path"] = str(folder)
+    d["counts"] = store.counts()
+    d["pending_generations"] = store.generation - manifest.generation
+    return d
+
+
+def read_summary(folder: str | Path) -> dict[str, Any]:
+    """:meth:`Collection.info <crossmodal_rag.collection.Collection.info>` of the collection in
+    ``folder``, without opening it (read-only; takes no lock)."""
+    path = Path(folder).expanduser().resolve()
+    manifest = Manifest.read(path)
+    store = MetadataStore(path, readonly=True)
+    try:
+        return describe(path, manifest, store)
+    finally:
+        store.close()
