@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +110,128 @@ def test_unreadable_sources_raise(tmp_path: Path) -> None:
     (tmp_path / "list.json").write_text("[]")
     with pytest.raises(SourceError, match="COCO"):
         list(read_source(tmp_path / "list.json"))
+
+
+# -- hostile sources (issue 15) ----------------------------------------------------------------
+def _child(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``code`` in a child with an address-space cap and a time limit (a hang or a read of
+    /dev/zero fails the test, not the machine)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_non_regular_manifests_and_caption_files_are_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    os.mkfifo(tmp_path / "fifo.csv")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    photos = tmp_path / "photos"
+    _img(photos / "a.jpg")
+    (photos / "a.txt").symlink_to("/dev/zero")  # a caption "file" that never ends
+    _img(photos / "b.jpg")
+    (photos / "b.txt").write_bytes(b"x" * (64 * 1024 * 1024 + 1))  # over the caption-file cap
+    code = f"""
+import json
+from crossmodal_rag.errors import SourceError
+from crossmodal_rag.sources import Problem, read_source
+out = {{}}
+for name in ("fifo.jsonl", "fifo.csv", "zero.json"):
+    try:
+        list(read_source({str(tmp_path)!r} + "/" + name))
+        out[name] = "read"
+    except SourceError as e:
+        out[name] = str(e)
+out["photos"] = [[r.item, r.reason] if isinstance(r, Problem) else [r.path.name, list(r.captions)]
+                 for r in read_source({str(photos)!r})]
+print(json.dumps(out))
+"""
+    r = _child(code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "named pipe" in out["fifo.jsonl"] and "named pipe" in out["fifo.csv"]
+    assert "character device" in out["zero.json"]
+    rows = {Path(a).name: b for a, b in out["photos"]}
+    assert "character device" in rows["a.txt"] and rows["a.jpg"] == []  # the image is still indexed
+    assert "exceeds the limit" in rows["b.txt"] and rows["b.jpg"] == []
+
+
+def _bad_rows_manifest(root: Path) -> Path:
+    for n, name in enumerate(("good1.jpg", "good2.jpg", "x.jpg")):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(jpeg_bytes(color=(40 * n, 200, 30)))  # distinct contents
+    deep = '{"image": "x.jpg", "caption": "deep", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    lines = [
+        json.dumps({"image": "good1.jpg", "caption": "a good caption"}),
+        deep,                                                               # line 2
+        json.dumps({"image": "x\u0000.jpg", "caption": "nul in the path"}),  # line 3
+        '{"image": "x.jpg", "caption": "lone \\ud800 surrogate"}',          # line 4
+        '{"image": "x.jpg", "caption": "ok", "license": "\\udfff"}',         # line 5
+        '{"text": "a passage", "n": ' + "9" * 5000 + "}",                   # line 6: int too long
+        json.dumps({"image": "good2.jpg", "caption": "another good caption"}),
+        json.dumps({"text": "a good passage"}),
+    ]
+    manifest = root / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return manifest
+
+
+def test_bad_jsonl_rows_are_skipped_alone(tmp_path: Path) -> None:
+    manifest = _bad_rows_manifest(tmp_path)
+    records = list(read_source(manifest))
+    reasons = {p.item.rsplit(":", 1)[1]: p.reason for p in records if isinstance(p, Problem)}
+    assert set(reasons) == {"2", "3", "4", "5", "6"}, reasons
+    assert "nested" in reasons["2"]
+    assert "NUL" in reasons["3"]
+    assert "surrogate" in reasons["4"] and "surrogate" in reasons["5"]
+    assert "digits" in reasons["6"] or "invalid" in reasons["6"]
+    good = {r.path.name: r.captions for r in records if isinstance(r, ImageRecord)}
+    assert good == {"good1.jpg": ("a good caption",), "good2.jpg": ("another good caption",)}
+    assert [r.text for r in records if isinstance(r, TextRecord)] == ["a good passage"]
+
+
+def _coco_with_bad_ids(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for n, name in enumerate(("1.jpg", "2.jpg", "3.jpg", "4.jpg")):
+        (root / name).write_bytes(jpeg_bytes(color=(40 * n, 30, 200)))
+    coco = {"images": [{"id": 1, "file_name": "1.jpg"}, {"id": [2], "file_name": "2.jpg"},
+                       {"id": {"a": 1}, "file_name": "3.jpg"}, {"id": "four", "file_name": "4.jpg"},
+                       {"id": 5, "file_name": "bad\ud800.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "one"}, {"image_id": [2], "caption": "two"},
+                            {"image_id": "four", "caption": "four"}, {"image_id": 1, "caption": "bad \udfff"}]}
+    path = root / "coco.json"
+    path.write_text(json.dumps(coco), encoding="utf-8")  # ensure_ascii: surrogates as \\u escapes
+    return path
+
+
+def test_coco_entries_with_bad_ids_are_skipped_alone(tmp_path: Path) -> None:
+    records = list(read_source(_coco_with_bad_ids(tmp_path)))
+    good = {r.path.name: (r.captions, r.extra) for r in records if isinstance(r, ImageRecord)}
+    assert good == {"1.jpg": (("one",), {"coco_id": 1}), "4.jpg": (("four",), {"coco_id": "four"})}
+    reasons = {p.item.rsplit(":", 1)[1]: p.reason for p in records if isinstance(p, Problem)}
+    assert "id" in reasons["images[1]"] and "list" in reasons["images[1]"]
+    assert "id" in reasons["images[2]"]
+    assert "surrogate" in reasons["images[4]"]
+    assert "image_id" in reasons["annotations[1]"] and "surrogate" in reasons["annotations[3]"]
+
+
+def test_ingest_goes_on_past_bad_rows(tmp_path: Path, tiny_oc_spec: str) -> None:
+    """Each bad row is reported with its line and reason; the good rows are all committed."""
+    from crossmodal_rag import Collection
+
+    manifest = _bad_rows_manifest(tmp_path / "m")
+    coco = _coco_with_bad_ids(tmp_path / "c")
+    with Collection.create(tmp_path / "coll", tiny_oc_spec) as coll:
+        report = coll.add(manifest)
+        items = {Path(p.item).name for p in report.skipped}
+        assert items == {f"m.jsonl:{n}" for n in (2, 3, 4, 5, 6)}, report.skipped
+        assert (report.images_added, report.captions_added, report.passages_added) == (2, 2, 1)
+        report = coll.add(coco)
+        assert report.images_added == 2 and report.captions_added == 2
+        assert {Path(p.item).name for p in report.skipped} == {
+            "coco.json:images[1]", "coco.json:images[2]", "coco.json:images[4]",
+            "coco.json:annotations[1]", "coco.json:annotations[3]"}
+        texts = {h.text for h in coll.search("x", k=50, target="texts")}
+        assert texts == {"a good caption", "another good caption", "a good passage", "one", "four"}
+        assert coll.check().ok
