@@ -66,8 +66,9 @@ __all__ = ["CheckReport", "Collection"]
 
 logger = logging.getLogger(__name__)
 
-#: Text queries are cut to this many characters (CLIP reads 77 tokens; this is far beyond).
-MAX_QUERY_CHARS = 4096
+#: Each query term is cut to this many characters (CLIP reads 77 tokens; this is far beyond). A
+#: whole query over ``query.MAX_QUERY_CHARS`` is refused before parsing.
+MAX_TERM_CHARS = 4096
 _INDEX_NAMES = ("image", "text")
 #: Index files up to this size are checksummed on open (bigger ones by `check` only).
 _HASH_ON_OPEN_MAX_BYTES = 256 << 20
@@ -768,10 +769,10 @@ class Collection:
         return combine(stacked, weights)
 
     def _clip_query(self, text: str) -> str:
-        if len(text) > MAX_QUERY_CHARS:
+        if len(text) > MAX_TERM_CHARS:
             logger.warning("query of %d characters truncated to %d (the encoder reads at most %d "
-                           "tokens)", len(text), MAX_QUERY_CHARS, self.encoder.max_text_tokens)
-            return text[:MAX_QUERY_CHARS]
+                           "tokens)", len(text), MAX_TERM_CHARS, self.encoder.max_text_tokens)
+            return text[:MAX_TERM_CHARS]
         return text
 
     def resolve_min_score(self, min_score: float | str | None, *, query_is_image: bool,

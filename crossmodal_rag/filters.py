@@ -28,6 +28,7 @@ passage and ``width``) does not match.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import re
 from collections.abc import Iterable
@@ -39,17 +40,29 @@ from typing import Any
 import numpy as np
 
 from .errors import QueryError
+from .query import bad_character
 from .store.metadata import MetadataStore
 
-__all__ = ["Condition", "allowed_ids", "parse_where"]
+__all__ = ["MAX_WHERE_CHARS", "MAX_WHERE_CONDITIONS", "Condition", "allowed_ids", "parse_where"]
 
+#: Longest ``--where`` expression accepted (a glob of a 4096-byte path fits); a longer one is
+#: refused before it is parsed.
+MAX_WHERE_CHARS = 8192
+#: Most ``--where`` conditions one search may AND together.
+MAX_WHERE_CONDITIONS = 64
+
+# The scanner reads an expression once, left to right; every pattern is possessive, so no input
+# makes it backtrack (linear time on any input).
+_SPACE = re.compile(r"\s*+")
+_NAME = re.compile(r"[A-Za-z_][\w.\-]*+")
+_NUMBER = re.compile(r"([0-9]++(?:\.[0-9]++)?+|\.[0-9]++)\s*+([A-Za-z]*+)")
 _OPS = ("<=", ">=", "!=", "=", "<", ">", "~")
-_EXPR = re.compile(r"\s*([A-Za-z_][\w.\-]*)\s*(<=|>=|!=|=|<|>|~)\s*(.*?)\s*$", re.S)
 _NUMERIC = {"size", "width", "height", "added"}
 _KNOWN = {"path", "name", "folder", "type", "format", "size", "width", "height", "added", "caption",
           "text", "title", "kind"}
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
 _TYPE_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
+_SHOWN = 120  # characters of a long expression shown around the position at fault
 
 
 @dataclass(frozen=True)
@@ -61,65 +74,103 @@ class Condition:
 
 
 def _error(expr: str, pos: int, message: str) -> QueryError:
-    pointer = " " * pos + "^"
-    return QueryError(f"--where {expr!r}: {message} (at position {pos})\n  {expr}\n  {pointer}")
+    shown, at = expr, pos
+    if len(expr) > _SHOWN:  # a window around the position, not the whole expression
+        start = max(0, min(pos - _SHOWN // 2, len(expr) - _SHOWN))
+        shown = ("..." if start else "") + expr[start : start + _SHOWN] + ("..." if start + _SHOWN < len(expr) else "")
+        at = pos - start + (3 if start else 0)
+    pointer = " " * at + "^"
+    return QueryError(f"--where {shown!r}: {message} (at position {pos})\n  {shown}\n  {pointer}")
 
 
-def parse_where(exprs: Iterable[str] | str | None) -> list[Condition]:
-    """Parse ``--where`` expressions; raises :class:`QueryError` naming the position at fault."""
+def parse_where(exprs: Iterable[str] | str | None, *,
+                max_chars: int | None = MAX_WHERE_CHARS) -> list[Condition]:
+    """Parse ``--where`` expressions; raises :class:`QueryError` naming the position at fault.
+
+    At most :data:`MAX_WHERE_CONDITIONS` expressions of at most ``max_chars`` characters each
+    (:data:`MAX_WHERE_CHARS`; None: no limit), without NUL characters or lone surrogates; each is
+    read in one pass, in time linear in its length.
+    """
     if exprs is None:
         return []
     if isinstance(exprs, str):
         exprs = [exprs]
-    out = []
-    for expr in exprs:
-        if not expr or not expr.strip():
-            raise _error(expr or "", 0, "empty expression")
-        m = _EXPR.match(expr)
-        if not m:
-            head = re.match(r"\s*[A-Za-z_][\w.\-]*", expr)
-            pos = head.end() if head else len(expr) - len(expr.lstrip())
-            what = "expected an operator (= != < <= > >= ~)" if head else "expected a field name"
-            raise _error(expr, pos, what)
-        name, op, raw = m.group(1), m.group(2), m.group(3)
-        vpos = m.start(3)
-        if raw.startswith(("'", '"')) and raw.endswith(raw[0]) and len(raw) >= 2:
-            raw = raw[1:-1]
-        if raw == "":
-            raise _error(expr, vpos, "missing value")
-        key = name.lower()
-        field = key if key in _KNOWN else f"extra.{name[6:] if key.startswith('extra.') else name}"
-        if key == "format":
-            field = "type"
-        value: Any = raw
-        if field in _NUMERIC:
-            if op == "~":
-                raise _error(expr, m.start(2), f"'{field}' compares with = != < <= > >=, not ~")
-            value = _parse_number(field, raw, expr, vpos)
-        elif field == "type":
-            value = _TYPE_ALIASES.get(raw.lower().lstrip("."), raw.lower().lstrip("."))
-        elif field == "kind":
-            if raw not in ("image", "caption", "passage"):
-                raise _error(expr, vpos, "kind is image, caption or passage")
-        elif field == "folder":
-            value = str(Path(raw).expanduser().resolve())
-        if op in ("<", "<=", ">", ">=") and field in ("path", "name", "folder", "type", "caption",
-                                                      "text", "title", "kind"):
-            raise _error(expr, m.start(2), f"'{field}' compares with = != or ~ only")
-        out.append(Condition(field, op, value, expr))
-    return out
+    exprs = list(itertools.islice(exprs, MAX_WHERE_CONDITIONS + 1))
+    if len(exprs) > MAX_WHERE_CONDITIONS:
+        raise QueryError(f"more than {MAX_WHERE_CONDITIONS} --where conditions (MAX_WHERE_CONDITIONS); "
+                         "combine them or filter in fewer steps")
+    return [_parse_one(expr, max_chars) for expr in exprs]
+
+
+def _parse_one(expr: Any, max_chars: int | None) -> Condition:
+    if not isinstance(expr, str):
+        raise QueryError(f"--where expressions are text, got {type(expr).__name__}")
+    if max_chars is not None and len(expr) > max_chars:
+        raise QueryError(f"--where expression of {len(expr)} characters is longer than the limit of "
+                         f"{max_chars} (MAX_WHERE_CHARS); shorten the value")
+    bad = bad_character(expr)
+    if bad is not None:
+        raise _error(expr, bad[0], f"contains {bad[1]}")
+    if not expr.strip():
+        raise _error(expr, 0, "empty expression")
+    name, op, raw, oppos, vpos = _scan(expr)
+    if raw.startswith(("'", '"')) and raw.endswith(raw[0]) and len(raw) >= 2:
+        raw = raw[1:-1]
+    if raw == "":
+        raise _error(expr, vpos, "missing value")
+    key = name.lower()
+    field = key if key in _KNOWN else f"extra.{name[6:] if key.startswith('extra.') else name}"
+    if key == "format":
+        field = "type"
+    value: Any = raw
+    if field in _NUMERIC:
+        if op == "~":
+            raise _error(expr, oppos, f"'{field}' compares with = != < <= > >=, not ~")
+        value = _parse_number(field, raw, expr, vpos)
+    elif field == "type":
+        value = _TYPE_ALIASES.get(raw.lower().lstrip("."), raw.lower().lstrip("."))
+    elif field == "kind":
+        if raw not in ("image", "caption", "passage"):
+            raise _error(expr, vpos, "kind is image, caption or passage")
+    elif field == "folder":
+        value = _folder(raw, expr, vpos)
+    if op in ("<", "<=", ">", ">=") and field in ("path", "name", "folder", "type", "caption",
+                                                  "text", "title", "kind"):
+        raise _error(expr, oppos, f"'{field}' compares with = != or ~ only")
+    return Condition(field, op, value, expr)
+
+
+def _scan(expr: str) -> tuple[str, str, str, int, int]:
+    """``FIELD OP VALUE`` -> (field, op, value stripped, op position, value position)."""
+    start = _SPACE.match(expr).end()
+    name = _NAME.match(expr, start)
+    if name is None:
+        raise _error(expr, start, "expected a field name")
+    oppos = _SPACE.match(expr, name.end()).end()
+    op = next((o for o in _OPS if expr.startswith(o, oppos)), None)
+    if op is None:
+        raise _error(expr, name.end(), "expected an operator (= != < <= > >= ~)")
+    vpos = _SPACE.match(expr, oppos + len(op)).end()
+    return name.group(), op, expr[vpos:].rstrip(), oppos, vpos
+
+
+def _folder(raw: str, expr: str, pos: int) -> str:
+    try:
+        return str(Path(raw).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. ~user of no such user, a symlink loop
+        raise _error(expr, pos, f"cannot use folder {raw[:_SHOWN]!r}: {e}") from None
 
 
 def _parse_number(field: str, raw: str, expr: str, pos: int) -> float:
     if field == "added":
         try:
             dt = datetime.fromisoformat(raw)
-        except ValueError:
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=timezone.utc)
+            return dt.timestamp()
+        except (ValueError, OverflowError):
             raise _error(expr, pos, "expected an ISO date like 2024-05-01 or 2024-05-01T12:00") from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        return dt.timestamp()
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([A-Za-z]*)", raw)
+    m = _NUMBER.fullmatch(raw)
     if not m or m.group(2).lower() not in (_UNITS if field == "size" else {""}):
         unit = " (units: KB, MB, GB)" if field == "size" else ""
         raise _error(expr, pos, f"expected a number{unit}")

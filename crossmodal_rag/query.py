@@ -21,10 +21,19 @@ import numpy as np
 
 from .errors import QueryError
 
-__all__ = ["QueryTerm", "combine", "parse_query"]
+__all__ = ["MAX_QUERY_CHARS", "MAX_QUERY_TERMS", "QueryTerm", "bad_character", "combine", "parse_query"]
 
-_TERM = re.compile(r'\s*(?:(?P<w>[0-9]*\.?[0-9]+)\s*:\s*)?(?:"(?P<q>[^"]*)"|(?P<b>.+?))\s*$', re.S)
-_SPLIT = re.compile(r'("[^"]*")|\s+([+-])\s+')
+#: Longest text query accepted (the encoder reads 77 tokens; this is far beyond); a longer one is
+#: refused before it is parsed.
+MAX_QUERY_CHARS = 16_384
+#: Most terms one query may add or subtract (each is one encoder pass).
+MAX_QUERY_TERMS = 32
+
+# The scanner reads a query once, left to right; the patterns are possessive, so no input makes
+# them backtrack (linear time on any input).
+_SPACE = re.compile(r"\s*+")
+_PLAIN = re.compile(r'[^"\s]++')  # a run of characters that cannot start a quote or an operator
+_WEIGHT = re.compile(r"([0-9]++(?:\.[0-9]++)?+|\.[0-9]++)\s*+:\s*+")
 
 
 @dataclass(frozen=True)
@@ -33,34 +42,94 @@ class QueryTerm:
     weight: float = 1.0  # negative for a subtracted term
 
 
-def parse_query(query: str) -> list[QueryTerm]:
-    """Split a text query into weighted terms (see the module docstring)."""
-    if query is None or not str(query).strip():
+def bad_character(text: str) -> tuple[int, str] | None:
+    """(position, description) of the first character no path, database or encoder can take (a
+    NUL, a lone surrogate), or None."""
+    nul = text.find("\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        if nul < 0 or e.start < nul:
+            return e.start, "a lone surrogate (not valid Unicode)"
+    return (nul, "a NUL character") if nul >= 0 else None
+
+
+def parse_query(query: str, *, max_chars: int | None = MAX_QUERY_CHARS) -> list[QueryTerm]:
+    """Split a text query into weighted terms (see the module docstring).
+
+    Queries of more than ``max_chars`` characters (:data:`MAX_QUERY_CHARS`; None: no limit) or
+    :data:`MAX_QUERY_TERMS` terms, and queries with a NUL or a lone surrogate, raise
+    :class:`QueryError`. Parsing is one pass, linear in the length of the query.
+    """
+    if not isinstance(query, str):
+        raise QueryError(f"a query is text, got {type(query).__name__}")
+    if max_chars is not None and len(query) > max_chars:
+        raise QueryError(f"query of {len(query)} characters is longer than the limit of {max_chars} "
+                         "(MAX_QUERY_CHARS); shorten it")
+    bad = bad_character(query)
+    if bad is not None:
+        raise QueryError(f"query contains {bad[1]} at position {bad[0]}; remove it")
+    text = query.strip()
+    if not text:
         raise QueryError("empty query: give a text to search for, or an image with --image")
-    parts: list[tuple[int, str]] = []  # (sign, raw text)
-    sign, buf, pos = 1, [], 0
-    text = str(query).strip()
-    if re.search(r'(^[+-]\s)|(\s[+-]$)', text) and not text.startswith('"'):
-        raise QueryError(f"query {query!r} starts or ends with an operator; write \"a cat\" + \"snow\"")
-    for m in _SPLIT.finditer(text):
-        if m.group(1):  # a quoted run: keep as it is
-            continue
-        buf.append(text[pos : m.start()])
-        parts.append((sign, "".join(buf)))
-        buf, pos = [], m.end()
-        sign = 1 if m.group(2) == "+" else -1
-    buf.append(text[pos:])
-    parts.append((sign, "".join(buf)))
+    if _dangling_operator(text):
+        raise QueryError(f"query {_short(query)} starts or ends with an operator; write \"a cat\" + \"snow\"")
     terms = []
-    for sign, raw in parts:
-        m = _TERM.match(raw)
-        body = (m.group("q") if m and m.group("q") is not None else m.group("b") if m else raw) or ""
-        weight = float(m.group("w")) if m and m.group("w") else 1.0
+    for sign, raw in _split(text):
+        weight, body = _weighted(raw)
         body = " ".join(body.split())
         if not body:
-            raise QueryError(f"query {query!r} has an empty term; write terms like \"a cat\" + \"snow\"")
+            raise QueryError(f"query {_short(query)} has an empty term; write terms like \"a cat\" + \"snow\"")
         terms.append(QueryTerm(body, sign * weight))
     return terms
+
+
+def _short(query: str, shown: int = 200) -> str:
+    return repr(query) if len(query) <= shown else repr(query[:shown]) + f"... ({len(query)} characters)"
+
+
+def _dangling_operator(text: str) -> bool:
+    """``+ x`` or ``x -``: an operator with whitespace on its inner side at either end (a query
+    that opens with a quote is left alone, as before)."""
+    if len(text) < 2 or text.startswith('"'):
+        return False
+    return (text[0] in "+-" and text[1].isspace()) or (text[-1] in "+-" and text[-2].isspace())
+
+
+def _split(text: str) -> list[tuple[int, str]]:
+    """(sign, raw term) at each `` + ``/`` - `` (whitespace on both sides) outside ``"quoted"``
+    runs. ``text`` is stripped; each whitespace run and quoted run is scanned once. More than
+    :data:`MAX_QUERY_TERMS` terms raise :class:`QueryError` as soon as they are seen."""
+    parts: list[tuple[int, str]] = []
+    sign, start, i, n = 1, 0, 0, len(text)
+    while i < n:
+        if text[i] == '"':
+            close = text.find('"', i + 1)  # an unclosed quote is an ordinary character
+            i = close + 1 if close >= 0 else i + 1
+        elif text[i].isspace():
+            j = _SPACE.match(text, i).end()
+            if j + 1 < n and text[j] in "+-" and text[j + 1].isspace():
+                parts.append((sign, text[start:i]))
+                if len(parts) >= MAX_QUERY_TERMS:
+                    raise QueryError(f"query has more than {MAX_QUERY_TERMS} terms (MAX_QUERY_TERMS); "
+                                     "combine fewer texts")
+                sign = 1 if text[j] == "+" else -1
+                start = _SPACE.match(text, j + 1).end()
+                j = start
+            i = j
+        else:
+            i = _PLAIN.match(text, i).end()
+    parts.append((sign, text[start:]))
+    return parts
+
+
+def _weighted(raw: str) -> tuple[float, str]:
+    """``2:cat`` -> (2.0, "cat"); ``"red car"`` -> (1.0, "red car"); anything else is the body."""
+    m = _WEIGHT.match(raw)
+    weight, body = (float(m.group(1)), raw[m.end():]) if m and m.end() < len(raw) else (1.0, raw)
+    if len(body) >= 2 and body[0] == '"' and body.find('"', 1) == len(body) - 1:
+        body = body[1:-1]
+    return weight, body
 
 
 def combine(vectors: np.ndarray, weights: list[float]) -> np.ndarray:

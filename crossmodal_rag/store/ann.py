@@ -121,7 +121,8 @@ def parse_memory(text: str | int | float | None) -> int | None:
     if isinstance(text, (int, float)):
         value = int(text)
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", str(text))
+        # possessive, so the match never backtracks: linear on any input (e.g. 100k digits)
+        m = re.fullmatch(r"\s*+([0-9]++(?:\.[0-9]++)?+|\.[0-9]++)\s*+([kmgtKMGT]?+)(?:i?+[bB])?+\s*+", str(text))
         if not m:
             raise CollectionError(
                 f"cannot read memory size {text!r}; write e.g. 4G, 512M, 1.5GiB or a byte count"
