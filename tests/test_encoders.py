@@ -97,14 +97,24 @@ def test_hf_folder_matches_the_model_that_was_saved(tmp_path: Path) -> None:
     ref_t = (out / out.norm(dim=-1, keepdim=True)).numpy()
     np.testing.assert_allclose(enc.encode_texts(TEXTS), ref_t, atol=1e-5)
     got = enc.encode_images(_images())
-    assert got.shape == (3, 32) and np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    pixels = enc.backend.processor(images=_images(), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = ref.get_image_features(pixel_values=pixels)
+    out = out if isinstance(out, torch.Tensor) else out.pooler_output
+    np.testing.assert_allclose(got, (out / out.norm(dim=-1, keepdim=True)).numpy(), atol=1e-5)
 
 
 def test_texts_longer_than_the_context_are_truncated(tiny_oc_spec: str, tiny_hf_dir: Path) -> None:
+    """Past the context only the start counts: two texts that differ after it embed the same, two
+    that differ at the start do not (an encoder that failed, or kept the end, would fail this)."""
     long = "word " * 500
     for spec in (tiny_oc_spec, f"hf:{tiny_hf_dir}"):
         enc = load_encoder(spec)
-        assert enc.encode_texts([long, "", "ü ☃ \x00 \t"]).shape == (3, enc.dim)
+        got = enc.encode_texts([long, "", "ü ☃ \x00 \t", long + "cat", long + "dog", "cat " + long, "dog " + long])
+        assert got.shape == (7, enc.dim)
+        np.testing.assert_allclose(got[3], got[4], atol=1e-6)  # the tails were cut
+        np.testing.assert_allclose(got[0], got[3], atol=1e-6)
+        assert not np.allclose(got[5], got[6], atol=1e-3)  # the heads were kept
         assert enc.encode_texts("single string").shape == (1, enc.dim)
         assert enc.encode_texts([]).shape == (0, enc.dim)
 
