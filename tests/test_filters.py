@@ -230,3 +230,34 @@ def test_collection_filtered_search_on_ann_index_is_exact(imported, tmp_path: Pa
                 want = np.sort(vecs @ q[row])[::-1][:10]
                 assert len(hits) == 10 and all(h.id in ids for h in hits), where
                 assert np.allclose([h.score for h in hits], want, atol=2e-3), where
+
+
+def test_merged_search_keeps_fetching_while_an_unseen_row_could_win(tmp_path: Path) -> None:
+    """``target="all"`` merges two indexes; a long text's windows fill the text index's first
+    rows. The search must not stop at k distinct items while an unfetched text row scores above
+    the k-th of them (it did: the second-best item, a passage at 0.8, lost to an image at 0.5)."""
+    from crossmodal_rag.search import search_vectors
+    from crossmodal_rag.store.metadata import MetadataStore
+    from crossmodal_rag.store.vectors import VectorIndex
+
+    d = 8
+    q = np.eye(d, dtype=np.float32)[0]
+
+    def at(score: float, axis: int) -> np.ndarray:  # a unit vector of cosine ``score`` with q
+        return (score * q + np.sqrt(1 - score**2) * np.eye(d, dtype=np.float32)[axis]).astype(np.float32)
+
+    store = MetadataStore(tmp_path)
+    with store.transaction():
+        images = [store.insert_item("image", at(s, 1 + n)) for n, s in enumerate((0.5, 0.4))]
+        long_id = store.insert_item("passage", at(0.9, 3), text="long")
+        windows = [store.insert_item("window", at(s, 4 + n), parent_id=long_id, text="w")
+                   for n, s in enumerate((0.9, 0.85))]
+        short_id = store.insert_item("passage", at(0.8, 6), text="short")
+    indexes = {"image": VectorIndex(d), "text": VectorIndex(d)}
+    indexes["image"].add(np.array(images), np.stack([at(0.5, 1), at(0.4, 2)]))
+    indexes["text"].add(np.array([*windows, short_id]), np.stack([at(0.9, 4), at(0.85, 5), at(0.8, 6)]))
+    hits = search_vectors(indexes, store, q[None], k=2, target="all")[0]
+    # oracle by hand: items by their best row -> long 0.9, short 0.8, images 0.5 / 0.4
+    assert [h.id for h in hits] == [long_id, short_id]
+    assert np.allclose([h.score for h in hits], [0.9, 0.8], atol=1e-6)
+    store.close()
