@@ -323,3 +323,37 @@ def test_mismatched_encoder_is_a_clear_error(facts: dict[str, Path], t5_dir: Pat
         (tmp_path / "ckpt" / QUERY_PROJECTION_FILE).unlink()
         with pytest.raises(ModelSpecError):
             load_rag_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_collection_whose_encoder_has_another_image_tower_is_refused(
+        facts: dict[str, Path], t5_dir: Path, tiny_oc_dir: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from crossmodal_rag import fingerprint
+    from tests.test_collection import _with_other_image_tower
+
+    ckpt = tmp_path / "ckpt"
+    with Collection.open(facts["collection"]) as coll:
+        make_task(facts, t5_dir, coll).save_artifact(ckpt)
+    cfg = json.loads((ckpt / RAG_CONFIG_FILE).read_text())
+    other = f"open_clip:local-dir:{_with_other_image_tower(tiny_oc_dir, tmp_path / 'other-image-tower')}"
+    with Collection.create(tmp_path / "other", other) as coll:
+        coll.add(facts["root"] / "passages.jsonl")
+        stored = fingerprint.read(coll.store)
+    assert stored is not None and stored.image is not None
+    # the text towers agree (all the old check compared); the image towers do not
+    assert fingerprint.rows_cosine(stored.text, np.asarray(cfg["encoder_probe"])) >= fingerprint.MIN_COSINE
+    assert fingerprint.rows_cosine(stored.image, np.asarray(cfg["encoder_image_probe"])) < fingerprint.MIN_COSINE
+    with Collection.open(tmp_path / "other") as coll, \
+            pytest.raises(EncoderMismatchError, match="trained for encoder.*image tower"):
+        RagPipeline(coll, str(ckpt))
+    with Collection.open(facts["collection"]) as coll:  # its own collection: both towers agree
+        assert RagPipeline(coll, str(ckpt)).query_projection is not None
+    # a checkpoint written before image probes (format 1) still loads: text checked, a warning
+    old = {k: v for k, v in cfg.items() if k != "encoder_image_probe"} | {"format_version": 1}
+    (ckpt / RAG_CONFIG_FILE).write_text(json.dumps(old))
+    assert load_rag_checkpoint(ckpt).config.encoder_image_probe is None
+    with caplog.at_level(logging.WARNING, logger="crossmodal_rag"), Collection.open(facts["collection"]) as coll:
+        assert RagPipeline(coll, str(ckpt)).query_projection is not None
+    assert "only the text tower" in caplog.text and str(ckpt.resolve()) in caplog.text

@@ -72,7 +72,7 @@ logger = logging.getLogger(__name__)
 QUERY_PROJECTION_FILE = "query_projection.safetensors"
 RAG_CONFIG_FILE = "rag_config.json"
 _FORMAT = "crossmodal-rag/query-projection"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the image tower's probe too (1: text probe only, still read)
 RAG_TRAIN_MODES = ("rag-sequence", "rag-token")
 #: Loop settings for ``train rag`` where the command line gives none (fine-tuning a real generator).
 TRAIN_DEFAULTS: dict[str, Any] = {"max_steps": 1000, "batch_size": 8, "lr": 1e-4, "warmup_steps": 50}
@@ -143,7 +143,8 @@ class RagCheckpointConfig:
     bias: bool  # W has a bias
     prompt_template: str  # the prompt the generator was trained on
     item_template: str
-    encoder_probe: list[list[float]] = field(default_factory=list)  # the collection's probe embeddings
+    encoder_probe: list[list[float]] = field(default_factory=list)  # the collection's text probe embeddings
+    encoder_image_probe: list[list[float]] | None = None  # its image probe (None: format 1, text only)
     base_generator: str = ""  # the generator spec training started from
     format: str = _FORMAT
     format_version: int = _FORMAT_VERSION
@@ -252,20 +253,37 @@ class RagCheckpoint:
         return replace(settings, **changes)
 
     def check_collection(self, collection: Collection) -> None:
-        """Refuse (:class:`EncoderMismatchError`) a collection built with another encoder."""
+        """Refuse (:class:`EncoderMismatchError`) a collection built with another encoder: its
+        fingerprint (both towers, see :mod:`crossmodal_rag.fingerprint`) must reproduce the one
+        recorded at training, whatever the encoders' names (the same weights moved elsewhere are
+        accepted; other weights under the same name are not). Without probes on either side, the
+        names decide; a checkpoint of format 1 holds the text probe only (a warning)."""
         m = collection.manifest
         hint = (f"the query projection in {self.folder} was trained for encoder {self.config.encoder} "
                 f"({self.config.dim}-d) but {collection.folder} was built with {m.encoder} ({m.dim}-d); "
                 "use it with a collection of that encoder, or train rag again on this collection")
         if m.dim != self.config.dim:
             raise EncoderMismatchError(hint)
-        if m.encoder == self.config.encoder:
+        stored, trained = fingerprint.read(collection.store), self.encoder_fingerprint()
+        if stored is None or trained is None:
+            if m.encoder != self.config.encoder:
+                raise EncoderMismatchError(hint)
             return
-        stored = fingerprint.read(collection.store)
-        if stored and self.config.encoder_probe and (  # same weights under another name (e.g. moved)
-                fingerprint.rows_cosine(stored.text, self.config.encoder_probe) >= fingerprint.MIN_COSINE):
-            return
-        raise EncoderMismatchError(hint)
+        problem = fingerprint.mismatch(stored, trained)
+        if problem:
+            raise EncoderMismatchError(f"{hint} (the encoders differ: {problem})")
+        if stored.image is None or trained.image is None:
+            older = self.folder if trained.image is None else collection.folder
+            logger.warning("%s was made before image-tower fingerprints: only the text tower of %s "
+                           "is verified against the query projection in %s", older,
+                           collection.folder, self.folder)
+
+    def encoder_fingerprint(self) -> fingerprint.Fingerprint | None:
+        """The encoder fingerprint recorded at training (None: none recorded)."""
+        if not self.config.encoder_probe:
+            return None
+        return fingerprint.Fingerprint.from_dict({"text": self.config.encoder_probe,
+                                                  "image": self.config.encoder_image_probe})
 
 
 def has_rag_checkpoint(folder: str | Path) -> bool:
@@ -594,7 +612,9 @@ class RagTrainTask:
             encoder=m.encoder, dim=m.dim, temperature=s.temperature, k=s.k, mode=s.mode, target=s.target,
             bias=s.bias, prompt_template=self.rag_settings.prompt_template,
             item_template=self.rag_settings.item_template,
-            encoder_probe=probe.text.tolist() if probe else [], base_generator=self.generator.spec)
+            encoder_probe=probe.text.tolist() if probe else [],
+            encoder_image_probe=probe.image.tolist() if probe and probe.image is not None else None,
+            base_generator=self.generator.spec)
 
     def save_artifact(self, folder: Path) -> None:
         """The fine-tuned generator (``save_pretrained``) + ``query_projection.safetensors`` +
