@@ -791,12 +791,16 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .collection import Collection
     from .demo import DEMO_QUERIES, default_demo_collection, sample_data_dir
     from .encoders import DEFAULT_MODEL, parse_model_spec
+    from .encoders._hub import require_weights
+
+    spec = parse_model_spec(args.model or DEFAULT_MODEL)
+    require_weights(spec)  # offline without the weights: say so before torch loads (seconds)
+    from .collection import Collection
     from .ingest import IngestSettings, ingest
 
-    model = str(parse_model_spec(args.model or DEFAULT_MODEL))
+    model = str(spec)
     sample = sample_data_dir()
     folder = Path(args.collection) if args.collection else default_demo_collection(model)
     print(f"indexing the sample photos in {sample} with {model}", file=sys.stderr)

@@ -40,8 +40,8 @@ print(json.dumps(out))
 """
 
 
-def _run_cli(cases: list[list[str]], watched: tuple[str, ...]) -> list[dict]:
-    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
+def _run_cli(cases: list[list[str]], watched: tuple[str, ...], env: dict[str, str] | None = None) -> list[dict]:
+    env = env if env is not None else {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(list(watched)), json.dumps(cases)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -128,3 +128,59 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no_such_name"):
         crossmodal_rag.no_such_name  # noqa: B018
     assert not hasattr(crossmodal_rag, "no_such_name")
+
+
+def _offline_envs(tmp_path: Path) -> dict[str, dict[str, str]]:
+    """An empty model cache, and no hub: asked for (CROSSMODAL_RAG_OFFLINE), or not reachable
+    (the endpoint refuses connections: nothing listens on the port of a closed socket)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("CROSSMODAL_RAG_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    base.update(HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    return {"asked": {**base, "CROSSMODAL_RAG_OFFLINE": "1"},
+            "unreachable": {**base, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port}"}}
+
+
+@pytest.mark.parametrize("how", ["asked", "unreachable"])
+def test_offline_demo_fails_before_loading_torch(tmp_path: Path, how: str) -> None:
+    """Without the default model's weights and without the hub, `demo` says so before it
+    imports torch or open_clip (which alone take seconds), and writes nothing."""
+    env = _offline_envs(tmp_path)[how]
+    (result,) = _run_cli([["demo", "-c", str(tmp_path / "demo")]], HEAVY + MODEL_CODE, env=env)
+    assert result["code"] == 1
+    assert result["loaded"] == [], f"the offline demo imported {result['loaded']}"
+    assert not (tmp_path / "demo").exists()
+
+
+def test_offline_demo_message(tmp_path: Path) -> None:
+    env = _offline_envs(tmp_path)["unreachable"]
+    r = subprocess.run([sys.executable, "-m", "crossmodal_rag", "demo", "-c", str(tmp_path / "demo")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1
+    assert "could not load weights for open_clip:ViT-B-32/laion2b_s34b_b79k" in r.stderr
+    assert "local-dir" in r.stderr and "--model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_known_tag_files_match_open_clip() -> None:
+    """The table the offline check reads agrees with open_clip's own pretrained table (the
+    backend looks for these files in the hub cache when the hub cannot be reached)."""
+    import open_clip
+
+    from crossmodal_rag.encoders import DEFAULT_MODEL, parse_model_spec
+    from crossmodal_rag.encoders._hub import OPEN_CLIP_TAG_FILES
+
+    default = parse_model_spec(DEFAULT_MODEL)
+    assert f"{default.name}/{default.pretrained}" in OPEN_CLIP_TAG_FILES
+    for tag, (repo, names) in OPEN_CLIP_TAG_FILES.items():
+        arch, pretrained = tag.split("/")
+        cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+        assert not cfg.get("file")
+        hub = cfg["hf_hub"]
+        expected_repo, expected_file = (hub.rstrip("/"), "") if hub.endswith("/") else os.path.split(hub)
+        assert repo == expected_repo
+        assert list(names) == ([expected_file] if expected_file else []) + [
+            "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]

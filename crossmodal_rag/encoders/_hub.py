@@ -6,7 +6,14 @@ import functools
 import logging
 import os
 import socket
+import threading
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+from ..errors import WeightsUnavailableError
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +28,9 @@ def hub_offline_requested() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when a TCP connection to the hub endpoint opens within ``timeout`` seconds."""
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when a TCP connection to the hub endpoint opens within ``timeout`` seconds, name
+    lookup included (a hanging DNS resolver counts as unreachable)."""
     if hub_offline_requested():
         _forbid_hub_network()
         return False
@@ -30,12 +38,30 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     parsed = urlparse(endpoint)
     host = parsed.hostname or "huggingface.co"
     port = parsed.port or (443 if parsed.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError as e:
-        logger.info("model hub %s not reachable (%s); using local files only", host, e)
+    problem = _connect_problem(host, port, timeout)
+    if problem is not None:
+        logger.info("model hub %s not reachable (%s); using local files only", host, problem)
         return False
+    return True
+
+
+def _connect_problem(host: str, port: int, timeout: float) -> str | None:
+    """Why a TCP connection to ``host:port`` did not open within ``timeout`` seconds, or None.
+    The attempt runs in a daemon thread, so that a name lookup (which ignores socket timeouts)
+    cannot hold the caller longer."""
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(None)
+        except OSError as e:
+            outcome.append(str(e) or type(e).__name__)
+
+    worker = threading.Thread(target=attempt, name="hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
 def _forbid_hub_network() -> None:
@@ -60,6 +86,30 @@ def cached_hub_file(repo_id: str, filenames: list[str]) -> str | None:
         if isinstance(found, str) and os.path.isfile(found):
             return found
     return None
+
+
+#: Where open_clip looks for the weights of a pretrained tag when the hub cannot be reached:
+#: tag -> (hub repository, file names in the order tried), so that a missing model is reported
+#: without importing open_clip and torch first (seconds). tests/test_startup.py checks the
+#: entries against open_clip's own table.
+OPEN_CLIP_TAG_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ViT-B-32/laion2b_s34b_b79k": (
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+    ),
+}
+
+
+def require_weights(spec: ModelSpec) -> None:
+    """Raise :class:`WeightsUnavailableError` at once when ``spec``'s weights are known to be in
+    no local cache and the hub cannot be reached. Only the tags of :data:`OPEN_CLIP_TAG_FILES`
+    are judged here; any other spec passes, and its backend decides when it loads."""
+    known = OPEN_CLIP_TAG_FILES.get(f"{spec.name}/{spec.pretrained}") if spec.backend == "open_clip" else None
+    if known is None or hub_reachable():
+        return
+    repo, names = known
+    if cached_hub_file(repo, list(names)) is None:
+        raise WeightsUnavailableError(weights_hint(str(spec)))
 
 
 def weights_hint(spec: str) -> str:
