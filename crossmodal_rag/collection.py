@@ -57,7 +57,7 @@ from .store.audit import CHECK_ALL_MAX_VECTORS, audit_vectors, examples, id_disa
 from .store.build import build_index, tune_index
 from .store.creation import Creation, clear_interrupted_creation
 from .store.manifest import MANIFEST_NAME, Manifest
-from .store.metadata import Item, MetadataStore
+from .store.metadata import UNVERIFIED_SHARDS_KEY, Item, MetadataStore
 from .store.shards import EmbeddingShards
 from .store.summary import describe
 from .store.vectors import VectorIndex, make_faiss_index
@@ -127,6 +127,7 @@ class Collection:
         self._rebuild: set[str] = set()  # indexes to rebuild from the shards at the next persist
         self._built: dict[str, Any] = dict(manifest.build)
         self._tuning: dict[str, Any] = dict(manifest.tuning)
+        self._verified: set[str] = set()  # shards compared with the metadata since the last persist
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -208,6 +209,8 @@ class Collection:
             if model is not None:
                 coll._use_model(model)
             coll._load_indexes()
+            if writable:
+                coll._settle_ids()
         except BaseException:
             if lock:
                 lock.release()
@@ -394,15 +397,59 @@ class Collection:
         return m.index_type
 
     def _sync_shards(self, name: str, live: np.ndarray) -> None:
-        """Append the vectors committed since the last shard to the float16 shards."""
+        """Append the vectors committed since the last shard to the float16 shards: the ids above
+        the shards' highest, as ids are never given twice. A collection made before that (schema
+        version 1) may hold a removed item's vector under a reused id: compared once, and fixed."""
         shards = self.shards[name]
         new = live[live > shards.max_id]
         for start in range(0, len(new), 100_000):
             chunk = new[start : start + 100_000]
             shards.append(chunk, self.store.vectors(chunk.tolist(), self.manifest.dim),
                           fsync=self._fsync)
+        if name in self._unverified_shards():
+            self._repair_shards(name, live)
         if len(shards.shards) > _MAX_SMALL_SHARDS and len(shards) < len(shards.shards) * 25_000:
             shards.compact(live, fsync=self._fsync)  # many small ingests: merge their shards
+
+    def _unverified_shards(self) -> set[str]:
+        """Indexes whose shards a migration from schema version 1 left to compare."""
+        return {n for n in (self.store.get_meta(UNVERIFIED_SHARDS_KEY) or "").split(",") if n}
+
+    def _repair_shards(self, name: str, live: np.ndarray) -> None:
+        """Compare every live float16 copy of index ``name`` with its metadata vector; rewrite the
+        copies that differ (a removed item's vector kept under its reused id) and rebuild the
+        index from the corrected shards (an index built from them holds the old vectors too)."""
+        shards, dim = self.shards[name], self.manifest.dim
+        held = shards.held_ids()
+        logger.info("comparing the %s embedding shards with the metadata once (collection made "
+                    "before item ids were never reused)", name)
+        audit = audit_vectors(None, np.intersect1d(live, held),
+                              lambda chunk: self.store.vectors(chunk.tolist(), dim), shards, held)
+        self._verified.add(name)
+        if not audit.bad_shards:
+            return
+        bad = np.asarray(sorted(audit.bad_shards), dtype=np.int64)
+        logger.warning("%s embedding shards held another item's vector under %d reused id(s) "
+                       "(e.g. %s); rewritten from the metadata, rebuilding the %s index", name,
+                       len(bad), examples(bad), name)
+        shards.compact(live, fsync=self._fsync, replace=bad,
+                       vectors_of=lambda ids: self.store.vectors(ids.tolist(), dim))
+        self._rebuild.add(name)
+        self._dirty.add(name)
+
+    def _settle_ids(self) -> None:
+        """On a writable open: never give again an id the float16 shards hold (removed items of a
+        collection made when ids could be reused), and finish a migration's shard comparison."""
+        self.store.retire_ids_up_to(max(sh.max_id for sh in self.shards.values()))
+        if self._unverified_shards():
+            self.persist()
+
+    def _forget_verified_shards(self) -> None:
+        """After the manifest lists the compared (and fixed) shards: record them as verified."""
+        if self._verified:
+            left = self._unverified_shards() - self._verified
+            self.store.put_meta(UNVERIFIED_SHARDS_KEY, ",".join(sorted(left)) or None)
+            self._verified.clear()
 
     def _build(self, name: str, index_type: str, live: np.ndarray, *, seed: int = 0,
                tune: bool = True, target_recall: float = 0.95, sharded: bool | None = None,
@@ -487,6 +534,7 @@ class Collection:
         )
         self.manifest.write(self.folder, fsync=self._fsync)
         self._dirty.clear()
+        self._forget_verified_shards()
         self._remove_unlisted_files()
 
     def _remove_unlisted_files(self) -> None:

@@ -3,12 +3,20 @@
 SQLite is the collection's commit log: an item exists once its transaction commits, and its
 vector is stored in the same row, so the FAISS indexes can always be rebuilt or brought up to date
 from here after a crash (see :meth:`crossmodal_rag.collection.Collection.open`).
+
+Item ids are never given twice. Each new item takes the next value of a counter kept in the
+``meta`` table (:data:`NEXT_ID_KEY`), so an id that was removed, even the newest, stays retired:
+the float16 shards, index files and ids kept outside the collection (liked items, chat sources,
+checkpoints) can never point at another item. Schema version 1 let SQLite pick ``max(id) + 1``,
+which reuses the newest id once removed; such a store is migrated when opened writable (one
+transaction), and read as it is when opened read-only.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -22,10 +30,19 @@ import numpy as np
 
 from ..errors import CollectionError
 
-__all__ = ["SCHEMA_VERSION", "Item", "MetadataStore"]
+__all__ = ["NEXT_ID_KEY", "SCHEMA_VERSION", "UNVERIFIED_SHARDS_KEY", "Item", "MetadataStore"]
 
-SCHEMA_VERSION = 1
+logger = logging.getLogger(__name__)
+
+#: 1: ids from SQLite (``max(id) + 1``, reused once the newest is removed); 2: ids from a counter.
+SCHEMA_VERSION = 2
 DB_NAME = "metadata.sqlite"
+#: Meta key of the next item id to give (every id below it was given once, maybe removed since).
+NEXT_ID_KEY = "next_item_id"
+#: Meta key set by the migration from version 1: the indexes (comma-separated) whose float16
+#: shard copies may hold a removed item's vector under a reused id, to compare once with the
+#: metadata (see :meth:`crossmodal_rag.collection.Collection.open`).
+UNVERIFIED_SHARDS_KEY = "unverified_shards"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -110,6 +127,8 @@ class MetadataStore:
     def __init__(self, folder: Path, *, readonly: bool = False, fsync: str = "full") -> None:
         self.path = folder / DB_NAME
         self._lock = threading.RLock()
+        self._next_id: int | None = None  # the id counter inside a write transaction
+        self._writing = False  # inside transaction()
         if readonly and not self.path.is_file():
             raise CollectionError(f"metadata file missing: {self.path}")
         try:
@@ -121,8 +140,7 @@ class MetadataStore:
                 level = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}.get(fsync, "FULL")
                 self.conn.execute(f"PRAGMA synchronous = {level}")
                 self.conn.executescript(_SCHEMA)
-                if self.get_meta("schema_version") is None:
-                    self.set_meta("schema_version", str(SCHEMA_VERSION))
+                self._upgrade()
             version = self.get_meta("schema_version")
         except sqlite3.DatabaseError as e:
             raise CollectionError(f"{self.path} is not a readable SQLite database: {e}") from e
@@ -131,6 +149,28 @@ class MetadataStore:
                 f"{self.path}: metadata schema version {version!r} is not supported "
                 f"(this crossmodal-rag reads up to {SCHEMA_VERSION})"
             )
+
+    def _upgrade(self) -> None:
+        """Stamp a new store with the current schema, or migrate a version-1 one: in one
+        transaction (a kill leaves the old version whole), start the id counter above every id
+        the items hold and mark both indexes' shards for one comparison with the metadata."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.get_meta("schema_version")
+            if version is None or version == "1":
+                self.set_meta(NEXT_ID_KEY, str(self._max_item_id() + 1))
+                if version == "1":
+                    self.set_meta(UNVERIFIED_SHARDS_KEY, "image,text")
+                    logger.info("%s: migrated the metadata schema from version 1 to %d (item ids "
+                                "are never reused from now on)", self.path, SCHEMA_VERSION)
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    def _max_item_id(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0])
 
     def close(self) -> None:
         self.conn.close()
@@ -153,14 +193,19 @@ class MetadataStore:
 
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         self.conn.execute("BEGIN IMMEDIATE")
+        self._next_id, self._writing = None, True
         try:
             yield self.conn
             gen = int(self.get_meta("generation") or 0) + 1
             self.set_meta("generation", str(gen))
+            if self._next_id is not None:
+                self.set_meta(NEXT_ID_KEY, str(self._next_id))
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        finally:
+            self._next_id, self._writing = None, False
 
     @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
@@ -190,18 +235,51 @@ class MetadataStore:
     def generation(self) -> int:
         return int(self.get_meta("generation") or 0)
 
+    @_locked
+    def retire_ids_up_to(self, last: int) -> None:
+        """Never give ids up to ``last`` (e.g. ids the float16 shards of a migrated collection
+        still hold for removed items). Its own small transaction; the generation stays."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            if int(self.get_meta(NEXT_ID_KEY) or 1) <= last:
+                self.set_meta(NEXT_ID_KEY, str(last + 1))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+
+    @_locked
+    def put_meta(self, key: str, value: str | None) -> None:
+        """Set (None: delete) one bookkeeping value outside any item change: the generation stays."""
+        if value is None:
+            self.conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self.set_meta(key, value)
+
     # -- writes (call inside transaction()) ---------------------------------------------
     def insert_item(self, kind: str, vector: np.ndarray, **fields: Any) -> int:
         fields = {k: v for k, v in fields.items() if v is not None}
         if "extra" in fields:
             fields["extra"] = json.dumps(fields["extra"], ensure_ascii=False, sort_keys=True)
-        cols = ["kind", "vector", "added_at", *fields]
+        item_id = self._take_id()
+        cols = ["id", "kind", "vector", "added_at", *fields]
         blob = np.ascontiguousarray(vector, dtype="<f4").tobytes()
-        values = [kind, blob, time.time(), *fields.values()]
-        cur = self.conn.execute(
+        values = [item_id, kind, blob, time.time(), *fields.values()]
+        self.conn.execute(
             f"INSERT INTO items({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values
         )
-        return int(cur.lastrowid)
+        return item_id
+
+    def _take_id(self) -> int:
+        """The next never-given id; the counter is written back when the transaction commits
+        (a rolled-back insert gives its id again)."""
+        if not self._writing:
+            raise CollectionError(f"{self.path}: items are inserted inside transaction() only")
+        if self._next_id is None:
+            self._next_id = max(int(self.get_meta(NEXT_ID_KEY) or 1), self._max_item_id() + 1)
+        item_id = self._next_id
+        self._next_id += 1
+        return item_id
 
     def set_path(self, path: str, item_id: int, size_bytes: int | None, mtime_ns: int | None) -> None:
         self.conn.execute(

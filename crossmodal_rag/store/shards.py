@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -177,14 +177,22 @@ class EmbeddingShards:
         return _normalise(out)
 
     def compact(self, live: np.ndarray, *, shard_size: int = DEFAULT_SHARD_SIZE,
-                fsync: bool = True) -> list[ShardFile]:
+                fsync: bool = True, replace: np.ndarray | None = None,
+                vectors_of: Callable[[np.ndarray], np.ndarray] | None = None) -> list[ShardFile]:
         """Rewrite the shards holding only ``live`` ids, ``shard_size`` per file; returns the new
-        records. New files get new names; the old ones stay until the manifest stops listing them."""
+        records. New files get new names; the old ones stay until the manifest stops listing them.
+
+        ``replace`` (sorted ids) with ``vectors_of`` (ids -> float32 ``(n, dim)``): write those
+        ids' vectors from ``vectors_of`` instead of their old copies, in the same place."""
         first = int(self._next_name())
         fresh: list[ShardFile] = []
         buf_ids: list[np.ndarray] = []
         buf_vecs: list[np.ndarray] = []
         for ids, vecs in self.iter_chunks(live, chunk=shard_size):
+            if replace is not None and vectors_of is not None:
+                swap = np.isin(ids, replace)
+                if swap.any():
+                    vecs[swap] = _normalise(vectors_of(ids[swap]))
             buf_ids.append(ids)
             buf_vecs.append(vecs.astype(np.float16))
             if sum(len(b) for b in buf_ids) >= shard_size:
