@@ -79,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--workers", type=_nonneg_int, default=None, metavar="N",
                     help="image decoding processes (default: automatic)")
     ix.add_argument("--max-image-pixels", type=_positive_int, default=None, metavar="N",
-                    help="skip images declaring more pixels than this (default 268435456)")
+                    help="skip images declaring more pixels than this (default 268435456; formats "
+                         "other than JPEG, decoded at full size: a quarter of it)")
+    ix.add_argument("--max-image-mb", type=float, default=None, metavar="MB",
+                    help="skip image files larger than this (default 512)")
     ix.add_argument("--image-root", metavar="DIR", help="manifest image paths are relative to DIR")
     ix.add_argument("--allow-outside-root", action="store_true",
                     help="accept manifest image paths that are absolute or leave the root folder")
@@ -437,10 +440,42 @@ def _collection_dir(args: argparse.Namespace) -> str:
     return folder
 
 
+# -- output: what is printed is escaped -----------------------------------------------------
+# C0 controls, DEL, C1 controls and the bidirectional overrides and isolates: a caption, a file
+# name or a generated answer holding them could move the cursor, recolour or rewrite the
+# terminal, or reorder what is shown. Text output shows them as \x1b, \r, \u202e, ...
+_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+_ESCAPES = {c: _NAMED.get(c, f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS}
+_ESCAPES_BUT_NEWLINE = {c: e for c, e in _ESCAPES.items() if c != 0x0A}
+# JSON escapes C0 itself; these others are written as \uXXXX escapes (the same JSON string).
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROLS if c >= 0x7F}
+
+
+def _safe(value: Any, *, newlines: bool = False) -> str:
+    """``value`` as text for a terminal: every control character escaped (but newlines, if asked)."""
+    text = "" if value is None else str(value)
+    return text.translate(_ESCAPES_BUT_NEWLINE if newlines else _ESCAPES)
+
+
+def _json(value: Any) -> str:
+    """Indented JSON, non-ASCII text kept, C1 and bidi controls escaped."""
+    return json.dumps(value, indent=2, ensure_ascii=False).translate(_JSON_ESCAPES)
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Log lines (which name files and rows) with control characters escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _safe(super().format(record), newlines=True)
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
                                           logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_EscapingFormatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     if verbose < 2:
         for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -536,7 +571,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                                verify=args.verify, fsync=args.fsync, progress=not args.quiet,
                                allow_outside_root=args.allow_outside_root)
     for p in report.skipped[:50]:
-        print(f"  {p.item}: {p.reason}", file=sys.stderr)
+        print(f"  {_safe(p.item)}: {_safe(p.reason)}", file=sys.stderr)
     print(report.summary())
     if not report.indexed_anything:
         print(f"error: nothing could be imported from {args.source}", file=sys.stderr)
@@ -555,6 +590,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     }
     if args.max_image_pixels:
         settings_kwargs["max_image_pixels"] = args.max_image_pixels
+    if args.max_image_mb is not None:
+        if not args.max_image_mb > 0:
+            raise UsageError(f"--max-image-mb must be > 0, got {args.max_image_mb}")
+        settings_kwargs["max_image_bytes"] = int(args.max_image_mb * 1024 * 1024)
     settings = IngestSettings(**settings_kwargs)
     ray_settings = _ray_settings(args)
     existed = Path(folder).exists()
@@ -589,11 +628,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     if report.skipped:
         print(f"skipped {len(report.skipped)} item(s):", file=sys.stderr)
         for p in report.skipped[:50]:
-            print(f"  {p.item}: {p.reason}", file=sys.stderr)
+            print(f"  {_safe(p.item)}: {_safe(p.reason)}", file=sys.stderr)
         if len(report.skipped) > 50:
             print(f"  ... and {len(report.skipped) - 50} more (see --report FILE)", file=sys.stderr)
     print(f"{report.summary()}")
-    print(f"collection {Path(folder).resolve()}: {counts['images']} images, {counts['captions']} "
+    print(f"collection {_safe(Path(folder).resolve())}: {counts['images']} images, {counts['captions']} "
           f"captions, {counts['passages']} passages")
     if not report.indexed_anything:
         if not report.skipped:
@@ -631,10 +670,12 @@ def _exts() -> set[str]:
 
 
 def _read_queries(path: str) -> list[dict[str, Any]]:
+    from .safe_io import read_regular_text
+
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = read_regular_text(path, what="queries file").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise QueryError(f"cannot read queries file {path}: {e}") from e
+        raise QueryError(f"cannot read queries file {path}: {getattr(e, 'reason', None) or e}") from e
     queries: list[dict[str, Any]] = []
     for n, line in enumerate(lines, start=1):
         s = line.strip()
@@ -659,7 +700,9 @@ def _read_queries(path: str) -> list[dict[str, Any]]:
 
 
 def _tsv_field(value: Any) -> str:
-    return "" if value is None else " ".join(str(value).split())
+    """One TSV field: control characters (tabs and newlines too) escaped, other runs of
+    whitespace as one space."""
+    return " ".join(_safe(value).split())
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -677,8 +720,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise QueryError("search: give a TEXT query, --image PATH, or --queries FILE")
         if args.text is not None and not args.text.strip():
             raise QueryError("empty query: give a text to search for, or an image with --image")
-        if args.image is not None and not Path(args.image).is_file():
-            raise QueryError(f"query image {args.image} does not exist or is not a file")
+        _check_image_arg(args.image, "query image")
         queries = [{"line": None, "text": args.text, "image": args.image}]
 
     failures = 0
@@ -697,14 +739,14 @@ def cmd_search(args: argparse.Namespace) -> int:
                 if len(queries) == 1:
                     raise
                 failures += 1
-                print(f"error: query on line {q['line']}: {e}", file=sys.stderr)
+                print(f"error: query on line {q['line']}: {_safe(e)}", file=sys.stderr)
                 continue
             records.append({"query": {"text": q.get("text"), "image": q.get("image")},
                             "label": label, "hits": hits})
     if args.json:
         out = [{"query": r["query"], "target": args.target, "k": args.top_k,
                 "results": [h.to_dict() for h in r["hits"]]} for r in records]
-        print(json.dumps(out[0] if not args.queries else out, indent=2, ensure_ascii=False))
+        print(_json(out[0] if not args.queries else out))
     else:
         if not args.no_header:
             print("query\trank\tscore\tid\tkind\tpath\ttext")
@@ -763,9 +805,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         for note in report.notes:
-            print(f"note: {note}")
+            print(f"note: {_safe(note)}")
         for problem in report.problems:
-            print(f"problem: {problem}")
+            print(f"problem: {_safe(problem)}")
         c = report.counts
         status = "ok" if report.ok else "FAILED"
         print(f"{status}: {c.get('images', 0)} images, {c.get('captions', 0)} captions, "
@@ -849,16 +891,16 @@ def _pipeline(args: argparse.Namespace, coll: Any) -> Any:
 
 def _print_answer(answer: Any, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
+        print(_json(answer.to_dict()))
         return
-    print(answer.answer if answer.answer else "(no answer: nothing was retrieved)")
+    print(_safe(answer.answer, newlines=True) if answer.answer else "(no answer: nothing was retrieved)")
     if answer.sources:
         print("\nnearest sources (below the --min-score threshold):" if answer.abstained else "\nsources:")
         for s in answer.sources:
             flag = "" if s.included else "  (not in prompt)"
             flag += "  (truncated)" if s.truncated else ""
             print(f"  [{s.rank}] posterior {s.posterior:.3f}  prior {s.prior:.3f}  score {s.score:.3f}  "
-                  f"#{s.id} {s.path or ''}  {_tsv_field(s.text)[:120]}{flag}")
+                  f"#{s.id} {_tsv_field(s.path)}  {_tsv_field(s.text)[:120]}{flag}")
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -879,23 +921,32 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 if len(args.images) == 1:
                     raise result
                 failures += 1
-                print(f"error: {result}", file=sys.stderr)
+                print(f"error: {_safe(result)}", file=sys.stderr)
                 continue
             records.append(result)
             if not args.json:
-                print(result.caption if len(args.images) == 1 else f"{_tsv_field(image)}\t{_tsv_field(result.caption)}")
+                print(_safe(result.caption) if len(args.images) == 1 else f"{_tsv_field(image)}\t{_tsv_field(result.caption)}")
     finally:
         if coll is not None:
             coll.close()
     if args.json:
         out = [r.to_dict() for r in records]
-        print(json.dumps(out[0] if len(args.images) == 1 else out, indent=2, ensure_ascii=False))
+        print(_json(out[0] if len(args.images) == 1 else out))
     return 2 if failures else 0
 
 
-def _check_image_arg(image: str | None) -> None:
-    if image is not None and not Path(image).is_file():
-        raise QueryError(f"image {image} does not exist or is not a file")
+def _check_image_arg(image: str | None, what: str = "image") -> None:
+    """Refuse an --image that is missing or not a regular file (a FIFO, a device, a folder)."""
+    if image is None:
+        return
+    from .safe_io import check_regular
+
+    try:
+        check_regular(image, what="image file")
+    except FileNotFoundError as e:
+        raise QueryError(f"{what} {image} does not exist") from e
+    except OSError as e:
+        raise QueryError(f"{what} {image}: {getattr(e, 'reason', None) or e.strerror or e}") from e
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -942,7 +993,9 @@ def cmd_write(args: argparse.Namespace) -> int:
     draft = args.draft
     if args.draft_file:
         try:
-            draft = Path(args.draft_file).read_text(encoding="utf-8")
+            from .safe_io import read_regular_text
+
+            draft = read_regular_text(args.draft_file, what="draft file")
         except (OSError, UnicodeDecodeError) as e:
             raise QueryError(f"cannot read draft file {args.draft_file}: {e}") from e
     if draft is None or not draft.strip():
@@ -963,7 +1016,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         recs = recommend(coll, args.liked, args.liked_image, k=args.top_k, diversity=args.diversity,
                          target=args.target, where=args.where)
     if args.json:
-        print(json.dumps([r.to_dict() for r in recs], indent=2, ensure_ascii=False))
+        print(_json([r.to_dict() for r in recs]))
     else:
         print("rank\tscore\tmmr\tid\tkind\tpath\ttext")
         for r in recs:
@@ -1013,7 +1066,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .viz import latency_chart
 
         latency_chart({f"{report.task} ({report.mode})": report.timings}, save=Path(args.plots) / "latency.png")
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.table())
+    print(_json(report.to_dict()) if args.json else report.table())
     for s in report.skipped:
         print(f"skipped {s}", file=sys.stderr)
     return 0
@@ -1029,7 +1082,7 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
             items = coll.get(group)
             out.append({"group": n, "items": [{"id": it.id, "path": it.path} for it in items]})
     if args.json:
-        print(json.dumps(out, indent=2, ensure_ascii=False))
+        print(_json(out))
     else:
         print("group\tid\tpath")
         for g in out:
@@ -1161,10 +1214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (QueryError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_safe(e, newlines=True)}", file=sys.stderr)
         return 2
     except CrossmodalError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_safe(e, newlines=True)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

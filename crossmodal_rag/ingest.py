@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ._phases import phase
 from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from .safe_io import MAX_IMAGE_BYTES, open_regular, read_capped
 from .sources import ImageRecord, Problem, TextRecord, read_source
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class IngestSettings:
     batch_size: int = 32  # images per encoder batch (and per SQLite transaction)
     workers: int | None = None  # decode processes; None = 1 when there is enough work, else 0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # refuse images declaring more pixels
+    max_image_bytes: int = MAX_IMAGE_BYTES  # refuse image files larger than this
     image_root: str | None = None  # manifest/COCO image paths are relative to this folder
     allow_outside_root: bool = False  # accept manifest paths outside the root
     progress: bool = False  # show a progress bar on stderr
@@ -64,6 +66,8 @@ class IngestSettings:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
 
 
 @dataclass
@@ -102,10 +106,12 @@ class IngestReport:
 
 # -- decode stage (runs in DataLoader workers) ----------------------------------------------
 class _DecodeDataset(Dataset):
-    def __init__(self, paths: list[Path], transform: Any, max_pixels: int) -> None:
+    def __init__(self, paths: list[Path], transform: Any, max_pixels: int,
+                 max_bytes: int = MAX_IMAGE_BYTES) -> None:
         self.paths = paths
         self.transform = transform
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -114,8 +120,11 @@ class _DecodeDataset(Dataset):
         path = self.paths[i]
         out: dict[str, Any] = {"i": i, "pixels": None, "error": None}
         try:
-            st = path.stat()
-            data = path.read_bytes()
+            # only a regular file (a FIFO named x.jpg would block here, holding the write lock),
+            # and no more than max_bytes of it (a link to /dev/zero never ends)
+            with open_regular(path, max_bytes=self.max_bytes, what="image file") as f:
+                st = os.fstat(f.fileno())
+                data = read_capped(f, path, self.max_bytes, "image file")
             out.update(size=len(data), mtime_ns=st.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest())
             decoded = decode_image(data, str(path), max_pixels=self.max_pixels)
             out["pixels"] = self.transform(decoded.image)
@@ -141,7 +150,7 @@ def _batches(paths: list[Path], transform: Any, settings: IngestSettings) -> Ite
     workers = settings.workers
     if workers is None:
         workers = 1 if len(paths) > 2 * settings.batch_size and (os.cpu_count() or 1) > 1 else 0
-    dataset = _DecodeDataset(paths, transform, settings.max_image_pixels)
+    dataset = _DecodeDataset(paths, transform, settings.max_image_pixels, settings.max_image_bytes)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers,
                         collate_fn=_collate, prefetch_factor=4 if workers else None,
                         persistent_workers=False)

@@ -28,7 +28,9 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_TEXT_FILE_BYTES",
     "FileReadError",
+    "check_regular",
     "open_regular",
+    "read_capped",
     "read_regular",
     "read_regular_text",
 ]
@@ -83,6 +85,19 @@ def _check(path: str | os.PathLike[str], st: os.stat_result, max_bytes: int | No
                             errno.EFBIG)
 
 
+def check_regular(path: str | os.PathLike[str], *, max_bytes: int | None = None,
+                  what: str = "file") -> os.stat_result:
+    """``stat`` of ``path`` (links followed) if it is a regular file of at most ``max_bytes``.
+
+    Raises:
+        FileReadError: not a regular file, or too large.
+        OSError: the usual reasons (no such file, ...).
+    """
+    st = os.stat(path)
+    _check(path, st, max_bytes, what)
+    return st
+
+
 def open_regular(path: str | os.PathLike[str], *, max_bytes: int | None = None,
                  what: str = "file") -> BinaryIO:
     """Open ``path`` for binary reading if it is (or links to) a regular file of at most ``max_bytes``.
@@ -91,7 +106,7 @@ def open_regular(path: str | os.PathLike[str], *, max_bytes: int | None = None,
         FileReadError: not a regular file (a FIFO, a device, a directory, ...), or too large.
         OSError: the usual reasons (no such file, permission denied, ...).
     """
-    _check(path, os.stat(path), max_bytes, what)  # a device or FIFO is never even opened
+    check_regular(path, max_bytes=max_bytes, what=what)  # a device or FIFO is never even opened
     fd = os.open(path, _OPEN_FLAGS)
     try:
         _check(path, os.fstat(fd), max_bytes, what)  # the path may have changed since the stat

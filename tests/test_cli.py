@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -172,3 +173,81 @@ def test_ask_chat_write_recommend(sample_collection: Path, sample_dir: Path, tmp
 
     r = run("ask", "q", "--collection", str(sample_collection), env={"HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 1 and "--generator" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- hostile files and output (issue 15) --------------------------------------------------------
+def run_capped(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``run`` with an address-space cap: a FIFO that hangs the reader times out, and a read of
+    /dev/zero ends in MemoryError, instead of taking the machine down."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (10 << 30, 10 << 30))
+
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "crossmodal_rag", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, preexec_fn=limit)
+
+
+def test_index_skips_fifos_and_devices_and_releases_the_lock(tmp_path: Path, photos: Path,
+                                                              tiny_oc_spec: str) -> None:
+    os.mkfifo(photos / "a_fifo.jpg")  # sorted first: a blocking read would hang the whole run
+    (photos / "b_zero.jpg").symlink_to("/dev/zero")
+    (photos / "c_link.jpg").symlink_to(photos / "cat.jpg")  # a link to a regular file is indexed
+    coll = tmp_path / "coll"
+    r = run_capped("index", str(photos), "-c", str(coll), "--model", tiny_oc_spec, "--workers", "0", timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "named pipe" in r.stderr and "character device" in r.stderr and "Traceback" not in r.stderr
+    assert "5 images" in r.stdout and "1 duplicates" in r.stdout and "2 skipped" in r.stdout
+    from crossmodal_rag import Collection
+
+    with Collection.open(coll, writable=True) as c:  # the write lock was released
+        assert c.counts()["images"] == 5
+
+
+def test_query_images_must_be_regular_files(sample_collection: Path, tmp_path: Path, sample_dir: Path) -> None:
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(f'{{"image": "{fifo}"}}\n{{"image": "/dev/zero"}}\n{{"image": "zero.jpg"}}\n'
+                       f'{{"image": "{sample_dir / "cat.jpg"}"}}\n')
+    r = run_capped("search", "--queries", str(queries), "-c", str(sample_collection), "-k", "1", "--json",
+                   timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "line 1" in r.stderr and "named pipe" in r.stderr
+    assert "line 2" in r.stderr and "line 3" in r.stderr and "character device" in r.stderr
+    batch = json.loads(r.stdout)
+    assert len(batch) == 1 and batch[0]["results"][0]["path"] == str(sample_dir / "cat.jpg")
+    for path in (fifo, tmp_path / "zero.jpg"):
+        r = run_capped("search", "--image", str(path), "-c", str(sample_collection), timeout=120)
+        assert r.returncode == 2 and "regular" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = run_capped("search", "--queries", str(fifo), "-c", str(sample_collection), timeout=120)
+    assert r.returncode == 2 and "named pipe" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_control_characters_are_escaped_in_text_output(tmp_path: Path, sample_dir: Path,
+                                                       tiny_oc_spec: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    name = "evil\rname\x1b[2J.jpg"
+    shutil.copy(sample_dir / "cat.jpg", src / name)
+    (src / "evil\rname\x1b[2J.txt").write_text("red \x1b[31mALERT\x1b[0m \x9b31m bell\x07 \u202eeman\n")
+    coll = tmp_path / "coll"
+    r = run("index", str(src), "-c", str(coll), "--model", tiny_oc_spec)
+    assert r.returncode == 0, r.stderr
+    r = run("search", "red", "-c", str(coll), "-k", "2", "--target", "all")
+    assert r.returncode == 0, r.stderr
+    for ch in ("\x1b", "\r", "\x07", "\x9b", "\u202e"):
+        assert ch not in r.stdout, repr(ch)
+    rows = [line.split("\t") for line in r.stdout.splitlines()[1:]]
+    assert len(rows) == 2 and all(len(row) == 7 for row in rows)
+    assert {row[5] for row in rows} == {str(src) + "/evil\\rname\\x1b[2J.jpg"}
+    texts = {row[6] for row in rows}
+    assert "red \\x1b[31mALERT\\x1b[0m \\x9b31m bell\\x07 \\u202eeman" in texts
+    # JSON keeps the exact text (json escapes it)
+    r = run("search", "red", "-c", str(coll), "-k", "2", "--target", "texts", "--json")
+    for ch in ("\x1b", "\r", "\x07", "\x9b", "\u202e"):  # C1 and bidi too, which json.dumps keeps
+        assert ch not in r.stdout, repr(ch)
+    out = json.loads(r.stdout)
+    assert out["results"][0]["text"] == "red \x1b[31mALERT\x1b[0m \x9b31m bell\x07 \u202eeman"
