@@ -135,14 +135,14 @@ def test_slow_client_does_not_block_others(server: str) -> None:
     port = int(server.rsplit(":", 1)[1])
     slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
     for s in slow:  # headers trickle in and never finish
-        s.sendall(b"GET /api/search?q=cat HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(b"GET /api/search?q=cat HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     t0 = time.perf_counter()
     for _ in range(5):
         r = httpx.get(server + "/api/search", params={"q": "a cat", "k": 3}, timeout=10)
         assert r.status_code == 200
     assert time.perf_counter() - t0 < 10
     with socket.create_connection(("127.0.0.1", port), timeout=10) as big:  # declares 1 GB, sends 100 B
-        big.sendall(b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+        big.sendall(b"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
                     b"boundary=z\r\nContent-Length: 1000000000\r\n\r\n" + b"x" * 100)
         assert big.recv(100).startswith(b"HTTP/1.1 413")
     for s in slow:
@@ -163,7 +163,7 @@ def test_chunked_upload_is_refused_while_it_arrives(server: str) -> None:
 
     def upload(sock: socket.socket) -> None:
         nonlocal sent
-        head = (b"POST /api/search/image HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        head = (b"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                 b"Content-Type: multipart/form-data; boundary=zz\r\n\r\n")
         part = (b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
                 b"Content-Type: image/jpeg\r\n\r\n")

@@ -4,9 +4,14 @@ Safety: the server binds to 127.0.0.1 unless told otherwise; images are served o
 ids in the collection (the path comes from the metadata, never from the request), and only while
 the file is still the indexed one (size, and SHA-256 of the contents; see :mod:`.files`); request
 bodies are size-limited as they arrive (:mod:`.limits`), an upload's type is checked from its
-content, its declared pixel count is checked before decoding; query length and k are bounded; every error is JSON
-``{"error": {"code", "message"}}`` with a matching HTTP status. CPU-heavy work (encoding, search,
-generation) runs in worker threads, never on the event loop.
+content, its declared pixel count is checked before decoding; every string field is bounded in
+length and checked for NUL before any parser sees it, ids are bounded to SQLite's range
+(:mod:`.inputs`); only the server's own host names are answered, and every response carries
+``nosniff``, the page a Content Security Policy (:mod:`.guards`). Every error is JSON
+``{"error": {"code", "message"}}`` with a matching HTTP status: bad input is 4xx, a bug a 500 that
+keeps the connection. CPU-heavy work (query and ``where`` parsing, encoding, search, thumbnails,
+generation) runs in worker threads, never on the event loop, a bounded number at a time, so
+``/api/health`` answers while they run.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import anyio
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -35,6 +44,16 @@ from ..generation import GenerationSettings, RagPipeline, RagSettings, load_gene
 from ..images import decode_image
 from ..search import Hit
 from .files import FileChanged, IndexedFile, VerifiedFiles, read_checked, stream
+from .guards import LOOPBACK_HOSTS, CatchAll, HostCheck, SecurityHeaders
+from .inputs import (
+    MAX_FILENAME_CHARS,
+    MAX_ID,
+    MAX_SCORE_CHARS,
+    InputError,
+    check_min_score,
+    check_text,
+    check_texts,
+)
 from .limits import BodyLimit
 from .thumbnails import ThumbnailCache, content_key, default_cache_dir
 
@@ -46,6 +65,7 @@ STATIC = Path(__file__).parent / "static"
 ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 _MEDIA = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
           "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,13 +77,18 @@ class WebSettings:
     model: str | None = None  # encoder spec (default: the collection's)
     max_upload_bytes: int = 10 * 1024 * 1024  # largest accepted upload
     max_image_pixels: int = 50_000_000  # largest declared width*height of an upload
-    max_query_chars: int = 1000  # longest text query or question
+    max_query_chars: int = 1000  # longest text query, question or plus/minus text
+    max_where_chars: int = 500  # longest --where expression
+    max_where_conditions: int = 16  # most where conditions in one request
+    max_json_bytes: int = 256 * 1024  # largest request body that is not an upload (JSON)
     max_k: int = 100  # largest k
     max_new_tokens: int = 64  # longest generated answer
     thumbnail_size: int = 256  # default thumbnail side
     thumbnail_dir: str | None = None  # thumbnail cache folder (default under ~/.cache)
     load_generator_at_startup: bool = True  # else on the first ask
     mmap: bool = False  # memory-map the index files instead of reading them into RAM
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names answered ("*": any)
+    max_workers: int = 0  # searches/renders run at once in worker threads (0: CPUs, at most 8)
 
 
 class ApiError(Exception):
@@ -115,7 +140,7 @@ class SourceOut(BaseModel):
 
 
 class AskIn(BaseModel):
-    question: str = Field(min_length=1, description="the question")
+    question: str = Field(min_length=1, description="the question (at most max_query_chars characters)")
     k: int = Field(5, ge=1, description="items retrieved")
     mode: Literal["concat", "rag-sequence", "rag-token"] = "concat"
     target: Literal["texts", "images", "all"] = "texts"
@@ -186,11 +211,14 @@ class _State:
         self.collection.encoder.load()
         self.generator = load_generator(settings.generator)
         self.generator_status = "not-loaded"
-        self.gen_lock = threading.Lock()  # one generation at a time: it uses every core anyway
+        self.gen_lock = threading.Lock()  # one generation at a time (also for callers outside the app)
         thumbs = Path(settings.thumbnail_dir) if settings.thumbnail_dir else default_cache_dir(
             self.collection.folder)
         self.thumbnails = ThumbnailCache(thumbs)
         self.files = VerifiedFiles()
+        # worker threads: CPU-heavy request work waits here, on the event loop, not in a thread
+        self.work = anyio.CapacityLimiter(settings.max_workers or max(1, min(8, os.cpu_count() or 1)))
+        self.generation = anyio.CapacityLimiter(1)  # one generation at a time: it uses every core
 
     def load_generator(self) -> None:
         self.generator_status = "loading"
@@ -226,47 +254,30 @@ def create_app(settings: WebSettings) -> FastAPI:
     def S() -> _State:
         return state["s"]
 
-    # -- errors ---------------------------------------------------------------------------
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message)
+    async def work(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` in a worker thread, at most ``max_workers`` at once (the rest wait on the loop)."""
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=S().work)
 
-    @app.exception_handler(QueryError)
-    async def _query_error(request: Request, exc: QueryError) -> JSONResponse:
-        return _error(422, "bad_query", str(exc))
+    _register_errors(app)
+    # outermost first: headers on every answer, then the Host check, the body limit, and the
+    # last-resort 500 right around the routes (Starlette's own would drop the connection)
+    app.add_middleware(CatchAll)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + 64 * 1024,  # room for form headers
+                       shown_limit=settings.max_upload_bytes, max_other_bytes=settings.max_json_bytes)
+    app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
+    app.add_middleware(SecurityHeaders)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors()[:5]:
-            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
-            parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
-        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s", request.url.path)
-        return _error(500, "internal_error", "internal error; see the server log")
-
-    # bodies counted as they arrive, declared or chunked; 64 KiB of room for a form's own headers
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + 64 * 1024,
-                       shown_limit=settings.max_upload_bytes)
-
-    # -- helpers --------------------------------------------------------------------------
-    def check_query(text: str | None, what: str = "query") -> str | None:
+    # -- input checks (before any parser) -------------------------------------------------
+    def check_query(text: str | None, what: str = "q") -> str | None:
         if text is None:
             return None
-        if len(text) > settings.max_query_chars:
-            raise ApiError(422, "query_too_long",
-                           f"{what} is {len(text)} characters; the limit is {settings.max_query_chars}")
+        check_text(text, what, settings.max_query_chars)
         if not text.strip():
             raise ApiError(422, "empty_query", f"empty {what}")
         return text
+
+    def check_where(where: list[str]) -> list[str]:
+        return check_texts(where, "where", settings.max_where_conditions, settings.max_where_chars)
 
     def check_k(k: int) -> int:
         if not 1 <= k <= settings.max_k:
@@ -274,14 +285,14 @@ def create_app(settings: WebSettings) -> FastAPI:
         return k
 
     async def read_upload(upload: UploadFile) -> Any:
+        check_text(upload.filename or "upload", "image file name", MAX_FILENAME_CHARS)
         data = await upload.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise ApiError(413, "too_large", f"upload exceeds the {settings.max_upload_bytes} byte limit")
         if not data:
             raise ApiError(422, "empty_upload", "the uploaded file is empty")
         try:
-            decoded = await run_in_threadpool(decode_image, data, upload.filename or "upload",
-                                              max_pixels=settings.max_image_pixels)
+            decoded = await work(decode_image, data, upload.filename or "upload", max_pixels=settings.max_image_pixels)
         except ImageDecodeError as e:
             status = 413 if "exceeds the limit" in e.reason else 415 if "not a recognised" in e.reason else 422
             raise ApiError(status, "bad_image", f"uploaded image: {e.reason}") from e
@@ -290,6 +301,7 @@ def create_app(settings: WebSettings) -> FastAPI:
                            f"uploaded image is {decoded.format}; allowed: {', '.join(sorted(ALLOWED_FORMATS))}")
         return decoded.image
 
+    # -- results --------------------------------------------------------------------------
     def image_id_of(kind: str, item_id: int, parent_id: int | None) -> int | None:
         return item_id if kind == "image" else parent_id if kind == "caption" else None
 
@@ -334,11 +346,16 @@ def create_app(settings: WebSettings) -> FastAPI:
         d["sources"] = sources
         return AskOut(**{k2: v for k2, v in d.items() if k2 in AskOut.model_fields})
 
+    async def generate(*args: Any) -> AskOut:
+        """``run_ask`` in a worker thread, one at a time (the others wait on the loop, not in threads)."""
+        return await anyio.to_thread.run_sync(partial(run_ask, *args), limiter=S().generation)
+
     # -- API ------------------------------------------------------------------------------
     err = {422: {"model": ErrorOut}, 413: {"model": ErrorOut}, 415: {"model": ErrorOut}}
+    max_q, max_where = settings.max_query_chars, settings.max_where_conditions
 
     @app.get("/api/health", response_model=HealthOut, tags=["meta"])
-    def health() -> HealthOut:
+    async def health() -> HealthOut:  # on the loop: never waits for a worker thread
         st = S()
         return HealthOut(status="ok", version=__version__, encoder=st.collection.manifest.encoder,
                          generator=st.generator.spec, generator_status=st.generator_status)
@@ -351,54 +368,70 @@ def create_app(settings: WebSettings) -> FastAPI:
                         counts=c.counts(), generation=m.generation, updated_at=m.updated_at)
 
     @app.get("/api/search", response_model=SearchOut, responses=err, tags=["search"])
-    def search_text(q: str = Query(..., description='text query; arithmetic allowed: "a cat" + "snow" - indoors, 2:cat'),
-                    k: int = Query(10), target: Literal["images", "texts", "all"] = Query("images"),
-                    where: list[str] = Query([], description="metadata filters, e.g. width>=1000 (repeatable, ANDed)"),
-                    min_score: str | None = Query(None, description="a number, or auto (calibrated)")) -> SearchOut:
+    async def search_text(
+            q: str = Query(..., max_length=max_q,
+                           description='text query; arithmetic allowed: "a cat" + "snow" - indoors, 2:cat'),
+            k: int = Query(10, ge=1, le=settings.max_k), target: Literal["images", "texts", "all"] = Query("images"),
+            where: list[str] = Query([], max_length=max_where,
+                                     description="metadata filters, e.g. width>=1000 (repeatable, ANDed)"),
+            min_score: str | None = Query(None, max_length=MAX_SCORE_CHARS,
+                                          description="a number, or auto (calibrated)")) -> SearchOut:
         """Search by text."""
         t0 = time.perf_counter()
         check_query(q)
-        hits = S().collection.search(q, k=check_k(k), target=target, where=where, min_score=min_score)
+        check_where(where)
+        check_min_score(min_score)
+        hits = await work(S().collection.search, q, k=check_k(k), target=target, where=where, min_score=min_score)
         return search_out({"text": q, "where": where}, target, k, hits, t0)
 
     @app.post("/api/search/image", response_model=SearchOut, responses=err, tags=["search"])
     async def search_image(image: UploadFile = File(..., description="query image"),
-                           k: int = Form(10), target: Literal["images", "texts", "all"] = Form("images"),
+                           k: int = Form(10, ge=1, le=settings.max_k),
+                           target: Literal["images", "texts", "all"] = Form("images"),
                            plus: list[str] = Form([], description="texts added to the image query"),
                            minus: list[str] = Form([], description="texts subtracted from it"),
                            where: list[str] = Form([], description="metadata filters"),
-                           min_score: str | None = Form(None)) -> SearchOut:
+                           min_score: str | None = Form(None, max_length=MAX_SCORE_CHARS)) -> SearchOut:
         """Search by an uploaded image (optionally plus/minus texts)."""
         t0 = time.perf_counter()
         check_k(k)
-        for t in [*plus, *minus]:
-            check_query(t, "plus/minus text")
+        for field, texts in (("plus", plus), ("minus", minus)):
+            check_texts(texts, field, max_where, max_q)
+            for t in texts:
+                check_query(t, field)
+        check_where(where)
+        check_min_score(min_score)
         pil = await read_upload(image)
-        hits = await run_in_threadpool(S().collection.search, image=pil, k=k, target=target, where=where,
-                                       min_score=min_score, plus=plus, minus=minus)
+        hits = await work(S().collection.search, image=pil, k=k, target=target, where=where,
+                          min_score=min_score, plus=plus, minus=minus)
         return search_out({"image": image.filename, "plus": plus, "minus": minus, "where": where},
                           target, k, hits, t0)
 
     @app.post("/api/ask", response_model=AskOut, responses={**err, 503: {"model": ErrorOut}}, tags=["ask"])
-    def ask(body: AskIn) -> AskOut:
+    async def ask(body: AskIn) -> AskOut:
         """Answer a question from the collection, with sources (JSON body)."""
         check_query(body.question, "question")
-        return run_ask(body.question, None, check_k(body.k), body.mode, body.target, body.where, body.min_score)
+        check_where(body.where)
+        check_min_score(body.min_score)
+        return await generate(body.question, None, check_k(body.k), body.mode, body.target, body.where,
+                              body.min_score)
 
     @app.post("/api/ask/image", response_model=AskOut, responses={**err, 503: {"model": ErrorOut}}, tags=["ask"])
     async def ask_image(image: UploadFile = File(..., description="image that drives retrieval"),
-                        question: str | None = Form(None), k: int = Form(5),
+                        question: str | None = Form(None, max_length=max_q), k: int = Form(5, ge=1, le=settings.max_k),
                         mode: Literal["concat", "rag-sequence", "rag-token"] = Form("concat"),
                         target: Literal["texts", "images", "all"] = Form("texts"),
                         where: list[str] = Form([], description="metadata filters on retrieval"),
-                        min_score: str | None = Form(None)) -> AskOut:
+                        min_score: str | None = Form(None, max_length=MAX_SCORE_CHARS)) -> AskOut:
         """Answer with an uploaded image (and optionally a question)."""
         if question is not None and not question.strip():
             question = None
         check_query(question, "question")
         check_k(k)
+        check_where(where)
+        check_min_score(min_score)
         pil = await read_upload(image)
-        return await run_in_threadpool(run_ask, question, pil, k, mode, target, where, min_score)
+        return await generate(question, pil, k, mode, target, where, min_score)
 
     def _item(item_id: int):
         items = S().collection.get(item_id)
@@ -406,8 +439,10 @@ def create_app(settings: WebSettings) -> FastAPI:
             raise ApiError(404, "not_found", f"no item {item_id} in the collection")
         return items[0]
 
+    item_id_param = PathParam(ge=0, le=MAX_ID, description="an item id (0 to 2**63-1)")
+
     @app.get("/api/items/{item_id}", response_model=ItemOut, responses={404: {"model": ErrorOut}}, tags=["items"])
-    def item(item_id: int) -> ItemOut:
+    def item(item_id: int = item_id_param) -> ItemOut:
         it = _item(item_id)
         d = it.to_dict()
         iid = image_id_of(it.kind, it.id, it.parent_id)
@@ -440,31 +475,35 @@ def create_app(settings: WebSettings) -> FastAPI:
         except FileChanged as e:
             raise _changed(item_id, e.reason) from e
 
-    @app.get("/api/items/{item_id}/image", responses={404: {"model": ErrorOut}}, tags=["items"],
-             response_class=StreamingResponse)
-    def item_image(item_id: int) -> StreamingResponse:
+    def _open_image(item_id: int):
         it, rec = _image_item(item_id)
-        f = _open_verified(item_id, rec)  # the bytes sent come from the descriptor that was checked
-        return StreamingResponse(stream(f), media_type=_MEDIA.get(it.format or "", "application/octet-stream"),
-                                 headers={"Content-Length": str(os.fstat(f.fileno()).st_size),
-                                          "Cache-Control": "private, max-age=3600",
-                                          "X-Content-Type-Options": "nosniff"})
+        return it, _open_verified(item_id, rec)  # the bytes sent come from the descriptor that was checked
 
-    @app.get("/api/items/{item_id}/thumbnail", responses={404: {"model": ErrorOut}}, tags=["items"],
-             response_class=Response)
-    def item_thumbnail(item_id: int, size: int = Query(0, ge=0, le=1024)) -> Response:
+    def _thumbnail(item_id: int, size: int) -> bytes:
         it, rec = _image_item(item_id)
         key = content_key(rec.sha256, rec.path, rec.size, rec.mtime_ns)
         with _open_verified(item_id, rec) as f:  # checked before any cached thumbnail is served
             try:
-                data = S().thumbnails.get(key, it.path, size or settings.thumbnail_size,
+                return S().thumbnails.get(key, it.path, size or settings.thumbnail_size,
                                           settings.max_image_pixels * 10, lambda: read_checked(f, rec.path))
             except FileChanged as e:
                 raise _changed(item_id, e.reason) from e
             except ImageDecodeError as e:
                 raise ApiError(422, "bad_image", f"item {item_id}: {e.reason}") from e
-        return Response(data, media_type="image/jpeg",
-                        headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/api/items/{item_id}/image", responses={404: {"model": ErrorOut}}, tags=["items"],
+             response_class=StreamingResponse)
+    async def item_image(item_id: int = item_id_param) -> StreamingResponse:
+        it, f = await work(_open_image, item_id)
+        return StreamingResponse(stream(f), media_type=_MEDIA.get(it.format or "", "application/octet-stream"),
+                                 headers={"Content-Length": str(os.fstat(f.fileno()).st_size),
+                                          "Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/items/{item_id}/thumbnail", responses={404: {"model": ErrorOut}}, tags=["items"],
+             response_class=Response)
+    async def item_thumbnail(item_id: int = item_id_param, size: int = Query(0, ge=0, le=1024)) -> Response:
+        data = await work(_thumbnail, item_id, size)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     # -- page -----------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -473,3 +512,41 @@ def create_app(settings: WebSettings) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _register_errors(app: FastAPI) -> None:
+    """Every error is JSON ``{"error": {"code", "message"}}``; bad input 4xx, never 500."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(QueryError)
+    async def _query_error(request: Request, exc: QueryError) -> JSONResponse:
+        return _error(422, "bad_query", str(exc))
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+        return _error(422, "invalid_input", str(exc))
+
+    async def _invalid_value(request: Request, exc: Exception) -> JSONResponse:
+        # a value the checks above let through and a parser or SQLite refused (NUL, an int past
+        # 2**63, digits past Python's int limit): the input's fault, so 4xx; logged to be closed
+        logger.warning("unvalidated bad input on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+        return _error(422, "invalid_input", f"invalid input: {exc}")
+
+    app.add_exception_handler(ValueError, _invalid_value)
+    app.add_exception_handler(OverflowError, _invalid_value)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "form"))
+            parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))

@@ -34,16 +34,25 @@ def render_thumbnail(data: bytes, name: str, size: int, max_pixels: int) -> byte
 
 
 class ThumbnailCache:
-    def __init__(self, folder: Path, max_memory_items: int = 512) -> None:
+    """Thumbnails on disk (one JPEG per image and size) and the most recent ones in memory.
+
+    The memory part is bounded both in entries and in bytes (least recently used out first): a
+    thumbnail can be asked for at any size up to 1024, so a count alone does not bound memory.
+    """
+
+    def __init__(self, folder: Path, max_memory_items: int = 512, max_memory_bytes: int = 32 * 1024 * 1024) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._max = max_memory_items
+        self._max_bytes = max_memory_bytes
+        self.memory_bytes = 0  # bytes of the thumbnails held in memory
         self._lock = threading.Lock()
 
     def get(self, content_key: str, name: str, size: int, max_pixels: int,
-            load: Callable[[], bytes]) -> bytes:
-        """The thumbnail of the image identified by ``content_key``; ``load`` gives its bytes on a miss.
+            load: Callable[[], bytes], render: Callable[[bytes, str, int, int], bytes] | None = None) -> bytes:
+        """The thumbnail of the image identified by ``content_key``; ``load`` gives its bytes on a miss
+        and ``render`` (default :func:`render_thumbnail`) makes the thumbnail of them.
 
         Raises:
             ImageDecodeError: the image cannot be decoded (``name`` is used in the message).
@@ -57,16 +66,24 @@ class ThumbnailCache:
         try:
             data = path.read_bytes()
         except OSError:
-            data = render_thumbnail(load(), name, size, max_pixels)
+            data = (render or render_thumbnail)(load(), name, size, max_pixels)
             try:
                 atomic_write_bytes(path, data, fsync=False)
             except OSError as e:  # a read-only cache folder only costs speed
                 logger.warning("cannot write thumbnail cache %s: %s", path, e)
-        with self._lock:
-            self._memory[key] = data
-            if len(self._memory) > self._max:
-                self._memory.popitem(last=False)
+        self._remember(key, data)
         return data
+
+    def _remember(self, key: str, data: bytes) -> None:
+        if len(data) > self._max_bytes:
+            return
+        with self._lock:
+            old = self._memory.pop(key, None)
+            self.memory_bytes -= len(old) if old is not None else 0
+            self._memory[key] = data
+            self.memory_bytes += len(data)
+            while len(self._memory) > self._max or self.memory_bytes > self._max_bytes:
+                self.memory_bytes -= len(self._memory.popitem(last=False)[1])
 
 
 def content_key(sha256: str | None, path: str, size: int | None, mtime_ns: int | None) -> str:
