@@ -155,3 +155,36 @@ def test_a_reused_id_of_an_old_collection_gets_its_shard_copy_rewritten(
         assert report.ok, report.problems
     with Collection.open(folder, writable=True) as coll:  # verified once: nothing left to do
         assert coll.store.get_meta("unverified_shards") is None
+
+
+def test_a_migration_that_fails_midway_leaves_the_old_schema_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crossmodal_rag.errors import CollectionError
+
+    store = MetadataStore(tmp_path)
+    with store.transaction():
+        for text in "abc":
+            store.insert_item("passage", np.ones(4, np.float32) / 2, text=text)
+        store.delete_items([3])
+    store.close()
+    _downgrade(tmp_path)
+    set_meta = MetadataStore.set_meta
+
+    def dies_at_the_version(self: MetadataStore, key: str, value: str) -> None:
+        if key == "schema_version":  # the last write of the migration
+            raise sqlite3.OperationalError("disk I/O error")
+        set_meta(self, key, value)
+
+    monkeypatch.setattr(MetadataStore, "set_meta", dies_at_the_version)
+    with pytest.raises(CollectionError):
+        MetadataStore(tmp_path)
+    monkeypatch.undo()
+    with sqlite3.connect(tmp_path / DB_NAME) as db:
+        assert dict(db.execute("SELECT key, value FROM meta")) == {"schema_version": "1", "generation": "1"}
+        assert db.execute("SELECT id, text FROM items ORDER BY id").fetchall() == [(1, "a"), (2, "b")]
+    db.close()
+    store = MetadataStore(tmp_path)  # the next open migrates
+    assert store.get_meta("schema_version") == "2" and store.get_meta("unverified_shards") == "image,text"
+    with store.transaction():  # the store alone knows ids up to max(id); a Collection also
+        assert store.insert_item("passage", np.ones(4, np.float32) / 2, text="d") == 3  # retires its shards' ids
+    store.close()
