@@ -282,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--mmap", action="store_true", help="memory-map the index files (collections larger than RAM)")
     sv.add_argument("--lazy-generator", action="store_true",
                     help="load the generator on the first question instead of at start-up")
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                    help="also answer requests whose Host header is HOST (repeatable; * = any host, which "
+                         "gives up DNS-rebinding protection). Default: the bound host; bound to loopback, "
+                         "localhost, 127.0.0.1 and ::1")
 
     cp = sub.add_parser("caption", help="caption images: image prefix + retrieved neighbours' captions "
                                         "(SmallCap style)")
@@ -1097,6 +1101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from .web import WebSettings, create_app
+        from .web.guards import allowed_hosts_for
     except ImportError as e:
         raise UsageError(f"serve needs the web extras: pip install 'crossmodal-rag[serve]' ({e})") from e
 
@@ -1105,11 +1110,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
         max_k=args.max_k, max_new_tokens=args.max_new_tokens, thumbnail_dir=args.thumbnail_dir,
         load_generator_at_startup=not args.lazy_generator, mmap=args.mmap,
+        allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
     )
     from .collection import Collection
 
     Collection.open(settings.collection).close()  # fail fast, with a clear message, before binding
     print(f"serving {settings.collection} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    print(f"answering Host: {', '.join(settings.allowed_hosts)} (more with --allowed-host)", file=sys.stderr)
     uvicorn.run(create_app(settings), host=args.host, port=args.port,
                 log_level="warning" if not args.verbose else "info", timeout_keep_alive=5)
     return 0
