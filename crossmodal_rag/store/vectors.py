@@ -31,6 +31,9 @@ _BLAS_THRESHOLD = 4
 _NUMPY_MAX_QUERIES = 4
 # PQ shortlists are re-ranked with exact vectors: fetch k x this many candidates by default.
 DEFAULT_PQ_RERANK = 8
+#: Longest FAISS factory string accepted. FAISS parses it with std::regex, whose recursion
+#: overflows the stack (the process dies) on strings of ~100k characters; real ones are short.
+MAX_INDEX_TYPE_CHARS = 256
 
 
 def make_faiss_index(dim: int, index_type: str) -> faiss.Index:
@@ -38,6 +41,9 @@ def make_faiss_index(dim: int, index_type: str) -> faiss.Index:
     if not index_type or index_type.strip().lower() == "auto" or "IDMap" in index_type:
         raise CollectionError(f"invalid FAISS index type {index_type!r}: give a factory string "
                               "such as Flat, HNSW32, IVF1024,Flat or IVF1024,PQ64np")
+    if len(index_type) > MAX_INDEX_TYPE_CHARS:
+        raise CollectionError(f"invalid FAISS index type {index_type[:40]!r}... ({len(index_type)} characters): "
+                              f"the limit is {MAX_INDEX_TYPE_CHARS} (MAX_INDEX_TYPE_CHARS)")
     try:
         probe = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
         if faiss.try_extract_index_ivf(probe) is not None:
