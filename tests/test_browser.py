@@ -51,6 +51,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path):
     thread.join(timeout=10)
 
 
+def _wait_for(page, expression: str, timeout: float = 60.0) -> None:
+    """Poll ``expression`` through the DevTools protocol (``wait_for_function`` evaluates a string in
+    the page, which the page's Content Security Policy forbids, as it should)."""
+    deadline = time.time() + timeout
+    while not page.evaluate(expression):
+        assert time.time() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
+
+
 def test_search_upload_and_ask_in_chromium(server: str, sample_dir: Path) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
@@ -58,11 +67,18 @@ def test_search_upload_and_ask_in_chromium(server: str, sample_dir: Path) -> Non
         page = browser.new_page(viewport={"width": 1200, "height": 1000})
         failed: list[str] = []
         page.on("requestfailed", lambda req: failed.append(req.url))
+        console_errors: list[str] = []  # a Content Security Policy violation is logged here
+        page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: console_errors.append(str(exc)))
+        page.on("response", lambda resp: console_errors.append(f"HTTP {resp.status} {resp.url}")
+                if resp.status >= 400 else None)
+        page.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+                             "e => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI))")
         outside: list[str] = []
         page.on("request", lambda req: None if req.url.startswith(server) or req.url.startswith("blob:")
                 else outside.append(req.url))
         page.goto(server + "/")
-        page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+        _wait_for(page, "document.getElementById('stats').textContent.includes('images')")
         assert "15 images" in page.text_content("#stats")
 
         # keyboard only: focus the query box, type, press Enter
@@ -71,17 +87,17 @@ def test_search_upload_and_ask_in_chromium(server: str, sample_dir: Path) -> Non
         page.keyboard.type("a cat looking at the camera")
         page.keyboard.press("Enter")
         page.wait_for_selector("#results li.card")
-        page.wait_for_function("document.getElementById('search-status').textContent.includes('results for')")
+        _wait_for(page, "document.getElementById('search-status').textContent.includes('results for')")
         cards = page.query_selector_all("#results li.card")
         assert len(cards) == 12
         scores = [float(c.query_selector(".score").text_content().split("·")[1]) for c in cards]
         assert scores == sorted(scores, reverse=True)
-        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+        _wait_for(page, "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=str(ARTIFACTS / "search-text.png"), full_page=True)
 
         # upload an image through the file input (what the drop zone opens)
         page.set_input_files("#file", str(sample_dir / "cat.jpg"))
-        page.wait_for_function("document.getElementById('search-status').textContent.includes('results for cat.jpg')")
+        _wait_for(page, "document.getElementById('search-status').textContent.includes('results for cat.jpg')")
         first = page.query_selector("#results li.card img")
         assert "cat" in (first.get_attribute("alt") or "") or "tabby" in (first.get_attribute("alt") or "")
         page.screenshot(path=str(ARTIFACTS / "search-image.png"), full_page=True)
@@ -95,6 +111,8 @@ def test_search_upload_and_ask_in_chromium(server: str, sample_dir: Path) -> Non
         assert len(sources) == 5
         weights = [float(s.text_content().split("weight")[1].split("%")[0]) for s in sources]
         assert sum(weights) == pytest.approx(100, abs=0.5)
+        bars = page.eval_on_selector_all("#sources .bar", "els => els.map(e => e.getBoundingClientRect().width)")
+        assert max(bars) > 2  # the weight bars are drawn (their width is set under the page's CSP)
         page.screenshot(path=str(ARTIFACTS / "ask.png"), full_page=True)
 
         # an error state: an empty question without an image
@@ -102,6 +120,9 @@ def test_search_upload_and_ask_in_chromium(server: str, sample_dir: Path) -> Non
         page.fill("#question", "")
         page.click("#ask-btn")
         assert "Type a question" in page.text_content("#ask-status")
+        violations = page.evaluate("window.__csp")
         browser.close()
+    assert not violations, violations
+    assert not console_errors, console_errors
     assert not failed, failed
     assert not outside, outside

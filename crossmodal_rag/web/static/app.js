@@ -122,7 +122,8 @@ function renderAnswer(data) {
     if (s.thumbnail_url) li.append(el("img", { src: s.thumbnail_url, alt: s.caption || `item ${s.id}` }));
     const body = el("div");
     const pct = (s.posterior * 100).toFixed(1);
-    const bar = el("span", { class: "bar", style: `width:${Math.max(2, s.posterior * 120)}px`, "aria-hidden": "true" });
+    const bar = el("span", { class: "bar", "aria-hidden": "true" });
+    bar.style.width = `${Math.max(2, s.posterior * 120)}px`; // CSSOM: allowed by the CSP, a style attribute is not
     body.append(bar, document.createTextNode(` weight ${pct}% (prior ${(s.prior * 100).toFixed(1)}%, score ${s.score.toFixed(3)})`));
     body.append(el("div", { class: "muted" }, s.text));
     li.append(body);
