@@ -38,6 +38,7 @@ from PIL import Image
 from .errors import CollectionError, EncoderMismatchError, ImageDecodeError
 from .images import load_image
 from .ingest import IngestReport, Problem
+from .safe_io import MAX_JSON_BYTES, check_regular, open_regular, read_regular_text
 
 __all__ = ["EmbeddingShard", "find_shards", "import_embeddings"]
 
@@ -105,6 +106,10 @@ def find_shards(folder: str | Path) -> list[EmbeddingShard]:
 def _read_metadata(path: Path | None, n: int) -> list[dict[str, Any]]:
     if path is None:
         raise CollectionError("embedding shard has no metadata file (image paths are needed)")
+    try:
+        check_regular(path, what="metadata file")  # a FIFO would block the reader
+    except OSError as e:
+        raise CollectionError(f"metadata file {path} is unreadable: {e.strerror or e}") from e
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -120,9 +125,9 @@ def _read_metadata(path: Path | None, n: int) -> list[dict[str, Any]]:
     else:
         rows = []
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_regular_text(path, max_bytes=MAX_JSON_BYTES, what="metadata file").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise CollectionError(f"metadata file {path} is unreadable: {e}") from e
+            raise CollectionError(f"metadata file {path} is unreadable: {getattr(e, 'reason', None) or e}") from e
         for k, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -130,6 +135,8 @@ def _read_metadata(path: Path | None, n: int) -> list[dict[str, Any]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CollectionError(f"{path}, line {k}: invalid JSON ({e.msg})") from e
+            except (ValueError, RecursionError) as e:  # nested too deeply, 5000-digit numbers
+                raise CollectionError(f"{path}, line {k}: unusable JSON ({type(e).__name__})") from e
             rows.append(obj if isinstance(obj, dict) else {})
     if len(rows) != n:
         raise CollectionError(f"metadata file {path} has {len(rows)} rows but its embeddings have {n}")
@@ -138,6 +145,7 @@ def _read_metadata(path: Path | None, n: int) -> list[dict[str, Any]]:
 
 def _load_matrix(path: Path, dim: int) -> np.ndarray:
     try:
+        check_regular(path, what="embedding file")  # a FIFO would block np.load
         x = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise CollectionError(f"embedding file {path} is not a readable .npy array: {e}") from e
@@ -189,7 +197,7 @@ def _image_header(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with open_regular(path, what="image file") as f, Image.open(f) as im:
                 width, height = im.size
                 fmt = im.format
                 orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if fmt in _EXIF_FORMATS else 1

@@ -131,3 +131,50 @@ def test_giant_line_and_non_utf8(tmp_path: Path) -> None:
     reasons = [r.reason for r in records if isinstance(r, Problem)]
     assert any("longer than" in r for r in reasons) and any("UTF-8" in r for r in reasons)
     assert [r.text for r in records if isinstance(r, TextRecord)] == ["ok"]
+
+
+# -- non-regular files everywhere a named file is read (issue 15) -----------------------------
+def test_fifos_and_devices_never_block_the_other_readers(tmp_path: Path, tiny_oc_spec: str) -> None:
+    """A chat session, an embedding shard, its metadata and an image header read through a
+    FIFO or /dev/zero are refused at once (in a child with a time and memory limit)."""
+    import resource
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "session.json")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    os.mkfifo(a / "part0.npy")  # a FIFO shard
+    (a / "part0.jsonl").write_text('{"image_path": "x.jpg"}\n')
+    np.save(b / "part1.npy", np.ones((1, 32), np.float32))
+    (b / "part1.jsonl").symlink_to("/dev/zero")  # its metadata never ends
+    code = f"""
+import json
+from crossmodal_rag.apps import ChatSession
+from crossmodal_rag.errors import CrossmodalError
+from crossmodal_rag.importer import import_embeddings
+out = {{}}
+try:
+    ChatSession.load({str(tmp_path / "session.json")!r})
+except CrossmodalError as e:
+    out["session"] = str(e)
+for name in ("a", "b"):
+    try:
+        import_embeddings({str(tmp_path)!r} + "/" + name, {str(tmp_path)!r} + "/c-" + name, {tiny_oc_spec!r},
+                          progress=False)
+    except CrossmodalError as e:
+        out[name] = str(e)
+print(json.dumps(out))
+"""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=limit, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "named pipe" in out["session"]
+    assert "named pipe" in out["a"]
+    assert "metadata" in out["b"], out

@@ -81,10 +81,12 @@ class ChatSession:
 
     @classmethod
     def load(cls, path: str | Path) -> ChatSession:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CrossmodalError(f"cannot read chat session {path}: {e}") from e
+        from ..safe_io import read_regular_text
+
+        try:  # only a regular file (a FIFO would block), of at most 64 MiB
+            data = json.loads(read_regular_text(path, what="chat session"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CrossmodalError(f"cannot read chat session {path}: {getattr(e, 'reason', None) or e}") from e
         if not isinstance(data, dict) or data.get("format") != SESSION_FORMAT:
             raise CrossmodalError(f"{path} is not a crossmodal-rag chat session file")
         try:
