@@ -46,6 +46,67 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
+# -- the shared flags: one name and one meaning in every subcommand (README "Shared flags") ------
+def _add_collection(sp: argparse.ArgumentParser, *, positional: bool = False, required: bool = False,
+                    help: str = "collection folder") -> None:
+    """``-c/--collection DIR`` (dest ``collection``); with ``positional``, a ``DIR`` too (dest
+    ``dir``; main refuses the two naming different folders)."""
+    if positional:
+        sp.add_argument("dir", nargs="?", metavar="DIR", help=f"{help} (or -c DIR)")
+    sp.add_argument("-c", "--collection", metavar="DIR", required=required, help=help)
+
+
+def _add_top_k(sp: argparse.ArgumentParser, *, default: int | None, help: str, dest: str = "top_k",
+               type: Any = _positive_int) -> None:
+    """``-k/--top-k K`` (``--k`` kept as an alias): how many results or retrieved items."""
+    sp.add_argument("-k", "--top-k", "--k", dest=dest, type=type, default=default, metavar="K", help=help)
+
+
+def _add_model(sp: argparse.ArgumentParser, *, help: str = "encoder (default: the collection's own)",
+               required: bool = False) -> None:
+    sp.add_argument("-m", "--model", metavar="SPEC", required=required, help=help)
+
+
+def _add_where(sp: argparse.ArgumentParser, *, help: str = "metadata filter (repeatable, ANDed)") -> None:
+    sp.add_argument("-w", "--where", action="append", default=[], metavar="EXPR", help=help)
+
+
+def _add_json(sp: argparse.ArgumentParser, *, help: str = "JSON output instead of text") -> None:
+    sp.add_argument("--json", action="store_true", help=help)
+
+
+def _add_verbosity(sp: argparse.ArgumentParser) -> None:
+    """``-q/-v`` after the subcommand too. SUPPRESS: a subcommand that does not see them leaves
+    the value given before it (or the top-level default) alone."""
+    sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                    help="more log output (-vv: debug)")
+    sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                    help="no progress bars, errors only")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for sub in _subparsers(parser).values():
+        found += [sub, *_all_subparsers(sub)]
+    return found
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command ``args`` were parsed for (``train rag``'s, ``info``'s)."""
+    for dest in ("command", "eval_command", "train_command"):
+        sub = _subparsers(parser).get(getattr(args, dest, None) or "")
+        if sub is not None:
+            parser = sub
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="crossmodal-rag",
@@ -57,17 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def add_collection(sp: argparse.ArgumentParser, positional: bool = False) -> None:
-        if positional:
-            sp.add_argument("dir", nargs="?", metavar="DIR", help="collection folder")
-        sp.add_argument("--collection", "-c", metavar="DIR", help="collection folder")
-
     ix = sub.add_parser("index", help="add a folder, manifest, COCO file or passage corpus to a collection")
     ix.add_argument("source", metavar="SOURCE",
                     help="folder of images (+ same-stem .txt captions), .jsonl/.csv manifest, "
                          "COCO captions .json, or .jsonl passage corpus")
-    add_collection(ix)
-    ix.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP + " (new collections; default "
+    _add_collection(ix)
+    ix.add_argument("-m", "--model", metavar="SPEC", help=_MODEL_HELP + " (new collections; default "
                     "open_clip:ViT-B-32/laion2b_s34b_b79k)")
     ix.add_argument("--index", "--index-type", dest="index_type", default="auto", metavar="SPEC",
                     help="index type of a new collection: 'auto' (default: exact search up to 50k "
@@ -105,23 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--image", "-i", metavar="PATH", help="image query")
     se.add_argument("--queries", metavar="FILE",
                     help="batch: one query per line (text, or JSON {\"text\": ...} / {\"image\": ...})")
-    add_collection(se)
-    se.add_argument("--top-k", "-k", type=_positive_int, default=10, metavar="K")
+    _add_collection(se)
+    _add_top_k(se, default=10, help="results per query (default 10)")
     se.add_argument("--target", "-t", choices=("images", "texts", "all"), default="images",
                     help="what to return: images, texts (captions and passages) or all")
-    se.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
-    se.add_argument("--where", "-w", action="append", default=[], metavar="EXPR",
+    _add_model(se)
+    se.add_argument("-w", "--where", action="append", default=[], metavar="EXPR",
                     help="metadata filter, e.g. 'width>=1000', 'path=*/2023/*', 'caption~dog' (repeatable, ANDed)")
     se.add_argument("--min-score", metavar="S|auto", help="drop hits scoring below S ('auto': calibrated)")
     se.add_argument("--plus", action="append", default=[], metavar="TEXT", help="add a text to the query (repeatable)")
     se.add_argument("--minus", action="append", default=[], metavar="TEXT", help="subtract a text from the query")
-    se.add_argument("--json", action="store_true", help="JSON output instead of TSV")
+    _add_json(se, help="JSON output instead of TSV")
     se.add_argument("--no-header", action="store_true", help="TSV without the header line")
     _add_ann_flags(se)
 
     ri = sub.add_parser("reindex", help="rebuild a collection's indexes (another type, retuned) "
                                         "from its stored embeddings, without re-encoding")
-    add_collection(ri, positional=True)
+    _add_collection(ri, positional=True)
     ri.add_argument("--index", dest="index_type", default=None, metavar="SPEC",
                     help="'auto' or a FAISS factory string (default: keep the current choice)")
     ri.add_argument("--max-index-memory", metavar="SIZE", help="memory budget for 'auto', e.g. 4G")
@@ -134,26 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("--no-sharded", dest="sharded", action="store_false")
     ri.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="parallel shard builds")
     ri.add_argument("--fsync", choices=("full", "normal", "off"), default="full")
-    ri.add_argument("--json", action="store_true", help="print the build report as JSON")
+    _add_json(ri, help="print the build report as JSON")
 
     tu = sub.add_parser("tune", help="re-tune nprobe/efSearch to a target recall, or store explicit "
                                      "search defaults")
-    add_collection(tu, positional=True)
+    _add_collection(tu, positional=True)
     tu.add_argument("--target-recall", type=float, default=0.95, metavar="R")
     tu.add_argument("--seed", type=int, default=0)
     tu.add_argument("--nprobe", type=_positive_int, metavar="N", help="store this nprobe instead of tuning")
     tu.add_argument("--ef-search", type=_positive_int, metavar="N", help="store this efSearch instead of tuning")
     tu.add_argument("--rerank", type=_nonneg_int, metavar="F", help="store this PQ re-rank factor")
     tu.add_argument("--index-name", choices=("image", "text"), help="only this index (explicit values)")
+    _add_json(tu, help="print the search settings (and what tuning measured) as JSON")
 
     im = sub.add_parser("import", help="build a collection from precomputed embeddings "
                                        "(npy/parquet shards, e.g. clip-retrieval's output)")
     im.add_argument("source", metavar="FOLDER",
                     help="folder with img_emb/*.npy (+ text_emb/*.npy) and metadata/*.parquet, or "
                          "*.npy files each with a same-stem .parquet/.jsonl metadata file")
-    add_collection(im)
-    im.add_argument("--model", "-m", metavar="SPEC", required=True,
-                    help="the encoder that made the embeddings (queries are embedded with it)")
+    _add_collection(im)
+    _add_model(im, required=True, help="the encoder that made the embeddings (queries are embedded with it)")
     im.add_argument("--image-root", metavar="DIR",
                     help="metadata image paths are relative to DIR (default: the source folder)")
     im.add_argument("--allow-outside-root", action="store_true",
@@ -165,25 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--fsync", choices=("full", "normal", "off"), default="full")
 
     inf = sub.add_parser("info", help="print a collection's manifest and counts")
-    add_collection(inf, positional=True)
-    inf.add_argument("--json", action="store_true")
+    _add_collection(inf, positional=True)
+    _add_json(inf)
 
     ck = sub.add_parser("check", help="verify that a collection's indexes and metadata agree")
-    add_collection(ck, positional=True)
-    ck.add_argument("--json", action="store_true")
+    _add_collection(ck, positional=True)
+    _add_json(ck)
 
     rm = sub.add_parser("remove", help="remove items by id or by source path")
     rm.add_argument("ids", nargs="*", type=int, metavar="ID")
-    add_collection(rm)
+    _add_collection(rm)
     rm.add_argument("--path", action="append", default=[], metavar="PATH", help="remove by path (repeatable)")
-    rm.add_argument("--json", action="store_true")
+    _add_json(rm)
 
     def add_generation(sp: argparse.ArgumentParser) -> None:
-        add_collection(sp)
+        _add_collection(sp)
         sp.add_argument("--generator", "-g", metavar="SPEC",
                         help="hub id, save_pretrained folder or .gguf file (default google/flan-t5-base)")
-        sp.add_argument("--k", "-k", "--top-k", dest="k", type=_positive_int, default=5, metavar="K",
-                        help="retrieved items (default 5)")
+        _add_top_k(sp, dest="k", default=5, help="retrieved items (default 5)")
         sp.add_argument("--mode", choices=("concat", "rag-sequence", "rag-token"), default="concat")
         sp.add_argument("--target", choices=("texts", "images", "all"), default="texts",
                         help="what retrieval returns to condition on (default texts: captions, passages)")
@@ -199,9 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature")
         sp.add_argument("--top-p", type=float, default=1.0, metavar="P")
         sp.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
-        sp.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
-        sp.add_argument("--where", "-w", action="append", default=[], metavar="EXPR",
-                        help="metadata filter on retrieval (repeatable, ANDed)")
+        _add_model(sp)
+        _add_where(sp, help="metadata filter on retrieval (repeatable, ANDed)")
         sp.add_argument("--min-score", metavar="S|auto",
                         help="abstain ('not found in the collection') when the best score is below S")
         sp.add_argument("--knowledge", metavar="DIR",
@@ -210,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image-prefix checkpoint (from `train prefix`): the generator also reads the "
                              "query image and retrieved images as prefix vectors (default generator: "
                              "the checkpoint's own)")
-        sp.add_argument("--json", action="store_true", help="print the whole answer record as JSON")
+        _add_json(sp, help="print the whole answer record as JSON")
 
     ak = sub.add_parser("ask", help="answer a question grounded in the collection (RAG)")
     ak.add_argument("question", nargs="?", metavar="QUESTION")
@@ -231,22 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation(wr)
 
     rc = sub.add_parser("recommend", help="items like the ones you liked (not already liked)")
-    add_collection(rc)
+    _add_collection(rc)
     rc.add_argument("--liked", type=int, nargs="*", default=[], metavar="ID", help="liked item ids")
     rc.add_argument("--liked-image", action="append", default=[], metavar="PATH",
                     help="a liked image file (repeatable)")
-    rc.add_argument("--top-k", "-k", type=_positive_int, default=10, metavar="K")
+    _add_top_k(rc, default=10, help="recommendations (default 10)")
     rc.add_argument("--diversity", type=float, default=0.3, metavar="D",
                     help="0 = most similar first, 1 = most diverse (MMR; default 0.3)")
     rc.add_argument("--target", choices=("images", "texts", "all"), default="images")
-    rc.add_argument("--where", "-w", action="append", default=[], metavar="EXPR", help="metadata filter")
-    rc.add_argument("--json", action="store_true")
+    _add_where(rc)
+    _add_model(rc)
+    _add_json(rc)
 
     du = sub.add_parser("duplicates", help="list groups of near-identical images")
-    add_collection(du, positional=True)
+    _add_collection(du, positional=True)
     du.add_argument("--threshold", type=float, default=0.95, metavar="T",
                     help="cosine similarity at or above which two images count as near-duplicates")
-    du.add_argument("--json", action="store_true", help="JSON instead of TSV")
+    _add_json(du, help="JSON instead of TSV")
 
     ev = sub.add_parser("eval", help="measure retrieval (recall@K) or generation quality")
     evsub = ev.add_subparsers(dest="eval_command", metavar="KIND")
@@ -254,12 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     er = evsub.add_parser("retrieval", help="recall@1/5/10 text->image and image->text")
     er.add_argument("dataset", metavar="DATASET",
                     help="Karpathy-split JSON, COCO captions JSON, folder with .txt captions, or manifest")
-    er.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP)
+    _add_model(er, help=_MODEL_HELP)
     er.add_argument("--split", help="Karpathy split to use (e.g. test)")
     er.add_argument("--image-root", metavar="DIR", help="folder the dataset's image paths are relative to")
     er.add_argument("--ks", default="1,5,10", help="comma-separated K values (default 1,5,10)")
     er.add_argument("--plots", metavar="DIR", help="write recall and score-histogram PNGs here")
-    er.add_argument("--json", action="store_true")
+    _add_json(er)
     eg = evsub.add_parser("generation", help="QA exact match/F1, or captioning BLEU-4/ROUGE-L/CIDEr")
     eg.add_argument("dataset", metavar="DATASET",
                     help="QA: JSONL {question, answers, image?}; caption: any captioned dataset")
@@ -269,11 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation(eg)
 
     sv = sub.add_parser("serve", help="start the web app and REST API for a collection")
-    add_collection(sv)
+    _add_collection(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=_positive_int, default=8000)
     sv.add_argument("--generator", "-g", metavar="SPEC", help="generator for answers (default google/flan-t5-base)")
-    sv.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own)")
+    _add_model(sv)
     sv.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB")
     sv.add_argument("--max-image-pixels", type=_positive_int, default=50_000_000, metavar="N")
     sv.add_argument("--max-k", type=_positive_int, default=100, metavar="K")
@@ -292,28 +347,28 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) to caption")
     cp.add_argument("--image-prefix", required=True, metavar="CKPT",
                     help="image-prefix checkpoint folder (from `train prefix`)")
-    cp.add_argument("--collection", "-c", metavar="DIR",
-                    help="retrieve the neighbours' captions from this collection (its encoder must be the "
-                         "checkpoint's); without it the prompt holds no captions")
-    cp.add_argument("--k", "-k", type=_nonneg_int, metavar="K",
-                    help="neighbours' captions in the prompt (default: as trained, else 4; 0: none)")
+    _add_collection(cp, help="retrieve the neighbours' captions from this collection (its encoder must be "
+                             "the checkpoint's); without it the prompt holds no captions")
+    _add_top_k(cp, dest="k", type=_nonneg_int, default=None,
+               help="neighbours' captions in the prompt (default: as trained, else 4; 0: none)")
     cp.add_argument("--generator", "-g", metavar="SPEC", help="generator (default: the checkpoint's own)")
-    cp.add_argument("--model", "-m", metavar="SPEC", help="encoder (default: the collection's own, else the checkpoint's; must be the one the checkpoint was trained on)")
+    _add_model(cp, help="encoder (default: the collection's own, else the checkpoint's; must be the one the "
+                        "checkpoint was trained on)")
     cp.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N")
     cp.add_argument("--beams", type=_positive_int, default=1, metavar="N")
-    cp.add_argument("--json", action="store_true", help="JSON records with the prompt and the sources")
+    _add_json(cp, help="JSON records with the prompt and the sources")
 
     de = sub.add_parser("demo", help="index the bundled sample photos and run example queries")
-    de.add_argument("--model", "-m", metavar="SPEC", help=_MODEL_HELP)
-    de.add_argument("--collection", "-c", metavar="DIR",
-                    help="where to build the demo collection (default: under ~/.cache/crossmodal-rag)")
-    de.add_argument("--top-k", "-k", type=_positive_int, default=3, metavar="K")
+    _add_model(de, help=_MODEL_HELP)
+    _add_collection(de, help="where to build the demo collection (default: under ~/.cache/crossmodal-rag)")
+    _add_top_k(de, default=3, help="results per example query (default 3)")
 
     re_ = sub.add_parser("reembed", help="recompute a collection's vectors with another encoder "
                                          "(e.g. one trained with train clip); item ids stay the same")
-    add_collection(re_, positional=True)
-    re_.add_argument("--model", "-m", required=True, metavar="SPEC", help=_MODEL_HELP)
+    _add_collection(re_, positional=True)
+    _add_model(re_, required=True, help=_MODEL_HELP)
     re_.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    _add_json(re_, help="the report is JSON (always; accepted for uniformity)")
 
     tr = sub.add_parser("train", help="fine-tune on your image-text pairs: the encoder (clip), "
                                       "the image-prefix network (prefix), generator + query side (rag)")
@@ -322,10 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     tc = trsub.add_parser("clip", help="contrastive fine-tuning of the CLIP encoder (open_clip or "
                                        "transformers), then re-embed a collection with it")
     _add_train_flags(tc)
-    tc.add_argument("--model", "-m", metavar="SPEC", help="encoder to start from (default: "
-                    "the --collection's encoder, else open_clip:ViT-B-32/laion2b_s34b_b79k)")
-    tc.add_argument("--collection", "-c", metavar="DIR",
-                    help="after training, re-embed this collection's items with the trained encoder")
+    _add_model(tc, help="encoder to start from (default: the --collection's encoder, else "
+                        "open_clip:ViT-B-32/laion2b_s34b_b79k)")
+    _add_collection(tc, help="after training, re-embed this collection's items with the trained encoder")
     tc.add_argument("--freeze-text", action="store_true", help="train the image tower only")
     tc.add_argument("--freeze-image", action="store_true", help="train the text tower only")
     tc.add_argument("--hard-negatives", type=_hard_negative_share, default=0.0, metavar="SHARE",
@@ -335,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = trsub.add_parser("prefix", help="train the image-prefix mapping network (CLIP image embedding -> "
                                          "generator input embeddings), generator frozen or not")
     _add_train_flags(tp)
-    tp.add_argument("--model", "-m", required=True, metavar="SPEC", help="CLIP encoder (frozen): " + _MODEL_HELP)
+    _add_model(tp, required=True, help="CLIP encoder (frozen): " + _MODEL_HELP)
     tp.add_argument("--generator", "-g", required=True, metavar="SPEC",
                     help="generator: hub id or save_pretrained folder")
     tp.add_argument("--prefix-length", type=_positive_int, default=10, metavar="P",
@@ -356,10 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train the mapper only (default)")
     fz.add_argument("--train-generator", dest="train_generator", action="store_true",
                     help="fine-tune the generator with the mapper (saved inside the checkpoint)")
-    tp.add_argument("--retrieval", metavar="COLL",
+    tp.add_argument("-c", "--collection", "--retrieval", metavar="DIR",
                     help="collection whose nearest captions go in the prompt (SmallCap style; same encoder)")
-    tp.add_argument("--k", "-k", type=_positive_int, default=4, metavar="K",
-                    help="neighbours' captions per prompt with --retrieval (default 4)")
+    _add_top_k(tp, dest="k", default=4, help="neighbours' captions per prompt with --collection (default 4)")
     trg = trsub.add_parser("rag", help="fine-tune generator + query projection with the RAG marginal likelihood "
                                        "over a collection's top-k items (the index stays fixed)",
                            description="SOURCE: a QA .jsonl (question, answer or answers, optional image) or "
@@ -367,10 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(OUT/best) works as --generator for ask/chat: its query projection "
                                        "is picked up from there.")
     _add_train_flags(trg)
-    trg.add_argument("--collection", "-c", required=True, metavar="DIR", help="collection to retrieve from")
+    _add_collection(trg, required=True, help="collection to retrieve from")
     trg.add_argument("--generator", "-g", required=True, metavar="SPEC",
                      help="generator to start from: hub id or save_pretrained folder")
-    trg.add_argument("--k", "-k", type=_positive_int, default=4, metavar="K", help="items in the marginal (default 4)")
+    _add_top_k(trg, dest="k", default=4, help="items in the marginal (default 4)")
     trg.add_argument("--candidates", type=_nonneg_int, default=0, metavar="C",
                      help="items retrieved once per example and re-scored every step (default 4k)")
     trg.add_argument("--temperature", type=float, default=0.05, metavar="T",
@@ -390,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     trg.add_argument("--prompt-template", metavar="TEXT", help="prompt with {context} and {question} "
                      "(saved with the result; ask uses it)")
     trg.add_argument("--item-template", metavar="TEXT", help="one retrieved item, with {text} (default '[{n}] {text}')")
+    for sp in _all_subparsers(p):
+        _add_verbosity(sp)
     return p
 
 
@@ -418,6 +473,7 @@ def _add_train_flags(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: cuda if present)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     g.add_argument("--metrics", metavar="FILE", help="JSONL metrics file (default OUT/metrics.jsonl)")
+    _add_json(sp, help="the summary is JSON (always; accepted for uniformity)")
 
 
 def _train_settings(args: argparse.Namespace, **defaults: Any) -> Any:
@@ -440,8 +496,16 @@ def _train_settings(args: argparse.Namespace, **defaults: Any) -> Any:
 def _collection_dir(args: argparse.Namespace) -> str:
     folder = getattr(args, "collection", None) or getattr(args, "dir", None)
     if not folder:
-        raise UsageError(f"{args.command}: name the collection folder with --collection DIR")
+        how = "DIR or -c DIR" if hasattr(args, "dir") else "-c/--collection DIR"
+        raise UsageError(f"{args.command}: name the collection folder with {how}")
     return folder
+
+
+def _check_collection_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A positional DIR and --collection may both be given only when they name one folder."""
+    folder, option = getattr(args, "dir", None), getattr(args, "collection", None)
+    if folder and option and os.path.abspath(folder) != os.path.abspath(option):
+        parser.error(f"the collection is named twice: DIR {folder} and --collection {option}; give one")
 
 
 # -- output: what is printed is escaped -----------------------------------------------------
@@ -1016,7 +1080,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     for image in args.liked_image:
         _check_image_arg(image)
-    with Collection.open(_collection_dir(args)) as coll:
+    with Collection.open(_collection_dir(args), model=args.model) as coll:
         recs = recommend(coll, args.liked, args.liked_image, k=args.top_k, diversity=args.diversity,
                          target=args.target, where=args.where)
     if args.json:
@@ -1158,7 +1222,7 @@ def cmd_train_prefix(args: argparse.Namespace) -> int:
             prefix=PrefixSettings(kind=args.mapper, prefix_length=args.prefix_length,
                                   hidden_size=args.hidden_size, num_layers=args.mapper_layers,
                                   num_heads=args.mapper_heads, scale_input=not args.no_scale_input),
-            train_generator=args.train_generator, retrieval=args.retrieval, k=args.k)
+            train_generator=args.train_generator, retrieval=args.collection, k=args.k)
     except ValueError as e:
         raise UsageError(str(e)) from e
     summary = train_prefix(args.source, args.out, task_settings, settings, image_root=args.image_root,
@@ -1216,7 +1280,11 @@ COMMANDS["reembed"] = cmd_reembed
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    chosen = _chosen_parser(parser, args)
+    if extra:  # the subcommand's usage, not the top-level one
+        chosen.error(f"unrecognized arguments: {' '.join(extra)}")
+    _check_collection_args(chosen, args)
     _setup_logging(args.verbose, args.quiet)
     try:
         return COMMANDS[args.command](args)
