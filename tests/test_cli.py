@@ -251,3 +251,41 @@ def test_control_characters_are_escaped_in_text_output(tmp_path: Path, sample_di
         assert ch not in r.stdout, repr(ch)
     out = json.loads(r.stdout)
     assert out["results"][0]["text"] == "red \x1b[31mALERT\x1b[0m \x9b31m bell\x07 \u202eeman"
+
+
+class _RunsCode:
+    """Pickles as a call to os.system: what a hostile checkpoint holds."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_weights_are_refused_with_one_line(tmp_path: Path, photos: Path,
+                                                   sample_collection: Path) -> None:
+    """A model folder whose .bin weights hold a pickle that would run code: refused unloaded,
+    shown as one line naming the fix (safetensors), exit code 1 (a model that cannot be loaded)."""
+    import pickle
+
+    from crossmodal_rag.testing import make_tiny_hf_clip, make_tiny_open_clip, make_tiny_t5
+
+    marker = tmp_path / "code-ran"
+    folders = {"oc": make_tiny_open_clip(tmp_path / "oc", seed=0), "hf": make_tiny_hf_clip(tmp_path / "hf", seed=0),
+               "t5": make_tiny_t5(tmp_path / "t5", seed=0)}
+    for key, folder in folders.items():
+        for f in folder.iterdir():
+            if f.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+                f.unlink()
+        name = "open_clip_pytorch_model.bin" if key == "oc" else "pytorch_model.bin"
+        (folder / name).write_bytes(pickle.dumps({"state_dict": _RunsCode(marker)}))
+    for args in (["index", str(photos), "-c", str(tmp_path / "c1"), "--model", f"open_clip:local-dir:{folders['oc']}"],
+                 ["index", str(photos), "-c", str(tmp_path / "c2"), "--model", f"hf:{folders['hf']}"],
+                 ["ask", "what is this?", "-c", str(sample_collection), "--generator", str(folders["t5"])]):
+        r = run(*args)
+        assert r.returncode == 1, (args, r.stderr[-2000:])
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "pickled" in errors[0] and ".safetensors" in errors[0], errors[0]
+    assert not marker.exists()

@@ -10,7 +10,7 @@ import threading
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from ..errors import WeightsUnavailableError
+from ..errors import ModelSpecError, WeightsUnavailableError
 
 if TYPE_CHECKING:
     from .spec import ModelSpec
@@ -120,3 +120,17 @@ def weights_hint(spec: str) -> str:
         "open_clip_model.safetensors), open_clip:ARCH/CHECKPOINT_FILE, or hf:FOLDER (a transformers "
         "save_pretrained folder); or set HF_HOME to a cache that already holds the model."
     )
+
+
+def unsafe_weights_error(what: str, error: BaseException) -> ModelSpecError:
+    """The one-line error for a weights file that ``torch.load(weights_only=True)`` refused
+    (``pickle.UnpicklingError``): it holds pickled objects other than tensors, which could run
+    code when loaded, so it is never loaded; the fix is a ``.safetensors`` file."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    detail = next((line for line in lines if line.startswith("Unsupported")), "")
+    return ModelSpecError(
+        f"cannot load {what}: its weights file holds pickled Python objects other than tensors, and "
+        "is refused unloaded (they could run code)" + (f" [{detail[:120]}]" if detail else "")
+        + "; use a .safetensors weights file, or a checkpoint of plain tensors from a trusted source"
+    )
+

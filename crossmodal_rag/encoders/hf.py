@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from ..errors import ModelSpecError, WeightsUnavailableError
-from ._hub import hub_reachable, weights_hint
+from ._hub import hub_reachable, unsafe_weights_error, weights_hint
 from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class HFClipBackend:
             model = AutoModel.from_pretrained(name, local_files_only=local or offline)
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local or offline)
             processor = AutoImageProcessor.from_pretrained(name, local_files_only=local or offline)
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickle
+            raise unsafe_weights_error(f"transformers model {self.spec}", e) from e
         except OSError as e:
             if offline:
                 raise WeightsUnavailableError(weights_hint(str(self.spec))) from e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from ..errors import ModelSpecError, WeightsUnavailableError
-from ._hub import cached_hub_file, hub_reachable, weights_hint
+from ._hub import cached_hub_file, hub_reachable, unsafe_weights_error, weights_hint
 from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class OpenClipBackend:
             tokenizer = open_clip.get_tokenizer(name)
         except (WeightsUnavailableError, ModelSpecError):
             raise
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickle
+            raise unsafe_weights_error(f"open_clip model {spec}", e) from e
         except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "download" in msg.lower() or "hub" in msg.lower():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch
 
 from .._config import strict_from_dict
 from ..encoders import default_device
-from ..encoders._hub import hub_reachable
+from ..encoders._hub import hub_reachable, unsafe_weights_error
 from ..errors import ModelSpecError, WeightsUnavailableError
 
 __all__ = ["DEFAULT_GENERATOR", "DecodeState", "GenerationSettings", "Generator", "Prefixes", "Prompt",
@@ -105,7 +106,10 @@ class Generator:
     def load(self) -> Generator:
         with self._lock:
             if self.model is None:
-                self._load()
+                from ..progress import loading
+
+                with loading(f"generator {self.spec}"):
+                    self._load()
         return self
 
     def _load(self) -> None:
@@ -140,6 +144,8 @@ class Generator:
             auto = AutoModelForSeq2SeqLM if self.kind == "seq2seq" else AutoModelForCausalLM
             tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
             model = auto.from_pretrained(name, **kwargs)
+        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickle
+            raise unsafe_weights_error(f"generator {self.spec}", e) from e
         except ImportError as e:
             raise ModelSpecError(f"cannot load {self.spec}: {e} (for .gguf files: pip install gguf)") from e
         except OSError as e:
