@@ -219,7 +219,10 @@ def _resolve(value: Any, root: Path, allow_outside_root: bool, where: str) -> Pa
         return Problem(where, "image path holds a NUL character")
     if _bad_text(value):
         return Problem(where, "image path is not valid Unicode (a lone surrogate)")
-    raw = Path(value.strip()).expanduser()
+    try:
+        raw = Path(value.strip()).expanduser()
+    except RuntimeError:  # "~someone/x.jpg" for a user that does not exist
+        return Problem(where, f"image path {value[:200]!r} starts with '~' of an unknown user")
     p = (raw if raw.is_absolute() else root / raw).resolve()
     if not allow_outside_root and not p.is_relative_to(root):
         return Problem(
@@ -235,7 +238,7 @@ def _row(obj: dict[str, Any], root: Path, allow: bool, where: str, origin: str) 
         return Problem(where, reason)
     try:
         return _row_record(obj, root, allow, where, origin)
-    except (ValueError, TypeError, OverflowError, RecursionError, OSError) as e:
+    except (ValueError, TypeError, OverflowError, RuntimeError, OSError) as e:
         return Problem(where, f"unusable row: {type(e).__name__}: {str(e)[:200]}")
 
 

@@ -235,3 +235,12 @@ def test_ingest_goes_on_past_bad_rows(tmp_path: Path, tiny_oc_spec: str) -> None
         texts = {h.text for h in coll.search("x", k=50, target="texts")}
         assert texts == {"a good caption", "another good caption", "a good passage", "one", "four"}
         assert coll.check().ok
+
+
+def test_unknown_user_home_in_a_path_is_a_row_problem(tmp_path: Path) -> None:
+    _img(tmp_path / "a.jpg")
+    (tmp_path / "m.csv").write_text("image,caption\n~no_such_user_xyz/a.jpg,x\na.jpg,ok\n")
+    records = list(read_source(tmp_path / "m.csv"))
+    assert [r.captions for r in records if isinstance(r, ImageRecord)] == [("ok",)]
+    [problem] = [r for r in records if isinstance(r, Problem)]
+    assert problem.item.endswith("m.csv:2") and "unknown user" in problem.reason

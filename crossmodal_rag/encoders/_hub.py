@@ -122,6 +122,12 @@ def weights_hint(spec: str) -> str:
     )
 
 
+def refused_pickle(error: BaseException) -> bool:
+    """True for the ``UnpicklingError`` that ``torch.load(weights_only=True)`` raises for a pickle
+    holding anything but tensors (matched by name: this package imports no pickle module)."""
+    return any(c.__name__ == "UnpicklingError" for c in type(error).__mro__)
+
+
 def unsafe_weights_error(what: str, error: BaseException) -> ModelSpecError:
     """The one-line error for a weights file that ``torch.load(weights_only=True)`` refused
     (``pickle.UnpicklingError``): it holds pickled objects other than tensors, which could run

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 
 from ..errors import ModelSpecError, WeightsUnavailableError
-from ._hub import hub_reachable, unsafe_weights_error, weights_hint
+from ._hub import hub_reachable, refused_pickle, unsafe_weights_error, weights_hint
 from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -56,8 +55,6 @@ class HFClipBackend:
             model = AutoModel.from_pretrained(name, local_files_only=local or offline)
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local or offline)
             processor = AutoImageProcessor.from_pretrained(name, local_files_only=local or offline)
-        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickle
-            raise unsafe_weights_error(f"transformers model {self.spec}", e) from e
         except OSError as e:
             if offline:
                 raise WeightsUnavailableError(weights_hint(str(self.spec))) from e
@@ -66,6 +63,10 @@ class HFClipBackend:
         except (ValueError, KeyError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ModelSpecError(f"cannot load transformers model {self.spec}: {msg}") from e
+        except Exception as e:
+            if refused_pickle(e):  # torch.load(weights_only=True) refused the weights file
+                raise unsafe_weights_error(f"transformers model {self.spec}", e) from e
+            raise
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
             raise ModelSpecError(
                 f"{self.spec} is a {type(model).__name__}, not a dual image/text encoder "

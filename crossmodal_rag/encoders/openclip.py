@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 
 from ..errors import ModelSpecError, WeightsUnavailableError
-from ._hub import cached_hub_file, hub_reachable, unsafe_weights_error, weights_hint
+from ._hub import cached_hub_file, hub_reachable, refused_pickle, unsafe_weights_error, weights_hint
 from .spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -110,13 +109,15 @@ class OpenClipBackend:
             tokenizer = open_clip.get_tokenizer(name)
         except (WeightsUnavailableError, ModelSpecError):
             raise
-        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickle
-            raise unsafe_weights_error(f"open_clip model {spec}", e) from e
         except (FileNotFoundError, ValueError, KeyError, RuntimeError, OSError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "download" in msg.lower() or "hub" in msg.lower():
                 raise WeightsUnavailableError(weights_hint(str(spec))) from e
             raise ModelSpecError(f"cannot load open_clip model {spec}: {msg}") from e
+        except Exception as e:
+            if refused_pickle(e):  # torch.load(weights_only=True) refused the weights file
+                raise unsafe_weights_error(f"open_clip model {spec}", e) from e
+            raise
         model.eval()
         self.model, self.transform, self.tokenizer = model, transform, tokenizer
 

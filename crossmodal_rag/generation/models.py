@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ import torch
 
 from .._config import strict_from_dict
 from ..encoders import default_device
-from ..encoders._hub import hub_reachable, unsafe_weights_error
+from ..encoders._hub import hub_reachable, refused_pickle, unsafe_weights_error
 from ..errors import ModelSpecError, WeightsUnavailableError
 
 __all__ = ["DEFAULT_GENERATOR", "DecodeState", "GenerationSettings", "Generator", "Prefixes", "Prompt",
@@ -144,8 +143,6 @@ class Generator:
             auto = AutoModelForSeq2SeqLM if self.kind == "seq2seq" else AutoModelForCausalLM
             tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
             model = auto.from_pretrained(name, **kwargs)
-        except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickle
-            raise unsafe_weights_error(f"generator {self.spec}", e) from e
         except ImportError as e:
             raise ModelSpecError(f"cannot load {self.spec}: {e} (for .gguf files: pip install gguf)") from e
         except OSError as e:
@@ -154,6 +151,10 @@ class Generator:
             raise ModelSpecError(f"cannot load generator {self.spec}: {str(e).splitlines()[0]}") from e
         except (ValueError, KeyError) as e:
             raise ModelSpecError(f"cannot load generator {self.spec}: {str(e).splitlines()[0]}") from e
+        except Exception as e:
+            if refused_pickle(e):  # torch.load(weights_only=True) refused the weights file
+                raise unsafe_weights_error(f"generator {self.spec}", e) from e
+            raise
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer, self.model = tokenizer, model.to(self.device).eval()
