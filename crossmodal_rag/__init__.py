@@ -16,7 +16,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .encoders.spec import DEFAULT_MODEL, ModelSpec, parse_model_spec
+from .encoders import DEFAULT_MODEL, ClipEncoder, ModelSpec, load_encoder, parse_model_spec
 from .errors import (
     CollectionError,
     CollectionLockedError,
@@ -31,7 +31,6 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .collection import CheckReport, Collection
-    from .encoders import ClipEncoder, load_encoder
     from .images import decode_image, load_image
     from .ingest import IngestReport, IngestSettings, ingest
     from .search import Hit
@@ -42,8 +41,6 @@ if TYPE_CHECKING:
 _LAZY = {
     "CheckReport": ".collection",
     "Collection": ".collection",
-    "ClipEncoder": ".encoders",
-    "load_encoder": ".encoders",
     "decode_image": ".images",
     "load_image": ".images",
     "IngestReport": ".ingest",
