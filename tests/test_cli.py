@@ -58,7 +58,9 @@ def test_index_search_info_check_remove(tmp_path: Path, photos: Path, tiny_oc_sp
     info = json.loads(run("info", str(coll), "--json").stdout)
     assert info["counts"] == {"images": 5, "captions": 15, "passages": 0} and info["dim"] == 32
     r = run("check", str(coll))
-    assert r.returncode == 0 and r.stdout.startswith("ok")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[-1] == "ok: 5 images, 15 captions, 0 passages"
+    assert all(line.startswith("note: ") for line in r.stdout.splitlines()[:-1])
 
     first_id = rows[0][3]
     r = run("remove", first_id, "--collection", str(coll))
