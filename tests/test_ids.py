@@ -188,3 +188,17 @@ def test_a_migration_that_fails_midway_leaves_the_old_schema_whole(
     with store.transaction():  # the store alone knows ids up to max(id); a Collection also
         assert store.insert_item("passage", np.ones(4, np.float32) / 2, text="d") == 3  # retires its shards' ids
     store.close()
+
+
+def test_vectors_of_a_missing_id_are_zero_rows_not_garbage(tmp_path: Path, tiny_oc_spec: str) -> None:
+    folder = _five_passages(tmp_path, tiny_oc_spec)
+    with Collection.open(folder) as coll:
+        dim = coll.manifest.dim
+        want = coll.store.vectors([2], dim)[0]
+        # poison the allocator's free memory so np.empty would hand back non-zero bytes
+        for _ in range(50):
+            np.full((64, dim), 7.0, dtype=np.float32)
+        got = coll.store.vectors([2, 424242, 3], dim)
+    np.testing.assert_array_equal(got[0], want)
+    np.testing.assert_array_equal(got[1], np.zeros(dim, dtype=np.float32))
+    assert np.linalg.norm(got[2]) > 0.5

@@ -352,8 +352,12 @@ class MetadataStore:
 
     @_locked
     def vectors(self, ids: Sequence[int], dim: int) -> np.ndarray:
-        """Stored vectors of ``ids`` in that order: ``(len(ids), dim)`` float32."""
-        out = np.empty((len(ids), dim), dtype=np.float32)
+        """Stored vectors of ``ids`` in that order: ``(len(ids), dim)`` float32.
+
+        Ids with no row (removed by a concurrent writer) get a zero row, never uninitialised
+        memory; callers look the items up afterwards and drop the missing ones.
+        """
+        out = np.zeros((len(ids), dim), dtype=np.float32)
         pos = {int(i): n for n, i in enumerate(ids)}
         for chunk in _chunks([int(i) for i in ids], 500):
             marks = ",".join("?" * len(chunk))
