@@ -664,7 +664,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         settings_kwargs["max_image_bytes"] = int(args.max_image_mb * 1024 * 1024)
     settings = IngestSettings(**settings_kwargs)
     ray_settings = _ray_settings(args)
-    existed = Path(folder).exists()
+    # "existed" means held a collection: a folder that was empty (or held only an interrupted
+    # creation, which create clears) is the user's, kept as an empty folder after a failure
+    existed = (Path(folder) / "manifest.json").is_file()
+    folder_existed = Path(folder).is_dir()
     remove_created = False
     try:
         with Collection.open_or_create(folder, args.model, index_type=args.index_type,
@@ -690,6 +693,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     except CrossmodalError:
         if remove_created:
             shutil.rmtree(folder, ignore_errors=True)
+            if folder_existed:
+                Path(folder).mkdir(exist_ok=True)
         raise
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")

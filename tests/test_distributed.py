@@ -242,9 +242,10 @@ def test_ray_address_that_does_not_answer(source: Path, tmp_path: Path, tiny_oc_
     flag, env = (("auto", {"RAY_ADDRESS": address}) if how == "auto" else (address, {}))
     # the user's own Ray settings win over ours; these keep the test short
     env.update(RAY_py_gcs_connect_timeout_s="3", RAY_gcs_rpc_server_connect_timeout_s="1")
-    new, kept = tmp_path / "new", tmp_path / "kept"
+    new, kept, empty = tmp_path / "new", tmp_path / "kept", tmp_path / "empty"
     _index_existing(kept, source, tiny_oc_spec)
-    folders = (new, kept) if how == "auto" else (new,)
+    empty.mkdir()  # the user's own empty folder: left empty again, not holding an empty collection
+    folders = (new, kept) if how == "auto" else (new, empty)
     for folder in folders:
         t = time.perf_counter()
         out = _cli_env("index", str(source / "coffee.jpg"), "--collection", str(folder), "--model", tiny_oc_spec,
@@ -258,6 +259,8 @@ def test_ray_address_that_does_not_answer(source: Path, tmp_path: Path, tiny_oc_
     assert not new.exists()
     if how == "auto":
         _assert_kept(kept)
+    else:
+        assert empty.is_dir() and not any(empty.iterdir())
 
 
 def test_usage_errors(tmp_path: Path) -> None:
