@@ -45,7 +45,7 @@ from .._config import strict_from_dict
 from ..encoders import ClipEncoder, parse_model_spec
 from ..encoders.spec import DEFAULT_MODEL, ModelSpec
 from ..errors import CollectionError, ImageDecodeError, ModelSpecError
-from ..images import decode_image
+from ..images import decode_image, read_image_file
 from ..sources import Problem
 from .loop import TrainResult, TrainSettings, train
 from .pairs import CaptionedImages, read_captioned_images
@@ -143,10 +143,7 @@ def _open_clip_config(spec: ModelSpec, model: Any) -> dict[str, Any]:
 
 def _load_rgb(path: Path) -> tuple[Any, str]:
     """(RGB PIL image, sha256 of the file's bytes); raises ImageDecodeError."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ImageDecodeError(str(path), f"cannot read file: {e.strerror or e}") from e
+    data = read_image_file(path)  # a regular file only, at most 512 MiB
     return decode_image(data, str(path)).image, hashlib.sha256(data).hexdigest()
 
 
