@@ -5,13 +5,25 @@ indexed with a ViT-B-32-sized random CLIP, then runs a mixed request load from t
 process: text searches (70%), thumbnails (20%), stats/health (10%). Reports throughput, p50/p99
 latency per request kind and the error count. Every request goes to 127.0.0.1 only.
 
+With ``--soak`` a share of the requests (``--hostile``, default 25%) is hostile, and each must get
+its 4xx: chunked bodies far over the limits (JSON and uploads, sent until the server answers),
+over-long ``q``/``where``, the ReDoS ``where`` inputs of issue 15 (long runs of digits and blanks),
+NUL bytes, ids past 2**63, a foreign ``Host`` header, broken JSON, path traversal. A separate
+process probes ``/api/health`` every 100 ms on its own connection, and the server's RSS is sampled;
+both are reported per 10 s window. The verdict line says whether the run ended with zero 5xx,
+zero resets (a connection dropped without an answer), health p99 under 100 ms in every window,
+and flat memory (RSS of the last third within 5% + 20 MB of the middle third).
+
     python benchmarks/bench_web_load.py --clients 16 --seconds 30
+    # the issue-15 soak (10 minutes, 64 clients, good and hostile requests):
+    python benchmarks/bench_web_load.py --clients 64 --seconds 600 --soak --out-json web_soak.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -29,6 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 QUERIES = ["a cat", "a cup of coffee", "an astronaut", "a rocket at night", "old coins", "a flower",
            "a brick wall", "a portrait of a woman in uniform", "handwriting on paper", "stars in space"]
+WINDOW_S = 10.0
 
 
 def _free_port() -> int:
@@ -50,12 +63,102 @@ def build_collection(work: Path) -> Path:
     return coll
 
 
+# -- hostile requests ---------------------------------------------------------------------------
+def hostile_requests() -> list[tuple[str, str, dict]]:
+    """(method, url, httpx kwargs); each must be answered 4xx."""
+    return [
+        ("get", "/api/search", {"params": {"q": "cat", "k": 0}}),
+        ("get", "/api/search", {"params": {"q": "x" * 5000}}),
+        ("get", "/api/search", {"params": {"q": "1" * 3000}}),  # digits: quadratic in the old term pattern
+        ("get", "/api/search", {"params": {"q": "cat", "where": "size>" + "1" * 5000 + "x"}}),
+        ("get", "/api/search", {"params": {"q": "cat", "where": "size>1" + " " * 10_000 + "x"}}),  # ReDoS
+        ("get", "/api/search", {"params": {"q": "cat", "where": "size>1" + " " * 400 + "x"}}),  # within the limit
+        ("get", "/api/search", {"params": {"q": "cat", "where": ["kind=image"] * 200}}),
+        ("get", "/api/search", {"params": {"q": "cat", "where": "folder=/tmp/a\x00b"}}),
+        ("get", "/api/search", {"params": {"q": "c\x00at"}}),
+        ("get", "/api/search", {"params": {"q": "cat", "min_score": "nan"}}),
+        ("get", "/api/items/99999999", {}),
+        ("get", "/api/items/9223372036854775808", {}),
+        ("get", "/api/items/99999999999999999999999/thumbnail", {}),
+        ("get", "/api/items/..%2F..%2Fetc%2Fpasswd/image", {}),
+        ("get", "/api/health", {"headers": {"host": "evil.example"}}),
+        ("post", "/api/search/image", {"files": {"image": ("x.jpg", b"not an image", "image/jpeg")}}),
+        ("post", "/api/ask", {"content": b"{broken", "headers": {"content-type": "application/json"}}),
+        ("post", "/api/ask", {"json": {"question": "cat?", "where": ["size>1" + " " * 40_000 + "x"]}}),
+        ("post", "/api/ask", {"json": {"question": "a\x00b"}}),
+        ("post", "/api/ask", {"content": b'{"question": "a \\ud800 b"}', "headers": {"content-type": "application/json"}}),
+        ("post", "/api/ask", {"content": b'{"question": ' + b"[" * 100_000 + b"}",  # nested 100k deep
+                              "headers": {"content-type": "application/json"}}),
+    ]
+
+
+def chunked_oversize(port: int, route: str, total: int = 64 * 1024 * 1024) -> tuple[int | None, str]:
+    """Send a chunked body of up to ``total`` bytes until the server answers; (status, problem)."""
+    if route == "/api/ask":
+        ctype, first = b"application/json", b'{"question": "'
+    else:
+        ctype = b"multipart/form-data; boundary=zz"
+        first = (b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+                 b"Content-Type: image/jpeg\r\n\r\n")
+    head = (b"POST " + route.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: " + ctype + b"\r\n\r\n")
+    chunk = b"x" * (64 * 1024)
+    answered = threading.Event()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+
+        def send() -> None:
+            try:
+                sock.sendall(head + b"%x\r\n%s\r\n" % (len(first), first))
+                sent = 0
+                while sent < total and not answered.is_set():
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+                sock.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass  # the server answered and closed: expected once over the limit
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        reply = b""
+        try:
+            while b"\r\n\r\n" not in reply:
+                more = sock.recv(4096)
+                if not more:
+                    break
+                reply += more
+        except OSError as e:
+            answered.set()
+            return None, f"chunked {route}: {type(e).__name__} before an answer"
+        answered.set()
+        sender.join(timeout=60)
+    if not reply.startswith(b"HTTP/1.1 "):
+        return None, f"chunked {route}: connection closed without an answer"
+    return int(reply.split(b" ", 2)[1]), ""
+
+
+# -- the health probe (its own process, so client threads do not slow it down) ------------------
+def _probe(base: str, seconds: float, out: multiprocessing.Queue) -> None:
+    samples: list[tuple[float, float | None]] = []
+    t_begin = time.perf_counter()
+    with httpx.Client(base_url=base, timeout=30) as c:
+        while time.perf_counter() - t_begin < seconds:
+            t0 = time.perf_counter()
+            try:
+                ok = c.get("/api/health").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            samples.append((t0 - t_begin, time.perf_counter() - t0 if ok else None))
+            time.sleep(max(0.0, 0.1 - (time.perf_counter() - t0)))
+    out.put(samples)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--soak", action="store_true",
-                    help="also send bad requests (they must get 4xx) and sample server memory every 10 s")
+                    help="also send hostile requests (they must get 4xx); probe /api/health and RSS per window")
+    ap.add_argument("--hostile", type=float, default=0.25, help="share of hostile requests with --soak")
     ap.add_argument("--out-json")
     args = ap.parse_args()
 
@@ -78,102 +181,158 @@ def main() -> None:
                     time.sleep(0.1)
             ids = [h["id"] for h in probe.get("/api/search", params={"q": "x", "k": 15}).json()["results"]]
         rss_before = _rss(server.pid)
-
-        lat: dict[str, list[float]] = {"search": [], "thumbnail": [], "meta": [], "bad": []}
-        errors: list[str] = []
-        rss: list[tuple[float, float | None]] = []
-        bad_requests = [
-            ("get", "/api/search", {"params": {"q": "cat", "k": 0}}),
-            ("get", "/api/search", {"params": {"q": "x" * 5000}}),
-            ("get", "/api/items/99999999", {}),
-            ("post", "/api/search/image", {"files": {"image": ("x.jpg", b"not an image", "image/jpeg")}}),
-            ("post", "/api/ask", {"content": b"{broken", "headers": {"content-type": "application/json"}}),
-            ("get", "/api/items/..%2F..%2Fetc%2Fpasswd/image", {}),
-        ]
-        lock = threading.Lock()
-        stop = time.perf_counter() + args.seconds
-
-        def client(seed: int) -> None:
-            rng = random.Random(seed)
-            with httpx.Client(base_url=base, timeout=60) as c:
-                while time.perf_counter() < stop:
-                    r = rng.random()
-                    t0 = time.perf_counter()
-                    try:
-                        if args.soak and r > 0.9:
-                            kind = "bad"
-                            method, url, kw = rng.choice(bad_requests)
-                            resp = getattr(c, method)(url, **kw)
-                            ok = 400 <= resp.status_code < 500
-                            err = f"bad: HTTP {resp.status_code} for {url}"
-                            dt = time.perf_counter() - t0
-                            with lock:
-                                (lat[kind].append(dt) if ok else errors.append(err))
-                            continue
-                        if r < 0.7:
-                            kind = "search"
-                            resp = c.get("/api/search", params={"q": rng.choice(QUERIES), "k": 10})
-                        elif r < 0.9:
-                            kind = "thumbnail"
-                            resp = c.get(f"/api/items/{rng.choice(ids)}/thumbnail")
-                        else:
-                            kind = "meta"
-                            resp = c.get(rng.choice(["/api/stats", "/api/health"]))
-                        ok = resp.status_code == 200
-                        err = f"{kind}: HTTP {resp.status_code}"
-                    except httpx.HTTPError as e:
-                        ok, err = False, f"{kind}: {type(e).__name__}"
-                    dt = time.perf_counter() - t0
-                    with lock:
-                        (lat[kind].append(dt) if ok else errors.append(err))
-
-        def sampler() -> None:
-            t_begin = time.perf_counter()
-            while time.perf_counter() < stop:
-                rss.append((round(time.perf_counter() - t_begin, 1), _rss(server.pid)))
-                time.sleep(10)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-        threads.append(threading.Thread(target=sampler))
-        t_start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t_start
-        rss_after = _rss(server.pid)
+        result = run_load(args, base, port, ids, server.pid)
+        result["server_rss_mb_before"] = rss_before
         server.terminate()
         server.wait(timeout=30)
-
-        total = sum(len(v) for v in lat.values())
-        result = {"clients": args.clients, "seconds": round(elapsed, 1), "requests_ok": total,
-                  "errors": len(errors), "error_kinds": sorted(set(errors))[:10],
-                  "throughput_rps": round(total / elapsed, 1),
-                  "server_rss_mb_before": rss_before, "server_rss_mb_after": rss_after}
-        print(f"{args.clients} clients, {elapsed:.1f} s: {total} ok, {len(errors)} errors, "
-              f"{total / elapsed:.1f} req/s")
-        print("kind       count   p50 ms   p99 ms")
-        for kind, values in lat.items():
-            if values:
-                p50, p99 = np.percentile(values, [50, 99]) * 1000
-                result[kind] = {"count": len(values), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
-                print(f"{kind:<10} {len(values):>5} {p50:>8.1f} {p99:>8.1f}")
-        all_lat = [x for v in lat.values() for x in v]
-        if all_lat:
-            p50, p99 = np.percentile(all_lat, [50, 99]) * 1000
-            result["all"] = {"p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
-            print(f"{'all':<10} {len(all_lat):>5} {p50:>8.1f} {p99:>8.1f}")
-        print(f"server RSS: {rss_before} MB before, {rss_after} MB after")
-        if rss:
-            result["rss_samples_mb"] = rss
-            print("RSS over time (s, MB):", ", ".join(f"{t:.0f}:{m}" for t, m in rss))
-        five_xx = [e for e in errors if "HTTP 5" in e]
-        result["http_5xx"] = len(five_xx)
-        print(f"5xx responses: {len(five_xx)}")
-        if args.out_json:
-            Path(args.out_json).write_text(json.dumps(result, indent=2))
+        report(result, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_load(args: argparse.Namespace, base: str, port: int, ids: list[int], pid: int) -> dict:
+    lat: dict[str, list[float]] = {"search": [], "thumbnail": [], "meta": [], "hostile": []}
+    errors: list[str] = []
+    resets: list[str] = []
+    rss: list[tuple[float, float | None]] = []
+    bad = hostile_requests()
+    lock = threading.Lock()
+    stop = time.perf_counter() + args.seconds
+
+    def record(kind: str, ok: bool, dt: float, err: str) -> None:
+        with lock:
+            (lat[kind].append(dt) if ok else errors.append(err))
+
+    def hostile(c: httpx.Client, rng: random.Random) -> None:
+        t0 = time.perf_counter()
+        if rng.random() < 0.1:  # a chunked body far over the limit, on its own connection
+            route = rng.choice(["/api/ask", "/api/search/image"])
+            status, problem = chunked_oversize(port, route)
+            if status is None:
+                with lock:
+                    resets.append(problem)
+                return
+            record("hostile", status == 413, time.perf_counter() - t0, f"hostile: HTTP {status} for chunked {route}")
+            return
+        method, url, kw = rng.choice(bad)
+        try:
+            resp = getattr(c, method)(url, **kw)
+        except httpx.TransportError as e:
+            with lock:
+                resets.append(f"hostile {url[:40]}: {type(e).__name__}")
+            return
+        record("hostile", 400 <= resp.status_code < 500, time.perf_counter() - t0,
+               f"hostile: HTTP {resp.status_code} for {method.upper()} {url[:60]}")
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=base, timeout=120) as c:
+            while time.perf_counter() < stop:
+                r = rng.random()
+                if args.soak and r < args.hostile:
+                    hostile(c, rng)
+                    continue
+                r = rng.random()
+                t0 = time.perf_counter()
+                kind = "search" if r < 0.7 else "thumbnail" if r < 0.9 else "meta"
+                try:
+                    if kind == "search":
+                        resp = c.get("/api/search", params={"q": rng.choice(QUERIES), "k": 10})
+                    elif kind == "thumbnail":
+                        resp = c.get(f"/api/items/{rng.choice(ids)}/thumbnail")
+                    else:
+                        resp = c.get(rng.choice(["/api/stats", "/api/health"]))
+                except httpx.TransportError as e:
+                    with lock:
+                        resets.append(f"{kind}: {type(e).__name__}")
+                    continue
+                record(kind, resp.status_code == 200, time.perf_counter() - t0, f"{kind}: HTTP {resp.status_code}")
+
+    def sampler() -> None:
+        t_begin = time.perf_counter()
+        while time.perf_counter() < stop:
+            rss.append((round(time.perf_counter() - t_begin, 1), _rss(pid)))
+            time.sleep(WINDOW_S)
+
+    queue: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
+    prober = multiprocessing.get_context("spawn").Process(target=_probe, args=(base, args.seconds, queue))
+    prober.start()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    threads.append(threading.Thread(target=sampler))
+    t_start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t_start
+    health = queue.get(timeout=120)
+    prober.join(timeout=30)
+    return {"clients": args.clients, "seconds": round(elapsed, 1), "lat": lat, "errors": errors,
+            "resets": resets, "rss": rss, "health": health, "server_rss_mb_after": _rss(pid)}
+
+
+def _windows(health: list[tuple[float, float | None]], rss: list[tuple[float, float | None]]) -> list[dict]:
+    out = []
+    n = int(max((t for t, _ in health), default=0) // WINDOW_S) + 1
+    for w in range(n):
+        lo, hi = w * WINDOW_S, (w + 1) * WINDOW_S
+        values = [x for t, x in health if lo <= t < hi]
+        ok = [x for x in values if x is not None]
+        row = {"t": lo, "health_n": len(values), "health_failed": len(values) - len(ok)}
+        if ok:
+            p50, p99 = np.percentile(ok, [50, 99]) * 1000
+            row.update(health_p50_ms=round(p50, 1), health_p99_ms=round(p99, 1), health_max_ms=round(max(ok) * 1000, 1))
+        mem = [m for t, m in rss if lo <= t < hi and m is not None]
+        row["rss_mb"] = mem[0] if mem else None
+        out.append(row)
+    return out
+
+
+def _flat(rss: list[tuple[float, float | None]]) -> tuple[bool, float | None, float | None]:
+    mem = [m for _, m in rss if m is not None]
+    if len(mem) < 3:
+        return True, None, None
+    third = len(mem) // 3
+    middle, last = float(np.mean(mem[third:2 * third] or mem[:1])), float(np.mean(mem[2 * third:]))
+    return last <= middle * 1.05 + 20, round(middle, 1), round(last, 1)
+
+
+def report(r: dict, args: argparse.Namespace) -> None:
+    lat, errors, resets = r["lat"], r["errors"], r["resets"]
+    elapsed = r["seconds"]
+    total = sum(len(v) for v in lat.values())
+    result = {"clients": r["clients"], "seconds": elapsed, "requests_ok": total, "errors": len(errors),
+              "error_kinds": sorted(set(errors))[:10], "resets": len(resets), "reset_kinds": sorted(set(resets))[:10],
+              "throughput_rps": round(total / elapsed, 1), "server_rss_mb_before": r["server_rss_mb_before"],
+              "server_rss_mb_after": r["server_rss_mb_after"]}
+    print(f"{r['clients']} clients, {elapsed:.1f} s: {total} ok, {len(errors)} errors, {len(resets)} resets, "
+          f"{total / elapsed:.1f} req/s")
+    print("kind       count   p50 ms   p99 ms")
+    for kind, values in lat.items():
+        if values:
+            p50, p99 = np.percentile(values, [50, 99]) * 1000
+            result[kind] = {"count": len(values), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
+            print(f"{kind:<10} {len(values):>5} {p50:>8.1f} {p99:>8.1f}")
+    windows = _windows(r["health"], r["rss"])
+    result["windows"] = windows
+    print("window s   health n  p50 ms  p99 ms  max ms  failed   RSS MB")
+    for w in windows:
+        print(f"{w['t']:>8.0f} {w['health_n']:>9} {w.get('health_p50_ms', float('nan')):>7.1f} "
+              f"{w.get('health_p99_ms', float('nan')):>7.1f} {w.get('health_max_ms', float('nan')):>7.1f} "
+              f"{w['health_failed']:>7} {w['rss_mb'] if w['rss_mb'] is not None else '-':>8}")
+    five_xx = [e for e in errors if "HTTP 5" in e]
+    flat, middle, last = _flat(r["rss"])
+    worst_p99 = max((w.get("health_p99_ms", 0.0) for w in windows), default=0.0)
+    health_failed = sum(w["health_failed"] for w in windows)
+    result.update(http_5xx=len(five_xx), health_worst_window_p99_ms=worst_p99, health_failed=health_failed,
+                  rss_middle_third_mb=middle, rss_last_third_mb=last, memory_flat=flat)
+    verdict = not five_xx and not resets and worst_p99 < 100 and not health_failed and flat
+    result["pass"] = verdict
+    print(f"5xx: {len(five_xx)}; resets: {len(resets)}; worst /api/health p99 per window: {worst_p99:.1f} ms "
+          f"({health_failed} failed); RSS middle third {middle} MB, last third {last} MB (flat: {flat})")
+    print("PASS" if verdict else "FAIL", "(zero 5xx, zero resets, health p99 < 100 ms in every window, flat memory)")
+    if args.out_json:
+        Path(args.out_json).write_text(json.dumps(result, indent=2))
 
 
 def _rss(pid: int) -> float | None:
