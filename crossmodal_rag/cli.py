@@ -7,12 +7,14 @@ model that cannot be loaded), 2 bad usage or bad query input, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also answer requests whose Host header is HOST (repeatable; * = any host, which "
                          "gives up DNS-rebinding protection). Default: the bound host; bound to loopback, "
                          "localhost, 127.0.0.1 and ::1")
+    sv.add_argument("--show-paths", action="store_true",
+                    help="absolute server paths in API responses (default: relative to the collection's "
+                         "source root; models and the collection by name)")
 
     cp = sub.add_parser("caption", help="caption images: image prefix + retrieved neighbours' captions "
                                         "(SmallCap style)")
@@ -490,7 +495,29 @@ def _train_settings(args: argparse.Namespace, **defaults: Any) -> Any:
     try:
         return TrainSettings(**values)
     except ValueError as e:
-        raise UsageError(str(e)) from e
+        raise UsageError(_flag_spelling(e)) from e
+
+
+#: Settings fields (named in the library's ValueErrors) and the flags that set them.
+_FLAGS_OF_FIELDS = {
+    "k": "--top-k", "prior_temperature": "--prior-temperature", "prompt_template": "--prompt-template",
+    "item_template": "--item-template", "max_context_tokens": "--max-context-tokens", "min_score": "--min-score",
+    "max_new_tokens": "--max-new-tokens", "num_beams": "--beams", "top_p": "--top-p",
+    "max_steps": "--steps", "batch_size": "--batch-size", "weight_decay": "--weight-decay",
+    "warmup_steps": "--warmup-steps", "val_fraction": "--val-fraction", "eval_every": "--eval-every",
+    "checkpoint_every": "--checkpoint-every", "keep_checkpoints": "--keep-checkpoints", "lr": "--lr",
+    "patience": "--patience", "projection_lr_scale": "--projection-lr-scale", "candidates": "--candidates",
+    "freeze_generator": "--freeze-generator", "freeze_projection": "--freeze-projection",
+    "hidden_size": "--hidden-size", "num_heads": "--mapper-heads", "num_layers": "--mapper-layers",
+    "prefix_length": "--prefix-length", "temperature": "--temperature",
+}
+_FIELD_NAME = re.compile(r"(?<![\w-])(" + "|".join(sorted(_FLAGS_OF_FIELDS, key=len, reverse=True)) + r")(?![\w-])")
+
+
+def _flag_spelling(error: Exception) -> str:
+    """A settings error as the command line says it: ``top_p must ...`` -> ``--top-p must ...``."""
+    text = re.sub(r"^(train|prefix) setting ", "", str(error))
+    return _FIELD_NAME.sub(lambda m: _FLAGS_OF_FIELDS[m.group(1)], text)
 
 
 def _collection_dir(args: argparse.Namespace) -> str:
@@ -545,12 +572,15 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     handler.setFormatter(_EscapingFormatter("%(levelname)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
     if verbose < 2:
-        for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "faiss"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         # open_clip logs to the root logger; keep it to errors unless asked.
         logging.getLogger().setLevel(max(level, logging.ERROR) if not verbose else level)
         logging.getLogger("crossmodal_rag").setLevel(level)
     _quiet_hub_libraries(verbose)
+    from . import progress
+
+    progress.configure(quiet=quiet, verbose=verbose)
 
 
 def _quiet_hub_libraries(verbose: int) -> None:
@@ -603,16 +633,39 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     for name, r in report.items():
-        tuning = r.get("tuning") or {}
-        tuned = ""
-        if tuning.get("param"):
-            last = tuning["measured"][-1] if tuning.get("measured") else {}
-            tuned = (f", {tuning['param']}={tuning['value']} (recall@10 {last.get('recall', 0):.3f}, "
-                     f"p50 {last.get('p50_ms', 0):.2f} ms{'' if tuning.get('reached') else ', target missed'})")
         build = r.get("build") or {}
         print(f"{name}: {r['index_type']}, {r['count']} vectors, built in {build.get('seconds', 0):.1f} s"
-              f"{' (sharded)' if build.get('sharded') else ''}{tuned}")
+              f"{' (sharded)' if build.get('sharded') else ''}{_tuning_text(r.get('tuning'))}")
     return 0
+
+
+def _tuning_text(tuning: dict[str, Any] | None) -> str:
+    """What tuning chose and measured, as ``reindex`` and ``tune`` print it ('' if untuned)."""
+    tuning = tuning or {}
+    if not tuning.get("param"):
+        return ""
+    last = tuning["measured"][-1] if tuning.get("measured") else {}
+    return (f", {tuning['param']}={tuning['value']} (recall@10 {last.get('recall', 0):.3f}, "
+            f"p50 {last.get('p50_ms', 0):.2f} ms{'' if tuning.get('reached') else ', target missed'})")
+
+
+#: Explicit search settings of ``tune``: flag, the index kind it applies to, what it is called there.
+_KNOBS = {"nprobe": ("--nprobe", "ivf"), "ef_search": ("--ef-search", "hnsw")}
+_KNOB_OF_KIND = {"ivf": "--nprobe", "hnsw": "--ef-search"}
+
+
+def _check_knobs(coll: Any, params: Any, only: str | None) -> None:
+    """Refuse ``--nprobe`` where no chosen index is IVF and ``--ef-search`` where none is HNSW,
+    naming the setting that index does take."""
+    indexes = {n: ix for n, ix in coll.indexes.items() if only in (None, n)}
+    for field, (flag, kind) in _KNOBS.items():
+        if getattr(params, field) is None or any(ix.kind == kind for ix in indexes.values()):
+            continue
+        name, ix = next(iter(indexes.items()))
+        other = _KNOB_OF_KIND.get(ix.kind)
+        fix = f"set its search depth with {other}" if other else "exact search takes no search settings"
+        raise UsageError(f"tune: {flag} applies to {kind.upper()} indexes; the {name} index is "
+                         f"{ix.index_type} ({ix.kind.upper()}): {fix}")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -621,12 +674,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     params = _search_params(args)
     with Collection.open(_collection_dir(args), writable=True) as coll:
         if params is not None:
+            _check_knobs(coll, params, args.index_name)
             coll.set_search_params(params, args.index_name)
             out = {n: {"index_type": ix.index_type, "search_params": ix.params.to_dict()}
                    for n, ix in coll.indexes.items()}
         else:
             out = coll.tune(target_recall=args.target_recall, seed=args.seed)
-    print(json.dumps(out, indent=2))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for name, r in out.items():
+        if r.get("tuning"):
+            line = _tuning_text(r["tuning"])
+        else:
+            shown = ", ".join(f"{k}={v}" for k, v in r["search_params"].items() if v is not None)
+            line = f", {shown} (set)" if shown else " (exact: nothing to tune)"
+        print(f"{name}: {r['index_type']}{line}")
     return 0
 
 
@@ -681,14 +744,16 @@ def cmd_index(args: argparse.Namespace) -> int:
                 from .distributed import DistributedError, ingest_ray
 
                 try:
-                    report = ingest_ray(coll, args.source, settings, ray_settings)
+                    with _skips_listed_by_cli():
+                        report = ingest_ray(coll, args.source, settings, ray_settings)
                 except DistributedError:
                     # Ray could not start or be reached: a collection this command created and
                     # that holds nothing is not left behind (anything committed is kept)
                     remove_created = not existed and not any(coll.counts().values())
                     raise
             else:
-                report = ingest(coll, args.source, settings)
+                with _skips_listed_by_cli():
+                    report = ingest(coll, args.source, settings)
             counts = coll.counts()
     except CrossmodalError:
         if remove_created:
@@ -715,6 +780,23 @@ def cmd_index(args: argparse.Namespace) -> int:
             print("error: nothing could be indexed", file=sys.stderr)
         return 1
     return 0
+
+
+class _NoSkipRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "skipped %s: %s"
+
+
+@contextlib.contextmanager
+def _skips_listed_by_cli() -> Iterator[None]:
+    """Leave out the ingest's per-item "skipped" log lines: ``index`` lists the skipped items itself
+    (once each, the first 50, the rest in --report)."""
+    ingest_logger, no_skips = logging.getLogger("crossmodal_rag.ingest"), _NoSkipRecords()
+    ingest_logger.addFilter(no_skips)
+    try:
+        yield
+    finally:
+        ingest_logger.removeFilter(no_skips)
 
 
 def _ray_settings(args: argparse.Namespace) -> Any:
@@ -780,6 +862,7 @@ def _tsv_field(value: Any) -> str:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .collection import Collection
+    from .search import TargetEmptyError
 
     folder = _collection_dir(args)
     if args.queries and (args.text or args.image):
@@ -808,6 +891,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                 hits = coll.search(q.get("text"), image=q.get("image"), k=args.top_k, target=args.target,
                                    where=args.where, min_score=args.min_score, plus=args.plus,
                                    minus=args.minus, params=params)
+            except TargetEmptyError as e:
+                raise QueryError(f"{folder} holds no {e.target}, only {e.alternative}: search them "
+                                 f"with --target {e.alternative}") from e
             except QueryError as e:
                 if len(queries) == 1:
                     raise
@@ -948,7 +1034,7 @@ def _pipeline(args: argparse.Namespace, coll: Any) -> Any:
                                  do_sample=args.sample, temperature=args.temperature,
                                  top_p=args.top_p, seed=args.seed)
     except ValueError as e:
-        raise UsageError(str(e)) from e
+        raise UsageError(_flag_spelling(e)) from e
     knowledge = None
     if args.knowledge:
         from .collection import Collection
@@ -966,7 +1052,10 @@ def _print_answer(answer: Any, as_json: bool) -> None:
     if as_json:
         print(_json(answer.to_dict()))
         return
-    print(_safe(answer.answer, newlines=True) if answer.answer else "(no answer: nothing was retrieved)")
+    if answer.answer:
+        print(_safe(answer.answer, newlines=True))
+    else:
+        print("(the generator gave an empty answer)" if answer.sources else "(no answer: nothing was retrieved)")
     if answer.sources:
         print("\nnearest sources (below the --min-score threshold):" if answer.abstained else "\nsources:")
         for s in answer.sources:
@@ -989,7 +1078,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     try:
         captioner = Captioner(prefix, collection=coll, generator=args.generator, k=args.k,
                               generation=generation, encoder=None if coll is not None else args.model)
-        for image, result in zip(args.images, captioner.caption_many(args.images), strict=True):
+        for image, result in zip(args.images, captioner.caption_many(args.images, progress=not args.quiet), strict=True):
             if isinstance(result, QueryError):
                 if len(args.images) == 1:
                     raise result
@@ -1110,7 +1199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UsageError(f"--ks must be positive integers like 1,5,10, got {args.ks!r}") from None
         try:
             report = evaluate_retrieval(args.dataset, args.model, ks=ks, split=args.split,
-                                        image_root=args.image_root)
+                                        image_root=args.image_root, progress=not args.quiet)
         except ValueError as e:
             raise UsageError(str(e)) from e
         if args.plots:
@@ -1132,9 +1221,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with Collection.open(_collection_dir(args), model=args.model) as coll:
         pipe = _pipeline(args, coll)
         if args.task == "qa":
-            report = evaluate_qa(pipe, args.dataset, limit=args.limit)
+            report = evaluate_qa(pipe, args.dataset, limit=args.limit, progress=not args.quiet)
         else:
-            report = evaluate_captioning(pipe, args.dataset, limit=args.limit)
+            report = evaluate_captioning(pipe, args.dataset, limit=args.limit, progress=not args.quiet)
     if args.plots:
         from .viz import latency_chart
 
@@ -1179,7 +1268,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
         max_k=args.max_k, max_new_tokens=args.max_new_tokens, thumbnail_dir=args.thumbnail_dir,
         load_generator_at_startup=not args.lazy_generator, mmap=args.mmap,
-        allowed_hosts=allowed_hosts_for(args.host, args.allowed_host),
+        allowed_hosts=allowed_hosts_for(args.host, args.allowed_host), show_paths=args.show_paths,
     )
     from .collection import Collection
 
@@ -1229,7 +1318,7 @@ def cmd_train_prefix(args: argparse.Namespace) -> int:
                                   num_heads=args.mapper_heads, scale_input=not args.no_scale_input),
             train_generator=args.train_generator, retrieval=args.collection, k=args.k)
     except ValueError as e:
-        raise UsageError(str(e)) from e
+        raise UsageError(_flag_spelling(e)) from e
     summary = train_prefix(args.source, args.out, task_settings, settings, image_root=args.image_root,
                            allow_outside_root=args.allow_outside_root, resume=args.resume,
                            progress=not args.quiet, metrics_path=args.metrics)
@@ -1248,7 +1337,7 @@ def cmd_train_rag(args: argparse.Namespace) -> int:
             freeze_generator=args.freeze_generator, freeze_projection=args.freeze_projection,
             question=args.question, prompt_template=args.prompt_template, item_template=args.item_template)
     except ValueError as e:
-        raise UsageError(str(e)) from e
+        raise UsageError(_flag_spelling(e)) from e
     summary = train_rag(args.collection, args.source, args.out, generator=args.generator,
                         settings=task_settings, train_settings=settings, image_root=args.image_root,
                         allow_outside_root=args.allow_outside_root, resume=args.resume,
@@ -1262,7 +1351,32 @@ TRAIN_COMMANDS = {"clip": cmd_train_clip, "prefix": cmd_train_prefix, "rag": cmd
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_train_out(Path(args.out).expanduser(), args.train_command, args.resume)
+    # every task reports its checkpoints' paths (out_dir, best_dir, metrics_path, ...) absolute
+    args.out = str(Path(args.out).expanduser().resolve())
+    if args.metrics:
+        args.metrics = str(Path(args.metrics).expanduser().resolve())
     return TRAIN_COMMANDS[args.train_command](args)
+
+
+def _check_train_out(out: Path, task: str, resume: bool) -> None:
+    """--out against --resume, before any model or data is loaded: a run already there needs
+    --resume, and --resume needs a run of the same task (the training loop checks both again)."""
+    last = out / "last"
+    if last.is_file() and not resume:
+        try:
+            name = f" (checkpoint {last.read_text(encoding='utf-8').strip()})"
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        raise UsageError(f"{out} already holds a training run{name}; add --resume to continue it, "
+                         "or choose another --out folder")
+    if resume and (out / "settings.json").is_file():
+        try:
+            previous = json.loads((out / "settings.json").read_text(encoding="utf-8")).get("task")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            return  # unreadable: the training loop says so
+        if previous != task:
+            raise UsageError(f"{out} holds a {previous!r} run, not {task!r}; choose another --out folder")
 
 
 def cmd_reembed(args: argparse.Namespace) -> int:

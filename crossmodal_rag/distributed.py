@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ._config import strict_from_dict
 from .errors import CrossmodalError
 from .ingest import IngestReport, IngestSettings, _DecodeDataset, ingest
+from .progress import tqdm
 
 if TYPE_CHECKING:
     from .collection import Collection

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ._phases import phase
 from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from .progress import tqdm
 from .safe_io import MAX_IMAGE_BYTES, open_regular, read_capped
 from .sources import ImageRecord, Problem, TextRecord, read_source
 

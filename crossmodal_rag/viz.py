@@ -118,22 +118,36 @@ def embedding_map(collection: Collection, *, method: str = "pca", thumbnails: bo
     return _save(fig, save)
 
 
+def _wrap(text: str, width: int, lines: int) -> str:
+    """``text`` wrapped at ``width`` characters, at most ``lines`` lines (the last ends in "...")."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(" ".join(text.split()), width, max_lines=lines, placeholder=" ...")) or ""
+
+
 def source_attribution(answer: Answer, *, save: str | Path | None = None) -> Figure:
-    """The answer's sources: thumbnails with prior and posterior bars."""
+    """The answer's sources: thumbnails with prior and posterior bars.
+
+    One row per source, the figure as tall as its rows; titles are wrapped and cut to two lines
+    so no label runs into another (constrained layout spaces the rest)."""
     n = max(len(answer.sources), 1)
-    fig = _figure(figsize=(10, 1.6 * n + 1))
+    header = [_wrap(f"Q: {answer.question}", 100, 2), _wrap(f"A: {answer.answer or '(empty)'}  ({answer.mode})", 100, 2)]
+    head_lines = sum(h.count("\n") + 1 for h in header)
+    fig = _figure(figsize=(10, 1.9 * n + 0.25 * head_lines + 0.6), layout="constrained")
+    grid = fig.add_gridspec(n, 2, width_ratios=(1, 4))
     for i, s in enumerate(answer.sources):
-        ax_img = fig.add_subplot(n, 4, 4 * i + 1)
+        ax_img = fig.add_subplot(grid[i, 0])
         thumb = _thumb(s.path, 128)
         if thumb is not None:
             ax_img.imshow(thumb)
         ax_img.axis("off")
-        ax = fig.add_subplot(n, 4, (4 * i + 2, 4 * i + 4))
+        ax = fig.add_subplot(grid[i, 1])
         ax.barh([1, 0], [s.prior, s.posterior], color=["0.7", "tab:blue"])
-        ax.set_yticks([1, 0], ["prior", "posterior"])
+        ax.set_yticks([1, 0], [f"prior {s.prior:.2f}", f"posterior {s.posterior:.2f}"], fontsize=8)
         ax.set_xlim(0, 1)
-        ax.set_title(f"[{s.rank}] {s.text[:70]}", fontsize=9, loc="left")
-    fig.suptitle(f"Q: {answer.question}\nA: {answer.answer or '(empty)'}  ({answer.mode})", fontsize=11)
+        ax.tick_params(axis="x", labelsize=7, labelbottom=i == n - 1)
+        ax.set_title(_wrap(f"[{s.rank}] {s.text}", 90, 2), fontsize=9, loc="left")
+    fig.suptitle("\n".join(header), fontsize=11)
     return _save(fig, save)
 
 
@@ -172,7 +186,7 @@ def score_histogram(positives: Sequence[float], negatives: Sequence[float], *,
 
 def latency_chart(timings: dict[str, dict[str, float]], *, save: str | Path | None = None) -> Figure:
     """Stacked per-stage latency (seconds) for each label: ``{label: {stage: seconds}}``."""
-    fig = _figure(figsize=(8, 0.6 * len(timings) + 2))
+    fig = _figure(figsize=(8, 0.6 * len(timings) + 2), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     stages = sorted({s for t in timings.values() for s in t})
     left = np.zeros(len(timings))

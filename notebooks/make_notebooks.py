@@ -10,6 +10,19 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).parent
 
+MODELS = ("**Models.** The encoder is `open_clip:ViT-B-32/laion2b_s34b_b79k` (about 600 MB, downloaded on "
+          "first use){generator}. Offline, or to use others, set `CROSSMODAL_RAG_MODEL` (any `--model` spec, "
+          "e.g. `open_clip:local-dir:/models/clip`){generator_var} before starting Jupyter; "
+          "`CROSSMODAL_RAG_WORKDIR` is where the collection is written (default: a new temporary folder).")
+
+
+def models_cell(generator: bool = False) -> nbformat.NotebookNode:
+    return new_markdown_cell(MODELS.format(
+        generator=", the generator `google/flan-t5-base` (about 1 GB)" if generator else "",
+        generator_var=" and `CROSSMODAL_RAG_GENERATOR` (a hub id, a local folder or a `.gguf` file)"
+        if generator else ""))
+
+
 SETUP = '''%matplotlib inline
 import os
 import tempfile
@@ -37,6 +50,7 @@ def quickstart() -> nbformat.NotebookNode:
     return new_notebook(cells=[
         new_markdown_cell("# Quickstart\n\nIndex the bundled sample photos, then search them by text and "
                           "by image. Results are shown as an image grid with scores."),
+        models_cell(),
         new_code_cell(SETUP),
         new_markdown_cell("## Index\n\nA collection is a folder; indexing again only adds what is new."),
         new_code_cell(INDEX),
@@ -62,6 +76,7 @@ def exploration() -> nbformat.NotebookNode:
     return new_notebook(cells=[
         new_markdown_cell("# Exploring a collection\n\nA 2-D map of image and caption embeddings, "
                           "nearest-neighbour galleries, and CLIP's modality gap made visible."),
+        models_cell(),
         new_code_cell(SETUP),
         new_code_cell(INDEX),
         new_markdown_cell("## Embedding map\n\nPCA always; UMAP too when `umap-learn` is installed. Each "
@@ -103,6 +118,7 @@ def rag() -> nbformat.NotebookNode:
     return new_notebook(cells=[
         new_markdown_cell("# Retrieval-augmented answers\n\nAsk questions; see the answer, its sources "
                           "and their posterior weights; compare `concat`, `rag-sequence` and `rag-token`."),
+        models_cell(generator=True),
         new_code_cell(SETUP),
         new_code_cell(INDEX),
         new_code_cell('''from crossmodal_rag import viz

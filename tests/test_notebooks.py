@@ -10,6 +10,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat", reason="notebook extras not installed")
 nbclient = pytest.importorskip("nbclient", reason="notebook extras not installed")
 pytest.importorskip("ipykernel", reason="notebook extras not installed")
+pytest.importorskip("ipywidgets", reason="notebook extras not installed")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
@@ -44,6 +45,11 @@ def test_notebook_runs(path: Path, tiny_oc_spec: str, tmp_path_factory: pytest.T
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert images, "the notebook shows no picture"
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    # run as documented (the notebooks extra: ipywidgets too), a notebook prints no warning and
+    # nothing else on stderr (tqdm's "IProgress not found", transformers' deprecation warnings)
+    stderr = [o["text"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not stderr, stderr
     # the notebook used the model and working folder it was pointed at, and indexed every photo
     with Collection.open(work / "sample.xmr") as coll:
         assert coll.manifest.encoder == tiny_oc_spec

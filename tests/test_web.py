@@ -100,13 +100,13 @@ def test_ask_text_and_image(client: TestClient, sample_dir: Path) -> None:
     assert r.json()["question"] == "what is it?"
 
 
-def test_items_images_and_thumbnails(client: TestClient, web_collection: Path) -> None:
+def test_items_images_and_thumbnails(client: TestClient, web_collection: Path, sample_dir: Path) -> None:
     with Collection.open(web_collection) as coll:
         image_id = int(coll.store.ids("image")[0])
         caption_id = int(coll.store.ids("text")[0])
         path = coll.get(image_id)[0].path
     item = client.get(f"/api/items/{image_id}").json()
-    assert item["path"] == path and item["captions"] and item["width"] > 0
+    assert item["path"] == Path(path).relative_to(sample_dir).as_posix() and item["captions"] and item["width"] > 0
     img = client.get(f"/api/items/{image_id}/image")
     assert img.status_code == 200 and img.content == Path(path).read_bytes()
     thumb = client.get(f"/api/items/{image_id}/thumbnail")
@@ -691,3 +691,58 @@ def test_health_answers_while_slow_requests_run(tmp_path: Path, sample_collectio
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# -- no absolute server paths unless asked (issue 17) ------------------------------------------------
+def _strings(value: object) -> list[str]:
+    """Every string (keys too) in a JSON value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _every_response(c: TestClient, web_collection: Path, sample_dir: Path) -> list[object]:
+    with Collection.open(web_collection) as coll:
+        ids = [int(coll.store.ids("image")[0]), int(coll.store.ids("text")[0])]
+    cat = {"image": ("cat.jpg", _jpeg(sample_dir / "cat.jpg"), "image/jpeg")}
+    out = [c.get("/api/health").json(), c.get("/api/stats").json()]
+    out += [c.get("/api/search", params={"q": "a cat", "k": 20, "target": t}).json() for t in ("images", "texts", "all")]
+    out.append(c.post("/api/search/image", files=cat, data={"k": "20", "target": "all"}).json())
+    out.append(c.post("/api/ask", json={"question": "what is it?", "k": 3, "target": "all"}).json())
+    out.append(c.post("/api/ask/image", files=cat, data={"question": "what?", "k": "3", "target": "images"}).json())
+    out += [c.get(f"/api/items/{i}").json() for i in ids]
+    out.append(c.get("/api/items/999999").json())
+    return out
+
+
+def test_responses_hold_no_absolute_server_paths(client: TestClient, web_collection: Path, sample_dir: Path) -> None:
+    responses = _every_response(client, web_collection, sample_dir)
+    server = [str(sample_dir), str(web_collection), str(web_collection.parent.parent), os.path.expanduser("~")]
+    leaks = [s for s in _strings(responses)
+             if (os.path.isabs(s) and not s.startswith("/api/")) or any(root in s for root in server)]
+    assert not leaks, leaks
+    # paths are relative to the collection's source root: the sample folder (space/ under it)
+    with Collection.open(web_collection) as coll:
+        files = {Path(it.path).relative_to(sample_dir).as_posix() for it in coll.get(coll.store.ids("image").tolist())}
+    hits = responses[4]["results"] + responses[5]["results"]
+    assert {h["path"] for h in hits} <= files and "space/astronaut.jpg" in files
+    assert responses[1]["collection"] == web_collection.name
+
+
+def test_show_paths_gives_absolute_paths(web_collection: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
+    settings = WebSettings(collection=str(web_collection), generator=str(tmp_path / "none"), show_paths=True,
+                           load_generator_at_startup=False, thumbnail_dir=str(tmp_path / "t"))
+    with TestClient(create_app(settings), base_url=LOCAL) as c, Collection.open(web_collection) as coll:
+        hits = c.get("/api/search", params={"q": "a cat", "k": 5}).json()["results"]
+        assert [h["path"] for h in hits] == [it.path for it in coll.get([h["id"] for h in hits])]
+        assert all(os.path.isabs(h["path"]) for h in hits)
+        assert c.get("/api/health").json()["encoder"] == tiny_oc_spec
+        assert c.get("/api/stats").json()["collection"] == str(coll.folder)
+    from crossmodal_rag.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "-c", "x", "--show-paths"]).show_paths is True
+    assert build_parser().parse_args(["serve", "-c", "x"]).show_paths is False

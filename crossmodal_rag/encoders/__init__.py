@@ -93,7 +93,10 @@ class ClipEncoder:
             with self._lock:
                 if not self._loaded:
                     logger.info("loading CLIP model %s on %s", self.spec, self.device)
-                    self._backend.load(self.device)
+                    from ..progress import loading
+
+                    with loading(f"CLIP model {self.spec}"):
+                        self._backend.load(self.device)
                     self._loaded = True
         return self
 

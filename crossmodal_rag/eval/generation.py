@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import QueryError, SourceError
 from ..generation.rag import RagPipeline
+from ..progress import bar
 from .datasets import load_captioned
 from .metrics import caption_scores, exact_match, token_f1
 
@@ -62,14 +63,22 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def _load_models(pipeline: RagPipeline) -> None:
+    """Load the generator and the encoder before a bar starts (each shows its own status line)."""
+    pipeline.generator.load()
+    pipeline.collection.encoder.load()
+
+
 def evaluate_qa(pipeline: RagPipeline, dataset: str | Path, *, limit: int | None = None,
-                mode: str | None = None) -> GenerationReport:
+                mode: str | None = None, progress: bool = False) -> GenerationReport:
     """JSONL rows ``{"question", "answers": [...] (or "answer"), "image"?}``; an image path is
-    relative to the file. Scores are means over rows of the best EM / F1 against any answer."""
+    relative to the file. Scores are means over rows of the best EM / F1 against any answer.
+    ``progress``: a bar over the rows on stderr."""
     path = Path(dataset)
     rows = _read_jsonl(path)[:limit]
     ems, f1s, timings, examples, skipped = [], [], [], [], []
-    for n, row in rows:
+    _load_models(pipeline)
+    for n, row in bar(rows, desc="eval: questions", unit=" row", enabled=progress):
         answers = row.get("answers") or ([row["answer"]] if row.get("answer") else [])
         if isinstance(answers, str):
             answers = [answers]
@@ -99,15 +108,16 @@ def evaluate_qa(pipeline: RagPipeline, dataset: str | Path, *, limit: int | None
 
 def evaluate_captioning(pipeline: RagPipeline, dataset: str | Path, *, limit: int | None = None,
                         mode: str | None = None, exclude_self: bool = True,
-                        split: str | None = None) -> GenerationReport:
+                        split: str | None = None, progress: bool = False) -> GenerationReport:
     """Caption each image of a captioned dataset (any form :func:`load_captioned` reads) from
     its retrieved neighbours, and score against its own captions. ``exclude_self`` drops the
     image itself (and its captions) from what is retrieved, so an indexed image cannot copy its
-    own reference captions."""
+    own reference captions. ``progress``: a bar over the images on stderr."""
     items = load_captioned(dataset, split=split)[:limit]
     preds, refs, timings, examples = [], [], [], []
     k = pipeline.settings.k
-    for item in items:
+    _load_models(pipeline)
+    for item in bar(items, desc="eval: captions", unit=" img", enabled=progress):
         hits, _ = pipeline.retrieve(None, item.path, k + 8, pipeline.settings.target)
         if exclude_self:
             hits = [h for h in hits if h.path != str(item.path)]

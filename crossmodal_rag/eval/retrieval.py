@@ -15,7 +15,8 @@ import numpy as np
 
 from ..encoders import ClipEncoder, load_encoder
 from ..errors import ImageDecodeError
-from .datasets import load_captioned
+from ..progress import bar
+from .datasets import CaptionedImage, load_captioned
 
 __all__ = ["RetrievalReport", "evaluate_retrieval", "recall_at_k"]
 
@@ -72,33 +73,28 @@ def recall_at_k(sims: np.ndarray, caption_image: np.ndarray, ks: tuple[int, ...]
 def evaluate_retrieval(
     dataset: str | Path, model: str | ClipEncoder | None = None, *, ks: tuple[int, ...] = (1, 5, 10),
     split: str | None = None, image_root: str | Path | None = None, batch_size: int = 32,
-    negatives: int = 2000, seed: int = 0,
+    negatives: int = 2000, seed: int = 0, progress: bool = False,
 ) -> RetrievalReport:
-    """Encode a captioned dataset and measure recall@K both ways (no collection needed)."""
+    """Encode a captioned dataset and measure recall@K both ways (no collection needed).
+    ``progress``: bars over the images and the captions on stderr."""
     enc = model if isinstance(model, ClipEncoder) else load_encoder(model)
     items = load_captioned(dataset, split=split, image_root=image_root)
     report = RetrievalReport(model=str(enc.spec), dataset=str(dataset), images=0, captions=0,
                              text_to_image={}, image_to_text={})
-    from ..images import load_image
-
-    pil, kept = [], []
-    t = time.perf_counter()
-    for item in items:
-        try:
-            pil.append(load_image(item.path).image)
-            kept.append(item)
-        except ImageDecodeError as e:
-            report.skipped.append(f"{e.path}: {e.reason}")
-    report.timings["decode_images"] = time.perf_counter() - t
+    enc.load()  # before the bars: its own status line while the weights load
+    img, kept = _encode_images(enc, items, batch_size, report, progress)
     if not kept:
         raise ValueError(f"{dataset}: no captioned images could be read")
-    t = time.perf_counter()
-    img = enc.encode_images(pil, batch_size=batch_size)
-    report.timings["encode_images"] = time.perf_counter() - t
     captions = [c for it in kept for c in it.captions]
     caption_image = np.array([i for i, it in enumerate(kept) for _ in it.captions])
     t = time.perf_counter()
-    txt = enc.encode_texts(captions, batch_size=batch_size * 2)
+    step = batch_size * 2
+    with bar(total=len(captions), desc="eval: captions", unit=" text", enabled=progress) as shown:
+        parts = []
+        for start in range(0, len(captions), step):
+            parts.append(enc.encode_texts(captions[start:start + step], batch_size=step))
+            shown.update(len(parts[-1]))
+    txt = np.concatenate(parts)
     report.timings["encode_texts"] = time.perf_counter() - t
     t = time.perf_counter()
     sims = txt @ img.T
@@ -115,3 +111,29 @@ def evaluate_retrieval(
     return report
 
 
+def _encode_images(enc: ClipEncoder, items: list[CaptionedImage], batch_size: int, report: RetrievalReport,
+                   progress: bool) -> tuple[np.ndarray, list[CaptionedImage]]:
+    """Decode and encode the dataset's images a batch at a time. Returns ``(vectors (N, D), the
+    N items whose image could be read)``; the others are listed in ``report.skipped``."""
+    from ..images import load_image
+
+    vecs, kept = [], []
+    decode = encode = 0.0
+    with bar(total=len(items), desc="eval: images", unit=" img", enabled=progress) as shown:
+        for start in range(0, len(items), batch_size):
+            t = time.perf_counter()
+            pil = []
+            for item in items[start:start + batch_size]:
+                try:
+                    pil.append(load_image(item.path).image)
+                    kept.append(item)
+                except ImageDecodeError as e:
+                    report.skipped.append(f"{e.path}: {e.reason}")
+            decode += time.perf_counter() - t
+            t = time.perf_counter()
+            if pil:
+                vecs.append(enc.encode_images(pil, batch_size=batch_size))
+            encode += time.perf_counter() - t
+            shown.update(min(batch_size, len(items) - start))
+    report.timings["decode_images"], report.timings["encode_images"] = decode, encode
+    return (np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)), kept

@@ -24,6 +24,7 @@ from PIL import Image
 from ..encoders import load_encoder
 from ..errors import ImageDecodeError, QueryError
 from ..images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from ..progress import bar
 from ..search import Hit
 from .models import GenerationSettings, Generator, load_generator
 from .prefix import ImagePrefix, caption_prompt
@@ -100,37 +101,50 @@ class Captioner:
         return result
 
     def caption_many(self, images: list[str | Path | Image.Image], *, batch_size: int = 32,
-                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Caption | QueryError]:
+                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     progress: bool = False) -> list[Caption | QueryError]:
         """Caption many images, ``batch_size`` per generator pass. An image that cannot be read
-        gets a :class:`QueryError` (naming it) in its place and the others go on."""
+        gets a :class:`QueryError` (naming it) in its place and the others go on. ``progress``:
+        a bar over the images on stderr."""
         results: list[Caption | QueryError | None] = [None] * len(images)
-        for start in range(0, len(images), batch_size):
-            rows, pils = [], []
-            for i in range(start, min(start + batch_size, len(images))):
-                try:
-                    pils.append(self._read(images[i], max_image_pixels))
-                    rows.append(i)
-                except QueryError as e:
-                    results[i] = e
-            if not rows:
-                continue
-            vecs = self.encoder.encode_images(pils)
-            neighbours: list[list[Hit]] = [[] for _ in rows]
-            if self.collection is not None and self.k > 0:
-                found = self.collection.search_vectors(vecs, k=self.k + 1, target="texts")
-                for j, i in enumerate(rows):
-                    own = str(Path(images[i]).resolve()) if isinstance(images[i], str | Path) else None
-                    neighbours[j] = [h for h in found[j] if own is None or h.path is None or
-                                     str(Path(h.path).resolve()) != own][: self.k]
-            prompts = [caption_prompt([h.text or "" for h in hits]) for hits in neighbours]
-            prefixes = self.prefix.prefixes(vecs)
-            texts = self.generator.generate(prompts, self.generation, prefixes=list(prefixes))
-            for j, i in enumerate(rows):
-                label = str(images[i]) if isinstance(images[i], str | Path) else "image"
-                results[i] = Caption(image=label, caption=texts[j][0], prompt=prompts[j],
-                                     sources=[h.to_dict() for h in neighbours[j]],
-                                     image_prefix=self.prefix.label, generator=self.generator.spec)
+        if progress:  # the models' own status lines first, not inside the bar
+            self.generator.load()
+            self.encoder.load()
+        with bar(total=len(images), desc="captioning", unit=" img", enabled=progress) as shown:
+            for start in range(0, len(images), batch_size):
+                self._caption_batch(images, range(start, min(start + batch_size, len(images))),
+                                    max_image_pixels, results)
+                shown.update(min(batch_size, len(images) - start))
         return [r for r in results if r is not None]
+
+    def _caption_batch(self, images: list[str | Path | Image.Image], batch: range, max_image_pixels: int,
+                       results: list[Caption | QueryError | None]) -> None:
+        """Caption ``images[i]`` for each ``i`` in ``batch`` into ``results[i]``."""
+        rows, pils = [], []
+        for i in batch:
+            try:
+                pils.append(self._read(images[i], max_image_pixels))
+                rows.append(i)
+            except QueryError as e:
+                results[i] = e
+        if not rows:
+            return
+        vecs = self.encoder.encode_images(pils)
+        neighbours: list[list[Hit]] = [[] for _ in rows]
+        if self.collection is not None and self.k > 0:
+            found = self.collection.search_vectors(vecs, k=self.k + 1, target="texts")
+            for j, i in enumerate(rows):
+                own = str(Path(images[i]).resolve()) if isinstance(images[i], str | Path) else None
+                neighbours[j] = [h for h in found[j] if own is None or h.path is None or
+                                 str(Path(h.path).resolve()) != own][: self.k]
+        prompts = [caption_prompt([h.text or "" for h in hits]) for hits in neighbours]
+        prefixes = self.prefix.prefixes(vecs)
+        texts = self.generator.generate(prompts, self.generation, prefixes=list(prefixes))
+        for j, i in enumerate(rows):
+            label = str(images[i]) if isinstance(images[i], str | Path) else "image"
+            results[i] = Caption(image=label, caption=texts[j][0], prompt=prompts[j],
+                                 sources=[h.to_dict() for h in neighbours[j]],
+                                 image_prefix=self.prefix.label, generator=self.generator.spec)
 
     @staticmethod
     def _read(image: str | Path | Image.Image, max_image_pixels: int) -> Image.Image:

@@ -21,6 +21,7 @@ else first. Without prefixes the token-id code paths run unchanged.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -414,17 +415,18 @@ class DecodeState:
     def logprobs(self) -> torch.Tensor:
         """Next-token log-probabilities for every row, ``(k, V)`` float32."""
         model = self.gen.model
+        # the cache's name: ``cache`` from transformers 5.2x (``past_key_values`` warns), else the old one
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache = {name: self.past, "use_cache": True}
         if self.gen.kind == "seq2seq":
             out = model(encoder_outputs=self.encoder_outputs, attention_mask=self.enc_mask,
-                        decoder_input_ids=self.next_input, past_key_values=self.past, use_cache=True)
+                        decoder_input_ids=self.next_input, **cache)
         elif self.first_embeds is not None:
-            out = model(inputs_embeds=self.first_embeds, attention_mask=self.mask, position_ids=self.pos,
-                        past_key_values=self.past, use_cache=True)
+            out = model(inputs_embeds=self.first_embeds, attention_mask=self.mask, position_ids=self.pos, **cache)
             self.first_embeds = None
         else:
-            out = model(input_ids=self.next_input, attention_mask=self.mask, position_ids=self.pos,
-                        past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+            out = model(input_ids=self.next_input, attention_mask=self.mask, position_ids=self.pos, **cache)
+        self.past = getattr(out, name)
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     def feed(self, token: int) -> None:

@@ -434,7 +434,7 @@ class ReembedReport:
 
 def _image_vectors(coll: Any, encoder: ClipEncoder, ids: np.ndarray, batch_size: int,
                    progress: bool) -> tuple[np.ndarray, list[str]]:
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     out = np.zeros((len(ids), encoder.dim), dtype=np.float32)
     problems: list[str] = []

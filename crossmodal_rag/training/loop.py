@@ -411,7 +411,7 @@ def train(
         logger.info("training %s: %d train / %d validation examples on %s", task.name, len(train_idx),
                     len(val_idx), device)
 
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     bar = tqdm(total=settings.max_steps, initial=run.step, desc=f"train {task.name}", unit="step",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)

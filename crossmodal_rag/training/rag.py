@@ -633,8 +633,7 @@ def _embed_queries(collection: Collection, examples: Sequence[RagExample], skipp
                    progress: bool, batch_size: int = 64) -> list[np.ndarray | None]:
     """Each example's query embedding as :meth:`RagPipeline.retrieve` makes it (None: skipped).
     Plain text queries (no query arithmetic) are encoded in batches, the rest one by one."""
-    from tqdm.auto import tqdm
-
+    from ..progress import tqdm
     from ..query import parse_query
 
     out: list[np.ndarray | None] = [None] * len(examples)

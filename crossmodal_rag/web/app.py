@@ -55,6 +55,7 @@ from .inputs import (
     check_texts,
 )
 from .limits import BodyLimit
+from .paths import PublicPaths
 from .thumbnails import ThumbnailCache, content_key, default_cache_dir
 
 __all__ = ["WebSettings", "create_app"]
@@ -89,6 +90,7 @@ class WebSettings:
     mmap: bool = False  # memory-map the index files instead of reading them into RAM
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names answered ("*": any)
     max_workers: int = 0  # searches/renders run at once in worker threads (0: CPUs, at most 8)
+    show_paths: bool = False  # absolute server paths in responses (else relative to the source root)
 
 
 class ApiError(Exception):
@@ -209,6 +211,7 @@ class _State:
         self.settings = settings
         self.collection = Collection.open(settings.collection, model=settings.model, mmap=settings.mmap)
         self.collection.encoder.load()
+        self.paths = PublicPaths(self.collection, show_paths=settings.show_paths)
         self.generator = load_generator(settings.generator)
         self.generator_status = "not-loaded"
         self.gen_lock = threading.Lock()  # one generation at a time (also for callers outside the app)
@@ -312,7 +315,7 @@ def create_app(settings: WebSettings) -> FastAPI:
 
     def hit_out(h: Hit) -> HitOut:
         iid = image_id_of(h.kind, h.id, h.parent_id)
-        return HitOut(**h.to_dict(), image_id=iid, **urls(iid))
+        return HitOut(**{**h.to_dict(), "path": S().paths.path(h.path)}, image_id=iid, **urls(iid))
 
     def search_out(query: dict[str, Any], target: str, k: int, hits: list[Hit], t0: float) -> SearchOut:
         return SearchOut(query=query, target=target, k=k, results=[hit_out(h) for h in hits],
@@ -342,8 +345,9 @@ def create_app(settings: WebSettings) -> FastAPI:
             item = st.collection.get(s["id"])
             parent = item[0].parent_id if item else None
             iid = image_id_of(s["kind"], s["id"], parent)
-            sources.append(SourceOut(**s, image_id=iid, **urls(iid)))
+            sources.append(SourceOut(**{**s, "path": st.paths.path(s["path"])}, image_id=iid, **urls(iid)))
         d["sources"] = sources
+        d["generator"], d["encoder"] = st.paths.spec(d["generator"]), st.paths.spec(d["encoder"])
         return AskOut(**{k2: v for k2, v in d.items() if k2 in AskOut.model_fields})
 
     async def generate(*args: Any) -> AskOut:
@@ -357,14 +361,14 @@ def create_app(settings: WebSettings) -> FastAPI:
     @app.get("/api/health", response_model=HealthOut, tags=["meta"])
     async def health() -> HealthOut:  # on the loop: never waits for a worker thread
         st = S()
-        return HealthOut(status="ok", version=__version__, encoder=st.collection.manifest.encoder,
-                         generator=st.generator.spec, generator_status=st.generator_status)
+        return HealthOut(status="ok", version=__version__, encoder=st.paths.spec(st.collection.manifest.encoder),
+                         generator=st.paths.spec(st.generator.spec), generator_status=st.generator_status)
 
     @app.get("/api/stats", response_model=StatsOut, tags=["meta"])
     def stats() -> StatsOut:
-        c = S().collection
+        c, paths = S().collection, S().paths
         m = c.manifest
-        return StatsOut(collection=str(c.folder), encoder=m.encoder, dim=m.dim, index_type=m.index_type,
+        return StatsOut(collection=paths.folder(c.folder), encoder=paths.spec(m.encoder), dim=m.dim, index_type=m.index_type,
                         counts=c.counts(), generation=m.generation, updated_at=m.updated_at)
 
     @app.get("/api/search", response_model=SearchOut, responses=err, tags=["search"])
@@ -444,7 +448,7 @@ def create_app(settings: WebSettings) -> FastAPI:
     @app.get("/api/items/{item_id}", response_model=ItemOut, responses={404: {"model": ErrorOut}}, tags=["items"])
     def item(item_id: int = item_id_param) -> ItemOut:
         it = _item(item_id)
-        d = it.to_dict()
+        d = {**it.to_dict(), "path": S().paths.path(it.path)}
         iid = image_id_of(it.kind, it.id, it.parent_id)
         return ItemOut(**{k: v for k, v in d.items() if k in ItemOut.model_fields}, **urls(iid))
 
