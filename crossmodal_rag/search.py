@@ -13,7 +13,7 @@ from .store.ann import SearchParams
 from .store.metadata import MetadataStore
 from .store.vectors import VectorIndex
 
-__all__ = ["TARGETS", "Hit", "Target", "check_k", "check_target", "search_vectors"]
+__all__ = ["TARGETS", "Hit", "Target", "TargetEmptyError", "check_k", "check_target", "search_vectors"]
 
 Target = Literal["images", "texts", "all"]
 TARGETS: tuple[str, ...] = ("images", "texts", "all")
@@ -38,6 +38,27 @@ class Hit:
         d = asdict(self)
         d["captions"] = list(self.captions)
         return d
+
+
+class TargetEmptyError(QueryError):
+    """A search of a modality the collection does not hold (images in a passages-only collection)."""
+
+    def __init__(self, target: str, alternative: str) -> None:
+        self.target, self.alternative = target, alternative  # e.g. "images", "texts"
+        super().__init__(f"the collection holds no {target} to search, only {alternative}: search "
+                         f"those instead (target {alternative!r})")
+
+
+def _check_holds(indexes: Mapping[str, VectorIndex], target: str) -> None:
+    """Refuse a ``target`` whose indexes are all empty while the other modality's are not."""
+    def holds(t: str) -> bool:
+        return any(n in indexes and len(indexes[n]) for n in _INDEXES_OF_TARGET[t])
+
+    if holds(target):
+        return
+    held = [t for t in ("images", "texts") if t != target and holds(t)]
+    if held:
+        raise TargetEmptyError(target, held[0])
 
 
 def check_target(target: str) -> Target:
@@ -70,6 +91,7 @@ def search_vectors(
     """
     k = check_k(k)
     names = _INDEXES_OF_TARGET[check_target(target)]
+    _check_holds(indexes, target)
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     return [_search_one(indexes, store, q, k, names, allowed, min_score, params) for q in queries]
 

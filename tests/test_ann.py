@@ -323,12 +323,12 @@ def test_cli_reindex_import_search_flags(imported, tmp_path: Path, tiny_oc_spec:
             "--mmap", "--json")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["results"]) == 10
-    r = run("tune", str(folder), "--nprobe", "3", "--index-name", "image")
+    r = run("tune", str(folder), "--nprobe", "3", "--index-name", "image", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["image"]["search_params"]["nprobe"] == 3
     info = json.loads(run("info", str(folder), "--json").stdout)
     assert info["search_params"]["image"]["nprobe"] == 3
-    r = run("tune", str(folder), "--target-recall", "0.99")
+    r = run("tune", str(folder), "--target-recall", "0.99", "--json")
     assert r.returncode == 0, r.stderr
     tuned = json.loads(r.stdout)["image"]["tuning"]
     assert tuned["target_recall"] == 0.99 and (tuned["reached"] or tuned["value"] == 16)

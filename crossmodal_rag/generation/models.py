@@ -77,6 +77,21 @@ class GenerationSettings:
         return strict_from_dict(cls, data, "generation settings")
 
 
+#: What transformers needs to read a .gguf file, besides itself and torch.
+GGUF_DEPENDENCIES = ("gguf", "accelerate")
+
+
+def _check_gguf_dependencies(spec: str) -> None:
+    """Name every missing package a .gguf generator needs at once, before anything loads."""
+    import importlib.util
+
+    missing = [name for name in GGUF_DEPENDENCIES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelSpecError(f"cannot load {spec}: .gguf generators need {', '.join(GGUF_DEPENDENCIES)}, "
+                             f"and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+                             f"pip install {' '.join(missing)}")
+
+
 def _weights_hint(spec: str) -> str:
     return (
         f"could not load generator {spec}: it is not in the local cache and the model hub cannot be "
@@ -113,6 +128,8 @@ class Generator:
         return self
 
     def _load(self) -> None:
+        if self.spec.endswith(".gguf"):
+            _check_gguf_dependencies(self.spec)
         from transformers import (
             AutoConfig,
             AutoModelForCausalLM,

@@ -486,8 +486,8 @@ class RagTrainTask:
         c = s.num_candidates
         hits = collection.search_vectors(q, k=c, target=s.target)
         if any(len(h) < s.k for h in hits):
-            raise SourceError(f"the collection returns fewer than k={s.k} {s.target} items for some "
-                              f"queries; index more items or lower --k")
+            raise SourceError(f"the collection returns fewer than {s.k} {s.target} items for some "
+                              f"queries; index more items or retrieve fewer (--top-k)")
         width = min(len(h) for h in hits)
         self.candidate_ids = np.array([[h.id for h in hs[:width]] for hs in hits], dtype=np.int64)
         uniq, where = np.unique(self.candidate_ids, return_inverse=True)
