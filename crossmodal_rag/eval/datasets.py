@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SourceError
+from ..safe_io import MAX_JSON_BYTES, read_regular_text
 from ..sources import ImageRecord, read_source
 
 __all__ = ["CaptionedImage", "load_captioned"]
@@ -31,7 +32,7 @@ def load_captioned(source: str | Path, *, split: str | None = None,
     path = Path(source).expanduser()
     if path.suffix.lower() == ".json" and path.is_file():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_regular_text(path, max_bytes=MAX_JSON_BYTES, what="dataset file"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SourceError(f"cannot read {path} as JSON: {e}") from e
         images = data.get("images") if isinstance(data, dict) else None

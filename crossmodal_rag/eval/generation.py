@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import QueryError, SourceError
 from ..generation.rag import RagPipeline
 from ..progress import bar
+from ..safe_io import MAX_JSON_BYTES, read_regular_text
 from .datasets import load_captioned
 from .metrics import caption_scores, exact_match, token_f1
 
@@ -47,7 +48,7 @@ def _mean_timings(all_timings: list[dict[str, float]]) -> dict[str, float]:
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_regular_text(path, max_bytes=MAX_JSON_BYTES, what="dataset file").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"cannot read {path}: {e}") from e
     rows = []

@@ -44,6 +44,7 @@ import torch
 from .. import fingerprint
 from .._config import strict_from_dict
 from ..errors import EncoderMismatchError, ModelSpecError, QueryError, SourceError
+from ..safe_io import MAX_JSON_BYTES, open_regular, read_regular_text
 
 if TYPE_CHECKING:
     from ..collection import Collection
@@ -334,8 +335,9 @@ def _is_qa_jsonl(path: Path) -> bool:
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
         return False
     try:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
+        with open_regular(path, max_bytes=MAX_JSON_BYTES, what="training file") as f:
+            for raw in iter(lambda: f.readline(10 << 20), b""):  # a line is at most 10 MB here
+                line = raw.decode("utf-8")
                 if line.strip():
                     obj = json.loads(line)
                     return isinstance(obj, dict) and "question" in obj
@@ -360,7 +362,11 @@ def load_rag_examples(source: str | Path, *, image_root: str | Path | None = Non
     examples: list[RagExample] = []
     skipped: list[str] = []
     if _is_qa_jsonl(path):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            text = read_regular_text(path, max_bytes=MAX_JSON_BYTES, what="training file")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SourceError(f"cannot read {path}: {e}") from e
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
