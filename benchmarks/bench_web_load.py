@@ -181,11 +181,18 @@ def main() -> None:
                     time.sleep(0.1)
             ids = [h["id"] for h in probe.get("/api/search", params={"q": "x", "k": 15}).json()["results"]]
         rss_before = _rss(server.pid)
-        result = run_load(args, base, port, ids, server.pid)
-        result["server_rss_mb_before"] = rss_before
-        server.terminate()
-        server.wait(timeout=30)
-        report(result, args)
+        try:
+            result = run_load(args, base, port, ids, server.pid)
+            result["server_rss_mb_before"] = rss_before
+            report(result, args)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a server stuck in a request does not stop on SIGTERM
+                print("the server did not stop within 30 s of SIGTERM; killed", file=sys.stderr)
+                server.kill()
+                server.wait(timeout=30)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -326,7 +326,7 @@ def _send_chunked(client: TestClient, path: str, content_type: str, first: bytes
     return start["status"], json.loads(payload), consumed
 
 
-@pytest.mark.parametrize("route", ["/api/search/image", "/api/ask"])
+@pytest.mark.parametrize("route", ["/api/search/image", "/api/ask", "/api/ask/image"])
 def test_chunked_bodies_stop_at_the_limit(client: TestClient, route: str) -> None:
     chunk = 64 * 1024
     if route == "/api/ask":
@@ -335,10 +335,11 @@ def test_chunked_bodies_stop_at_the_limit(client: TestClient, route: str) -> Non
         ctype = "multipart/form-data; boundary=zz"
         first = b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n' \
                 b"Content-Type: image/jpeg\r\n\r\n"
-    status, body, consumed = _send_chunked(client, route, ctype, first, 30 * 1024 * 1024, chunk)
+    status, body, consumed = _send_chunked(client, route, ctype, first, 400 * 1024 * 1024, chunk)  # 400 MB
     assert status == 413 and body["error"]["code"] == "too_large", body
-    limit = 200_000 + 64 * 1024  # the fixture's upload limit plus room for the form's headers
-    assert consumed <= limit + chunk, consumed  # stopped reading at the limit, not after 30 MB
+    # uploads: the fixture's upload limit plus room for the form's headers; JSON: its own 256 KiB
+    limit = 256 * 1024 if route == "/api/ask" else 200_000 + 64 * 1024
+    assert consumed <= limit + chunk, consumed  # stopped reading at the limit, not after 400 MB
     assert client.get("/api/health").status_code == 200  # and the server keeps serving
 
 
