@@ -9,6 +9,7 @@ import pytest
 
 from crossmodal_rag import Collection, EncoderMismatchError, IngestSettings, QueryError
 from crossmodal_rag.errors import CollectionError, CollectionLockedError
+from crossmodal_rag.search import TargetEmptyError
 from crossmodal_rag.testing import make_tiny_open_clip
 from tests.badimages import jpeg_bytes, write_bad_images, write_odd_images
 
@@ -143,7 +144,8 @@ def test_passage_corpus_is_searchable_text(tmp_path: Path, tiny_oc_spec: str) ->
         hits = coll.search_vectors(q[None], k=3, target="texts")[0]
         assert hits[0].kind == "passage" and hits[0].text == rows[5]["text"] and hits[0].score == pytest.approx(1, abs=1e-4)
         assert coll.get(hits[0].id)[0].ext_id == "p5"
-        assert coll.search("topic", k=5) == []  # no images in this collection
+        with pytest.raises(TargetEmptyError, match="holds no images to search, only texts"):
+            coll.search("topic", k=5)  # no images in this collection: said, not an empty list
 
 
 def test_other_encoder_is_refused(collection_copy: Path, tiny_hf_dir: Path, tmp_path: Path) -> None:
