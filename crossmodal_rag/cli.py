@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--show-paths", action="store_true",
                     help="absolute server paths in API responses (default: relative to the collection's "
                          "source root; models and the collection by name)")
+    sv.add_argument("--show-paths", action="store_true",
+                    help="absolute server paths in API responses (default: relative to the collection's "
+                         "source root; models and the collection by name)")
 
     cp = sub.add_parser("caption", help="caption images: image prefix + retrieved neighbours' captions "
                                         "(SmallCap style)")
@@ -578,6 +581,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger().setLevel(max(level, logging.ERROR) if not verbose else level)
         logging.getLogger("crossmodal_rag").setLevel(level)
     _quiet_hub_libraries(verbose)
+    from . import progress
+
+    progress.configure(quiet=quiet, verbose=verbose)
     from . import progress
 
     progress.configure(quiet=quiet, verbose=verbose)

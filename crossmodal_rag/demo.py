@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DEMO_QUERIES", "default_demo_collection", "sample_data_dir"]
+__all__ = ["DEMO_QUERIES", "DEMO_QUESTION", "default_demo_collection", "next_commands", "sample_data_dir"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,20 @@ DEMO_QUERIES = (
     DemoQuery(image="cat.jpg"),
     DemoQuery(image="space/astronaut.jpg", target="texts"),
 )
+
+DEMO_QUESTION = "What is the astronaut wearing?"  # answered with ``demo --generator``
+
+
+def next_commands(model: str | None = None, generator: str | None = None,
+                  folder: str = "~/Pictures", collection: str = "~/pictures.xmr") -> list[str]:
+    """The three commands to run next on one's own photos: index, search, serve (with the model
+    and generator the demo ran with, when they are not the defaults)."""
+    coll = f"-c {collection}"
+    model_flag = f" --model {shlex.quote(model)}" if model else ""
+    gen_flag = f" --generator {shlex.quote(generator)}" if generator else ""
+    return [f"crossmodal-rag index {folder} {coll}{model_flag}",
+            f"crossmodal-rag search {shlex.quote(DEMO_QUERIES[1].text or '')} {coll}",
+            f"crossmodal-rag serve {coll}{gen_flag}"]
 
 
 def sample_data_dir() -> Path:
