@@ -346,9 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--show-paths", action="store_true",
                     help="absolute server paths in API responses (default: relative to the collection's "
                          "source root; models and the collection by name)")
-    sv.add_argument("--show-paths", action="store_true",
-                    help="absolute server paths in API responses (default: relative to the collection's "
-                         "source root; models and the collection by name)")
 
     cp = sub.add_parser("caption", help="caption images: image prefix + retrieved neighbours' captions "
                                         "(SmallCap style)")
@@ -370,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(de, help=_MODEL_HELP)
     _add_collection(de, help="where to build the demo collection (default: under ~/.cache/crossmodal-rag)")
     _add_top_k(de, default=3, help="results per example query (default 3)")
+    de.add_argument("--generator", "-g", metavar="SPEC",
+                    help="also answer a question about the photos with this generator (e.g. google/flan-t5-base)")
 
     re_ = sub.add_parser("reembed", help="recompute a collection's vectors with another encoder "
                                          "(e.g. one trained with train clip); item ids stay the same")
@@ -581,9 +580,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger().setLevel(max(level, logging.ERROR) if not verbose else level)
         logging.getLogger("crossmodal_rag").setLevel(level)
     _quiet_hub_libraries(verbose)
-    from . import progress
-
-    progress.configure(quiet=quiet, verbose=verbose)
     from . import progress
 
     progress.configure(quiet=quiet, verbose=verbose)
@@ -998,7 +994,13 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_QUERIES, default_demo_collection, sample_data_dir
+    from .demo import (
+        DEMO_QUERIES,
+        DEMO_QUESTION,
+        default_demo_collection,
+        next_commands,
+        sample_data_dir,
+    )
     from .encoders import DEFAULT_MODEL, parse_model_spec
     from .encoders._hub import require_weights
 
@@ -1022,6 +1024,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             for h in hits:
                 what = h.text if h.text is not None else (Path(h.path).name if h.path else "")
                 print(f"  {h.rank}. {h.score:.3f}  {what}")
+        if args.generator:
+            from .generation import GenerationSettings, RagPipeline, RagSettings
+
+            pipeline = RagPipeline(coll, args.generator, RagSettings(k=3), GenerationSettings(max_new_tokens=32))
+            print(f"\nQ: {DEMO_QUESTION}")
+            _print_answer(pipeline.ask(DEMO_QUESTION), False)
+    print("\nnext, on your own photos (a folder of images, with same-stem .txt captions if you have them):")
+    for line in next_commands(args.model, args.generator):
+        print(f"  {line}")
     return 0
 
 
