@@ -54,9 +54,17 @@ from .store.ann import (
     training_rows,
 )
 from .store.audit import CHECK_ALL_MAX_VECTORS, audit_vectors, examples, id_disagreement, sample_ids
+from .store.binding import (
+    COLLECTION_ID_KEY,
+    INDEX_FILES_KEY,
+    check_collection_id,
+    foreign_index,
+    new_collection_id,
+    remember_index_files,
+)
 from .store.build import build_index, tune_index
 from .store.creation import Creation, clear_interrupted_creation
-from .store.manifest import MANIFEST_NAME, Manifest
+from .store.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, check_own_folders
 from .store.metadata import UNVERIFIED_SHARDS_KEY, Item, MetadataStore
 from .store.shards import EmbeddingShards
 from .store.summary import describe
@@ -158,11 +166,13 @@ class Collection:
         target, lock = creation.target, creation.lock
         try:
             store = MetadataStore(target, fsync=fsync)
+            collection_id = new_collection_id()  # binds the manifest to the metadata
             with store.transaction():
                 fingerprint.write(store, probe)
+                store.set_meta(COLLECTION_ID_KEY, collection_id)
             manifest = Manifest(encoder=str(spec), dim=encoder.dim, index_type=index_type,
                                 max_index_memory=budget, library_version=__version__,
-                                created_at=_now(), updated_at=_now())
+                                created_at=_now(), updated_at=_now(), collection_id=collection_id)
             coll = cls(target, manifest, store, writable=True, lock=lock, model=str(spec),
                        device=device, fsync=fsync)
             coll._encoder = encoder
@@ -203,14 +213,24 @@ class Collection:
             lock = WriteLock(folder)
             lock.acquire()
         try:
-            store = MetadataStore(folder, readonly=not writable, fsync=fsync)
-            coll = cls(folder, manifest, store, writable=writable, lock=lock,
-                       model=manifest.encoder, device=device, fsync=fsync, mmap=mmap)
-            if model is not None:
-                coll._use_model(model)
-            coll._load_indexes()
             if writable:
-                coll._settle_ids()
+                check_own_folders(folder)  # a writer writes and deletes in index/ and embeddings/
+            store = MetadataStore(folder, readonly=not writable, fsync=fsync)
+            try:
+                check_collection_id(manifest, store)
+                coll = cls(folder, manifest, store, writable=writable, lock=lock,
+                           model=manifest.encoder, device=device, fsync=fsync, mmap=mmap)
+                if writable and not store.get_meta(COLLECTION_ID_KEY):  # made before ids
+                    store.put_meta(COLLECTION_ID_KEY, manifest.collection_id or new_collection_id())
+                if model is not None:
+                    coll._use_model(model)
+                coll._load_indexes()
+                if writable:
+                    coll._settle_ids()
+                    coll._bind()
+            except BaseException:
+                store.close()
+                raise
         except BaseException:
             if lock:
                 lock.release()
@@ -330,6 +350,11 @@ class Collection:
                         verify_hash=not self._mmap and record.bytes <= _HASH_ON_OPEN_MAX_BYTES,
                         params=SearchParams.from_dict(m.search_params.get(name)),
                     )
+                    foreign = foreign_index(self.store, name, record,
+                                            live=None if stale else lambda n=name: len(self.store.ids(n)))
+                    if foreign:
+                        index = None
+                        raise CollectionError(foreign)
                 except CollectionError as e:
                     logger.warning("%s; rebuilding it from the metadata", e)
             if index is None:
@@ -345,6 +370,15 @@ class Collection:
                         "write", added, removed)
             if self.writable:
                 self.persist()
+
+    def _bind(self) -> None:
+        """On a writable open of a collection made before binding: record its index files in the
+        metadata and its id in the manifest (see :mod:`crossmodal_rag.store.binding`)."""
+        if self.manifest.collection_id and self.store.get_meta(INDEX_FILES_KEY):
+            return
+        logger.info("%s: binding the manifest and index files to the metadata (collection id %s)",
+                    self.folder, self.store.get_meta(COLLECTION_ID_KEY))
+        self.persist()
 
     def _attach(self, name: str, index: VectorIndex) -> None:
         """Install ``index`` as index ``name``; PQ shortlists re-rank with the shard vectors."""
@@ -523,9 +557,11 @@ class Collection:
                     relpath = f"index/{name}.{gen}.{secrets.token_hex(4)}.faiss"
                 record = ix.save(self.folder, relpath, fsync=self._fsync)
             files[name] = record
+        remember_index_files(self.store, files)  # before the manifest names them
         self.manifest = replace(
             self.manifest, generation=gen, files=files, counts=self.store.counts(),
-            updated_at=_now(), library_version=__version__,
+            updated_at=_now(), library_version=__version__, format_version=FORMAT_VERSION,
+            collection_id=self.store.get_meta(COLLECTION_ID_KEY) or self.manifest.collection_id,
             index_types={n: ix.index_type for n, ix in self.indexes.items()},
             search_params={n: ix.params.to_dict() for n, ix in self.indexes.items()},
             build={n: self._built[n] for n in _INDEX_NAMES if n in self._built},
@@ -696,6 +732,7 @@ class Collection:
         again if a writer switched the manifest while the files were being opened."""
         for _ in range(attempts):
             m = Manifest.read(self.folder)  # before the metadata snapshot: never newer than it
+            check_collection_id(m, self.store)
             disk: dict[str, VectorIndex] = {}
             problems: list[str] = []
             for name in _INDEX_NAMES:
@@ -708,6 +745,11 @@ class Collection:
                                                   verify_hash=verify_hash, mmap=True)
                 except CollectionError as e:
                     problems.append(str(e))
+                    continue
+                foreign = foreign_index(self.store, name, record)
+                if foreign:
+                    problems.append(f"{foreign}; it was not used (rebuilt from the metadata on open)")
+                    del disk[name]
             shards = {n: EmbeddingShards(self.folder, n, m.dim, m.embeddings.get(n)) for n in _INDEX_NAMES}
             held = {}
             for name, sh in shards.items():

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from .errors import CollectionError
+
 if TYPE_CHECKING:
     from .encoders import ClipEncoder
     from .store.metadata import MetadataStore
@@ -49,6 +51,8 @@ MIN_COSINE = 0.99
 TEXT_KEY = "encoder_probe"
 IMAGE_KEY = "encoder_image_probe.v1"
 _PROBE_SIZE = 224  # the usual CLIP input: preprocessing changes the pictures as little as possible
+#: Longest stored probe read (4 rows of a 65536-d embedding as JSON fit in 16 MiB).
+_MAX_PROBE_CHARS = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -94,13 +98,40 @@ def compute(encoder: ClipEncoder) -> Fingerprint:
 
 
 def read(store: MetadataStore) -> Fingerprint | None:
-    """The fingerprint stored in a collection's metadata; None if it holds none."""
+    """The fingerprint stored in a collection's metadata; None if it holds none.
+
+    Raises:
+        CollectionError: a stored probe is not a matrix of finite numbers (a damaged metadata
+            file), naming its key.
+    """
     text = store.get_meta(TEXT_KEY)
     if not text:
         return None
     image = store.get_meta(IMAGE_KEY)
-    return Fingerprint(np.asarray(json.loads(text), dtype=np.float32),
-                       np.asarray(json.loads(image), dtype=np.float32) if image else None)
+    return Fingerprint(_parse_probe(store, TEXT_KEY, text),
+                       _parse_probe(store, IMAGE_KEY, image) if image else None)
+
+
+def _parse_probe(store: MetadataStore, key: str, text: str) -> np.ndarray:
+    """A stored probe: a JSON list of equally long rows of finite numbers, at most
+    :data:`_MAX_PROBE_CHARS` characters."""
+    problem = None
+    if len(text) > _MAX_PROBE_CHARS:
+        problem = f"{len(text)} characters long (at most {_MAX_PROBE_CHARS})"
+    else:
+        try:
+            rows = np.asarray(json.loads(text), dtype=np.float32)
+        except (ValueError, TypeError, RecursionError) as e:  # not JSON, ragged, not numbers, too deep
+            problem = f"not a matrix of numbers ({str(e)[:80]})"
+        else:
+            if rows.ndim != 2 or rows.size == 0 or not np.isfinite(rows).all():
+                problem = f"not a matrix of finite numbers (shape {rows.shape})"
+    if problem is None:
+        return rows
+    raise CollectionError(
+        f"{store.path}: the stored encoder fingerprint {key!r} is {problem}; the metadata file is "
+        f"damaged. Run `crossmodal-rag check {store.path.parent}`, and restore the file from a "
+        "backup or index the sources into a new collection")
 
 
 def write(store: MetadataStore, fingerprint: Fingerprint) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from crossmodal_rag import Collection
 from crossmodal_rag.store.audit import CHECK_ALL_MAX_VECTORS
-from crossmodal_rag.store.manifest import Manifest
+from crossmodal_rag.store.manifest import IndexFile, Manifest
 from crossmodal_rag.store.shards import EmbeddingShards
 from crossmodal_rag.store.vectors import VectorIndex
 from tests.test_ann import _write_import, clustered
@@ -73,6 +73,19 @@ def _tamper_index_vector(folder: Path, name: str, victim: int, vector: np.ndarra
         index.add(ids, vecs)
     record = index.save(folder, f"index/{name}.tampered.faiss")
     replace(m, files={**m.files, name: record}).write(folder)
+    _record_as_own(folder, name, record)
+
+
+def _record_as_own(folder: Path, name: str, record: IndexFile) -> None:
+    """Record an index file in the metadata as the collection's own, as every writer does."""
+    from crossmodal_rag.store.binding import remember_index_files
+    from crossmodal_rag.store.metadata import MetadataStore
+
+    store = MetadataStore(folder)
+    try:
+        remember_index_files(store, {name: record})
+    finally:
+        store.close()
 
 
 def _set_metadata_vector(folder: Path, item_id: int, vector: np.ndarray) -> None:
@@ -108,8 +121,9 @@ def test_check_sees_an_index_missing_a_committed_item(collection_copy: Path) -> 
     m = Manifest.read(collection_copy)
     index = VectorIndex.load(collection_copy, m.files["image"], m.dim, "Flat")
     index.remove(np.array([victim]))
-    replace(m, files={**m.files, "image": index.save(collection_copy, "index/image.less.faiss")}).write(
-        collection_copy)
+    record = index.save(collection_copy, "index/image.less.faiss")
+    replace(m, files={**m.files, "image": record}).write(collection_copy)
+    _record_as_own(collection_copy, "image", record)
     with Collection.open(collection_copy) as c:
         report = c.check()
     assert not report.ok

@@ -189,3 +189,265 @@ def test_chunked_upload_is_refused_while_it_arrives(server: str) -> None:
     assert b'"too_large"' in reply
     assert sent_when_answered[0] < total // 2, sent_when_answered  # answered mid-upload
     assert httpx.get(server + "/api/health", timeout=10).status_code == 200
+
+
+# -- hostile collection files (issue 15, items 5, 6 and 10) ---------------------------------------
+def _edit_manifest(folder: Path, change) -> None:
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    text = change(data)
+    path.write_text(text if isinstance(text, str) else json.dumps(data))
+
+
+def _edit_sql(folder: Path, script: str) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(folder / "metadata.sqlite")
+    try:
+        conn.executescript(script)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _set(key, value):
+    return lambda m: m.__setitem__(key, value)
+
+
+def _set_file(key, value):
+    return lambda m: m["files"]["image"].__setitem__(key, value)
+
+
+MANIFEST_DAMAGE = {
+    "nested 100k deep": lambda m: '{"a":' * 100_000 + "1" + "}" * 100_000,
+    "nested in tuning": _set("tuning", {"image": json.loads("[" * 40 + "1" + "]" * 40)}),
+    "dim as a string": _set("dim", "32"),
+    "negative dim": _set("dim", -3),
+    "dim 10^12": _set("dim", 10**12),
+    "dim true": _set("dim", True),
+    "count as a string": _set("counts", {"images": "x"}),
+    "generation as a string": _set("generation", "x"),
+    "generation 1.5": _set("generation", 1.5),
+    "files a list": _set("files", []),
+    "index count negative": _set_file("count", -1),
+    "index path absolute": _set_file("path", "/etc/passwd"),
+    "index path escapes": _set_file("path", "../../../etc/passwd"),
+    "index bytes 10^30": _set_file("bytes", 10**30),
+    "sha256 not hex": _set_file("sha256", "zz"),
+    "encoder with NUL": _set("encoder", "a\x00b"),
+    "encoder lone surrogate": _set("encoder", "\ud800"),
+    "encoder escape sequence": _set("encoder", "\x1b]0;owned\x07"),
+    "tuning measured not a list": _set("tuning", {"image": {"param": "nprobe", "value": 1, "k": 10,
+                                                           "target_recall": 0.9, "reached": True,
+                                                           "queries": 5, "measured": 5}}),
+    "search params negative": _set("search_params", {"image": {"nprobe": -1}}),
+    "shard ids outside int64": lambda m: m["embeddings"]["image"][0].__setitem__("max_id", 2**70),
+    "shard path escapes": lambda m: m["embeddings"]["image"][0].__setitem__("path", "../x.npy"),
+    "NaN": lambda m: json.dumps(m).replace('"max_index_memory": null', '"max_index_memory": NaN'),
+    "int of 5000 digits": lambda m: json.dumps(m).replace('"generation": ', '"generation": ' + "9" * 5000 + ", \"x\": "),
+}
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from crossmodal_rag.cli import main
+
+    code = main(["-q", *args])
+    return code, capsys.readouterr().err
+
+
+def _assert_one_line_error(code: int, err: str, *names: str) -> None:
+    """Exit code 1 (README: a damaged collection) and one `error:` line naming the file."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (code, err[-2000:])
+    assert any(n in lines[0] for n in names), lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", sorted(MANIFEST_DAMAGE))
+def test_tampered_manifest_is_one_collection_error(collection_copy: Path, damage: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from crossmodal_rag.errors import CollectionError
+
+    _edit_manifest(collection_copy, MANIFEST_DAMAGE[damage])
+    for command in ("info", "check"):
+        code, err = _cli([command, str(collection_copy)], capsys)
+        _assert_one_line_error(code, err, "manifest.json")
+    code, err = _cli(["search", "a cat", "-c", str(collection_copy)], capsys)
+    _assert_one_line_error(code, err, "manifest.json")
+    with pytest.raises(CollectionError, match="manifest.json"):
+        Collection.open(collection_copy)
+
+
+METADATA_DAMAGE = {
+    "garbage encoder probe": ("UPDATE meta SET value = 'garbage' WHERE key = 'encoder_probe'", "encoder_probe"),
+    "ragged encoder probe": ("UPDATE meta SET value = '[[1, 2], [3]]' WHERE key = 'encoder_probe'", "encoder_probe"),
+    "deep image probe": ("UPDATE meta SET value = '" + "[" * 50_000 + "]" * 50_000
+                         + "' WHERE key = 'encoder_image_probe.v1'", "encoder_image_probe"),
+    "2-byte vector blob": ("UPDATE items SET vector = x'0102' WHERE id = 3", "item 3"),
+    "vector as text": ("UPDATE items SET vector = 'abcd' WHERE id = 3", "item 3"),
+    "vector of NaN": ("UPDATE items SET vector = (SELECT vector FROM items WHERE id = 3) WHERE id = 3; "
+                      "UPDATE items SET vector = x'" + "0000c07f" * 32 + "' WHERE id = 3", "item 3"),
+    "generation not a number": ("UPDATE meta SET value = 'abc' WHERE key = 'generation'", "generation"),
+    "schema version not a number": ("UPDATE meta SET value = 'abc' WHERE key = 'schema_version'", "schema version"),
+    "items a view": ("ALTER TABLE items RENAME TO items_old; CREATE VIEW items AS SELECT * FROM items_old",
+                     "view"),
+    "a trigger": ("CREATE TRIGGER t AFTER INSERT ON paths BEGIN DELETE FROM items; END", "trigger"),
+    "items without the vector column": ("ALTER TABLE items DROP COLUMN vector", "vector"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(METADATA_DAMAGE))
+def test_tampered_metadata_is_one_collection_error(collection_copy: Path, damage: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Every read of a tampered metadata file ends in one error line naming what is wrong, never
+    a traceback (item 5); the searches that meet the damaged row say which item it is."""
+    script, named = METADATA_DAMAGE[damage]
+    _edit_sql(collection_copy, script)
+    outcomes = []
+    for args in (["info", str(collection_copy)], ["check", str(collection_copy)],
+                 ["search", "a cat", "-c", str(collection_copy), "-k", "100"]):
+        code, err = _cli(args, capsys)
+        assert "Traceback" not in err and code in (0, 1), (args, code, err[-2000:])
+        if code == 1:
+            _assert_one_line_error(code, err, named)
+        outcomes.append(code)
+    assert 1 in outcomes, f"{damage}: no command noticed the damage"
+
+
+def test_recursive_view_cannot_hang_info(collection_copy: Path) -> None:
+    """An ``items`` table replaced by an endless recursive view is refused at once (item 5)."""
+    cols = ("x AS id, 'image' AS kind, NULL AS parent_id, NULL AS sha256, NULL AS text, NULL AS title, "
+            "NULL AS ext_id, NULL AS origin, NULL AS width, NULL AS height, NULL AS format, "
+            "NULL AS size_bytes, NULL AS extra, 0.0 AS added_at, x'00' AS vector")
+    _edit_sql(collection_copy, "ALTER TABLE items RENAME TO items_old; CREATE VIEW items AS WITH RECURSIVE "
+                               f"r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT {cols} FROM r")
+    for command in ("info", "check"):
+        start = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "crossmodal_rag", command, str(collection_copy)],
+                                  capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"})
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`{command}` still ran after 60 s on a recursive view")
+        assert proc.returncode == 1 and "view" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert time.monotonic() - start < 60
+
+
+def test_lock_file_symlink_is_not_followed(collection_copy: Path, tmp_path: Path) -> None:
+    """``ln -s ~/victim C/.lock``: the next writer refuses, and the victim is not touched (item 6)."""
+    from crossmodal_rag.errors import CollectionError
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (collection_copy / ".lock").symlink_to(victim)
+    with pytest.raises(CollectionError, match=r"\.lock.*(link|regular)"):
+        Collection.open(collection_copy, writable=True)
+    assert victim.read_text() == "precious\n"
+    (collection_copy / ".lock").unlink()
+    os.mkfifo(collection_copy / ".lock")  # a FIFO neither blocks nor is written
+    with pytest.raises(CollectionError, match=r"\.lock.*regular"):
+        Collection.open(collection_copy, writable=True)
+
+
+def test_planted_temp_file_links_are_not_followed(collection_copy: Path, tmp_path: Path,
+                                                  sample_dir: Path) -> None:
+    """Links planted at the names of the index and shard temp files a writer will use: the
+    writer writes its own files, the link targets stay as they were (item 6)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    pid = os.getpid()
+    planted = []
+    for gen in range(1, 12):
+        for name in ("image", "text"):
+            planted.append(collection_copy / "index" / f".{name}.{gen}.faiss.{pid}.tmp")
+    for name in ("image", "text"):
+        for n in range(4):
+            for ext in ("f16", "ids"):
+                planted.append(collection_copy / "embeddings" / name / f".{n:06d}.{ext}.npy.{pid}.tmp")
+    for link in planted:
+        link.symlink_to(victim)
+    extra = tmp_path / "more"
+    extra.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(extra / "red.png")
+    with Collection.open(collection_copy, writable=True) as coll:
+        coll.add(extra)
+        coll.remove(ids=[1])
+        assert len(coll.indexes["image"]) == 15
+    assert victim.read_text() == "precious\n"
+    with Collection.open(collection_copy) as coll:
+        assert coll.check().ok
+
+
+def test_linked_subfolder_is_refused(collection_copy: Path, tmp_path: Path) -> None:
+    """``index`` replaced by a link to a user's folder: a writer would write there and delete
+    what the manifest does not list. Refused on a writable open (item 6)."""
+    from crossmodal_rag.errors import CollectionError
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(collection_copy / "index", elsewhere)
+    (elsewhere / "notes.txt").write_text("mine\n")
+    (collection_copy / "index").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(CollectionError, match="index.*link"), \
+            Collection.open(collection_copy, writable=True) as coll:
+        coll.remove(ids=[1])
+    assert (elsewhere / "notes.txt").read_text() == "mine\n"
+
+
+def _foreign_index(folder: Path, name: str, ids: np.ndarray, dim: int) -> dict:
+    """A valid FAISS file of another collection (same ids and size, other vectors), written
+    into ``folder/index`` with the manifest record that would describe it."""
+    import hashlib
+
+    import faiss
+
+    rng = np.random.default_rng(7)
+    vecs = rng.standard_normal((len(ids), dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    index.add_with_ids(vecs, ids.astype(np.int64))
+    rel = f"index/{name}.99.faiss"
+    faiss.write_index(index, str(folder / rel))
+    data = (folder / rel).read_bytes()
+    return {"path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "count": len(ids), "data_path": None, "data_bytes": None}
+
+
+def test_foreign_index_file_is_not_loaded(collection_copy: Path, sample_collection: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A manifest entry and file swapped in from another collection (a valid FAISS file with the
+    same ids and size): refused on open, rebuilt from the metadata, and `check` names it (item 10)."""
+    with Collection.open(sample_collection) as pristine:
+        want = [(h.id, round(h.score, 4)) for h in pristine.search("a cat", k=100)]
+        ids, dim = pristine.store.ids("image"), pristine.manifest.dim
+    record = _foreign_index(collection_copy, "image", ids, dim)
+    _edit_manifest(collection_copy, lambda m: m["files"].__setitem__("image", record))
+    with caplog.at_level("WARNING", logger="crossmodal_rag"), Collection.open(collection_copy) as coll:
+        got = [(h.id, round(h.score, 4)) for h in coll.search("a cat", k=100)]
+        report = coll.check()
+    assert got == want
+    assert any("image.99.faiss" in r.getMessage() for r in caplog.records), caplog.text
+    assert not report.ok and any("image.99.faiss" in p for p in report.problems), report.problems
+
+
+def test_manifest_of_another_collection_is_refused(collection_copy: Path, tmp_path: Path) -> None:
+    """The collection id binds the manifest to the metadata: another collection's manifest is
+    refused by name; a collection made before ids gets one on its next writable open."""
+    from crossmodal_rag.errors import CollectionError
+
+    m = json.loads((collection_copy / "manifest.json").read_text())
+    assert len(m["collection_id"]) == 32
+    other = dict(m, collection_id="0" * 32)
+    (collection_copy / "manifest.json").write_text(json.dumps(other))
+    with pytest.raises(CollectionError, match="another collection"):
+        Collection.open(collection_copy)
+    # an older collection: no id on either side
+    del m["collection_id"]
+    m["format_version"] = 2
+    (collection_copy / "manifest.json").write_text(json.dumps(m))
+    _edit_sql(collection_copy, "DELETE FROM meta WHERE key IN ('collection_id', 'index_files')")
+    with Collection.open(collection_copy) as coll:
+        assert coll.search("a cat", k=3)
+    with Collection.open(collection_copy, writable=True) as coll:
+        cid = coll.store.get_meta("collection_id")
+    assert cid and json.loads((collection_copy / "manifest.json").read_text())["collection_id"] == cid

@@ -1,22 +1,61 @@
-"""The collection manifest: a small, versioned JSON file, replaced atomically."""
+"""The collection manifest: a small, versioned JSON file, replaced atomically.
+
+A manifest is read as hostile input (a collection may come from anywhere): only a regular file of
+at most :data:`MAX_MANIFEST_BYTES`, its nesting measured by a linear scan before it is parsed
+(at most :data:`MAX_MANIFEST_DEPTH`), and every field checked for type and bounds
+(:func:`Manifest.from_dict`); file paths must stay inside the collection's ``index`` and
+``embeddings`` folders. Any problem is one :class:`~crossmodal_rag.errors.CollectionError`
+naming the file and the field.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import stat
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import CollectionError
 
-__all__ = ["FORMAT_VERSION", "IndexFile", "Manifest", "ShardFile", "atomic_write_bytes", "fsync_dir"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_DIM",
+    "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_DEPTH",
+    "IndexFile",
+    "Manifest",
+    "ShardFile",
+    "atomic_write_bytes",
+    "check_own_folders",
+    "fsync_dir",
+    "json_depth",
+    "open_new_file",
+]
 
 #: Bumped whenever the on-disk layout changes incompatibly.
-FORMAT_VERSION = 2  # 2: per-index types, search defaults, tuning, embedding shards
+FORMAT_VERSION = 3  # 2: per-index types, search defaults, tuning, embedding shards; 3: collection id
 MANIFEST_NAME = "manifest.json"
 _FORMAT_TAG = "crossmodal-rag collection"
+#: Largest manifest read: a manifest lists a few files per index (kilobytes; 8 MiB is ~40k shards).
+MAX_MANIFEST_BYTES = 8 << 20
+#: Deepest nesting of JSON arrays and objects accepted in a manifest (the format uses 5).
+MAX_MANIFEST_DEPTH = 32
+#: Largest embedding dimension accepted (CLIP models use 512-1280).
+MAX_DIM = 65536
+INDEX_NAMES = ("image", "text")
+_MAX_INT64 = 2**63 - 1
+#: Control characters (C0, DEL, C1) and lone surrogates: never in a manifest string.
+_BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+#: A JSON string (an unterminated one runs to the end: each match is linear) or a bracket.
+_JSON_TOKEN = re.compile(r'(?s)"(?:[^"\\]++|\\.)*+"?|[\[\]{}]')
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_COLLECTION_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,10 +69,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def open_new_file(path: Path) -> int:
+    """A descriptor of a new, empty file at ``path`` for writing: whatever is at ``path`` (a
+    stale temp file, or a link someone planted there) is removed first, and the file is created
+    exclusively, never through a symbolic link (``O_CREAT | O_EXCL | O_NOFOLLOW``)."""
+    path.unlink(missing_ok=True)  # removes a link itself, never its target
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    return os.open(path, flags, 0o644)
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # O_EXCL
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -48,12 +97,192 @@ def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
         raise
 
 
+def check_own_folders(folder: Path) -> None:
+    """Refuse (``CollectionError``) a collection whose ``index`` or ``embeddings`` folders are
+    symbolic links or not folders: a writer writes there and deletes the files no manifest lists,
+    so a planted link would aim both at someone else's folder."""
+    for rel in ("index", "embeddings", "embeddings/image", "embeddings/text"):
+        path = folder / rel
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
+            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a folder"
+            raise CollectionError(
+                f"{path} is {what}; a collection's {rel} must be a folder of its own. Remove it "
+                f"and rebuild the indexes with `crossmodal-rag reindex {folder}`")
+
+
+def json_depth(text: str, limit: int = MAX_MANIFEST_DEPTH) -> int:
+    """How deeply the arrays and objects of JSON ``text`` nest (brackets inside strings do not
+    count), in one linear scan; stops once ``limit`` is passed (then returns ``limit + 1``)."""
+    depth = deepest = 0
+    for m in _JSON_TOKEN.finditer(text):
+        c = m.group()
+        if c == "[" or c == "{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return deepest
+        elif c == "]" or c == "}":
+            depth -= 1
+    return deepest
+
+
+# -- field checks: each returns the value or raises CollectionError naming the field ----------------
+Check = Callable[[Any, str], Any]
+
+
+def _fail(where: str, what: str, value: Any) -> CollectionError:
+    if isinstance(value, (dict, list)):
+        shown = f"{type(value).__name__} of {len(value)} entries"
+    else:
+        shown = repr(value if not isinstance(value, str) else value[:60])
+        shown = shown if len(shown) <= 64 else shown[:61] + "..."
+    return CollectionError(f"{where}: expected {what}, got {shown}")
+
+
+def _int(lo: int = 0, hi: int = _MAX_INT64) -> Check:
+    def check(v: Any, where: str) -> int:
+        if type(v) is not int or not lo <= v <= hi:  # bool is not an int here
+            raise _fail(where, f"an integer in [{lo}, {hi}]", v)
+        return v
+    return check
+
+
+def _number(v: Any, where: str) -> float:
+    if type(v) not in (int, float) or not math.isfinite(v):
+        raise _fail(where, "a finite number", v)
+    return v
+
+
+def _bool(v: Any, where: str) -> bool:
+    if type(v) is not bool:
+        raise _fail(where, "true or false", v)
+    return v
+
+
+def _str(max_len: int = 256, pattern: re.Pattern[str] | None = None, *, empty: bool = True) -> Check:
+    def check(v: Any, where: str) -> str:
+        if not isinstance(v, str) or len(v) > max_len or (not v and not empty):
+            raise _fail(where, f"a{'' if empty else ' non-empty'} string of at most {max_len} characters", v)
+        if _BAD_CHARS.search(v):
+            raise _fail(where, "a string without control characters or lone surrogates", v)
+        if pattern is not None and not pattern.fullmatch(v):
+            raise _fail(where, f"a string matching {pattern.pattern}", v)
+        return v
+    return check
+
+
+def _exactly(expected: Any) -> Check:
+    def check(v: Any, where: str) -> Any:
+        if v != expected or type(v) is not type(expected):
+            raise _fail(where, repr(expected), v)
+        return v
+    return check
+
+
+def _optional(inner: Check) -> Check:
+    return lambda v, where: None if v is None else inner(v, where)
+
+
+def _relpath(top: str) -> Check:
+    """A path relative to the collection folder, under ``top``: no absolute path, no ``..``."""
+    text = _str(1024, empty=False)
+
+    def check(v: Any, where: str) -> str:
+        text(v, where)
+        parts = v.split("/")
+        if parts[0] != top or len(parts) < 2 or any(p in ("", ".", "..") for p in parts) or "\\" in v:
+            raise _fail(where, f"a relative path inside the collection's {top}/ folder", v)
+        return v
+    return check
+
+
+def _map(value: Check, *, keys: tuple[str, ...] | None = INDEX_NAMES, max_items: int = 64) -> Check:
+    """A JSON object: keys from ``keys`` (None: short strings), values checked by ``value``."""
+    key_check = _str(64, empty=False)
+
+    def check(v: Any, where: str) -> dict[str, Any]:
+        if not isinstance(v, dict) or len(v) > max_items:
+            raise _fail(where, f"an object of at most {max_items} entries", v)
+        out = {}
+        for k, item in v.items():
+            if keys is not None and k not in keys:
+                raise _fail(where, f"keys from {list(keys)}", k)
+            key_check(k, where)
+            out[k] = value(item, f"{where}.{k}")
+        return out
+    return check
+
+
+def _list(item: Check, max_items: int = 100_000) -> Check:
+    def check(v: Any, where: str) -> list[Any]:
+        if not isinstance(v, list) or len(v) > max_items:
+            raise _fail(where, f"a list of at most {max_items} entries", v)
+        return [item(x, f"{where}[{n}]") for n, x in enumerate(v)]
+    return check
+
+
+def _scalar(v: Any, where: str) -> Any:
+    """A JSON number, string, boolean or null (a flat record's value)."""
+    if v is None or type(v) is bool:
+        return v
+    if type(v) in (int, float):
+        return _number(v, where)
+    return _str(1024)(v, where)
+
+
+_POSITIVE_INT32 = _int(1, 2**31 - 1)
+_SEARCH_PARAMS = {"nprobe": _POSITIVE_INT32, "ef_search": _POSITIVE_INT32, "rerank": _int(0, 2**31 - 1)}
+#: What ``crossmodal-rag info`` reads of a tuning record (other keys: flat values).
+_TUNING = {"param": _str(32), "value": _optional(_int(0, 2**31 - 1)), "target_recall": _number,
+           "reached": _bool, "k": _int(0, 2**31 - 1), "queries": _int(), "measured": _list(_map(_scalar, keys=None), 10_000)}
+
+
+def _record(checks: dict[str, Check], *, required: tuple[str, ...] = (), others: Check | None = _scalar,
+            max_items: int = 64) -> Check:
+    """A JSON object whose named keys pass their checks (``required`` ones present); other keys
+    pass ``others`` (None: not allowed)."""
+    def check(v: Any, where: str) -> dict[str, Any]:
+        if not isinstance(v, dict) or len(v) > max_items:
+            raise _fail(where, f"an object of at most {max_items} entries", v)
+        missing = [k for k in required if k not in v]
+        if missing:
+            raise CollectionError(f"{where}: missing {missing}")
+        out = {}
+        for k, item in v.items():
+            _str(64, empty=False)(k, where)
+            if k in checks:
+                out[k] = checks[k](item, f"{where}.{k}")
+            elif others is None:
+                raise CollectionError(f"{where}: unknown key {k!r} (valid: {sorted(checks)})")
+            else:
+                out[k] = others(item, f"{where}.{k}")
+        return out
+    return check
+
+
 def _strict(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _fail(where, "a JSON object", data)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(k)[:64] for k in set(data) - known)
     if unknown:
         raise CollectionError(f"{where}: unknown keys {unknown} (valid: {sorted(known)})")
     return data
+
+
+def _checked(cls: type, data: Any, where: str, checks: dict[str, Check]) -> dict[str, Any]:
+    """``data`` with every field of ``cls`` it holds checked; missing required fields refused."""
+    data = _strict(cls, data, where)
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise CollectionError(f"{where}: missing {missing}")
+    return {k: checks[k](v, f"{where}: {k}") for k, v in data.items()}
 
 
 @dataclass(frozen=True)
@@ -68,8 +297,14 @@ class IndexFile:
     data_bytes: int | None = None  # their size, checked on open
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IndexFile:
-        return cls(**_strict(cls, data, "manifest index file"))
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest index file") -> IndexFile:
+        return cls(**_checked(cls, data, where, _INDEX_FILE_FIELDS))
+
+
+_INDEX_FILE_FIELDS: dict[str, Check] = {
+    "path": _relpath("index"), "bytes": _int(), "sha256": _str(64, _SHA256), "count": _int(),
+    "data_path": _optional(_relpath("index")), "data_bytes": _optional(_int()),
+}
 
 
 @dataclass(frozen=True)
@@ -86,12 +321,15 @@ class ShardFile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ShardFile:
-        known = {"path", "ids_path", "count", "min_id", "max_id"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CollectionError(f"manifest embedding shard: unknown keys {unknown} (valid: {sorted(known)})")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest embedding shard") -> ShardFile:
+        return cls(**_checked(cls, data, where, _SHARD_FIELDS))
+
+
+_ID = _int(-(2**63), _MAX_INT64)
+_SHARD_FIELDS: dict[str, Check] = {
+    "path": _relpath("embeddings"), "ids_path": _relpath("embeddings"), "count": _int(),
+    "min_id": _ID, "max_id": _ID,
+}
 
 
 @dataclass(frozen=True)
@@ -116,6 +354,7 @@ class Manifest:
     tuning: dict[str, Any] = field(default_factory=dict)  # index -> what tuning measured
     build: dict[str, Any] = field(default_factory=dict)  # index -> seed, training size, sharding
     embeddings: dict[str, list[ShardFile]] = field(default_factory=dict)  # index -> float16 shards
+    collection_id: str = ""  # 32 hex digits, also in the metadata: binds the two ("" = older)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,16 +368,14 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
-        if not isinstance(data, dict):
-            raise CollectionError(f"{where}: expected a JSON object")
-        data = dict(_strict(cls, data, where))
-        try:
-            data["files"] = {k: IndexFile.from_dict(v) for k, v in data.get("files", {}).items()}
-            data["embeddings"] = {k: [ShardFile.from_dict(s) for s in v]
-                                  for k, v in data.get("embeddings", {}).items()}
-            return cls(**data)
-        except TypeError as e:
-            raise CollectionError(f"{where}: {e}") from e
+        """A manifest from its JSON form, every field checked for type and bounds."""
+        checked = _checked(cls, data, where, _MANIFEST_FIELDS)
+        checked["files"] = {k: IndexFile.from_dict(v, f"{where}: files.{k}")
+                            for k, v in checked.get("files", {}).items()}
+        checked["embeddings"] = {k: [ShardFile.from_dict(s, f"{where}: embeddings.{k}[{n}]")
+                                     for n, s in enumerate(v)]
+                                 for k, v in checked.get("embeddings", {}).items()}
+        return cls(**checked)
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -148,25 +385,76 @@ class Manifest:
                 f"collection folder {folder} does not exist; create it with "
                 f"`crossmodal-rag index SOURCE --collection {folder}`"
             )
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise CollectionError(
                 f"{folder} is not a crossmodal-rag collection (no {MANIFEST_NAME}); create one with "
                 f"`crossmodal-rag index SOURCE --collection {folder}`"
             )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CollectionError(f"{path} is unreadable or not valid JSON: {e}") from e
-        if not isinstance(data, dict) or data.get("format") != _FORMAT_TAG:
+        data = _parse(path, _read_text(path))
+        if data.get("format") != _FORMAT_TAG:
             raise CollectionError(f"{path} is not a crossmodal-rag collection manifest")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
             raise CollectionError(
-                f"{path} has format version {version!r}, newer than this crossmodal-rag supports "
-                f"({FORMAT_VERSION}); upgrade crossmodal-rag"
+                f"{path} has format version {str(version)[:20]!r}, which this crossmodal-rag does not "
+                f"read (1 to {FORMAT_VERSION}); a newer version needs an upgraded crossmodal-rag"
             )
         return cls.from_dict(data, where=str(path))
 
     def write(self, folder: Path, *, fsync: bool = True) -> None:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
         atomic_write_bytes(folder / MANIFEST_NAME, text.encode("utf-8"), fsync=fsync)
+
+
+_MANIFEST_FIELDS: dict[str, Check] = {
+    "encoder": _str(4096, empty=False),
+    "dim": _int(1, MAX_DIM),
+    "index_type": _str(256, empty=False),
+    "metric": _exactly("inner_product"),
+    "format": _exactly(_FORMAT_TAG),
+    "format_version": _int(1, FORMAT_VERSION),
+    "library_version": _str(64),
+    "created_at": _str(64),
+    "updated_at": _str(64),
+    "generation": _int(),
+    "counts": _map(_int(), keys=None, max_items=16),
+    "files": _map(lambda v, where: v),  # each an IndexFile, checked by IndexFile.from_dict
+    "max_index_memory": _optional(_int(1)),
+    "index_types": _map(_str(256, empty=False)),
+    "search_params": _map(_record(_SEARCH_PARAMS, others=None)),
+    "tuning": _map(_record(_TUNING, required=tuple(_TUNING))),
+    "build": _map(_record({})),
+    "embeddings": _map(_list(lambda v, where: v)),  # each a ShardFile, checked by ShardFile.from_dict
+    "collection_id": _str(32, re.compile(f"(?:{_COLLECTION_ID.pattern})?")),
+}
+
+
+def _read_text(path: Path) -> str:
+    """The manifest's text: a regular file (links followed) of at most MAX_MANIFEST_BYTES."""
+    from ..safe_io import read_regular
+
+    try:
+        raw = read_regular(path, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
+        return raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise CollectionError(f"{path} is unreadable: {reason}") from e
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse(path: Path, text: str) -> dict[str, Any]:
+    """JSON ``text`` as an object, its nesting measured before parsing."""
+    depth = json_depth(text)
+    if depth > MAX_MANIFEST_DEPTH:
+        raise CollectionError(f"{path} nests arrays/objects more than {MAX_MANIFEST_DEPTH} deep; it is "
+                              "not a manifest this library wrote")
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, or an int of 4300+ digits
+        raise CollectionError(f"{path} is not valid JSON: {str(e)[:200]}") from e
+    if not isinstance(data, dict):
+        raise CollectionError(f"{path} is not a crossmodal-rag collection manifest (not a JSON object)")
+    return data

@@ -10,6 +10,14 @@ the float16 shards, index files and ids kept outside the collection (liked items
 checkpoints) can never point at another item. Schema version 1 let SQLite pick ``max(id) + 1``,
 which reuses the newest id once removed; such a store is migrated when opened writable (one
 transaction), and read as it is when opened read-only.
+
+A metadata file is read as hostile input (see :meth:`MetadataStore._check_file` and
+:meth:`MetadataStore._check_schema`): it and SQLite's files beside it must be regular files, not
+links; its schema may hold only tables and indexes (no views, no triggers), with the expected
+tables and columns; functions in its schema run untrusted (``PRAGMA trusted_schema = OFF``); any
+one value is at most :data:`MAX_VALUE_BYTES`; and no statement runs more than its step budget
+(:class:`_StepBudget`). Damaged values (a vector of the wrong length, a count that is not a number)
+are :class:`~crossmodal_rag.errors.CollectionError` naming the item or key.
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +86,65 @@ CREATE TABLE IF NOT EXISTS paths (
 );
 CREATE INDEX IF NOT EXISTS paths_item ON paths(item_id);
 """
+#: SQLite's files of a store: each must be a regular file (a link is refused, never followed).
+_SQLITE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal")
+#: Largest single value (text or blob) read or written: bounds the memory one row can take.
+MAX_VALUE_BYTES = 256 << 20
+#: SQLite VM steps any one statement may take: this many, plus _STEPS_PER_BYTE per byte of the
+#: database (the heaviest query here, ``PRAGMA integrity_check``, takes ~55 steps per row, and a
+#: row is >= 8 bytes), so a statement on a legitimate file always finishes, and one on a hostile
+#: file stops (SQLite runs ~10^8 steps a second).
+_BASE_STEPS = 1_000_000_000
+_STEPS_PER_BYTE = 32
+_STEPS_PER_CHECK = 100_000
+
+
+class _StepBudget:
+    """Stops any one statement on the connection after its budget of VM steps: the trace
+    callback marks each statement's start, the progress handler counts its steps."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.used = 0
+        self.exceeded = False
+        self.limit = self._limit()
+
+    def _limit(self) -> int:
+        size = 0
+        for name in (DB_NAME, f"{DB_NAME}-wal"):
+            with suppress(OSError):
+                size += os.stat(self.path.parent / name).st_size
+        return _BASE_STEPS + _STEPS_PER_BYTE * size
+
+    def install(self, conn: sqlite3.Connection) -> None:
+        conn.set_trace_callback(self.start)
+        conn.set_progress_handler(self.step, _STEPS_PER_CHECK)
+
+    def start(self, _sql: str) -> None:
+        self.used = 0
+        self.exceeded = False
+
+    def step(self) -> int:
+        self.used += _STEPS_PER_CHECK
+        if self.used > self.limit:
+            self.limit = self._limit()  # the file may have grown since
+            if self.used > self.limit:
+                self.exceeded = True
+                return 1  # SQLite interrupts the statement
+        return 0
+
+
+@functools.lru_cache(maxsize=1)
+def _expected_columns() -> dict[str, frozenset[str]]:
+    """Table -> column names of the current schema (read from an in-memory copy of it)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: frozenset(r[1] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
+    finally:
+        conn.close()
+
 
 def _locked(method):
     """Serialise use of the shared connection (the web app calls from many threads)."""
@@ -129,12 +198,26 @@ class MetadataStore:
         self._lock = threading.RLock()
         self._next_id: int | None = None  # the id counter inside a write transaction
         self._writing = False  # inside transaction()
-        if readonly and not self.path.is_file():
-            raise CollectionError(f"metadata file missing: {self.path}")
+        self._check_file(readonly)
+        self._budget = _StepBudget(self.path)
         try:
             self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                         check_same_thread=False)
+        except sqlite3.DatabaseError as e:
+            raise CollectionError(f"{self.path} is not a readable SQLite database: {e}") from e
+        try:
+            self._open(readonly, fsync)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _open(self, readonly: bool, fsync: str) -> None:
+        try:
+            self._budget.install(self.conn)
+            self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+            self.conn.execute("PRAGMA trusted_schema = OFF")  # schema functions: innocuous only
             self.conn.execute("PRAGMA foreign_keys = ON")
+            self._check_schema(readonly)
             if not readonly:
                 self.conn.execute("PRAGMA journal_mode = WAL")
                 level = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}.get(fsync, "FULL")
@@ -142,13 +225,71 @@ class MetadataStore:
                 self.conn.executescript(_SCHEMA)
                 self._upgrade()
             version = self.get_meta("schema_version")
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # damaged text decodes badly
             raise CollectionError(f"{self.path} is not a readable SQLite database: {e}") from e
-        if version is None or int(version) > SCHEMA_VERSION:
+        if version is None or not version.isdigit() or not 1 <= int(version[:6]) <= SCHEMA_VERSION:
             raise CollectionError(
-                f"{self.path}: metadata schema version {version!r} is not supported "
-                f"(this crossmodal-rag reads up to {SCHEMA_VERSION})"
+                f"{self.path}: metadata schema version {str(version)[:40]!r} is not supported "
+                f"(this crossmodal-rag reads 1 to {SCHEMA_VERSION})"
             )
+
+    def _check_file(self, readonly: bool) -> None:
+        """The database and SQLite's files beside it (journal, WAL, shared memory) are regular
+        files or absent: SQLite writes to them even for readers, so a planted link is refused."""
+        if readonly and not self.path.exists() and not self.path.is_symlink():
+            raise CollectionError(f"metadata file missing: {self.path}")
+        for name in _SQLITE_FILES:
+            path = self.path.parent / name
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(mode):
+                what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+                raise CollectionError(
+                    f"{path} is {what}; a collection's metadata files must be regular files of its "
+                    "own. Remove it (a link) or restore the file from a backup")
+
+    def _check_schema(self, readonly: bool) -> None:
+        """Refuse a schema this library did not make: views and triggers (a view can loop
+        forever, a trigger runs on writes), virtual tables, or tables missing expected columns
+        (a new store, with no tables yet, is created by the caller)."""
+        rows = self.conn.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+        for kind, name, _ in rows:
+            if kind not in ("table", "index"):
+                raise self._tampered(f"holds a {kind} {str(name)[:64]!r}, which crossmodal-rag never creates")
+        tables = {name: sql for kind, name, sql in rows if kind == "table"}
+        if not tables and not readonly:
+            return
+        for name, columns in _expected_columns().items():
+            sql = tables.get(name)
+            if sql is None:
+                if readonly:
+                    raise self._tampered(f"has no {name!r} table")
+                continue  # created by the schema script
+            if not isinstance(sql, str) or not sql.lstrip()[:12].upper().startswith("CREATE TABLE"):
+                raise self._tampered(f"{name!r} is not a plain table")
+            have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({name})")}
+            missing = sorted(columns - have)
+            if missing:
+                raise self._tampered(f"table {name!r} lacks the column(s) {missing}")
+
+    def _tampered(self, what: str) -> CollectionError:
+        return CollectionError(
+            f"{self.path} {what}: not a metadata file this library wrote (damaged or tampered "
+            "with); nothing was read. Restore it from a backup")
+
+    def meta_int(self, key: str, default: int = 0) -> int:
+        """A whole-number meta value (a counter) in [0, 2^63); ``default`` if absent."""
+        value = self.get_meta(key)
+        if value is None:
+            return default
+        text = value.strip()
+        if not text.isdigit() or len(text) > 19 or int(text) > 2**63 - 1:
+            raise CollectionError(
+                f"{self.path}: meta value {key!r} is {value[:40]!r}, not a whole number; the metadata "
+                "file is damaged: restore it from a backup")
+        return int(text)
 
     def _upgrade(self) -> None:
         """Stamp a new store with the current schema, or migrate a version-1 one: in one
@@ -176,6 +317,11 @@ class MetadataStore:
         self.conn.close()
 
     def damaged(self, e: Exception) -> CollectionError:
+        if self._budget.exceeded:
+            return CollectionError(
+                f"a query on the metadata file {self.path} ran past its budget of "
+                f"{self._budget.limit:,} SQLite steps and was stopped; the file is damaged or was "
+                "made to loop. Check it with `crossmodal-rag check`, or restore it from a backup")
         return CollectionError(
             f"metadata file {self.path} is damaged or unreadable ({e}); restore it from a backup "
             "(the index files alone cannot rebuild it)"
@@ -196,7 +342,7 @@ class MetadataStore:
         self._next_id, self._writing = None, True
         try:
             yield self.conn
-            gen = int(self.get_meta("generation") or 0) + 1
+            gen = self.meta_int("generation") + 1
             self.set_meta("generation", str(gen))
             if self._next_id is not None:
                 self.set_meta(NEXT_ID_KEY, str(self._next_id))
@@ -223,6 +369,9 @@ class MetadataStore:
     @_locked
     def get_meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is not None and not isinstance(row[0], str):
+            raise CollectionError(f"{self.path}: meta value {key!r} is a {type(row[0]).__name__}, not "
+                                  "text; the metadata file is damaged: restore it from a backup")
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
@@ -233,7 +382,7 @@ class MetadataStore:
 
     @property
     def generation(self) -> int:
-        return int(self.get_meta("generation") or 0)
+        return self.meta_int("generation")
 
     @_locked
     def retire_ids_up_to(self, last: int) -> None:
@@ -241,7 +390,7 @@ class MetadataStore:
         still hold for removed items). Its own small transaction; the generation stays."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            if int(self.get_meta(NEXT_ID_KEY) or 1) <= last:
+            if self.meta_int(NEXT_ID_KEY, 1) <= last:
                 self.set_meta(NEXT_ID_KEY, str(last + 1))
             self.conn.execute("COMMIT")
         except BaseException:
@@ -276,7 +425,7 @@ class MetadataStore:
         if not self._writing:
             raise CollectionError(f"{self.path}: items are inserted inside transaction() only")
         if self._next_id is None:
-            self._next_id = max(int(self.get_meta(NEXT_ID_KEY) or 1), self._max_item_id() + 1)
+            self._next_id = max(self.meta_int(NEXT_ID_KEY, 1), self._max_item_id() + 1)
         item_id = self._next_id
         self._next_id += 1
         return item_id
@@ -331,6 +480,8 @@ class MetadataStore:
             "SELECT text, id, origin FROM items WHERE kind = 'caption' AND parent_id = ? ORDER BY id",
             (image_id,),
         ).fetchall()
+        if any(not isinstance(r[0], str) or not isinstance(r[2], (str, type(None))) for r in rows):
+            raise self._bad_item(image_id, "one of its captions is not text")
         return {r[0]: (r[1], r[2]) for r in rows}
 
     @_locked
@@ -338,6 +489,8 @@ class MetadataStore:
         rows = self.conn.execute(
             "SELECT path FROM paths WHERE item_id = ? ORDER BY rowid", (item_id,)
         ).fetchall()
+        if any(not isinstance(r[0], str) for r in rows):
+            raise self._bad_item(item_id, "one of its paths is not text")
         return [r[0] for r in rows]
 
     @_locked
@@ -364,13 +517,20 @@ class MetadataStore:
             for item_id, blob in self.conn.execute(
                 f"SELECT id, vector FROM items WHERE id IN ({marks})", chunk
             ):
-                vec = np.frombuffer(blob, dtype="<f4")
-                if vec.shape[0] != dim:
-                    raise CollectionError(
-                        f"{self.path}: item {item_id} has a {vec.shape[0]}-d vector, expected {dim}"
-                    )
-                out[pos[item_id]] = vec
+                if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+                    size = f"{len(blob)} bytes" if isinstance(blob, bytes) else f"a {type(blob).__name__}"
+                    raise self._bad_item(item_id, f"its vector is {size}, not {dim} float32 values "
+                                                  f"({4 * dim} bytes)")
+                out[pos[item_id]] = np.frombuffer(blob, dtype="<f4")
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            raise self._bad_item(int(np.asarray(ids)[~finite][0]), "its vector holds NaN or infinity")
         return out
+
+    def _bad_item(self, item_id: int, what: str) -> CollectionError:
+        return CollectionError(
+            f"{self.path}: item {item_id}: {what}; the metadata file is damaged. Remove the item "
+            f"(`crossmodal-rag remove {item_id}`) and index it again, or restore the file from a backup")
 
     @_locked
     def counts(self) -> dict[str, int]:
@@ -394,6 +554,7 @@ class MetadataStore:
                 chunk,
             ).fetchall()
             for r in rows:
+                self._check_row(r)
                 (item_id, kind, parent_id, sha, text, title, ext_id, w, h, fmt, size, extra, added) = r
                 owner = parent_id if kind == "caption" else item_id
                 paths = self.paths_of(owner) if kind != "passage" else []
@@ -404,9 +565,29 @@ class MetadataStore:
                     id=item_id, kind=kind, path=paths[0] if paths else None, text=text,
                     captions=captions, parent_id=parent_id, title=title, ext_id=ext_id, width=w,
                     height=h, format=fmt, size_bytes=size, sha256=sha, added_at=added,
-                    extra=json.loads(extra) if extra else {},
+                    extra=self._extra(item_id, extra),
                 )
         return result
+
+    def _check_row(self, row: tuple[Any, ...]) -> None:
+        """Each column of an item row (as :meth:`get_items` selects it) holds its type (SQLite
+        lets a damaged or hostile file store any type in any column)."""
+        for value, (column, types) in zip(row, _ROW_TYPES, strict=True):
+            if not isinstance(value, types):
+                raise self._bad_item(row[0], f"column {column} holds a {type(value).__name__}")
+        if row[1] not in INDEX_OF_KIND:
+            raise self._bad_item(row[0], f"unknown kind {str(row[1])[:40]!r}")
+
+    def _extra(self, item_id: int, extra: str | None) -> dict[str, Any]:
+        if not extra:
+            return {}
+        try:
+            value = json.loads(extra)
+        except (ValueError, RecursionError) as e:
+            raise self._bad_item(item_id, f"its extra fields are not valid JSON ({str(e)[:80]})") from e
+        if not isinstance(value, dict):
+            raise self._bad_item(item_id, "its extra fields are not a JSON object")
+        return value
 
     def item_ids_for_paths(self, paths: Iterable[str]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -434,6 +615,13 @@ class MetadataStore:
         if dangling:
             problems.append(f"{dangling} paths that point to no item")
         return problems
+
+
+_TEXT, _INT = (str, type(None)), (int, type(None))
+#: Column -> accepted Python types of a row as :meth:`MetadataStore.get_items` selects it.
+_ROW_TYPES = (("id", int), ("kind", str), ("parent_id", _INT), ("sha256", _TEXT), ("text", _TEXT),
+              ("title", _TEXT), ("ext_id", _TEXT), ("width", _INT), ("height", _INT),
+              ("format", _TEXT), ("size_bytes", _INT), ("extra", _TEXT), ("added_at", (int, float)))
 
 
 def _chunks(seq: Sequence[Any], n: int) -> Iterator[list[Any]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CollectionError
-from .manifest import ShardFile, fsync_dir
+from .manifest import ShardFile, fsync_dir, open_new_file
 
 __all__ = ["EmbeddingShards", "ShardFile"]
 
@@ -37,7 +37,7 @@ DEFAULT_SHARD_SIZE = 100_000
 def _save_npy(path: Path, array: np.ndarray, fsync: bool) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(open_new_file(tmp), "wb") as f:  # never through a planted link
             np.save(f, array, allow_pickle=False)
             if fsync:
                 f.flush()

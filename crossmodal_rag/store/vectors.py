@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import CollectionError
 from .ann import SearchParams, describe_index, min_training_vectors, search_parameters
 from .filtered import id_selector, search_filtered, unique_ids
-from .manifest import IndexFile, fsync_dir
+from .manifest import IndexFile, fsync_dir, open_new_file
 
 __all__ = ["VectorIndex"]
 
@@ -362,9 +362,10 @@ class VectorIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            faiss.write_index(self.index, str(tmp))
-            if fsync:
-                with open(tmp, "rb") as f:
+            with os.fdopen(open_new_file(tmp), "wb") as f:  # never through a planted link
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
+                if fsync:
+                    f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, path)
             if fsync:
