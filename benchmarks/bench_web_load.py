@@ -301,7 +301,7 @@ def _flat(rss: list[tuple[float, float | None]]) -> tuple[bool, float | None, fl
         return True, None, None
     third = len(mem) // 3
     middle, last = float(np.mean(mem[third:2 * third] or mem[:1])), float(np.mean(mem[2 * third:]))
-    return last <= middle * 1.05 + 20, round(middle, 1), round(last, 1)
+    return bool(last <= middle * 1.05 + 20), round(middle, 1), round(last, 1)
 
 
 def report(r: dict, args: argparse.Namespace) -> None:
@@ -329,11 +329,11 @@ def report(r: dict, args: argparse.Namespace) -> None:
               f"{w['health_failed']:>7} {w['rss_mb'] if w['rss_mb'] is not None else '-':>8}")
     five_xx = [e for e in errors if "HTTP 5" in e]
     flat, middle, last = _flat(r["rss"])
-    worst_p99 = max((w.get("health_p99_ms", 0.0) for w in windows), default=0.0)
+    worst_p99 = float(max((w.get("health_p99_ms", 0.0) for w in windows), default=0.0))
     health_failed = sum(w["health_failed"] for w in windows)
     result.update(http_5xx=len(five_xx), health_worst_window_p99_ms=worst_p99, health_failed=health_failed,
                   rss_middle_third_mb=middle, rss_last_third_mb=last, memory_flat=flat)
-    verdict = not five_xx and not resets and worst_p99 < 100 and not health_failed and flat
+    verdict = bool(not five_xx and not resets and worst_p99 < 100 and not health_failed and flat)
     result["pass"] = verdict
     print(f"5xx: {len(five_xx)}; resets: {len(resets)}; worst /api/health p99 per window: {worst_p99:.1f} ms "
           f"({health_failed} failed); RSS middle third {middle} MB, last third {last} MB (flat: {flat})")
