@@ -1414,6 +1414,14 @@ COMMANDS = {"index": cmd_index, "search": cmd_search, "info": cmd_info, "check":
 COMMANDS["reembed"] = cmd_reembed
 
 
+def _in_cli_words(error: Exception) -> str:
+    """A library error as the command line says it: the search target by its flag."""
+    alternative = getattr(error, "alternative", None)  # search.TargetEmptyError (not imported: faiss)
+    if alternative:
+        return f"the collection holds no {error.target}, only {alternative}: use --target {alternative}"
+    return str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1425,7 +1433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (QueryError, UsageError) as e:
-        print(f"error: {_safe(e, newlines=True)}", file=sys.stderr)
+        print(f"error: {_safe(_in_cli_words(e), newlines=True)}", file=sys.stderr)
         return 2
     except CrossmodalError as e:
         print(f"error: {_safe(e, newlines=True)}", file=sys.stderr)

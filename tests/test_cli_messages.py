@@ -29,7 +29,7 @@ def test_an_empty_answer_is_reported_as_empty(sample_collection: Path, t5_dir: P
     assert out.count("posterior") == 2
 
 
-def test_searching_a_modality_the_collection_lacks_says_so(tmp_path: Path, tiny_oc_spec: str) -> None:
+def test_searching_a_modality_the_collection_lacks_says_so(tmp_path: Path, tiny_oc_spec: str, t5_dir: Path) -> None:
     corpus = tmp_path / "kb.jsonl"
     corpus.write_text('{"text": "the cat sat on the mat"}\n{"text": "coffee is brewed from beans"}\n')
     coll = tmp_path / "kb"
@@ -39,6 +39,10 @@ def test_searching_a_modality_the_collection_lacks_says_so(tmp_path: Path, tiny_
     assert "holds no images" in r.stderr and "--target texts" in r.stderr and "target=" not in r.stderr
     r = run("search", "a cat", "-c", str(coll), "--target", "texts", "-k", "2")
     assert r.returncode == 0 and [row.split("\t")[4] for row in r.stdout.splitlines()[1:]] == ["passage"] * 2
+    # retrieval for generation says the same in CLI words
+    r = run("ask", "a cat", "-c", str(coll), "--target", "images", "-g", str(t5_dir))
+    assert r.returncode == 2 and "holds no images" in r.stderr and "--target texts" in r.stderr, r.stderr
+    assert "'texts'" not in r.stderr and "Traceback" not in r.stderr
     # the library says the same without naming a command-line flag
     from crossmodal_rag import Collection
     from crossmodal_rag.errors import QueryError
