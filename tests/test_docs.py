@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import io
 import re
 import shlex
 from pathlib import Path
@@ -137,9 +139,12 @@ def _parse_error(command: str) -> str | None:
         for subsub in _subparsers(sub).values():
             subsub.error = parser.error  # type: ignore[method-assign]
     try:
-        parser.parse_args([w for w in words if w])
+        with contextlib.redirect_stdout(io.StringIO()):
+            parser.parse_args([w for w in words if w])
     except ValueError as e:
         return str(e)
+    except SystemExit as e:  # --help / --version print and exit 0: accepted
+        return None if e.code == 0 else f"exit {e.code}"
     return None
 
 
