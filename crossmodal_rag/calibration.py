@@ -56,6 +56,7 @@ def calibrate(collection: Collection, max_pairs: int = 5000, seed: int = 0) -> d
 
 def _compute(store: MetadataStore, dim: int, max_pairs: int = 5000, seed: int = 0) -> dict[str, Any]:
     rows = store.conn.execute("SELECT id, parent_id FROM items WHERE kind = 'caption'").fetchall()
+    rows = [r for r in rows if type(r[1]) is int]  # a damaged row's parent (any SQLite type) is left out
     result: dict[str, Any] = {}
     if not rows:
         return result
@@ -110,9 +111,37 @@ def write_calibration(store: MetadataStore, dim: int) -> dict[str, Any]:
 
 
 def load_calibration(collection: Collection) -> dict[str, Any] | None:
-    """The stored calibration as it is (possibly stale), or None."""
+    """The stored calibration as it is (possibly stale), or None (also when what is stored is
+    damaged: then it is computed again from the vectors, with a warning)."""
     raw = collection.store.get_meta(META_KEY)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    try:
+        calib = json.loads(raw) if len(raw) <= _MAX_STORED_CHARS else None
+    except (ValueError, RecursionError):
+        calib = None
+    if _well_formed(calib):
+        return calib
+    logger.warning("the stored calibration of %s is damaged; computing it from the vectors",
+                   collection.folder)
+    return None
+
+
+_MAX_STORED_CHARS = 1 << 16
+
+
+def _well_formed(calib: Any) -> bool:
+    """A dict with an integer generation, whose directions each hold a finite threshold."""
+    if not isinstance(calib, dict) or type(calib.get("generation")) is not int:
+        return False
+    for key in ("text-image", "text-text"):
+        entry = calib.get(key)
+        if entry is None:
+            continue
+        value = entry.get("threshold") if isinstance(entry, dict) else None
+        if type(value) not in (int, float) or not np.isfinite(value):
+            return False
+    return True
 
 
 def current_calibration(collection: Collection) -> dict[str, Any]:

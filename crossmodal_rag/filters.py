@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import itertools
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -292,8 +291,8 @@ def allowed_ids(store: MetadataStore, conditions: list[Condition]) -> dict[str, 
     for r in rows:
         d = dict(zip(("id", "kind", "parent_id", "text", "title", "format", "size_bytes", "width",
                       "height", "added_at", "extra"), r, strict=True))
-        d["extra"] = json.loads(d["extra"]) if d["extra"] else {}
         d["paths"] = paths.get(d["id"], [])
+        d = store.checked_filter_row(d)  # any SQLite type in any column: a damaged row is refused
         items[d["id"]] = d
         if d["kind"] == "caption":
             captions.setdefault(d["parent_id"], []).append(d["text"] or "")

@@ -451,3 +451,57 @@ def test_manifest_of_another_collection_is_refused(collection_copy: Path, tmp_pa
     with Collection.open(collection_copy, writable=True) as coll:
         cid = coll.store.get_meta("collection_id")
     assert cid and json.loads((collection_copy / "manifest.json").read_text())["collection_id"] == cid
+
+
+def test_metadata_queries_have_a_step_budget(collection_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No query on a metadata file runs unbounded: an endless one (here a recursive CTE, as a
+    hostile schema could hide one) is stopped after its budget of SQLite steps, ordinary ones
+    fit, and each call of the store starts with a fresh budget (item 5)."""
+    import sqlite3
+
+    from crossmodal_rag.errors import CollectionError
+    from crossmodal_rag.store import metadata
+
+    monkeypatch.setattr(metadata, "_BASE_STEPS", 5_000_000)
+    monkeypatch.setattr(metadata, "_STEPS_PER_BYTE", 0)
+    endless = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r"
+    store = metadata.MetadataStore(collection_copy, readonly=True)
+    watchdog = threading.Timer(30, store.conn.interrupt)  # without a budget: stopped here, and failed
+    watchdog.start()
+    try:
+        assert store.counts()["images"] == 15
+        start = time.monotonic()
+        with pytest.raises(sqlite3.OperationalError, match="interrupt"):
+            store.conn.execute(endless).fetchone()
+        with pytest.raises(CollectionError, match="budget"), store.snapshot() as conn:
+            conn.execute(endless).fetchone()
+        assert time.monotonic() - start < 20
+        assert store.counts()["images"] == 15 and len(store.ids("text")) == 45
+    finally:
+        watchdog.cancel()
+        store.close()
+
+
+def test_damaged_rows_and_calibration_in_filters(collection_copy: Path, sample_collection: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Found by tests/test_fuzz_collection.py: a filtered search over a row whose extra fields
+    are not JSON, or whose width is a blob, is a CollectionError naming the item; a damaged
+    stored calibration is computed again from the vectors (item 5)."""
+    from crossmodal_rag.errors import CollectionError
+
+    with Collection.open(sample_collection) as pristine:
+        want = pristine.resolve_min_score("auto", query_is_image=False, target="images")
+    _edit_sql(collection_copy, "UPDATE meta SET value = '{\"generation\": [' WHERE key = 'calibration'")
+    query = np.ones((1, 32), np.float32) / np.sqrt(32)
+    with caplog.at_level("WARNING", logger="crossmodal_rag"), Collection.open(collection_copy) as coll:
+        assert coll.resolve_min_score("auto", query_is_image=False, target="images") == pytest.approx(want)
+        assert any("calibration" in r.getMessage() for r in caplog.records)
+        assert coll.search_vectors(query, k=3, where="width>=1")[0]
+    for damage in ("UPDATE items SET extra = '{bad' WHERE id = 3",
+                   "UPDATE items SET width = x'00' WHERE id = 3",
+                   "UPDATE paths SET path = x'ff' WHERE item_id = 3"):
+        _edit_sql(collection_copy, damage)
+        with Collection.open(collection_copy) as coll, pytest.raises(CollectionError, match="item 3"):
+            coll.search_vectors(query, k=3, where="width>=1")
+        _edit_sql(collection_copy, "UPDATE items SET extra = NULL, width = 1 WHERE id = 3; "
+                                   "UPDATE paths SET path = 'p3' WHERE item_id = 3")

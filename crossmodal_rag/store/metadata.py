@@ -90,18 +90,21 @@ CREATE INDEX IF NOT EXISTS paths_item ON paths(item_id);
 _SQLITE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal")
 #: Largest single value (text or blob) read or written: bounds the memory one row can take.
 MAX_VALUE_BYTES = 256 << 20
-#: SQLite VM steps any one statement may take: this many, plus _STEPS_PER_BYTE per byte of the
-#: database (the heaviest query here, ``PRAGMA integrity_check``, takes ~55 steps per row, and a
-#: row is >= 8 bytes), so a statement on a legitimate file always finishes, and one on a hostile
-#: file stops (SQLite runs ~10^8 steps a second).
+#: SQLite VM steps any one call of the store may take (each call, transaction, snapshot and
+#: inserted row starts afresh): this many, plus _STEPS_PER_BYTE per byte of the database (the
+#: heaviest query here, ``PRAGMA integrity_check``, takes ~55 steps per row, a row is >= 8 bytes,
+#: and the rows a transaction writes grow the file), so work on a legitimate file always
+#: finishes, and a query on a hostile file stops (SQLite runs ~10^8 steps a second).
 _BASE_STEPS = 1_000_000_000
 _STEPS_PER_BYTE = 32
 _STEPS_PER_CHECK = 100_000
 
 
 class _StepBudget:
-    """Stops any one statement on the connection after its budget of VM steps: the trace
-    callback marks each statement's start, the progress handler counts its steps."""
+    """Stops the connection's work after its budget of VM steps since the last :meth:`start`
+    (called as each call of the store begins; SQLite's progress handler counts the steps). A
+    trace callback would mark each statement exactly, but costs ~30 us per statement (it
+    expands the statement's parameters, a vector's bytes as hex), tripling the cost of inserts."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -117,12 +120,10 @@ class _StepBudget:
         return _BASE_STEPS + _STEPS_PER_BYTE * size
 
     def install(self, conn: sqlite3.Connection) -> None:
-        conn.set_trace_callback(self.start)
         conn.set_progress_handler(self.step, _STEPS_PER_CHECK)
 
-    def start(self, _sql: str) -> None:
-        self.used = 0
-        self.exceeded = False
+    def start(self) -> None:
+        self.used = 0  # (``exceeded`` stays set until the error is reported: see ``damaged``)
 
     def step(self) -> int:
         self.used += _STEPS_PER_CHECK
@@ -152,6 +153,7 @@ def _locked(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
+            self._budget.start()
             try:
                 return method(self, *args, **kwargs)
             except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # damaged text decodes badly
@@ -317,7 +319,8 @@ class MetadataStore:
         self.conn.close()
 
     def damaged(self, e: Exception) -> CollectionError:
-        if self._budget.exceeded:
+        if self._budget.exceeded and "interrupt" in str(e):
+            self._budget.exceeded = False
             return CollectionError(
                 f"a query on the metadata file {self.path} ran past its budget of "
                 f"{self._budget.limit:,} SQLite steps and was stopped; the file is damaged or was "
@@ -332,6 +335,7 @@ class MetadataStore:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write; bumps the generation counter on commit."""
         with self._lock:
+            self._budget.start()
             try:
                 yield from self._transaction()
             except sqlite3.DatabaseError as e:
@@ -357,6 +361,7 @@ class MetadataStore:
     def snapshot(self) -> Iterator[sqlite3.Connection]:
         """A consistent read view (a deferred read transaction)."""
         with self._lock:
+            self._budget.start()
             try:
                 self.conn.execute("BEGIN")
                 try:
@@ -411,6 +416,7 @@ class MetadataStore:
         if "extra" in fields:
             fields["extra"] = json.dumps(fields["extra"], ensure_ascii=False, sort_keys=True)
         item_id = self._take_id()
+        self._budget.start()
         cols = ["id", "kind", "vector", "added_at", *fields]
         blob = np.ascontiguousarray(vector, dtype="<f4").tobytes()
         values = [item_id, kind, blob, time.time(), *fields.values()]
@@ -431,6 +437,7 @@ class MetadataStore:
         return item_id
 
     def set_path(self, path: str, item_id: int, size_bytes: int | None, mtime_ns: int | None) -> None:
+        self._budget.start()
         self.conn.execute(
             "INSERT INTO paths(path, item_id, size_bytes, mtime_ns, added_at) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(path) DO UPDATE SET item_id = excluded.item_id, "
@@ -577,6 +584,16 @@ class MetadataStore:
                 raise self._bad_item(row[0], f"column {column} holds a {type(value).__name__}")
         if row[1] not in INDEX_OF_KIND:
             raise self._bad_item(row[0], f"unknown kind {str(row[1])[:40]!r}")
+
+    def checked_filter_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` (an item's columns by name, and its ``paths``, as filters read them) with each
+        column checked for its type and ``extra`` parsed: a damaged row is a CollectionError."""
+        for column, types in _ROW_TYPES:
+            if column in row and not isinstance(row[column], types):
+                raise self._bad_item(row["id"], f"column {column} holds a {type(row[column]).__name__}")
+        if any(not isinstance(p, str) for p in row.get("paths", ())):
+            raise self._bad_item(row["id"], "one of its paths is not text")
+        return {**row, "extra": self._extra(row["id"], row.get("extra"))}
 
     def _extra(self, item_id: int, extra: str | None) -> dict[str, Any]:
         if not extra:
