@@ -394,10 +394,12 @@ class Manifest:
         if data.get("format") != _FORMAT_TAG:
             raise CollectionError(f"{path} is not a crossmodal-rag collection manifest")
         version = data.get("format_version")
-        if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        if type(version) is not int or version < 1:
+            raise CollectionError(f"{path}: format_version {str(version)[:20]!r} is not a format version")
+        if version > FORMAT_VERSION:
             raise CollectionError(
-                f"{path} has format version {str(version)[:20]!r}, which this crossmodal-rag does not "
-                f"read (1 to {FORMAT_VERSION}); a newer version needs an upgraded crossmodal-rag"
+                f"{path} has format version {version}, newer than this crossmodal-rag supports "
+                f"({FORMAT_VERSION}); upgrade crossmodal-rag"
             )
         return cls.from_dict(data, where=str(path))
 
