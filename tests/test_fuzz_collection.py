@@ -31,7 +31,7 @@ from crossmodal_rag import Collection, fingerprint
 from crossmodal_rag.errors import CrossmodalError
 from crossmodal_rag.store.summary import read_summary
 
-EXAMPLES = int(os.environ.get("CROSSMODAL_RAG_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("CROSSMODAL_RAG_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
                 derandomize=True)
 #: Every reading of one damaged collection ends within this (seconds, on a loaded 2-core machine).
