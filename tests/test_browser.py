@@ -4,8 +4,6 @@ upload an image, ask a question, check what is rendered. Screenshots go to test-
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -19,16 +17,12 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from crossmodal_rag.testing import make_tiny_t5
 from crossmodal_rag.web import WebSettings, create_app
+from tests.servers import serve_in_thread
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +32,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path):
     t5 = make_tiny_t5(tmp_path_factory.mktemp("t5") / "t5")
     app = create_app(WebSettings(collection=str(coll), generator=str(t5), max_new_tokens=4,
                                  thumbnail_dir=str(tmp_path_factory.mktemp("thumbs"))))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app, log_level="warning") as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def _wait_for(page, expression: str, timeout: float = 60.0) -> None:

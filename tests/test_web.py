@@ -21,6 +21,7 @@ from crossmodal_rag import Collection
 from crossmodal_rag.testing import make_tiny_t5
 from crossmodal_rag.web import WebSettings, create_app
 from tests.badimages import png_declaring
+from tests.servers import serve_in_thread
 
 LOCAL = "http://127.0.0.1"  # the default allowed hosts are the loopback names
 
@@ -501,8 +502,7 @@ def _raw_get(sock, path: str, host: str = "127.0.0.1") -> tuple[int, bytes]:
 @pytest.fixture(scope="module")
 def live_server(web_collection: Path, tmp_path_factory: pytest.TempPathFactory):
     """The app under a real uvicorn in a thread, with one extra route that fails unexpectedly."""
-    uvicorn = pytest.importorskip("uvicorn")
-    import socket
+    pytest.importorskip("uvicorn")
 
     settings = WebSettings(collection=str(web_collection), generator=str(tmp_path_factory.mktemp("none")),
                            load_generator_at_startup=False, thumbnail_dir=str(tmp_path_factory.mktemp("th")))
@@ -512,19 +512,8 @@ def live_server(web_collection: Path, tmp_path_factory: pytest.TempPathFactory):
     def boom() -> dict:
         raise RuntimeError("a bug, not bad input")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield port
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as port:
+        yield port
 
 
 def test_errors_keep_the_keep_alive_connection(live_server: int) -> None:

@@ -11,9 +11,6 @@ operation, so a request that makes the server drop its connection fails the test
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from schemathesis import GenerationMode
 
 from crossmodal_rag.testing import make_tiny_t5
 from crossmodal_rag.web import WebSettings, create_app
+from tests.servers import serve_in_thread
 
 EXAMPLES = 50  # per operation and generation mode
 LIMITS = {"max_new_tokens": 2, "max_upload_bytes": 200_000, "max_k": 20}
@@ -50,19 +48,8 @@ def base_url(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path):
     shutil.copytree(sample_collection, coll, ignore=shutil.ignore_patterns(".lock"))
     t5 = make_tiny_t5(tmp_path_factory.mktemp("t5") / "t5")
     app = create_app(_settings(str(coll), generator=str(t5), thumbnail_dir=str(tmp_path_factory.mktemp("th"))))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_the_schema_lists_every_route() -> None:
