@@ -251,6 +251,10 @@ def test_fuzz_metadata_rows(sample_collection: Path) -> None:
     def run(statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         with _damaged_copy(sample_collection) as folder:
             _apply_sql(folder, statements)
-            _read_everything(folder, writable=True)
+            outcomes = _read_everything(folder, writable=True)
+            # the CLI and the library read the same summary, and agree on whether it can be read
+            assert outcomes["cli info"] == outcomes["cli info --json"] == ("0" if outcomes["info"] == "ok" else "1"), outcomes
+            if outcomes["open"] != "ok":  # a collection that does not open is refused by every reader alike
+                assert outcomes["open"] == "CollectionError" and "check" not in outcomes, outcomes
 
     run()

@@ -315,24 +315,43 @@ def _hostile_text(alphabet: st.SearchStrategy[str], max_size: int) -> st.SearchS
     return st.one_of(st.text(any_char, max_size=200), run)
 
 
-def _bounded(parse: Callable[[], Any], size: int) -> None:
-    """Run ``parse``: QueryError is the only error allowed, and the time is bounded per KB."""
+def _bounded(parse: Callable[[], Any], size: int) -> Any:
+    """Run ``parse``: QueryError is the only error allowed, and the time is bounded per KB.
+    Returns the result, or the QueryError raised."""
     limit_ms = FLOOR_MS + MS_PER_KB * size / 1024
     t0 = time.process_time()  # CPU time: a busy machine's waits are not the parser's
     with hard_limit(max(5.0, limit_ms / 100)):
         try:
-            parse()
+            outcome = parse()
         except QueryError as e:
             assert str(e)
+            outcome = e
     ms = (time.process_time() - t0) * 1e3
     assert ms < limit_ms, f"{ms:.1f} ms for {size} characters (bound {limit_ms:.0f} ms)"
+    return outcome
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two parse outcomes alike: equal results (by repr, so NaN values compare) or errors with the same message."""
+    if isinstance(a, QueryError) or isinstance(b, QueryError):
+        return type(a) is type(b) and str(a) == str(b)
+    return repr(a) == repr(b)
 
 
 @FUZZ
 @given(_hostile_text(_QUERY_CHARS, 60_000))
 def test_hostile_queries(query: str) -> None:
-    _bounded(lambda: parse_query(query, max_chars=None), len(query))
-    _bounded(lambda: parse_query(query), len(query))
+    free = _bounded(lambda: parse_query(query, max_chars=None), len(query))
+    limited = _bounded(lambda: parse_query(query), len(query))
+    if len(query) > MAX_QUERY_CHARS:  # refused for its length before anything else
+        assert isinstance(limited, QueryError) and str(MAX_QUERY_CHARS) in str(limited)
+    else:  # under the limit, the limit changes nothing
+        assert _same(limited, free), (limited, free)
+    if not isinstance(free, QueryError):
+        assert 1 <= len(free) <= MAX_QUERY_TERMS
+        for term in free:  # terms are the query's own words, whitespace folded, never empty
+            assert term.text and term.text == " ".join(term.text.split())
+            assert set(term.text) - {" "} <= set(query)
 
 
 @FUZZ
@@ -343,8 +362,15 @@ def test_hostile_queries(query: str) -> None:
                 min_size=1, max_size=3))
 def test_hostile_where_expressions(exprs: list[str]) -> None:
     size = sum(map(len, exprs))
-    _bounded(lambda: parse_where(exprs, max_chars=None), size)
-    _bounded(lambda: parse_where(exprs), size)
+    free = _bounded(lambda: parse_where(exprs, max_chars=None), size)
+    limited = _bounded(lambda: parse_where(exprs), size)
+    if all(len(e) <= MAX_WHERE_CHARS for e in exprs):  # under the limit, the limit changes nothing
+        assert _same(limited, free), (limited, free)
+    elif not isinstance(free, QueryError):  # parseable but too long: refused, naming the limit
+        assert isinstance(limited, QueryError) and str(MAX_WHERE_CHARS) in str(limited)
+    if not isinstance(free, QueryError):
+        assert len(free) == len(exprs)  # one condition per expression, in order
+        assert [c.source for c in free] == exprs
 
 
 # -- manifests: every row ingested or skipped with a reason; one bad row never stops the batch --
