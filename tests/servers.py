@@ -1,12 +1,17 @@
-"""Test helpers: a free loopback port, and an ASGI app served by uvicorn in a thread."""
+"""Test helpers: a free loopback port, an ASGI app served by uvicorn in a thread, and the real
+``crossmodal-rag serve`` in a subprocess."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -36,3 +41,34 @@ def serve_in_thread(app: Any, *, log_level: str = "critical", start_timeout: flo
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def serve_cli(collection: Path, workdir: Path, *args: str, ready: Callable[[dict[str, Any]], bool] = lambda h: True,
+              start_timeout: float = 60.0) -> Iterator[str]:
+    """``crossmodal-rag serve -c COLLECTION ARGS`` in a subprocess (offline, thumbnails and HF cache
+    under ``workdir``); yields its base URL once ``/api/health`` answers and ``ready(health)``."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", "HF_HOME": str(workdir / "hf")}
+    proc = subprocess.Popen([sys.executable, "-m", "crossmodal_rag", "serve", "-c", str(collection), "--port",
+                             str(port), "--thumbnail-dir", str(workdir / "t"), *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + start_timeout
+        while True:
+            try:
+                r = httpx.get(base + "/api/health", timeout=2)
+                if r.status_code == 200 and ready(r.json()):
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"crossmodal-rag serve did not become ready (exit code {proc.poll()})")
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

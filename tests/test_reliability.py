@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from crossmodal_rag import Collection
+from tests.servers import serve_cli
 
 
 @pytest.mark.parametrize("victim", ["manifest", "metadata", "image-index", "text-index"])
@@ -103,30 +104,12 @@ def test_readers_see_consistent_snapshots_during_ingest(tmp_path: Path, tiny_oc_
 def server(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path):
     """``crossmodal-rag serve`` in a subprocess (uploads limited to 1 MB); yields its base URL."""
     pytest.importorskip("uvicorn")
-    import httpx
-
+    pytest.importorskip("httpx")
     tmp_path = tmp_path_factory.mktemp("serve")
     coll = tmp_path / "coll"
     shutil.copytree(sample_collection, coll, ignore=shutil.ignore_patterns(".lock"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.Popen([sys.executable, "-m", "crossmodal_rag", "serve", "-c", str(coll), "--port", str(port),
-                             "--lazy-generator", "--thumbnail-dir", str(tmp_path / "t"), "--max-upload-mb", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with serve_cli(coll, tmp_path, "--lazy-generator", "--max-upload-mb", "1") as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_slow_client_does_not_block_others(server: str) -> None:

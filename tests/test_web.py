@@ -21,7 +21,7 @@ from crossmodal_rag import Collection
 from crossmodal_rag.testing import make_tiny_t5
 from crossmodal_rag.web import WebSettings, create_app
 from tests.badimages import png_declaring
-from tests.servers import serve_in_thread
+from tests.servers import serve_cli, serve_in_thread
 
 LOCAL = "http://127.0.0.1"  # the default allowed hosts are the loopback names
 
@@ -618,30 +618,13 @@ def test_health_answers_while_slow_requests_run(tmp_path: Path, sample_collectio
     the length limit, and 8 requests with the ReDoS ``where`` of issue 15 (digits past the limit,
     which once held the interpreter for tens of seconds). ``/api/health`` still answers within
     100 ms: it never waits for a worker thread, and over-long fields are refused before parsing."""
-    import socket
-    import subprocess
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
     httpx = pytest.importorskip("httpx")
     coll = tmp_path / "coll"
     shutil.copytree(sample_collection, coll, ignore=shutil.ignore_patterns(".lock"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.Popen([sys.executable, "-m", "crossmodal_rag", "serve", "-c", str(coll), "--port", str(port),
-                             "--generator", str(t5_dir), "--max-new-tokens", "16", "--thumbnail-dir",
-                             str(tmp_path / "t")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/api/health", timeout=2).json()["generator_status"] == "ready":
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    with serve_cli(coll, tmp_path, "--generator", str(t5_dir), "--max-new-tokens", "16",
+                   ready=lambda health: health["generator_status"] == "ready") as base:
         slow_where = "size>" + "1" * 400 + "x"  # within the length limit; the parser rejects it
         with httpx.Client(base_url=base, timeout=300) as warm:  # first generation loads lazily-built parts
             assert warm.post("/api/ask", json={"question": "warm up", "k": 2}).status_code == 200
@@ -678,9 +661,6 @@ def test_health_answers_while_slow_requests_run(tmp_path: Path, sample_collectio
         shown = [round(x, 3) for x in sorted(latencies)]
         assert np.median(latencies) < 0.1 and np.percentile(latencies, 90) < 0.1, shown
         assert max(latencies) < 0.5, shown  # no stall (one slow sample on a busy test machine is noise)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 # -- no absolute server paths unless asked (issue 17) ------------------------------------------------
