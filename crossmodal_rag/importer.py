@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import time
 import warnings
 from collections.abc import Iterator
@@ -335,8 +334,8 @@ def _import_batch(coll: Any, shard: EmbeddingShard, start: int, img: np.ndarray,
             st = path.stat()
         except OSError:
             st = None  # imported all the same: the embedding is what matters for search
-        regular = st is not None and stat.S_ISREG(st.st_mode)  # never open a FIFO or a device
-        rows.append((k, path, st, _image_header(path, row) if regular else _declared_size(row)))
+        # open_regular (in _image_header) never opens a FIFO or a device: the declared size then
+        rows.append((k, path, st, _image_header(path, row) if st is not None else _declared_size(row)))
     # captions without stored embeddings are embedded here
     need_text = [k for k, *_ in rows if txt is None and _caption(meta[k])]
     text_vecs: dict[int, np.ndarray] = {}
