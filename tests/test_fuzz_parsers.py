@@ -86,10 +86,10 @@ def _cpu_seconds(parse: Callable[[str], Any], text: str, repeat: int = 1) -> flo
     that, not the parser."""
     best = float("inf")
     for _ in range(3):
-        t0 = time.process_time()
+        t0 = time.thread_time()
         for _ in range(repeat):
             _outcome(parse, text)
-        best = min(best, (time.process_time() - t0) / repeat)
+        best = min(best, (time.thread_time() - t0) / repeat)
     return best
 
 
@@ -201,9 +201,9 @@ def test_globs_are_bounded_and_compiled_once_per_condition() -> None:
     before = fnmatch._compile_pattern.cache_info().currsize
     tail = "b" * (MAX_WHERE_CHARS - 5 - 2 * MAX_GLOB_STARS)
     worst = "path=" + "*a" * MAX_GLOB_STARS + tail
-    t0 = time.process_time()
+    t0 = time.thread_time()
     (cond,) = parse_where([worst])
-    assert time.process_time() - t0 < 0.5
+    assert time.thread_time() - t0 < 0.5
     row = {"paths": ["/x/" + "a" * 4000 + tail, "/y/ab"], "format": "JPEG", "size_bytes": 1,
            "width": 1, "height": 1, "extra": {}}
     assert _image_matches(cond, row) is True
@@ -319,15 +319,19 @@ def _bounded(parse: Callable[[], Any], size: int) -> Any:
     """Run ``parse``: QueryError is the only error allowed, and the time is bounded per KB.
     Returns the result, or the QueryError raised."""
     limit_ms = FLOOR_MS + MS_PER_KB * size / 1024
-    t0 = time.process_time()  # CPU time: a busy machine's waits are not the parser's
-    with hard_limit(max(5.0, limit_ms / 100)):
-        try:
-            outcome = parse()
-        except QueryError as e:
-            assert str(e)
-            outcome = e
-    ms = (time.process_time() - t0) * 1e3
-    assert ms < limit_ms, f"{ms:.1f} ms for {size} characters (bound {limit_ms:.0f} ms)"
+    ms = float("inf")
+    for _ in range(2):  # over the bound once may be noise (a page-fault burst); twice is the parser
+        t0 = time.thread_time()  # this thread's CPU time: neither a busy machine nor idle-spinning torch threads count
+        with hard_limit(max(5.0, limit_ms / 100)):
+            try:
+                outcome = parse()
+            except QueryError as e:
+                assert str(e)
+                outcome = e
+        ms = min(ms, (time.thread_time() - t0) * 1e3)
+        if ms < limit_ms:
+            break
+    assert ms < limit_ms, f"{ms:.1f} ms for {size} characters (bound {limit_ms:.0f} ms, best of two)"
     return outcome
 
 
@@ -453,9 +457,9 @@ def _storable(value: Any) -> bool:
 def _check_stream(path: Path, root: Path, first: str, last: str) -> list[Any]:
     """The records and problems read from ``path``, checked: fast, the sentinels there, every
     problem one line naming its row, every record storable and inside the root."""
-    t0 = time.process_time()  # CPU time: a busy machine's waits are not the reader's
+    t0 = time.thread_time()  # this thread's CPU time: neither a busy machine nor idle-spinning torch threads count
     records = list(read_source(path))  # never raises: the file itself is readable
-    ms = (time.process_time() - t0) * 1e3
+    ms = (time.thread_time() - t0) * 1e3
     bound = 200 + MS_PER_KB * path.stat().st_size / 1024  # 200 ms: opening, resolving paths
     assert ms < bound, f"{ms:.0f} ms for {path.stat().st_size} bytes (bound {bound:.0f} ms)"
     problems = [r for r in records if isinstance(r, Problem)]
