@@ -8,6 +8,9 @@ What "safe" means here:
 * EXIF orientation is applied; greyscale, palette, RGBA/LA (composited on white), CMYK and
   16-bit/32-bit/float images are converted to 8-bit RGB with their full range preserved;
 * animated images give their first frame;
+* HEIC/HEIF (phones' default) and AVIF are read through Pillow plugins registered on first use
+  when installed (``pillow-heif``; AVIF is built into Pillow >= 11.3, else ``pillow-avif-plugin``);
+  without one, such a file is skipped with a reason naming the package to install;
 * a file is read only if it is a regular file of at most ``MAX_IMAGE_BYTES`` (a FIFO or a link
   to ``/dev/zero`` is refused, never read: see :mod:`crossmodal_rag.safe_io`);
 * memory is bounded by what is decoded: a JPEG larger than 2048 pixels a side is decoded at
@@ -35,6 +38,7 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "DecodedImage",
     "decode_image",
+    "format_support",
     "load_image",
     "read_image_file",
     "to_rgb",
@@ -43,7 +47,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: File name extensions that ingest treats as images (lower case).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                              ".heic", ".heif", ".avif"})
 
 #: Default limit on declared width*height (about 16k x 16k), well above any camera.
 DEFAULT_MAX_IMAGE_PIXELS = 268_435_456
@@ -71,6 +76,54 @@ class DecodedImage:
     width: int  # original width in pixels (after EXIF rotation)
     height: int  # original height in pixels
     format: str  # Pillow format name, e.g. "JPEG"
+
+
+# Formats read through an optional plugin: Pillow format name -> (file signature brands, the
+# package that adds it). Registered by _register_plugins() on the first decode.
+_PLUGIN_HINT = {"HEIF": "pillow-heif", "AVIF": "pillow-avif-plugin (or Pillow >= 11.3)"}
+# ISO-BMFF 'ftyp' brands of HEIF and AVIF files, to name the missing plugin for such a file.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_plugins_registered = False
+
+
+def _register_plugins() -> None:
+    """Register the HEIF and AVIF openers of the plugins that are installed (once per process)."""
+    global _plugins_registered
+    if _plugins_registered:
+        return
+    _plugins_registered = True
+    Image.init()  # Pillow's own plugins (AVIF among them when built with it)
+    try:
+        import pillow_heif
+    except ImportError:
+        logger.debug("pillow-heif is not installed: HEIC/HEIF files cannot be read")
+    else:
+        pillow_heif.register_heif_opener()  # HEIF only: AVIF through Pillow or its own plugin
+    from PIL import features
+
+    if not features.check("avif"):
+        try:
+            import pillow_avif  # noqa: F401  (registers the AVIF opener on import)
+        except ImportError:
+            logger.debug("Pillow lacks AVIF and pillow-avif-plugin is not installed")
+
+
+def format_support() -> dict[str, bool]:
+    """Whether HEIF and AVIF files can be decoded here, e.g. ``{"HEIF": True, "AVIF": True}``."""
+    _register_plugins()
+    return {fmt: fmt in Image.OPEN for fmt in ("HEIF", "AVIF")}
+
+
+def _plugin_missing(data: bytes) -> str | None:
+    """The plugin a HEIF/AVIF file needs when it is not registered, else None."""
+    if len(data) < 12 or data[4:8] != b"ftyp":
+        return None
+    brand = data[8:12]
+    fmt = "AVIF" if brand in _AVIF_BRANDS else "HEIF" if brand in _HEIF_BRANDS else None
+    if fmt is None or fmt in Image.OPEN:
+        return None
+    return f"{fmt} image, but no plugin to read it is installed (pip install {_PLUGIN_HINT[fmt]})"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -148,6 +201,7 @@ def decode_image(
     """
     if not data:
         raise ImageDecodeError(name, "empty file (0 bytes)")
+    _register_plugins()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -177,7 +231,7 @@ def decode_image(
             "raise --max-image-pixels if the file is trusted)",
         ) from e
     except UnidentifiedImageError as e:
-        raise ImageDecodeError(name, "not a recognised image file") from e
+        raise ImageDecodeError(name, _plugin_missing(data) or "not a recognised image file") from e
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "truncated" in reason.lower():
