@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from crossmodal_rag import Collection
+from crossmodal_rag.store import schema
 from crossmodal_rag.store.metadata import DB_NAME, SCHEMA_VERSION, MetadataStore
 
 PASSAGES = ["the blik is red and round", "a dax sleeps under the bridge", "wug eats yellow soup",
@@ -121,7 +122,7 @@ def test_an_old_schema_collection_opens_read_only_and_migrates_when_writable(
         assert _top_text_hit(coll, PASSAGES[2]) == (3, PASSAGES[2])
         assert coll.store.get_meta("schema_version") == "1"
     with Collection.open(folder, writable=True) as coll:
-        assert coll.store.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+        assert coll.store.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
         assert {it.id: it.text for it in coll.get([1, 2, 3, 4])} == before
         coll.add(_write(tmp_path / "new.jsonl", [NEW]))
         assert set(coll.store.ids("text").tolist()) == {1, 2, 3, 4, 6}  # 5 is in the shards: retired
@@ -168,14 +169,14 @@ def test_a_migration_that_fails_midway_leaves_the_old_schema_whole(
         store.delete_items([3])
     store.close()
     _downgrade(tmp_path)
-    set_meta = MetadataStore.set_meta
+    set_meta = schema._set_meta
 
-    def dies_at_the_version(self: MetadataStore, key: str, value: str) -> None:
+    def dies_at_the_version(conn: sqlite3.Connection, key: str, value: str) -> None:
         if key == "schema_version":  # the last write of the migration
             raise sqlite3.OperationalError("disk I/O error")
-        set_meta(self, key, value)
+        set_meta(conn, key, value)
 
-    monkeypatch.setattr(MetadataStore, "set_meta", dies_at_the_version)
+    monkeypatch.setattr(schema, "_set_meta", dies_at_the_version)
     with pytest.raises(CollectionError):
         MetadataStore(tmp_path)
     monkeypatch.undo()
@@ -184,7 +185,8 @@ def test_a_migration_that_fails_midway_leaves_the_old_schema_whole(
         assert db.execute("SELECT id, text FROM items ORDER BY id").fetchall() == [(1, "a"), (2, "b")]
     db.close()
     store = MetadataStore(tmp_path)  # the next open migrates
-    assert store.get_meta("schema_version") == "2" and store.get_meta("unverified_shards") == "image,text"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+    assert store.get_meta("unverified_shards") == "image,text"
     with store.transaction():  # the store alone knows ids up to max(id); a Collection also
         assert store.insert_item("passage", np.ones(4, np.float32) / 2, text="d") == 3  # retires its shards' ids
     store.close()

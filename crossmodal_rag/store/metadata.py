@@ -39,53 +39,21 @@ from typing import Any
 import numpy as np
 
 from ..errors import CollectionError
+from .schema import (
+    BASE_VERSION,
+    NEXT_ID_KEY,
+    SCHEMA_VERSION,
+    UNVERIFIED_SHARDS_KEY,
+    expected_tables,
+    has_column,
+    migrate,
+)
 
-__all__ = ["NEXT_ID_KEY", "SCHEMA_VERSION", "UNVERIFIED_SHARDS_KEY", "Item", "MetadataStore"]
+__all__ = ["DB_NAME", "NEXT_ID_KEY", "SCHEMA_VERSION", "UNVERIFIED_SHARDS_KEY", "Item", "MetadataStore"]
 
 logger = logging.getLogger(__name__)
 
-#: 1: ids from SQLite (``max(id) + 1``, reused once the newest is removed); 2: ids from a counter.
-SCHEMA_VERSION = 2
 DB_NAME = "metadata.sqlite"
-#: Meta key of the next item id to give (every id below it was given once, maybe removed since).
-NEXT_ID_KEY = "next_item_id"
-#: Meta key set by the migration from version 1: the indexes (comma-separated) whose float16
-#: shard copies may hold a removed item's vector under a reused id, to compare once with the
-#: metadata (see :meth:`crossmodal_rag.collection.Collection.open`).
-UNVERIFIED_SHARDS_KEY = "unverified_shards"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (
-    id         INTEGER PRIMARY KEY,
-    kind       TEXT NOT NULL CHECK (kind IN ('image', 'caption', 'passage', 'window')),
-    parent_id  INTEGER REFERENCES items(id) ON DELETE CASCADE,
-    sha256     TEXT,
-    text       TEXT,
-    title      TEXT,
-    ext_id     TEXT,
-    origin     TEXT,
-    width      INTEGER,
-    height     INTEGER,
-    format     TEXT,
-    size_bytes INTEGER,
-    extra      TEXT,
-    added_at   REAL NOT NULL,
-    vector     BLOB NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS items_image_sha ON items(sha256) WHERE kind = 'image';
-CREATE UNIQUE INDEX IF NOT EXISTS items_passage_sha ON items(sha256) WHERE kind = 'passage';
-CREATE UNIQUE INDEX IF NOT EXISTS items_caption ON items(parent_id, text) WHERE kind = 'caption';
-CREATE INDEX IF NOT EXISTS items_kind ON items(kind);
-CREATE TABLE IF NOT EXISTS paths (
-    path       TEXT PRIMARY KEY,
-    item_id    INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
-    size_bytes INTEGER,
-    mtime_ns   INTEGER,
-    added_at   REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS paths_item ON paths(item_id);
-"""
 #: SQLite's files of a store: each must be a regular file (a link is refused, never followed).
 _SQLITE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal")
 #: Largest single value (text or blob) read or written: bounds the memory one row can take.
@@ -133,18 +101,6 @@ class _StepBudget:
                 self.exceeded = True
                 return 1  # SQLite interrupts the statement
         return 0
-
-
-@functools.lru_cache(maxsize=1)
-def _expected_columns() -> dict[str, frozenset[str]]:
-    """Table -> column names of the current schema (read from an in-memory copy of it)."""
-    conn = sqlite3.connect(":memory:")
-    try:
-        conn.executescript(_SCHEMA)
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {t: frozenset(r[1] for r in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
-    finally:
-        conn.close()
 
 
 def _locked(method):
@@ -200,6 +156,7 @@ class MetadataStore:
         self._lock = threading.RLock()
         self._next_id: int | None = None  # the id counter inside a write transaction
         self._writing = False  # inside transaction()
+        self._incomplete = False  # a table of the schema is missing (recreated when writable)
         self._check_file(readonly)
         self._budget = _StepBudget(self.path)
         try:
@@ -219,21 +176,40 @@ class MetadataStore:
             self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
             self.conn.execute("PRAGMA trusted_schema = OFF")  # schema functions: innocuous only
             self.conn.execute("PRAGMA foreign_keys = ON")
-            self._check_schema(readonly)
+            new = self._check_schema(readonly, BASE_VERSION)
+            version = None if new else self._stored_version(readonly)
+            if version is not None and version > BASE_VERSION:
+                self._check_schema(readonly, version)  # the tables its steps added, too
             if not readonly:
                 self.conn.execute("PRAGMA journal_mode = WAL")
                 level = {"full": "FULL", "normal": "NORMAL", "off": "OFF"}.get(fsync, "FULL")
                 self.conn.execute(f"PRAGMA synchronous = {level}")
-                self.conn.executescript(_SCHEMA)
-                self._upgrade()
-            version = self.get_meta("schema_version")
+                if self._upgrade(version):
+                    version = SCHEMA_VERSION
         except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # damaged text decodes badly
             raise CollectionError(f"{self.path} is not a readable SQLite database: {e}") from e
+        #: The store's schema version as opened (a read-only store of an older version stays so:
+        #: check it, or :meth:`has_column`, before reading what a later step added).
+        self.schema_version: int = SCHEMA_VERSION if version is None else version
+
+    def _stored_version(self, readonly: bool) -> int | None:
+        """The schema version the file states, refused unless in 1..:data:`SCHEMA_VERSION`
+        (a newer one is refused before anything is written); None if a writable store states
+        none (it is stamped as new)."""
+        has_meta = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        version = self.get_meta("schema_version") if has_meta else None
+        if version is None and not readonly:
+            return None
         if version is None or not version.isdigit() or not 1 <= int(version[:6]) <= SCHEMA_VERSION:
+            newer = version is not None and version.isdigit() and int(version[:6]) > SCHEMA_VERSION
             raise CollectionError(
                 f"{self.path}: metadata schema version {str(version)[:40]!r} is not supported "
                 f"(this crossmodal-rag reads 1 to {SCHEMA_VERSION})"
+                + ("; it was written by a newer crossmodal-rag: upgrade crossmodal-rag to open it"
+                   if newer else "")
             )
+        return int(version)
 
     def _check_file(self, readonly: bool) -> None:
         """The database and SQLite's files beside it (journal, WAL, shared memory) are regular
@@ -252,29 +228,46 @@ class MetadataStore:
                     f"{path} is {what}; a collection's metadata files must be regular files of its "
                     "own. Remove it (a link) or restore the file from a backup")
 
-    def _check_schema(self, readonly: bool) -> None:
+    def _check_schema(self, readonly: bool, version: int) -> bool:
         """Refuse a schema this library did not make: views and triggers (a view can loop
-        forever, a trigger runs on writes), virtual tables, or tables missing expected columns
-        (a new store, with no tables yet, is created by the caller)."""
+        forever, a trigger runs on writes), virtual tables other than the schema's own, or tables
+        missing the columns of schema ``version``. Returns whether the file has no tables yet (a
+        new store, which the writable open creates)."""
         rows = self.conn.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
         for kind, name, _ in rows:
             if kind not in ("table", "index"):
                 raise self._tampered(f"holds a {kind} {str(name)[:64]!r}, which crossmodal-rag never creates")
         tables = {name: sql for kind, name, sql in rows if kind == "table"}
         if not tables and not readonly:
-            return
-        for name, columns in _expected_columns().items():
+            return True
+        known = expected_tables(SCHEMA_VERSION)
+        for name, sql in tables.items():
+            virtual = isinstance(sql, str) and sql.lstrip()[:20].upper().startswith("CREATE VIRTUAL")
+            if virtual and known.get(name, ("",))[0] != sql:
+                raise self._tampered(f"holds a virtual table {str(name)[:64]!r}, which "
+                                         "crossmodal-rag never creates")
+        for name, (want_sql, columns) in expected_tables(version).items():
             sql = tables.get(name)
             if sql is None:
                 if readonly:
                     raise self._tampered(f"has no {name!r} table")
-                continue  # created by the schema script
-            if not isinstance(sql, str) or not sql.lstrip()[:12].upper().startswith("CREATE TABLE"):
+                self._incomplete = True  # created by the migration (run even if up to date)
+                continue
+            virtual = want_sql.lstrip()[:20].upper().startswith("CREATE VIRTUAL")
+            if not virtual and (not isinstance(sql, str)
+                                or not sql.lstrip()[:12].upper().startswith("CREATE TABLE")):
                 raise self._tampered(f"{name!r} is not a plain table")
-            have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({name})")}
+            have = {r[1] for r in self.conn.execute(f"PRAGMA table_info('{name}')")}
             missing = sorted(columns - have)
             if missing:
                 raise self._tampered(f"table {name!r} lacks the column(s) {missing}")
+        return False
+
+    def has_column(self, table: str, column: str) -> bool:
+        """Whether this store's ``table`` has ``column`` (a read-only store of an older schema
+        version may lack what a later migration step adds)."""
+        with self._lock:
+            return has_column(self.conn, table, column)
 
     def _tampered(self, what: str) -> CollectionError:
         return CollectionError(
@@ -293,24 +286,20 @@ class MetadataStore:
                 "file is damaged: restore it from a backup")
         return int(text)
 
-    def _upgrade(self) -> None:
-        """Stamp a new store with the current schema, or migrate a version-1 one: in one
-        transaction (a kill leaves the old version whole), start the id counter above every id
-        the items hold and mark both indexes' shards for one comparison with the metadata."""
+    def _upgrade(self, version: int | None) -> bool:
+        """Bring the store from schema ``version`` (None: new) to :data:`SCHEMA_VERSION` by the
+        steps of :mod:`crossmodal_rag.store.schema`, in one transaction (a kill leaves the old
+        version whole); returns whether anything ran."""
+        if version is not None and version >= SCHEMA_VERSION and not self._incomplete:
+            return False
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            version = self.get_meta("schema_version")
-            if version is None or version == "1":
-                self.set_meta(NEXT_ID_KEY, str(self._max_item_id() + 1))
-                if version == "1":
-                    self.set_meta(UNVERIFIED_SHARDS_KEY, "image,text")
-                    logger.info("%s: migrated the metadata schema from version 1 to %d (item ids "
-                                "are never reused from now on)", self.path, SCHEMA_VERSION)
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
+            migrate(self.conn, version, where=self.path, force=self._incomplete)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        return True
 
     def _max_item_id(self) -> int:
         return int(self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0])
