@@ -1,0 +1,68 @@
+"""Checks of a request's fields against the server's limits, before any parser sees them, and the
+upload reader (size, then type from the content, then declared pixel count, then decoding)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import UploadFile
+
+from ..errors import ImageDecodeError
+from ..images import decode_image
+from .errors import ApiError
+from .inputs import MAX_FILENAME_CHARS, check_text, check_texts
+from .settings import WebSettings
+from .state import AppState
+
+__all__ = ["ALLOWED_FORMATS", "Checks"]
+
+ALLOWED_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+
+
+class Checks:
+    """The field checks of one server's limits."""
+
+    def __init__(self, settings: WebSettings) -> None:
+        self.settings = settings
+
+    def query(self, text: str | None, what: str = "q") -> str | None:
+        if text is None:
+            return None
+        check_text(text, what, self.settings.max_query_chars)
+        if not text.strip():
+            raise ApiError(422, "empty_query", f"empty {what}")
+        return text
+
+    def where(self, where: list[str]) -> list[str]:
+        s = self.settings
+        return check_texts(where, "where", s.max_where_conditions, s.max_where_chars)
+
+    def plus_minus(self, field: str, texts: list[str]) -> None:
+        check_texts(texts, field, self.settings.max_where_conditions, self.settings.max_query_chars)
+        for t in texts:
+            self.query(t, field)
+
+    def k(self, k: int) -> int:
+        if not 1 <= k <= self.settings.max_k:
+            raise ApiError(422, "bad_k", f"k must be between 1 and {self.settings.max_k}, got {k}")
+        return k
+
+    async def upload(self, st: AppState, upload: UploadFile) -> Any:
+        """The decoded PIL image of ``upload``, or a 413/415/422 naming what is wrong."""
+        limit = self.settings.max_upload_bytes
+        check_text(upload.filename or "upload", "image file name", MAX_FILENAME_CHARS)
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise ApiError(413, "too_large", f"upload exceeds the {limit} byte limit")
+        if not data:
+            raise ApiError(422, "empty_upload", "the uploaded file is empty")
+        try:
+            decoded = await st.work(decode_image, data, upload.filename or "upload",
+                                    max_pixels=self.settings.max_image_pixels)
+        except ImageDecodeError as e:
+            status = 413 if "exceeds the limit" in e.reason else 415 if "not a recognised" in e.reason else 422
+            raise ApiError(status, "bad_image", f"uploaded image: {e.reason}") from e
+        if decoded.format not in ALLOWED_FORMATS:
+            raise ApiError(415, "unsupported_type",
+                           f"uploaded image is {decoded.format}; allowed: {', '.join(sorted(ALLOWED_FORMATS))}")
+        return decoded.image

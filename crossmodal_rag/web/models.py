@@ -1,0 +1,114 @@
+"""The REST API's request and response bodies (pydantic; they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = ["AskIn", "AskOut", "ErrorOut", "HealthOut", "HitOut", "ItemOut", "SearchOut", "SourceOut", "StatsOut"]
+
+
+class HitOut(BaseModel):
+    rank: int
+    score: float
+    id: int
+    kind: str
+    path: str | None
+    text: str | None
+    captions: list[str]
+    parent_id: int | None
+    title: str | None
+    image_id: int | None = Field(description="the item whose image shows this hit (itself or its image)")
+    image_url: str | None
+    thumbnail_url: str | None
+
+
+class SearchOut(BaseModel):
+    query: dict[str, Any]
+    target: str
+    k: int
+    results: list[HitOut]
+    seconds: float
+
+
+class SourceOut(BaseModel):
+    rank: int
+    id: int
+    kind: str
+    path: str | None
+    caption: str
+    text: str
+    score: float
+    prior: float
+    posterior: float
+    logprob: float
+    included: bool
+    truncated: bool
+    image_id: int | None
+    thumbnail_url: str | None
+    image_url: str | None
+
+
+class AskIn(BaseModel):
+    question: str = Field(min_length=1, description="the question (at most max_query_chars characters)")
+    k: int = Field(5, ge=1, description="items retrieved")
+    mode: Literal["concat", "rag-sequence", "rag-token"] = "concat"
+    target: Literal["texts", "images", "all"] = "texts"
+    where: list[str] = Field(default_factory=list, description="metadata filters on retrieval")
+    min_score: str | float | None = Field(None, description="abstain below this score; 'auto' = calibrated")
+
+
+class AskOut(BaseModel):
+    answer: str
+    question: str
+    mode: str
+    sources: list[SourceOut]
+    prompts: list[str]
+    timings: dict[str, float]
+    generator: str
+    encoder: str
+    logprob: float | None
+    logprob_of: str | None = None  # what logprob is (crossmodal_rag.generation.rag.LOGPROB_OF)
+    abstained: bool = False
+    min_score: float | None = None
+
+
+class ItemOut(BaseModel):
+    id: int
+    kind: str
+    path: str | None
+    text: str | None
+    captions: list[str]
+    parent_id: int | None
+    title: str | None
+    width: int | None
+    height: int | None
+    format: str | None
+    size_bytes: int | None
+    added_at: float
+    extra: dict[str, Any]
+    image_url: str | None
+    thumbnail_url: str | None
+
+
+class StatsOut(BaseModel):
+    collection: str
+    encoder: str
+    dim: int
+    index_type: str
+    counts: dict[str, int]
+    generation: int
+    updated_at: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+    encoder: str
+    generator: str
+    generator_status: str = Field(description="not-loaded | loading | ready | error: ...")
+
+
+class ErrorOut(BaseModel):
+    error: dict[str, str]

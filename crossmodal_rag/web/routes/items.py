@@ -1,0 +1,114 @@
+"""``/api/items/{id}`` and its ``/image`` and ``/thumbnail``: files are reached by item id (the path
+comes from the metadata, never from the request) and served only while they are still the indexed
+file (size, and SHA-256 of the contents; see :mod:`..files`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+from fastapi import Path as PathParam
+from fastapi.responses import Response, StreamingResponse
+
+from ...errors import ImageDecodeError
+from ..errors import ApiError
+from ..files import FileChanged, IndexedFile, read_checked, stream
+from ..inputs import MAX_ID
+from ..models import ErrorOut, ItemOut
+from ..results import image_id_of, urls
+from ..settings import WebSettings
+from ..state import AppState, get_state
+from ..thumbnails import content_key
+
+__all__ = ["router"]
+
+logger = logging.getLogger(__name__)
+
+MEDIA = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+def _item(st: AppState, item_id: int):
+    items = st.collection.get(item_id)
+    if not items:
+        raise ApiError(404, "not_found", f"no item {item_id} in the collection")
+    return items[0]
+
+
+def _changed(item_id: int, reason: str) -> ApiError:
+    logger.warning("not serving the file of item %d: %s", item_id, reason)
+    return ApiError(404, "gone", f"the file of item {item_id} changed since it was indexed ({reason}); re-index it")
+
+
+def _image_item(st: AppState, item_id: int) -> tuple[Any, IndexedFile]:
+    it = _item(st, item_id)
+    if it.kind != "image" or not it.path:
+        raise ApiError(404, "not_found", f"item {item_id} is not an image")
+    if not Path(it.path).is_file():
+        raise ApiError(404, "gone", f"the file of item {item_id} is no longer on disk")
+    # Paths are stored resolved; a symlink put there since indexing is not served (it could
+    # point anywhere on the machine); the file itself is checked when it is opened.
+    if os.path.realpath(it.path) != it.path:
+        raise _changed(item_id, "the path now leads through a symlink")
+    entry = st.collection.store.path_entry(it.path)
+    size, mtime_ns = (entry[1], entry[2]) if entry else (it.size_bytes, None)
+    return it, IndexedFile(it.path, size if size is not None else it.size_bytes, mtime_ns, it.sha256)
+
+
+def _open_verified(st: AppState, item_id: int, rec: IndexedFile):
+    try:
+        return st.files.open(rec)
+    except FileNotFoundError as e:
+        raise ApiError(404, "gone", f"the file of item {item_id} is no longer on disk") from e
+    except FileChanged as e:
+        raise _changed(item_id, e.reason) from e
+
+
+def _open_image(st: AppState, item_id: int):
+    it, rec = _image_item(st, item_id)
+    return it, _open_verified(st, item_id, rec)  # the bytes sent come from the descriptor that was checked
+
+
+def _thumbnail(st: AppState, item_id: int, size: int) -> bytes:
+    it, rec = _image_item(st, item_id)
+    key = content_key(rec.sha256, rec.path, rec.size, rec.mtime_ns)
+    s = st.settings
+    with _open_verified(st, item_id, rec) as f:  # checked before any cached thumbnail is served
+        try:
+            return st.thumbnails.get(key, it.path, size or s.thumbnail_size, s.max_image_pixels * 10,
+                                     lambda: read_checked(f, rec.path))
+        except FileChanged as e:
+            raise _changed(item_id, e.reason) from e
+        except ImageDecodeError as e:
+            raise ApiError(422, "bad_image", f"item {item_id}: {e.reason}") from e
+
+
+def router(settings: WebSettings) -> APIRouter:
+    r = APIRouter(tags=["items"])
+    item_id_param = PathParam(ge=0, le=MAX_ID, description="an item id (0 to 2**63-1)")
+    not_found = {404: {"model": ErrorOut}}
+
+    @r.get("/api/items/{item_id}", response_model=ItemOut, responses=not_found)
+    def item(item_id: int = item_id_param, st: AppState = Depends(get_state)) -> ItemOut:
+        it = _item(st, item_id)
+        d = {**it.to_dict(), "path": st.paths.path(it.path)}
+        iid = image_id_of(it.kind, it.id, it.parent_id)
+        return ItemOut(**{k: v for k, v in d.items() if k in ItemOut.model_fields}, **urls(iid))
+
+    @r.get("/api/items/{item_id}/image", responses=not_found, response_class=StreamingResponse)
+    async def item_image(item_id: int = item_id_param, st: AppState = Depends(get_state)) -> StreamingResponse:
+        it, f = await st.work(_open_image, st, item_id)
+        return StreamingResponse(stream(f), media_type=MEDIA.get(it.format or "", "application/octet-stream"),
+                                 headers={"Content-Length": str(os.fstat(f.fileno()).st_size),
+                                          "Cache-Control": "private, max-age=3600"})
+
+    @r.get("/api/items/{item_id}/thumbnail", responses=not_found, response_class=Response)
+    async def item_thumbnail(item_id: int = item_id_param, size: int = Query(0, ge=0, le=1024),
+                             st: AppState = Depends(get_state)) -> Response:
+        data = await st.work(_thumbnail, st, item_id, size)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+    return r

@@ -1,0 +1,33 @@
+"""The server's settings: limits, models and serving knobs, one frozen record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .guards import LOOPBACK_HOSTS
+
+__all__ = ["WebSettings"]
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """Limits and models of a server."""
+
+    collection: str  # collection folder
+    generator: str | None = None  # generator spec (default google/flan-t5-base)
+    model: str | None = None  # encoder spec (default: the collection's)
+    max_upload_bytes: int = 10 * 1024 * 1024  # largest accepted upload
+    max_image_pixels: int = 50_000_000  # largest declared width*height of an upload
+    max_query_chars: int = 1000  # longest text query, question or plus/minus text
+    max_where_chars: int = 500  # longest --where expression
+    max_where_conditions: int = 16  # most where conditions in one request
+    max_json_bytes: int = 256 * 1024  # largest request body that is not an upload (JSON)
+    max_k: int = 100  # largest k
+    max_new_tokens: int = 64  # longest generated answer
+    thumbnail_size: int = 256  # default thumbnail side
+    thumbnail_dir: str | None = None  # thumbnail cache folder (default under ~/.cache)
+    load_generator_at_startup: bool = True  # else on the first ask
+    mmap: bool = False  # memory-map the index files instead of reading them into RAM
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names answered ("*": any)
+    max_workers: int = 0  # searches/renders run at once in worker threads (0: CPUs, at most 8)
+    show_paths: bool = False  # absolute server paths in responses (else relative to the source root)

@@ -1,0 +1,76 @@
+"""What a running server holds: the open collection, the generator, caches and the worker limits.
+
+CPU-heavy request work runs in worker threads, a bounded number at a time (the rest wait on the
+event loop, not in threads), so ``/api/health`` answers while they run; generation runs one at a
+time, since it uses every core."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+
+from ..collection import Collection
+from ..errors import CrossmodalError
+from ..generation import load_generator
+from .files import VerifiedFiles
+from .paths import PublicPaths
+from .settings import WebSettings
+from .thumbnails import ThumbnailCache, default_cache_dir
+
+__all__ = ["AppState", "get_state"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class AppState:
+    """The collection (opened, encoder loaded), the generator and the limits of one server."""
+
+    def __init__(self, settings: WebSettings) -> None:
+        self.settings = settings
+        self.collection = Collection.open(settings.collection, model=settings.model, mmap=settings.mmap)
+        self.collection.encoder.load()
+        self.paths = PublicPaths(self.collection, show_paths=settings.show_paths)
+        self.generator = load_generator(settings.generator)
+        self.generator_status = "not-loaded"
+        self.gen_lock = threading.Lock()  # one generation at a time (also for callers outside the app)
+        thumbs = Path(settings.thumbnail_dir) if settings.thumbnail_dir else default_cache_dir(
+            self.collection.folder)
+        self.thumbnails = ThumbnailCache(thumbs)
+        self.files = VerifiedFiles()
+        # worker threads: CPU-heavy request work waits here, on the event loop, not in a thread
+        self.work_limit = anyio.CapacityLimiter(settings.max_workers or max(1, min(8, os.cpu_count() or 1)))
+        self.generation_limit = anyio.CapacityLimiter(1)  # one generation at a time: it uses every core
+
+    def load_generator(self) -> None:
+        self.generator_status = "loading"
+        try:
+            self.generator.load()
+            self.generator_status = "ready"
+        except CrossmodalError as e:
+            self.generator_status = f"error: {e}"
+            logger.warning("generator unavailable: %s", e)
+
+    async def work(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` in a worker thread, at most ``max_workers`` at once (the rest wait on the loop)."""
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self.work_limit)
+
+    async def generate(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` in a worker thread, one generation at a time (the others wait on the loop)."""
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self.generation_limit)
+
+    def close(self) -> None:
+        self.collection.close()
+
+
+async def get_state(request: Request) -> AppState:
+    """The running server's state (a dependency; async, so it never waits for a worker thread)."""
+    return request.app.state.web
