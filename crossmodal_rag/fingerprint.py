@@ -15,15 +15,18 @@ the image probe of the collection's own encoder the first time it is used writab
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from .errors import CollectionError
+from .errors import CollectionError, EncoderMismatchError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .encoders import ClipEncoder
     from .store.metadata import MetadataStore
 
@@ -31,13 +34,18 @@ __all__ = [
     "IMAGE_KEY",
     "MIN_COSINE",
     "PROBE_TEXTS",
+    "REEMBED_MIN_COSINE",
     "TEXT_KEY",
     "Fingerprint",
+    "check",
     "compute",
     "mismatch",
+    "mismatch_error",
     "probe_images",
     "read",
+    "record_image_probe",
     "rows_cosine",
+    "verify_encoder",
     "write",
 ]
 
@@ -50,6 +58,11 @@ MIN_COSINE = 0.99
 #: version of :func:`probe_images`, so changing the pictures can never compare unlike probes.
 TEXT_KEY = "encoder_probe"
 IMAGE_KEY = "encoder_image_probe.v1"
+#: An embedding made elsewhere (an import) and the encoder's own embedding of the same image must
+#: agree at least this well: float16 storage and resampling differences stay well above it.
+REEMBED_MIN_COSINE = 0.98
+logger = logging.getLogger(__name__)
+
 _PROBE_SIZE = 224  # the usual CLIP input: preprocessing changes the pictures as little as possible
 #: Longest stored probe read (4 rows of a 65536-d embedding as JSON fit in 16 MiB).
 _MAX_PROBE_CHARS = 16 << 20
@@ -161,3 +174,46 @@ def mismatch(stored: Fingerprint, fresh: Fingerprint) -> str | None:
         if cosine < MIN_COSINE:
             return f"{tower} tower, probe cosine {cosine:.3f}"
     return None
+
+
+def mismatch_error(asked: str, expected: str, problem: str, fix: str,
+                   error: type[Exception] = EncoderMismatchError) -> Exception:
+    """The one wording of "these encoders embed differently": names the encoder ``asked`` for,
+    the one ``expected`` (e.g. "the one that built the collection"), what differs and the fix."""
+    return error(f"encoder {asked} gives different embeddings from {expected} ({problem}). {fix}")
+
+
+def check(stored: Fingerprint, fresh: Fingerprint, *, asked: str, expected: str, fix: str,
+          error: type[Exception] = EncoderMismatchError) -> None:
+    """Raise :func:`mismatch_error` unless ``fresh`` (of encoder ``asked``) reproduces ``stored``
+    (of encoder ``expected``); see :func:`mismatch`."""
+    problem = mismatch(stored, fresh)
+    if problem:
+        raise mismatch_error(asked, expected, problem, fix, error)
+
+
+def verify_encoder(store: MetadataStore, encoder: ClipEncoder, *, asked: str, dim: int,
+                   where: str | Path, fix: str) -> tuple[Fingerprint | None, Fingerprint | None]:
+    """Refuse (:class:`~crossmodal_rag.errors.EncoderMismatchError`) ``encoder`` (named
+    ``asked``) for the collection ``where`` (its metadata ``store`` holds ``dim``-d vectors)
+    unless it makes ``dim``-d embeddings that reproduce the stored fingerprint; ``fix`` ends
+    the message. Returns ``(stored, fresh)`` fingerprints, ``(None, None)`` when the store holds
+    none (logged: nothing can be verified). The caller decides on an older store's missing image
+    probe (``stored.image is None``: see :func:`record_image_probe`)."""
+    if encoder.dim != dim:
+        raise EncoderMismatchError(
+            f"encoder {asked} makes {encoder.dim}-d embeddings but {where} holds {dim}-d ones. {fix}")
+    stored = read(store)
+    if stored is None:
+        logger.warning("%s holds no encoder fingerprint; %s cannot be verified", where, asked)
+        return None, None
+    fresh = compute(encoder)
+    check(stored, fresh, asked=asked, expected="the one that built the collection", fix=fix)
+    return stored, fresh
+
+
+def record_image_probe(store: MetadataStore, stored: Fingerprint, fresh: Fingerprint) -> None:
+    """Add ``fresh``'s image probe to the ``stored`` fingerprint of a collection made before
+    image probes (its text probe matched): bookkeeping only, the generation stays."""
+    with store.snapshot():
+        write(store, Fingerprint(stored.text, fresh.image))

@@ -454,7 +454,59 @@ class MetadataStore:
             self.conn.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk)
         return sorted(gone)
 
+    def forget_path(self, path: str) -> None:
+        """Drop the record of the file ``path`` (its item stays; call inside transaction())."""
+        self._budget.start()
+        self.conn.execute("DELETE FROM paths WHERE path = ?", (path,))
+
+    def replace_vectors(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Overwrite the stored vectors of ``ids`` with the rows of ``vectors`` ``(len(ids), D)``
+        (call inside transaction(); ids without a row are left out)."""
+        self._budget.start()
+        self.conn.executemany("UPDATE items SET vector = ? WHERE id = ?",
+                              [(np.ascontiguousarray(v, dtype="<f4").tobytes(), int(i))
+                               for i, v in zip(ids, vectors, strict=True)])
+
+    def copy_to(self, folder: Path) -> None:
+        """Write a consistent copy of this store to ``folder`` (SQLite's online backup, taken in
+        one read snapshot); ``folder`` must exist."""
+        dst = sqlite3.connect(folder / DB_NAME)
+        try:
+            with self.snapshot() as src:
+                src.backup(dst)
+        finally:
+            dst.close()
+
     # -- reads ---------------------------------------------------------------------------
+    @_locked
+    def caption_parents(self) -> list[tuple[int, Any]]:
+        """``(caption id, image id)`` of every caption, as stored (a damaged row's image id may be
+        any SQLite type: callers leave out those that are not ints)."""
+        return self.conn.execute("SELECT id, parent_id FROM items WHERE kind = 'caption'").fetchall()
+
+    @_locked
+    def path_range(self) -> tuple[str | None, str | None]:
+        """The lexicographically first and last stored file paths (None, None: no paths)."""
+        first, last = self.conn.execute("SELECT MIN(path), MAX(path) FROM paths").fetchone()
+        return first, last
+
+    def filter_candidates(self) -> list[dict[str, Any]]:
+        """Every item as the metadata filters read it: its columns ``id, kind, parent_id, text,
+        title, format, size_bytes, width, height, added_at`` by name, ``extra`` parsed and its
+        ``paths`` (list), from one snapshot. A damaged row is a CollectionError."""
+        with self.snapshot() as conn:
+            rows = conn.execute(f"SELECT {', '.join(_FILTER_COLUMNS)} FROM items").fetchall()
+            path_rows = conn.execute("SELECT item_id, path FROM paths").fetchall()
+        paths: dict[int, list[str]] = {}
+        for item_id, p in path_rows:
+            paths.setdefault(item_id, []).append(p)
+        out = []
+        for r in rows:
+            d = dict(zip(_FILTER_COLUMNS, r, strict=True))
+            d["paths"] = paths.get(d["id"], [])
+            out.append(self.checked_filter_row(d))  # any SQLite type in any column: refused
+        return out
+
     @_locked
     def path_entry(self, path: str) -> tuple[int, int | None, int | None] | None:
         row = self.conn.execute(
@@ -628,6 +680,11 @@ _TEXT, _INT = (str, type(None)), (int, type(None))
 _ROW_TYPES = (("id", int), ("kind", str), ("parent_id", _INT), ("sha256", _TEXT), ("text", _TEXT),
               ("title", _TEXT), ("ext_id", _TEXT), ("width", _INT), ("height", _INT),
               ("format", _TEXT), ("size_bytes", _INT), ("extra", _TEXT), ("added_at", (int, float)))
+
+
+#: Columns of an item as :meth:`MetadataStore.filter_candidates` reads them.
+_FILTER_COLUMNS = ("id", "kind", "parent_id", "text", "title", "format", "size_bytes", "width",
+                   "height", "added_at", "extra")
 
 
 def _chunks(seq: Sequence[Any], n: int) -> Iterator[list[Any]]:
