@@ -278,21 +278,9 @@ def _pixels(row: dict[str, Any], field: str) -> float | None:
 
 def allowed_ids(store: MetadataStore, conditions: list[Condition]) -> dict[str, np.ndarray]:
     """Ids per index ("image", "text") of the items that satisfy every condition."""
-    with store.snapshot() as conn:
-        rows = conn.execute(
-            "SELECT id, kind, parent_id, text, title, format, size_bytes, width, height, added_at, extra "
-            "FROM items").fetchall()
-        path_rows = conn.execute("SELECT item_id, path FROM paths").fetchall()
-    paths: dict[int, list[str]] = {}
-    for item_id, p in path_rows:
-        paths.setdefault(item_id, []).append(p)
     items: dict[int, dict[str, Any]] = {}
     captions: dict[int, list[str]] = {}
-    for r in rows:
-        d = dict(zip(("id", "kind", "parent_id", "text", "title", "format", "size_bytes", "width",
-                      "height", "added_at", "extra"), r, strict=True))
-        d["paths"] = paths.get(d["id"], [])
-        d = store.checked_filter_row(d)  # any SQLite type in any column: a damaged row is refused
+    for d in store.filter_candidates():  # any SQLite type in any column: a damaged row is refused
         items[d["id"]] = d
         if d["kind"] == "caption":
             captions.setdefault(d["parent_id"], []).append(d["text"] or "")

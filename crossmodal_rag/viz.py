@@ -76,7 +76,7 @@ def embedding_map(collection: Collection, *, method: str = "pca", thumbnails: bo
     image by a faint line: the two clouds sitting apart is CLIP's "modality gap"."""
     store, dim = collection.store, collection.manifest.dim
     img_ids = store.ids("image")[:max_items]
-    rows = store.conn.execute("SELECT id, parent_id FROM items WHERE kind = 'caption'").fetchall()[:max_items]
+    rows = store.caption_parents()[:max_items]
     cap_ids = [r[0] for r in rows]
     vecs = np.concatenate([store.vectors(img_ids.tolist(), dim), store.vectors(cap_ids, dim)])
     if len(vecs) < 3:
