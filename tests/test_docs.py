@@ -193,3 +193,51 @@ def test_unknown_benchmark_flag_is_caught() -> None:
     assert SCRIPT_RUNS
     with pytest.raises(AssertionError, match="no option --no-such-flag"):
         test_documented_benchmark_command_exists("x.md", "benchmarks/bench_ann.py", "--sizes 10 --no-such-flag")
+
+
+# -- README size, links and the code map ------------------------------------------------------
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)")
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+MODULE_LINE = re.compile(r"^- `([\w/]+\.py)` — .*\(tests/(test_\w+\.py)\)\.$", re.M)
+
+
+def test_readme_is_a_tour() -> None:
+    """README at most ~400 lines (detail lives in docs/), and it links to every docs/ page."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert text.count("\n") <= 420, "README.md grew past ~400 lines: move detail into docs/"
+    for page in (REPO / "docs").glob("*.md"):
+        linked = f"docs/{page.name}" in text or any(
+            f"]({page.name}" in p.read_text(encoding="utf-8") for p in (REPO / "docs").glob("*.md"))
+        assert linked, f"docs/{page.name} is linked from neither README.md nor another docs/ page"
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d.exists()], ids=lambda d: d.name)
+def test_local_links_exist(doc: Path) -> None:
+    for target in LINK.findall(doc.read_text(encoding="utf-8")):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        assert (doc.parent / target).exists(), f"{doc.relative_to(REPO)} links to {target}, which does not exist"
+
+
+def _modules_with_code() -> set[str]:
+    """Every package module (path relative to crossmodal_rag/) that defines a function or class."""
+    package = REPO / "crossmodal_rag"
+    found = set()
+    for path in package.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if any(isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) for n in ast.walk(tree)):
+            found.add(path.relative_to(package).as_posix())
+    return found
+
+
+def test_architecture_lists_every_module_with_its_test() -> None:
+    """docs/architecture.md has one line per module (its job and its test file); no module is
+    missing, none listed is gone, every cited test file exists."""
+    listed = dict(MODULE_LINE.findall(ARCHITECTURE.read_text(encoding="utf-8")))
+    assert len(listed) > 20, "the module lines of docs/architecture.md were not recognised"
+    modules = _modules_with_code()
+    assert not modules - set(listed), f"docs/architecture.md lacks {sorted(modules - set(listed))}"
+    gone = {m for m in listed if not (REPO / "crossmodal_rag" / m).is_file()}
+    assert not gone, f"docs/architecture.md lists modules that do not exist: {sorted(gone)}"
+    missing_tests = {t for t in listed.values() if not (REPO / "tests" / t).is_file()}
+    assert not missing_tests, f"docs/architecture.md cites missing test files: {sorted(missing_tests)}"

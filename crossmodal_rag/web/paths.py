@@ -29,7 +29,7 @@ def source_root(collection: Collection) -> str | None:
     so two index lookups give it, whatever the collection's size."""
     store = collection.store
     with store._lock:  # the store's connection is shared by the server's worker threads
-        first, last = store.conn.execute("SELECT MIN(path), MAX(path) FROM paths").fetchone()
+        first, last = store.path_range()
     if first is None:
         return None
     return os.path.commonpath([os.path.dirname(first), os.path.dirname(last)])
