@@ -198,6 +198,12 @@ class RapidOcrEngine:
         self._engine: Any = None
         self._lock = threading.Lock()
 
+    def load(self) -> RapidOcrEngine:
+        """Load the models now (they load on the first ``read`` otherwise)."""
+        with self._lock:
+            self._load()
+        return self
+
     def _load(self) -> Any:
         if self._engine is None:
             try:
