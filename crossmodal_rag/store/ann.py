@@ -1,21 +1,13 @@
-"""Approximate-nearest-neighbour index types: choosing one, training it, and tuning its search.
+"""Approximate-nearest-neighbour index types: choosing one, training it, and its search knobs.
 
-Index types are FAISS index-factory strings over inner product on L2-normalised vectors:
-
-=================  ============================================  ==============================
-type               factory string (examples)                     bytes per vector (d = 512)
-=================  ============================================  ==============================
-exact              ``Flat``                                      4d + 8 = 2056
-HNSW graph         ``HNSW32``                                    4d + 8 + ~2 x 4 x M = 2312
-IVF, exact codes   ``IVF4096,Flat``                              4d + 8 = 2056 (+ centroids)
-IVF, PQ codes      ``IVF4096,PQ64np``, ``OPQ64,IVF4096,PQ64np``  m + 8 = 72 (+ centroids)
-=================  ============================================  ==============================
-
-``auto`` picks exact search for small collections, IVF-Flat when the vectors fit the memory
-budget, and IVF-PQ (with exact re-ranking of a shortlist from the float16 embedding shards) when
-they do not. Search-time knobs (``nprobe`` for IVF, ``efSearch`` for HNSW, ``rerank`` for PQ) are
-:class:`SearchParams`; :func:`tune` picks the fastest setting that reaches a target recall@10
-against exact search on held-out queries and records what it measured.
+Index types are FAISS index-factory strings over inner product on L2-normalised vectors; the
+families ``auto`` chooses among (IVF with an HNSW coarse quantiser over SQ8, float16 or fast-scan
+PQ codes; IVF-Flat; HNSW; exact ``Flat`` / ``SQfp16``) and their sizes are in
+:mod:`.families`. ``auto`` picks exact search for small collections and otherwise the fastest
+family measured at the nearest size (:data:`.families.MEASURED`) that fits the memory budget.
+Search-time knobs (``nprobe`` for IVF, ``efSearch`` for HNSW, ``rerank`` for compact codes) are
+:class:`SearchParams`; :func:`.tuning.tune_grid` picks the cheapest setting of all of them that
+reaches a target recall@10 against exact search on held-out queries.
 """
 
 from __future__ import annotations
@@ -23,8 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +22,12 @@ import faiss
 import numpy as np
 
 from ..errors import CollectionError
+from .families import (
+    estimate_index_bytes,
+    family_spec,
+    nlist_for,
+    rank_families,
+)
 
 __all__ = [
     "AUTO",
@@ -43,10 +39,10 @@ __all__ = [
     "filtered_params",
     "format_memory",
     "min_training_vectors",
+    "nlist_for",
     "parse_memory",
     "recall_at_k",
     "training_rows",
-    "tune",
     "wider_params",
 ]
 
@@ -101,13 +97,14 @@ class SearchParams:
 class Tuning:
     """What :func:`tune` measured: one row per setting tried, and the one chosen."""
 
-    param: str  # "nprobe", "ef_search" or "rerank"; "" for exact indexes (nothing to tune)
-    value: int | None  # chosen setting
+    param: str  # main knob: "nprobe" or "ef_search"; "" for exact indexes (nothing to tune)
+    value: int | None  # its chosen setting
     target_recall: float
     reached: bool  # False: even the most thorough setting tried missed the target
     k: int
     queries: int
-    measured: list[dict[str, float]] = field(default_factory=list)  # value, recall, p50_ms, p99_ms
+    measured: list[dict[str, float]] = field(default_factory=list)  # the curve; chosen row last
+    rerank: int | None = None  # chosen re-rank depth (compact codes), None: not tuned
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,98 +138,81 @@ def format_memory(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def nlist_for(n: int) -> int:
-    """Inverted lists for ``n`` vectors: about 4 sqrt(n), a power of two, with enough training
-    points per centroid."""
-    target = 4 * math.sqrt(max(n, 1))
-    nlist = 2 ** max(4, round(math.log2(target)))
-    while nlist > 16 and n < nlist * 39:
-        nlist //= 2
-    return int(min(nlist, 1 << 16))
-
-
-def _pq_m(dim: int, budget_per_vector: float) -> int | None:
-    """Largest PQ code size (bytes) dividing ``dim`` that fits ``budget_per_vector``."""
-    for m in (128, 96, 64, 48, 32, 24, 16, 8, 4):
-        if m <= dim and dim % m == 0 and m + 8 <= budget_per_vector:
-            return m
-    return None
-
-
-def estimate_index_bytes(spec: str, n: int, dim: int) -> int:
-    """Resident memory of an index of ``n`` ``dim``-d vectors (codes, ids, centroids, graph)."""
-    s = spec.replace(" ", "")
-    overhead = 0
-    m_ivf = re.search(r"IVF(\d+)", s)
-    if m_ivf:
-        overhead += int(m_ivf.group(1)) * dim * 4
-    m_opq = re.search(r"OPQ(\d+)(?:_(\d+))?", s)
-    if m_opq:
-        overhead += dim * dim * 4
-    m_pq = re.search(r"(?<![O])PQ(\d+)(?:x(\d+))?", s)
-    if m_pq:
-        bits = int(m_pq.group(2) or 8)
-        per = int(m_pq.group(1)) * bits / 8
-        overhead += int(m_pq.group(1)) * (1 << bits) * (dim // max(int(m_pq.group(1)), 1)) * 4
-    elif "SQ8" in s:
-        per = dim
-    elif "SQfp16" in s:
-        per = 2 * dim
-    else:
-        per = 4 * dim
-    m_hnsw = re.search(r"HNSW(\d+)", s)
-    if m_hnsw:
-        per += 2 * int(m_hnsw.group(1)) * 4 * 1.1  # level-0 links (2M) + upper levels
-    per += 8  # the id
-    return int(n * per + overhead)
-
-
 def choose_index(n: int, dim: int, max_memory: int | None = None) -> str:
     """The index type ``auto`` means for ``n`` vectors of ``dim`` under a memory budget (bytes).
 
-    - up to :data:`EXACT_MAX_VECTORS` vectors: ``Flat`` (exact);
-    - otherwise, if the vectors fit the budget: ``IVF{nlist},Flat``;
-    - otherwise ``IVF{nlist},PQ{m}np`` with the largest code size that fits (re-ranked from the
-      float16 shards at search time).
+    - up to :data:`EXACT_MAX_VECTORS` vectors: ``Flat`` (exact), or ``SQfp16`` (exact over
+      float16 codes, half the bytes) when only that fits;
+    - otherwise the approximate family measured fastest at recall@10 0.95 at the nearest
+      benchmark size (:func:`.families.rank_families`) whose index fits the budget; fast-scan
+      PQ codes with fewer bytes when nothing else fits.
 
     Raises:
-        CollectionError: if not even 4-byte PQ codes fit the budget.
+        CollectionError: if not even the smallest fast-scan PQ codes fit the budget.
     """
     if max_memory is not None and max_memory <= 0:
         raise CollectionError("the memory budget must be positive")
+
+    def fits(spec: str | None) -> bool:
+        return spec is not None and (max_memory is None
+                                     or estimate_index_bytes(spec, n, dim) <= max_memory)
+
     if n <= EXACT_MAX_VECTORS:
-        flat = estimate_index_bytes("Flat", n, dim)
-        if max_memory is None or flat <= max_memory:
-            return "Flat"
-    nlist = nlist_for(n)
-    ivf_flat = f"IVF{nlist},Flat"
-    if max_memory is None or estimate_index_bytes(ivf_flat, n, dim) <= max_memory:
-        return ivf_flat
-    per = (max_memory - nlist * dim * 4) / max(n, 1)
-    m = _pq_m(dim, per)
-    if m is None:
-        need = estimate_index_bytes(f"IVF{nlist},PQ4np", n, dim)
-        raise CollectionError(
-            f"{n:,} vectors of {dim} dimensions do not fit a {format_memory(max_memory)} index "
-            f"budget even as 4-byte PQ codes (needs about {format_memory(need)}); raise "
-            "--max-index-memory or shard the collection"
-        )
-    return f"IVF{nlist},PQ{m}np"
+        for spec in ("Flat", "SQfp16"):
+            if fits(spec):
+                return spec
+    for family in rank_families(n):
+        spec = family_spec(family, n, dim)
+        if fits(spec):
+            return spec  # type: ignore[return-value]
+    per = None if max_memory is None else max_memory / max(n, 1)
+    spec = family_spec("ivf_hnsw_pqfs", n, dim, per)
+    if spec is not None and fits(spec):
+        return spec
+    smallest = family_spec("ivf_hnsw_pqfs", n, dim, dim / 64 + 8) or f"IVF{nlist_for(n)},PQ4np"
+    need = estimate_index_bytes(smallest, n, dim)
+    raise CollectionError(
+        f"{n:,} vectors of {dim} dimensions do not fit a {format_memory(max_memory or 0)} index "
+        f"budget even as fast-scan PQ codes (needs about {format_memory(need)}); raise "
+        "--max-index-memory or shard the collection"
+    )
 
 
 # -- training --------------------------------------------------------------------------------
+def _codes_of(index: Any) -> str:
+    """How a (downcast) FAISS index stores vectors: flat, sq8, fp16, sq, pq or pqfs."""
+    if isinstance(index, (faiss.IndexIVFScalarQuantizer, faiss.IndexScalarQuantizer, faiss.IndexHNSWSQ)):
+        sq = faiss.downcast_index(index.storage).sq if isinstance(index, faiss.IndexHNSWSQ) else index.sq
+        return {faiss.ScalarQuantizer.QT_8bit: "sq8", faiss.ScalarQuantizer.QT_fp16: "fp16"}.get(
+            int(sq.qtype), "sq")
+    if isinstance(index, (faiss.IndexIVFPQFastScan, faiss.IndexPQFastScan)):
+        return "pqfs"
+    if isinstance(index, (faiss.IndexIVFPQ, faiss.IndexPQ)) or "PQ" in type(index).__name__:
+        return "pq"
+    return "flat"
+
+
 def describe_index(index: faiss.Index) -> dict[str, Any]:
-    """Kind and main sizes of a (possibly wrapped) FAISS index."""
+    """Kind and main sizes of a (possibly wrapped) FAISS index.
+
+    ``codes`` is how vectors are stored (flat, sq8, fp16, pq, pqfs); ``pq`` is True for lossy
+    codes, whose shortlists are re-ranked with exact vectors; ``coarse`` is the IVF quantiser
+    (flat or hnsw)."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        pq = isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ) or "PQ" in type(
-            faiss.downcast_index(ivf)).__name__
-        return {"kind": "ivf", "nlist": int(ivf.nlist), "pq": bool(pq)}
+        codes = _codes_of(faiss.downcast_index(ivf))
+        coarse = "hnsw" if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW) else "flat"
+        return {"kind": "ivf", "nlist": int(ivf.nlist), "pq": codes != "flat", "codes": codes,
+                "coarse": coarse}
     inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexHNSW):
-        return {"kind": "hnsw", "M": int(inner.hnsw.nb_neighbors(1))}
+        codes = _codes_of(inner)
+        return {"kind": "hnsw", "M": int(inner.hnsw.nb_neighbors(1)), "pq": codes != "flat",
+                "codes": codes}
     if isinstance(inner, faiss.IndexFlat):
-        return {"kind": "flat"}
+        return {"kind": "flat", "pq": False, "codes": "flat"}
+    if isinstance(inner, faiss.IndexScalarQuantizer):
+        return {"kind": "flat", "pq": True, "codes": _codes_of(inner)}
     return {"kind": type(inner).__name__}
 
 
@@ -271,13 +251,24 @@ def training_rows(n_total: int, index: faiss.Index, seed: int) -> np.ndarray:
 
 
 # -- search-time parameters --------------------------------------------------------------------
+#: The HNSW coarse quantiser of an IVF index searches max(this, nprobe) candidates.
+QUANTIZER_EF_MIN = 32
+
+
 def search_parameters(index: faiss.Index, params: SearchParams, sel: Any = None) -> Any:
     """A FAISS ``SearchParameters`` object for ``index`` (None if nothing is set)."""
-    kind = describe_index(index)["kind"]
+    d = describe_index(index)
+    kind = d["kind"]
     if kind == "ivf":
         p = faiss.SearchParametersIVF()
-        if params.nprobe is not None:
-            p.nprobe = int(params.nprobe)
+        nprobe = int(params.nprobe) if params.nprobe is not None else \
+            int(faiss.extract_index_ivf(index).nprobe)
+        p.nprobe = nprobe
+        if d.get("coarse") == "hnsw":  # the graph must return at least nprobe centroids
+            qp = faiss.SearchParametersHNSW()
+            qp.efSearch = max(QUANTIZER_EF_MIN, nprobe)
+            p.quantizer_params = qp
+            p._quantizer_params = qp  # keep the Python object alive with p
     elif kind == "hnsw":
         p = faiss.SearchParametersHNSW()
         if params.ef_search is not None:
@@ -344,24 +335,6 @@ def wider_params(index: faiss.Index, params: SearchParams) -> SearchParams | Non
     return SearchParams(**{**params.to_dict(), name: int(min(limit, value * 4))})
 
 
-def tunable_param(index: faiss.Index) -> str:
-    d = describe_index(index)
-    return {"ivf": "nprobe", "hnsw": "ef_search"}.get(d["kind"], "")
-
-
-def candidate_values(index: faiss.Index, k: int) -> list[int]:
-    d = describe_index(index)
-    if d["kind"] == "ivf":
-        values, v = [], 1
-        while v < d["nlist"]:
-            values.append(v)
-            v *= 2
-        return [*values, int(d["nlist"])]
-    if d["kind"] == "hnsw":
-        return [v for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024) if v >= k]
-    return []
-
-
 # -- tuning --------------------------------------------------------------------------------
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each row of ``truth`` ``(Q, k)`` found in the same row of ``found``."""
@@ -369,45 +342,3 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
         return 1.0
     hits = sum(len(np.intersect1d(f[f >= 0], t[t >= 0])) for f, t in zip(found, truth, strict=True))
     return hits / max(int((truth >= 0).sum()), 1)
-
-
-def tune(
-    search: Callable[[np.ndarray, int, SearchParams], tuple[np.ndarray, np.ndarray]],
-    index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *, k: int = 10,
-    target_recall: float = 0.95, rerank: int | None = None,
-) -> Tuning:
-    """Pick the fastest setting of ``index``'s search knob reaching ``target_recall``.
-
-    ``search(queries, k, params)`` runs the real search path (the index plus any re-ranking);
-    ``truth`` ``(Q, k)`` holds the exact top-``k`` ids of ``queries`` ``(Q, D)``. Settings are
-    tried from cheapest to most thorough (recall grows with them), so the first that reaches the
-    target is the fastest; latency is measured one query at a time, as a user's search runs.
-    """
-    param = tunable_param(index)
-    tuning = Tuning(param=param, value=None, target_recall=float(target_recall), reached=True,
-                    k=int(k), queries=len(queries))
-    if not param:
-        return tuning
-    tuning.reached = False
-    values = candidate_values(index, k)
-    for v in values:
-        params = SearchParams(**{param: v}, rerank=rerank)
-        _, found = search(queries, k, params)
-        rec = recall_at_k(found, truth)
-        times = []
-        for q in queries[: min(len(queries), 200)]:
-            t0 = time.perf_counter()
-            search(q[None, :], k, params)
-            times.append((time.perf_counter() - t0) * 1000)
-        row = {"value": v, "recall": round(rec, 4), "p50_ms": round(float(np.percentile(times, 50)), 4),
-               "p99_ms": round(float(np.percentile(times, 99)), 4)}
-        tuning.measured.append(row)
-        logger.info("tuning %s=%d: recall@%d %.3f, p50 %.2f ms", param, v, k, rec, row["p50_ms"])
-        tuning.value = v
-        if rec >= target_recall:
-            tuning.reached = True
-            break
-    if not tuning.reached:
-        logger.warning("no %s setting reached recall@%d %.2f (best %.3f); using the most thorough",
-                       param, k, target_recall, max(r["recall"] for r in tuning.measured))
-    return tuning

@@ -20,11 +20,12 @@ import faiss
 import numpy as np
 
 from ..errors import CollectionError
-from .ann import SearchParams, Tuning, recall_at_k, training_rows, tune
+from .ann import SearchParams, Tuning, describe_index, recall_at_k, training_rows
 from .shards import EmbeddingShards
+from .tuning import tune_grid
 from .vectors import VectorIndex, silence_c_stdout
 
-__all__ = ["BuildReport", "build_index", "exact_top_k", "tune_index"]
+__all__ = ["BuildReport", "build_index", "drop_self", "exact_top_k", "tune_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ def build_index(
         logger.info("training %s on %d of %d vectors (seed %d)", index_type, len(rows), len(live), seed)
         index.train(_sample_rows(shards, live, rows))
     parts = 1
+    if sharded and index.kind == "ivf" and describe_index(index.index).get("codes") == "pqfs":
+        logger.info("%s keeps fast-scan blocks in RAM: built in memory, not shard by shard",
+                    index_type)
+        sharded = False
     if sharded:
         if index.kind != "ivf":
             raise CollectionError(f"a sharded build needs an IVF index type, not {index_type!r}")
@@ -154,19 +159,50 @@ def exact_top_k(shards: EmbeddingShards, live: np.ndarray, queries: np.ndarray, 
     return np.take_along_axis(best_i, order, 1)
 
 
+def drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """``ids`` ``(Q, k + 1)`` without each row's own id ``self_ids[row]`` (or its last column
+    when the row does not hold it, or the query is not stored, id < 0): ``(Q, k)``."""
+    drop = (ids == self_ids[:, None]) & (self_ids[:, None] >= 0)
+    first = drop & (np.cumsum(drop, axis=1) == 1)
+    first[~first.any(axis=1), -1] = True
+    return ids[~first].reshape(len(ids), k)
+
+
 def tune_index(index: VectorIndex, shards: EmbeddingShards, live: np.ndarray, queries: np.ndarray,
-               *, k: int = 10, target_recall: float = 0.95) -> Tuning:
-    """Tune ``index``'s search knob on ``queries`` against exact search over the same vectors."""
-    k = min(k, len(live))
-    truth = exact_top_k(shards, live, queries, k)
+               *, k: int = 10, target_recall: float = 0.95, query_ids: np.ndarray | None = None
+               ) -> Tuning:
+    """Tune ``index``'s search knobs (main knob and re-rank depth, see :mod:`.tuning`) on
+    ``queries`` against exact search over the same vectors; stores the chosen setting as the
+    index's default.
 
-    def search(q: np.ndarray, kk: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
-        return index.search(q, kk, params=params)
+    ``query_ids`` ``(Q,)``: the ids under which the queries are stored in the index (-1 for
+    queries that are not, e.g. the other modality's vectors). A stored vector finds itself
+    first, which makes recall look better than on new queries; with ``query_ids`` each query's
+    own id is left out of both the exact and the searched top-k (leave-one-out), so the tuned
+    setting holds for queries the collection has not seen.
+    """
+    k = min(k, len(live) - (query_ids is not None))
+    if query_ids is None:
+        truth = exact_top_k(shards, live, queries, k)
 
-    result = tune(search, index.index, queries, truth, k=k, target_recall=target_recall)
-    if result.param:
-        index.params = SearchParams(**{**index.params.to_dict(), result.param: result.value})
+        def search(q: np.ndarray, kk: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+            return index.search(q, kk, params=params)
     else:
-        _, found = index.search(queries, k)
+        query_ids = np.asarray(query_ids, dtype=np.int64)
+        truth = drop_self(exact_top_k(shards, live, queries, k + 1), query_ids, k)
+
+        def search(q: np.ndarray, kk: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+            scores, ids = index.search(q, kk + 1, params=params)
+            if len(q) != len(query_ids):  # a single query timed: its ids are not scored
+                return scores[:, :kk], ids[:, :kk]
+            return scores[:, :kk], drop_self(ids, query_ids, kk)
+
+    result = tune_grid(search, index.index, queries, truth, k=k, target_recall=target_recall,
+                       can_rerank=index.exact_vectors is not None)
+    if result.param:
+        index.params = SearchParams(**{**index.params.to_dict(), result.param: result.value,
+                                       "rerank": result.rerank})
+    else:
+        _, found = search(queries, k, index.params)
         result.measured.append({"value": 0, "recall": round(recall_at_k(found, truth), 4)})
     return result

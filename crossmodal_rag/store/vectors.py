@@ -230,7 +230,8 @@ class VectorIndex:
                 self.mmapped = False
             return
         ivf = faiss.extract_index_ivf(self.index)
-        if isinstance(ivf.invlists, faiss.ArrayInvertedLists) and not self.mmapped:
+        in_ram = (faiss.ArrayInvertedLists, faiss.BlockInvertedLists)  # fast-scan PQ: block lists
+        if isinstance(faiss.downcast_InvertedLists(ivf.invlists), in_ram) and not self.mmapped:
             return
         arrays = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
         src = ivf.invlists
@@ -284,6 +285,12 @@ class VectorIndex:
                    sel: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One FAISS search of ``queries`` ``(Q, D)`` at settings ``p`` (restricted to ``sel``),
         PQ shortlists re-ranked with exact vectors: ``(scores, ids)``, ``(Q, k)``."""
+        if self.kind == "flat" and self.uses_pq and self.exact_vectors is not None:
+            from .exact_codes import search_codes_exact  # exact over float16 codes (SQfp16)
+
+            with _single_thread_if(len(queries) <= _NUMPY_MAX_QUERIES):
+                return search_codes_exact(self.index, queries, k, self.exact_vectors, sel=sel,
+                                          depth=p.rerank or None)
         rerank = p.rerank if p.rerank is not None else (DEFAULT_PQ_RERANK if self.uses_pq else 0)
         fetch = k
         if rerank and self.exact_vectors is not None:

@@ -1,0 +1,106 @@
+"""Tuning an index's search knobs on held-out queries: the cheapest setting reaching a recall.
+
+Every family is tuned by the same code over all of its knobs: the main knob (``nprobe`` for IVF,
+``efSearch`` for HNSW) and, for compact codes (SQ8, float16, PQ), the re-rank depth (``k x
+rerank`` candidates re-scored with exact vectors). For each re-rank depth the main knob is walked
+from cheap to thorough until recall@k reaches the target (recall grows with it; going further
+only costs more); a depth is abandoned as soon as its latency exceeds the best point found. The
+chosen point is the reaching one with the lowest single-query p50; the whole measured curve is
+kept (chosen row last) for ``info``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+from .ann import SearchParams, Tuning, describe_index, recall_at_k
+
+__all__ = ["knob_grid", "tune_grid"]
+
+logger = logging.getLogger(__name__)
+
+Search = Callable[[np.ndarray, int, SearchParams], tuple[np.ndarray, np.ndarray]]
+
+#: Re-rank depths tried per code type (multiples of k); 0 = the codes' own order.
+RERANK_DEPTHS = {"flat": (0,), "fp16": (0, 2), "sq8": (0, 2, 4, 8), "sq": (0, 2, 4, 8),
+                 "pq": (4, 8, 16, 32), "pqfs": (8, 16, 32, 64)}
+_EF_VALUES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+#: Single queries timed per setting (the rest of the queries only measure recall).
+TIMED_QUERIES = 100
+
+
+def knob_grid(index: faiss.Index, k: int, *, can_rerank: bool = True
+              ) -> tuple[str, list[int], tuple[int, ...]]:
+    """(main knob, its values cheap to thorough, re-rank depths) of ``index``; ``("", [], (0,))``
+    for an exact index. ``can_rerank=False`` (no exact vectors to re-rank with): depth 0 only."""
+    d = describe_index(index)
+    depths = RERANK_DEPTHS.get(d.get("codes", "flat"), (0,)) if can_rerank else (0,)
+    if d["kind"] == "ivf":
+        values, v = [], 1
+        while v < d["nlist"]:
+            values.append(v)
+            v *= 2
+        return "nprobe", [*values, int(d["nlist"])], depths
+    if d["kind"] == "hnsw":
+        return "ef_search", [v for v in _EF_VALUES if v >= k], depths
+    return "", [], (0,)
+
+
+def _measure(search: Search, queries: np.ndarray, truth: np.ndarray, k: int, params: SearchParams
+             ) -> dict[str, float]:
+    _, found = search(queries, k, params)
+    times = []
+    for q in queries[:TIMED_QUERIES]:
+        t0 = time.perf_counter()
+        search(q[None, :], k, params)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"recall": round(recall_at_k(found, truth), 4),
+            "p50_ms": round(float(np.percentile(times, 50)), 4),
+            "p99_ms": round(float(np.percentile(times, 99)), 4)}
+
+
+def tune_grid(search: Search, index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *,
+              k: int = 10, target_recall: float = 0.95, can_rerank: bool = True) -> Tuning:
+    """Pick the cheapest (lowest single-query p50) setting of ``index``'s knobs reaching
+    ``target_recall``.
+
+    ``search(queries, k, params)`` runs the real search path (index plus re-ranking);
+    ``truth`` ``(Q, k)`` holds the exact top-``k`` ids of ``queries`` ``(Q, D)``. Single queries
+    are timed one at a time, as a user's search runs. When no setting reaches the target, the
+    one with the highest recall is chosen and ``reached`` is False.
+    """
+    param, values, depths = knob_grid(index, k, can_rerank=can_rerank)
+    tuning = Tuning(param=param, value=None, target_recall=float(target_recall), reached=bool(not param),
+                    k=int(k), queries=len(queries))
+    if not param:
+        return tuning
+    rows: list[dict[str, float]] = []
+    best: dict[str, float] | None = None
+    for depth in depths:
+        for v in values:
+            params = SearchParams(**{param: v}, rerank=depth)
+            row = {"value": v, param: v, "rerank": depth, **_measure(search, queries, truth, k, params)}
+            rows.append(row)
+            logger.info("tuning %s=%d rerank=%d: recall@%d %.3f, p50 %.3f ms", param, v, depth, k,
+                        row["recall"], row["p50_ms"])
+            if best is not None and row["p50_ms"] > best["p50_ms"]:
+                break  # this depth can no longer beat the best point
+            if row["recall"] >= target_recall:
+                if best is None or row["p50_ms"] < best["p50_ms"]:
+                    best = row
+                break
+    tuning.reached = best is not None
+    if best is None:
+        best = max(rows, key=lambda r: (r["recall"], -r["p50_ms"]))
+        logger.warning("no setting reached recall@%d %.2f (best %.3f at %s=%d rerank=%d)", k,
+                       target_recall, best["recall"], param, best["value"], best["rerank"])
+    rows.remove(best)
+    tuning.measured = [*rows, best]
+    tuning.value = int(best["value"])
+    tuning.rerank = int(best["rerank"]) if len(depths) > 1 or depths[0] else None
+    return tuning
