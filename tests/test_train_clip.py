@@ -15,14 +15,10 @@ import pytest
 from crossmodal_rag import Collection
 from crossmodal_rag.encoders import ClipEncoder
 from crossmodal_rag.errors import CollectionError, EncoderMismatchError
+from crossmodal_rag.reembed import reembed_collection
 from crossmodal_rag.synthetic import make_shapes
 from crossmodal_rag.training import TrainSettings, train
-from crossmodal_rag.training.clip import (
-    ClipTask,
-    ClipTaskSettings,
-    artifact_spec,
-    reembed_collection,
-)
+from crossmodal_rag.training.clip import ClipTask, ClipTaskSettings, artifact_spec
 from crossmodal_rag.training.pairs import read_captioned_images
 
 
