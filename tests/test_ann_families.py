@@ -196,3 +196,21 @@ def test_fast_scan_build_stays_in_memory(data, tmp_path: Path) -> None:
     for ix in (index, sq8):
         _, found = ix.search(q, 10, params=SearchParams(nprobe=32, rerank=16))
         assert recall_at_k(found, truth) >= 0.9
+
+
+def test_two_level_coarse_training(data, monkeypatch: pytest.MonkeyPatch) -> None:
+    from crossmodal_rag.store import build
+
+    shards, live, exact, q = data
+    monkeypatch.setattr(build, "TWO_LEVEL_MIN_NLIST", 64)
+    trained = []
+    real = build.train_coarse_two_level
+    monkeypatch.setattr(build, "train_coarse_two_level", lambda *a: trained.append(real(*a)) or trained[-1])
+    index, _ = build_index("IVF64_HNSW32,SQ8", shards, live, seed=1)
+    assert trained == [True] and faiss.extract_index_ivf(index.index).quantizer.ntotal == 64
+    index.exact_vectors = shards.lookup
+    from crossmodal_rag.store.ann import SearchParams
+
+    _, found = index.search(q, 10, params=SearchParams(nprobe=16, rerank=4))
+    assert recall_at_k(found, brute(exact, live, q, 10)[1]) >= 0.9
+    assert build_index("IVF32,Flat", shards, live)[0] is not None and trained[-1] is False
