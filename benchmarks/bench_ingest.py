@@ -41,7 +41,7 @@ import _common
 from crossmodal_rag import Collection
 from crossmodal_rag.encoders import load_encoder
 from crossmodal_rag.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
-from crossmodal_rag.ingest import IngestSettings, _DecodeDataset, ingest
+from crossmodal_rag.ingest import DecodeDataset, IngestSettings, ingest
 
 # the module (the package's ``crossmodal_rag.ingest`` attribute is the function)
 ingest_module = importlib.import_module("crossmodal_rag.ingest")
@@ -113,7 +113,7 @@ def _phase_batches(threads: int):
     from concurrent.futures import ThreadPoolExecutor
 
     def _batches(paths, transform, settings):  # same signature as ingest._batches
-        dataset = ingest_module._DecodeDataset(paths, transform, settings.max_image_pixels)
+        dataset = ingest_module.DecodeDataset(paths, transform, settings.max_image_pixels)
         model_threads = torch.get_num_threads()
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for start in range(0, len(dataset), settings.batch_size):
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder = load_encoder(spec, "cpu").load()
 
         # (b) decode + preprocess only, single process: the exact work of an ingest worker.
-        dataset = _DecodeDataset(paths, encoder.preprocess, DEFAULT_MAX_IMAGE_PIXELS)
+        dataset = DecodeDataset(paths, encoder.preprocess, DEFAULT_MAX_IMAGE_PIXELS)
         dataset[0]  # warm up
         _common.wait_quiet(args.quiet_wait)
         decode_meter = _common.CpuMeter()

@@ -21,17 +21,15 @@ import numpy as np
 from .errors import QueryError
 
 if TYPE_CHECKING:
-    from .collection import Collection
     from .store.metadata import MetadataStore
 
-__all__ = ["auto_threshold", "calibrate", "current_calibration", "load_calibration", "store_calibration",
-           "write_calibration"]
+__all__ = ["auto_threshold", "calibrate", "current_calibration", "load_calibration", "write_calibration"]
 
 logger = logging.getLogger(__name__)
 META_KEY = "calibration"
 _MIN_PAIRS = 5
-# calibrations computed on use for collections whose stored one is stale (never written)
-_computed: weakref.WeakKeyDictionary[Collection, dict[str, Any]] = weakref.WeakKeyDictionary()
+# calibrations computed on use for stores whose stored one is stale (never written)
+_computed: weakref.WeakKeyDictionary[MetadataStore, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _threshold(pos: np.ndarray, neg: np.ndarray) -> dict[str, Any]:
@@ -44,14 +42,13 @@ def _threshold(pos: np.ndarray, neg: np.ndarray) -> dict[str, Any]:
             "negative_mean": float(neg.mean())}
 
 
-def calibrate(collection: Collection, max_pairs: int = 5000, seed: int = 0) -> dict[str, Any]:
-    """Compute thresholds from stored vectors (no encoder needed). Keys: ``generation`` (the
-    metadata generation they describe), ``text-image`` and ``text-text`` (each present when the
-    collection has enough captioned images). Reads one consistent snapshot; stores nothing."""
-    store = collection.store
+def calibrate(store: MetadataStore, dim: int, max_pairs: int = 5000, seed: int = 0) -> dict[str, Any]:
+    """Compute thresholds from the ``dim``-d vectors in ``store`` (no encoder needed). Keys:
+    ``generation`` (the metadata generation they describe), ``text-image`` and ``text-text``
+    (each present when the collection has enough captioned images). Reads one consistent
+    snapshot; stores nothing."""
     with store.snapshot():
-        return {"generation": store.generation,
-                **_compute(store, collection.manifest.dim, max_pairs, seed)}
+        return {"generation": store.generation, **_compute(store, dim, max_pairs, seed)}
 
 
 def _compute(store: MetadataStore, dim: int, max_pairs: int = 5000, seed: int = 0) -> dict[str, Any]:
@@ -92,11 +89,6 @@ def _compute(store: MetadataStore, dim: int, max_pairs: int = 5000, seed: int = 
     return result
 
 
-def store_calibration(collection: Collection) -> dict[str, Any]:
-    """Recompute the calibration of ``collection`` (opened writable) and store it."""
-    return write_calibration(collection.store, collection.manifest.dim)
-
-
 def write_calibration(store: MetadataStore, dim: int) -> dict[str, Any]:
     """Recompute the calibration from the vectors in ``store`` and store it, in one commit.
 
@@ -110,10 +102,10 @@ def write_calibration(store: MetadataStore, dim: int) -> dict[str, Any]:
     return calib
 
 
-def load_calibration(collection: Collection) -> dict[str, Any] | None:
-    """The stored calibration as it is (possibly stale), or None (also when what is stored is
-    damaged: then it is computed again from the vectors, with a warning)."""
-    raw = collection.store.get_meta(META_KEY)
+def load_calibration(store: MetadataStore) -> dict[str, Any] | None:
+    """The calibration stored in ``store`` as it is (possibly stale), or None (also when what is
+    stored is damaged: then it is computed again from the vectors, with a warning)."""
+    raw = store.get_meta(META_KEY)
     if not raw:
         return None
     try:
@@ -123,7 +115,7 @@ def load_calibration(collection: Collection) -> dict[str, Any] | None:
     if _well_formed(calib):
         return calib
     logger.warning("the stored calibration of %s is damaged; computing it from the vectors",
-                   collection.folder)
+                   store.path.parent)
     return None
 
 
@@ -144,43 +136,43 @@ def _well_formed(calib: Any) -> bool:
     return True
 
 
-def current_calibration(collection: Collection) -> dict[str, Any]:
-    """The calibration of the collection as it is now.
+def current_calibration(store: MetadataStore, dim: int) -> dict[str, Any]:
+    """The calibration of the collection whose metadata is ``store`` as it is now.
 
     The stored one when it is current; otherwise (vectors committed since, e.g. by a process
     killed before it refreshed the calibration, or a collection made by an older version) one
-    computed from the vectors now and kept in memory for this collection and generation. It is
-    not stored: a search never writes.
+    computed from the ``dim``-d vectors now and kept in memory for this store and generation. It
+    is not stored: a search never writes.
     """
-    stored = load_calibration(collection)
-    generation = collection.store.generation
+    stored = load_calibration(store)
+    generation = store.generation
     if stored is not None and stored.get("generation") == generation:
         return stored
-    cached = _computed.get(collection)
+    cached = _computed.get(store)
     if cached is not None and cached["generation"] == generation:
         return cached
     logger.info("the stored calibration of %s is stale (generation %s, the collection is at %d); "
-                "computing it from the vectors", collection.folder,
+                "computing it from the vectors", store.path.parent,
                 None if stored is None else stored.get("generation"), generation)
-    fresh = calibrate(collection)
-    _computed[collection] = fresh
+    fresh = calibrate(store, dim)
+    _computed[store] = fresh
     return fresh
 
 
-def auto_threshold(collection: Collection, query_is_image: bool, target: str) -> float:
+def auto_threshold(store: MetadataStore, dim: int, query_is_image: bool, target: str) -> float:
     """The calibrated threshold for a query kind and search target.
 
     Raises:
         QueryError: the collection has no calibration for that direction.
     """
-    calib = current_calibration(collection)
+    calib = current_calibration(store, dim)
     key = "text-text" if (target == "texts" and not query_is_image) else "text-image"
     if query_is_image and target == "images":
         key = ""  # image-to-image scores have no matching pairs to learn from
     entry = calib.get(key) if key else None
     if entry is None:
         raise QueryError(
-            f"--min-score auto: {collection.folder} has no calibration for "
+            f"--min-score auto: {store.path.parent} has no calibration for "
             f"{'image' if query_is_image else 'text'} -> {target} (it needs captioned images, "
             "two or more captions per image for text -> texts); give a number instead, e.g. --min-score 0.25"
         )

@@ -37,14 +37,14 @@ from PIL import Image
 from . import fingerprint
 from ._phases import phase
 from ._version import __version__
-from .calibration import auto_threshold, store_calibration
+from .calibration import write_calibration
 from .encoders import DEFAULT_MODEL, ClipEncoder, load_encoder, parse_model_spec
-from .errors import CollectionError, EncoderMismatchError, ImageDecodeError, QueryError
+from .errors import CollectionError, EncoderMismatchError, QueryError
 from .filters import allowed_ids, parse_where
-from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .lock import WriteLock
-from .query import combine, parse_query
-from .search import Hit, check_target, search_vectors
+from .query import clip_term, embed_query
+from .search import Hit, check_target, resolve_min_score, search_vectors
 from .store.ann import (
     AUTO,
     SearchParams,
@@ -74,9 +74,6 @@ __all__ = ["CheckReport", "Collection"]
 
 logger = logging.getLogger(__name__)
 
-#: Each query term is cut to this many characters (CLIP reads 77 tokens; this is far beyond). A
-#: whole query over ``query.MAX_QUERY_CHARS`` is refused before parsing.
-MAX_TERM_CHARS = 4096
 _INDEX_NAMES = ("image", "text")
 #: Index files up to this size are checksummed on open (bigger ones by `check` only).
 _HASH_ON_OPEN_MAX_BYTES = 256 << 20
@@ -536,7 +533,7 @@ class Collection:
     def persist(self) -> None:
         """Bring the shards and indexes up to date, write changed indexes under new file names,
         then switch the manifest to them."""
-        self._require_writable()
+        self.require_writable()
         gen = self.store.generation
         for name in _INDEX_NAMES:
             live = self.store.ids(name)
@@ -606,7 +603,7 @@ class Collection:
         over 2 GiB of vectors) adds shards separately and merges the inverted lists on disk.
         The shards are compacted (removed items dropped) first. Returns what was built.
         """
-        self._require_writable()
+        self.require_writable()
         if not 0.0 < target_recall <= 1.0:
             raise CollectionError(f"target recall must be in (0, 1], got {target_recall}")
         budget = parse_memory(max_index_memory) if max_index_memory is not None \
@@ -644,7 +641,7 @@ class Collection:
     def tune(self, *, target_recall: float = 0.95, seed: int = 0) -> dict[str, Any]:
         """Re-tune the search settings of the approximate indexes (no rebuild); stores and
         returns what was measured per index."""
-        self._require_writable()
+        self.require_writable()
         if not 0.0 < target_recall <= 1.0:
             raise CollectionError(f"target recall must be in (0, 1], got {target_recall}")
         for name, index in self.indexes.items():
@@ -663,7 +660,7 @@ class Collection:
 
     def set_search_params(self, params: SearchParams, index: str | None = None) -> None:
         """Store ``params`` as the default search settings of one index (or both), persisted."""
-        self._require_writable()
+        self.require_writable()
         for name in [index] if index else list(_INDEX_NAMES):
             if name not in self.indexes:
                 raise CollectionError(f"unknown index {name!r}; choose image or text")
@@ -671,7 +668,7 @@ class Collection:
             self._dirty.add(name)
         self.persist()
 
-    def _require_writable(self) -> None:
+    def require_writable(self) -> None:
         if not self.writable:
             raise CollectionError(f"{self.folder} is open read-only; open it with writable=True")
 
@@ -826,58 +823,18 @@ class Collection:
         :mod:`crossmodal_rag.query`); ``plus``/``minus`` add or subtract more texts. The result is
         the normalised weighted sum of the terms' embeddings.
         """
-        texts: list[str] = []
-        weights: list[float] = []
-        if text is not None:
-            for term in parse_query(text):
-                texts.append(self._clip_query(term.text))
-                weights.append(term.weight)
-        for extra, sign in ((plus or [], 1.0), (minus or [], -1.0)):
-            for t in extra:
-                if not t or not str(t).strip():
-                    raise QueryError("empty --plus/--minus text")
-                texts.append(self._clip_query(" ".join(str(t).split())))
-                weights.append(sign)
-        vectors = []
-        if image is not None:
-            if isinstance(image, Image.Image):
-                pil = image.convert("RGB")
-            else:
-                try:
-                    pil = load_image(image, max_pixels=max_image_pixels).image
-                except ImageDecodeError as e:
-                    raise QueryError(f"query image {e.path}: {e.reason}") from e
-            vectors.append(self.encoder.encode_images([pil]))
-            weights.insert(0, 1.0)
-        elif text is None:
-            raise QueryError("empty query: give a text to search for, or an image with --image")
-        if texts:
-            vectors.append(self.encoder.encode_texts(texts))
-        stacked = np.concatenate(vectors)
-        if len(weights) == 1 and weights[0] == 1.0:
-            return stacked[0]
-        return combine(stacked, weights)
+        return embed_query(lambda: self.encoder, text, image, plus=plus, minus=minus,
+                           max_image_pixels=max_image_pixels)
 
-    def _clip_query(self, text: str) -> str:
-        if len(text) > MAX_TERM_CHARS:
-            logger.warning("query of %d characters truncated to %d (the encoder reads at most %d "
-                           "tokens)", len(text), MAX_TERM_CHARS, self.encoder.max_text_tokens)
-            return text[:MAX_TERM_CHARS]
-        return text
+    def clip_query(self, text: str) -> str:
+        """One query term as the encoder gets it (cut to ``query.MAX_TERM_CHARS``, with a warning)."""
+        return clip_term(text, lambda: self.encoder)
 
     def resolve_min_score(self, min_score: float | str | None, *, query_is_image: bool,
                           target: str) -> float | None:
         """A number, ``"auto"`` (the calibrated threshold), or None (no threshold)."""
-        if min_score is None or min_score == "":
-            return None
-        if isinstance(min_score, str):
-            if min_score.strip().lower() == "auto":
-                return auto_threshold(self, query_is_image, target)
-            try:
-                return float(min_score)
-            except ValueError:
-                raise QueryError(f"min score must be a number or 'auto', got {min_score!r}") from None
-        return float(min_score)
+        return resolve_min_score(min_score, self.store, self.manifest.dim,
+                                 query_is_image=query_is_image, target=target)
 
     def search(
         self, query: str | None = None, *, image: str | Path | Image.Image | None = None,
@@ -983,7 +940,7 @@ class Collection:
         Removing a path that is one of several copies of the same image only forgets that path.
         Returns ``{"removed": [ids...], "unknown": [ids or paths not found]}``.
         """
-        self._require_writable()
+        self.require_writable()
         unknown: list[Any] = []
         with self.store.transaction():
             targets: set[int] = set()
@@ -1003,7 +960,7 @@ class Collection:
             gone = self.store.delete_items(sorted(targets))
         self.apply({}, gone)
         if gone:
-            store_calibration(self)  # score thresholds follow the collection's contents
+            write_calibration(self.store, self.manifest.dim)  # thresholds follow the contents
         self.persist()
         return {"removed": gone, "unknown": unknown}
 

@@ -46,9 +46,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import fingerprint
 from ._config import strict_from_dict
 from .errors import CrossmodalError
-from .ingest import IngestReport, IngestSettings, _DecodeDataset, ingest
+from .ingest import DecodeDataset, IngestReport, IngestSettings, ingest
 from .progress import tqdm
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def ingest_ray(collection: Collection, source: str | Path, settings: IngestSetti
     """
     ray_settings = ray_settings or RaySettings()
     check_ray(ray_settings)  # fail before anything is read
-    collection._require_writable()
+    collection.require_writable()
     clean_staging(collection.folder)  # a crashed run's shards are never committed
     embedder = RayEmbedder(collection, ray_settings)
     try:
@@ -261,11 +262,11 @@ def _decode_batch(batch: dict[str, np.ndarray], transform: Any, max_pixels: int)
     """Rows (position, path, text) -> the same plus error, file facts and ``pixels``: the
     preprocessed image ``(3, H, W)`` float32 as bytes (empty for texts and failed images).
 
-    The per-file work is the single-process worker's (:class:`crossmodal_rag.ingest._DecodeDataset`),
+    The per-file work is the single-process worker's (:class:`crossmodal_rag.ingest.DecodeDataset`),
     so errors carry the same reasons. Text rows pass through."""
     paths = [str(p) for p in batch["path"]]
     images = [i for i, p in enumerate(paths) if p]
-    dataset = _DecodeDataset([Path(paths[i]) for i in images], transform, max_pixels)
+    dataset = DecodeDataset([Path(paths[i]) for i in images], transform, max_pixels)
     empty: dict[str, Any] = {"error": "", "sha256": "", "size": -1, "mtime_ns": -1, "width": -1,
                              "height": -1, "format": ""}
     cols: dict[str, list[Any]] = {c: [empty[c]] * len(paths) for c in _META_COLUMNS}
@@ -289,18 +290,14 @@ class _EncoderActor:
 
     def __init__(self, spec: str, device: str, threads: int, probe: dict[str, Any],
                  shape: tuple[int, ...]) -> None:
-        from . import fingerprint
         from .encoders import load_encoder
 
         if device == "cpu":
             torch.set_num_threads(threads)
         self.encoder = load_encoder(spec, device).load()
-        problem = fingerprint.mismatch(fingerprint.Fingerprint.from_dict(probe),
-                                       fingerprint.compute(self.encoder))
-        if problem:
-            raise DistributedError(
-                f"model {spec} on Ray node {socket.gethostname()} embeds differently from the "
-                f"driver's ({problem}); give every node the same model files")
+        fingerprint.check(fingerprint.Fingerprint.from_dict(probe), fingerprint.compute(self.encoder),
+                          asked=f"{spec} on Ray node {socket.gethostname()}", expected="the driver's",
+                          fix="Give every node the same model files", error=DistributedError)
         self.shape = tuple(shape)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -322,8 +319,6 @@ class _EncoderActor:
 
 
 def _probe(encoder: ClipEncoder) -> dict[str, Any]:
-    from . import fingerprint
-
     return fingerprint.compute(encoder).to_dict()  # both towers
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import fingerprint
 from .errors import CollectionError, EncoderMismatchError, ImageDecodeError
 from .images import load_image
 from .ingest import IngestReport, Problem
@@ -43,7 +44,6 @@ __all__ = ["EmbeddingShard", "find_shards", "import_embeddings"]
 
 logger = logging.getLogger(__name__)
 
-_VERIFY_MIN_COSINE = 0.98  # float16 storage and resampling differences stay well above this
 _EXIF_ORIENTATION = 0x0112
 _EXIF_FORMATS = {"JPEG", "MPO", "TIFF", "PNG", "WEBP", "HEIF", "AVIF"}
 _BATCH = 10_000
@@ -266,7 +266,7 @@ def _import(shards: list[EmbeddingShard], root: Path, folder: Path, model: str, 
             verify: int, progress: bool, allow_outside_root: bool, open_kwargs: dict[str, Any]) -> None:
     from tqdm import tqdm
 
-    from .calibration import store_calibration
+    from .calibration import write_calibration
     from .collection import Collection
 
     t0 = time.perf_counter()
@@ -284,7 +284,7 @@ def _import(shards: list[EmbeddingShard], root: Path, folder: Path, model: str, 
         finally:
             bar.close()
             if report.images_added:
-                store_calibration(coll)  # score thresholds follow the collection's contents
+                write_calibration(coll.store, dim)  # score thresholds follow the collection's contents
                 coll.persist()
     report.seconds = time.perf_counter() - t0
 
@@ -394,14 +394,12 @@ def _verify(coll: Any, shards: list[EmbeddingShard], root: Path, n: int, allow_o
                 continue
             mine = coll.encoder.encode_images([pil])[0]
             theirs = _normalise(np.asarray(images[k : k + 1]))[0]
-            cosine = float(mine @ theirs)
-            if cosine < _VERIFY_MIN_COSINE:
-                raise EncoderMismatchError(
-                    f"the embedding of {path} in {shard.images} differs from what "
-                    f"{coll.manifest.encoder} makes of it (cosine {cosine:.3f}): the embeddings "
-                    "were made by another model. Import with the --model that made them (or "
-                    "--verify 0 if the image files changed since)"
-                )
+            cosine = fingerprint.rows_cosine(mine[None], theirs[None])
+            if cosine < fingerprint.REEMBED_MIN_COSINE:
+                raise fingerprint.mismatch_error(
+                    coll.manifest.encoder, f"the embedding of {path} in {shard.images}",
+                    f"cosine {cosine:.3f}", "The embeddings were made by another model: import with "
+                    "the --model that made them (or --verify 0 if the image files changed since)")
             checked += 1
             if checked >= n:
                 return

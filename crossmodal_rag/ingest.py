@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._phases import phase
+from .calibration import write_calibration
 from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from .progress import tqdm
@@ -40,9 +41,11 @@ from .safe_io import MAX_IMAGE_BYTES, open_regular, read_capped
 from .sources import ImageRecord, Problem, TextRecord, read_source
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from .encoders import ClipEncoder
+    from .store.manifest import Manifest
+    from .store.metadata import MetadataStore
 
-__all__ = ["Embedder", "IngestReport", "IngestSettings", "ingest"]
+__all__ = ["DecodeDataset", "Embedder", "IngestReport", "IngestSettings", "IngestTarget", "ingest"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +108,11 @@ class IngestReport:
 
 
 # -- decode stage (runs in DataLoader workers) ----------------------------------------------
-class _DecodeDataset(Dataset):
+class DecodeDataset(Dataset):
+    """Image files -> dicts of ``i``, ``pixels`` (``transform`` of the decoded image) and the
+    file's ``size``, ``mtime_ns``, ``sha256``, ``width``, ``height``, ``format``; or ``error``
+    (a one-line reason). Runs in DataLoader workers (and :mod:`crossmodal_rag.distributed`'s)."""
+
     def __init__(self, paths: list[Path], transform: Any, max_pixels: int,
                  max_bytes: int = MAX_IMAGE_BYTES) -> None:
         self.paths = paths
@@ -150,14 +157,33 @@ def _batches(paths: list[Path], transform: Any, settings: IngestSettings) -> Ite
     workers = settings.workers
     if workers is None:
         workers = 1 if len(paths) > 2 * settings.batch_size and (os.cpu_count() or 1) > 1 else 0
-    dataset = _DecodeDataset(paths, transform, settings.max_image_pixels, settings.max_image_bytes)
+    dataset = DecodeDataset(paths, transform, settings.max_image_pixels, settings.max_image_bytes)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers,
                         collate_fn=_collate, prefetch_factor=4 if workers else None,
                         persistent_workers=False)
     yield from loader
 
 
-# -- where vectors come from ------------------------------------------------------------------
+# -- where vectors go and come from ----------------------------------------------------------
+class IngestTarget(Protocol):
+    """What ingest writes into: a collection opened writable (:class:`crossmodal_rag.Collection`)."""
+
+    store: MetadataStore  # the commit log
+    manifest: Manifest  # read for its ``dim``
+
+    @property
+    def encoder(self) -> ClipEncoder: ...
+
+    def require_writable(self) -> None:
+        """Raise unless opened for writing."""
+
+    def apply(self, added: dict[str, tuple[np.ndarray, np.ndarray]], removed: list[int]) -> None:
+        """Mirror a committed transaction in the in-memory indexes."""
+
+    def persist(self) -> None:
+        """Write the changed indexes and the manifest."""
+
+
 class Embedder(Protocol):
     """Gives ingest its vectors. :meth:`prepare` is called once, before anything is committed,
     with what will need vectors; then the commit asks for decoded image batches and vectors."""
@@ -182,7 +208,7 @@ class Embedder(Protocol):
 class _LocalEmbedder:
     """Vectors computed in this process as the commit goes (DataLoader workers decode)."""
 
-    def __init__(self, collection: Collection) -> None:
+    def __init__(self, collection: IngestTarget) -> None:
         self.c = collection
 
     def prepare(self, texts: list[str], images: list[ImageRecord], settings: IngestSettings) -> None:
@@ -202,7 +228,7 @@ class _LocalEmbedder:
 
 # -- the run ---------------------------------------------------------------------------------
 @phase("ingest")
-def ingest(collection: Collection, source: str | Path, settings: IngestSettings | None = None, *,
+def ingest(collection: IngestTarget, source: str | Path, settings: IngestSettings | None = None, *,
            embedder: Embedder | None = None) -> IngestReport:
     """Add everything in ``source`` to ``collection`` (opened writable); see the module docstring.
 
@@ -210,7 +236,7 @@ def ingest(collection: Collection, source: str | Path, settings: IngestSettings 
     vectors come from (default: this process, with the collection's encoder).
     """
     settings = settings or IngestSettings()
-    collection._require_writable()
+    collection.require_writable()
     t0 = time.perf_counter()
     report = IngestReport(source=str(source))
     images: list[ImageRecord] = []
@@ -233,10 +259,8 @@ def ingest(collection: Collection, source: str | Path, settings: IngestSettings 
         if images:
             writer.add_images(todo, unchanged, settings)
     finally:
-        if writer.dirty:
-            from .calibration import store_calibration
-
-            store_calibration(collection)  # score thresholds follow the collection's contents
+        if writer.dirty:  # score thresholds follow the collection's contents
+            write_calibration(collection.store, collection.manifest.dim)
             collection.persist()
     report.seconds = time.perf_counter() - t0
     for p in report.skipped:
@@ -247,7 +271,7 @@ def ingest(collection: Collection, source: str | Path, settings: IngestSettings 
 class _Writer:
     """Turns decoded batches into committed items and keeps the in-memory indexes in step."""
 
-    def __init__(self, collection: Collection, report: IngestReport, embedder: Embedder) -> None:
+    def __init__(self, collection: IngestTarget, report: IngestReport, embedder: Embedder) -> None:
         self.c = collection
         self.store = collection.store
         self.report = report

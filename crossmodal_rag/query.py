@@ -14,20 +14,35 @@ weight 1 (``--image a.jpg --plus "at night"``).
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
-from .errors import QueryError
+from .errors import ImageDecodeError, QueryError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 
-__all__ = ["MAX_QUERY_CHARS", "MAX_QUERY_TERMS", "QueryTerm", "bad_character", "combine", "parse_query"]
+if TYPE_CHECKING:
+    from .encoders import ClipEncoder
+
+__all__ = ["MAX_QUERY_CHARS", "MAX_QUERY_TERMS", "MAX_TERM_CHARS", "QueryTerm", "bad_character", "clip_term",
+           "combine", "embed_query", "parse_query"]
+
+logger = logging.getLogger(__name__)
 
 #: Longest text query accepted (the encoder reads 77 tokens; this is far beyond); a longer one is
 #: refused before it is parsed.
 MAX_QUERY_CHARS = 16_384
 #: Most terms one query may add or subtract (each is one encoder pass).
 MAX_QUERY_TERMS = 32
+#: Each query term is cut to this many characters (CLIP reads 77 tokens; this is far beyond). A
+#: whole query over :data:`MAX_QUERY_CHARS` is refused before parsing.
+MAX_TERM_CHARS = 4096
 
 # The scanner reads a query once, left to right; the patterns are possessive, so no input makes
 # them backtrack (linear time on any input).
@@ -139,3 +154,58 @@ def combine(vectors: np.ndarray, weights: list[float]) -> np.ndarray:
     if norm < 1e-9:
         raise QueryError("the query terms cancel each other out; change the terms or their weights")
     return (v / norm).astype(np.float32)
+
+
+def clip_term(text: str, get_encoder: Callable[[], ClipEncoder]) -> str:
+    """``text`` cut to :data:`MAX_TERM_CHARS` characters, with a warning when it was longer
+    (``get_encoder`` is called only then, to name the encoder's token limit)."""
+    if len(text) > MAX_TERM_CHARS:
+        logger.warning("query of %d characters truncated to %d (the encoder reads at most %d "
+                       "tokens)", len(text), MAX_TERM_CHARS, get_encoder().max_text_tokens)
+        return text[:MAX_TERM_CHARS]
+    return text
+
+
+def embed_query(
+    get_encoder: Callable[[], ClipEncoder], text: str | None = None,
+    image: str | Path | Image.Image | None = None, *, plus: list[str] | None = None,
+    minus: list[str] | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """A query embedding ``(D,)`` from a text, an image (path or PIL image), or both.
+
+    Text queries support arithmetic (see the module docstring); ``plus``/``minus`` add or subtract
+    more texts. The result is the normalised weighted sum of the terms' embeddings.
+    ``get_encoder`` gives the encoder when it is first needed, so a query refused while it is
+    read never loads a model.
+    """
+    texts: list[str] = []
+    weights: list[float] = []
+    if text is not None:
+        for term in parse_query(text):
+            texts.append(clip_term(term.text, get_encoder))
+            weights.append(term.weight)
+    for extra, sign in ((plus or [], 1.0), (minus or [], -1.0)):
+        for t in extra:
+            if not t or not str(t).strip():
+                raise QueryError("empty --plus/--minus text")
+            texts.append(clip_term(" ".join(str(t).split()), get_encoder))
+            weights.append(sign)
+    vectors = []
+    if image is not None:
+        if isinstance(image, Image.Image):
+            pil = image.convert("RGB")
+        else:
+            try:
+                pil = load_image(image, max_pixels=max_image_pixels).image
+            except ImageDecodeError as e:
+                raise QueryError(f"query image {e.path}: {e.reason}") from e
+        vectors.append(get_encoder().encode_images([pil]))
+        weights.insert(0, 1.0)
+    elif text is None:
+        raise QueryError("empty query: give a text to search for, or an image with --image")
+    if texts:
+        vectors.append(get_encoder().encode_texts(texts))
+    stacked = np.concatenate(vectors)
+    if len(weights) == 1 and weights[0] == 1.0:
+        return stacked[0]
+    return combine(stacked, weights)

@@ -8,12 +8,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .calibration import auto_threshold
 from .errors import QueryError
 from .store.ann import SearchParams
 from .store.metadata import MetadataStore
 from .store.vectors import VectorIndex
 
-__all__ = ["TARGETS", "Hit", "Target", "TargetEmptyError", "check_k", "check_target", "search_vectors"]
+__all__ = ["TARGETS", "Hit", "Target", "TargetEmptyError", "check_k", "check_target", "resolve_min_score",
+           "search_vectors"]
 
 Target = Literal["images", "texts", "all"]
 TARGETS: tuple[str, ...] = ("images", "texts", "all")
@@ -71,6 +73,22 @@ def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise QueryError(f"k must be a positive integer, got {k!r}")
     return int(k)
+
+
+def resolve_min_score(min_score: float | str | None, store: MetadataStore, dim: int, *,
+                      query_is_image: bool, target: str) -> float | None:
+    """A number, ``"auto"`` (the threshold calibrated on ``store``'s ``dim``-d vectors, see
+    :mod:`crossmodal_rag.calibration`), or None (no threshold)."""
+    if min_score is None or min_score == "":
+        return None
+    if isinstance(min_score, str):
+        if min_score.strip().lower() == "auto":
+            return auto_threshold(store, dim, query_is_image, target)
+        try:
+            return float(min_score)
+        except ValueError:
+            raise QueryError(f"min score must be a number or 'auto', got {min_score!r}") from None
+    return float(min_score)
 
 
 def search_vectors(

@@ -47,23 +47,23 @@ def test_reembed_recalibrates_with_the_new_encoder(photos: Path, tmp_path: Path,
     reembed_collection(tmp_path / "c", new_model, progress=False)
     with Collection.open(tmp_path / "c") as c:
         assert _thresholds(c) == pytest.approx(expected, abs=1e-5)
-        assert load_calibration(c) == calibrate(c)  # stored by reembed, current
+        assert load_calibration(c.store) == calibrate(c.store, c.manifest.dim)  # stored by reembed, current
 
 
 def test_remove_leaves_a_current_calibration(photos: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
     folder = tmp_path / "c"
     with Collection.create(folder, tiny_oc_spec) as c:
         c.add(photos)
-        before = load_calibration(c)
+        before = load_calibration(c.store)
         paths = [str(p) for p in sorted(photos.glob("*.jpg"))[:2]]
     r = run("remove", "-c", str(folder), "--path", paths[0], "--path", paths[1], "--json")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["removed"]) == 8  # two photos and their six captions
     with Collection.open(folder) as c:
-        fresh = calibrate(c)
+        fresh = calibrate(c.store, c.manifest.dim)
         assert fresh["text-image"]["positives"] == 9  # 3 photos left with 3 captions each
         assert fresh != before
-        assert load_calibration(c) == fresh  # stored by remove, not the pre-removal one
+        assert load_calibration(c.store) == fresh  # stored by remove, not the pre-removal one
         assert _thresholds(c) == _of(fresh)
 
 
@@ -73,14 +73,14 @@ def test_a_stale_calibration_is_never_used(photos: Path, tmp_path: Path, tiny_oc
     folder = tmp_path / "c"
     with Collection.create(folder, tiny_oc_spec) as c:
         c.add(photos)
-        stored = load_calibration(c)
+        stored = load_calibration(c.store)
         images = c.store.ids("image")
         with c.store.transaction():
             c.store.delete_items([int(images[0])])
     with Collection.open(folder) as c:
-        fresh = calibrate(c)
+        fresh = calibrate(c.store, c.manifest.dim)
         assert _of(fresh) != _of(stored)
         assert _thresholds(c) == _of(fresh)
-        assert load_calibration(c) == stored  # a search does not write
+        assert load_calibration(c.store) == stored  # a search does not write
         hits = c.search("a cat", k=10, min_score="auto")
         assert all(h.score >= fresh["text-image"]["threshold"] for h in hits)

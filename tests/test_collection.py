@@ -295,7 +295,7 @@ def test_calibration_is_stored_and_refreshed(photos: Path, tmp_path: Path, tiny_
 
     with Collection.create(tmp_path / "c", tiny_oc_spec) as coll:
         coll.add(photos)
-        first = load_calibration(coll)
+        first = load_calibration(coll.store)
         assert {"text-image", "text-text"} <= set(first)
         t = coll.resolve_min_score("auto", query_is_image=False, target="images")
         assert t == first["text-image"]["threshold"]
@@ -304,7 +304,7 @@ def test_calibration_is_stored_and_refreshed(photos: Path, tmp_path: Path, tiny_
         shutil.copy(photos / "cat.jpg", photos / "extra.jpg")
         (photos / "extra.txt").write_text("another caption\nand one more\n")
         coll.add(photos)
-        assert load_calibration(coll)["generation"] > first["generation"]
+        assert load_calibration(coll.store)["generation"] > first["generation"]
         with pytest.raises(QueryError, match="no calibration"):
             coll.search(image=photos / "cat.jpg", min_score="auto")
 

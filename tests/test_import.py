@@ -74,9 +74,9 @@ def test_import_calibrates_and_min_score_auto_works(captioned: Path, tmp_path: P
     r = run("import", str(captioned), "-c", str(folder), "--model", tiny_oc_spec)
     assert r.returncode == 0, r.stderr
     with Collection.open(folder) as c:
-        fresh = calibrate(c)  # what a calibration of the collection as it stands computes
+        fresh = calibrate(c.store, c.manifest.dim)  # what a calibration of the collection as it stands computes
         assert "text-image" in fresh
-        assert load_calibration(c) == fresh  # stored by the import, and current
+        assert load_calibration(c.store) == fresh  # stored by the import, and current
         t = fresh["text-image"]["threshold"]
         assert c.resolve_min_score("auto", query_is_image=False, target="images") == t
         unthresholded = c.search("striped picture number 3", k=N_IMAGES)
