@@ -101,8 +101,16 @@ def add_column(conn: sqlite3.Connection, table: str, column: str, decl: str) -> 
 
 # -- steps of version 3 (append below; see /work/notes/schema.md) ---------------------------------
 
+def _ocr(conn: sqlite3.Connection) -> None:
+    """Version 3: the 'ocr' item kind and the ocr_runs table (see :mod:`.ocr`)."""
+    from .ocr import ocr_step
+
+    ocr_step(conn)
+
+
 #: The ordered migration steps after :data:`BASE_VERSION`. Append only.
 STEPS: list[Step] = [
+    Step(3, "ocr item kind and runs", _ocr),  # H8 (issue 18)
 ]
 
 
