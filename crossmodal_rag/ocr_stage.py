@@ -20,10 +20,12 @@ each image batch, and ``finish`` waits for the rest.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +38,7 @@ from .ocr import OcrEngine, OcrResult
 from .progress import tqdm
 from .safe_io import MAX_IMAGE_BYTES
 from .sources import Problem
+from .store import ocr as ocr_sql
 
 __all__ = ["OCR_ORIGIN_PREFIX", "OcrReport", "OcrStage", "OcrStore"]
 
@@ -51,17 +54,13 @@ Apply = Callable[[dict[str, tuple[np.ndarray, np.ndarray]], list[int]], None]
 
 
 class OcrStore(Protocol):
-    """What the stage needs of the metadata store."""
+    """What the stage needs of the metadata store (:class:`~crossmodal_rag.store.metadata.MetadataStore`)."""
 
-    def transaction(self) -> Any: ...
+    conn: sqlite3.Connection
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
 
     def insert_item(self, kind: str, vector: np.ndarray, **fields: Any) -> int: ...
-
-    def ocr_pending(self) -> list[tuple[int, str]]:
-        """(image item id, one of its paths) of the images without an OCR run."""
-
-    def record_ocr_run(self, item_id: int, engine: str, lines: int) -> None:
-        """Remember that an image was read (inside a transaction)."""
 
 
 @dataclass
@@ -125,7 +124,7 @@ class OcrStage:
 
     def backfill(self) -> int:
         """Queue every stored image that was never read; returns how many."""
-        todo = [(i, p) for i, p in self.store.ocr_pending() if i not in self._queued]
+        todo = [(i, p) for i, p in ocr_sql.ocr_pending(self.store.conn) if i not in self._queued]
         for item_id, path in todo:
             self.submit(item_id, path)
         return len(todo)
@@ -180,7 +179,7 @@ class OcrStage:
         texts = list(dict.fromkeys(d.result.text for d in ok if d.result.text))
         vectors = self.embed_windows(texts) if texts else {}
         added: list[tuple[int, np.ndarray]] = []
-        with self.store.transaction():
+        with self.store.transaction() as conn:
             for d in ok:
                 result = d.result
                 if result.text:
@@ -192,7 +191,7 @@ class OcrStage:
                     for text, vec in rest:
                         wid = self.store.insert_item("window", vec, parent_id=oid, text=text)
                         added.append((wid, vec))
-                self.store.record_ocr_run(d.item_id, result.engine, len(result.lines))
+                ocr_sql.record_ocr_run(conn, d.item_id, result.engine, len(result.lines))
         if added:
             self.apply({"text": (np.asarray([i for i, _ in added], np.int64),
                                  np.stack([v for _, v in added]))}, [])

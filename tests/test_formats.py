@@ -117,3 +117,15 @@ def test_ingest_and_image_queries(tmp_path: Path, sample_dir: Path, tiny_oc_spec
     decoded = load_image(folder / "cat.heic").image
     with Image.open(sample_dir / "cat.jpg") as im:
         assert _close(decoded, im.convert("RGB").transpose(Image.Transpose.ROTATE_270)) < 10.0
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_web_thumbnails_of_heic_and_avif_are_jpeg(fmt: str) -> None:
+    _needs(fmt)
+    from crossmodal_rag.web.routes.items import MEDIA
+    from crossmodal_rag.web.thumbnails import render_thumbnail
+
+    data = render_thumbnail(_save(_pattern(), fmt, orientation=6), "x" + FORMATS[fmt], 32, 10**8)
+    with Image.open(io.BytesIO(data)) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == (16, 32)  # rotated, then fitted in 32
+    assert MEDIA[fmt] == f"image/{fmt.lower()}"

@@ -28,7 +28,8 @@ __all__ = ["router"]
 logger = logging.getLogger(__name__)
 
 MEDIA = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
-         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heif",
+         "AVIF": "image/avif"}  # browsers without HEIF show the thumbnail (always JPEG)
 
 
 def _item(st: AppState, item_id: int):
