@@ -1,6 +1,7 @@
 """Filtered search on ANN indexes: recall@10 against exact filtered search, and latency.
 
-For each index type (``auto``'s IVF choice, ``HNSW{m}``, ``IVF{nlist},PQ{m}np`` with re-ranking),
+For each index type (``IVF{nlist},Flat``, ``HNSW{m}``, ``IVF{nlist},PQ{m}np`` with re-ranking, or a family of
+``store.families`` such as ``ivf_hnsw_sq8`` / ``ivf_hnsw_pqfs``),
 built and tuned to recall@10 >= 0.95 (unfiltered) **through the project's code**
 (``store.build.build_index`` from float16 ``EmbeddingShards``, ``tune_index`` on held-out
 tuning queries), and for each filter selectivity (a seeded random subset of the ids), it runs
@@ -42,6 +43,7 @@ import bench_ann
 from crossmodal_rag.store import filtered
 from crossmodal_rag.store.ann import choose_index, filtered_params, nlist_for, recall_at_k
 from crossmodal_rag.store.build import build_index, tune_index
+from crossmodal_rag.store.families import family_spec
 from crossmodal_rag.store.vectors import VectorIndex
 
 K = 10
@@ -118,10 +120,9 @@ def _numpy_baselines(base: np.ndarray, allowed: np.ndarray, queries: np.ndarray,
 
 
 def type_specs(n: int, hnsw_m: int, pq_m: int, names: list[str]) -> list[tuple[str, str]]:
-    auto = choose_index(n, bench_ann.DIM)
-    ivf = auto if auto.startswith("IVF") else f"IVF{nlist_for(n)},Flat"
-    named = {"ivf": ivf, "hnsw": f"HNSW{hnsw_m}", "ivfpq": f"IVF{nlist_for(n)},PQ{pq_m}np"}
-    return [(name, named[name]) for name in names]
+    named = {"ivf": f"IVF{nlist_for(n)},Flat", "hnsw": f"HNSW{hnsw_m}",
+             "ivfpq": f"IVF{nlist_for(n)},PQ{pq_m}np", "auto": choose_index(n, bench_ann.DIM)}
+    return [(name, named.get(name) or family_spec(name, n, bench_ann.DIM)) for name in names]
 
 
 def run(args) -> dict[str, Any]:
@@ -203,7 +204,9 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000, help="database size")
-    ap.add_argument("--types", default="ivf,hnsw,ivfpq", help="comma-separated: ivf, hnsw, ivfpq")
+    ap.add_argument("--types", default="ivf,hnsw,ivfpq",
+                    help="comma-separated: ivf, hnsw, ivfpq, auto, or a family of store.families "
+                         "(ivf_hnsw_sq8, ivf_hnsw_pqfs, ivf_hnsw_fp16, exact_fp16, ...)")
     ap.add_argument("--selectivities", default="0.001,0.01,0.1,0.5")
     ap.add_argument("--queries", type=int, default=200, help="held-out queries, searched one by one")
     ap.add_argument("--tune-queries", type=int, default=200, help="held-out queries given to tune()")

@@ -214,3 +214,12 @@ def test_two_level_coarse_training(data, monkeypatch: pytest.MonkeyPatch) -> Non
     _, found = index.search(q, 10, params=SearchParams(nprobe=16, rerank=4))
     assert recall_at_k(found, brute(exact, live, q, 10)[1]) >= 0.9
     assert build_index("IVF32,Flat", shards, live)[0] is not None and trained[-1] is False
+
+
+def test_split_counts_by_hand() -> None:
+    from crossmodal_rag.store.build import _split_counts
+
+    got = _split_counts(np.array([1000, 10, 0, 1, 489]), 100)
+    assert got.sum() == 100 and got[2] == 0 and got[3] == 1 and got[1] >= 1
+    assert got[0] > got[4] > got[1]  # in proportion to the points
+    assert _split_counts(np.array([3, 2]), 5).tolist() == [3, 2]  # never more than the points

@@ -68,6 +68,18 @@ def _sample_rows(shards: EmbeddingShards, live: np.ndarray, rows: np.ndarray) ->
 TWO_LEVEL_MIN_NLIST = 4096
 
 
+def _split_counts(sizes: np.ndarray, total: int) -> np.ndarray:
+    """``total`` sub-centroids shared among clusters in proportion to ``sizes``: at least one per
+    non-empty cluster, never more than its points."""
+    alloc = np.minimum(np.maximum(np.floor(sizes * total / max(sizes.sum(), 1)), sizes > 0), sizes)
+    alloc = alloc.astype(np.int64)
+    while alloc.sum() > total:  # take from the cluster with the fewest points per centroid
+        alloc[np.argmin(np.where(alloc > 1, sizes / np.maximum(alloc, 1), np.inf))] -= 1
+    while alloc.sum() < total:  # give to the one with the most points per centroid
+        alloc[np.argmax(np.where(alloc < sizes, sizes / np.maximum(alloc, 1), -np.inf))] += 1
+    return alloc
+
+
 def train_coarse_two_level(index: faiss.Index, sample: np.ndarray, seed: int) -> bool:
     """Train the centroids of an IVF ``index`` with many lists by two-level k-means: ~sqrt(nlist)
     clusters first, then each split in proportion to its points. Flat k-means costs samples x
@@ -77,14 +89,28 @@ def train_coarse_two_level(index: faiss.Index, sample: np.ndarray, seed: int) ->
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None or ivf.nlist < TWO_LEVEL_MIN_NLIST or ivf.quantizer.ntotal > 0:
         return False
-    from faiss.contrib.clustering import two_level_clustering
-
     t0 = time.perf_counter()
     x = np.ascontiguousarray(sample, dtype=np.float32)
-    centroids, _ = two_level_clustering(x, round(math.sqrt(ivf.nlist)), int(ivf.nlist),
-                                        clustering_niter=10, seed=seed)
-    ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    logger.info("two-level k-means: %d centroids from %d vectors in %.1f s", ivf.nlist, len(x),
+    nlist = int(ivf.nlist)
+    top = faiss.Kmeans(x.shape[1], round(math.sqrt(nlist)), niter=10, seed=seed,
+                       max_points_per_centroid=2048)
+    top.train(x)
+    _, assign = top.index.search(x, 1)
+    assign = assign.ravel()
+    counts = _split_counts(np.bincount(assign, minlength=top.k), nlist)
+    parts = []
+    for c in np.flatnonzero(counts):
+        sub = np.ascontiguousarray(x[assign == c])
+        if counts[c] == 1:
+            parts.append(sub.mean(axis=0, keepdims=True))
+            continue
+        km = faiss.Kmeans(x.shape[1], int(counts[c]), niter=10, seed=seed + int(c))
+        km.cp.min_points_per_centroid = 1  # small clusters: no warning, FAISS still trains
+        km.train(sub)
+        parts.append(km.centroids)
+    centroids = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    ivf.quantizer.add(centroids)
+    logger.info("two-level k-means: %d centroids from %d vectors in %.1f s", len(centroids), len(x),
                 time.perf_counter() - t0)
     return True
 

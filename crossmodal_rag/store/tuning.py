@@ -40,12 +40,10 @@ def knob_grid(index: faiss.Index, k: int, *, can_rerank: bool = True
     for an exact index. ``can_rerank=False`` (no exact vectors to re-rank with): depth 0 only."""
     d = describe_index(index)
     depths = RERANK_DEPTHS.get(d.get("codes", "flat"), (0,)) if can_rerank else (0,)
-    if d["kind"] == "ivf":
-        values, v = [], 1
-        while v < d["nlist"]:
-            values.append(v)
-            v *= 2
-        return "nprobe", [*values, int(d["nlist"])], depths
+    if d["kind"] == "ivf":  # 1, 2, 3, 4, 6, 8, 12, ...: steps of x1.5 / x1.33, up to every list
+        nlist = int(d["nlist"])
+        values = sorted({v for i in range(17) for v in (1 << i, 3 << i >> 1) if 0 < v < nlist})
+        return "nprobe", [*values, nlist], depths
     if d["kind"] == "hnsw":
         return "ef_search", [v for v in _EF_VALUES if v >= k], depths
     return "", [], (0,)
