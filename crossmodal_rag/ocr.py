@@ -108,7 +108,7 @@ class OcrSettings:
     min_confidence: float = 0.5  # lines the recogniser is less sure of are dropped
     restore_spaces: bool = True  # put back spaces the recogniser dropped (see ctc_decode)
     space_threshold: float = 0.01  # space probability between two characters that makes a space
-    threads: int = 0  # onnxruntime threads per model; 0: its default (all cores)
+    threads: int = 1  # onnxruntime threads per model (0: all cores); more images at once: workers
 
     def __post_init__(self) -> None:
         if self.engine not in OCR_ENGINES:

@@ -19,8 +19,8 @@ each image batch, and ``finish`` waits for the rest.
 
 from __future__ import annotations
 
+import json
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,13 +34,14 @@ import numpy as np
 
 from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
-from .ocr import OcrEngine, OcrResult
+from .ocr import OcrEngine, OcrResult, OcrSettings, create_ocr_engine
 from .progress import tqdm
 from .safe_io import MAX_IMAGE_BYTES
 from .sources import Problem
 from .store import ocr as ocr_sql
 
-__all__ = ["OCR_ORIGIN_PREFIX", "OcrReport", "OcrStage", "OcrStore"]
+__all__ = ["OCR_META_KEY", "OCR_ORIGIN_PREFIX", "OcrReport", "OcrStage", "OcrStore", "remember_settings",
+           "remembered_settings", "stage_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,7 @@ Apply = Callable[[dict[str, tuple[np.ndarray, np.ndarray]], list[int]], None]
 class OcrStore(Protocol):
     """What the stage needs of the metadata store (:class:`~crossmodal_rag.store.metadata.MetadataStore`)."""
 
-    conn: sqlite3.Connection
-
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
+    def transaction(self) -> AbstractContextManager[Any]: ...
 
     def insert_item(self, kind: str, vector: np.ndarray, **fields: Any) -> int: ...
 
@@ -124,7 +123,7 @@ class OcrStage:
 
     def backfill(self) -> int:
         """Queue every stored image that was never read; returns how many."""
-        todo = [(i, p) for i, p in ocr_sql.ocr_pending(self.store.conn) if i not in self._queued]
+        todo = [(i, p) for i, p in ocr_sql.ocr_pending(self.store) if i not in self._queued]
         for item_id, path in todo:
             self.submit(item_id, path)
         return len(todo)
@@ -179,7 +178,7 @@ class OcrStage:
         texts = list(dict.fromkeys(d.result.text for d in ok if d.result.text))
         vectors = self.embed_windows(texts) if texts else {}
         added: list[tuple[int, np.ndarray]] = []
-        with self.store.transaction() as conn:
+        with self.store.transaction():
             for d in ok:
                 result = d.result
                 if result.text:
@@ -191,7 +190,7 @@ class OcrStage:
                     for text, vec in rest:
                         wid = self.store.insert_item("window", vec, parent_id=oid, text=text)
                         added.append((wid, vec))
-                ocr_sql.record_ocr_run(conn, d.item_id, result.engine, len(result.lines))
+                ocr_sql.record_ocr_run(self.store, d.item_id, result.engine, len(result.lines))
         if added:
             self.apply({"text": (np.asarray([i for i, _ in added], np.int64),
                                  np.stack([v for _, v in added]))}, [])
@@ -200,3 +199,53 @@ class OcrStage:
             self.report.lines += len(d.result.lines)
             self.report.texts_added += bool(d.result.text)
         self._bar.update(len(batch))
+
+
+# -- the collection's OCR setting, remembered in its metadata ------------------------------------
+#: Meta key of the OCR settings later ingests use (absent: OCR off).
+OCR_META_KEY = "ocr_settings"
+
+
+def remembered_settings(store: Any) -> OcrSettings | None:
+    """The OCR settings a collection's ingests use, or None when OCR is off for it."""
+    raw = store.get_meta(OCR_META_KEY)
+    if not raw:
+        return None
+    try:
+        return OcrSettings.from_dict(json.loads(raw))
+    except (ValueError, TypeError) as e:
+        logger.warning("ignoring the collection's stored OCR settings (%s); OCR is off until "
+                       "`index --ocr` stores new ones", e)
+        return None
+
+
+def remember_settings(store: Any, settings: OcrSettings | None) -> None:
+    """Turn OCR on (with ``settings``) or off (None) for the collection's later ingests."""
+    store.put_meta(OCR_META_KEY, None if settings is None else
+                   json.dumps(settings.to_dict(), sort_keys=True))
+
+
+def stage_for(collection: Any, enabled: bool | None, engine: str | None, workers: int,
+              embed_windows: EmbedWindows, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+              max_bytes: int = MAX_IMAGE_BYTES, progress: bool = False) -> OcrStage | None:
+    """The OCR stage of one ingest, or None when OCR is off.
+
+    ``enabled``: True turns OCR on for this collection (remembered, so later ingests read
+    images too, and the images indexed before are read now), False turns it off (remembered),
+    None does what the collection remembers. ``engine`` overrides the remembered engine.
+    """
+    store = collection.store
+    settings = remembered_settings(store)
+    if enabled is False:
+        if settings is not None:
+            remember_settings(store, None)
+        return None
+    if enabled is None and settings is None:
+        return None
+    if engine is not None:
+        settings = OcrSettings(**{**(settings.to_dict() if settings else {}), "engine": engine})
+    settings = settings or OcrSettings()
+    if settings != remembered_settings(store):
+        remember_settings(store, settings)
+    return OcrStage(create_ocr_engine(settings), store, embed_windows, collection.apply,
+                    workers=workers, max_pixels=max_pixels, max_bytes=max_bytes, progress=progress)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from typing import Any
 
 __all__ = ["OCR_KIND", "ocr_pending", "ocr_step", "ocr_texts", "record_ocr_run"]
 
@@ -53,25 +54,32 @@ def ocr_step(conn: sqlite3.Connection) -> None:
     conn.execute(_RUNS)
 
 
-def ocr_pending(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+def _conn(store: Any) -> sqlite3.Connection:
+    """The connection of a MetadataStore (or a connection itself)."""
+    return store if isinstance(store, sqlite3.Connection) else store.conn
+
+
+def ocr_pending(store: Any) -> list[tuple[int, str]]:
     """(image id, its first path) of every image with a path and no OCR run, by id."""
-    rows = conn.execute(
+    rows = _conn(store).execute(
         "SELECT i.id, MIN(p.path) FROM items i JOIN paths p ON p.item_id = i.id "
         "LEFT JOIN ocr_runs r ON r.item_id = i.id "
         "WHERE i.kind = 'image' AND r.item_id IS NULL GROUP BY i.id ORDER BY i.id").fetchall()
     return [(int(i), str(p)) for i, p in rows if isinstance(i, int) and isinstance(p, str)]
 
 
-def record_ocr_run(conn: sqlite3.Connection, item_id: int, engine: str, lines: int) -> None:
+def record_ocr_run(store: Any, item_id: int, engine: str,
+                   lines: int) -> None:
     """Remember that image ``item_id`` was read (call inside the store's transaction)."""
-    conn.execute("INSERT INTO ocr_runs(item_id, engine, lines, done_at) VALUES (?, ?, ?, ?) "
+    _conn(store).execute("INSERT INTO ocr_runs(item_id, engine, lines, done_at) VALUES (?, ?, ?, ?) "
                  "ON CONFLICT(item_id) DO UPDATE SET engine = excluded.engine, "
                  "lines = excluded.lines, done_at = excluded.done_at",
                  (int(item_id), str(engine), int(lines), time.time()))
 
 
-def ocr_texts(conn: sqlite3.Connection, image_ids: list[int]) -> dict[int, str]:
+def ocr_texts(store: Any, image_ids: list[int]) -> dict[int, str]:
     """image id -> the text read in it, for the images in ``image_ids`` that have some."""
+    conn = _conn(store)
     out: dict[int, str] = {}
     ids = [int(i) for i in image_ids]
     for start in range(0, len(ids), 500):
