@@ -11,7 +11,12 @@ __all__ = ["WebSettings"]
 
 @dataclass(frozen=True)
 class WebSettings:
-    """Limits and models of a server."""
+    """Limits, models and serving knobs of a server."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or not 0 <= self.batch_ms <= 1000 or self.max_queued_generations < 0:
+            raise ValueError(f"max_batch must be >= 1, batch_ms in [0, 1000] and max_queued_generations >= 0; "
+                             f"got {self.max_batch}, {self.batch_ms} and {self.max_queued_generations}")
 
     collection: str  # collection folder
     generator: str | None = None  # generator spec (default google/flan-t5-base)
@@ -31,3 +36,6 @@ class WebSettings:
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names answered ("*": any)
     max_workers: int = 0  # searches/renders run at once in worker threads (0: CPUs, at most 8)
     show_paths: bool = False  # absolute server paths in responses (else relative to the source root)
+    max_batch: int = 32  # concurrent searches embedded in one encoder forward (1: no batching)
+    batch_ms: float = 2.0  # longest wait for more searches after the first of a batch arrives
+    max_queued_generations: int = 8  # answers waiting behind the one being generated (more: 503)

@@ -20,7 +20,9 @@ from fastapi import Request
 from ..collection import Collection
 from ..errors import CrossmodalError
 from ..generation import load_generator
+from .batching import SearchBatcher
 from .files import VerifiedFiles
+from .generation import GenerationQueue
 from .paths import PublicPaths
 from .settings import WebSettings
 from .thumbnails import ThumbnailCache, default_cache_dir
@@ -49,6 +51,10 @@ class AppState:
         # worker threads: CPU-heavy request work waits here, on the event loop, not in a thread
         self.work_limit = anyio.CapacityLimiter(settings.max_workers or max(1, min(8, os.cpu_count() or 1)))
         self.generation_limit = anyio.CapacityLimiter(1)  # one generation at a time: it uses every core
+        self.queue = GenerationQueue(settings.max_queued_generations, self.generation_limit)
+        # concurrent searches share encoder forwards (max_batch 1: each search on its own)
+        self.batcher = SearchBatcher(self.collection, self.work_limit, max_batch=settings.max_batch,
+                                     batch_ms=settings.batch_ms) if settings.max_batch > 1 else None
 
     def load_generator(self) -> None:
         self.generator_status = "loading"

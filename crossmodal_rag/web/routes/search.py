@@ -7,6 +7,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
+from ..batching import SearchRequest
 from ..checks import Checks
 from ..inputs import MAX_SCORE_CHARS, check_min_score
 from ..models import ErrorOut, SearchOut
@@ -39,7 +40,12 @@ def router(settings: WebSettings) -> APIRouter:
         check.query(q)
         check.where(where)
         check_min_score(min_score)
-        hits = await st.work(st.collection.search, q, k=check.k(k), target=target, where=where, min_score=min_score)
+        check.k(k)
+        if st.batcher is not None:
+            hits = await st.batcher.search(SearchRequest(text=q, k=k, target=target, where=tuple(where),
+                                                         min_score=min_score))
+        else:
+            hits = await st.work(st.collection.search, q, k=k, target=target, where=where, min_score=min_score)
         return search_out({"text": q, "where": where}, target, k, hits, t0, st.paths)
 
     @r.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
@@ -59,8 +65,12 @@ def router(settings: WebSettings) -> APIRouter:
         check.where(where)
         check_min_score(min_score)
         pil = await check.upload(st, image)
-        hits = await st.work(st.collection.search, image=pil, k=k, target=target, where=where,
-                             min_score=min_score, plus=plus, minus=minus)
+        if st.batcher is not None:
+            hits = await st.batcher.search(SearchRequest(image=pil, k=k, target=target, where=tuple(where),
+                                                         min_score=min_score, plus=tuple(plus), minus=tuple(minus)))
+        else:
+            hits = await st.work(st.collection.search, image=pil, k=k, target=target, where=where,
+                                 min_score=min_score, plus=plus, minus=minus)
         return search_out({"image": image.filename, "plus": plus, "minus": minus, "where": where},
                           target, k, hits, t0, st.paths)
 

@@ -1,0 +1,230 @@
+"""Batched search serving: concurrent search requests share one encoder forward and one index
+search.
+
+A request waits on the event loop (never in a thread) until a worker is free and at most
+``batch_ms`` milliseconds after the first request of its batch arrived, or until ``max_batch``
+requests are waiting; then one worker thread embeds every text of the batch in one forward (and
+every query image in one), builds each request's query vector with the library's own query
+arithmetic, and searches each group of requests with the same ``k``, target, filter and threshold
+in one ``search_vectors`` call. Each request gets its own hits, or its own error.
+
+Under load batches form by themselves: while the workers are busy, arriving requests queue, and
+the next free worker takes them all. A lone request pays at most ``batch_ms`` (default 2 ms).
+The results equal those of :meth:`Collection.search <crossmodal_rag.collection.Collection.search>`
+for each request alone (``tests/test_web_batching.py`` compares them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+
+from ..errors import QueryError
+from ..query import embed_query
+from ..search import Hit, check_target
+
+__all__ = ["BatchStats", "SearchBatcher", "SearchRequest", "run_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One search as a route received it (already checked against the server's limits)."""
+
+    text: str | None = None
+    image: Any = None  # a decoded PIL image
+    k: int = 10
+    target: str = "images"
+    where: tuple[str, ...] = ()
+    min_score: str | float | None = None
+    plus: tuple[str, ...] = ()
+    minus: tuple[str, ...] = ()
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did: batches run, requests served, text/image encoder forwards."""
+
+    batches: int = 0
+    requests: int = 0
+    text_forwards: int = 0
+    image_forwards: int = 0
+    sizes: list[int] = field(default_factory=list)  # the last 1000 batch sizes
+
+
+class _Recorder:
+    """Phase one: what the query code would encode, recorded (answers zeros)."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder, self.texts, self.images = encoder, [], []
+
+    @property
+    def max_text_tokens(self) -> int:
+        return self.encoder.max_text_tokens
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        self.texts.extend(texts)
+        return np.zeros((len(texts), self.encoder.dim), dtype=np.float32)
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+        self.images.extend(images)
+        return np.zeros((len(images), self.encoder.dim), dtype=np.float32)
+
+
+class _Encoded:
+    """Phase two: the batch's embeddings handed back to the query code (texts by their string,
+    the request's images in the order it asked for them)."""
+
+    def __init__(self, encoder: Any, texts: dict[str, np.ndarray], images: np.ndarray) -> None:
+        self.encoder, self.texts, self.images = encoder, texts, images
+
+    @property
+    def max_text_tokens(self) -> int:
+        return self.encoder.max_text_tokens
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self.texts[t] for t in texts])
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray:
+        rows, self.images = self.images[:len(images)], self.images[len(images):]
+        return rows
+
+
+def _record(encoder: Any, req: SearchRequest) -> _Recorder:
+    """The texts and images ``req`` needs embedded; a bad query raises here, before any forward."""
+    check_target(req.target)
+    rec = _Recorder(encoder)
+    try:
+        embed_query(lambda: rec, req.text, req.image, plus=list(req.plus), minus=list(req.minus))
+    except QueryError:
+        if not rec.texts and not rec.images:
+            raise  # refused while it was read: the request's own error
+        # otherwise the zeros cancelled in the weighted sum; phase two sees the real vectors
+    return rec
+
+
+def run_batch(collection: Any, requests: Sequence[SearchRequest], stats: BatchStats | None = None
+              ) -> list[list[Hit] | BaseException]:
+    """Each request's hits (or its error), with one text forward, one image forward and one
+    ``search_vectors`` call per group of requests that share ``k``, target, filter and threshold."""
+    encoder = collection.encoder
+    out: list[list[Hit] | BaseException | None] = [None] * len(requests)
+    recorded: dict[int, tuple[_Recorder, float | None]] = {}
+    for i, req in enumerate(requests):
+        try:
+            threshold = collection.resolve_min_score(req.min_score, query_is_image=req.image is not None,
+                                                     target=check_target(req.target))
+            recorded[i] = (_record(encoder, req), threshold)
+        except Exception as e:  # the request's own error, answered to it alone
+            out[i] = e
+    texts = list(dict.fromkeys(t for rec, _ in recorded.values() for t in rec.texts))
+    images = [im for rec, _ in recorded.values() for im in rec.images]
+    try:
+        text_vecs = encoder.encode_texts(texts) if texts else np.zeros((0, encoder.dim), np.float32)
+        image_vecs = encoder.encode_images(images) if images else np.zeros((0, encoder.dim), np.float32)
+    except Exception as e:  # the encoder failed: every request of the batch gets the error
+        return [o if o is not None else e for o in out]
+    if stats is not None:
+        stats.text_forwards += bool(texts)
+        stats.image_forwards += bool(images)
+    text_rows = dict(zip(texts, text_vecs, strict=True))
+    image_start = 0
+    groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    for i, (_, threshold) in recorded.items():
+        req, n_images = requests[i], len(recorded[i][0].images)
+        encoded = _Encoded(encoder, text_rows, image_vecs[image_start:image_start + n_images])
+        image_start += n_images
+        try:
+            vector = embed_query(lambda e=encoded: e, req.text, req.image, plus=list(req.plus),
+                                 minus=list(req.minus))
+        except Exception as e:
+            out[i] = e
+            continue
+        groups.setdefault((req.k, req.target, req.where, threshold), []).append((i, vector))
+    for (k, target, where, threshold), members in groups.items():
+        try:
+            hits = collection.search_vectors(np.stack([v for _, v in members]), k=k, target=target,
+                                             where=list(where), min_score=threshold)
+        except Exception as e:
+            hits = [e] * len(members)
+        for (i, _), h in zip(members, hits, strict=True):
+            out[i] = h
+    return out  # type: ignore[return-value]
+
+
+class SearchBatcher:
+    """Collects concurrent :class:`SearchRequest` s on the event loop and runs them in batches
+    in worker threads (at most ``limiter``'s capacity at once)."""
+
+    def __init__(self, collection: Any, limiter: anyio.CapacityLimiter, *, max_batch: int = 32,
+                 batch_ms: float = 2.0, run: Callable[..., list] = run_batch) -> None:
+        if max_batch < 1 or batch_ms < 0:
+            raise ValueError(f"max_batch must be >= 1 and batch_ms >= 0, got {max_batch} and {batch_ms}")
+        self.collection, self.limiter, self.run = collection, limiter, run
+        self.max_batch, self.wait_s = max_batch, batch_ms / 1000.0
+        self.stats = BatchStats()
+        self._pending: list[tuple[SearchRequest, asyncio.Future]] = []
+        self._full: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()  # drainers running (a reference keeps each alive)
+
+    async def search(self, request: SearchRequest) -> list[Hit]:
+        """The hits of ``request`` (its own error is raised here)."""
+        loop = asyncio.get_running_loop()
+        if self._full is None:
+            self._full = asyncio.Event()
+        fut: asyncio.Future = loop.create_future()
+        self._pending.append((request, fut))
+        if len(self._pending) == 1:
+            self._full.clear()
+            self._spawn()
+        if len(self._pending) >= self.max_batch:
+            self._full.set()
+        return await fut
+
+    def _spawn(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        """Wait for the batch window (or a full batch), then for a worker; take what is waiting."""
+        assert self._full is not None
+        if self.wait_s > 0 and len(self._pending) < self.max_batch:
+            with anyio.move_on_after(self.wait_s):
+                await self._full.wait()
+        async with self.limiter:
+            batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            if len(self._pending) < self.max_batch:
+                self._full.clear()
+            if self._pending:  # more than one batch waiting: the rest get a drainer of their own
+                self._spawn()
+            batch = [(r, f) for r, f in batch if not f.done()]  # a client that went away
+            if not batch:
+                return
+            t0 = time.perf_counter()
+            try:
+                results = await anyio.to_thread.run_sync(self.run, self.collection, [r for r, _ in batch],
+                                                         self.stats)
+            except BaseException as e:  # a bug: every request of the batch gets it
+                results = [e] * len(batch)
+                if not isinstance(e, Exception):
+                    raise
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        self.stats.sizes = [*self.stats.sizes[-999:], len(batch)]
+        logger.debug("search batch of %d in %.1f ms", len(batch), 1000 * (time.perf_counter() - t0))
+        for (_, fut), res in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
