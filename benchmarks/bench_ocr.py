@@ -87,7 +87,7 @@ def _save(out: Path, key: str, value: object) -> None:
 
 def step_cer(out: Path, compare: int, threads: int) -> None:
     from crossmodal_rag.images import load_image
-    from crossmodal_rag.ocr import OcrSettings, create_ocr_engine
+    from crossmodal_rag.ocr import OcrResult, OcrSettings, create_ocr_engine
 
     root = out / "set"
     docs = [d for d in ocr_docs.load(root) if d.layout != "photo"]
@@ -110,7 +110,7 @@ def step_cer(out: Path, compare: int, threads: int) -> None:
     cache.write_text(json.dumps(read))
     by_layout: dict[str, list[int]] = {}
     for d in docs:
-        hyp_lines = [x["text"] for x in read[d.name]["lines"]]
+        hyp_lines = OcrResult.from_dict(read[d.name]).text.split("\n")
         ref, hyp = norm_text(d.lines), norm_text(hyp_lines)
         e, n_ref = cer(ref, hyp)
         e2, n2 = cer(ref.replace(" ", ""), hyp.replace(" ", ""))
@@ -136,7 +136,7 @@ def step_cer(out: Path, compare: int, threads: int) -> None:
             img = load_image(files[d.name])
             ref = norm_text(d.lines)
             hyp_plain = plain.read(img.image).text.split("\n")
-            hyp_rest = [x["text"] for x in read[d.name]["lines"]]
+            hyp_rest = OcrResult.from_dict(read[d.name]).text.split("\n")
             for key, hyp in (("plain", hyp_plain), ("restored", hyp_rest)):
                 e, n_ref = cer(ref, norm_text(hyp))
                 acc[key][0] += e

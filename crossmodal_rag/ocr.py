@@ -48,6 +48,7 @@ __all__ = [
     "ctc_decode",
     "list_ocr_engines",
     "ocr_image",
+    "rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,9 @@ class OcrResult:
 
     @property
     def text(self) -> str:
-        """The lines joined with newlines ("" when the image has no text)."""
-        return "\n".join(line.text for line in self.lines)
+        """The text, one row per line: boxes side by side on a row (a receipt's item and its
+        price) joined by a space, rows top to bottom ("" when the image has no text)."""
+        return "\n".join(" ".join(line.text for line in row) for row in rows(self.lines))
 
     def to_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "lines": [line.to_dict() for line in self.lines]}
@@ -140,6 +142,27 @@ class OcrEngine(Protocol):
     def read(self, image: Image.Image, original_size: tuple[int, int] | None = None) -> OcrResult:
         """``original_size``: (width, height) the boxes are scaled to, when ``image`` was reduced."""
         ...
+
+
+def rows(lines: Sequence[OcrLine]) -> list[list[OcrLine]]:
+    """Lines grouped into rows and put in reading order: a box joins the row above when its
+    vertical centre is within half a box height of the row's (so a slightly tilted receipt keeps
+    each item beside its price); rows top to bottom, boxes left to right within a row."""
+    def centre_y(line: OcrLine) -> float:
+        return sum(p[1] for p in line.box) / 4
+
+    def height(line: OcrLine) -> float:
+        (_, y0), _, _, (_, y3) = line.box
+        return max(abs(y3 - y0), 1.0)
+
+    out: list[list[OcrLine]] = []
+    for line in sorted(lines, key=centre_y):
+        row = out[-1] if out else None
+        if row is not None and abs(centre_y(line) - centre_y(row[0])) <= 0.5 * min(height(line), height(row[0])):
+            row.append(line)
+        else:
+            out.append([line])
+    return [sorted(row, key=lambda ln: min(p[0] for p in ln.box)) for row in out]
 
 
 def ctc_decode(probs: np.ndarray, charset: Sequence[str], space_threshold: float | None = None,
@@ -241,7 +264,7 @@ class RapidOcrEngine:
                 continue
             scaled = tuple((float(x * sx), float(y * sy)) for x, y in box)
             lines.append(OcrLine(text=text, box=scaled, confidence=float(row[2])))  # type: ignore[arg-type]
-        return OcrResult(lines=tuple(lines), engine=self.name)
+        return OcrResult(lines=tuple(ln for row in rows(lines) for ln in row), engine=self.name)
 
 
 #: Engine name -> class; ``OcrSettings.engine`` picks one.

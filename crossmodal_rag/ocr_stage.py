@@ -174,7 +174,7 @@ class OcrStage:
             self.report.seconds += d.seconds
             if d.error is not None:
                 self.report.skipped.append(Problem(d.path, d.error))
-                logger.warning("no OCR for %s: %s", d.path, d.error)
+                logger.debug("no OCR for %s: %s", d.path, d.error)
         texts = list(dict.fromkeys(d.result.text for d in ok if d.result.text))
         vectors = self.embed_windows(texts) if texts else {}
         added: list[tuple[int, np.ndarray]] = []

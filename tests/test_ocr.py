@@ -21,6 +21,7 @@ from crossmodal_rag.ocr import (
     ctc_decode,
     list_ocr_engines,
     ocr_image,
+    rows,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +100,23 @@ def test_ctc_decode_puts_a_space_where_its_probability_reaches_the_threshold() -
     probs = _frames([(1, .9), (4, .6), (2, .9)], [0, .4, 0])
     assert ctc_decode(probs, CHARSET, 0.01)[0] == "a b"
     assert ctc_decode(np.zeros((0, 5)), CHARSET, 0.01) == ("", 0.0)
+
+
+def _line(text: str, x0: float, y0: float, x1: float, y1: float) -> OcrLine:
+    return OcrLine(text, ((x0, y0), (x1, y0), (x1, y1), (x0, y1)), 0.9)
+
+
+def test_rows_put_a_tilted_receipts_prices_beside_their_items() -> None:
+    # Detected out of order: the right-hand prices sit 8 px lower (a tilted photo), boxes 30 high.
+    lines = [_line("2.49", 400, 108, 460, 138), _line("Milk", 20, 40, 90, 70),
+             _line("1.29", 400, 48, 460, 78), _line("Bread", 20, 100, 100, 130),
+             _line("TOTAL 3.78", 20, 160, 200, 190)]
+    assert [[ln.text for ln in row] for row in rows(lines)] == [
+        ["Milk", "1.29"], ["Bread", "2.49"], ["TOTAL 3.78"]]
+    result = OcrResult(tuple(lines), "x")
+    assert result.text == "Milk 1.29\nBread 2.49\nTOTAL 3.78"
+    # Two lines a full line apart never merge, however far left or right.
+    assert len(rows([_line("a", 0, 0, 10, 30), _line("b", 500, 31, 510, 61)])) == 2
 
 
 def test_settings_round_trip_and_refuse_unknown_keys() -> None:
