@@ -1,5 +1,6 @@
-"""A ``.gguf`` generator through the real loading path (``--generator model.gguf``): a tiny Llama
-written by the gguf package's own writer, checked against the same weights built in transformers."""
+"""A ``.gguf`` generator on the transformers runtime (the fallback when llama-cpp-python is not
+installed, or ``CROSSMODAL_RAG_GGUF_RUNTIME=transformers``): a tiny Llama written by the gguf
+package's own writer, checked against the same weights built in transformers."""
 
 from __future__ import annotations
 
@@ -95,8 +96,9 @@ def test_rag_answers_with_a_gguf_generator(gguf_gen: Generator, oracle: LlamaFor
 
 
 def test_cli_ask_with_a_gguf_generator(tiny_gguf: Path, sample_collection: Path) -> None:
-    """The user's path end to end: ``ask --generator model.gguf --json`` in a subprocess."""
-    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
+    """The user's path end to end: ``ask --generator model.gguf --json`` in a subprocess, on the
+    transformers runtime (tests/test_llama_cpp.py drives the llama.cpp one)."""
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", "CROSSMODAL_RAG_GGUF_RUNTIME": "transformers"}
     r = subprocess.run([sys.executable, "-m", "crossmodal_rag", "ask", "what is in the photo?",
                         "--collection", str(sample_collection), "--generator", str(tiny_gguf),
                         "--k", "2", "--max-new-tokens", "4", "--json"],

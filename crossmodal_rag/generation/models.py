@@ -1,16 +1,20 @@
 """Generators: a seq2seq (T5-style) or causal LM behind one small interface.
 
 Spec strings: a hub id (``google/flan-t5-base``), a local ``save_pretrained`` folder, or a
-``.gguf`` file (loaded through transformers' ``gguf_file``; needs the ``gguf`` package). The
-architecture decides the kind: encoder-decoder configs are ``seq2seq``, the rest ``causal``.
+``.gguf`` file. :func:`load_generator` runs ``.gguf`` files on llama.cpp when ``llama-cpp-python``
+is installed (:mod:`crossmodal_rag.generation.llamacpp`), else through transformers' ``gguf_file``
+(de-quantised to float tensors; needs ``gguf``); ``CROSSMODAL_RAG_GGUF_RUNTIME`` (``auto``,
+``llama.cpp``, ``transformers``) chooses. The architecture decides the kind: encoder-decoder
+configs are ``seq2seq``, the rest ``causal``.
 
 Besides ``generate``, a generator exposes what RAG needs:
 
 * :meth:`Generator.sequence_logprobs` -- log P(y | prompt) for many (prompt, answer) pairs in
   one batched forward pass (teacher forcing, end-of-sequence token included), and per token
   (:meth:`Generator.answer_token_logprobs`);
-* :meth:`Generator.start` / :meth:`DecodeState.step` -- incremental decoding of k prompts in
-  lock-step (one batched forward pass per step, with a key/value cache), for RAG-token mixing.
+* :meth:`Generator.start` / :meth:`DecodeState.logprobs` -- incremental decoding of k prompts in
+  lock-step (one batched forward pass per step, with a key/value cache), for RAG-token;
+* :meth:`Generator.stream` -- one prompt's answer as text deltas while it is decoded.
 
 All three accept ``prefixes``: one ``(P, H)`` tensor (or None) per prompt, vectors in the model's
 input-embedding space (an image prefix, :mod:`crossmodal_rag.generation.prefix`). A prefix is
@@ -37,9 +41,10 @@ from .._config import strict_from_dict
 from ..encoders import default_device
 from ..encoders._hub import hub_reachable, refused_pickle, unsafe_weights_error
 from ..errors import ModelSpecError, WeightsUnavailableError
+from .stream import TextStream, transformers_token_ids
 
-__all__ = ["DEFAULT_GENERATOR", "DecodeState", "GenerationSettings", "Generator", "Prefixes", "Prompt",
-           "load_generator"]
+__all__ = ["DEFAULT_GENERATOR", "GGUF_RUNTIMES", "DecodeState", "GenerationSettings", "Generator", "Prefixes",
+           "Prompt", "gguf_runtime", "load_generator"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +107,9 @@ def _weights_hint(spec: str) -> str:
 
 
 class Generator:
-    """A loaded text generator; build it with :func:`load_generator` (loads lazily)."""
+    """A text generator on transformers; build it with :func:`load_generator` (loads lazily)."""
+
+    runtime = "transformers"
 
     def __init__(self, spec: str, device: str | None = None) -> None:
         self.spec = spec.strip()
@@ -123,7 +130,9 @@ class Generator:
             if self.model is None:
                 from ..progress import loading
 
-                with loading(f"generator {self.spec}"):
+                note = (" (transformers runtime; pip install 'crossmodal-rag[llama]' for llama.cpp)"
+                        if self.spec.endswith(".gguf") else "")
+                with loading(f"generator {self.spec}{note}"):
                     self._load()
         return self
 
@@ -218,6 +227,24 @@ class Generator:
             return prompt
         return "\n\n".join(m["content"] for m in prompt)
 
+    @property
+    def eos_ids(self) -> set[int]:
+        """The tokens that end an answer (the generation config's and the tokenizer's)."""
+        self.load()
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.tokenizer):
+            value = getattr(src, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``, special tokens dropped."""
+        self.load()
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
     def _prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
         tok = self.tokenizer
         if self.kind == "seq2seq":
@@ -284,9 +311,10 @@ class Generator:
     # -- generation ----------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt], settings: GenerationSettings | None = None,
-                 num_return_sequences: int = 1, prefixes: Prefixes = None) -> list[list[str]]:
+                 num_return_sequences: int = 1, prefixes: Prefixes = None, **extra: Any) -> list[list[str]]:
         """Answers for each prompt (``num_return_sequences`` each), in one batched ``generate``;
-        ``prefixes``: one ``(P, H)`` tensor or None per prompt (see the module docstring)."""
+        ``prefixes``: one ``(P, H)`` tensor or None per prompt (see the module docstring);
+        ``extra``: more arguments for transformers' ``generate`` (a streamer, stopping criteria)."""
         self.load()
         s = settings or GenerationSettings()
         if s.seed is not None:
@@ -305,7 +333,7 @@ class Generator:
                                   "pad_token_id": self.tokenizer.pad_token_id}
         if s.do_sample:
             kwargs.update(temperature=s.temperature, top_p=s.top_p)
-        out = self.model.generate(**inputs, attention_mask=mask, **kwargs)
+        out = self.model.generate(**inputs, attention_mask=mask, **kwargs, **extra)
         if self.kind == "causal" and not new_only:
             out = out[:, inputs["input_ids"].shape[1]:]
         texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
@@ -394,10 +422,21 @@ class Generator:
             sel[i, n + len(p) - 1 : n + len(p) - 1 + len(a)] = 1
         return tok, sel
 
+    def stream(self, prompt: Prompt, settings: GenerationSettings | None = None,
+               prefix: torch.Tensor | None = None, cancel: threading.Event | None = None) -> TextStream:
+        """Decode one prompt (greedy or sampled, as :meth:`generate` would): iterate for text
+        deltas; then ``.answer`` is the answer. Setting ``cancel`` stops at the next token."""
+        self.load()
+        s = settings or GenerationSettings()
+        if s.num_beams > 1:
+            raise ValueError("beam search has no token order to stream; call generate()")
+        return TextStream(transformers_token_ids(self, prompt, s, prefix, cancel), self.decode)
+
     @torch.inference_mode()
-    def start(self, prompts: list[Prompt], prefixes: Prefixes = None) -> DecodeState:
+    def start(self, prompts: list[Prompt], prefixes: Prefixes = None, max_new_tokens: int | None = None
+              ) -> DecodeState:
         """Begin lock-step decoding of ``prompts`` (each with its prefix, if any); see
-        :class:`DecodeState`."""
+        :class:`DecodeState` (``max_new_tokens``: unused here, the cache grows as needed)."""
         self.load()
         return DecodeState(self, self._prompt_ids(prompts), prefixes)
 
@@ -446,6 +485,9 @@ class DecodeState:
         self.past = getattr(out, name)
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
+    def close(self) -> None:
+        """Nothing to release (the llama.cpp state releases its context here)."""
+
     def feed(self, token: int) -> None:
         """Append ``token`` to every row."""
         self.next_input = torch.full((self.k, 1), int(token), dtype=torch.long, device=self.gen.device)
@@ -459,16 +501,45 @@ def _any(prefixes: Prefixes) -> bool:
     return prefixes is not None and any(p is not None for p in prefixes)
 
 
-_CACHE: dict[tuple[str, str], Generator] = {}
+#: Where a ``.gguf`` generator runs (``CROSSMODAL_RAG_GGUF_RUNTIME``); auto: llama.cpp when installed.
+GGUF_RUNTIMES = ("auto", "llama.cpp", "transformers")
+
+_CACHE: dict[tuple[str, str, str], Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_generator(spec: str | None = None, device: str | None = None) -> Generator:
-    """The process-wide generator for ``spec`` (default :data:`DEFAULT_GENERATOR`); lazy."""
+def gguf_runtime(spec: str, runtime: str | None = None) -> str:
+    """The runtime ``spec`` loads on: ``llama.cpp`` or ``transformers``. ``runtime`` (default: the
+    ``CROSSMODAL_RAG_GGUF_RUNTIME`` environment variable, else ``auto``) is one of :data:`GGUF_RUNTIMES`;
+    only ``.gguf`` files can run on llama.cpp."""
+    choice = (runtime or os.environ.get("CROSSMODAL_RAG_GGUF_RUNTIME") or "auto").strip().lower()
+    if choice not in GGUF_RUNTIMES:
+        raise ModelSpecError(f"unknown GGUF runtime {choice!r} (CROSSMODAL_RAG_GGUF_RUNTIME); choose one of "
+                             f"{', '.join(GGUF_RUNTIMES)}")
+    if not spec.strip().endswith(".gguf"):
+        return "transformers"
+    if choice == "auto":
+        from .llamacpp import llama_cpp_available
+
+        return "llama.cpp" if llama_cpp_available() else "transformers"
+    return choice
+
+
+def load_generator(spec: str | None = None, device: str | None = None, runtime: str | None = None) -> Any:
+    """The process-wide generator for ``spec`` (default :data:`DEFAULT_GENERATOR`); lazy. A ``.gguf``
+    file gets a :class:`~crossmodal_rag.generation.llamacpp.LlamaCppGenerator` when
+    :func:`gguf_runtime` says llama.cpp, else a :class:`Generator` (transformers)."""
     spec = (spec or DEFAULT_GENERATOR).strip()
-    key = (spec, device or default_device())
+    where = gguf_runtime(spec, runtime)
+    key = (spec, device or default_device(), where)
     with _CACHE_LOCK:
         gen = _CACHE.get(key)
         if gen is None:
-            gen = _CACHE[key] = Generator(spec, device=key[1])
+            if where == "llama.cpp":
+                from .llamacpp import LlamaCppGenerator
+
+                gen = LlamaCppGenerator(spec)
+            else:
+                gen = Generator(spec, device=key[1])
+            _CACHE[key] = gen
         return gen

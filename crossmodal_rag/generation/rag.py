@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,10 +47,11 @@ from ..errors import ImageDecodeError, QueryError
 from ..images import load_image
 from ..search import Hit, check_k
 from .models import GenerationSettings, Generator, Prompt, load_generator
+from .stream import Event, Final, Sources, TextStream, Token
 
 if TYPE_CHECKING:
     from ..collection import Collection
-    from ..training.rag import RagCheckpoint
+    from .checkpoint import RagCheckpoint
     from .prefix import ImagePrefix
 
 __all__ = ["LOGPROB_OF", "MODES", "Answer", "RagPipeline", "RagSettings", "Source", "priors"]
@@ -189,17 +192,19 @@ class RagPipeline:
         self.collection = collection
         if generator is None and image_prefix is not None:
             generator = load_generator(image_prefix.generator_spec)
-        self.generator = generator if isinstance(generator, Generator) else load_generator(generator)
+        # a Generator (transformers) or a LlamaCppGenerator (llama.cpp): the same methods
+        self.generator: Generator = (load_generator(generator) if generator is None or isinstance(generator, str)
+                                     else generator)
         self.settings = settings or RagSettings()
         # A query projection trained by `train rag` (auto: found in the generator's folder) maps
         # the query before search and sets P(z|x)'s temperature and the trained prompt.
         if query_projection == "auto":
-            from ..training.rag import has_rag_checkpoint, load_rag_checkpoint
+            from .checkpoint import has_rag_checkpoint, load_rag_checkpoint
 
             spec = self.generator.spec
             query_projection = load_rag_checkpoint(spec) if has_rag_checkpoint(spec) else None
         elif isinstance(query_projection, str):
-            from ..training.rag import load_rag_checkpoint
+            from .checkpoint import load_rag_checkpoint
 
             query_projection = load_rag_checkpoint(query_projection)
         self.query_projection = query_projection
@@ -293,19 +298,45 @@ class RagPipeline:
         self, question: str | None = None, image: str | Path | Image.Image | None = None, *,
         k: int | None = None, mode: str | None = None, target: str | None = None,
         hits: list[Hit] | None = None, prompt_question: str | None = None,
+        on_event: Callable[[Event], None] | None = None, cancel: threading.Event | None = None,
     ) -> Answer:
         """Answer ``question`` (and/or retrieve by ``image``) from the collection.
 
         ``--image`` alone retrieves by the image and asks ``default_question``; with a question,
         the image drives retrieval and the question drives generation. ``hits`` skips retrieval
         (e.g. chat or write supply their own); ``prompt_question`` overrides the text put in the
-        prompt's question slot.
+        prompt's question slot. ``on_event`` sees each event of :meth:`stream` as it happens
+        (sources, answer tokens, the final answer); ``cancel`` stops answering (QueryError).
         """
+        final = None
+        for event in self.stream(question, image, k=k, mode=mode, target=target, hits=hits,
+                                 prompt_question=prompt_question, cancel=cancel):
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, Final):
+                final = event.answer
+        if final is None:
+            raise QueryError("answering was cancelled before the answer was complete")
+        return final
+
+    def stream(
+        self, question: str | None = None, image: str | Path | Image.Image | None = None, *,
+        k: int | None = None, mode: str | None = None, target: str | None = None,
+        hits: list[Hit] | None = None, prompt_question: str | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Event]:
+        """:meth:`ask`, as events (:mod:`crossmodal_rag.generation.stream`): the sources with their
+        priors, then the answer's text as it is decoded, then the final :class:`Answer`. Setting
+        ``cancel`` stops decoding at the next token and ends the stream without a Final."""
         s = self.settings
+        started = time.perf_counter()
         k = check_k(k if k is not None else s.k)
         mode = mode or s.mode
         if mode not in MODES:
             raise QueryError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "rag-token" and self.generation.num_beams > 1:
+            raise QueryError("rag-token decodes greedily or by sampling; use --beams 1 (beam search "
+                             "is available in concat and rag-sequence modes)")
         if question is not None and not question.strip():
             question = None
         if question is None and image is None and hits is None:
@@ -328,14 +359,14 @@ class RagPipeline:
         if not hits or (threshold is not None and hits[0].score < threshold):
             # Abstain: no generation from evidence this weak; show the nearest sources.
             prior = priors(np.array([h.score for h in hits]), s.prior_temperature) if hits else []
-            sources = [Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=x,
-                              caption=" | ".join(h.captions) if h.kind == "image" else (h.text or ""),
-                              score=h.score, prior=float(p), posterior=0.0, logprob=0.0, included=False)
+            sources = [_source(h, x, p, 0.0, 0.0, False, False, None)
                        for h, x, p in zip(hits, texts, prior, strict=True)]
-            return Answer(answer=s.abstain_answer, question=q_text, mode=mode, sources=sources,
-                          prompts=[], timings=timings, generator=self.generator.spec,
-                          encoder=self.collection.manifest.encoder, image=image_label,
-                          abstained=True, min_score=threshold)
+            yield Sources(sources, mode, streaming=False, abstained=True)
+            yield Final(Answer(answer=s.abstain_answer, question=q_text, mode=mode, sources=sources,
+                               prompts=[], timings=timings, generator=self.generator.spec,
+                               encoder=self.collection.manifest.encoder, image=image_label,
+                               abstained=True, min_score=threshold))
+            return
         prior = priors(np.array([h.score for h in hits]), s.prior_temperature)
         log_prior = np.log(np.maximum(prior, 1e-300))
         t = time.perf_counter()
@@ -348,37 +379,49 @@ class RagPipeline:
             prompts, prefix_labels = [prompt], [q_label]
         timings["prompt"] = time.perf_counter() - t
         candidates: list[dict[str, Any]] = []
+        streaming = mode != "rag-sequence" and self.generation.num_beams == 1
+        yield Sources([_source(h, x, p, 0.0, 0.0, inc, tr, pl) for h, x, p, inc, tr, pl
+                       in zip(hits, texts, prior, included, truncated, item_labels, strict=True)], mode, streaming)
         t = time.perf_counter()
         if mode == "rag-sequence":
             answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings, item_prefixes)
             total = candidates[0]["logprob"]
+            timings["first_token"] = time.perf_counter() - started
+            if answer:
+                yield Token(answer)
         else:
-            if mode == "concat":
+            if not streaming:  # beam search: the whole answer at once
                 answer = self.generator.generate(prompts, self.generation,
                                                  prefixes=[q_prefix] if q_prefix is not None else None)[0][0]
+                pieces: Any = [answer] if answer else []
+            elif mode == "concat":
+                pieces = self.generator.stream(prompts[0], self.generation, prefix=q_prefix, cancel=cancel)
             else:
-                answer = self._rag_token(item_prompts, log_prior, item_prefixes)
+                pieces = TextStream(self._rag_token(item_prompts, log_prior, item_prefixes, cancel),
+                                    self.generator.decode)
+            for piece in pieces:
+                timings.setdefault("first_token", time.perf_counter() - started)
+                yield Token(piece)
+            if cancel is not None and cancel.is_set():
+                return
+            if streaming:
+                answer = pieces.answer
             timings["generate"] = time.perf_counter() - t
             t = time.perf_counter()
             lp, total = self._score(answer, item_prompts, item_prefixes, log_prior,
                                     (prompts[0], q_prefix) if mode == "concat" else None)
             timings["score"] = time.perf_counter() - t
         posterior = np.exp(_log_softmax(log_prior + lp))
-        sources = [
-            Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=x,
-                   caption=" | ".join(h.captions) if h.kind == "image" else (h.text or ""), score=h.score,
-                   prior=float(p), posterior=float(post), logprob=float(lpi), included=inc,
-                   truncated=tr, prefix_image=pl)
-            for h, x, p, post, lpi, inc, tr, pl in zip(hits, texts, prior, posterior, lp, included,
-                                                       truncated, item_labels, strict=True)
-        ]
-        return Answer(answer=answer, question=q_text, mode=mode, sources=sources,
-                      prompts=[self.generator.render(p) for p in prompts],
-                      timings=timings, generator=self.generator.spec,
-                      encoder=self.collection.manifest.encoder, image=image_label,
-                      candidates=candidates, logprob=total, logprob_of=LOGPROB_OF[mode], min_score=threshold,
-                      image_prefix=self.image_prefix.label if self.image_prefix is not None else None,
-                      prefix_images=prefix_labels if self.image_prefix is not None else [])
+        sources = [_source(h, x, p, post, lpi, inc, tr, pl) for h, x, p, post, lpi, inc, tr, pl
+                   in zip(hits, texts, prior, posterior, lp, included, truncated, item_labels, strict=True)]
+        timings["total"] = time.perf_counter() - started
+        yield Final(Answer(answer=answer, question=q_text, mode=mode, sources=sources,
+                           prompts=[self.generator.render(p) for p in prompts],
+                           timings=timings, generator=self.generator.spec,
+                           encoder=self.collection.manifest.encoder, image=image_label,
+                           candidates=candidates, logprob=total, logprob_of=LOGPROB_OF[mode], min_score=threshold,
+                           image_prefix=self.image_prefix.label if self.image_prefix is not None else None,
+                           prefix_images=prefix_labels if self.image_prefix is not None else []))
 
     def _image_prefixes(
         self, image: str | Path | Image.Image | None, qvec: np.ndarray | None, hits: list[Hit],
@@ -453,39 +496,39 @@ class RagPipeline:
 
     @torch.inference_mode()
     def _rag_token(self, prompts: list[Prompt], log_prior: np.ndarray,
-                   prefixes: list[torch.Tensor | None] | None = None) -> str:
-        """Greedy (or sampled) RAG-token decoding; the answer text (scored afterwards by ``_score``)."""
+                   prefixes: list[torch.Tensor | None] | None = None,
+                   cancel: threading.Event | None = None) -> Iterator[int]:
+        """Greedy (or sampled) RAG-token decoding: the answer's token ids as they are chosen, end
+        token excluded (the text is scored afterwards by ``_score``)."""
         g, gs = self.generator, self.generation
-        if gs.num_beams > 1:
-            raise QueryError("rag-token decodes greedily or by sampling; use --beams 1 (beam search "
-                             "is available in concat and rag-sequence modes)")
-        state = g.start(prompts, prefixes)
-        lprior = torch.tensor(log_prior, dtype=torch.float32, device=g.device)[:, None]
-        eos = _eos_ids(g)
-        rng = torch.Generator(device="cpu")
-        if gs.seed is not None:
-            rng.manual_seed(gs.seed)
-        tokens: list[int] = []
-        for _ in range(gs.max_new_tokens):
-            lp = state.logprobs()  # (k, V)
-            mix = torch.logsumexp(lp + lprior, dim=0)  # log sum_z P(z|x) p(y_t | x, z, y_<t)
-            tok = _sample(mix, gs, rng) if gs.do_sample else int(torch.argmax(mix))
-            tokens.append(tok)
-            if tok in eos:
-                break
-            state.feed(tok)
-        return g.tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
+        state = g.start(prompts, prefixes, max_new_tokens=gs.max_new_tokens)
+        try:
+            lprior = torch.tensor(log_prior, dtype=torch.float32, device=g.device)[:, None]
+            eos = g.eos_ids
+            rng = torch.Generator(device="cpu")
+            if gs.seed is not None:
+                rng.manual_seed(gs.seed)
+            for step in range(gs.max_new_tokens):
+                if cancel is not None and cancel.is_set():
+                    return
+                lp = state.logprobs().to(lprior.device)  # (k, V)
+                mix = torch.logsumexp(lp + lprior, dim=0)  # log sum_z P(z|x) p(y_t | x, z, y_<t)
+                tok = _sample(mix, gs, rng) if gs.do_sample else int(torch.argmax(mix))
+                if tok in eos:
+                    return
+                yield tok
+                if step + 1 < gs.max_new_tokens:
+                    state.feed(tok)
+        finally:
+            state.close()
 
 
-def _eos_ids(g: Generator) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(g.model, "generation_config", None), g.tokenizer):
-        value = getattr(src, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return ids
+def _source(h: Hit, text: str, prior: float, posterior: float, logprob: float, included: bool,
+            truncated: bool, prefix_image: str | None) -> Source:
+    return Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=text,
+                  caption=" | ".join(h.captions) if h.kind == "image" else (h.text or ""), score=h.score,
+                  prior=float(prior), posterior=float(posterior), logprob=float(logprob), included=included,
+                  truncated=truncated, prefix_image=prefix_image)
 
 
 def _sample(logp: torch.Tensor, gs: GenerationSettings, rng: torch.Generator) -> int:
