@@ -68,9 +68,9 @@ def test_loading_names_what_loads_and_how_long_it_took() -> None:
 def test_quiet_silences_third_party_bars_and_noisy_warnings_are_filtered() -> None:
     code = """
 import sys, warnings
-from crossmodal_rag.cli import _setup_logging
+from crossmodal_rag.cli import setup_logging
 from crossmodal_rag.progress import NOISY_WARNINGS
-_setup_logging(0, {quiet})  # as main() does, before any library (tqdm) is imported
+setup_logging(0, {quiet})  # as main() does, before any library (tqdm) is imported
 import tqdm
 list(tqdm.tqdm(range(3), desc="third-party", file=sys.stderr))
 for message, category in NOISY_WARNINGS:

@@ -1,0 +1,169 @@
+"""Commands that rank a collection's items for a query: ``search`` (text, image, or a file of
+queries; TSV or JSON) and ``recommend``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import QueryError
+from .options import (
+    UsageError,
+    add_ann_flags,
+    add_collection,
+    add_json,
+    add_model,
+    add_top_k,
+    add_where,
+    check_image_arg,
+    collection_dir,
+    search_params,
+)
+from .output import safe, to_json, tsv_field
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``search`` and ``recommend`` to ``sub``."""
+    se = sub.add_parser("search", help="search a collection by text or by image")
+    se.add_argument("text", nargs="?", metavar="TEXT", help="text query")
+    se.add_argument("--image", "-i", metavar="PATH", help="image query")
+    se.add_argument("--queries", metavar="FILE",
+                    help="batch: one query per line (text, or JSON {\"text\": ...} / {\"image\": ...})")
+    add_collection(se)
+    add_top_k(se, default=10, help="results per query (default 10)")
+    se.add_argument("--target", "-t", choices=("images", "texts", "all"), default="images",
+                    help="what to return: images, texts (captions and passages) or all")
+    add_model(se)
+    se.add_argument("-w", "--where", action="append", default=[], metavar="EXPR",
+                    help="metadata filter, e.g. 'width>=1000', 'path=*/2023/*', 'caption~dog' (repeatable, ANDed)")
+    se.add_argument("--min-score", metavar="S|auto", help="drop hits scoring below S ('auto': calibrated)")
+    se.add_argument("--plus", action="append", default=[], metavar="TEXT", help="add a text to the query (repeatable)")
+    se.add_argument("--minus", action="append", default=[], metavar="TEXT", help="subtract a text from the query")
+    add_json(se, help="JSON output instead of TSV")
+    se.add_argument("--no-header", action="store_true", help="TSV without the header line")
+    add_ann_flags(se)
+    se.set_defaults(handler=cmd_search)
+
+    rc = sub.add_parser("recommend", help="items like the ones you liked (not already liked)")
+    add_collection(rc)
+    rc.add_argument("--liked", type=int, nargs="*", default=[], metavar="ID", help="liked item ids")
+    rc.add_argument("--liked-image", action="append", default=[], metavar="PATH",
+                    help="a liked image file (repeatable)")
+    add_top_k(rc, default=10, help="recommendations (default 10)")
+    rc.add_argument("--diversity", type=float, default=0.3, metavar="D",
+                    help="0 = most similar first, 1 = most diverse (MMR; default 0.3)")
+    rc.add_argument("--target", choices=("images", "texts", "all"), default="images")
+    add_where(rc)
+    add_model(rc)
+    add_json(rc)
+    rc.set_defaults(handler=cmd_recommend)
+
+
+def _read_queries(path: str) -> list[dict[str, Any]]:
+    from ..safe_io import read_regular_text
+
+    try:
+        lines = read_regular_text(path, what="queries file").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise QueryError(f"cannot read queries file {path}: {getattr(e, 'reason', None) or e}") from e
+    queries: list[dict[str, Any]] = []
+    for n, line in enumerate(lines, start=1):
+        s = line.strip()
+        if not s:
+            continue
+        q: dict[str, Any] = {"line": n}
+        if s.startswith("{"):
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError as e:
+                q["error"] = f"invalid JSON: {e.msg}"
+                queries.append(q)
+                continue
+            q["text"], q["image"] = obj.get("text"), obj.get("image")
+            if q["image"]:
+                q["image"] = str((Path(path).resolve().parent / q["image"]).resolve()) \
+                    if not Path(q["image"]).is_absolute() else q["image"]
+        else:
+            q["text"], q["image"] = s, None
+        queries.append(q)
+    return queries
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ..collection import Collection
+    from ..search import TargetEmptyError
+
+    folder = collection_dir(args)
+    if args.queries and (args.text or args.image):
+        raise UsageError("search: give TEXT/--image or --queries FILE, not both")
+    if args.queries:
+        queries = _read_queries(args.queries)
+        if not queries:
+            raise QueryError(f"queries file {args.queries} holds no queries")
+    else:
+        if args.text is None and args.image is None:
+            raise QueryError("search: give a TEXT query, --image PATH, or --queries FILE")
+        if args.text is not None and not args.text.strip():
+            raise QueryError("empty query: give a text to search for, or an image with --image")
+        check_image_arg(args.image, "query image")
+        queries = [{"line": None, "text": args.text, "image": args.image}]
+
+    failures = 0
+    records = []
+    params = search_params(args)
+    with Collection.open(folder, model=args.model, mmap=args.mmap) as coll:
+        for q in queries:
+            label = q.get("text") if q.get("text") is not None else q.get("image")
+            try:
+                if q.get("error"):
+                    raise QueryError(q["error"])
+                hits = coll.search(q.get("text"), image=q.get("image"), k=args.top_k, target=args.target,
+                                   where=args.where, min_score=args.min_score, plus=args.plus,
+                                   minus=args.minus, params=params)
+            except TargetEmptyError as e:
+                raise QueryError(f"{folder} holds no {e.target}, only {e.alternative}: search them "
+                                 f"with --target {e.alternative}") from e
+            except QueryError as e:
+                if len(queries) == 1:
+                    raise
+                failures += 1
+                print(f"error: query on line {q['line']}: {safe(e)}", file=sys.stderr)
+                continue
+            records.append({"query": {"text": q.get("text"), "image": q.get("image")},
+                            "label": label, "hits": hits})
+    if args.json:
+        out = [{"query": r["query"], "target": args.target, "k": args.top_k,
+                "results": [h.to_dict() for h in r["hits"]]} for r in records]
+        print(to_json(out[0] if not args.queries else out))
+    else:
+        if not args.no_header:
+            print("query\trank\tscore\tid\tkind\tpath\ttext")
+        for r in records:
+            for h in r["hits"]:
+                text = h.text if h.text is not None else " | ".join(h.captions)
+                print(f"{tsv_field(r['label'])}\t{h.rank}\t{h.score:.4f}\t{h.id}\t{h.kind}\t"
+                      f"{tsv_field(h.path)}\t{tsv_field(text)}")
+    return 2 if failures else 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from ..apps import recommend
+    from ..collection import Collection
+
+    for image in args.liked_image:
+        check_image_arg(image)
+    with Collection.open(collection_dir(args), model=args.model) as coll:
+        recs = recommend(coll, args.liked, args.liked_image, k=args.top_k, diversity=args.diversity,
+                         target=args.target, where=args.where)
+    if args.json:
+        print(to_json([r.to_dict() for r in recs]))
+    else:
+        print("rank\tscore\tmmr\tid\tkind\tpath\ttext")
+        for r in recs:
+            h = r.hit
+            text = h.text if h.text is not None else " | ".join(h.captions)
+            print(f"{h.rank}\t{h.score:.4f}\t{r.mmr:.4f}\t{h.id}\t{h.kind}\t{tsv_field(h.path)}\t{tsv_field(text)}")
+    return 0
