@@ -76,3 +76,76 @@ def test_ray_actor_refuses_a_node_with_another_image_tower(tiny_oc_dir, tmp_path
             _EncoderActor(f"open_clip:local-dir:{other}", "cpu", threads, driver, (3, 32, 32))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_mismatch_error_names_both_encoders_what_differs_and_the_fix() -> None:
+    from crossmodal_rag.distributed import DistributedError
+    from crossmodal_rag.errors import EncoderMismatchError
+
+    rng = np.random.default_rng(2)
+    stored = Fingerprint(_unit(rng, 3), _unit(rng, 4))
+    fingerprint.check(stored, Fingerprint(stored.text.copy(), stored.image.copy()),
+                      asked="enc-B", expected="enc-A", fix="Use enc-A")  # reproduced: no error
+    other = Fingerprint(stored.text, _unit(rng, 4))
+    cosine = fingerprint.rows_cosine(stored.image, other.image)
+    with pytest.raises(EncoderMismatchError) as info:
+        fingerprint.check(stored, other, asked="enc-B", expected="enc-A", fix="Use enc-A")
+    assert str(info.value) == (f"encoder enc-B gives different embeddings from enc-A (image tower, probe "
+                               f"cosine {cosine:.3f}). Use enc-A")
+    with pytest.raises(DistributedError, match=r"^encoder enc-B on node n gives .* from the driver's"):
+        fingerprint.check(stored, other, asked="enc-B on node n", expected="the driver's", fix="Same files",
+                          error=DistributedError)
+
+
+def test_verify_encoder_refuses_another_encoder_naming_both_and_the_fix(
+        tmp_path, tiny_oc_spec: str, tiny_hf_dir, caplog: pytest.LogCaptureFixture) -> None:
+    """The collection's check (:func:`fingerprint.verify_encoder`) on real tiny encoders: the one
+    that made the stored fingerprint passes, another of the same size is refused by its probes,
+    another size by its dimension, and a store without a fingerprint can verify nothing."""
+    import logging
+
+    from crossmodal_rag.encoders import load_encoder
+    from crossmodal_rag.errors import EncoderMismatchError
+    from crossmodal_rag.store.metadata import MetadataStore
+
+    mine, theirs = load_encoder(tiny_oc_spec), load_encoder(f"hf:{tiny_hf_dir}")
+    assert mine.dim == theirs.dim
+    store = MetadataStore(tmp_path)
+    fix = f"{tmp_path} was built with {tiny_oc_spec}; search it with that encoder"
+    with caplog.at_level(logging.WARNING, logger="crossmodal_rag"):
+        assert fingerprint.verify_encoder(store, theirs, asked="B", dim=mine.dim, where=tmp_path,
+                                          fix=fix) == (None, None)
+    assert f"{tmp_path} holds no encoder fingerprint; B cannot be verified" in caplog.text
+    with store.transaction():
+        fingerprint.write(store, fingerprint.compute(mine))
+    stored, fresh = fingerprint.verify_encoder(store, mine, asked=tiny_oc_spec, dim=mine.dim,
+                                               where=tmp_path, fix=fix)
+    assert stored is not None and fresh is not None and fingerprint.mismatch(stored, fresh) is None
+    with pytest.raises(EncoderMismatchError) as info:
+        fingerprint.verify_encoder(store, theirs, asked=f"hf:{tiny_hf_dir}", dim=mine.dim, where=tmp_path,
+                                   fix=fix)
+    message = str(info.value)
+    assert message.startswith(f"encoder hf:{tiny_hf_dir} gives different embeddings from the one that "
+                              "built the collection (text tower, probe cosine ")
+    assert message.endswith(fix) and tiny_oc_spec in message
+    with pytest.raises(EncoderMismatchError, match=rf"makes {mine.dim}-d embeddings but .* holds 7-d ones"):
+        fingerprint.verify_encoder(store, mine, asked="A", dim=7, where=tmp_path, fix=fix)
+    store.close()
+
+
+def test_record_image_probe_completes_an_older_fingerprint_without_a_new_generation(tmp_path) -> None:
+    from crossmodal_rag.store.metadata import MetadataStore
+
+    rng = np.random.default_rng(3)
+    full = Fingerprint(_unit(rng, 3), _unit(rng, 4))
+    store = MetadataStore(tmp_path)
+    with store.transaction():
+        fingerprint.write(store, Fingerprint(full.text, None))  # a collection from before image probes
+    generation = store.generation
+    older = fingerprint.read(store)
+    assert older is not None and older.image is None
+    fingerprint.record_image_probe(store, older, full)
+    back = fingerprint.read(store)
+    assert back is not None and np.allclose(back.image, full.image, atol=1e-6)
+    assert np.allclose(back.text, full.text, atol=1e-6) and store.generation == generation
+    store.close()
