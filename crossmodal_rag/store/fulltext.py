@@ -1,0 +1,254 @@
+"""The full-text (keyword) index of a collection's texts: SQLite FTS5 with BM25, kept in the
+metadata database and written in the same transaction as the items it indexes.
+
+What is indexed: the text of every caption, passage (title and text) and OCR item, one row per
+item under the item's id (windows of long texts are not: their item is). Two FTS5 tables hold the
+same texts, tokenised two ways, because OCR text loses spaces ("LIDLStore4711Berlin",
+"Invoiceno.2026-0815") and a word index alone cannot find "4711" or "invoice" in it:
+
+* ``fts_words`` (``unicode61``, diacritics folded): words, after splitting runs where letters
+  meet digits or a lower-case letter meets a capital ("LIDL Store 4711 Berlin"); exact words
+  score here.
+* ``fts_grams`` (``trigram``, case-folded): every 3-character substring, so that any query word
+  of 3 or more characters matches inside a glued run ("invoice" in "Invoiceno").
+
+A query is words (``\\w`` runs) and "quoted phrases"; each becomes one FTS5 phrase, quoted, so no
+input reaches FTS5's query syntax. Items match any phrase (OR); an item's keyword score is the
+sum of its BM25 scores in the two tables (FTS5's ``bm25()``, k1 = 1.2, b = 0.75, negated so that
+higher is better). docs/search-modes.md has the measurements behind this choice.
+
+No triggers (the schema check refuses them): :func:`index_items` and :func:`delete_items` are
+called by the metadata store's own writes; :func:`rebuild` remakes both tables from the items;
+:func:`problems` compares them with the items for ``check``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import QueryError
+
+__all__ = ["FTS_KINDS", "FTS_TABLES", "KeywordQuery", "available", "delete_items", "fts_step", "index_items",
+           "keyword_search", "parse_keyword_query", "problems", "rebuild", "segment"]
+
+logger = logging.getLogger(__name__)
+
+#: Item kinds whose text is indexed.
+FTS_KINDS = ("caption", "passage", "ocr")
+#: The two tables and their tokenisers (see the module docstring).
+FTS_TABLES = {"fts_words": "unicode61 remove_diacritics 2", "fts_grams": "trigram case_sensitive 0"}
+#: Longest keyword query accepted (characters) and most phrases in one.
+MAX_QUERY_CHARS = 1000
+MAX_PHRASES = 32
+
+_MARKS = ",".join("?" * len(FTS_KINDS))
+# letters meeting digits, a lower-case letter meeting a capital, a capital run meeting a word
+_SPLITS = re.compile(r"(?<=[^\W\d_])(?=\d)|(?<=\d)(?=[^\W\d_])|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_PHRASE_OR_WORD = re.compile(r'"([^"]*)"|(\w+)')
+
+
+def segment(text: str) -> str:
+    """``text`` with a space where letters meet digits or case changes inside a word:
+    ``"LIDLStore4711Berlin"`` -> ``"LIDL Store 4711 Berlin"`` (what ``fts_words`` holds)."""
+    return _SPLITS.sub(" ", text)
+
+
+def _body(text: str | None, title: str | None) -> str:
+    return "\n".join(t for t in (title, text) if t)
+
+
+# -- schema ---------------------------------------------------------------------------------------
+
+def available(conn: sqlite3.Connection) -> bool:
+    """Whether this SQLite has FTS5 with the trigram tokeniser (3.34+)."""
+    try:
+        probe = sqlite3.connect(":memory:")
+        try:
+            probe.execute("CREATE VIRTUAL TABLE t USING fts5(body, tokenize='trigram')")
+        finally:
+            probe.close()
+    except sqlite3.Error:
+        return False
+    return True
+
+
+def _create_sql(table: str) -> str:
+    return f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING fts5(body, tokenize='{FTS_TABLES[table]}')"
+
+
+def has_index(conn: sqlite3.Connection) -> bool:
+    """Whether the store holds the full-text tables (a read-only schema-2 store does not)."""
+    rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+                        tuple(FTS_TABLES)).fetchall()
+    return len(rows) == len(FTS_TABLES)
+
+
+def fts_step(conn: sqlite3.Connection) -> None:
+    """Schema version 3: the two FTS5 tables, filled from the items already stored (idempotent:
+    an existing table is kept; a store whose SQLite lacks FTS5 gets none and keyword search says so)."""
+    if not available(conn):
+        logger.warning("this SQLite (%s) has no FTS5 trigram tokeniser: no keyword index",
+                       sqlite3.sqlite_version)
+        return
+    fresh = not has_index(conn)
+    for table in FTS_TABLES:
+        conn.execute(_create_sql(table))
+    if fresh:
+        _fill(conn)
+
+
+# -- writes (inside the metadata transaction) ----------------------------------------------------
+
+def index_items(conn: sqlite3.Connection, rows: Iterable[tuple[int, str | None, str | None]]) -> None:
+    """Index ``(item id, text, title)`` rows (items of :data:`FTS_KINDS`; empty texts add nothing)."""
+    words, grams = [], []
+    for item_id, text, title in rows:
+        body = _body(text, title)
+        if body.strip():
+            words.append((item_id, segment(body)))
+            grams.append((item_id, body))
+    if words:
+        conn.executemany("INSERT INTO fts_words(rowid, body) VALUES (?, ?)", words)
+        conn.executemany("INSERT INTO fts_grams(rowid, body) VALUES (?, ?)", grams)
+
+
+def delete_items(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+    """Drop ``ids`` from both tables (ids not indexed are ignored)."""
+    for start in range(0, len(ids), 500):
+        chunk = list(ids[start:start + 500])
+        marks = ",".join("?" * len(chunk))
+        for table in FTS_TABLES:
+            conn.execute(f"DELETE FROM {table} WHERE rowid IN ({marks})", chunk)
+
+
+def _fill(conn: sqlite3.Connection) -> None:
+    rows = conn.execute(f"SELECT id, text, title FROM items WHERE kind IN ({_MARKS}) ORDER BY id", FTS_KINDS)
+    while batch := rows.fetchmany(1000):
+        index_items(conn, batch)
+
+
+def rebuild(conn: sqlite3.Connection) -> int:
+    """Remake both tables from the items (inside the caller's transaction); returns the rows
+    indexed. Creates the tables on a store that has none."""
+    if not available(conn):
+        return 0
+    for table in FTS_TABLES:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+        conn.execute(_create_sql(table))
+    _fill(conn)
+    return int(conn.execute("SELECT count(*) FROM fts_grams").fetchone()[0])
+
+
+def problems(conn: sqlite3.Connection) -> list[str]:
+    """How the full-text tables disagree with the items (empty: in sync): rows missing or left
+    over, texts that differ, and FTS5's own integrity check of each table."""
+    if not has_index(conn):
+        return []
+    out: list[str] = []
+    expected = {}
+    for item_id, text, title in conn.execute(
+            f"SELECT id, text, title FROM items WHERE kind IN ({_MARKS})", FTS_KINDS):
+        body = _body(text, title)
+        if body.strip():
+            expected[item_id] = body
+    for table in FTS_TABLES:
+        try:
+            conn.execute(f"INSERT INTO {table}({table}) VALUES ('integrity-check')")
+        except sqlite3.DatabaseError as e:
+            out.append(f"full-text index {table}: {e} (rebuild it with `crossmodal-rag reindex`)")
+            continue
+        held = dict(conn.execute(f"SELECT rowid, body FROM {table}").fetchall())
+        want = {i: (segment(b) if table == "fts_words" else b) for i, b in expected.items()}
+        missing, extra = sorted(set(want) - set(held)), sorted(set(held) - set(want))
+        changed = sorted(i for i in set(want) & set(held) if want[i] != held[i])
+        for what, ids in (("lacks", missing), ("holds removed or unindexed", extra),
+                          ("holds stale text for", changed)):
+            if ids:
+                shown = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
+                out.append(f"full-text index {table} {what} {len(ids)} item(s): {shown} "
+                           "(rebuild it with `crossmodal-rag reindex`)")
+    return out
+
+
+# -- queries --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeywordQuery:
+    """A parsed keyword query: its phrases, each a tuple of words."""
+
+    phrases: tuple[tuple[str, ...], ...]
+
+    def match(self, table: str) -> str | None:
+        """The FTS5 MATCH expression for ``table`` (None: no phrase can match there): every
+        phrase double-quoted (words hold no quote), joined by OR. The trigram table gets only
+        phrases of 3 or more characters (shorter ones cannot match a trigram)."""
+        parts = []
+        for words in self.phrases:
+            text = " ".join(segment(w) for w in words) if table == "fts_words" else " ".join(words)
+            if table == "fts_grams" and len(text) < 3:
+                continue
+            parts.append('"' + text + '"')
+        return " OR ".join(parts) or None
+
+
+def parse_keyword_query(query: str) -> KeywordQuery:
+    """Words and "quoted phrases" -> :class:`KeywordQuery`. Everything else (punctuation, FTS5
+    operators) separates words. Raises :class:`~crossmodal_rag.errors.QueryError` for an
+    unbalanced quote, a query without words, or one too long."""
+    if not isinstance(query, str):
+        raise QueryError(f"keyword query must be text, got {type(query).__name__}")
+    if len(query) > MAX_QUERY_CHARS:
+        raise QueryError(f"keyword query is {len(query)} characters; at most {MAX_QUERY_CHARS}")
+    if query.count('"') % 2:
+        pos = query.rfind('"')
+        raise QueryError(f"keyword query {query!r}: unbalanced double quote at position {pos}: close the "
+                         "phrase with another \" or remove it")
+    phrases: list[tuple[str, ...]] = []
+    for m in _PHRASE_OR_WORD.finditer(query):
+        words = tuple(re.findall(r"[^\W_]+", m.group(1) if m.group(1) is not None else m.group(2)))
+        if words and words not in phrases:
+            phrases.append(words)
+    if not phrases:
+        raise QueryError(f"keyword query {query!r} holds no words to match: give letters or digits")
+    if len(phrases) > MAX_PHRASES:
+        raise QueryError(f"keyword query holds {len(phrases)} words or phrases; at most {MAX_PHRASES}")
+    return KeywordQuery(tuple(phrases))
+
+
+def keyword_search(conn: sqlite3.Connection, query: str | KeywordQuery, limit: int | None = None,
+                   allowed: set[int] | None = None) -> list[tuple[int, float]]:
+    """Items matching ``query``, best first: ``[(item id, score), ...]``, score = the sum of the
+    item's BM25 scores in both tables (higher is better). ``limit`` keeps the best (None: all);
+    ``allowed`` keeps only those ids. Without ``allowed``, each table gives at most its best
+    ``max(20 * limit, 1000)`` rows (an item past that in one table keeps its other table's score)."""
+    parsed = query if isinstance(query, KeywordQuery) else parse_keyword_query(query)
+    if not has_index(conn):
+        raise QueryError("this collection has no keyword index (made by an older crossmodal-rag, opened "
+                         "read-only, or SQLite without FTS5): open it writable once, or search with "
+                         "--mode dense")
+    scores: dict[int, float] = {}
+    for table in FTS_TABLES:
+        match = parsed.match(table)
+        if match is None:
+            continue
+        sql = f"SELECT rowid, -bm25({table}) FROM {table} WHERE {table} MATCH ? ORDER BY bm25({table}) LIMIT ?"
+        fetch = -1 if limit is None or allowed is not None else max(20 * limit, 1000)
+        try:
+            rows = conn.execute(sql, (match, fetch)).fetchall()
+        except sqlite3.OperationalError as e:  # not expected: every phrase is quoted
+            raise QueryError(f"keyword query {match!r} was refused by the full-text index: {e}") from e
+        for item_id, score in rows:
+            if allowed is None or item_id in allowed:
+                scores[item_id] = scores.get(item_id, 0.0) + float(score)
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ranked if limit is None else ranked[:limit]
+
+
+def indexed_count(conn: Any) -> int:
+    """Rows in the full-text index (0 when there is none)."""
+    return int(conn.execute("SELECT count(*) FROM fts_grams").fetchone()[0]) if has_index(conn) else 0
