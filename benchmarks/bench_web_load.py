@@ -14,7 +14,12 @@ both are reported per 10 s window. The verdict line says whether the run ended w
 zero resets (a connection dropped without an answer), health p99 under 100 ms in every window,
 and flat memory (RSS of the last third within 5% + 20 MB of the middle third).
 
+With ``--batching`` it measures search alone, with the server's query batching on and off in the
+same run (two servers over the same collection, runs interleaved): requests/s and p50/p99 latency
+at 1, 16 and 64 concurrent clients (``--levels``), each run ``--seconds`` long, and the ratios.
+
     python benchmarks/bench_web_load.py --clients 16 --seconds 30
+    python benchmarks/bench_web_load.py --batching --levels 1,16,64 --seconds 8 --out-json batching.json
     # the issue-15 soak (10 minutes, 64 clients, good and hostile requests):
     python benchmarks/bench_web_load.py --clients 64 --seconds 600 --soak --out-json web_soak.json
 """
@@ -160,7 +165,15 @@ def main() -> None:
                     help="also send hostile requests (they must get 4xx); probe /api/health and RSS per window")
     ap.add_argument("--hostile", type=float, default=0.25, help="share of hostile requests with --soak")
     ap.add_argument("--out-json")
+    ap.add_argument("--batching", action="store_true",
+                    help="search only, query batching on vs off in the same run, at --levels clients")
+    ap.add_argument("--levels", default="1,16,64", help="client counts for --batching")
+    ap.add_argument("--max-batch", type=int, default=32, help="the batching server's max_batch")
+    ap.add_argument("--batch-ms", type=float, default=2.0, help="the batching server's batch_ms")
     args = ap.parse_args()
+    if args.batching:
+        compare_batching(args)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="xmr-load-"))
     try:
@@ -340,6 +353,110 @@ def report(r: dict, args: argparse.Namespace) -> None:
     print("PASS" if verdict else "FAIL", "(zero 5xx, zero resets, health p99 < 100 ms in every window, flat memory)")
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(result, indent=2))
+
+
+# -- batching on vs off -----------------------------------------------------------------------
+SERVER = """
+import sys, uvicorn
+from crossmodal_rag.web import WebSettings, create_app
+coll, port, thumbs, max_batch, batch_ms = sys.argv[1:6]
+settings = WebSettings(collection=coll, thumbnail_dir=thumbs, load_generator_at_startup=False,
+                       max_batch=int(max_batch), batch_ms=float(batch_ms))
+uvicorn.run(create_app(settings), host="127.0.0.1", port=int(port), log_level="warning")
+"""
+
+
+def _start_server(coll: Path, work: Path, max_batch: int, batch_ms: float) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(coll), str(port), str(work / f"thumbs{port}"),
+                             str(max_batch), str(batch_ms)], env=env, stdout=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if httpx.get(base + "/api/health", timeout=5).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the server (max_batch={max_batch}) did not start")
+        time.sleep(0.2)
+
+
+def _search_load(base: str, clients: int, seconds: float, seed: int) -> dict:
+    """``clients`` closed-loop search clients (asyncio, one connection each) for ``seconds``."""
+    import asyncio
+
+    lat: list[float] = []
+    errors: list[str] = []
+
+    async def client(c: httpx.AsyncClient, rng: random.Random, stop: float) -> None:
+        while time.perf_counter() < stop:
+            q = f"{rng.choice(QUERIES)} {rng.randrange(1000)}"  # distinct texts: no help from repeats
+            t0 = time.perf_counter()
+            try:
+                r = await c.get("/api/search", params={"q": q, "k": 10})
+            except httpx.TransportError as e:
+                errors.append(type(e).__name__)
+                continue
+            (lat.append(time.perf_counter() - t0) if r.status_code == 200 else errors.append(f"HTTP {r.status_code}"))
+
+    async def run() -> float:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as c:
+            await c.get("/api/search", params={"q": "warm up", "k": 10})
+            t0 = time.perf_counter()
+            stop = t0 + seconds
+            await asyncio.gather(*(client(c, random.Random(seed * 1000 + i), stop) for i in range(clients)))
+            return time.perf_counter() - t0
+
+    elapsed = asyncio.run(run())
+    p50, p99 = (np.percentile(lat, [50, 99]) * 1000).tolist() if lat else (float("nan"), float("nan"))
+    return {"clients": clients, "seconds": round(elapsed, 2), "ok": len(lat), "errors": len(errors),
+            "rps": round(len(lat) / elapsed, 2), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
+
+
+def compare_batching(args: argparse.Namespace) -> None:
+    """Search throughput and latency with batching on and off, interleaved, same collection."""
+    levels = [int(x) for x in args.levels.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="xmr-batching-"))
+    servers: list[subprocess.Popen] = []
+    try:
+        coll = build_collection(work)
+        on, base_on = _start_server(coll, work, args.max_batch, args.batch_ms)
+        servers.append(on)
+        off, base_off = _start_server(coll, work, 1, 0.0)
+        servers.append(off)
+        rows = []
+        for i, n in enumerate(levels):
+            pair = [("on", base_on), ("off", base_off)]
+            for mode, base in pair if i % 2 == 0 else pair[::-1]:  # alternate which goes first
+                row = {"batching": mode, **_search_load(base, n, args.seconds, seed=i)}
+                rows.append(row)
+                print(f"batching {mode:>3}  {n:>3} clients: {row['rps']:>7.1f} req/s  p50 {row['p50_ms']:>7.1f} ms  "
+                      f"p99 {row['p99_ms']:>7.1f} ms  ({row['ok']} ok, {row['errors']} errors)", flush=True)
+        ratios = {}
+        for n in levels:
+            a = next(r for r in rows if r["batching"] == "on" and r["clients"] == n)
+            b = next(r for r in rows if r["batching"] == "off" and r["clients"] == n)
+            ratios[n] = {"throughput_on_over_off": round(a["rps"] / b["rps"], 2) if b["rps"] else None,
+                         "p50_on_over_off": round(a["p50_ms"] / b["p50_ms"], 2) if b["p50_ms"] else None,
+                         "p99_on_over_off": round(a["p99_ms"] / b["p99_ms"], 2) if b["p99_ms"] else None}
+            print(f"{n:>3} clients: throughput on/off {ratios[n]['throughput_on_over_off']}x, "
+                  f"p50 on/off {ratios[n]['p50_on_over_off']}, p99 on/off {ratios[n]['p99_on_over_off']}")
+        if args.out_json:
+            Path(args.out_json).write_text(json.dumps({"max_batch": args.max_batch, "batch_ms": args.batch_ms,
+                                                       "seconds": args.seconds, "rows": rows, "ratios": ratios},
+                                                      indent=2))
+    finally:
+        for proc in servers:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _rss(pid: int) -> float | None:

@@ -92,6 +92,7 @@ def test_search_upload_and_ask_in_chromium(server: str, sample_dir: Path) -> Non
         page.keyboard.type("What is the cat doing?")
         page.keyboard.press("Enter")
         page.wait_for_selector("#answer-panel:not([hidden])", timeout=60_000)
+        _wait_for(page, "document.getElementById('ask-status').textContent.includes('Answered in')")  # streamed
         sources = page.query_selector_all("#sources li")
         assert len(sources) == 5
         weights = [float(s.text_content().split("weight")[1].split("%")[0]) for s in sources]

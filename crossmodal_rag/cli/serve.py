@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import UsageError, add_collection, add_model, collection_dir, positive_int
+from .options import UsageError, add_collection, add_model, collection_dir, nonneg_int, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--show-paths", action="store_true",
                     help="absolute server paths in API responses (default: relative to the collection's "
                          "source root; models and the collection by name)")
+    sv.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
+                    help="concurrent searches embedded in one encoder forward (default 32; 1 = no batching)")
+    sv.add_argument("--batch-ms", type=_batch_ms, default=2.0, metavar="MS",
+                    help="longest wait for more searches to join a batch (default 2 ms)")
+    sv.add_argument("--max-queued-answers", type=nonneg_int, default=8, metavar="N",
+                    help="questions waiting behind the one being answered; more get 503 with Retry-After "
+                         "(default 8)")
     sv.set_defaults(handler=cmd_serve)
+
+
+def _batch_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not 0.0 <= value <= 1000.0:
+        raise argparse.ArgumentTypeError(f"expected 0 to 1000 milliseconds, got {text!r}")
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -49,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_k=args.max_k, max_new_tokens=args.max_new_tokens, thumbnail_dir=args.thumbnail_dir,
         load_generator_at_startup=not args.lazy_generator, mmap=args.mmap,
         allowed_hosts=allowed_hosts_for(args.host, args.allowed_host), show_paths=args.show_paths,
+        max_batch=args.max_batch, batch_ms=args.batch_ms, max_queued_generations=args.max_queued_answers,
     )
     from ..collection import Collection
 

@@ -57,6 +57,7 @@ class AskIn(BaseModel):
     target: Literal["texts", "images", "all"] = "texts"
     where: list[str] = Field(default_factory=list, description="metadata filters on retrieval")
     min_score: str | float | None = Field(None, description="abstain below this score; 'auto' = calibrated")
+    stream: bool = Field(False, description="answer as server-sent events: sources, tokens, final")
 
 
 class AskOut(BaseModel):

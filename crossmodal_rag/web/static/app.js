@@ -83,6 +83,29 @@ async function runSearch(call, label) {
   }
 }
 
+// Server-sent events from a POST (EventSource only GETs): yields {event, data} as they arrive.
+async function* sseEvents(resp) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      if (data) yield { event, data: JSON.parse(data) };
+    }
+  }
+}
+
 async function ask(ev) {
   ev.preventDefault();
   const question = $("question").value.trim();
@@ -91,45 +114,80 @@ async function ask(ev) {
   if (!question && !useImage) { setStatus(status, "Type a question, or choose an image above.", true); return; }
   $("ask-btn").disabled = true;
   $("answer-panel").hidden = true;
-  setStatus(status, "Thinking… (the first answer also loads the language model)");
+  setStatus(status, "Retrieving… (the first answer also loads the language model)");
   try {
-    let data;
+    let resp;
     if (useImage) {
       const form = new FormData();
       form.append("image", chosenFile);
       if (question) form.append("question", question);
       form.append("mode", $("mode").value);
-      data = await api("/api/ask/image", { method: "POST", body: form });
+      form.append("stream", "true");
+      resp = await fetch("/api/ask/image", { method: "POST", body: form });
     } else {
-      data = await api("/api/ask", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ question, mode: $("mode").value }) });
+      resp = await fetch("/api/ask", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ question, mode: $("mode").value, stream: true }) });
     }
-    renderAnswer(data);
-    setStatus(status, `Answered in ${Object.values(data.timings).reduce((a, b) => a + b, 0).toFixed(2)} s (${data.mode})`);
+    if (!resp.ok) {
+      let body = null;
+      try { body = await resp.json(); } catch (e) { /* not JSON */ }
+      throw new Error(body && body.error ? body.error.message : `${resp.status} ${resp.statusText}`);
+    }
+    let final = null;
+    for await (const { event, data } of sseEvents(resp)) {
+      if (event === "sources") {
+        $("answer").textContent = "";
+        $("answer").classList.add("pending");
+        renderSources(data.sources, false);
+        $("answer-panel").hidden = false;
+        setStatus(status, data.abstained ? "Nothing relevant enough was found."
+          : data.streaming ? `Generating (${data.mode})…`
+          : `Scoring candidates (${data.mode}): the best answer appears once every candidate is scored…`);
+      } else if (event === "token") {
+        $("answer").textContent += data.text;
+      } else if (event === "final") {
+        final = data;
+        renderAnswer(data);
+      } else if (event === "error") {
+        throw new Error(data.message);
+      }
+    }
+    if (!final) throw new Error("the answer ended early");
+    setStatus(status, `Answered in ${final.timings.total !== undefined ? final.timings.total.toFixed(2)
+      : Object.values(final.timings).reduce((a, b) => a + b, 0).toFixed(2)} s (${final.mode})`);
   } catch (e) {
     setStatus(status, `Could not answer: ${e.message}`, true);
   } finally {
+    $("answer").classList.remove("pending");
     $("ask-btn").disabled = false;
   }
 }
 
 function renderAnswer(data) {
   $("answer").textContent = data.answer || "(the model gave an empty answer)";
+  renderSources(data.sources, true);
+  $("answer-panel").hidden = false;
+}
+
+// Sources with their retrieval prior; once the answer is complete, the posterior weight too.
+function renderSources(sources, complete) {
   const list = $("sources");
   list.replaceChildren();
-  for (const s of data.sources) {
+  for (const s of sources) {
     const li = el("li", { "data-id": String(s.id) });
     if (s.thumbnail_url) li.append(el("img", { src: s.thumbnail_url, alt: s.caption || `item ${s.id}` }));
     const body = el("div");
-    const pct = (s.posterior * 100).toFixed(1);
-    const bar = el("span", { class: "bar", "aria-hidden": "true" });
-    bar.style.width = `${Math.max(2, s.posterior * 120)}px`; // CSSOM: allowed by the CSP, a style attribute is not
-    body.append(bar, document.createTextNode(` weight ${pct}% (prior ${(s.prior * 100).toFixed(1)}%, score ${s.score.toFixed(3)})`));
+    const weight = complete ? s.posterior : s.prior;
+    const bar = el("span", { class: complete ? "bar" : "bar prior", "aria-hidden": "true" });
+    bar.style.width = `${Math.max(2, weight * 120)}px`; // CSSOM: allowed by the CSP, a style attribute is not
+    const label = complete
+      ? ` weight ${(s.posterior * 100).toFixed(1)}% (prior ${(s.prior * 100).toFixed(1)}%, score ${s.score.toFixed(3)})`
+      : ` prior ${(s.prior * 100).toFixed(1)}% (score ${s.score.toFixed(3)}; answering…)`;
+    body.append(bar, document.createTextNode(label));
     body.append(el("div", { class: "muted" }, s.text));
     li.append(body);
     list.append(li);
   }
-  $("answer-panel").hidden = false;
 }
 
 function setupDrop() {
