@@ -11,8 +11,11 @@ for one query and the copy bandwidth (the read-bandwidth bound of an exact float
 
 Distributions (``--dists``):
 * ``clustered``: bench_ann's anisotropic gaussian mixture on a 96-d subspace of R^512;
-* ``powerlaw``: 4,000 isotropic clusters with power-law sizes (Zipf exponent 1.1) in a 128-d
-  subspace of R^512, plus isotropic noise off the subspace.
+* ``powerlaw``: 4,000 clusters with power-law sizes (Zipf exponent 1.1) in a 128-d subspace of
+  R^512, each with a power-law spectrum (spread of axis i ~ 1/i, randomly rotated), plus isotropic
+  noise off the subspace;
+* ``powerlaw_iso``: the same with isotropic 128-d clusters (the largest holds 11% of the vectors
+  in a ball where neighbours are nearly equidistant): the hard case, reported as a frontier.
 
 Data, shards and ground truth are cached under ``--workdir`` and reused between runs.
 
@@ -46,10 +49,14 @@ DIM, K, SHARD_ROWS, CHUNK = 512, 10, 100_000, 50_000
 
 
 class PowerLawSubspace:
-    """Isotropic gaussian clusters with power-law sizes in a ``latent``-d subspace of R^512."""
+    """Gaussian clusters with power-law sizes (Zipf ``exponent``) in a ``latent``-d subspace of
+    R^512, plus isotropic noise off it. ``decay`` > 0 gives each cluster a power-law spectrum
+    (axis i of a random rotation, one of ``shapes``, spreads ~ i^-decay), as real embeddings
+    have; ``decay`` = 0 makes every cluster an isotropic ``latent``-d ball, where nearest
+    neighbours inside a big cluster are nearly equidistant (``powerlaw_iso``: the hard case)."""
 
     def __init__(self, seed: int = 7, *, clusters: int = 4000, latent: int = 128, exponent: float = 1.1,
-                 spread: float = 0.45, off_noise: float = 0.35) -> None:
+                 spread: float = 0.45, off_noise: float = 0.35, decay: float = 0.0, shapes: int = 8) -> None:
         rng = np.random.default_rng(seed)
         q, _ = np.linalg.qr(rng.standard_normal((DIM, latent)))
         self.basis = np.ascontiguousarray(q.T, dtype=np.float32)
@@ -57,12 +64,23 @@ class PowerLawSubspace:
         w = 1.0 / np.arange(1, clusters + 1) ** exponent
         self.weights = w / w.sum()
         self.spread = np.float32(spread * rng.uniform(0.6, 1.4, clusters)).astype(np.float32)
-        self.latent, self.off_noise = latent, off_noise
+        self.latent, self.off_noise, self.decay = latent, off_noise, decay
+        spectrum = 1.0 / np.arange(1, latent + 1) ** decay
+        self.spectrum = (spectrum / np.sqrt((spectrum**2).mean())).astype(np.float32)
+        self.shape_of = rng.integers(0, shapes, clusters)
+        self.rotations = [np.linalg.qr(rng.standard_normal((latent, latent)))[0].astype(np.float32)
+                          for _ in range(shapes if decay else 0)]
 
     def draw(self, rng: np.random.Generator, m: int) -> np.ndarray:
         which = rng.choice(len(self.weights), size=m, p=self.weights)
-        z = self.centres[which] + rng.standard_normal((m, self.latent), dtype=np.float32) \
-            * self.spread[which, None]
+        g = rng.standard_normal((m, self.latent), dtype=np.float32) * self.spread[which, None] * self.spectrum
+        z = self.centres[which].copy()
+        if self.rotations:
+            for s, rot in enumerate(self.rotations):
+                sel = self.shape_of[which] == s
+                z[sel] += g[sel] @ rot
+        else:
+            z += g
         x = z @ self.basis
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         x += rng.standard_normal((m, DIM), dtype=np.float32) * np.float32(self.off_noise / np.sqrt(DIM))
@@ -70,7 +88,8 @@ class PowerLawSubspace:
         return x
 
 
-DISTS = {"clustered": lambda: ClusteredMixture(0), "powerlaw": lambda: PowerLawSubspace(7)}
+DISTS = {"clustered": lambda: ClusteredMixture(0), "powerlaw": lambda: PowerLawSubspace(7, decay=1.0),
+         "powerlaw_iso": lambda: PowerLawSubspace(7)}
 
 
 def dataset(dist: str, n: int, workdir: Path, n_eval: int) -> tuple[EmbeddingShards, np.ndarray, np.ndarray]:

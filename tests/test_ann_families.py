@@ -129,7 +129,7 @@ def test_tuning_covers_every_knob_and_picks_cheapest(data, spec: str) -> None:
     assert tuning.reached and tuning.param == param
     assert {r["rerank"] for r in tuning.measured} <= set(depths) and len({r["rerank"] for r in tuning.measured}) > 1
     chosen = tuning.measured[-1]
-    assert chosen["p50_ms"] == min(r["p50_ms"] for r in tuning.measured if r["recall"] >= 0.9)
+    assert chosen["p50_ms"] == min(r["p50_ms"] for r in tuning.measured if r["recall_lo"] >= 0.9)
     assert index.params.to_dict() == {param: chosen["value"], "rerank": chosen["rerank"]}
     # the setting generalises to queries the collection has never seen
     _, found = index.search(q, 10)
@@ -223,3 +223,13 @@ def test_split_counts_by_hand() -> None:
     assert got.sum() == 100 and got[2] == 0 and got[3] == 1 and got[1] >= 1
     assert got[0] > got[4] > got[1]  # in proportion to the points
     assert _split_counts(np.array([3, 2]), 5).tolist() == [3, 2]  # never more than the points
+
+
+def test_recall_lower_bound_by_hand() -> None:
+    from crossmodal_rag.store.tuning import CONFIDENCE_Z, recall_lower_bound
+
+    truth = np.array([[1, 2], [3, 4], [5, 6], [7, 8]])
+    found = np.array([[1, 2], [3, 9], [5, 6], [9, 9]])  # per query: 1, 0.5, 1, 0
+    per = np.array([1, 0.5, 1, 0])
+    assert recall_lower_bound(found, truth) == pytest.approx(0.625 - CONFIDENCE_Z * per.std(ddof=1) / 2)
+    assert recall_lower_bound(truth, truth) == 1.0
