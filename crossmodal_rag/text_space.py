@@ -1,0 +1,248 @@
+"""A collection's text space: its text items embedded by a sentence encoder, in their own index.
+
+CLIP keeps embedding images and its own caption vectors (text->image search); a collection made
+with ``index --text-model SPEC`` also holds every text row of its text index (captions,
+passages, OCR text, windows of long texts) embedded by that sentence encoder
+(:mod:`crossmodal_rag.encoders.sentence`), and text->text search and RAG retrieval over texts
+use it. Layout, inside the collection folder::
+
+    text_space/manifest.json   {"format": 1, "spec", "dim", "count", "probe": [[...], ...]}
+    text_space/vectors.npy     (N, D) float32, unit rows        (no pickle: allow_pickle=False)
+    text_space/ids.npy         (N,) int64, the collection's item ids of those rows
+
+Written atomically (temporary file, fsync, rename; the manifest last). ``probe`` is the encoder's
+fingerprint (:func:`~crossmodal_rag.encoders.sentence.text_probe`): an encoder that no longer
+reproduces it is refused (:class:`~crossmodal_rag.errors.EncoderMismatchError`), as for CLIP.
+
+:func:`sync_text_space` brings the space up to date with the collection (embeds new text rows,
+drops removed ones; rebuilds all for a new spec). A space that lags behind the collection still
+answers (missing rows are not found, removed ones are skipped) and says so in the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .encoders.sentence import SentenceEncoder, load_text_encoder, parse_text_model_spec, text_probe
+from .errors import CollectionError, EncoderMismatchError
+
+if TYPE_CHECKING:
+    from .collection import Collection
+    from .search import Hit
+
+__all__ = ["TEXT_SPACE_DIR", "SyncReport", "TextSpace", "open_text_space", "remove_text_space",
+           "sync_text_space"]
+
+logger = logging.getLogger(__name__)
+
+TEXT_SPACE_DIR = "text_space"
+FORMAT = 1
+_MAX_MANIFEST_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What :func:`sync_text_space` did."""
+
+    spec: str | None  # the text model now in use (None: no text space)
+    added: int  # rows embedded
+    removed: int  # rows dropped
+    rebuilt: bool  # every row embedded afresh (new spec or no space before)
+
+
+class TextSpace:
+    """A loaded text space: its manifest, its vectors and ids, and (on first use) its encoder."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], ids: np.ndarray,
+                 vectors: np.ndarray, device: str | None = None) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.ids = ids
+        self.vectors = vectors
+        self._device = device
+        self._encoder: SentenceEncoder | None = None
+        self._index: Any = None
+
+    @property
+    def spec(self) -> str:
+        return str(self.manifest["spec"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def encoder(self) -> SentenceEncoder:
+        """The text model, loaded and checked against the stored probe on first use."""
+        if self._encoder is None:
+            enc = load_text_encoder(self.spec, self._device)
+            assert enc is not None
+            check_probe(enc, np.asarray(self.manifest["probe"], np.float32), self.folder.parent)
+            self._encoder = enc
+        return self._encoder
+
+    @property
+    def index(self) -> Any:
+        """A :class:`~crossmodal_rag.store.vectors.VectorIndex` (exact inner product) over the rows."""
+        if self._index is None:
+            from .store.vectors import VectorIndex
+
+            index = VectorIndex(self.dim)
+            index.add(self.ids, self.vectors)
+            self._index = index
+        return self._index
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """A query text -> ``(D,)`` float32 unit vector in this space."""
+        return self.encoder.encode_texts([text])[0]
+
+    def search(self, coll: Collection, query: str, k: int, where: list[str] | str | None = None,
+               min_score: float | None = None) -> list[Hit]:
+        """Top-``k`` text items of ``coll`` for ``query`` (windows count for their item)."""
+        from .filters import allowed_ids, parse_where
+        from .search import search_vectors
+
+        conditions = parse_where(where)
+        allowed = allowed_ids(coll.store, conditions) if conditions else None
+        text_allowed = None if allowed is None else {"text": allowed["text"]}
+        vec = self.embed_query(query)
+        return search_vectors({"text": self.index}, coll.store, vec[None], k, "texts",
+                              text_allowed, min_score)[0]
+
+
+def check_probe(encoder: SentenceEncoder, stored: np.ndarray, collection: Path) -> None:
+    """Refuse ``encoder`` when it does not reproduce the ``stored`` probe."""
+    from .fingerprint import MIN_COSINE, rows_cosine
+
+    cosine = rows_cosine(stored, text_probe(encoder))
+    if cosine < MIN_COSINE:
+        raise EncoderMismatchError(
+            f"{collection}: the text model {encoder.spec} does not produce the vectors this "
+            f"collection's text space was built with (probe cosine {cosine:.3f}); rebuild it with "
+            f"`crossmodal-rag reembed {collection} --text-model SPEC`")
+
+
+def _folder(coll: Collection) -> Path:
+    return Path(coll.folder) / TEXT_SPACE_DIR
+
+
+def open_text_space(coll: Collection, device: str | None = None) -> TextSpace | None:
+    """The collection's text space, or None when it has none.
+
+    Raises:
+        CollectionError: the files are damaged or disagree with each other.
+    """
+    folder = _folder(coll)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    from .safe_io import read_regular_text
+
+    try:
+        manifest = json.loads(read_regular_text(manifest_path, max_bytes=_MAX_MANIFEST_BYTES))
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError(f"format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
+                             f" (this version reads {FORMAT})")
+        parse_text_model_spec(str(manifest["spec"]))
+        ids = np.load(folder / "ids.npy", allow_pickle=False)
+        vectors = np.load(folder / "vectors.npy", allow_pickle=False, mmap_mode="r")
+        dim, count = int(manifest["dim"]), int(manifest["count"])
+        if ids.shape != (count,) or vectors.shape != (count, dim) or ids.dtype != np.int64:
+            raise ValueError(f"ids {ids.shape} and vectors {vectors.shape} do not match count {count}, "
+                             f"dim {dim}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CollectionError(
+            f"{folder}: the text space is damaged ({str(e)[:200]}); rebuild it with "
+            f"`crossmodal-rag reembed {coll.folder} --text-model SPEC` (or none)") from e
+    space = TextSpace(folder, manifest, ids, np.asarray(vectors, np.float32), device)
+    lag = len(coll.store.ids("text")) - len(space)
+    if lag:
+        logger.warning("%s: the text space lags the collection by %+d rows; run `crossmodal-rag "
+                       "reindex %s` to bring it up to date", coll.folder, -lag, coll.folder)
+    return space
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save(folder: Path, spec: str, probe: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> None:
+    folder.mkdir(exist_ok=True)
+    _atomic_write(folder / "vectors.npy", lambda f: np.save(f, vectors, allow_pickle=False))
+    _atomic_write(folder / "ids.npy", lambda f: np.save(f, ids, allow_pickle=False))
+    manifest = {"format": FORMAT, "spec": spec, "dim": int(vectors.shape[1]), "count": len(ids),
+                "probe": np.round(probe, 6).tolist()}
+    _atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
+
+
+def _texts(coll: Collection, ids: np.ndarray) -> list[str]:
+    items = coll.store.get_items(ids.tolist())
+    return [(items[i].text or "") if i in items else "" for i in ids.tolist()]
+
+
+def sync_text_space(coll: Collection, spec: str | None = None, *, rebuild: bool = False,
+                    device: str | None = None, batch_size: int = 64) -> SyncReport:
+    """Bring ``coll``'s text space up to date.
+
+    ``spec``: the text model (``none`` removes the space); None keeps the current one (no space:
+    nothing to do). A spec other than the stored one, or ``rebuild``, embeds every row afresh;
+    otherwise only rows added since are embedded and removed rows dropped.
+    """
+    current = open_text_space(coll, device)
+    if spec is not None and parse_text_model_spec(spec) is None:
+        removed = len(current) if current is not None else 0
+        remove_text_space(coll)
+        return SyncReport(None, 0, removed, False)
+    if spec is None and current is None:
+        return SyncReport(None, 0, 0, False)
+    parsed = str(parse_text_model_spec(spec)) if spec is not None else current.spec  # type: ignore[union-attr]
+    fresh = rebuild or current is None or current.spec != parsed
+    want = coll.store.ids("text")
+    if fresh:
+        encoder = load_text_encoder(parsed, device)
+        assert encoder is not None
+        keep_ids, keep_vecs = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        probe = text_probe(encoder)
+    else:
+        encoder = current.encoder  # checks the probe
+        keep = np.isin(current.ids, want)
+        keep_ids, keep_vecs = current.ids[keep], current.vectors[keep]
+        probe = np.asarray(current.manifest["probe"], np.float32)
+    new_ids = want[~np.isin(want, keep_ids)]
+    if not fresh and not len(new_ids) and len(keep_ids) == len(current.ids):  # type: ignore[union-attr]
+        return SyncReport(parsed, 0, 0, False)
+    logger.info("text space: embedding %d text rows with %s", len(new_ids), parsed)
+    new_vecs = encoder.encode_texts(_texts(coll, new_ids), batch_size=batch_size)
+    if not len(keep_ids):
+        keep_vecs = np.zeros((0, new_vecs.shape[1]), np.float32)
+    ids = np.concatenate([keep_ids, new_ids]).astype(np.int64)
+    vectors = np.ascontiguousarray(np.concatenate([keep_vecs, new_vecs]), dtype=np.float32)
+    order = np.argsort(ids, kind="stable")
+    _save(_folder(coll), parsed, probe, ids[order], vectors[order])
+    removed = 0 if fresh else len(current.ids) - len(keep_ids)  # type: ignore[union-attr]
+    return SyncReport(parsed, len(new_ids), removed, fresh)
+
+
+def remove_text_space(coll: Collection) -> None:
+    """Delete the collection's text space (its texts are searched in CLIP's space again)."""
+    folder = _folder(coll)
+    for name in ("manifest.json", "ids.npy", "vectors.npy"):  # the manifest first: never half-valid
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: a file someone else put there stays
+        folder.rmdir()
