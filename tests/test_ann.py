@@ -352,3 +352,29 @@ def test_cli_reindex_import_search_flags(imported, tmp_path: Path, tiny_oc_spec:
     assert "1 images" in r.stdout and "2 skipped" in r.stdout and "leaves" in r.stderr
     r = run("import", str(tmp_path / "nowhere"), "-c", str(tmp_path / "new"), "--model", tiny_oc_spec)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_cli_reindex_families_tuning_in_info(imported, tmp_path: Path) -> None:
+    """A compact-code family through the CLI: tuned over nprobe x re-rank depth, the chosen point
+    and the whole curve in ``info``; exact float16 codes answer like exact float32 search."""
+    import shutil
+
+    folder = tmp_path / "c"
+    shutil.copytree(imported[0], folder)
+    r = run("reindex", str(folder), "--index", "IVF16_HNSW32,SQ8", "--target-recall", "0.9", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(run("info", str(folder), "--json").stdout)
+    tuning = info["tuning"]["image"]
+    chosen = tuning["measured"][-1]
+    assert tuning["param"] == "nprobe" and tuning["rerank"] == chosen["rerank"]
+    assert len({row["rerank"] for row in tuning["measured"]}) > 1  # the curve covers both knobs
+    assert info["search_params"]["image"] == {"nprobe": chosen["value"], "rerank": chosen["rerank"]}
+    text = run("info", str(folder)).stdout
+    assert f"nprobe={chosen['value']}, rerank={chosen['rerank']}" in text and "settings measured" in text
+    exact = {}
+    for spec in ("Flat", "SQfp16"):
+        assert run("reindex", str(folder), "--index", spec).returncode == 0
+        r = run("search", "picture number 10", "-c", str(folder), "-k", "20", "--json")
+        assert r.returncode == 0, r.stderr
+        exact[spec] = [(h["id"], round(h["score"], 4)) for h in json.loads(r.stdout)["results"]]
+    assert exact["SQfp16"] == exact["Flat"]

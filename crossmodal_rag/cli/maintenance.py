@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     re_ = sub.add_parser("reembed", help="recompute a collection's vectors with another encoder "
                                          "(e.g. one trained with train clip); item ids stay the same")
     add_collection(re_, positional=True)
-    add_model(re_, required=True, help=MODEL_HELP)
+    add_model(re_, help=MODEL_HELP + " (CLIP; give --model, --text-model or both)")
+    re_.add_argument("--text-model", metavar="SPEC",
+                     help="re-embed the texts' text space with this sentence encoder (none removes it)")
     re_.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
     add_json(re_, help="the report is JSON (always; accepted for uniformity)")
     re_.set_defaults(handler=cmd_reembed)
@@ -69,10 +71,18 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         report = coll.reindex(args.index_type, max_index_memory=args.max_index_memory,
                               seed=args.seed, tune=args.tune, target_recall=args.target_recall,
                               sharded=args.sharded, workers=args.workers)
+        from ..text_space import sync_text_space
+
+        text = sync_text_space(coll)
+        if text.spec is not None:
+            report["text_space"] = {"spec": text.spec, "added": text.added, "removed": text.removed}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     for name, r in report.items():
+        if name == "text_space":
+            print(f"text space: {r['spec']}, {r['added']} rows embedded, {r['removed']} dropped")
+            continue
         build = r.get("build") or {}
         print(f"{name}: {r['index_type']}, {r['count']} vectors, built in {build.get('seconds', 0):.1f} s"
               f"{' (sharded)' if build.get('sharded') else ''}{_tuning_text(r.get('tuning'))}")
@@ -85,7 +95,8 @@ def _tuning_text(tuning: dict[str, Any] | None) -> str:
     if not tuning.get("param"):
         return ""
     last = tuning["measured"][-1] if tuning.get("measured") else {}
-    return (f", {tuning['param']}={tuning['value']} (recall@10 {last.get('recall', 0):.3f}, "
+    rerank = f", rerank={tuning['rerank']}" if tuning.get("rerank") is not None else ""
+    return (f", {tuning['param']}={tuning['value']}{rerank} (recall@10 {last.get('recall', 0):.3f}, "
             f"p50 {last.get('p50_ms', 0):.2f} ms{'' if tuning.get('reached') else ', target missed'})")
 
 
@@ -134,9 +145,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_reembed(args: argparse.Namespace) -> int:
-    from ..training.clip import reembed_collection
+    if not args.model and not args.text_model:
+        raise UsageError("reembed: give --model SPEC (CLIP), --text-model SPEC, or both")
+    out: dict[str, Any] = {}
+    if args.model:
+        from ..training.clip import reembed_collection
 
-    report = reembed_collection(collection_dir(args), args.model, batch_size=args.batch_size,
-                                progress=not args.quiet)
-    print(json.dumps(report.to_dict(), indent=2))
+        out = reembed_collection(collection_dir(args), args.model, batch_size=args.batch_size,
+                                 progress=not args.quiet).to_dict()
+    if args.text_model:
+        from ..collection import Collection
+        from ..text_space import sync_text_space
+
+        with Collection.open(collection_dir(args), writable=True) as coll:
+            text = sync_text_space(coll, args.text_model, rebuild=True)
+        out["text_space"] = {"spec": text.spec, "embedded": text.added, "removed": text.removed}
+    print(json.dumps(out, indent=2))
     return 0
