@@ -108,9 +108,17 @@ def _ocr(conn: sqlite3.Connection) -> None:
     ocr_step(conn)
 
 
+def _fulltext(conn: sqlite3.Connection) -> None:
+    """Version 3: the FTS5 keyword index of item texts, filled from the items (see :mod:`.fulltext`)."""
+    from .fulltext import fts_step
+
+    fts_step(conn)
+
+
 #: The ordered migration steps after :data:`BASE_VERSION`. Append only.
 STEPS: list[Step] = [
     Step(3, "ocr item kind and runs", _ocr),  # H8 (issue 18)
+    Step(3, "full-text index of item texts", _fulltext),  # H1 (issue 18)
 ]
 
 
