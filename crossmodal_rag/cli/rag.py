@@ -129,6 +129,19 @@ def pipeline_from_args(args: argparse.Namespace, coll: Any) -> Any:
     return RagPipeline(coll, args.generator, settings, gen, knowledge=knowledge, image_prefix=image_prefix)
 
 
+def routed_hits(args: argparse.Namespace, coll: Any, pipeline: Any) -> Any:
+    """The retrieved texts from the collection's text space (index --text-model) when the
+    question alone retrieves texts; None: the pipeline retrieves as usual (CLIP)."""
+    if args.image is not None or args.knowledge or pipeline.query_projection is not None:
+        return None
+    from .. import routing
+
+    s = pipeline.settings
+    routed = routing.search(coll, args.question, k=s.k, target=s.target, where=list(s.where) or None,
+                            min_score=s.min_score, mode="dense")
+    return None if routed is None else routed[1]
+
+
 def print_answer(answer: Any, as_json: bool) -> None:
     if as_json:
         print(to_json(answer.to_dict()))
@@ -153,7 +166,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise QueryError("ask: give a QUESTION, an --image, or both")
     check_image_arg(args.image)
     with Collection.open(collection_dir(args), model=args.model) as coll:
-        answer = pipeline_from_args(args, coll).ask(args.question, image=args.image)
+        pipeline = pipeline_from_args(args, coll)
+        answer = pipeline.ask(args.question, image=args.image, hits=routed_hits(args, coll, pipeline))
     print_answer(answer, args.json)
     return 0
 
