@@ -24,7 +24,7 @@ from ..errors import CollectionError
 from .ann import SearchParams, Tuning, describe_index, recall_at_k, training_rows
 from .shards import EmbeddingShards
 from .tuning import tune_grid
-from .vectors import VectorIndex, silence_c_stdout
+from .vectors import VectorIndex, _single_thread_if, silence_c_stdout
 
 __all__ = ["BuildReport", "build_index", "drop_self", "exact_top_k", "tune_index"]
 
@@ -80,6 +80,15 @@ def _split_counts(sizes: np.ndarray, total: int) -> np.ndarray:
     return alloc
 
 
+def _sub_centroids(sub: np.ndarray, k: int, seed: int) -> np.ndarray:
+    if k == 1:
+        return sub.mean(axis=0, keepdims=True)
+    km = faiss.Kmeans(sub.shape[1], k, niter=10, seed=seed)
+    km.cp.min_points_per_centroid = 1  # small clusters: no warning, FAISS still trains
+    km.train(sub)
+    return km.centroids
+
+
 def train_coarse_two_level(index: faiss.Index, sample: np.ndarray, seed: int) -> bool:
     """Train the centroids of an IVF ``index`` with many lists by two-level k-means: ~sqrt(nlist)
     clusters first, then each split in proportion to its points. Flat k-means costs samples x
@@ -99,15 +108,9 @@ def train_coarse_two_level(index: faiss.Index, sample: np.ndarray, seed: int) ->
     assign = assign.ravel()
     counts = _split_counts(np.bincount(assign, minlength=top.k), nlist)
     parts = []
-    for c in np.flatnonzero(counts):
-        sub = np.ascontiguousarray(x[assign == c])
-        if counts[c] == 1:
-            parts.append(sub.mean(axis=0, keepdims=True))
-            continue
-        km = faiss.Kmeans(x.shape[1], int(counts[c]), niter=10, seed=seed + int(c))
-        km.cp.min_points_per_centroid = 1  # small clusters: no warning, FAISS still trains
-        km.train(sub)
-        parts.append(km.centroids)
+    with _single_thread_if(True):  # ~sqrt(nlist) small k-means: a second OpenMP thread waits when loaded
+        for c in np.flatnonzero(counts):
+            parts.append(_sub_centroids(np.ascontiguousarray(x[assign == c]), int(counts[c]), seed + int(c)))
     centroids = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
     ivf.quantizer.add(centroids)
     logger.info("two-level k-means: %d centroids from %d vectors in %.1f s", len(centroids), len(x),
