@@ -130,6 +130,9 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
     assert not hasattr(crossmodal_rag, "no_such_name")
 
 
+DEFAULT_CLIP = "open_clip:ViT-B-32/laion2b_s34b_b79k"
+
+
 def _offline_envs(tmp_path: Path) -> dict[str, dict[str, str]]:
     """An empty model cache, and no hub: asked for (CROSSMODAL_RAG_OFFLINE), or not reachable
     (the endpoint refuses connections: nothing listens on the port of a closed socket)."""
@@ -147,10 +150,12 @@ def _offline_envs(tmp_path: Path) -> dict[str, dict[str, str]]:
 
 @pytest.mark.parametrize("how", ["asked", "unreachable"])
 def test_offline_demo_fails_before_loading_torch(tmp_path: Path, how: str) -> None:
-    """Without the default model's weights and without the hub, `demo` says so before it
-    imports torch or open_clip (which alone take seconds), and writes nothing."""
+    """Without the named model's weights and without the hub, `demo` says so before it
+    imports torch or open_clip (which alone take seconds), and writes nothing. (Without --model,
+    the demo runs its offline path instead: tests/test_demo_offline.py.)"""
     env = _offline_envs(tmp_path)[how]
-    (result,) = _run_cli([["demo", "-c", str(tmp_path / "demo")]], HEAVY + MODEL_CODE, env=env)
+    (result,) = _run_cli([["demo", "-c", str(tmp_path / "demo"), "--model", DEFAULT_CLIP]],
+                         HEAVY + MODEL_CODE, env=env)
     assert result["code"] == 1
     assert result["loaded"] == [], f"the offline demo imported {result['loaded']}"
     assert not (tmp_path / "demo").exists()
@@ -158,8 +163,8 @@ def test_offline_demo_fails_before_loading_torch(tmp_path: Path, how: str) -> No
 
 def test_offline_demo_message(tmp_path: Path) -> None:
     env = _offline_envs(tmp_path)["unreachable"]
-    r = subprocess.run([sys.executable, "-m", "crossmodal_rag", "demo", "-c", str(tmp_path / "demo")],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "crossmodal_rag", "demo", "-c", str(tmp_path / "demo"),
+                        "--model", DEFAULT_CLIP], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1
     assert "could not load weights for open_clip:ViT-B-32/laion2b_s34b_b79k" in r.stderr
     assert "local-dir" in r.stderr and "--model" in r.stderr and "Traceback" not in r.stderr

