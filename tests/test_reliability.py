@@ -443,10 +443,10 @@ def test_metadata_queries_have_a_step_budget(collection_copy: Path, monkeypatch:
     import sqlite3
 
     from crossmodal_rag.errors import CollectionError
-    from crossmodal_rag.store import metadata
+    from crossmodal_rag.store import guard, metadata
 
-    monkeypatch.setattr(metadata, "_BASE_STEPS", 5_000_000)
-    monkeypatch.setattr(metadata, "_STEPS_PER_BYTE", 0)
+    monkeypatch.setattr(guard, "_BASE_STEPS", 5_000_000)
+    monkeypatch.setattr(guard, "_STEPS_PER_BYTE", 0)
     endless = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r"
     store = metadata.MetadataStore(collection_copy, readonly=True)
     watchdog = threading.Timer(30, store.conn.interrupt)  # without a budget: stopped here, and failed

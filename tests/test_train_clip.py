@@ -14,8 +14,7 @@ import pytest
 
 from crossmodal_rag import Collection
 from crossmodal_rag.encoders import ClipEncoder
-from crossmodal_rag.errors import CollectionError, EncoderMismatchError
-from crossmodal_rag.reembed import reembed_collection
+from crossmodal_rag.errors import EncoderMismatchError
 from crossmodal_rag.synthetic import make_shapes
 from crossmodal_rag.training import TrainSettings, train
 from crossmodal_rag.training.clip import ClipTask, ClipTaskSettings, artifact_spec
@@ -119,39 +118,6 @@ def test_cli_train_clip_reembeds_the_collection(tmp_path: Path, shapes: Path, ti
         assert hits[0].score == pytest.approx(float((stored @ q).max()), abs=1e-5)
     with pytest.raises(EncoderMismatchError):  # the old encoder no longer fits
         Collection.open(coll_dir, model=tiny_oc_spec).close()
-
-
-def test_reembed_refuses_unreadable_images_and_changes_nothing(
-    tmp_path: Path, shapes: Path, tiny_oc_spec: str, tiny_hf_dir: Path
-) -> None:
-    import shutil
-
-    src = tmp_path / "src"
-    shutil.copytree(shapes, src)
-    coll_dir = tmp_path / "coll"
-    with Collection.create(coll_dir, tiny_oc_spec) as coll:
-        coll.add(src)
-    (src / "shape-00003.png").write_bytes(b"not a png")
-    before = (coll_dir / "manifest.json").read_bytes()
-    with pytest.raises(CollectionError, match="shape-00003.png"):
-        reembed_collection(coll_dir, f"hf:{tiny_hf_dir}", progress=False)
-    assert (coll_dir / "manifest.json").read_bytes() == before
-    with Collection.open(coll_dir) as coll:
-        assert coll.manifest.encoder == tiny_oc_spec and coll.check().ok
-        ids_before = coll.store.ids("image").tolist()
-    # Restored, the collection re-embeds with any encoder (here another backend), from the CLI.
-    shutil.copy(shapes / "shape-00003.png", src / "shape-00003.png")
-    r = _cli("reembed", str(coll_dir), "--model", f"hf:{tiny_hf_dir}")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["encoder"] == f"hf:{tiny_hf_dir}"
-    with Collection.open(coll_dir) as coll:
-        assert coll.manifest.encoder == f"hf:{tiny_hf_dir}" and coll.check().ok
-        assert coll.store.ids("image").tolist() == ids_before
-        hit = coll.search(coll.get(ids_before[5])[0].captions[0], k=1)[0]
-        enc = ClipEncoder(f"hf:{tiny_hf_dir}", device="cpu")
-        expected = enc.encode_texts(coll.get(ids_before[5])[0].captions[0])[0]
-        assert hit.score == pytest.approx(float((enc.encode_images([hit.path]) @ expected)[0]), abs=1e-5)
-    assert not list(tmp_path.glob(".coll.*"))  # no staging or backup folder left behind
 
 
 def test_caption_neighbours_match_brute_force() -> None:

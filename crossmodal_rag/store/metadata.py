@@ -11,13 +11,14 @@ checkpoints) can never point at another item. Schema version 1 let SQLite pick `
 which reuses the newest id once removed; such a store is migrated when opened writable (one
 transaction), and read as it is when opened read-only.
 
-A metadata file is read as hostile input (see :meth:`MetadataStore._check_file` and
+A metadata file is read as hostile input (see :mod:`crossmodal_rag.store.guard` and
 :meth:`MetadataStore._check_schema`): it and SQLite's files beside it must be regular files, not
 links; its schema may hold only tables and indexes (no views, no triggers), with the expected
 tables and columns; functions in its schema run untrusted (``PRAGMA trusted_schema = OFF``); any
 one value is at most :data:`MAX_VALUE_BYTES`; and no statement runs more than its step budget
-(:class:`_StepBudget`). Damaged values (a vector of the wrong length, a count that is not a number)
-are :class:`~crossmodal_rag.errors.CollectionError` naming the item or key.
+(:class:`~crossmodal_rag.store.guard.StepBudget`). Damaged values (a vector of the wrong length,
+a count that is not a number) are :class:`~crossmodal_rag.errors.CollectionError` naming the item
+or key. The schema and its migration steps are :mod:`crossmodal_rag.store.schema`.
 """
 
 from __future__ import annotations
@@ -25,20 +26,19 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import CollectionError
+from .guard import DB_NAME, MAX_VALUE_BYTES, StepBudget, check_files
+from .items import FILTER_COLUMNS, INDEX_OF_KIND, ROW_TYPES, Item, chunks
 from .schema import (
     BASE_VERSION,
     NEXT_ID_KEY,
@@ -49,59 +49,10 @@ from .schema import (
     migrate,
 )
 
-__all__ = ["DB_NAME", "NEXT_ID_KEY", "SCHEMA_VERSION", "UNVERIFIED_SHARDS_KEY", "Item", "MetadataStore"]
+__all__ = ["DB_NAME", "INDEX_OF_KIND", "MAX_VALUE_BYTES", "NEXT_ID_KEY", "SCHEMA_VERSION",
+           "UNVERIFIED_SHARDS_KEY", "Item", "MetadataStore"]
 
 logger = logging.getLogger(__name__)
-
-DB_NAME = "metadata.sqlite"
-#: SQLite's files of a store: each must be a regular file (a link is refused, never followed).
-_SQLITE_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal")
-#: Largest single value (text or blob) read or written: bounds the memory one row can take.
-MAX_VALUE_BYTES = 256 << 20
-#: SQLite VM steps any one call of the store may take (each call, transaction, snapshot and
-#: inserted row starts afresh): this many, plus _STEPS_PER_BYTE per byte of the database (the
-#: heaviest query here, ``PRAGMA integrity_check``, takes ~55 steps per row, a row is >= 8 bytes,
-#: and the rows a transaction writes grow the file), so work on a legitimate file always
-#: finishes, and a query on a hostile file stops (SQLite runs ~10^8 steps a second).
-_BASE_STEPS = 1_000_000_000
-_STEPS_PER_BYTE = 32
-_STEPS_PER_CHECK = 100_000
-
-
-class _StepBudget:
-    """Stops the connection's work after its budget of VM steps since the last :meth:`start`
-    (called as each call of the store begins; SQLite's progress handler counts the steps). A
-    trace callback would mark each statement exactly, but costs ~30 us per statement (it
-    expands the statement's parameters, a vector's bytes as hex), tripling the cost of inserts."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.used = 0
-        self.exceeded = False
-        self.limit = self._limit()
-
-    def _limit(self) -> int:
-        size = 0
-        for name in (DB_NAME, f"{DB_NAME}-wal"):
-            with suppress(OSError):
-                size += os.stat(self.path.parent / name).st_size
-        return _BASE_STEPS + _STEPS_PER_BYTE * size
-
-    def install(self, conn: sqlite3.Connection) -> None:
-        conn.set_progress_handler(self.step, _STEPS_PER_CHECK)
-
-    def start(self) -> None:
-        self.used = 0  # (``exceeded`` stays set until the error is reported: see ``damaged``)
-
-    def step(self) -> int:
-        self.used += _STEPS_PER_CHECK
-        if self.used > self.limit:
-            self.limit = self._limit()  # the file may have grown since
-            if self.used > self.limit:
-                self.exceeded = True
-                return 1  # SQLite interrupts the statement
-        return 0
-
 
 def _locked(method):
     """Serialise use of the shared connection (the web app calls from many threads)."""
@@ -118,36 +69,6 @@ def _locked(method):
     return wrapper
 
 
-#: Which FAISS index holds each item kind.
-INDEX_OF_KIND = {"image": "image", "caption": "text", "passage": "text", "window": "text"}
-
-
-@dataclass(frozen=True)
-class Item:
-    """One stored item (an image, a caption of an image, or a text passage)."""
-
-    id: int
-    kind: str  # "image" | "caption" | "passage"
-    path: str | None  # image file (for a caption: its image's file); None for passages
-    text: str | None  # caption or passage text
-    captions: tuple[str, ...]  # an image's captions
-    parent_id: int | None  # a caption's image
-    title: str | None
-    ext_id: str | None  # the id a passage corpus gave it
-    width: int | None
-    height: int | None
-    format: str | None
-    size_bytes: int | None
-    sha256: str | None
-    added_at: float
-    extra: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["captions"] = list(self.captions)
-        return d
-
-
 class MetadataStore:
     """Thin typed layer over the SQLite file; one instance per open collection."""
 
@@ -157,8 +78,8 @@ class MetadataStore:
         self._next_id: int | None = None  # the id counter inside a write transaction
         self._writing = False  # inside transaction()
         self._incomplete = False  # a table of the schema is missing (recreated when writable)
-        self._check_file(readonly)
-        self._budget = _StepBudget(self.path)
+        check_files(self.path, readonly)
+        self._budget = StepBudget(self.path)
         try:
             self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                         check_same_thread=False)
@@ -210,23 +131,6 @@ class MetadataStore:
                    if newer else "")
             )
         return int(version)
-
-    def _check_file(self, readonly: bool) -> None:
-        """The database and SQLite's files beside it (journal, WAL, shared memory) are regular
-        files or absent: SQLite writes to them even for readers, so a planted link is refused."""
-        if readonly and not self.path.exists() and not self.path.is_symlink():
-            raise CollectionError(f"metadata file missing: {self.path}")
-        for name in _SQLITE_FILES:
-            path = self.path.parent / name
-            try:
-                mode = os.lstat(path).st_mode
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISREG(mode):
-                what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
-                raise CollectionError(
-                    f"{path} is {what}; a collection's metadata files must be regular files of its "
-                    "own. Remove it (a link) or restore the file from a backup")
 
     def _check_schema(self, readonly: bool, version: int) -> bool:
         """Refuse a schema this library did not make: views and triggers (a view can loop
@@ -444,12 +348,12 @@ class MetadataStore:
         while level:  # an image's captions, and the windows of captions and passages
             gone.update(level)
             children: list[int] = []
-            for chunk in _chunks(level, 500):
+            for chunk in chunks(level, 500):
                 marks = ",".join("?" * len(chunk))
                 children += [r[0] for r in self.conn.execute(
                     f"SELECT id FROM items WHERE parent_id IN ({marks})", chunk)]
             level = [c for c in children if c not in gone]
-        for chunk in _chunks(sorted(gone), 500):
+        for chunk in chunks(sorted(gone), 500):
             marks = ",".join("?" * len(chunk))
             self.conn.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk)
         return sorted(gone)
@@ -495,14 +399,14 @@ class MetadataStore:
         title, format, size_bytes, width, height, added_at`` by name, ``extra`` parsed and its
         ``paths`` (list), from one snapshot. A damaged row is a CollectionError."""
         with self.snapshot() as conn:
-            rows = conn.execute(f"SELECT {', '.join(_FILTER_COLUMNS)} FROM items").fetchall()
+            rows = conn.execute(f"SELECT {', '.join(FILTER_COLUMNS)} FROM items").fetchall()
             path_rows = conn.execute("SELECT item_id, path FROM paths").fetchall()
         paths: dict[int, list[str]] = {}
         for item_id, p in path_rows:
             paths.setdefault(item_id, []).append(p)
         out = []
         for r in rows:
-            d = dict(zip(_FILTER_COLUMNS, r, strict=True))
+            d = dict(zip(FILTER_COLUMNS, r, strict=True))
             d["paths"] = paths.get(d["id"], [])
             out.append(self.checked_filter_row(d))  # any SQLite type in any column: refused
         return out
@@ -560,7 +464,7 @@ class MetadataStore:
         """
         out = np.zeros((len(ids), dim), dtype=np.float32)
         pos = {int(i): n for n, i in enumerate(ids)}
-        for chunk in _chunks([int(i) for i in ids], 500):
+        for chunk in chunks([int(i) for i in ids], 500):
             marks = ",".join("?" * len(chunk))
             for item_id, blob in self.conn.execute(
                 f"SELECT id, vector FROM items WHERE id IN ({marks})", chunk
@@ -594,7 +498,7 @@ class MetadataStore:
         """Items by id (ids that do not exist are left out)."""
         result: dict[int, Item] = {}
         int_ids = [int(i) for i in ids]
-        for chunk in _chunks(int_ids, 500):
+        for chunk in chunks(int_ids, 500):
             marks = ",".join("?" * len(chunk))
             rows = self.conn.execute(
                 "SELECT id, kind, parent_id, sha256, text, title, ext_id, width, height, format, "
@@ -620,7 +524,7 @@ class MetadataStore:
     def _check_row(self, row: tuple[Any, ...]) -> None:
         """Each column of an item row (as :meth:`get_items` selects it) holds its type (SQLite
         lets a damaged or hostile file store any type in any column)."""
-        for value, (column, types) in zip(row, _ROW_TYPES, strict=True):
+        for value, (column, types) in zip(row, ROW_TYPES, strict=True):
             if not isinstance(value, types):
                 raise self._bad_item(row[0], f"column {column} holds a {type(value).__name__}")
         if row[1] not in INDEX_OF_KIND:
@@ -629,7 +533,7 @@ class MetadataStore:
     def checked_filter_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """``row`` (an item's columns by name, and its ``paths``, as filters read them) with each
         column checked for its type and ``extra`` parsed: a damaged row is a CollectionError."""
-        for column, types in _ROW_TYPES:
+        for column, types in ROW_TYPES:
             if column in row and not isinstance(row[column], types):
                 raise self._bad_item(row["id"], f"column {column} holds a {type(row[column]).__name__}")
         if any(not isinstance(p, str) for p in row.get("paths", ())):
@@ -673,20 +577,3 @@ class MetadataStore:
         if dangling:
             problems.append(f"{dangling} paths that point to no item")
         return problems
-
-
-_TEXT, _INT = (str, type(None)), (int, type(None))
-#: Column -> accepted Python types of a row as :meth:`MetadataStore.get_items` selects it.
-_ROW_TYPES = (("id", int), ("kind", str), ("parent_id", _INT), ("sha256", _TEXT), ("text", _TEXT),
-              ("title", _TEXT), ("ext_id", _TEXT), ("width", _INT), ("height", _INT),
-              ("format", _TEXT), ("size_bytes", _INT), ("extra", _TEXT), ("added_at", (int, float)))
-
-
-#: Columns of an item as :meth:`MetadataStore.filter_candidates` reads them.
-_FILTER_COLUMNS = ("id", "kind", "parent_id", "text", "title", "format", "size_bytes", "width",
-                   "height", "added_at", "extra")
-
-
-def _chunks(seq: Sequence[Any], n: int) -> Iterator[list[Any]]:
-    for i in range(0, len(seq), n):
-        yield list(seq[i : i + n])
