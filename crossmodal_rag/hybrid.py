@@ -25,7 +25,7 @@ from .errors import QueryError
 from .fusion import RRF_K, reciprocal_rank_fusion
 from .store import fulltext
 
-__all__ = ["MODES", "RankedHit", "choose_mode", "fuse", "keyword_hits", "keyword_text", "search"]
+__all__ = ["MODES", "RankedHit", "choose_mode", "fuse", "keyword_hits", "keyword_text", "rag_hits", "search"]
 
 MODES = ("dense", "keyword", "hybrid")
 #: Each list fused in hybrid mode is this many times ``k`` deep (at least :data:`MIN_DEPTH`).
@@ -188,3 +188,19 @@ def search(coll: Any, query: str | None = None, *, image: Any = None, k: int = 1
     if threshold is not None:
         hits = [h for h in hits if h.dense_score >= threshold]
     return chosen, [_replace(h, rank=r) for r, h in enumerate(hits[:k], start=1)]
+
+
+def rag_hits(coll: Any, question: str | None, *, k: int, target: str = "texts",
+             where: list[str] | str | None = None, min_score: float | str | None = None,
+             mode: str | None = None) -> tuple[str, list[RankedHit] | None]:
+    """Retrieval for RAG in ``mode``: ``(the mode used, hits)``, hits None in dense mode (the
+    pipeline retrieves as before). Keyword and hybrid hits keep their order but carry the dense
+    cosine as ``score``, so that priors (softmax of score / temperature) and the abstain
+    threshold mean what they mean in dense mode."""
+    chosen = choose_mode(mode, coll.store, has_text=bool(question and question.strip()))
+    if chosen == "dense":
+        return chosen, None
+    _, hits = search(coll, question, k=k, target=target, where=where, min_score=min_score, mode=chosen)
+    if any(h.dense_score is None for h in hits):
+        hits = _dense_scores(coll, coll.embed_query(question), hits)
+    return chosen, [_replace(h, score=float(h.dense_score)) for h in hits]

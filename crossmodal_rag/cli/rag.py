@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ak.add_argument("question", nargs="?", metavar="QUESTION")
     ak.add_argument("--image", "-i", metavar="PATH",
                     help="retrieve by this image (alone: ask what it shows)")
+    ak.add_argument("--search-mode", choices=("auto", "dense", "keyword", "hybrid"), default="auto",
+                    help="how the question retrieves (see search --mode; default auto: hybrid in a collection "
+                         "with texts); priors and --min-score use the dense (cosine) score in every mode")
     add_generation_flags(ak)
     ak.set_defaults(handler=cmd_ask)
 
@@ -167,7 +170,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
     check_image_arg(args.image)
     with Collection.open(collection_dir(args), model=args.model) as coll:
         pipeline = pipeline_from_args(args, coll)
-        answer = pipeline.ask(args.question, image=args.image, hits=routed_hits(args, coll, pipeline))
+        hits = routed_hits(args, coll, pipeline)
+        if hits is None and args.image is None and not args.knowledge and pipeline.query_projection is None:
+            from .. import hybrid
+
+            s = pipeline.settings
+            _, hits = hybrid.rag_hits(coll, args.question, k=s.k, target=s.target, where=list(s.where) or None,
+                                      min_score=s.min_score, mode=args.search_mode)
+        answer = pipeline.ask(args.question, image=args.image, hits=hits)
     print_answer(answer, args.json)
     return 0
 

@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model(se)
     se.add_argument("-w", "--where", action="append", default=[], metavar="EXPR",
                     help="metadata filter, e.g. 'width>=1000', 'path=*/2023/*', 'caption~dog' (repeatable, ANDed)")
-    se.add_argument("--min-score", metavar="S|auto", help="drop hits scoring below S ('auto': calibrated)")
+    se.add_argument("--mode", choices=("auto", "dense", "keyword", "hybrid"), default="auto",
+                    help="dense: CLIP embeddings; keyword: full-text (BM25) over captions, passages and "
+                         "OCR text; hybrid: both fused by reciprocal rank (default auto: hybrid for a text "
+                         "query in a collection with texts, else dense)")
+    se.add_argument("--min-score", metavar="S|auto", help="drop hits scoring below S ('auto': calibrated); "
+                    "in every mode S is the dense (cosine) score")
     se.add_argument("--plus", action="append", default=[], metavar="TEXT", help="add a text to the query (repeatable)")
     se.add_argument("--minus", action="append", default=[], metavar="TEXT", help="subtract a text from the query")
     add_json(se, help="JSON output instead of TSV")
@@ -93,6 +98,7 @@ def _read_queries(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from .. import hybrid, routing
     from ..collection import Collection
     from ..search import TargetEmptyError
 
@@ -120,9 +126,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             try:
                 if q.get("error"):
                     raise QueryError(q["error"])
-                hits = coll.search(q.get("text"), image=q.get("image"), k=args.top_k, target=args.target,
-                                   where=args.where, min_score=args.min_score, plus=args.plus,
-                                   minus=args.minus, params=params)
+                kwargs = {"image": q.get("image"), "k": args.top_k, "target": args.target,
+                          "where": args.where, "min_score": args.min_score, "plus": args.plus,
+                          "minus": args.minus, "params": params, "mode": args.mode}
+                # a text space (index --text-model) answers text queries for texts (routing.py)
+                routed = routing.search(coll, q.get("text"), **kwargs)
+                mode, hits = routed or hybrid.search(coll, q.get("text"), **kwargs)
             except TargetEmptyError as e:
                 raise QueryError(f"{folder} holds no {e.target}, only {e.alternative}: search them "
                                  f"with --target {e.alternative}") from e
@@ -133,9 +142,9 @@ def cmd_search(args: argparse.Namespace) -> int:
                 print(f"error: query on line {q['line']}: {safe(e)}", file=sys.stderr)
                 continue
             records.append({"query": {"text": q.get("text"), "image": q.get("image")},
-                            "label": label, "hits": hits})
+                            "label": label, "hits": hits, "mode": mode})
     if args.json:
-        out = [{"query": r["query"], "target": args.target, "k": args.top_k,
+        out = [{"query": r["query"], "target": args.target, "k": args.top_k, "mode": r["mode"],
                 "results": [h.to_dict() for h in r["hits"]]} for r in records]
         print(to_json(out[0] if not args.queries else out))
     else:

@@ -22,12 +22,15 @@ class HitOut(BaseModel):
     image_id: int | None = Field(description="the item whose image shows this hit (itself or its image)")
     image_url: str | None
     thumbnail_url: str | None
+    dense_score: float | None = Field(None, description="keyword/hybrid modes: cosine with the query embedding")
+    keyword_score: float | None = Field(None, description="keyword/hybrid modes: BM25 (null: no keyword match)")
 
 
 class SearchOut(BaseModel):
     query: dict[str, Any]
     target: str
     k: int
+    mode: str = Field("dense", description="the search mode that ranked the results: dense, keyword or hybrid")
     results: list[HitOut]
     seconds: float
 

@@ -30,6 +30,6 @@ def hit_out(h: Hit, paths: PublicPaths) -> HitOut:
 
 
 def search_out(query: dict[str, Any], target: str, k: int, hits: list[Hit], t0: float,
-               paths: PublicPaths) -> SearchOut:
-    return SearchOut(query=query, target=target, k=k, results=[hit_out(h, paths) for h in hits],
+               paths: PublicPaths, mode: str = "dense") -> SearchOut:
+    return SearchOut(query=query, target=target, k=k, mode=mode, results=[hit_out(h, paths) for h in hits],
                      seconds=time.perf_counter() - t0)

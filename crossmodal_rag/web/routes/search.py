@@ -7,6 +7,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
+from ... import hybrid
 from ..batching import SearchRequest
 from ..checks import Checks
 from ..inputs import MAX_SCORE_CHARS, check_min_score
@@ -33,7 +34,12 @@ def router(settings: WebSettings) -> APIRouter:
             where: list[str] = Query([], max_length=max_where,
                                      description="metadata filters, e.g. width>=1000 (repeatable, ANDed)"),
             min_score: str | None = Query(None, max_length=MAX_SCORE_CHARS,
-                                          description="a number, or auto (calibrated)"),
+                                          description="a number, or auto (calibrated); the dense (cosine) "
+                                                      "score in every mode"),
+            mode: Literal["auto", "dense", "keyword", "hybrid"] = Query(
+                "auto", description="dense (embeddings), keyword (BM25 over captions, passages, OCR text), "
+                                    "hybrid (both, reciprocal rank fusion); auto: hybrid when the collection "
+                                    "has texts"),
             st: AppState = Depends(get_state)) -> SearchOut:
         """Search by text."""
         t0 = time.perf_counter()
@@ -41,6 +47,11 @@ def router(settings: WebSettings) -> APIRouter:
         check.where(where)
         check_min_score(min_score)
         check.k(k)
+        chosen = hybrid.choose_mode(mode, st.collection.store, has_text=True)
+        if chosen != "dense":
+            _, hits = await st.work(hybrid.search, st.collection, q, k=k, target=target, where=where,
+                                    min_score=min_score, mode=chosen)
+            return search_out({"text": q, "where": where}, target, k, hits, t0, st.paths, chosen)
         if st.batcher is not None:
             hits = await st.batcher.search(SearchRequest(text=q, k=k, target=target, where=tuple(where),
                                                          min_score=min_score))
