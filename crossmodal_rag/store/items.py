@@ -10,16 +10,16 @@ from typing import Any
 __all__ = ["FILTER_COLUMNS", "INDEX_OF_KIND", "ROW_TYPES", "Item", "chunks"]
 
 #: Which FAISS index holds each item kind.
-INDEX_OF_KIND = {"image": "image", "caption": "text", "passage": "text", "window": "text"}
+INDEX_OF_KIND = {"image": "image", "caption": "text", "passage": "text", "window": "text", "ocr": "text"}
 
 
 @dataclass(frozen=True)
 class Item:
-    """One stored item (an image, a caption of an image, or a text passage)."""
+    """One stored item (an image, a caption of an image, the text read in an image, or a text passage)."""
 
     id: int
-    kind: str  # "image" | "caption" | "passage"
-    path: str | None  # image file (for a caption: its image's file); None for passages
+    kind: str  # "image" | "caption" | "ocr" | "passage"
+    path: str | None  # image file (for a caption or OCR text: its image's file); None for passages
     text: str | None  # caption or passage text
     captions: tuple[str, ...]  # an image's captions
     parent_id: int | None  # a caption's image
@@ -32,6 +32,7 @@ class Item:
     sha256: str | None
     added_at: float
     extra: dict[str, Any]
+    ocr: str | None = None  # an image's OCR text (index --ocr), None without
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CollectionError
+from . import ocr as ocr_sql
 from .guard import DB_NAME, MAX_VALUE_BYTES, StepBudget, check_files
 from .items import FILTER_COLUMNS, INDEX_OF_KIND, ROW_TYPES, Item, chunks
 from .schema import (
@@ -448,7 +449,7 @@ class MetadataStore:
     @_locked
     def ids(self, index: str) -> np.ndarray:
         """Ids of the items that belong in the ``"image"`` or ``"text"`` index, sorted."""
-        kinds = ("image",) if index == "image" else ("caption", "passage", "window")
+        kinds = ("image",) if index == "image" else ("caption", "passage", "window", "ocr")
         marks = ",".join("?" * len(kinds))
         rows = self.conn.execute(
             f"SELECT id FROM items WHERE kind IN ({marks}) ORDER BY id", kinds
@@ -491,6 +492,8 @@ class MetadataStore:
                   "passages": rows.get("passage", 0)}
         if rows.get("window"):
             counts["windows"] = rows["window"]  # extra windows of long texts
+        if rows.get("ocr"):
+            counts["ocr"] = rows["ocr"]  # images with text read in them (index --ocr)
         return counts
 
     @_locked
@@ -508,16 +511,18 @@ class MetadataStore:
             for r in rows:
                 self._check_row(r)
                 (item_id, kind, parent_id, sha, text, title, ext_id, w, h, fmt, size, extra, added) = r
-                owner = parent_id if kind == "caption" else item_id
+                owner = parent_id if kind in ("caption", "ocr") else item_id
                 paths = self.paths_of(owner) if kind != "passage" else []
                 captions: tuple[str, ...] = ()
+                ocr_text = None
                 if kind == "image":
                     captions = tuple(self.captions_of(item_id))
+                    ocr_text = ocr_sql.ocr_texts(self.conn, [item_id]).get(item_id)
                 result[item_id] = Item(
                     id=item_id, kind=kind, path=paths[0] if paths else None, text=text,
                     captions=captions, parent_id=parent_id, title=title, ext_id=ext_id, width=w,
                     height=h, format=fmt, size_bytes=size, sha256=sha, added_at=added,
-                    extra=self._extra(item_id, extra),
+                    extra=self._extra(item_id, extra), ocr=ocr_text,
                 )
         return result
 
