@@ -103,7 +103,9 @@ def run_offline_demo(folder: Path | None, *, k: int = 3, generator: str | None =
         sync_text_space(coll, BUNDLED_ALIAS)
         out(f"collection {coll.folder}: {report.summary()}")
         for q in OFFLINE_QUERIES:
-            routed = routing.search(coll, q.text, k=4 * k, target="texts")
+            # dense: these queries share meaning, not words, with the captions (keyword matches
+            # on "metal" or "space" would mislead here; `search --mode hybrid` fuses both)
+            routed = routing.search(coll, q.text, k=4 * k, target="texts", mode="dense")
             assert routed is not None  # the text space was just made
             mode, hits = routed
             out(f'\n"{q.text}" -> photos, by their captions ({mode} search)')
