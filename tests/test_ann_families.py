@@ -106,6 +106,9 @@ def test_auto_picks_by_count_and_budget(monkeypatch: pytest.MonkeyPatch) -> None
     assert "x4fs" in tight and estimate_index_bytes(tight, 1_000_000, 512) <= 100 << 20
     with pytest.raises(CollectionError, match="max-index-memory"):
         choose_index(1_000_000, 512, 10 << 20)
+    # 100 B/vector fits 72-byte codes but not with the centroids: fewer sub-quantisers then
+    smaller = choose_index(300_000, 512, 30_000_000)
+    assert smaller.endswith("PQ64x4fs") and estimate_index_bytes(smaller, 300_000, 512) <= 30_000_000
     monkeypatch.setattr(families, "MEASURED", (Measured("ivf_hnsw_fp16", 1_000_000, 0.97, 0.1, 1040),))
     assert choose_index(1_000_000, 512) == "IVF8192_HNSW32,SQfp16"
     assert choose_index(1_000_000, 512, 700 << 20) == family_spec(

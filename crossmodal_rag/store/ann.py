@@ -165,11 +165,12 @@ def choose_index(n: int, dim: int, max_memory: int | None = None) -> str:
         spec = family_spec(family, n, dim)
         if fits(spec):
             return spec  # type: ignore[return-value]
-    per = None if max_memory is None else max_memory / max(n, 1)
-    spec = family_spec("ivf_hnsw_pqfs", n, dim, per)
-    if spec is not None and fits(spec):
-        return spec
-    smallest = family_spec("ivf_hnsw_pqfs", n, dim, dim / 64 + 8) or f"IVF{nlist_for(n)},PQ4np"
+    smallest = f"IVF{nlist_for(n)},PQ4np"
+    for per_vector in (dim / 8 + 8, dim / 16 + 8, dim / 32 + 8, dim / 64 + 8):  # fewer PQ bytes
+        spec = family_spec("ivf_hnsw_pqfs", n, dim, per_vector)
+        if fits(spec):
+            return spec  # type: ignore[return-value]
+        smallest = spec or smallest
     need = estimate_index_bytes(smallest, n, dim)
     raise CollectionError(
         f"{n:,} vectors of {dim} dimensions do not fit a {format_memory(max_memory or 0)} index "
