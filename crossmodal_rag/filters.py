@@ -16,12 +16,13 @@ Grammar (one condition per ``--where``; several are ANDed)::
     added   <op> DATE            when it was indexed, ISO date or date-time (UTC)
     caption ~ TEXT | = TEXT      a caption of the image (for a caption: the caption itself)
     text    ~ TEXT               caption or passage text
+    ocr     ~ TEXT | = TEXT      the text read in the image (index --ocr; for OCR text: itself)
     title   ~ TEXT | = TEXT      a passage's title
-    kind    = image|caption|passage
+    kind    = image|caption|passage|ocr
     KEY     <op> VALUE           any extra column a manifest carried (numbers compare as numbers);
                                  also written extra.KEY
 
-For captions, the image fields refer to the captioned image. An item without the field (e.g. a
+For captions and OCR text, the image fields refer to their image. An item without the field (e.g. a
 passage and ``width``) does not match.
 """
 
@@ -64,7 +65,7 @@ _NUMBER = re.compile(r"([0-9]++(?:\.[0-9]++)?+|\.[0-9]++)\s*+([A-Za-z]*+)")
 _OPS = ("<=", ">=", "!=", "=", "<", ">", "~")
 _NUMERIC = {"size", "width", "height", "added"}
 _KNOWN = {"path", "name", "folder", "type", "format", "size", "width", "height", "added", "caption",
-          "text", "title", "kind"}
+          "text", "title", "kind", "ocr"}
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
 _TYPE_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
 _SHOWN = 120  # characters of a long expression shown around the position at fault
@@ -137,13 +138,13 @@ def _parse_one(expr: Any, max_chars: int | None) -> Condition:
     elif field == "type":
         value = _TYPE_ALIASES.get(raw.lower().lstrip("."), raw.lower().lstrip("."))
     elif field == "kind":
-        if raw not in ("image", "caption", "passage"):
-            raise _error(expr, vpos, "kind is image, caption or passage")
+        if raw not in ("image", "caption", "passage", "ocr"):
+            raise _error(expr, vpos, "kind is image, caption or passage (or ocr: text read in an image)")
     elif field == "folder":
         value = _folder(raw, expr, vpos)
     glob = _glob(raw, expr, vpos) if field == "name" or (field == "path" and op != "~") else None
     if op in ("<", "<=", ">", ">=") and field in ("path", "name", "folder", "type", "caption",
-                                                  "text", "title", "kind"):
+                                                  "text", "title", "kind", "ocr"):
         raise _error(expr, oppos, f"'{field}' compares with = != or ~ only")
     return Condition(field, op, value, expr, glob)
 
@@ -280,10 +281,11 @@ def allowed_ids(store: MetadataStore, conditions: list[Condition]) -> dict[str, 
     """Ids per index ("image", "text") of the items that satisfy every condition."""
     items: dict[int, dict[str, Any]] = {}
     captions: dict[int, list[str]] = {}
+    ocr: dict[int, list[str]] = {}  # image id -> its OCR text
     for d in store.filter_candidates():  # any SQLite type in any column: a damaged row is refused
         items[d["id"]] = d
-        if d["kind"] == "caption":
-            captions.setdefault(d["parent_id"], []).append(d["text"] or "")
+        if d["kind"] in ("caption", "ocr"):
+            (captions if d["kind"] == "caption" else ocr).setdefault(d["parent_id"], []).append(d["text"] or "")
     extra_keys = {k for d in items.values() for k in d["extra"]}
     for c in conditions:
         if c.field.startswith("extra.") and c.field[len("extra."):] not in extra_keys:
@@ -298,16 +300,19 @@ def allowed_ids(store: MetadataStore, conditions: list[Condition]) -> dict[str, 
         d = items.get(row["parent_id"]) if row["kind"] == "window" else row  # a window counts as its item
         if d is None:
             continue
-        image = d if d["kind"] == "image" else items.get(d["parent_id"]) if d["kind"] == "caption" else None
-        if all(_item_matches(c, d, image, captions) for c in conditions):
+        image = d if d["kind"] == "image" else items.get(d["parent_id"]) if d["kind"] in ("caption", "ocr") else None
+        if all(_item_matches(c, d, image, captions, ocr) for c in conditions):
             (image_ok if d["kind"] == "image" else text_ok).append(row["id"])
     return {"image": np.array(sorted(image_ok), dtype=np.int64),
             "text": np.array(sorted(text_ok), dtype=np.int64)}
 
 
 def _item_matches(c: Condition, d: dict[str, Any], image: dict[str, Any] | None,
-                  captions: dict[int, list[str]]) -> bool:
+                  captions: dict[int, list[str]], ocr: dict[int, list[str]] | None = None) -> bool:
     f, op, v = c.field, c.op, c.value
+    if f == "ocr":
+        texts = (ocr or {}).get(d["id"], []) if d["kind"] == "image" else [d["text"] or ""] if d["kind"] == "ocr" else []
+        return _match_text(texts, op, v)
     if f == "kind":
         return _compare(d["kind"], op, v) if op != "~" else v in d["kind"]
     if f == "added":
