@@ -16,7 +16,8 @@ and flat memory (RSS of the last third within 5% + 20 MB of the middle third).
 
 With ``--batching`` it measures search alone, with the server's query batching on and off in the
 same run (two servers over the same collection, runs interleaved): requests/s and p50/p99 latency
-at 1, 16 and 64 concurrent clients (``--levels``), each run ``--seconds`` long, and the ratios.
+at 1, 16 and 64 concurrent clients (``--levels``), ``--seconds`` per mode and level in
+``--rounds`` alternating slices, and the ratios.
 
     python benchmarks/bench_web_load.py --clients 16 --seconds 30
     python benchmarks/bench_web_load.py --batching --levels 1,16,64 --seconds 8 --out-json batching.json
@@ -170,6 +171,8 @@ def main() -> None:
     ap.add_argument("--levels", default="1,16,64", help="client counts for --batching")
     ap.add_argument("--max-batch", type=int, default=32, help="the batching server's max_batch")
     ap.add_argument("--batch-ms", type=float, default=2.0, help="the batching server's batch_ms")
+    ap.add_argument("--rounds", type=int, default=4, help="--batching: alternating rounds per level")
+    ap.add_argument("--torch-threads", type=int, default=0, help="--batching: torch threads per server (0: default)")
     args = ap.parse_args()
     if args.batching:
         compare_batching(args)
@@ -359,18 +362,22 @@ def report(r: dict, args: argparse.Namespace) -> None:
 SERVER = """
 import sys, uvicorn
 from crossmodal_rag.web import WebSettings, create_app
-coll, port, thumbs, max_batch, batch_ms = sys.argv[1:6]
+coll, port, thumbs, max_batch, batch_ms, threads = sys.argv[1:7]
+if int(threads):
+    import torch
+    torch.set_num_threads(int(threads))
 settings = WebSettings(collection=coll, thumbnail_dir=thumbs, load_generator_at_startup=False,
                        max_batch=int(max_batch), batch_ms=float(batch_ms))
 uvicorn.run(create_app(settings), host="127.0.0.1", port=int(port), log_level="warning")
 """
 
 
-def _start_server(coll: Path, work: Path, max_batch: int, batch_ms: float) -> tuple[subprocess.Popen, str]:
+def _start_server(coll: Path, work: Path, max_batch: int, batch_ms: float,
+                  torch_threads: int = 0) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(coll), str(port), str(work / f"thumbs{port}"),
-                             str(max_batch), str(batch_ms)], env=env, stdout=subprocess.DEVNULL)
+                             str(max_batch), str(batch_ms), str(torch_threads)], env=env, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:
@@ -384,12 +391,10 @@ def _start_server(coll: Path, work: Path, max_batch: int, batch_ms: float) -> tu
         time.sleep(0.2)
 
 
-def _search_load(base: str, clients: int, seconds: float, seed: int) -> dict:
-    """``clients`` closed-loop search clients (asyncio, one connection each) for ``seconds``."""
+def _search_load(base: str, clients: int, seconds: float, seed: int, lat: list[float], errors: list[str]) -> float:
+    """``clients`` closed-loop search clients (asyncio, one connection each) for ``seconds``;
+    latencies and errors are appended; returns the seconds it ran."""
     import asyncio
-
-    lat: list[float] = []
-    errors: list[str] = []
 
     async def client(c: httpx.AsyncClient, rng: random.Random, stop: float) -> None:
         while time.perf_counter() < stop:
@@ -411,10 +416,14 @@ def _search_load(base: str, clients: int, seconds: float, seed: int) -> dict:
             await asyncio.gather(*(client(c, random.Random(seed * 1000 + i), stop) for i in range(clients)))
             return time.perf_counter() - t0
 
-    elapsed = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def _row(mode: str, clients: int, elapsed: float, lat: list[float], errors: list[str]) -> dict:
     p50, p99 = (np.percentile(lat, [50, 99]) * 1000).tolist() if lat else (float("nan"), float("nan"))
-    return {"clients": clients, "seconds": round(elapsed, 2), "ok": len(lat), "errors": len(errors),
-            "rps": round(len(lat) / elapsed, 2), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
+    return {"batching": mode, "clients": clients, "seconds": round(elapsed, 2), "ok": len(lat),
+            "errors": len(errors), "rps": round(len(lat) / elapsed, 2), "p50_ms": round(p50, 1),
+            "p99_ms": round(p99, 1)}
 
 
 def compare_batching(args: argparse.Namespace) -> None:
@@ -424,15 +433,23 @@ def compare_batching(args: argparse.Namespace) -> None:
     servers: list[subprocess.Popen] = []
     try:
         coll = build_collection(work)
-        on, base_on = _start_server(coll, work, args.max_batch, args.batch_ms)
+        on, base_on = _start_server(coll, work, args.max_batch, args.batch_ms, args.torch_threads)
         servers.append(on)
-        off, base_off = _start_server(coll, work, 1, 0.0)
+        off, base_off = _start_server(coll, work, 1, 0.0, args.torch_threads)
         servers.append(off)
         rows = []
         for i, n in enumerate(levels):
-            pair = [("on", base_on), ("off", base_off)]
-            for mode, base in pair if i % 2 == 0 else pair[::-1]:  # alternate which goes first
-                row = {"batching": mode, **_search_load(base, n, args.seconds, seed=i)}
+            # rounds of each mode in turn (which goes first alternates), so drift of a busy
+            # machine's load falls on both alike; each mode's samples are pooled
+            runs = {"on": ([], [], [0.0]), "off": ([], [], [0.0])}
+            for r in range(args.rounds):
+                pair = [("on", base_on), ("off", base_off)]
+                for mode, base in pair if (i + r) % 2 == 0 else pair[::-1]:
+                    lat, errors, elapsed = runs[mode]
+                    elapsed[0] += _search_load(base, n, args.seconds / args.rounds, i * 100 + r, lat, errors)
+            for mode in ("on", "off"):
+                lat, errors, elapsed = runs[mode]
+                row = _row(mode, n, elapsed[0], lat, errors)
                 rows.append(row)
                 print(f"batching {mode:>3}  {n:>3} clients: {row['rps']:>7.1f} req/s  p50 {row['p50_ms']:>7.1f} ms  "
                       f"p99 {row['p99_ms']:>7.1f} ms  ({row['ok']} ok, {row['errors']} errors)", flush=True)
@@ -447,7 +464,10 @@ def compare_batching(args: argparse.Namespace) -> None:
                   f"p50 on/off {ratios[n]['p50_on_over_off']}, p99 on/off {ratios[n]['p99_on_over_off']}")
         if args.out_json:
             Path(args.out_json).write_text(json.dumps({"max_batch": args.max_batch, "batch_ms": args.batch_ms,
-                                                       "seconds": args.seconds, "rows": rows, "ratios": ratios},
+                                                       "seconds": args.seconds, "rounds": args.rounds,
+                                                       "torch_threads": args.torch_threads,
+                                                       "load_average": os.getloadavg(), "rows": rows,
+                                                       "ratios": ratios},
                                                       indent=2))
     finally:
         for proc in servers:

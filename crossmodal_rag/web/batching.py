@@ -1,15 +1,16 @@
 """Batched search serving: concurrent search requests share one encoder forward and one index
 search.
 
-A request waits on the event loop (never in a thread) until a worker is free and at most
-``batch_ms`` milliseconds after the first request of its batch arrived, or until ``max_batch``
-requests are waiting; then one worker thread embeds every text of the batch in one forward (and
+A request waits on the event loop (never in a thread) until a worker is free and, while other
+batches are being searched, at most ``batch_ms`` milliseconds after the first request of its
+batch arrived, or until ``max_batch`` requests are waiting (an idle server takes a request at
+once); then one worker thread embeds every text of the batch in one forward (and
 every query image in one), builds each request's query vector with the library's own query
 arithmetic, and searches each group of requests with the same ``k``, target, filter and threshold
 in one ``search_vectors`` call. Each request gets its own hits, or its own error.
 
 Under load batches form by themselves: while the workers are busy, arriving requests queue, and
-the next free worker takes them all. A lone request pays at most ``batch_ms`` (default 2 ms).
+the next free worker takes them all. A lone request on an idle server does not wait at all.
 The results equal those of :meth:`Collection.search <crossmodal_rag.collection.Collection.search>`
 for each request alone (``tests/test_web_batching.py`` compares them).
 """
@@ -174,6 +175,7 @@ class SearchBatcher:
         self._pending: list[tuple[SearchRequest, asyncio.Future]] = []
         self._full: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()  # drainers running (a reference keeps each alive)
+        self._running = 0  # batches being searched now
 
     async def search(self, request: SearchRequest) -> list[Hit]:
         """The hits of ``request`` (its own error is raised here)."""
@@ -197,7 +199,8 @@ class SearchBatcher:
     async def _drain(self) -> None:
         """Wait for the batch window (or a full batch), then for a worker; take what is waiting."""
         assert self._full is not None
-        if self.wait_s > 0 and len(self._pending) < self.max_batch:
+        # an idle server answers at once; while batches run, wait a moment for company
+        if self.wait_s > 0 and self._running and len(self._pending) < self.max_batch:
             with anyio.move_on_after(self.wait_s):
                 await self._full.wait()
         async with self.limiter:
@@ -210,6 +213,7 @@ class SearchBatcher:
             if not batch:
                 return
             t0 = time.perf_counter()
+            self._running += 1
             try:
                 results = await anyio.to_thread.run_sync(self.run, self.collection, [r for r, _ in batch],
                                                          self.stats)
@@ -217,6 +221,8 @@ class SearchBatcher:
                 results = [e] * len(batch)
                 if not isinstance(e, Exception):
                     raise
+            finally:
+                self._running -= 1
         self.stats.batches += 1
         self.stats.requests += len(batch)
         self.stats.sizes = [*self.stats.sizes[-999:], len(batch)]
