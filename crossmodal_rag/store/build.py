@@ -23,8 +23,9 @@ import numpy as np
 from ..errors import CollectionError
 from .ann import SearchParams, Tuning, describe_index, recall_at_k, training_rows
 from .shards import EmbeddingShards
+from .threads import single_thread_if
 from .tuning import tune_grid
-from .vectors import VectorIndex, _single_thread_if, silence_c_stdout
+from .vectors import VectorIndex, silence_c_stdout
 
 __all__ = ["BuildReport", "build_index", "drop_self", "exact_top_k", "tune_index"]
 
@@ -108,7 +109,7 @@ def train_coarse_two_level(index: faiss.Index, sample: np.ndarray, seed: int) ->
     assign = assign.ravel()
     counts = _split_counts(np.bincount(assign, minlength=top.k), nlist)
     parts = []
-    with _single_thread_if(True):  # ~sqrt(nlist) small k-means: a second OpenMP thread waits when loaded
+    with single_thread_if(True):  # ~sqrt(nlist) small k-means: a second OpenMP thread waits when loaded
         for c in np.flatnonzero(counts):
             parts.append(_sub_centroids(np.ascontiguousarray(x[assign == c]), int(counts[c]), seed + int(c)))
     centroids = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import faiss
 import numpy as np
 
 from .ann import SearchParams, filtered_params, wider_params
-
-if TYPE_CHECKING:
-    from .vectors import VectorIndex
+from .threads import NUMPY_MAX_QUERIES, single_thread_if
 
 __all__ = ["EXACT_MAX_ALLOWED", "exact_allowed_search", "id_selector", "search_filtered"]
 
@@ -46,6 +44,25 @@ _SCAN_IDS_PER_EXACT_ID = 250
 _EXACT_BLOCK = 16_384
 
 VectorSource = Callable[[np.ndarray], np.ndarray]
+
+
+class VectorIndex(Protocol):
+    """What filtered search uses of a ``store.vectors.VectorIndex`` (named here, not imported:
+    vectors imports this module)."""
+
+    index: faiss.Index
+    exact_vectors: VectorSource | None
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def uses_pq(self) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def search_ann(self, queries: np.ndarray, k: int, p: SearchParams,
+                   sel: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def unique_ids(allowed: np.ndarray) -> np.ndarray:
@@ -76,15 +93,13 @@ def exact_allowed_search(vectors_of: VectorSource, allowed: np.ndarray, queries:
     waits for its second thread on a busy machine (a 1,000 x 512 product: 0.01 ms idle, ~30 ms
     loaded, vs 0.13 ms here either way).
     """
-    from .vectors import _NUMPY_MAX_QUERIES, _single_thread_if  # vectors imports this module
-
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(allowed), _EXACT_BLOCK):
         ids = allowed[start : start + _EXACT_BLOCK]
         vecs = np.ascontiguousarray(vectors_of(ids), dtype=np.float32)
-        with _single_thread_if(len(queries) <= _NUMPY_MAX_QUERIES):
+        with single_thread_if(len(queries) <= NUMPY_MAX_QUERIES):
             s, rows = faiss.knn(queries, vecs, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
         best_s = np.concatenate([best_s, s], axis=1)
         best_i = np.concatenate([best_i, ids[rows]], axis=1)

@@ -8,7 +8,6 @@ import hashlib
 import logging
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from ..errors import CollectionError
 from .ann import SearchParams, describe_index, min_training_vectors, search_parameters
 from .filtered import id_selector, search_filtered, unique_ids
 from .manifest import IndexFile, fsync_dir, open_new_file
+from .threads import NUMPY_MAX_QUERIES as _NUMPY_MAX_QUERIES
+from .threads import single_thread_if as _single_thread_if
 
 __all__ = ["VectorIndex"]
 
@@ -27,8 +28,6 @@ logger = logging.getLogger(__name__)
 # faiss-cpu switches exact search to BLAS only from 20 queries by default; on small CPUs BLAS
 # already wins from a handful (see shared PERFORMANCE notes), so batched queries use it sooner.
 _BLAS_THRESHOLD = 4
-# Up to this many queries, exact search runs as a numpy product over FAISS's own storage.
-_NUMPY_MAX_QUERIES = 4
 # PQ shortlists are re-ranked with exact vectors: fetch k x this many candidates by default.
 DEFAULT_PQ_RERANK = 8
 #: Longest FAISS factory string accepted. FAISS parses it with std::regex, whose recursion
@@ -78,26 +77,6 @@ def silence_c_stdout() -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
-
-
-_thread_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _single_thread_if(small: bool) -> Iterator[None]:
-    """Run a handful of queries on one OpenMP thread: a single IVF/HNSW query gains nothing from
-    a second thread, and on a busy 2-core machine waiting for one costs 10x (see benchmarks)."""
-    if not small:
-        yield
-        return
-    with _thread_lock:
-        before = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        with _thread_lock:
-            faiss.omp_set_num_threads(before)
 
 
 def _looks_like_faiss(header: bytes) -> bool:
