@@ -24,6 +24,7 @@ class HitOut(BaseModel):
     thumbnail_url: str | None
     dense_score: float | None = Field(None, description="keyword/hybrid modes: cosine with the query embedding")
     keyword_score: float | None = Field(None, description="keyword/hybrid modes: BM25 (null: no keyword match)")
+    ocr: str | None = Field(None, description="an image's text read by OCR (index --ocr), lines joined by newlines")
 
 
 class SearchOut(BaseModel):

@@ -14,8 +14,8 @@ __all__ = ["hit_out", "image_id_of", "search_out", "urls"]
 
 
 def image_id_of(kind: str, item_id: int, parent_id: int | None) -> int | None:
-    """The item whose image shows an item: an image itself, a caption's image, else None."""
-    return item_id if kind == "image" else parent_id if kind == "caption" else None
+    """The item whose image shows an item: an image itself, a caption's or OCR text's image, else None."""
+    return item_id if kind == "image" else parent_id if kind in ("caption", "ocr") else None
 
 
 def urls(image_id: int | None) -> dict[str, str | None]:

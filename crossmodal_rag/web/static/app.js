@@ -26,6 +26,27 @@ function el(tag, attrs = {}, text = null) {
   return node;
 }
 
+// The text read in an image (index --ocr), with the query's words marked (built as DOM nodes,
+// never as HTML, so the text cannot inject markup).
+function ocrBlock(text, query) {
+  const words = (query || "").toLowerCase().split(/[^\p{L}\p{N}]+/u).filter((w) => w.length > 1);
+  const box = el("div", { class: "ocr", title: "text in the image" });
+  const lower = text.toLowerCase();
+  let i = 0;
+  while (i < text.length) {
+    let best = -1, len = 0;
+    for (const w of words) {
+      const j = lower.indexOf(w, i);
+      if (j >= 0 && (best < 0 || j < best)) { best = j; len = w.length; }
+    }
+    if (best < 0) { box.append(document.createTextNode(text.slice(i))); break; }
+    if (best > i) box.append(document.createTextNode(text.slice(i, best)));
+    box.append(el("mark", {}, text.slice(best, best + len)));
+    i = best + len;
+  }
+  return box;
+}
+
 function renderResults(data) {
   const list = $("results");
   list.replaceChildren();
@@ -40,6 +61,8 @@ function renderResults(data) {
     const meta = el("div", { class: "meta" });
     meta.append(el("div", { class: "score" }, `#${hit.rank} · ${hit.score.toFixed(3)}`));
     meta.append(el("div", { class: "cap" }, caption || (hit.path || "").split("/").pop()));
+    const ocrText = hit.kind === "ocr" ? hit.text : hit.ocr;
+    if (ocrText) meta.append(ocrBlock(ocrText, data.query && data.query.text));
     li.append(meta);
     list.append(li);
   }
