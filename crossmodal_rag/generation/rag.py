@@ -166,9 +166,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def item_text(hit: Hit) -> str:
-    """What the generator reads for a hit: an image's captions, or the text itself."""
+    """What the generator reads for a hit: an image's captions (and the text read in it, labelled),
+    or the text itself (text read in an image labelled with the image's name)."""
     if hit.kind == "image":
-        return "; ".join(hit.captions) if hit.captions else f"an image ({Path(hit.path or '').name})"
+        text = "; ".join(hit.captions) if hit.captions else f"an image ({Path(hit.path or '').name})"
+        ocr = getattr(hit, "ocr", None)  # index --ocr
+        return f"{text}; text in the image: {' / '.join(ocr.splitlines())}" if ocr else text
+    if hit.kind == "ocr":
+        return f"text in the image {Path(hit.path or '').name}: {' / '.join((hit.text or '').splitlines())}"
     if hit.kind == "passage" and hit.title:
         return f"{hit.title}: {hit.text}"
     return hit.text or ""
