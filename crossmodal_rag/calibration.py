@@ -52,7 +52,7 @@ def calibrate(store: MetadataStore, dim: int, max_pairs: int = 5000, seed: int =
 
 
 def _compute(store: MetadataStore, dim: int, max_pairs: int = 5000, seed: int = 0) -> dict[str, Any]:
-    rows = store.conn.execute("SELECT id, parent_id FROM items WHERE kind = 'caption'").fetchall()
+    rows = store.caption_parents()
     rows = [r for r in rows if type(r[1]) is int]  # a damaged row's parent (any SQLite type) is left out
     result: dict[str, Any] = {}
     if not rows:

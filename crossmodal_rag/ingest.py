@@ -484,7 +484,7 @@ class _Writer:
         old_id = previous[0]
         if self.store.item_by_sha("image", sha) == old_id:
             return []
-        self.store.conn.execute("DELETE FROM paths WHERE path = ?", (str(rec.path),))
+        self.store.forget_path(str(rec.path))
         self.report.replaced += 1
         if self.store.paths_of(old_id):
             return []
