@@ -25,6 +25,7 @@ def run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.timeout(1800)  # ~1 min on a quiet CPU; 10+ on a heavily shared one
 def test_minilm_recall_through_the_cli(tmp_path: Path, tiny_oc_spec: str) -> None:
     items = load_passage_qa(QA)
     assert len(items) == 200
