@@ -52,16 +52,21 @@ def _not_empty(folder: Path) -> CollectionError:
 
 
 def _holds_rows(db: Path) -> bool:
-    """Whether SQLite file ``db`` holds any row outside its ``meta`` table (an unreadable file
-    counts as holding rows: it is not ours to delete). Call under the folder's lock: a plain
-    connection, so commits still in a killed writer's WAL are seen (and checkpointed)."""
+    """Whether SQLite file ``db`` holds any row outside its ``meta`` table and its virtual tables
+    (an empty full-text index keeps bookkeeping rows in its shadow tables; its rows mirror the
+    items anyway). An unreadable file counts as holding rows: it is not ours to delete. Call
+    under the folder's lock: a plain connection, so commits still in a killed writer's WAL are
+    seen (and checkpointed)."""
     try:
         conn = sqlite3.connect(db, timeout=30.0)
         try:
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            rows = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall()
+            virtual = [n for n, sql in rows if str(sql).lstrip()[:20].upper().startswith("CREATE VIRTUAL")]
+            tables = [n for n, _ in rows if n != "meta" and not n.startswith("sqlite_")
+                      and not any(n == v or n.startswith(f"{v}_") for v in virtual)]
             return any(
                 conn.execute('SELECT EXISTS (SELECT 1 FROM "{}")'.format(t.replace('"', '""'))).fetchone()[0]
-                for t in tables if t != "meta" and not t.startswith("sqlite_")
+                for t in tables
             )
         finally:
             conn.close()
