@@ -236,3 +236,26 @@ def test_recall_lower_bound_by_hand() -> None:
     per = np.array([1, 0.5, 1, 0])
     assert recall_lower_bound(found, truth) == pytest.approx(0.625 - CONFIDENCE_Z * per.std(ddof=1) / 2)
     assert recall_lower_bound(truth, truth) == 1.0
+
+
+def test_tuning_stops_a_depth_whose_recall_plateaus() -> None:
+    """A fake index whose recall at depth 0 stops at 0.9 (lossy codes) and reaches 1.0 at depth 2
+    from nprobe 8: depth 0 is abandoned after the plateau, not walked to every list."""
+    from crossmodal_rag.store.tuning import tune_grid
+    from crossmodal_rag.store.vectors import make_faiss_index
+
+    index = make_faiss_index(8, "IVF64_HNSW32,SQ8")  # only its knobs are read
+    truth = np.arange(200).reshape(20, 10)
+    asked = []
+
+    def search(q: np.ndarray, k: int, p):
+        asked.append((p.nprobe, p.rerank))
+        good = min(9, 2 + p.nprobe) if p.rerank == 0 else (10 if p.nprobe >= 8 else 4 + p.nprobe // 2)
+        found = truth.copy()
+        found[:, good:] = -1
+        return np.zeros(found.shape, np.float32), found[: len(q)]
+
+    tuning = tune_grid(search, index, np.zeros((20, 8), np.float32), truth, k=10, target_recall=0.95)
+    walked0 = sorted({n for n, r in asked if r == 0})
+    assert walked0 == [1, 2, 3, 4, 6, 8, 12, 16]  # 0.3, 0.4, 0.5, 0.6, 0.8, 0.9, 0.9, 0.9: stop
+    assert tuning.reached and (tuning.value, tuning.rerank) == (8, 2)
