@@ -36,6 +36,7 @@ from ._phases import phase
 from .calibration import write_calibration
 from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from .ocr_stage import OcrStage, stage_for
 from .progress import tqdm
 from .safe_io import MAX_IMAGE_BYTES, open_regular, read_capped
 from .sources import ImageRecord, Problem, TextRecord, read_source
@@ -61,6 +62,9 @@ class IngestSettings:
     image_root: str | None = None  # manifest/COCO image paths are relative to this folder
     allow_outside_root: bool = False  # accept manifest paths outside the root
     progress: bool = False  # show a progress bar on stderr
+    ocr: bool | None = None  # read text in images: True/False (remembered), None: as remembered
+    ocr_engine: str | None = None  # OCR engine (crossmodal_rag.ocr.list_ocr_engines()); None: as remembered
+    ocr_workers: int = 1  # images read at once (threads, one onnxruntime thread each)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -71,6 +75,8 @@ class IngestSettings:
             raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
         if self.max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
+        if self.ocr_workers < 1:
+            raise ValueError(f"ocr_workers must be >= 1, got {self.ocr_workers}")
 
 
 @dataclass
@@ -88,6 +94,7 @@ class IngestReport:
     skipped: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # decode wait vs encode vs write
+    ocr: dict[str, Any] | None = None  # what OCR did (OcrReport.to_dict()); None: OCR was off
 
     @property
     def indexed_anything(self) -> bool:
@@ -104,6 +111,8 @@ class IngestReport:
                  f"{self.passages_added} passages added"]
         tail = [f"{self.unchanged} unchanged", f"{self.duplicates} duplicates",
                 f"{self.replaced} changed", f"{len(self.skipped)} skipped"]
+        if self.ocr is not None:
+            parts.append(f"{self.ocr['texts_added']} texts read in images")
         return f"{', '.join(parts)}; {', '.join(tail)} in {self.seconds:.1f}s"
 
 
@@ -250,7 +259,12 @@ def ingest(collection: IngestTarget, source: str | Path, settings: IngestSetting
         else:
             texts.append(rec)
     writer = _Writer(collection, report, embedder or _LocalEmbedder(collection))
+    writer.ocr = stage_for(collection, settings.ocr, settings.ocr_engine, settings.ocr_workers,
+                           writer._embed_windows, max_pixels=settings.max_image_pixels,
+                           max_bytes=settings.max_image_bytes, progress=settings.progress)
     try:
+        if writer.ocr is not None:
+            writer.ocr.backfill()  # images indexed before OCR was on, read while new ones embed
         passages = writer.new_passages(texts)
         todo, unchanged = writer.split_unchanged(images)
         writer.embedder.prepare([_passage_text(r) for _, r in passages], todo, settings)
@@ -258,7 +272,14 @@ def ingest(collection: IngestTarget, source: str | Path, settings: IngestSetting
             writer.add_passages(passages, settings)
         if images:
             writer.add_images(todo, unchanged, settings)
+        if writer.ocr is not None:
+            ocr_report = writer.ocr.finish()
+            report.ocr = ocr_report.to_dict()
+            report.skipped.extend(ocr_report.skipped)
     finally:
+        if writer.ocr is not None:
+            writer.ocr.close()
+            writer.dirty = writer.dirty or writer.ocr.report.texts_added > 0
         if writer.dirty:  # score thresholds follow the collection's contents
             write_calibration(collection.store, collection.manifest.dim)
             collection.persist()
@@ -277,6 +298,7 @@ class _Writer:
         self.report = report
         self.embedder = embedder
         self.dirty = False
+        self.ocr: OcrStage | None = None  # reads the text in new images, when OCR is on
         self.timings = report.timings
         for key in ("read_source", "decode_wait", "encode_images", "encode_texts", "write"):
             self.timings.setdefault(key, 0.0)
@@ -475,6 +497,10 @@ class _Writer:
         self.timings["write"] += time.perf_counter() - t
         if added or removed or decoded:
             self.dirty = True
+        if self.ocr is not None:
+            for rec, out in new:
+                self.ocr.submit(new_ids[out["sha256"]], rec.path)
+            self.ocr.drain()  # commit the text of the images read meanwhile
 
     def _unlink_path(self, rec: ImageRecord, sha: str) -> list[int]:
         """The file at rec.path now has other contents: drop its old item if nothing else uses it."""

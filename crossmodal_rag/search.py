@@ -35,6 +35,7 @@ class Hit:
     captions: tuple[str, ...]  # an image's captions (empty for texts)
     parent_id: int | None  # for a caption: the image it describes
     title: str | None  # a passage's title
+    ocr: str | None = None  # an image's OCR text (index --ocr)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,7 +138,7 @@ def _search_one(indexes: Mapping[str, VectorIndex], store: MetadataStore, query:
     for score, item in list(best.values())[:k]:
         hits.append(Hit(rank=len(hits) + 1, score=score, id=item.id, kind=item.kind, path=item.path,
                         text=item.text, captions=item.captions, parent_id=item.parent_id,
-                        title=item.title))
+                        title=item.title, ocr=item.ocr))
     return hits
 
 

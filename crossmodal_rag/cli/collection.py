@@ -59,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("--allow-outside-root", action="store_true",
                     help="accept manifest image paths that are absolute or leave the root folder")
     ix.add_argument("--report", metavar="FILE", help="write a JSON report (skipped items and why) to FILE")
+    ix.add_argument("--ocr", action=argparse.BooleanOptionalAction, default=None,
+                    help="read the text in images (OCR; needs crossmodal-rag[ocr]) and index it; the "
+                         "collection remembers it, --no-ocr turns it off (default: as remembered)")
+    ix.add_argument("--ocr-workers", type=positive_int, default=1, metavar="N",
+                    help="images read by OCR at once (default 1)")
     ix.add_argument("--fsync", choices=("full", "normal", "off"), default="full",
                     help="durability policy (default full; see README 'Collections')")
     ix.add_argument("--no-fsync", dest="fsync", action="store_const", const="off", help="same as --fsync off")
@@ -125,6 +130,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "workers": args.workers, "image_root": args.image_root,
         "allow_outside_root": args.allow_outside_root, "progress": not args.quiet,
     }
+    if args.ocr is not None or args.ocr_workers != 1:
+        settings_kwargs.update(ocr=args.ocr, ocr_workers=args.ocr_workers)
     if args.max_image_pixels:
         settings_kwargs["max_image_pixels"] = args.max_image_pixels
     if args.max_image_mb is not None:
