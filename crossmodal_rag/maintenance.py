@@ -93,10 +93,10 @@ def tune(state: IndexState, *, target_recall: float = 0.95, seed: int = 0) -> di
         state.sync_shards(name, live)
         if index.kind not in ("ivf", "hnsw") or not len(live):
             continue
-        queries = state.tuning_queries(name, live, index, seed)
+        queries, query_ids = state.tuning_queries(name, live, index, seed)
         index.params = SearchParams(rerank=index.params.rerank)
-        state.tuning[name] = tune_index(index, state.shards[name], live, queries,
-                                        target_recall=target_recall).to_dict()
+        state.tuning[name] = tune_index(index, state.shards[name], live, queries, target_recall=target_recall,
+                                        query_ids=query_ids).to_dict()
         state.dirty.add(name)
     state.persist()
     return {n: {"index_type": ix.index_type, "search_params": ix.params.to_dict(),

@@ -197,3 +197,17 @@ def test_a_fresh_index_is_what_reconcile_makes_of_the_metadata(state: IndexState
     assert found[:, 0].tolist() == fresh and np.allclose(scores[:, 0], 1.0, atol=1e-5)
     assert state.reconcile() == (0, 0)
     state.persist()
+
+
+def test_tuning_queries_name_their_own_ids(state: IndexState) -> None:
+    """Held-out tuning queries: stored vectors of the index itself (with their ids, so tuning can
+    leave each one's own vector out of its truth) and of the other modality (id -1)."""
+    live = state.store.ids("image")
+    queries, ids = state.tuning_queries("image", live, state.indexes["image"], seed=0, n=100)
+    assert queries.shape == (100, DIM) and ids.shape == (100,)
+    own = ids >= 0
+    assert own.sum() == 50 and set(ids[own].tolist()) <= set(live.tolist())
+    np.testing.assert_allclose(queries[own], state.shards["image"].lookup(ids[own]), atol=0)
+    texts = state.store.vectors(state.store.ids("text").tolist(), DIM)
+    # each other-modality query is one of the text vectors
+    assert np.allclose((queries[~own] @ texts.T).max(axis=1), 1.0, atol=1e-5)

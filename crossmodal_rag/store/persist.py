@@ -218,8 +218,9 @@ class IndexState:
         self.built[name] = report.to_dict()
         self.tuning.pop(name, None)
         if tune and index.kind in ("ivf", "hnsw") and len(live):
-            queries = self.tuning_queries(name, live, index, seed)
-            result = tune_index(index, self.shards[name], live, queries, target_recall=target_recall)
+            queries, query_ids = self.tuning_queries(name, live, index, seed)
+            result = tune_index(index, self.shards[name], live, queries, target_recall=target_recall,
+                                query_ids=query_ids)
             self.tuning[name] = result.to_dict()
             logger.info("tuned the %s index: %s=%s (recall@10 %.3f, target %.2f)", name,
                         result.param, result.value,
@@ -229,9 +230,11 @@ class IndexState:
         self.rebuild.discard(name)
 
     def tuning_queries(self, name: str, live: np.ndarray, index: VectorIndex, seed: int,
-                       n: int = 500) -> np.ndarray:
+                       n: int = 500) -> tuple[np.ndarray, np.ndarray]:
         """Held-out queries ``(n, D)``: stored vectors not used for training, half from the other
-        modality (captions query images and the other way round) when it has any."""
+        modality (captions query images and the other way round) when it has any; and the ids
+        ``(n,)`` under which they are stored in index ``name`` (-1 for the other modality's), so
+        tuning leaves each query's own vector out of its results."""
         rng = np.random.default_rng(seed + 1)
         trained_on = training_rows(len(live), make_faiss_index(self.manifest.dim, index.index_type), seed) \
             if index.kind == "ivf" else np.zeros(0, np.int64)
@@ -242,10 +245,12 @@ class IndexState:
         n_other = min(len(other), n // 2)
         own = live[np.sort(rng.choice(pool, size=min(len(pool), n - n_other), replace=False))]
         parts = [self.shards[name].lookup(own)]
+        ids = [np.asarray(own, dtype=np.int64)]
         if n_other:
             picked = np.sort(rng.choice(other, size=n_other, replace=False))
             parts.append(self.store.vectors(picked.tolist(), self.manifest.dim))
-        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+            ids.append(np.full(n_other, -1, dtype=np.int64))
+        return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32), np.concatenate(ids)
 
     # -- writing ---------------------------------------------------------------------------
     @phase("persist")
