@@ -25,7 +25,8 @@ def test_an_empty_answer_is_reported_as_empty(sample_collection: Path, t5_dir: P
     assert main(["ask", "what is this?", "-c", str(sample_collection), "-g", str(t5_dir), "-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "nothing was retrieved" not in out
-    assert out.startswith("(the generator gave an empty answer)") and "sources:" in out
+    assert out.startswith("retrieved (prior")  # the sources with their priors come first (issue 19)
+    assert "\n(the generator gave an empty answer)\n" in out and "sources:" in out
     assert out.count("posterior") == 2
 
 

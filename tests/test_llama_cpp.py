@@ -191,8 +191,8 @@ def test_stream_events_and_cancel(pair: tuple[LlamaCppGenerator, Generator], sam
 
 
 def test_cli_ask_runs_on_llama_cpp(tiny_gguf: Path, sample_collection: Path) -> None:
-    """``ask --generator model.gguf --json`` in a subprocess picks llama.cpp and answers what the
-    library does on it."""
+    """``ask --generator model.gguf --json`` in a subprocess picks llama.cpp (and says so) and
+    answers what the library does on it."""
     env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
     env.pop("CROSSMODAL_RAG_GGUF_RUNTIME", None)
     r = subprocess.run([sys.executable, "-m", "crossmodal_rag", "ask", "what is in the photo?",
@@ -202,7 +202,49 @@ def test_cli_ask_runs_on_llama_cpp(tiny_gguf: Path, sample_collection: Path) -> 
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "(llama.cpp runtime)" in r.stderr  # the one-line notice naming the runtime
+    gen = LlamaCppGenerator(str(tiny_gguf))  # the answer is llama.cpp's greedy one for the prompt shown
+    assert out["answer"] == gen.generate(out["prompts"], GenerationSettings(max_new_tokens=4))[0][0]
+
+
+def test_cli_ask_streams_sources_then_tokens_then_posteriors(tiny_gguf: Path, sample_collection: Path) -> None:
+    """Without ``--json``: the retrieved items with their priors, then the answer, then the
+    sources with posteriors; the answer is the one ``--json`` gives."""
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
+    env.pop("CROSSMODAL_RAG_GGUF_RUNTIME", None)
+    from crossmodal_rag.cli.output import safe
+
+    base = [sys.executable, "-m", "crossmodal_rag", "ask", "what is in the photo?", "--collection",
+            str(sample_collection), "--generator", str(tiny_gguf), "--k", "2", "--max-new-tokens", "6"]
+    runs = [subprocess.run([*base, *extra], capture_output=True, text=True, env=env, timeout=300)
+            for extra in ([], ["--json"])]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    answer = json.loads(runs[1].stdout)
+    lines = runs[0].stdout.splitlines()
+    assert lines[0] == "retrieved (prior = P(z|x)):"
+    assert lines[1].startswith("  [1] prior ") and lines[2].startswith("  [2] prior ") and lines[3] == ""
+    at = lines.index("sources:")
+    assert "\n".join(lines[4:at]).strip() == safe(answer["answer"], newlines=True).strip()  # escaped
+    assert [ln.split()[2] for ln in lines[at + 1:at + 3]] == [f"{s['posterior']:.3f}" for s in answer["sources"]]
+
+
+def test_stream_printer_flushes_each_token(capsys: pytest.CaptureFixture[str],
+                                           pair: tuple[LlamaCppGenerator, Generator],
+                                           sample_collection: Path) -> None:
+    """What the terminal shows after each event: the sources before any token, each token as it
+    comes (not at the end), the posteriors last."""
+    from crossmodal_rag.cli.rag import StreamPrinter
+
+    cpp, _ = pair
+    printer, shown = StreamPrinter(), []
     with Collection.open(sample_collection) as coll:
-        pipe = RagPipeline(coll, LlamaCppGenerator(str(tiny_gguf)), RagSettings(k=2),
-                           GenerationSettings(max_new_tokens=4))
-        assert out["answer"] == pipe.ask("what is in the photo?").answer
+        pipe = RagPipeline(coll, cpp, RagSettings(k=2), GenerationSettings(max_new_tokens=6))
+        for event in pipe.stream("what is the cat on?", hits=HITS[:2], mode="rag-token"):
+            printer(event)
+            shown.append((type(event).__name__, capsys.readouterr().out))
+    kinds = [k for k, _ in shown]
+    assert kinds[0] == "Sources" and kinds[-1] == "Final" and kinds.count("Token") >= 1
+    assert "prior" in shown[0][1] and "posterior" not in shown[0][1]
+    tokens = [text for k, text in shown if k == "Token"]
+    final = event.answer.answer
+    assert "".join(tokens).strip() == final and tokens[0]  # each token shown when it arrived
+    assert "posterior" in shown[-1][1]

@@ -153,6 +153,11 @@ def print_answer(answer: Any, as_json: bool) -> None:
         print(safe(answer.answer, newlines=True))
     else:
         print("(the generator gave an empty answer)" if answer.sources else "(no answer: nothing was retrieved)")
+    print_sources(answer)
+
+
+def print_sources(answer: Any) -> None:
+    """The sources with their posteriors (after the answer)."""
     if answer.sources:
         print("\nnearest sources (below the --min-score threshold):" if answer.abstained else "\nsources:")
         for s in answer.sources:
@@ -160,6 +165,47 @@ def print_answer(answer: Any, as_json: bool) -> None:
             flag += "  (truncated)" if s.truncated else ""
             print(f"  [{s.rank}] posterior {s.posterior:.3f}  prior {s.prior:.3f}  score {s.score:.3f}  "
                   f"#{s.id} {tsv_field(s.path)}  {tsv_field(s.text)[:120]}{flag}")
+
+
+class StreamPrinter:
+    """``on_event`` for ask/chat/write without ``--json``: the sources and their priors first, the
+    answer's text as it is generated (flushed per token), then the sources with their posteriors."""
+
+    def __init__(self) -> None:
+        self.streamed = False
+
+    def __call__(self, event: Any) -> None:
+        from ..generation.stream import Final, Sources, Token
+
+        if isinstance(event, Sources):
+            self.streamed = False
+            if event.sources and not event.abstained:
+                print("retrieved (prior = P(z|x)):")
+                for s in event.sources:
+                    flag = "" if s.included else "  (not in prompt)"
+                    print(f"  [{s.rank}] prior {s.prior:.3f}  score {s.score:.3f}  #{s.id} {tsv_field(s.path)}  "
+                          f"{tsv_field(s.text)[:120]}{flag}")
+                print(flush=True)
+                if not event.streaming:
+                    print(f"{event.mode}: scoring the candidates; the answer follows once scored",
+                          file=sys.stderr, flush=True)
+        elif isinstance(event, Token):
+            text = event.text if self.streamed else event.text.lstrip()
+            if text:
+                sys.stdout.write(safe(text, newlines=True))
+                sys.stdout.flush()
+                self.streamed = True
+        elif isinstance(event, Final):
+            if self.streamed:
+                print()
+                print_sources(event.answer)
+            else:
+                print_answer(event.answer, False)
+
+
+def answer_events(args: argparse.Namespace) -> dict[str, Any]:
+    """``ask`` keyword arguments for the output: a streaming printer, or nothing with ``--json``."""
+    return {} if args.json else {"on_event": StreamPrinter()}
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -177,8 +223,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
             s = pipeline.settings
             _, hits = hybrid.rag_hits(coll, args.question, k=s.k, target=s.target, where=list(s.where) or None,
                                       min_score=s.min_score, mode=args.search_mode)
-        answer = pipeline.ask(args.question, image=args.image, hits=hits)
-    print_answer(answer, args.json)
+        answer = pipeline.ask(args.question, image=args.image, hits=hits, **answer_events(args))
+    if args.json:
+        print_answer(answer, args.json)
     return 0
 
 
@@ -191,15 +238,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     with Collection.open(collection_dir(args), model=args.model) as coll:
         pipeline = pipeline_from_args(args, coll)
         if args.message is not None:
-            answer = session.send(pipeline, args.message, image=args.image)
-            print_answer(answer, args.json)
+            answer = session.send(pipeline, args.message, image=args.image, **answer_events(args))
+            if args.json:
+                print_answer(answer, args.json)
         else:
             print("chat: type a message, an empty line or Ctrl-D to stop", file=sys.stderr)
             for line in sys.stdin:
                 if not line.strip():
                     break
-                answer = session.send(pipeline, line)
-                print_answer(answer, args.json)
+                answer = session.send(pipeline, line, **answer_events(args))
+                if args.json:
+                    print_answer(answer, args.json)
                 if args.session:
                     session.save(args.session)
     if args.session:
@@ -222,8 +271,9 @@ def cmd_write(args: argparse.Namespace) -> int:
     if draft is None or not draft.strip():
         raise QueryError("write: give the DRAFT text or --draft-file FILE")
     with Collection.open(collection_dir(args), model=args.model) as coll:
-        answer = write(pipeline_from_args(args, coll), draft)
-    print_answer(answer, args.json)
+        answer = write(pipeline_from_args(args, coll), draft, **answer_events(args))
+    if args.json:
+        print_answer(answer, args.json)
     return 0
 
 
