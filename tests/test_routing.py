@@ -1,0 +1,72 @@
+"""Query routing with a text space: texts from the sentence encoder, images from CLIP, --target all
+fused by reciprocal rank (oracle: the two lists searched separately, fused by hand), and the text
+space's min-score auto."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sentence_models import make_tiny_sentence_model
+
+from crossmodal_rag import Collection, routing
+from crossmodal_rag.fusion import reciprocal_rank_fusion
+from crossmodal_rag.text_space import open_text_space, sync_text_space
+
+PASSAGES = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may"]
+
+
+@pytest.fixture(scope="module")
+def coll_dir(tmp_path_factory: pytest.TempPathFactory, tiny_oc_spec: str, sample_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("routing")
+    corpus = root / "p.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
+    photos = root / "photos"
+    photos.mkdir()
+    for name in ("cat", "coffee", "pagoda"):
+        (photos / f"{name}.jpg").write_bytes((sample_dir / f"{name}.jpg").read_bytes())
+        (photos / f"{name}.txt").write_text((sample_dir / f"{name}.txt").read_text())
+    with Collection.create(root / "coll", tiny_oc_spec) as coll:
+        coll.add(photos)
+        coll.add(corpus)
+        sync_text_space(coll, str(make_tiny_sentence_model(root / "st", seed=5)))
+    return root / "coll"
+
+
+def test_routes(coll_dir: Path) -> None:
+    with Collection.open(coll_dir) as coll:
+        space = open_text_space(coll)
+        assert routing.search(coll, "a cup", target="images") is None  # CLIP's job
+        assert routing.search(coll, None, image=str(coll_dir), target="texts") is None
+        assert routing.search(coll, "a cup", plus=["tea"], target="texts") is None
+        mode, texts = routing.search(coll, "a cup of coffee", k=4, target="texts", mode="dense")
+        assert mode == "dense"
+        assert [h.id for h in texts] == [h.id for h in space.search(coll, "a cup of coffee", 4)]
+
+        mode, fused = routing.search(coll, "a cup of coffee", k=5, target="all", mode="dense")
+        depth = 5
+        images = coll.search("a cup of coffee", k=depth, target="images")
+        text_hits = space.search(coll, "a cup of coffee", depth)
+        want = reciprocal_rank_fusion([[("image", h.id) for h in images], [("text", h.id) for h in text_hits]],
+                                      limit=5)
+        got = [("image" if h.kind == "image" else "text", h.id) for h in fused]
+        assert got == [key for key, _ in want]
+        assert [h.rank for h in fused] == [1, 2, 3, 4, 5]
+        own = {("image", h.id): h.score for h in images} | {("text", h.id): h.score for h in text_hits}
+        assert all(h.score == own[key] for h, key in zip(fused, got, strict=True))  # own cosine kept
+
+
+def test_text_space_min_score_auto(coll_dir: Path) -> None:
+    with Collection.open(coll_dir) as coll:
+        space = open_text_space(coll)
+        threshold = routing.text_space_threshold(space)
+        v = space.vectors
+        pairs = [float(v[i] @ v[j]) for i in range(len(v)) for j in range(len(v)) if i != j]
+        assert min(pairs) <= threshold <= max(pairs)
+        _, hits = routing.search(coll, PASSAGES[1], k=20, target="texts", mode="dense", min_score="auto")
+        assert hits and all(h.score >= threshold for h in hits)
+        _, every = routing.search(coll, PASSAGES[1], k=20, target="texts", mode="dense")
+        assert [h.id for h in hits] == [h.id for h in every if h.score >= threshold]
+        assert np.isclose(hits[0].score, 1.0, atol=1e-5)  # the passage itself
