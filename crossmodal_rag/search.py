@@ -112,20 +112,25 @@ def search_vectors(
     names = _INDEXES_OF_TARGET[check_target(target)]
     _check_holds(indexes, target)
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    return [_search_one(indexes, store, q, k, names, allowed, min_score, params) for q in queries]
+    # the first fetch of every query in one index search per index (a batch: one FAISS call)
+    first = _fetch(indexes, queries, k, names, allowed, min_score, params)
+    return [_search_one(indexes, store, q, k, names, allowed, min_score, params, first=f)
+            for q, f in zip(queries, first, strict=True)]
 
 
 def _search_one(indexes: Mapping[str, VectorIndex], store: MetadataStore, query: np.ndarray, k: int,
                 names: tuple[str, ...], allowed: Mapping[str, np.ndarray] | None,
-                min_score: float | None, params: SearchParams | None = None) -> list[Hit]:
+                min_score: float | None, params: SearchParams | None = None,
+                first: tuple[np.ndarray, np.ndarray, float] | None = None) -> list[Hit]:
     """Top-k items for one query. Windows of long texts count for their item (its best window's
     score), so the search fetches more until it has k distinct items that no unseen row can
-    beat, or has seen everything."""
+    beat, or has seen everything. ``first``: the first fetch (``k`` rows), already made."""
     fetch = k
     total = max(len(indexes[n]) if allowed is None else min(len(indexes[n]), len(allowed[n]))
                 for n in names)
     while True:
-        scores, ids, bound = _fetch(indexes, query, fetch, names, allowed, min_score, params)
+        scores, ids, bound = first or _fetch(indexes, query[None], fetch, names, allowed, min_score, params)[0]
+        first = None
         order = np.argsort(-scores, kind="stable")
         best = _best_per_item(store, scores[order], ids[order])
         # an unseen row scores at most ``bound`` (the lowest row fetched from an index that
@@ -142,29 +147,33 @@ def _search_one(indexes: Mapping[str, VectorIndex], store: MetadataStore, query:
     return hits
 
 
-def _fetch(indexes: Mapping[str, VectorIndex], query: np.ndarray, fetch: int, names: tuple[str, ...],
+def _fetch(indexes: Mapping[str, VectorIndex], queries: np.ndarray, fetch: int, names: tuple[str, ...],
            allowed: Mapping[str, np.ndarray] | None, min_score: float | None,
-           params: SearchParams | None) -> tuple[np.ndarray, np.ndarray, float]:
-    """The top ``fetch`` rows of each index (at or above ``min_score``): ``(scores, ids)`` and
-    the best score a row not fetched could have (-inf when every index gave all it has)."""
-    all_scores, all_ids, bound = [], [], -np.inf
-    for n in names:
-        s, i = indexes[n].search(query[None], fetch, None if allowed is None else allowed[n],
-                                 params=params)
-        s, i = s[0], i[0]
-        keep = i >= 0
-        s, i = s[keep], i[keep]
-        # fewer rows than asked for: nothing else in this index passes the filter
-        more = len(i) >= fetch and len(i) < len(indexes[n])
-        if min_score is not None:
-            more = more and bool(len(s)) and float(s.min()) >= min_score
-            keep = s >= min_score
+           params: SearchParams | None) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """For each row of ``queries`` ``(Q, D)`` (one index search per index for all rows): the top
+    ``fetch`` rows of each index (at or above ``min_score``), ``(scores, ids)``, and the best score
+    a row not fetched could have (-inf when every index gave all it has)."""
+    found = {n: indexes[n].search(queries, fetch, None if allowed is None else allowed[n], params=params)
+             for n in names}
+    out = []
+    for row in range(len(queries)):
+        all_scores, all_ids, bound = [], [], -np.inf
+        for n in names:
+            s, i = found[n][0][row], found[n][1][row]
+            keep = i >= 0
             s, i = s[keep], i[keep]
-        if more:
-            bound = max(bound, float(s.min()))
-        all_scores.append(s)
-        all_ids.append(i)
-    return np.concatenate(all_scores), np.concatenate(all_ids), bound
+            # fewer rows than asked for: nothing else in this index passes the filter
+            more = len(i) >= fetch and len(i) < len(indexes[n])
+            if min_score is not None:
+                more = more and bool(len(s)) and float(s.min()) >= min_score
+                keep = s >= min_score
+                s, i = s[keep], i[keep]
+            if more:
+                bound = max(bound, float(s.min()))
+            all_scores.append(s)
+            all_ids.append(i)
+        out.append((np.concatenate(all_scores), np.concatenate(all_ids), bound))
+    return out
 
 
 def _best_per_item(store: MetadataStore, scores: np.ndarray, ids: np.ndarray

@@ -193,3 +193,32 @@ def test_batcher_windows_full_batches_and_lone_requests() -> None:
         assert [names for _, names in runs] == [["stays"]]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("target", "where", "min_score"), [("images", None, None), ("all", None, 0.0),
+                                                            ("texts", ["kind=caption"], None)])
+def test_a_batch_of_query_vectors_is_one_index_search(coll_dir: Path, target: str, where, min_score) -> None:
+    """``search_vectors`` with Q rows: one index search per index for the first fetch of all rows,
+    and each row's hits equal to searching it alone."""
+    from crossmodal_rag.store.vectors import VectorIndex
+
+    with Collection.open(coll_dir) as coll:
+        queries = coll.encoder.encode_texts([p["q"] for p in SEARCHES if "+" not in p["q"]])
+        alone = [coll.search_vectors(q[None], k=7, target=target, where=where, min_score=min_score)[0]
+                 for q in queries]
+        calls: list[int] = []
+        real = VectorIndex.search
+
+        def counted(self, q, *args, **kwargs):
+            calls.append(len(np.atleast_2d(q)))
+            return real(self, q, *args, **kwargs)
+
+        VectorIndex.search = counted
+        try:
+            together = coll.search_vectors(queries, k=7, target=target, where=where, min_score=min_score)
+        finally:
+            VectorIndex.search = real
+    assert [[(h.id, h.rank) for h in hits] for hits in together] == [[(h.id, h.rank) for h in hits] for hits in alone]
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-6)
+    assert calls[: 2 if target == "all" else 1] == [len(queries)] * (2 if target == "all" else 1), calls
