@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -215,7 +216,8 @@ def test_cli_index_ocr_then_search_and_ask(tmp_path: Path, sample_dir: Path, tin
     out = _cli("index", str(folder), "--collection", str(coll), "--model", tiny_oc_spec, "--ocr", "-q",
                cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "2 texts read in images" in out.stdout, out.stdout
+    read = re.search(r"(\d+) texts read in images", out.stdout)
+    assert read and int(read.group(1)) >= 2, out.stdout  # the two documents (a photo may show text too)
     out = _cli("search", "invoice 4711", "--collection", str(coll), "--json", "-k", "1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     (top,) = json.loads(out.stdout)["results"]
