@@ -1,7 +1,8 @@
 """Maintenance (crossmodal_rag/maintenance.py) on collections of synthetic vectors, written with
 the store's own writers (store/persist.py) and no model: a rebuilt and tuned index against
-exact search, refused rebuilds leave the collection as it was, search settings persist, and
-near-duplicate groups against a brute-force union-find, also over an approximate index."""
+exact search, refused rebuilds leave the collection as it was, search settings persist,
+near-duplicate groups against a brute-force union-find, also over an approximate index, and the
+tuning queries name their ids."""
 
 from __future__ import annotations
 
@@ -180,23 +181,6 @@ def test_no_groups_under_two_images(tmp_path: Path) -> None:
         assert maintenance.near_duplicates(state.store, state.indexes, DIM, -1.0) == []
     finally:
         state.store.close()
-
-
-def test_a_fresh_index_is_what_reconcile_makes_of_the_metadata(state: IndexState) -> None:
-    """Removals and additions committed without telling the in-memory index (another process,
-    or a crash before persist) are replayed from the metadata."""
-    ids = state.store.ids("image")
-    with state.store.transaction():
-        state.store.delete_items([int(i) for i in ids[:10]])
-        new = clustered(5, seed=11)
-        fresh = [state.store.insert_item("image", v, sha256=f"{n + 9000:064x}") for n, v in enumerate(new)]
-    added, removed = state.reconcile()
-    assert (added, removed) == (5, 10)
-    assert np.array_equal(np.sort(state.indexes["image"].ids()), state.store.ids("image"))
-    scores, found = state.indexes["image"].search(new, 1)
-    assert found[:, 0].tolist() == fresh and np.allclose(scores[:, 0], 1.0, atol=1e-5)
-    assert state.reconcile() == (0, 0)
-    state.persist()
 
 
 def test_tuning_queries_name_their_own_ids(state: IndexState) -> None:
