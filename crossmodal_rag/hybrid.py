@@ -50,6 +50,7 @@ class RankedHit:
     mode: str = "hybrid"
     dense_score: float | None = None  # cosine with the query embedding (None: not computed)
     keyword_score: float | None = None  # BM25 (None: no keyword match)
+    ocr: str | None = None  # an image's OCR text (index --ocr)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -59,7 +60,8 @@ class RankedHit:
 
 def _from_item(item: Any, rank: int, score: float, mode: str, **scores: float | None) -> RankedHit:
     return RankedHit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text,
-                     captions=item.captions, parent_id=item.parent_id, title=item.title, mode=mode, **scores)
+                     captions=item.captions, parent_id=item.parent_id, title=item.title, mode=mode,
+                     ocr=getattr(item, "ocr", None), **scores)
 
 
 def choose_mode(mode: str | None, store: Any, *, has_text: bool) -> str:
@@ -75,8 +77,7 @@ def choose_mode(mode: str | None, store: Any, *, has_text: bool) -> str:
 
 
 def _indexed(store: Any) -> bool:
-    with store._lock:
-        return fulltext.indexed_count(store.conn) > 0
+    return fulltext.store_count(store) > 0
 
 
 def keyword_text(query: str) -> str:
@@ -88,8 +89,7 @@ def keyword_text(query: str) -> str:
 
 
 def _ranked_texts(store: Any, query: str, depth: int | None) -> list[tuple[int, float]]:
-    with store._lock:  # the store's connection is shared between threads
-        return fulltext.keyword_search(store.conn, keyword_text(query), limit=depth)
+    return fulltext.search_store(store, keyword_text(query), limit=depth)
 
 
 def keyword_hits(store: Any, query: str, k: int, target: str = "images",
@@ -128,7 +128,7 @@ def fuse(dense: Sequence[Any], keyword: Sequence[RankedHit], k: int, rrf_k: int 
     fusion; ``score`` = the fused score, ``dense_score`` = the hit's dense score where the dense
     list holds it."""
     by_id: dict[int, Any] = {}
-    for h in (*dense, *keyword):
+    for h in (*keyword, *dense):  # a keyword hit carries the item's OCR text
         by_id.setdefault(h.id, h)
     dense_of = {h.id: h.score for h in dense}
     keyword_of = {h.id: h.score for h in keyword}
@@ -174,7 +174,7 @@ def search(coll: Any, query: str | None = None, *, image: Any = None, k: int = 1
     threshold = coll.resolve_min_score(min_score, query_is_image=image is not None, target=target)
     conditions = parse_where(where)
     allowed = allowed_ids(coll.store, conditions) if conditions else None
-    depth = k if chosen == "keyword" else max(k * DEPTH_FACTOR, MIN_DEPTH)
+    depth = k if chosen == "keyword" and threshold is None else max(k * DEPTH_FACTOR, MIN_DEPTH)
     keyword = keyword_hits(coll.store, query, depth, target, allowed)
     if chosen == "keyword" and threshold is None:
         return chosen, keyword

@@ -71,6 +71,10 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         report = coll.reindex(args.index_type, max_index_memory=args.max_index_memory,
                               seed=args.seed, tune=args.tune, target_recall=args.target_recall,
                               sharded=args.sharded, workers=args.workers)
+        if "keyword" not in report:  # the library's reindex did not remake the keyword index
+            from ..store.fulltext import rebuild_store
+
+            report["keyword"] = {"count": rebuild_store(coll.store)}
         from ..text_space import sync_text_space
 
         text = sync_text_space(coll)
@@ -82,6 +86,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     for name, r in report.items():
         if name == "text_space":
             print(f"text space: {r['spec']}, {r['added']} rows embedded, {r['removed']} dropped")
+            continue
+        if name == "keyword":
+            print(f"keyword index: {r['count']} texts (rebuilt)")
             continue
         build = r.get("build") or {}
         print(f"{name}: {r['index_type']}, {r['count']} vectors, built in {build.get('seconds', 0):.1f} s"

@@ -34,7 +34,8 @@ from typing import Any
 from ..errors import QueryError
 
 __all__ = ["FTS_KINDS", "FTS_TABLES", "KeywordQuery", "available", "delete_items", "fts_step", "index_items",
-           "keyword_search", "parse_keyword_query", "problems", "rebuild", "segment"]
+           "keyword_search", "parse_keyword_query", "problems", "rebuild", "rebuild_store", "search_store",
+           "segment", "store_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,3 +253,36 @@ def keyword_search(conn: sqlite3.Connection, query: str | KeywordQuery, limit: i
 def indexed_count(conn: Any) -> int:
     """Rows in the full-text index (0 when there is none)."""
     return int(conn.execute("SELECT count(*) FROM fts_grams").fetchone()[0]) if has_index(conn) else 0
+
+
+# -- on a MetadataStore (under its lock: the connection is shared between threads) ---------------
+
+def search_store(store: Any, query: str | KeywordQuery, limit: int | None = None,
+                 allowed: set[int] | None = None) -> list[tuple[int, float]]:
+    """:func:`keyword_search` on a :class:`~crossmodal_rag.store.metadata.MetadataStore`."""
+    with store._lock:
+        try:
+            return keyword_search(store.conn, query, limit, allowed)
+        except sqlite3.DatabaseError as e:
+            raise store.damaged(e) from e
+
+
+def store_count(store: Any) -> int:
+    """:func:`indexed_count` of a MetadataStore."""
+    with store._lock:
+        return indexed_count(store.conn)
+
+
+def rebuild_store(store: Any) -> int:
+    """Remake a MetadataStore's keyword index from its items in one transaction of its own (the
+    generation stays: no item changes); returns the rows indexed."""
+    with store._lock:
+        store.conn.execute("BEGIN IMMEDIATE")
+        try:
+            count = rebuild(store.conn)
+            store.conn.execute("COMMIT")
+        except BaseException:
+            store.conn.execute("ROLLBACK")
+            raise
+        store._fts = has_index(store.conn)
+        return count

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CollectionError
+from . import fulltext
 from . import ocr as ocr_sql
 from .guard import DB_NAME, MAX_VALUE_BYTES, StepBudget, check_files
 from .items import FILTER_COLUMNS, INDEX_OF_KIND, ROW_TYPES, Item, chunks
@@ -113,6 +114,7 @@ class MetadataStore:
         #: The store's schema version as opened (a read-only store of an older version stays so:
         #: check it, or :meth:`has_column`, before reading what a later step added).
         self.schema_version: int = SCHEMA_VERSION if version is None else version
+        self._fts = fulltext.has_index(self.conn)  # item writes keep the keyword index in step
 
     def _stored_version(self, readonly: bool) -> int | None:
         """The schema version the file states, refused unless in 1..:data:`SCHEMA_VERSION`
@@ -317,6 +319,8 @@ class MetadataStore:
         self.conn.execute(
             f"INSERT INTO items({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values
         )
+        if self._fts and kind in fulltext.FTS_KINDS:
+            fulltext.index_items(self.conn, [(item_id, fields.get("text"), fields.get("title"))])
         return item_id
 
     def _take_id(self) -> int:
@@ -354,6 +358,8 @@ class MetadataStore:
                 children += [r[0] for r in self.conn.execute(
                     f"SELECT id FROM items WHERE parent_id IN ({marks})", chunk)]
             level = [c for c in children if c not in gone]
+        if self._fts:
+            fulltext.delete_items(self.conn, sorted(gone))
         for chunk in chunks(sorted(gone), 500):
             marks = ",".join("?" * len(chunk))
             self.conn.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk)
@@ -581,4 +587,4 @@ class MetadataStore:
         ).fetchone()[0]
         if dangling:
             problems.append(f"{dangling} paths that point to no item")
-        return problems
+        return problems + fulltext.problems(self.conn)

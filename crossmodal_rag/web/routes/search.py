@@ -37,9 +37,9 @@ def router(settings: WebSettings) -> APIRouter:
                                           description="a number, or auto (calibrated); the dense (cosine) "
                                                       "score in every mode"),
             mode: Literal["auto", "dense", "keyword", "hybrid"] = Query(
-                "auto", description="dense (embeddings), keyword (BM25 over captions, passages, OCR text), "
-                                    "hybrid (both, reciprocal rank fusion); auto: hybrid when the collection "
-                                    "has texts"),
+                "dense", description="dense (embeddings; batched with concurrent searches), keyword (BM25 "
+                                     "over captions, passages, OCR text), hybrid (both, reciprocal rank "
+                                     "fusion), auto (hybrid when the collection has texts, else dense)"),
             st: AppState = Depends(get_state)) -> SearchOut:
         """Search by text."""
         t0 = time.perf_counter()
