@@ -9,6 +9,7 @@ import math
 import random
 import re
 import sqlite3
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -190,3 +191,40 @@ def test_a_store_without_the_tables_says_how_to_get_them() -> None:
     assert ft.problems(conn) == [] and ft.indexed_count(conn) == 0
     with pytest.raises(QueryError, match="--mode dense"):
         ft.keyword_search(conn, "cat")
+
+
+def test_migration_from_schema_2_fills_the_index_and_later_writes_keep_it(tmp_path: Path) -> None:
+    """A saved schema-2 store (tests/data/schema2): read-only it has no keyword index (keyword
+    search says how to get one); the writable open's migration indexes its caption and passage;
+    items added and removed afterwards keep the index in step."""
+    import shutil
+
+    import numpy as np
+
+    from crossmodal_rag.store.metadata import DB_NAME, MetadataStore
+
+    shutil.copy(Path(__file__).parent / "data" / "schema2" / DB_NAME, tmp_path / DB_NAME)
+    old = MetadataStore(tmp_path, readonly=True)
+    try:
+        assert not ft.has_index(old.conn)
+        with pytest.raises(QueryError, match="no keyword index"):
+            ft.search_store(old, "anything")
+    finally:
+        old.close()
+    store = MetadataStore(tmp_path)
+    try:
+        texts = dict(store.conn.execute(
+            "SELECT id, text FROM items WHERE kind IN ('caption', 'passage') AND text != ''").fetchall())
+        assert texts and ft.store_count(store) == len(texts) and ft.problems(store.conn) == []
+        word = max(texts[min(texts)].split(), key=len)
+        assert min(texts) in [i for i, _ in ft.search_store(store, word)]
+        dim = len(store.conn.execute("SELECT vector FROM items LIMIT 1").fetchone()[0]) // 4
+        with store.transaction():
+            new = store.insert_item("caption", np.zeros(dim, np.float32), parent_id=None,
+                                    text="LIDLStore4711Berlin")
+        assert [i for i, _ in ft.search_store(store, "4711")] == [new]
+        with store.transaction():
+            store.delete_items([new])
+        assert ft.search_store(store, "4711") == [] and ft.problems(store.conn) == []
+    finally:
+        store.close()
