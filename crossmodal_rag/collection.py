@@ -317,15 +317,22 @@ class Collection:
         self, query: str | None = None, *, image: str | Path | Image.Image | None = None,
         k: int = 10, target: str = "images", where: list[str] | str | None = None,
         min_score: float | str | None = None, plus: list[str] | None = None,
-        minus: list[str] | None = None, params: SearchParams | None = None,
+        minus: list[str] | None = None, params: SearchParams | None = None, mode: str = "dense",
     ) -> list[Hit]:
         """Search by text (with arithmetic), by image, or both; ``target`` is ``"images"``,
         ``"texts"`` or ``"all"``; ``where`` filters by metadata (:mod:`crossmodal_rag.filters`);
         ``min_score`` drops weaker hits (a number, or ``"auto"`` for the calibrated threshold);
         ``params`` overrides the stored ``nprobe`` / ``ef_search`` / ``rerank`` for this search.
+        ``mode``: ``"dense"`` (embeddings), ``"keyword"`` (BM25 over the texts), ``"hybrid"`` (both,
+        reciprocal rank fusion) or ``"auto"`` (see :mod:`crossmodal_rag.hybrid`).
 
         Example: ``Collection.open("photos").search("a cat on a sofa", k=5)``.
         """
+        if mode != "dense":  # keyword, hybrid or auto: see crossmodal_rag.hybrid
+            from . import hybrid
+
+            return hybrid.search(self, query, image=image, k=k, target=target, where=where,
+                                 min_score=min_score, plus=plus, minus=minus, params=params, mode=mode)[1]
         check_target(target)
         threshold = self.resolve_min_score(min_score, query_is_image=image is not None, target=target)
         vector = self.embed_query(query, image, plus=plus, minus=minus)

@@ -78,6 +78,9 @@ def reindex(
         state.build(name, want, live, seed=seed, tune=tune, target_recall=target_recall,
                     sharded=sharded, workers=workers)
     state.persist()
+    from .store.fulltext import rebuild_store  # the keyword index, remade from the items too
+
+    rebuild_store(state.store)
     return {n: {"index_type": state.indexes[n].index_type, "count": len(state.indexes[n]),
                 "search_params": state.indexes[n].params.to_dict(),
                 "build": state.built.get(n), "tuning": state.tuning.get(n)}

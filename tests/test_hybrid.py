@@ -59,6 +59,15 @@ def coll(collection_copy: Path) -> Collection:
         yield c
 
 
+def test_collection_search_takes_the_mode(coll: Collection) -> None:
+    for mode in ("keyword", "hybrid", "auto"):
+        got = coll.search("tabby cat", k=3, target="texts", mode=mode)
+        assert [h.id for h in got] == [h.id for h in hybrid.search(coll, "tabby cat", k=3, target="texts",
+                                                                   mode=mode)[1]]
+    assert [h.id for h in coll.search("tabby cat", k=3)] == [h.id for h in coll.search("tabby cat", k=3,
+                                                                                       mode="dense")]
+
+
 def test_keyword_hits_per_target(coll: Collection) -> None:
     texts = hybrid.keyword_hits(coll.store, "tabby cat", 10, "texts")
     assert texts and all(h.kind == "caption" and "cat" in h.text for h in texts)
@@ -141,3 +150,9 @@ def test_check_and_reindex_see_the_keyword_index(coll: Collection, collection_co
     with Collection.open(collection_copy) as c:
         assert c.check().ok
         assert fulltext.store_count(c.store) == c.store.counts()["captions"]
+    with Collection.open(collection_copy, writable=True) as c:  # the library's reindex, too
+        with c.store.transaction() as conn:
+            conn.execute("DELETE FROM fts_grams")
+        assert not c.check().ok
+        c.reindex()
+        assert c.check().ok and fulltext.store_count(c.store) == c.store.counts()["captions"]

@@ -71,10 +71,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         report = coll.reindex(args.index_type, max_index_memory=args.max_index_memory,
                               seed=args.seed, tune=args.tune, target_recall=args.target_recall,
                               sharded=args.sharded, workers=args.workers)
-        if "keyword" not in report:  # the library's reindex did not remake the keyword index
-            from ..store.fulltext import rebuild_store
+        from ..store.fulltext import store_count
 
-            report["keyword"] = {"count": rebuild_store(coll.store)}
+        report["keyword"] = {"count": store_count(coll.store)}  # remade by reindex
         from ..text_space import sync_text_space
 
         text = sync_text_space(coll)
