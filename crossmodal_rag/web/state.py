@@ -1,8 +1,9 @@
 """What a running server holds: the open collection, the generator, caches and the worker limits.
 
 CPU-heavy request work runs in worker threads, a bounded number at a time (the rest wait on the
-event loop, not in threads), so ``/api/health`` answers while they run; generation runs one at a
-time, since it uses every core."""
+event loop, not in threads), so ``/api/health`` answers while they run; searches are batched
+(:mod:`.batching`); generation runs one at a time behind a bounded queue (:mod:`.generation`),
+since it uses every core."""
 
 from __future__ import annotations
 
@@ -68,10 +69,6 @@ class AppState:
     async def work(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` in a worker thread, at most ``max_workers`` at once (the rest wait on the loop)."""
         return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self.work_limit)
-
-    async def generate(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn`` in a worker thread, one generation at a time (the others wait on the loop)."""
-        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self.generation_limit)
 
     def close(self) -> None:
         self.collection.close()
