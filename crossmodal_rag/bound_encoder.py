@@ -20,17 +20,18 @@ logger = logging.getLogger(__name__)
 
 class BoundEncoder:
     """The encoder of the collection in ``folder`` (metadata ``store``), built with the encoder
-    spec ``built_with`` making ``dim``-d embeddings; ``writable``: opened for writing."""
+    spec ``built_with`` making ``dim``-d embeddings; ``writable``: opened for writing; ``model``:
+    the spec to load (default ``built_with``)."""
 
     def __init__(self, folder: Path, store: MetadataStore, built_with: str, dim: int, *,
-                 writable: bool, device: str | None) -> None:
+                 writable: bool, device: str | None, model: str | None = None) -> None:
         self.folder = folder
         self.store = store
         self.built_with = built_with
         self.dim = dim
         self.writable = writable
         self.device = device
-        self.model = built_with  # the spec to load
+        self.model = model or built_with  # the spec to load
         self.loaded: ClipEncoder | None = None
 
     def get(self) -> ClipEncoder:

@@ -67,8 +67,7 @@ class Collection:
         self._lock = lock
         self.state = IndexState(folder, manifest, store, fsync=fsync != "off", mmap=mmap)
         self.bound = BoundEncoder(folder, store, manifest.encoder, manifest.dim, writable=writable,
-                                  device=device)
-        self.bound.model = model
+                                  device=device, model=model)
 
     @property
     def manifest(self) -> Manifest:
