@@ -624,6 +624,7 @@ def test_health_answers_while_slow_requests_run(tmp_path: Path, sample_collectio
     coll = tmp_path / "coll"
     shutil.copytree(sample_collection, coll, ignore=shutil.ignore_patterns(".lock"))
     with serve_cli(coll, tmp_path, "--generator", str(t5_dir), "--max-new-tokens", "16",
+                   "--max-queued-answers", "16",  # all 14 questions wait their turn (the default 8 would 503)
                    ready=lambda health: health["generator_status"] == "ready") as base:
         slow_where = "size>" + "1" * 400 + "x"  # within the length limit; the parser rejects it
         with httpx.Client(base_url=base, timeout=300) as warm:  # first generation loads lazily-built parts
