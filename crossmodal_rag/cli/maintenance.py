@@ -71,9 +71,6 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         report = coll.reindex(args.index_type, max_index_memory=args.max_index_memory,
                               seed=args.seed, tune=args.tune, target_recall=args.target_recall,
                               sharded=args.sharded, workers=args.workers)
-        from ..store.fulltext import store_count
-
-        report["keyword"] = {"count": store_count(coll.store)}  # remade by reindex
         from ..text_space import sync_text_space
 
         text = sync_text_space(coll)
@@ -85,9 +82,6 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     for name, r in report.items():
         if name == "text_space":
             print(f"text space: {r['spec']}, {r['added']} rows embedded, {r['removed']} dropped")
-            continue
-        if name == "keyword":
-            print(f"keyword index: {r['count']} texts (rebuilt)")
             continue
         build = r.get("build") or {}
         print(f"{name}: {r['index_type']}, {r['count']} vectors, built in {build.get('seconds', 0):.1f} s"
