@@ -29,6 +29,14 @@ Batching checks (same prompts, same process, naive and batched timed alternately
   vocabulary instead of every prompt position (what the library could save).
 
 Run:  python benchmarks/bench_generation.py --reps 3 --json /tmp/xmrag-bench/out/generation.json
+
+``--fast-answers`` (issue 19) measures instead, in one process: SmolLM2's GGUF on llama.cpp and
+on transformers (load, time to first token, tokens/s, end-to-end answer per mode with k=5 and 32
+new tokens), a cold ``ask`` process on llama.cpp (start-up included, first answer byte and exit),
+and T5-small (random weights, real size) answering a 256-token prompt with 32 new tokens.
+Wall times on a shared machine are noisy; each row also gives this thread's CPU time.
+
+Run:  python benchmarks/bench_generation.py --fast-answers --reps 2 --json /tmp/xmrag-bench/out/fast.json
 """
 
 from __future__ import annotations
@@ -448,6 +456,135 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
     return res
 
 
+# -- issue 19: llama.cpp vs transformers, cold process, T5-small ---------------------------------
+def clocked(fn, *args, **kwargs):
+    """(wall s, this process's CPU s (all its threads), result)."""
+    t, c = time.perf_counter(), time.process_time()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t, time.process_time() - c, out
+
+
+def first_token(gen, prompt, n: int) -> dict:
+    """Stream one answer: time to first token, tokens/s after it, tokens."""
+    t, c = time.perf_counter(), time.process_time()
+    stream = gen.stream(prompt, GenerationSettings(max_new_tokens=n))
+    first = first_cpu = None
+    for _ in stream:
+        if first is None:
+            first, first_cpu = time.perf_counter() - t, time.process_time() - c
+    total, cpu = time.perf_counter() - t, time.process_time() - c
+    tokens = len(stream.ids)
+    after = tokens > 1 and first is not None
+    return {"ttft_s": first, "ttft_cpu_s": first_cpu, "total_s": total, "cpu_s": cpu, "tokens": tokens,
+            "tokens_per_s": (tokens - 1) / (total - first) if after else float("nan"),
+            "tokens_per_cpu_s": (tokens - 1) / (cpu - first_cpu) if after else float("nan")}
+
+
+def runtime_rows(spec: str, runtime: str, coll: Collection, args) -> dict:
+    from crossmodal_rag.generation.llamacpp import LlamaCppGenerator
+
+    gen = LlamaCppGenerator(spec) if runtime == "llama.cpp" else Generator(spec, device="cpu")
+    load_s, load_cpu, _ = clocked(gen.load)
+    pipe = RagPipeline(coll, gen, RagSettings(k=args.k, target="texts"), GenerationSettings(max_new_tokens=32))
+    q = QUESTIONS[0]
+    hits = coll.search(q, k=args.k, target="texts")
+    prompt = pipe.concat_prompt(q, [rag_mod.item_text(h) for h in hits])[0]
+    first_token(gen, prompt, 4)  # warm-up
+    stream = first_token(gen, prompt, 32)
+    res = {"runtime": runtime, "load_s": load_s, "load_cpu_s": load_cpu, **stream,
+           "threads": getattr(gen, "n_threads", torch.get_num_threads()), "modes": {}}
+    print(f"# {runtime}: load {load_s:.2f} s, first token {stream['ttft_s']:.2f} s, "
+          f"{stream['tokens_per_s']:.1f} tokens/s ({stream['tokens']} tokens)", flush=True)
+    for mode in MODES:
+        rows = []
+        for qi in range(args.reps):
+            qq = QUESTIONS[qi]
+
+            def answer(qq=qq, mode=mode):
+                vec = coll.embed_query(qq)
+                found = coll.search_vectors(vec[None], k=args.k, target="texts")[0]
+                return pipe.ask(qq, hits=found, mode=mode)
+
+            wall, cpu, ans = clocked(answer)
+            rows.append({"wall_s": wall, "cpu_s": cpu, "first_token_s": ans.timings.get("first_token"),
+                         "answer_tokens": len(gen.answer_ids(ans.answer)) - 1 if runtime == "llama.cpp"
+                         else len(gen._answer_ids(ans.answer)) - 1, "answer": ans.answer})
+        res["modes"][mode] = {"wall_s": med([r["wall_s"] for r in rows]), "cpu_s": med([r["cpu_s"] for r in rows]),
+                              "first_token_s": med([r["first_token_s"] or float("nan") for r in rows]),
+                              "answer_tokens": med([r["answer_tokens"] for r in rows]),
+                              "answers": [r["answer"] for r in rows]}
+        m = res["modes"][mode]
+        print(f"#   {mode:<13} ask {m['wall_s']:.2f} s (cpu {m['cpu_s']:.2f} s), first token "
+              f"{m['first_token_s']:.2f} s, {m['answer_tokens']:.0f} answer tokens", flush=True)
+    return res
+
+
+def cold_ask(spec: str, coll_dir: Path, args) -> dict:
+    """``crossmodal-rag ask`` as a new process: seconds to the first answer byte and to exit."""
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "crossmodal_rag", "ask", QUESTIONS[1], "-c", str(coll_dir), "--generator", spec,
+           "-k", str(args.k), "--max-new-tokens", "32", "--target", "texts"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    buf, first = b"", None
+    while chunk := os.read(proc.stdout.fileno(), 1):
+        buf += chunk
+        if first is None and b"\n\n" in buf and not buf.endswith(b"\n\n"):  # past the sources block
+            first = time.perf_counter() - t
+    proc.wait()
+    return {"first_answer_byte_s": first, "exit_s": time.perf_counter() - t, "rc": proc.returncode,
+            "stdout_tail": buf.decode(errors="replace")[-300:]}
+
+
+def t5_small_answer(args) -> dict:
+    """T5-small (random, real size): 256 prompt tokens -> 32 new tokens, per torch thread count."""
+    gen = Generator(str(random_t5("t5-small")), device="cpu").load()
+    gen.model.generation_config.min_new_tokens = 32
+    gen.model.generation_config.suppress_tokens = PRINTABLE_COMPLEMENT
+    prompt = ("The quick brown fox jumps over the lazy dog near the river. " * 8)[:255]
+    n_prompt = len(gen._prompt_ids([prompt])[0])
+    gs = GenerationSettings(max_new_tokens=32)
+    saved, out = torch.get_num_threads(), {"prompt_tokens": n_prompt}
+    for threads in (1, 2):  # main-thread CPU: with 1 thread, about the time on an idle core
+        torch.set_num_threads(threads)
+        gen.generate([prompt], gs)  # warm-up
+        runs = []
+        for _ in range(args.reps + 1):
+            t, c = time.perf_counter(), time.thread_time()
+            gen.generate([prompt], gs)
+            runs.append((time.perf_counter() - t, time.thread_time() - c))
+        out[f"threads_{threads}"] = {"wall_s": min(r[0] for r in runs), "cpu_s": min(r[1] for r in runs)}
+        print(f"# t5-small {n_prompt} -> 32 tokens, {threads} thread(s): best wall "
+              f"{out[f'threads_{threads}']['wall_s']:.3f} s, main-thread cpu {out[f'threads_{threads}']['cpu_s']:.3f} s",
+              flush=True)
+    torch.set_num_threads(saved)
+    return out
+
+
+def fast_answers(args) -> None:
+    info = _common.machine_info()
+    info["loadavg"] = os.getloadavg()
+    _common.print_machine(info)
+    spec = str(smollm2_gguf())
+    results: dict = {"machine": info, "args": vars(args)}
+    results["t5_small"] = t5_small_answer(args)
+    with tempfile.TemporaryDirectory(prefix="xmrag-bench-fast-") as tmp:
+        coll = build_collection(Path(tmp))
+        results["runtimes"] = [runtime_rows(spec, rt, coll, args) for rt in ("llama.cpp", "transformers")]
+        coll.close()
+        results["cold_ask_llama_cpp"] = cold_ask(spec, Path(tmp) / "coll", args)
+        print(f"# cold ask process (llama.cpp): first answer byte {results['cold_ask_llama_cpp']['first_answer_byte_s']}"
+              f" s, exit {results['cold_ask_llama_cpp']['exit_s']:.1f} s", flush=True)
+    cpp, hf = results["runtimes"]
+    results["ratios"] = {"load": hf["load_s"] / cpp["load_s"], "tokens_per_s": cpp["tokens_per_s"] / hf["tokens_per_s"],
+                         **{f"ask_{m}": hf["modes"][m]["wall_s"] / cpp["modes"][m]["wall_s"] for m in MODES}}
+    print("# ratios transformers / llama.cpp: " + ", ".join(f"{k} {v:.1f}x" for k, v in results["ratios"].items()))
+    info["loadavg_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--generators", default="t5-small,t5-base,smollm2")
@@ -464,13 +601,17 @@ def main() -> None:
                     help="re-measure a unit when other processes used more than this share of a core")
     ap.add_argument("--retries", type=int, default=4)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--fast-answers", action="store_true", help="the issue-19 runtime comparison (see above)")
     args = ap.parse_args()
     if args.reps > len(QUESTIONS) - 1:
         raise SystemExit(f"--reps at most {len(QUESTIONS) - 1}")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    if not args.natural_length:
-        rag_mod._eos_ids = lambda g: set()  # rag-token: no early stop, exactly max_new_tokens tokens
+    if args.fast_answers:
+        fast_answers(args)
+        return
+    if not args.natural_length:  # rag-token: no early stop, exactly max_new_tokens tokens
+        Generator.eos_ids = property(lambda self: set())
 
     waited = wait_for_other_benchmarks(args.wait_other)
     info = _common.machine_info()
