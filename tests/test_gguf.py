@@ -106,7 +106,7 @@ def test_cli_ask_with_a_gguf_generator(tiny_gguf: Path, sample_collection: Path)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["generator"] == str(tiny_gguf) and len(out["sources"]) == 2
-    with Collection.open(sample_collection) as coll:
-        pipe = RagPipeline(coll, Generator(str(tiny_gguf)), RagSettings(k=2),
-                           GenerationSettings(max_new_tokens=4))
-        assert out["answer"] == pipe.ask("what is in the photo?").answer
+    assert "(transformers runtime" in r.stderr  # the notice naming the runtime
+    # the answer is transformers' greedy one for the prompt the CLI built (its retrieval may be hybrid)
+    gen = Generator(str(tiny_gguf), device="cpu")
+    assert out["answer"] == gen.generate(out["prompts"], GenerationSettings(max_new_tokens=4))[0][0]

@@ -29,7 +29,8 @@ import inspect
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ class Generator:
         self.tokenizer: Any = None
         self.kind = ""  # "seq2seq" | "causal"
         self._lock = threading.Lock()
+        self._enc_cache: dict[tuple[int, ...], torch.Tensor] | None = None  # see encoder_reuse()
 
     def __repr__(self) -> str:
         return f"Generator({self.spec!r}, kind={self.kind or '?'}, device={self.device!r})"
@@ -309,6 +311,37 @@ class Generator:
         return embeds, mask, lengths
 
     # -- generation ----------------------------------------------------------------------
+    @contextmanager
+    def encoder_reuse(self) -> Iterator[None]:
+        """Within this block (one answer: generation, then scoring), a seq2seq prompt's encoder
+        states are computed once and reused (outside it, and under autograd, never: the weights
+        may change between calls)."""
+        self._enc_cache = {}
+        try:
+            yield
+        finally:
+            self._enc_cache = None
+
+    def _encode(self, p_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states ``(N, W, H)`` and mask ``(N, W)`` of right-padded token-id prompts."""
+        cache = self._enc_cache
+        if cache is None or torch.is_grad_enabled():
+            enc, mask = self._pad(p_ids, left=False)
+            return self.model.get_encoder()(input_ids=enc, attention_mask=mask).last_hidden_state, mask
+        missing = list(dict.fromkeys(tuple(p) for p in p_ids if tuple(p) not in cache))
+        if missing:
+            enc, mask = self._pad([list(m) for m in missing], left=False)
+            states = self.model.get_encoder()(input_ids=enc, attention_mask=mask).last_hidden_state
+            for i, m in enumerate(missing):
+                cache[m] = states[i, : len(m)]
+        rows = [cache[tuple(p)] for p in p_ids]
+        width = max(r.shape[0] for r in rows)
+        states = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            states[i, : r.shape[0]], mask[i, : r.shape[0]] = r, 1
+        return states, mask
+
     @torch.inference_mode()
     def generate(self, prompts: list[Prompt], settings: GenerationSettings | None = None,
                  num_return_sequences: int = 1, prefixes: Prefixes = None, **extra: Any) -> list[list[str]]:
@@ -324,6 +357,11 @@ class Generator:
             embeds, mask, _ = self._embed(p_ids, prefixes, left=self.kind == "causal")  # type: ignore[arg-type]
             inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
             new_only = True  # generate() from embeddings returns only the new tokens
+        elif self.kind == "seq2seq" and self._enc_cache is not None:  # the states scoring reuses
+            from transformers.modeling_outputs import BaseModelOutput
+
+            states, mask = self._encode(p_ids)
+            inputs, new_only = {"encoder_outputs": BaseModelOutput(last_hidden_state=states)}, False
         else:
             ids, mask = self._pad(p_ids, left=self.kind == "causal")
             inputs, new_only = {"input_ids": ids}, False
@@ -390,8 +428,7 @@ class Generator:
                                                   left=False)
                 states = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
             else:
-                enc, enc_mask = self._pad([list(k[0]) for k in uniq], left=False)
-                states = self.model.get_encoder()(input_ids=enc, attention_mask=enc_mask).last_hidden_state
+                states, enc_mask = self._encode([list(k[0]) for k in uniq])
             labels, lab_mask = self._pad(a_ids, left=False)
             dec_in = self.model._shift_right(labels)
             logits = self.model(encoder_outputs=(states.index_select(0, row),),
@@ -455,9 +492,9 @@ class DecodeState:
             if _any(prefixes):
                 embeds, self.enc_mask, _ = gen._embed(prompt_ids, prefixes, left=False)  # type: ignore[arg-type]
                 self.encoder_outputs = model.get_encoder()(inputs_embeds=embeds, attention_mask=self.enc_mask)
-            else:
-                ids, self.enc_mask = gen._pad(prompt_ids, left=False)
-                self.encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=self.enc_mask)
+            else:  # within encoder_reuse(), scoring the answer reuses these states
+                states, self.enc_mask = gen._encode(prompt_ids)
+                self.encoder_outputs = (states,)
             start = model.config.decoder_start_token_id
             self.next_input = torch.full((self.k, 1), start, dtype=torch.long, device=gen.device)
         elif _any(prefixes):

@@ -29,6 +29,7 @@ query image's prefix, else none. ``Answer.prefix_images`` and ``Source.prefix_im
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -387,46 +388,48 @@ class RagPipeline:
         streaming = mode != "rag-sequence" and self.generation.num_beams == 1
         yield Sources([_source(h, x, p, 0.0, 0.0, inc, tr, pl) for h, x, p, inc, tr, pl
                        in zip(hits, texts, prior, included, truncated, item_labels, strict=True)], mode, streaming)
-        t = time.perf_counter()
-        if mode == "rag-sequence":
-            answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings, item_prefixes)
-            total = candidates[0]["logprob"]
-            timings["first_token"] = time.perf_counter() - started
-            if answer:
-                yield Token(answer)
-        else:
-            if not streaming:  # beam search: the whole answer at once
-                answer = self.generator.generate(prompts, self.generation,
-                                                 prefixes=[q_prefix] if q_prefix is not None else None)[0][0]
-                pieces: Any = [answer] if answer else []
-            elif mode == "concat":
-                pieces = self.generator.stream(prompts[0], self.generation, prefix=q_prefix, cancel=cancel)
-            else:
-                pieces = TextStream(self._rag_token(item_prompts, log_prior, item_prefixes, cancel),
-                                    self.generator.decode)
-            for piece in pieces:
-                timings.setdefault("first_token", time.perf_counter() - started)
-                yield Token(piece)
-            if cancel is not None and cancel.is_set():
-                return
-            if streaming:
-                answer = pieces.answer
-            timings["generate"] = time.perf_counter() - t
+        reuse = getattr(self.generator, "encoder_reuse", None)  # seq2seq: encode each prompt once
+        with reuse() if reuse is not None else contextlib.nullcontext():
             t = time.perf_counter()
-            lp, total = self._score(answer, item_prompts, item_prefixes, log_prior,
-                                    (prompts[0], q_prefix) if mode == "concat" else None)
-            timings["score"] = time.perf_counter() - t
-        posterior = np.exp(_log_softmax(log_prior + lp))
-        sources = [_source(h, x, p, post, lpi, inc, tr, pl) for h, x, p, post, lpi, inc, tr, pl
-                   in zip(hits, texts, prior, posterior, lp, included, truncated, item_labels, strict=True)]
-        timings["total"] = time.perf_counter() - started
-        yield Final(Answer(answer=answer, question=q_text, mode=mode, sources=sources,
-                           prompts=[self.generator.render(p) for p in prompts],
-                           timings=timings, generator=self.generator.spec,
-                           encoder=self.collection.manifest.encoder, image=image_label,
-                           candidates=candidates, logprob=total, logprob_of=LOGPROB_OF[mode], min_score=threshold,
-                           image_prefix=self.image_prefix.label if self.image_prefix is not None else None,
-                           prefix_images=prefix_labels if self.image_prefix is not None else []))
+            if mode == "rag-sequence":
+                answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings, item_prefixes)
+                total = candidates[0]["logprob"]
+                timings["first_token"] = time.perf_counter() - started
+                if answer:
+                    yield Token(answer)
+            else:
+                if not streaming:  # beam search: the whole answer at once
+                    answer = self.generator.generate(prompts, self.generation,
+                                                     prefixes=[q_prefix] if q_prefix is not None else None)[0][0]
+                    pieces: Any = [answer] if answer else []
+                elif mode == "concat":
+                    pieces = self.generator.stream(prompts[0], self.generation, prefix=q_prefix, cancel=cancel)
+                else:
+                    pieces = TextStream(self._rag_token(item_prompts, log_prior, item_prefixes, cancel),
+                                        self.generator.decode)
+                for piece in pieces:
+                    timings.setdefault("first_token", time.perf_counter() - started)
+                    yield Token(piece)
+                if cancel is not None and cancel.is_set():
+                    return
+                if streaming:
+                    answer = pieces.answer
+                timings["generate"] = time.perf_counter() - t
+                t = time.perf_counter()
+                lp, total = self._score(answer, item_prompts, item_prefixes, log_prior,
+                                        (prompts[0], q_prefix) if mode == "concat" else None)
+                timings["score"] = time.perf_counter() - t
+            posterior = np.exp(_log_softmax(log_prior + lp))
+            sources = [_source(h, x, p, post, lpi, inc, tr, pl) for h, x, p, post, lpi, inc, tr, pl
+                       in zip(hits, texts, prior, posterior, lp, included, truncated, item_labels, strict=True)]
+            timings["total"] = time.perf_counter() - started
+            yield Final(Answer(answer=answer, question=q_text, mode=mode, sources=sources,
+                               prompts=[self.generator.render(p) for p in prompts],
+                               timings=timings, generator=self.generator.spec,
+                               encoder=self.collection.manifest.encoder, image=image_label,
+                               candidates=candidates, logprob=total, logprob_of=LOGPROB_OF[mode], min_score=threshold,
+                               image_prefix=self.image_prefix.label if self.image_prefix is not None else None,
+                               prefix_images=prefix_labels if self.image_prefix is not None else []))
 
     def _image_prefixes(
         self, image: str | Path | Image.Image | None, qvec: np.ndarray | None, hits: list[Hit],
