@@ -245,7 +245,8 @@ def stage_for(collection: Any, enabled: bool | None, engine: str | None, workers
     if engine is not None:
         settings = OcrSettings(**{**(settings.to_dict() if settings else {}), "engine": engine})
     settings = settings or OcrSettings()
-    if settings != remembered_settings(store):
+    stage = OcrStage(create_ocr_engine(settings), store, embed_windows, collection.apply,
+                     workers=workers, max_pixels=max_pixels, max_bytes=max_bytes, progress=progress)
+    if settings != remembered_settings(store):  # only once the engine loaded
         remember_settings(store, settings)
-    return OcrStage(create_ocr_engine(settings), store, embed_windows, collection.apply,
-                    workers=workers, max_pixels=max_pixels, max_bytes=max_bytes, progress=progress)
+    return stage

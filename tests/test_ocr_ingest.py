@@ -169,6 +169,25 @@ def test_an_image_the_engine_fails_on_is_skipped_and_tried_again(tmp_path: Path,
         assert set(_ocr_items(coll)) == {"receipt.png", "error.png"}
 
 
+def test_a_missing_engine_stops_before_anything_is_remembered(tmp_path: Path, docs: Path,
+                                                             tiny_oc_spec: str) -> None:
+    from crossmodal_rag.ocr import OcrUnavailableError
+
+    class Missing(CountingEngine):
+        def load(self) -> None:
+            raise OcrUnavailableError('OCR needs the rapidocr-onnxruntime package: pip install "crossmodal-rag[ocr]"')
+
+    OCR_ENGINES["missing"] = Missing
+    try:
+        with Collection.create(tmp_path / "coll", tiny_oc_spec) as coll:
+            with pytest.raises(OcrUnavailableError, match=r"crossmodal-rag\[ocr\]"):
+                coll.add(docs, ocr=True, ocr_engine="missing")
+            assert coll.counts()["images"] == 0  # refused before any image was embedded
+            assert coll.add(docs).ocr is None  # and OCR was not remembered as on
+    finally:
+        del OCR_ENGINES["missing"]
+
+
 def test_rag_context_labels_an_images_text(tmp_path: Path, docs: Path, tiny_oc_spec: str,
                                            counting: type[CountingEngine], lm_dir: Path) -> None:
     from crossmodal_rag.generation import RagPipeline, RagSettings
