@@ -60,6 +60,9 @@ __all__ = ["LOGPROB_OF", "MODES", "Answer", "RagPipeline", "RagSettings", "Sourc
 logger = logging.getLogger(__name__)
 
 MODES = ("concat", "rag-sequence", "rag-token")
+#: How a text question retrieves (:mod:`crossmodal_rag.hybrid`; ``auto``: hybrid when the
+#: collection has texts in its keyword index, else dense).
+SEARCH_MODES = ("dense", "keyword", "hybrid", "auto")
 #: What ``Answer.logprob`` is in each mode: y = the returned text re-tokenised plus the end token.
 LOGPROB_OF = {
     "concat": "log P(answer+eos | concat prompt)",
@@ -92,6 +95,8 @@ class RagSettings:
     min_score: float | str | None = None  # abstain below this top score ("auto": calibrated)
     where: tuple[str, ...] = ()  # metadata filters on retrieval (see crossmodal_rag.filters)
     abstain_answer: str = "not found in the collection"  # the answer when abstaining
+    # how a text question retrieves: dense | keyword | hybrid | auto (see crossmodal_rag.hybrid)
+    search_mode: str = "dense"
 
     def __post_init__(self) -> None:
         check_k(self.k)
@@ -102,6 +107,8 @@ class RagSettings:
         for key in ("{context}", "{question}"):
             if key not in self.prompt_template:
                 raise ValueError(f"prompt_template must contain {key}")
+        if self.search_mode not in SEARCH_MODES:
+            raise ValueError(f"unknown search_mode {self.search_mode!r}; choose one of {', '.join(SEARCH_MODES)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RagSettings:
@@ -229,7 +236,19 @@ class RagPipeline:
     # -- retrieval -------------------------------------------------------------------------
     def retrieve(self, question: str | None, image: str | Path | Image.Image | None, k: int,
                  target: str) -> tuple[list[Hit], np.ndarray]:
-        """Top-k hits for the query (the image when given, else the question) and the query vector."""
+        """Top-k hits for the query (the image when given, else the question) and the query vector.
+        A text question alone in the main collection (no knowledge collection, no trained query
+        projection) retrieves in ``settings.search_mode``; keyword and hybrid hits keep their
+        order and carry their cosine as ``score`` (priors and min_score mean what they mean in dense)."""
+        if image is None and self.knowledge is None and self.query_projection is None \
+                and self.settings.search_mode != "dense":
+            from .. import hybrid
+
+            _, ranked = hybrid.rag_hits(self.collection, question, k=k, target=target,
+                                        where=list(self.settings.where) or None, min_score=None,
+                                        mode=self.settings.search_mode)
+            if ranked is not None:
+                return ranked, self.collection.embed_query(question)
         if image is not None:
             vec = self.collection.embed_query(image=image)
         else:
@@ -362,7 +381,7 @@ class RagPipeline:
         q_text = " ".join((prompt_question or question or s.default_question).split())
         image_label = str(image) if isinstance(image, str | Path) else None
         texts = [item_text(h) for h in hits]
-        if not hits or (threshold is not None and hits[0].score < threshold):
+        if not hits or (threshold is not None and max(h.score for h in hits) < threshold):
             # Abstain: no generation from evidence this weak; show the nearest sources.
             prior = priors(np.array([h.score for h in hits]), s.prior_temperature) if hits else []
             sources = [_source(h, x, p, 0.0, 0.0, False, False, None)
