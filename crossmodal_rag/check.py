@@ -82,6 +82,11 @@ def check_collection(folder: Path, store: MetadataStore, dim: int, *, verify_has
                            sample_ids(live, max_vectors, seed), len(live), seed, report)
             _check_shards(folder, name, stored.shards[name], stored.held[name], live, report)
         report.counts = {**store.counts(), **report.counts}
+    from .text_space_audit import check_text_space  # index --text-model: its own index
+
+    text_problems, text_notes = check_text_space(folder, store)
+    report.problems.extend(text_problems)
+    report.notes.extend(text_notes)
     report.ok = not report.problems
     return report
 

@@ -302,6 +302,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     if shards:
         print("embeddings:     " + ", ".join(f"{n} {sum(s['count'] for s in v)} in {len(v)} float16 shard(s)"
                                            for n, v in shards.items()))
+    ts = info.get("text_space")
+    if ts:
+        print("text space:     " + (ts["error"] if "error" in ts else
+              f"{ts['spec']} ({ts['dim']}-d, {ts['count']} vectors, " + (
+                  "in step with the metadata)" if ts["in_step"] else
+                  f"out of step: {ts['missing']} text item(s) missing, {ts['extra']} removed; run reindex)")))
     return 0
 
 

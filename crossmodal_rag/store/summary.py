@@ -20,6 +20,11 @@ def describe(folder: Path, manifest: Manifest, store: MetadataStore) -> dict[str
     d["path"] = str(folder)
     d["counts"] = store.counts()
     d["pending_generations"] = store.generation - manifest.generation
+    from ..text_space_audit import text_space_summary  # manifest + ids only: no model
+
+    text_space = text_space_summary(folder, store)
+    if text_space is not None:  # index --text-model
+        d["text_space"] = text_space
     return d
 
 
