@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelSpecError, QueryError
-from .models import GenerationSettings, Prefixes, Prompt, _any
+from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
 from .stream import TextStream
 
 __all__ = ["LlamaCppGenerator", "default_threads", "llama_cpp_available"]
@@ -289,7 +289,7 @@ class LlamaCppGenerator:
 
     def _check(self, s: GenerationSettings, prefixes: Prefixes) -> None:
         self.load()
-        if _any(prefixes):
+        if has_prefixes(prefixes):
             raise ModelSpecError(f"image prefixes need the transformers runtime, and {self.spec} runs on "
                                  "llama.cpp: set CROSSMODAL_RAG_GGUF_RUNTIME=transformers")
         if s.num_beams > 1:

@@ -31,57 +31,25 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._config import strict_from_dict
 from ..encoders import default_device
 from ..encoders._hub import hub_reachable, refused_pickle, unsafe_weights_error
 from ..errors import ModelSpecError, WeightsUnavailableError
+from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
 from .stream import TextStream, transformers_token_ids
 
+#: GenerationSettings, Prefixes and Prompt live in .prompting (shared with llama.cpp); re-exported here.
 __all__ = ["DEFAULT_GENERATOR", "GGUF_RUNTIMES", "DecodeState", "GenerationSettings", "Generator", "Prefixes",
            "Prompt", "gguf_runtime", "load_generator"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GENERATOR = "google/flan-t5-base"
-
-#: A prompt: plain text, or chat messages ``[{"role": "system"|"user", "content": ...}]``.
-Prompt = str | list[dict[str, str]]
-#: Prefix embeddings, one ``(P_i, H)`` tensor or None per prompt (None: no prefixes at all).
-Prefixes = Sequence[torch.Tensor | None] | None
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings shared by every mode."""
-
-    max_new_tokens: int = 64  # longest answer, in tokens
-    num_beams: int = 1  # beam width (1 = greedy unless sampling)
-    do_sample: bool = False  # sample instead of greedy/beam
-    temperature: float = 1.0  # sampling temperature
-    top_p: float = 1.0  # nucleus sampling mass
-    seed: int | None = None  # makes sampling reproducible
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationSettings:
-        return strict_from_dict(cls, data, "generation settings")
-
 
 #: What transformers needs to read a .gguf file, besides itself and torch.
 GGUF_DEPENDENCIES = ("gguf", "accelerate")
@@ -353,7 +321,7 @@ class Generator:
         if s.seed is not None:
             torch.manual_seed(s.seed)
         p_ids = self._prompt_ids(prompts)
-        if _any(prefixes):
+        if has_prefixes(prefixes):
             embeds, mask, _ = self._embed(p_ids, prefixes, left=self.kind == "causal")  # type: ignore[arg-type]
             inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
             new_only = True  # generate() from embeddings returns only the new tokens
@@ -414,7 +382,7 @@ class Generator:
         self.load()
         p_ids = self._prompt_ids(prompts)
         a_ids = [self._answer_ids(a) for a in answers]
-        use_prefix = _any(prefixes)
+        use_prefix = has_prefixes(prefixes)
         if self.kind == "seq2seq":
             # Each distinct prompt (and prefix) is encoded once and its states shared by every
             # answer scored under it (rag-sequence scores every candidate under every item's prompt).
@@ -489,7 +457,7 @@ class DecodeState:
         self.first_embeds: torch.Tensor | None = None  # causal with prefixes: the first step's input
         model = gen.model
         if gen.kind == "seq2seq":
-            if _any(prefixes):
+            if has_prefixes(prefixes):
                 embeds, self.enc_mask, _ = gen._embed(prompt_ids, prefixes, left=False)  # type: ignore[arg-type]
                 self.encoder_outputs = model.get_encoder()(inputs_embeds=embeds, attention_mask=self.enc_mask)
             else:  # within encoder_reuse(), scoring the answer reuses these states
@@ -497,7 +465,7 @@ class DecodeState:
                 self.encoder_outputs = (states,)
             start = model.config.decoder_start_token_id
             self.next_input = torch.full((self.k, 1), start, dtype=torch.long, device=gen.device)
-        elif _any(prefixes):
+        elif has_prefixes(prefixes):
             self.first_embeds, self.mask, _ = gen._embed(prompt_ids, prefixes, left=True)  # type: ignore[arg-type]
             self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
         else:
@@ -532,10 +500,6 @@ class DecodeState:
             self.mask = torch.cat([self.mask, torch.ones((self.k, 1), dtype=self.mask.dtype,
                                                          device=self.mask.device)], dim=1)
             self.pos = self.pos[:, -1:] + 1
-
-
-def _any(prefixes: Prefixes) -> bool:
-    return prefixes is not None and any(p is not None for p in prefixes)
 
 
 #: Where a ``.gguf`` generator runs (``CROSSMODAL_RAG_GGUF_RUNTIME``); auto: llama.cpp when installed.

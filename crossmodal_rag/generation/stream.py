@@ -21,13 +21,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
 
-    from .models import GenerationSettings, Generator, Prompt
-    from .rag import Answer, Source
+    from .prompting import GenerationSettings, Prefixes, Prompt
 
 __all__ = ["Event", "Final", "Sources", "TextDeltas", "TextStream", "Token"]
 
@@ -36,11 +35,22 @@ _SOURCE_FIELDS = ("rank", "id", "kind", "path", "text", "caption", "score", "pri
                   "prefix_image")
 
 
+class _StreamsGenerate(Protocol):
+    """What :func:`transformers_token_ids` needs of a generator (a transformers
+    :class:`~crossmodal_rag.generation.models.Generator`): typed here so streaming imports no runtime."""
+
+    @property
+    def eos_ids(self) -> set[int]: ...
+
+    def generate(self, prompts: list[Prompt], settings: GenerationSettings | None = None,
+                 num_return_sequences: int = 1, prefixes: Prefixes = None, **extra: Any) -> list[list[str]]: ...
+
+
 @dataclass(frozen=True)
 class Sources:
     """The retrieved items and their priors, before generation starts."""
 
-    sources: list[Source]  # posterior and logprob are 0.0 here: see Final
+    sources: list[Any]  # rag.Source records; posterior and logprob are 0.0 here: see Final
     mode: str  # concat | rag-sequence | rag-token
     streaming: bool  # True: Token events arrive while decoding; False: one Token after scoring
     abstained: bool = False  # True: nothing is generated (the evidence is below min_score)
@@ -65,7 +75,7 @@ class Token:
 class Final:
     """The complete answer, with posteriors."""
 
-    answer: Answer
+    answer: Any  # the rag.Answer (a dataclass; typed loosely so streaming does not import rag)
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": "final", "answer": _json_safe(asdict(self.answer))}
@@ -153,7 +163,7 @@ class TextStream:
             close()
 
 
-def transformers_token_ids(gen: Generator, prompt: Prompt, s: GenerationSettings, prefix: torch.Tensor | None,
+def transformers_token_ids(gen: _StreamsGenerate, prompt: Prompt, s: GenerationSettings, prefix: torch.Tensor | None,
                            cancel: threading.Event | None) -> Iterator[int]:
     """transformers' ``generate`` for one prompt in a worker thread, its new token ids (end tokens
     dropped) handed over as they come; closing the iterator or setting ``cancel`` stops it."""
