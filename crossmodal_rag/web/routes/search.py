@@ -1,4 +1,8 @@
-"""``/api/search`` (text, with query arithmetic) and ``/api/search/image`` (an upload, plus/minus texts)."""
+"""``/api/search`` (text, with query arithmetic) and ``/api/search/image`` (an upload, plus/minus texts).
+
+A collection with a text space (``index --text-model``) answers text queries for ``texts`` and
+``all`` as the CLI does (:func:`crossmodal_rag.routing.search`); those run in a worker thread,
+one by one, not through the batcher (it embeds with CLIP only)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 
-from ... import hybrid
+from ... import hybrid, routing
 from ..batching import SearchRequest
 from ..checks import Checks
 from ..inputs import MAX_SCORE_CHARS, check_min_score
@@ -48,6 +52,11 @@ def router(settings: WebSettings) -> APIRouter:
         check_min_score(min_score)
         check.k(k)
         chosen = hybrid.choose_mode(mode, st.collection.store, has_text=True)
+        if target != "images":  # a text space (index --text-model) answers, outside the batcher
+            routed = await st.work(routing.search, st.collection, q, k=k, target=target, where=where,
+                                   min_score=min_score, mode=chosen)
+            if routed is not None:
+                return search_out({"text": q, "where": where}, target, k, routed[1], t0, st.paths, routed[0])
         if chosen != "dense":
             _, hits = await st.work(hybrid.search, st.collection, q, k=k, target=target, where=where,
                                     min_score=min_score, mode=chosen)
