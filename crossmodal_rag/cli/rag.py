@@ -59,15 +59,20 @@ def add_generation_flags(sp: argparse.ArgumentParser) -> None:
     add_json(sp, help="print the whole answer record as JSON")
 
 
+def add_search_mode(sp: argparse.ArgumentParser, what: str) -> None:
+    """``--search-mode`` of ``ask``, ``chat`` and ``write`` (RagSettings.search_mode)."""
+    sp.add_argument("--search-mode", choices=("auto", "dense", "keyword", "hybrid"), default="auto",
+                    help=f"how the {what} retrieves (see search --mode; default auto: hybrid in a collection "
+                         "with texts); priors and --min-score use the dense (cosine) score in every mode")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``ask``, ``chat``, ``write`` and ``caption`` to ``sub``."""
     ak = sub.add_parser("ask", help="answer a question grounded in the collection (RAG)")
     ak.add_argument("question", nargs="?", metavar="QUESTION")
     ak.add_argument("--image", "-i", metavar="PATH",
                     help="retrieve by this image (alone: ask what it shows)")
-    ak.add_argument("--search-mode", choices=("auto", "dense", "keyword", "hybrid"), default="auto",
-                    help="how the question retrieves (see search --mode; default auto: hybrid in a collection "
-                         "with texts); priors and --min-score use the dense (cosine) score in every mode")
+    add_search_mode(ak, "question")
     add_generation_flags(ak)
     ak.set_defaults(handler=cmd_ask)
 
@@ -76,12 +81,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="one message (with --session, the conversation continues); none: interactive")
     ch.add_argument("--session", "-s", metavar="FILE", help="JSON file to resume from and save to")
     ch.add_argument("--image", "-i", metavar="PATH", help="an image to go with the message")
+    add_search_mode(ch, "message (with the earlier ones)")
     add_generation_flags(ch)
     ch.set_defaults(handler=cmd_chat)
 
     wr = sub.add_parser("write", help="continue a draft with grounded, cited content")
     wr.add_argument("draft", nargs="?", metavar="DRAFT", help="the draft text (or --draft-file)")
     wr.add_argument("--draft-file", metavar="FILE")
+    add_search_mode(wr, "draft")
     add_generation_flags(wr)
     wr.set_defaults(handler=cmd_write)
 
@@ -110,7 +117,8 @@ def pipeline_from_args(args: argparse.Namespace, coll: Any) -> Any:
         rs: dict[str, Any] = {"k": args.k, "mode": args.mode, "target": args.target,
                               "prior_temperature": args.prior_temperature,
                               "max_context_tokens": args.max_context_tokens,
-                              "min_score": args.min_score, "where": tuple(args.where)}
+                              "min_score": args.min_score, "where": tuple(args.where),
+                              "search_mode": getattr(args, "search_mode", "dense")}
         if args.prompt_template:
             rs["prompt_template"] = args.prompt_template
         settings = RagSettings(**rs)
@@ -134,15 +142,23 @@ def pipeline_from_args(args: argparse.Namespace, coll: Any) -> Any:
 
 def routed_hits(args: argparse.Namespace, coll: Any, pipeline: Any) -> Any:
     """The retrieved texts from the collection's text space (index --text-model) when the
-    question alone retrieves texts; None: the pipeline retrieves as usual (CLIP)."""
+    question alone retrieves texts; None: the pipeline retrieves as usual (CLIP). ``--min-score``
+    then becomes the threshold of the top hit's own space (the text space's calibrated one for a
+    text hit: a MiniLM cosine is not compared with CLIP's threshold)."""
     if args.image is not None or args.knowledge or pipeline.query_projection is not None:
         return None
+    from dataclasses import replace
+
     from .. import routing
 
     s = pipeline.settings
-    routed = routing.search(coll, args.question, k=s.k, target=s.target, where=list(s.where) or None,
-                            min_score=s.min_score, mode="dense")
-    return None if routed is None else routed[1]
+    routed = routing.rag_search(coll, args.question, k=s.k, target=s.target, where=list(s.where) or None,
+                                min_score=s.min_score)
+    if routed is None:
+        return None
+    hits, threshold = routed
+    pipeline.settings = replace(s, min_score=threshold)
+    return hits
 
 
 def print_answer(answer: Any, as_json: bool) -> None:
@@ -216,13 +232,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     check_image_arg(args.image)
     with Collection.open(collection_dir(args), model=args.model) as coll:
         pipeline = pipeline_from_args(args, coll)
-        hits = routed_hits(args, coll, pipeline)
-        if hits is None and args.image is None and not args.knowledge and pipeline.query_projection is None:
-            from .. import hybrid
-
-            s = pipeline.settings
-            _, hits = hybrid.rag_hits(coll, args.question, k=s.k, target=s.target, where=list(s.where) or None,
-                                      min_score=s.min_score, mode=args.search_mode)
+        hits = routed_hits(args, coll, pipeline)  # None: the pipeline retrieves (in --search-mode)
         answer = pipeline.ask(args.question, image=args.image, hits=hits, **answer_events(args))
     if args.json:
         print_answer(answer, args.json)

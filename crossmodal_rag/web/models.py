@@ -62,6 +62,9 @@ class AskIn(BaseModel):
     where: list[str] = Field(default_factory=list, description="metadata filters on retrieval")
     min_score: str | float | None = Field(None, description="abstain below this score; 'auto' = calibrated")
     stream: bool = Field(False, description="answer as server-sent events: sources, tokens, final")
+    search_mode: Literal["auto", "dense", "keyword", "hybrid"] = Field(
+        "auto", description="how the question retrieves (as /api/search's mode; auto: hybrid when the collection "
+                            "has texts in its keyword index); sources' score is the cosine in every mode")
 
 
 class AskOut(BaseModel):

@@ -30,9 +30,10 @@ Mode = Literal["concat", "rag-sequence", "rag-token"]
 
 
 def _pipeline(st: AppState, k: int, mode: str, target: str, where: list[str] | None,
-              min_score: str | float | None) -> RagPipeline:
+              min_score: str | float | None, search_mode: str = "dense") -> RagPipeline:
     return RagPipeline(st.collection, st.generator,
-                       RagSettings(k=k, mode=mode, target=target, where=tuple(where or ()), min_score=min_score),
+                       RagSettings(k=k, mode=mode, target=target, where=tuple(where or ()), min_score=min_score,
+                                   search_mode=search_mode),
                        GenerationSettings(max_new_tokens=st.settings.max_new_tokens))
 
 
@@ -68,11 +69,12 @@ def answer_out(st: AppState, answer: Any) -> AskOut:
 
 def run_ask(st: AppState, question: str | None, image: Any, k: int, mode: str, target: str,
             where: list[str] | None = None, min_score: str | float | None = None,
-            ticket: Ticket | None = None) -> AskOut:
+            ticket: Ticket | None = None, search_mode: str = "dense") -> AskOut:
     """One answer (blocking; runs in a worker thread), loading the generator first if needed;
-    the ``ticket``'s ``cancel`` stops it at the next token."""
+    the ``ticket``'s ``cancel`` stops it at the next token. ``search_mode``: how a question
+    retrieves (RagSettings.search_mode)."""
     _check_generator(st)
-    pipe = _pipeline(st, k, mode, target, where, min_score)
+    pipe = _pipeline(st, k, mode, target, where, min_score, search_mode)
 
     def count(event: Any) -> None:
         if ticket is not None and isinstance(event, Token):
@@ -89,9 +91,10 @@ def run_ask(st: AppState, question: str | None, image: Any, k: int, mode: str, t
 
 
 def _produce(st: AppState, question: str | None, image: Any, k: int, mode: str, target: str,
-             where: list[str] | None, min_score: str | float | None, ticket: Ticket, emit: Any) -> None:
+             where: list[str] | None, min_score: str | float | None, ticket: Ticket, emit: Any,
+             search_mode: str = "dense") -> None:
     """The events of one streamed answer (blocking; runs in a worker thread)."""
-    pipe = _pipeline(st, k, mode, target, where, min_score)
+    pipe = _pipeline(st, k, mode, target, where, min_score, search_mode)
     with st.gen_lock:
         try:
             _ensure_loaded(st)
@@ -110,19 +113,21 @@ def _produce(st: AppState, question: str | None, image: Any, k: int, mode: str, 
 
 
 async def _answer(st: AppState, request: Request, stream: bool, question: str | None, image: Any, k: int,
-                  mode: str, target: str, where: list[str], min_score: str | float | None) -> Any:
+                  mode: str, target: str, where: list[str], min_score: str | float | None,
+                  search_mode: str = "dense") -> Any:
     """Queue the answer (503 when the queue is full); stream it, or wait for it while watching
     the connection."""
     _check_generator(st)
     ticket = st.queue.admit()
     if stream:
-        produce = partial(_produce, st, question, image, k, mode, target, where, min_score, ticket)
+        produce = partial(_produce, st, question, image, k, mode, target, where, min_score, ticket,
+                          search_mode=search_mode)
         return StreamingResponse(stream_events(st.queue, ticket, request, produce), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.get_running_loop().create_task(watch_disconnect(request, ticket.cancel))
     try:
         return await st.queue.run(ticket, partial(run_ask, st, question, image, k, mode, target, where,
-                                                  min_score, ticket))
+                                                  min_score, ticket, search_mode))
     finally:
         watcher.cancel()
         ticket.release()
@@ -142,7 +147,7 @@ def router(settings: WebSettings) -> APIRouter:
         check.where(body.where)
         check_min_score(body.min_score)
         return await _answer(st, request, body.stream, body.question, None, check.k(body.k), body.mode,
-                             body.target, body.where, body.min_score)
+                             body.target, body.where, body.min_score, body.search_mode)
 
     @r.post("/api/ask/image", response_model=AskOut, responses={**ok, **errors})
     async def ask_image(request: Request, image: UploadFile = File(..., description="image that drives retrieval"),
