@@ -28,7 +28,7 @@ import numpy as np
 from .fusion import RRF_K, reciprocal_rank_fusion
 from .text_space import TextSpace, open_text_space
 
-__all__ = ["cached_text_space", "search", "text_space_threshold"]
+__all__ = ["cached_text_space", "rag_search", "search", "text_space_threshold"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +120,24 @@ def search(coll: Any, query: str | None, *, image: Any = None, k: int = 10, targ
     fused = reciprocal_rank_fusion([[("image", h.id) for h in images], [("text", h.id) for h in texts]],
                                    RRF_K, limit=k)
     return chosen, [replace(by_key[key], rank=r) for r, (key, _) in enumerate(fused, start=1)]
+
+
+def rag_search(coll: Any, question: str | None, *, k: int, target: str,
+               where: list[str] | str | None = None,
+               min_score: float | str | None = None) -> tuple[list[Any], float | None] | None:
+    """Retrieval for ``ask`` in a collection with a text space: ``(hits, threshold)``, or None
+    as :func:`search` (then the pipeline retrieves with CLIP). The hits are not cut by
+    ``min_score`` (the pipeline abstains when the top hit is below it and shows the nearest
+    sources, as with CLIP); ``threshold`` is ``min_score`` in the top hit's own space: a text
+    hit's is the text space's (``auto``: :func:`text_space_threshold`), an image hit's CLIP's."""
+    routed = search(coll, question, k=k, target=target, where=where, min_score=None, mode="dense")
+    if routed is None:
+        return None
+    hits = routed[1]
+    if min_score is None or min_score == "" or not hits:
+        return hits, None
+    if hits[0].kind == "image":
+        return hits, coll.resolve_min_score(min_score, query_is_image=False, target="images")
+    space = cached_text_space(coll)
+    assert space is not None  # search() routed to it
+    return hits, _threshold(space, min_score)

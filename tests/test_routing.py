@@ -12,6 +12,7 @@ import pytest
 from sentence_models import make_tiny_sentence_model
 
 from crossmodal_rag import Collection, routing
+from crossmodal_rag.errors import QueryError
 from crossmodal_rag.fusion import reciprocal_rank_fusion
 from crossmodal_rag.text_space import open_text_space, sync_text_space
 
@@ -70,3 +71,37 @@ def test_text_space_min_score_auto(coll_dir: Path) -> None:
         _, every = routing.search(coll, PASSAGES[1], k=20, target="texts", mode="dense")
         assert [h.id for h in hits] == [h.id for h in every if h.score >= threshold]
         assert np.isclose(hits[0].score, 1.0, atol=1e-5)  # the passage itself
+
+
+def test_ask_min_score_is_the_text_space_own_threshold(coll_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from crossmodal_rag.cli import main
+    from crossmodal_rag.testing import make_tiny_t5
+
+    q = PASSAGES[1]
+    with Collection.open(coll_dir) as coll:
+        text_auto = routing.text_space_threshold(open_text_space(coll))
+        with pytest.raises(QueryError, match="no calibration"):  # CLIP has none for text -> texts here
+            coll.resolve_min_score("auto", query_is_image=False, target="texts")
+        hits, threshold = routing.rag_search(coll, q, k=3, target="texts", min_score="auto")
+        assert threshold == text_auto
+        # not cut by the threshold: the nearest sources stay for an abstention
+        assert [h.id for h in hits] == [h.id for h in routing.search(coll, q, k=3, target="texts", mode="dense")[1]]
+        _, fused = routing.search(coll, q, k=3, target="all", mode="dense")
+        own = (coll.resolve_min_score("auto", query_is_image=False, target="images") if fused[0].kind == "image"
+               else text_auto)
+        assert routing.rag_search(coll, q, k=3, target="all", min_score="auto")[1] == own
+    t5 = make_tiny_t5(tmp_path / "t5")
+    base = ["-c", str(coll_dir), "-g", str(t5), "--k", "3", "--target", "texts", "--max-new-tokens", "2", "--json"]
+
+    def ask(min_score: str) -> dict:
+        assert main(["ask", q, "--min-score", min_score, *base]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    answer = ask("auto")
+    assert answer["min_score"] == pytest.approx(text_auto)
+    assert answer["abstained"] == (hits[0].score < text_auto)
+    top = hits[0].score
+    above = ask(f"{top + 1e-3:.6f}")  # just above the top text-space cosine: abstains, sources shown
+    assert above["abstained"] and [s["id"] for s in above["sources"]] == [h.id for h in hits]
+    assert not ask(f"{top - 1e-3:.6f}")["abstained"]
