@@ -20,7 +20,7 @@ from crossmodal_rag.store.ann import (
 from crossmodal_rag.store.build import build_index, exact_top_k, tune_index
 from crossmodal_rag.store.shards import EmbeddingShards
 from crossmodal_rag.store.vectors import VectorIndex
-from tests.test_cli import run
+from tests.e2e.test_cli import run
 
 
 def clustered(n: int, d: int, seed: int = 0, clusters: int = 50, noise: float = 0.6) -> np.ndarray:

@@ -19,7 +19,7 @@ from crossmodal_rag.calibration import (
 )
 from crossmodal_rag.errors import QueryError
 from crossmodal_rag.store.metadata import MetadataStore
-from tests.test_cli import run
+from tests.e2e.test_cli import run
 
 DIRECTIONS = ((False, "images", "text-image"), (False, "texts", "text-text"))
 

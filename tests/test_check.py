@@ -19,8 +19,8 @@ from crossmodal_rag.store.audit import CHECK_ALL_MAX_VECTORS
 from crossmodal_rag.store.manifest import IndexFile, Manifest
 from crossmodal_rag.store.shards import EmbeddingShards
 from crossmodal_rag.store.vectors import VectorIndex
+from tests.e2e.test_cli import run
 from tests.test_ann import _write_import, clustered
-from tests.test_cli import run
 
 N = 1200  # images; every 10th row has a caption
 

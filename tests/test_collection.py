@@ -374,7 +374,7 @@ def test_other_image_tower_is_refused(collection_copy: Path, swapped_image_tower
 
 def test_other_image_tower_is_refused_by_the_cli(collection_copy: Path, swapped_image_tower: str,
                                                  sample_dir: Path) -> None:
-    from tests.test_cli import run
+    from tests.e2e.test_cli import run
 
     r = run("search", "--image", str(sample_dir / "cat.jpg"), "--collection", str(collection_copy),
             "--model", swapped_image_tower)

@@ -19,7 +19,7 @@ from crossmodal_rag.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted([REPO / "README.md", REPO / "SECURITY.md", *(REPO / "docs").glob("*.md"),
                *(REPO / "benchmarks").glob("*.md")])
-TEST_REF = re.compile(r"tests/(test_\w+\.py)(?:::(\w+))?")
+TEST_REF = re.compile(r"tests/((?:e2e/)?test_\w+\.py)(?:::(\w+))?")
 FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", re.M | re.S)
 INLINE = re.compile(r"`(crossmodal-rag [^`\n]+)`")
 
@@ -198,7 +198,7 @@ def test_unknown_benchmark_flag_is_caught() -> None:
 # -- README size, links and the code map ------------------------------------------------------
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)\s]*)?\)")
 ARCHITECTURE = REPO / "docs" / "architecture.md"
-MODULE_LINE = re.compile(r"^- `([\w/]+\.py)` — .*\(tests/(test_\w+\.py)\)\.$", re.M)
+MODULE_LINE = re.compile(r"^- `([\w/]+\.py)` — .*\(tests/((?:e2e/)?test_\w+\.py)\)\.$", re.M)
 
 
 def test_readme_is_a_tour() -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 from crossmodal_rag import Collection
 from crossmodal_rag.errors import EncoderMismatchError
 from crossmodal_rag.importer import import_embeddings
-from tests.test_cli import run
+from tests.e2e.test_cli import run
 
 N_IMAGES = 24
 

@@ -5,7 +5,7 @@ decoding, answers and posteriors in all three RAG modes, streaming events and th
 Stated tolerances (llama.cpp's kernels differ from torch's; quantised ones also quantise the
 activations): on an F32 file every log-probability within 5e-3 nats (llama.cpp keeps the KV cache in f16) and the same greedy answers;
 on a Q8_0 file within 0.15 nats per token and 0.03 on average (a tiny random model with sharp
-attention: this file's worst case is 0.07). SmolLM2 (Q4_1): tests/test_smollm2.py.
+attention: this file's worst case is 0.07). SmolLM2 (Q4_1): tests/e2e/test_smollm2.py.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def cached_hub_file(repo_id: str, filenames: list[str]) -> str | None:
 
 #: Where open_clip looks for the weights of a pretrained tag when the hub cannot be reached:
 #: tag -> (hub repository, file names in the order tried), so that a missing model is reported
-#: without importing open_clip and torch first (seconds). tests/test_startup.py checks the
+#: without importing open_clip and torch first (seconds). tests/e2e/test_startup.py checks the
 #: entries against open_clip's own table.
 OPEN_CLIP_TAG_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
     "ViT-B-32/laion2b_s34b_b79k": (

@@ -17,7 +17,7 @@ from crossmodal_rag.eval.passage_qa import load_passage_qa
 
 pytestmark = pytest.mark.slow
 
-QA = Path(__file__).resolve().parents[1] / "data" / "passages_qa"
+QA = Path(__file__).resolve().parents[2] / "data" / "passages_qa"
 
 
 def run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ from crossmodal_rag.testing import make_tiny_t5
 from crossmodal_rag.web import WebSettings, create_app
 from tests.servers import serve_in_thread
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

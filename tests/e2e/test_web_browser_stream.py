@@ -21,7 +21,7 @@ from crossmodal_rag.testing import make_tiny_causal_lm
 from crossmodal_rag.web import WebSettings, create_app
 from tests.servers import serve_in_thread
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN_DELAY_S = 0.08  # the generator is slowed so that tokens arrive visibly apart

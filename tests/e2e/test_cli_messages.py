@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import run
+from tests.e2e.test_cli import run
 
 
 def test_an_empty_answer_is_reported_as_empty(sample_collection: Path, t5_dir: Path,

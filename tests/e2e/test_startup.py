@@ -152,7 +152,7 @@ def _offline_envs(tmp_path: Path) -> dict[str, dict[str, str]]:
 def test_offline_demo_fails_before_loading_torch(tmp_path: Path, how: str) -> None:
     """Without the named model's weights and without the hub, `demo` says so before it
     imports torch or open_clip (which alone take seconds), and writes nothing. (Without --model,
-    the demo runs its offline path instead: tests/test_demo_offline.py.)"""
+    the demo runs its offline path instead: tests/e2e/test_demo_offline.py.)"""
     env = _offline_envs(tmp_path)[how]
     (result,) = _run_cli([["demo", "-c", str(tmp_path / "demo"), "--model", DEFAULT_CLIP]],
                          HEAVY + MODEL_CODE, env=env)

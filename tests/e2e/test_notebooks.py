@@ -12,8 +12,8 @@ nbclient = pytest.importorskip("nbclient", reason="notebook extras not installed
 pytest.importorskip("ipykernel", reason="notebook extras not installed")
 pytest.importorskip("ipywidgets", reason="notebook extras not installed")
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_three_notebooks() -> None:

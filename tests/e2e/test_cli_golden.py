@@ -1,6 +1,6 @@
 """Golden CLI output (issue 16, step 1): what ``index``, ``search``, ``info``, ``check`` and
 ``ask --json`` print on a tiny collection, and the shape of every subcommand's parser, are pinned
-in files under ``tests/golden/`` so that moving the CLI (or the modules behind it) is provably
+in files under ``tests/e2e/golden/`` so that moving the CLI (or the modules behind it) is provably
 behaviour-preserving.
 
 Only stable fields are kept: paths under the test's temporary folders become ``<SOURCE>``,
@@ -9,9 +9,9 @@ version are masked; scores are rounded to 3 decimals.
 
 A deliberate change of output: regenerate the files with
 
-    CROSSMODAL_RAG_REGEN_GOLDEN=1 python -m pytest -q tests/test_cli_golden.py
+    CROSSMODAL_RAG_REGEN_GOLDEN=1 python -m pytest -q tests/e2e/test_cli_golden.py
 
-and review ``git diff tests/golden/`` before committing them.
+and review ``git diff tests/e2e/golden/`` before committing them.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from crossmodal_rag.text_space import sync_text_space
 
 pytestmark = pytest.mark.slow
 
-QA = Path(__file__).resolve().parents[1] / "data" / "passages_qa"
+QA = Path(__file__).resolve().parents[2] / "data" / "passages_qa"
 N_CONCAT = 20  # questions per mode in CI
 N_RAG = 4
 
