@@ -105,3 +105,25 @@ def test_ask_min_score_is_the_text_space_own_threshold(coll_dir: Path, tmp_path:
     above = ask(f"{top + 1e-3:.6f}")  # just above the top text-space cosine: abstains, sources shown
     assert above["abstained"] and [s["id"] for s in above["sources"]] == [h.id for h in hits]
     assert not ask(f"{top - 1e-3:.6f}")["abstained"]
+
+
+def test_chat_and_write_retrieve_from_the_text_space(coll_dir: Path, t5_dir: Path) -> None:
+    """chat and write go through the pipeline's own retrieval: in a collection with a text space a
+    text question retrieves its texts there, as ``ask`` does (oracle: routing.rag_search), and
+    ``min_score`` applies in that space (the text space's own ``auto``)."""
+    from crossmodal_rag.apps.chat import ChatSession
+    from crossmodal_rag.apps.write import write
+    from crossmodal_rag.generation import GenerationSettings, RagPipeline, RagSettings
+
+    q = PASSAGES[2]
+    with Collection.open(coll_dir) as coll:
+        want, threshold = routing.rag_search(coll, q, k=2, target="texts", min_score="auto")
+        assert threshold == routing.text_space_threshold(open_text_space(coll))
+        pipeline = RagPipeline(coll, str(t5_dir), RagSettings(k=2, target="texts", min_score="auto"),
+                               GenerationSettings(max_new_tokens=2))
+        chat = ChatSession().send(pipeline, q)
+        drafted = write(pipeline, q)
+        for answer in (chat, drafted):
+            assert [s.id for s in answer.sources] == [h.id for h in want]
+            assert [s.score for s in answer.sources] == pytest.approx([h.score for h in want])
+            assert answer.min_score == pytest.approx(threshold)

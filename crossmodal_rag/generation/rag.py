@@ -234,6 +234,20 @@ class RagPipeline:
             image_prefix.check_generator(self.generator)
 
     # -- retrieval -------------------------------------------------------------------------
+    def _text_space_hits(self, question: str | None, image: object, k: int,
+                         target: str) -> tuple[list[Hit], float | None] | None:
+        """Hits from the collection's text space (``index --text-model``) when a text question
+        alone retrieves texts there (ask, chat and write alike), with ``min_score`` in the top
+        hit's own space; None: retrieve with CLIP as usual (see :func:`routing.rag_search`)."""
+        if image is not None or question is None or self.knowledge is not None \
+                or self.query_projection is not None:
+            return None
+        from .. import routing
+
+        s = self.settings
+        return routing.rag_search(self.collection, question, k=k, target=target,
+                                  where=list(s.where) or None, min_score=s.min_score)
+
     def retrieve(self, question: str | None, image: str | Path | Image.Image | None, k: int,
                  target: str) -> tuple[list[Hit], np.ndarray]:
         """Top-k hits for the query (the image when given, else the question) and the query vector.
@@ -372,8 +386,12 @@ class RagPipeline:
         timings["load"] = time.perf_counter() - t
         t = time.perf_counter()
         target = target or s.target
-        threshold = (self.knowledge or self.collection).resolve_min_score(
-            s.min_score, query_is_image=image is not None, target=target)
+        routed = self._text_space_hits(question, image, k, target) if hits is None else None
+        if routed is not None:  # the collection's own text encoder retrieved its texts
+            hits, threshold = routed
+        else:
+            threshold = (self.knowledge or self.collection).resolve_min_score(
+                s.min_score, query_is_image=image is not None, target=target)
         qvec = None
         if hits is None:
             hits, qvec = self.retrieve(question, image, k, target)
