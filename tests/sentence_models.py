@@ -46,3 +46,24 @@ def make_tiny_sentence_model(folder: str | Path, *, seed: int = 0, hidden: int =
         "pooling_mode_mean_sqrt_len_tokens": False,
     }))
     return folder
+
+
+def make_text_space_collection(root: Path, clip_spec: str, sample_dir: Path, passages: list[str],
+                               *, seed: int) -> Path:
+    """A collection under ``root`` with three captioned sample photos and ``passages``, its text
+    items also in a text space embedded by a tiny sentence model (``seed``); returns its folder."""
+    from crossmodal_rag import Collection
+    from crossmodal_rag.text_space import sync_text_space
+
+    corpus = root / "p.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in passages))
+    photos = root / "photos"
+    photos.mkdir()
+    for name in ("cat", "coffee", "pagoda"):
+        (photos / f"{name}.jpg").write_bytes((sample_dir / f"{name}.jpg").read_bytes())
+        (photos / f"{name}.txt").write_text((sample_dir / f"{name}.txt").read_text())
+    with Collection.create(root / "coll", clip_spec) as coll:
+        coll.add(photos)
+        coll.add(corpus)
+        sync_text_space(coll, str(make_tiny_sentence_model(root / "st", seed=seed)))
+    return root / "coll"

@@ -72,3 +72,20 @@ def serve_cli(collection: Path, workdir: Path, *args: str, ready: Callable[[dict
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextmanager
+def served_app(app: Any) -> Iterator[tuple[str, Any]]:
+    """``(base URL, app.state.web)`` of ``app`` served in a thread (see :func:`serve_in_thread`)."""
+    with serve_in_thread(app) as port:
+        yield f"http://127.0.0.1:{port}", app.state.web
+
+
+def wait_generator_ready(base: str, timeout: float = 120) -> None:
+    """Poll ``/api/health`` until the served app's generator has loaded (fails after ``timeout`` s)."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while httpx.get(base + "/api/health").json()["generator_status"] != "ready":
+        assert time.time() < deadline, "the generator did not load"
+        time.sleep(0.1)

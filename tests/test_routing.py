@@ -9,31 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sentence_models import make_tiny_sentence_model
+from sentence_models import make_text_space_collection
 
 from crossmodal_rag import Collection, routing
 from crossmodal_rag.errors import QueryError
 from crossmodal_rag.fusion import reciprocal_rank_fusion
-from crossmodal_rag.text_space import open_text_space, sync_text_space
+from crossmodal_rag.text_space import open_text_space
 
 PASSAGES = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may"]
 
 
 @pytest.fixture(scope="module")
 def coll_dir(tmp_path_factory: pytest.TempPathFactory, tiny_oc_spec: str, sample_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("routing")
-    corpus = root / "p.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
-    photos = root / "photos"
-    photos.mkdir()
-    for name in ("cat", "coffee", "pagoda"):
-        (photos / f"{name}.jpg").write_bytes((sample_dir / f"{name}.jpg").read_bytes())
-        (photos / f"{name}.txt").write_text((sample_dir / f"{name}.txt").read_text())
-    with Collection.create(root / "coll", tiny_oc_spec) as coll:
-        coll.add(photos)
-        coll.add(corpus)
-        sync_text_space(coll, str(make_tiny_sentence_model(root / "st", seed=5)))
-    return root / "coll"
+    return make_text_space_collection(tmp_path_factory.mktemp("routing"), tiny_oc_spec, sample_dir,
+                                      PASSAGES, seed=5)
 
 
 def test_routes(coll_dir: Path) -> None:

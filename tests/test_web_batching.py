@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 from crossmodal_rag import Collection
 from crossmodal_rag.web import WebSettings, create_app
 from crossmodal_rag.web.batching import SearchBatcher, SearchRequest
-from tests.servers import serve_in_thread
+from tests.servers import served_app
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +28,6 @@ def coll_dir(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path) 
     return dest
 
 
-def _served(app):
-    """(base URL, the app's state) of ``app`` served in a thread (a context manager)."""
-    class _Ctx:
-        def __enter__(self):
-            self._cm = serve_in_thread(app)
-            port = self._cm.__enter__()
-            return f"http://127.0.0.1:{port}", app.state.web
-
-        def __exit__(self, *exc):
-            return self._cm.__exit__(*exc)
-    return _Ctx()
-
-
-def _wait_ready(base: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while httpx.get(base + "/api/health").json()["generator_status"] != "ready":
-        assert time.time() < deadline, "the generator did not load"
-        time.sleep(0.1)
 
 
 # -- batched search ------------------------------------------------------------------------------
@@ -78,7 +60,7 @@ def test_concurrent_searches_are_batched_and_equal_single_searches(coll_dir: Pat
     than requests ran."""
     app = create_app(WebSettings(collection=str(coll_dir), thumbnail_dir=str(tmp_path / "t"),
                                  load_generator_at_startup=False, max_batch=64, batch_ms=400, max_workers=1))
-    with _served(app) as (base, st):
+    with served_app(app) as (base, st):
         forwards: list[int] = []
         real = st.collection.encoder.encode_texts
 
@@ -118,7 +100,7 @@ def test_concurrent_image_searches_share_one_image_forward(coll_dir: Path, tmp_p
     app = create_app(WebSettings(collection=str(coll_dir), thumbnail_dir=str(tmp_path / "t"),
                                  load_generator_at_startup=False, max_batch=8, batch_ms=400, max_workers=1))
     files = sorted(sample_dir.glob("*.jpg"))[:4]
-    with _served(app) as (base, st):
+    with served_app(app) as (base, st):
         def post(i: int) -> httpx.Response:
             data = {"k": "4", "target": "texts" if i % 2 else "images"}
             if i == 3:
@@ -142,7 +124,7 @@ def test_concurrent_image_searches_share_one_image_forward(coll_dir: Path, tmp_p
 def test_batching_off_searches_one_by_one(coll_dir: Path, tmp_path: Path) -> None:
     app = create_app(WebSettings(collection=str(coll_dir), thumbnail_dir=str(tmp_path / "t"),
                                  load_generator_at_startup=False, max_batch=1))
-    with _served(app) as (base, st):
+    with served_app(app) as (base, st):
         assert st.batcher is None
         r = httpx.get(base + "/api/search", params=SEARCHES[2], timeout=60)
         with Collection.open(coll_dir) as coll:

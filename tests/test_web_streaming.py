@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from crossmodal_rag.web import WebSettings, create_app
-from tests.servers import serve_in_thread
+from tests.servers import served_app, wait_generator_ready
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +27,6 @@ def coll_dir(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path) 
     return dest
 
 
-def _served(app):
-    """(base URL, the app's state) of ``app`` served in a thread (a context manager)."""
-    class _Ctx:
-        def __enter__(self):
-            self._cm = serve_in_thread(app)
-            port = self._cm.__enter__()
-            return f"http://127.0.0.1:{port}", app.state.web
-
-        def __exit__(self, *exc):
-            return self._cm.__exit__(*exc)
-    return _Ctx()
-
-
-def _wait_ready(base: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while httpx.get(base + "/api/health").json()["generator_status"] != "ready":
-        assert time.time() < deadline, "the generator did not load"
-        time.sleep(0.1)
 
 
 # -- generation: queue, streaming, cancellation ---------------------------------------------------
@@ -55,8 +37,8 @@ def gen_server(coll_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     lm = make_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "lm", seed=2)  # answers with many tokens
     app = create_app(WebSettings(collection=str(coll_dir), generator=str(lm), max_new_tokens=24,
                                  thumbnail_dir=str(tmp_path_factory.mktemp("thumbs")), max_queued_generations=1))
-    with _served(app) as (base, st):
-        _wait_ready(base)
+    with served_app(app) as (base, st):
+        wait_generator_ready(base)
         yield base, st
 
 

@@ -8,14 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-from sentence_models import make_tiny_sentence_model
+from sentence_models import make_text_space_collection
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from crossmodal_rag import Collection, routing
 from crossmodal_rag.cli import main
-from crossmodal_rag.text_space import open_text_space, sync_text_space
+from crossmodal_rag.text_space import open_text_space
 from crossmodal_rag.web import WebSettings, create_app
 
 PASSAGES = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may",
@@ -25,19 +25,8 @@ QUERIES = ["a cup of coffee", "ship salt", "the pagoda"]
 
 @pytest.fixture(scope="module")
 def coll_dir(tmp_path_factory: pytest.TempPathFactory, tiny_oc_spec: str, sample_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("webts")
-    corpus = root / "p.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
-    photos = root / "photos"
-    photos.mkdir()
-    for name in ("cat", "coffee", "pagoda"):
-        (photos / f"{name}.jpg").write_bytes((sample_dir / f"{name}.jpg").read_bytes())
-        (photos / f"{name}.txt").write_text((sample_dir / f"{name}.txt").read_text())
-    with Collection.create(root / "coll", tiny_oc_spec) as coll:
-        coll.add(photos)
-        coll.add(corpus)
-        sync_text_space(coll, str(make_tiny_sentence_model(root / "st", seed=6)))
-    return root / "coll"
+    return make_text_space_collection(tmp_path_factory.mktemp("webts"), tiny_oc_spec, sample_dir,
+                                      PASSAGES, seed=6)
 
 
 def test_rest_search_routes_texts_like_the_cli(coll_dir: Path, tmp_path: Path,
