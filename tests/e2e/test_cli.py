@@ -106,7 +106,10 @@ def test_wrong_encoder_and_missing_collection(sample_collection: Path, tiny_hf_d
 
 def test_offline_default_model_fails_fast_with_instructions(tmp_path: Path, photos: Path) -> None:
     env = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    for args in (["demo"], ["index", str(photos), "-c", str(tmp_path / "c")]):
+    # plain `demo` runs its offline path instead (tests/e2e/test_demo_offline.py); naming the
+    # default weights explicitly still fails fast
+    default = "open_clip:ViT-B-32/laion2b_s34b_b79k"
+    for args in (["demo", "--model", default], ["index", str(photos), "-c", str(tmp_path / "c")]):
         t0 = time.perf_counter()
         r = run(*args, env=env, timeout=120)
         assert r.returncode == 1, r.stderr
