@@ -96,3 +96,15 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from crossmodal_rag.testing import make_tiny_gguf
 
     return make_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.Q8_0.gguf", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _keep_tqdm_disable() -> object:
+    """An in-process ``main([... "--quiet"])`` sets TQDM_DISABLE for its process (the CLI's own
+    business); restore it after each test so later subprocess tests see the environment they set."""
+    before = os.environ.get("TQDM_DISABLE")
+    yield
+    if before is None:
+        os.environ.pop("TQDM_DISABLE", None)
+    else:
+        os.environ["TQDM_DISABLE"] = before

@@ -81,7 +81,7 @@ def test_import_calibrates_and_min_score_auto_works(captioned: Path, tmp_path: P
         assert c.resolve_min_score("auto", query_is_image=False, target="images") == t
         unthresholded = c.search("striped picture number 3", k=N_IMAGES)
     r = run("search", "striped picture number 3", "-c", str(folder), "--min-score", "auto",
-            "--top-k", str(N_IMAGES), "--json")
+            "--top-k", str(N_IMAGES), "--mode", "dense", "--json")  # the calibrated dense ranking
     assert r.returncode == 0, r.stderr
     got = [h["id"] for h in json.loads(r.stdout)["results"]]
     assert got == [h.id for h in unthresholded if h.score >= t]  # the threshold, applied as computed

@@ -151,28 +151,40 @@ def problems(conn: sqlite3.Connection) -> list[str]:
     if not has_index(conn):
         return []
     out: list[str] = []
-    expected = {}
-    for item_id, text, title in conn.execute(
-            f"SELECT id, text, title FROM items WHERE kind IN ({_MARKS})", FTS_KINDS):
-        body = _body(text, title)
-        if body.strip():
-            expected[item_id] = body
-    for table in FTS_TABLES:
+    for table in FTS_TABLES:  # FTS5's own check first, each a statement of its own
         try:
             conn.execute(f"INSERT INTO {table}({table}) VALUES ('integrity-check')")
         except sqlite3.DatabaseError as e:
             out.append(f"full-text index {table}: {e} (rebuild it with `crossmodal-rag reindex`)")
-            continue
-        held = dict(conn.execute(f"SELECT rowid, body FROM {table}").fetchall())
-        want = {i: (segment(b) if table == "fts_words" else b) for i, b in expected.items()}
-        missing, extra = sorted(set(want) - set(held)), sorted(set(held) - set(want))
-        changed = sorted(i for i in set(want) & set(held) if want[i] != held[i])
-        for what, ids in (("lacks", missing), ("holds removed or unindexed", extra),
-                          ("holds stale text for", changed)):
-            if ids:
-                shown = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
-                out.append(f"full-text index {table} {what} {len(ids)} item(s): {shown} "
-                           "(rebuild it with `crossmodal-rag reindex`)")
+    broken = {table for table in FTS_TABLES if any(m.startswith(f"full-text index {table}:") for m in out)}
+    # the items and both tables read in ONE read transaction: a commit by a concurrent ingest
+    # between two reads would otherwise look like rows the index should not hold
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        expected = {}
+        for item_id, text, title in conn.execute(
+                f"SELECT id, text, title FROM items WHERE kind IN ({_MARKS})", FTS_KINDS):
+            body = _body(text, title)
+            if body.strip():
+                expected[item_id] = body
+        for table in FTS_TABLES:
+            if table in broken:
+                continue
+            held = dict(conn.execute(f"SELECT rowid, body FROM {table}").fetchall())
+            want = {i: (segment(b) if table == "fts_words" else b) for i, b in expected.items()}
+            missing, extra = sorted(set(want) - set(held)), sorted(set(held) - set(want))
+            changed = sorted(i for i in set(want) & set(held) if want[i] != held[i])
+            for what, ids in (("lacks", missing), ("holds removed or unindexed", extra),
+                              ("holds stale text for", changed)):
+                if ids:
+                    shown = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
+                    out.append(f"full-text index {table} {what} {len(ids)} item(s): {shown} "
+                               "(rebuild it with `crossmodal-rag reindex`)")
+    finally:
+        if own:
+            conn.execute("COMMIT")
     return out
 
 
