@@ -98,7 +98,8 @@ def test_rag_answers_with_a_gguf_generator(gguf_gen: Generator, oracle: LlamaFor
 def test_cli_ask_with_a_gguf_generator(tiny_gguf: Path, sample_collection: Path) -> None:
     """The user's path end to end: ``ask --generator model.gguf --json`` in a subprocess, on the
     transformers runtime (tests/test_llama_cpp.py drives the llama.cpp one)."""
-    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", "CROSSMODAL_RAG_GGUF_RUNTIME": "transformers"}
+    env = {**{k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"},  # the notice is a progress line
+           "CROSSMODAL_RAG_OFFLINE": "1", "CROSSMODAL_RAG_GGUF_RUNTIME": "transformers"}
     r = subprocess.run([sys.executable, "-m", "crossmodal_rag", "ask", "what is in the photo?",
                         "--collection", str(sample_collection), "--generator", str(tiny_gguf),
                         "--k", "2", "--max-new-tokens", "4", "--json"],
