@@ -90,16 +90,18 @@ def _normalise_text(text: str, paths: _Paths) -> str:
     return _round_numbers_in_text(text)
 
 
-def _compare(name: str, actual: str) -> None:
+def _golden(name: str, actual: str) -> str:
+    """The pinned output ``name`` (with CROSSMODAL_RAG_REGEN_GOLDEN=1: ``actual``, written there)."""
     path = GOLDEN / name
     if REGEN:
         GOLDEN.mkdir(exist_ok=True)
         path.write_text(actual, encoding="utf-8")
-        return
+        return actual
     assert path.is_file(), f"no golden file {path}: run with CROSSMODAL_RAG_REGEN_GOLDEN=1 to write it"
-    expected = path.read_text(encoding="utf-8")
-    assert actual == expected, (f"CLI output changed against {path} (if intended, regenerate with "
-                                f"CROSSMODAL_RAG_REGEN_GOLDEN=1 and review the diff)")
+    return path.read_text(encoding="utf-8")
+
+
+CHANGED = "CLI output changed (if intended, regenerate with CROSSMODAL_RAG_REGEN_GOLDEN=1 and review the diff)"
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,8 @@ def golden_env(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path, tiny_
 
 
 def test_index_output(golden_env: dict[str, Any]) -> None:
-    _compare("index.txt", _normalise_text(golden_env["index_stdout"], golden_env["paths"]))
+    actual = _normalise_text(golden_env["index_stdout"], golden_env["paths"])
+    assert actual == _golden("index.txt", actual), CHANGED
 
 
 def _cases(env: dict[str, Any]) -> list[tuple[str, list[str], Callable[[str, _Paths], str]]]:
@@ -156,7 +159,8 @@ def test_command_output(golden_env: dict[str, Any], name: str) -> None:
     argv, normalise = next((a, n) for c, a, n in _cases(golden_env) if c == name)
     code, out = _main(["-q", *argv])
     assert code == 0
-    _compare(name, normalise(out, golden_env["paths"]))
+    actual = normalise(out, golden_env["paths"])
+    assert actual == _golden(name, actual), CHANGED
 
 
 def _type_shape(parse: Any) -> Any:
@@ -203,4 +207,5 @@ def test_parser_shape() -> None:
     from crossmodal_rag.cli import build_parser
 
     shape = _parser_shape(build_parser())
-    _compare("parser.json", json.dumps(shape, indent=1, sort_keys=True, default=str) + "\n")
+    actual = json.dumps(shape, indent=1, sort_keys=True, default=str) + "\n"
+    assert actual == _golden("parser.json", actual), CHANGED
