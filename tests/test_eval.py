@@ -131,3 +131,26 @@ def test_viz_writes_pngs(sample_collection: Path, tmp_path: Path) -> None:
     for name in ("grid", "map", "recall", "hist", "lat"):
         data = (tmp_path / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_generation_eval_retrieves_from_the_text_space(tmp_path: Path, tiny_oc_spec: str, sample_dir: Path) -> None:
+    """`eval generation` asks as `ask` does: in a collection with a text space (index
+    --text-model), each question's sources are the text space's own top-k for it."""
+    from sentence_models import make_text_space_collection
+
+    from crossmodal_rag.text_space import open_text_space
+
+    passages = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may"]
+    folder = make_text_space_collection(tmp_path, tiny_oc_spec, sample_dir, passages, seed=2)
+    qa = tmp_path / "qa.jsonl"
+    questions = ["what did the ship carry?", "when is the festival?"]
+    qa.write_text("".join(json.dumps({"question": q, "answer": "salt"}) + "\n" for q in questions))
+    t5 = str(make_tiny_t5(tmp_path / "t5"))
+    with Collection.open(folder) as coll:
+        space = open_text_space(coll)
+        for search_mode in ("dense", "keyword"):  # the text space answers either way
+            pipe = RagPipeline(coll, t5, RagSettings(k=2, search_mode=search_mode),
+                               GenerationSettings(max_new_tokens=2))
+            rep = evaluate_qa(pipe, qa)
+            assert [ex["sources"] for ex in rep.examples] == [
+                [h.id for h in space.search(coll, q, k=2)] for q in questions]

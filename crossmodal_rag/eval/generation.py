@@ -98,7 +98,7 @@ def evaluate_qa(pipeline: RagPipeline, dataset: str | Path, *, limit: int | None
         f1s.append(token_f1(ans.answer, answers))
         timings.append(ans.timings)
         examples.append({"question": row["question"], "prediction": ans.answer, "answers": answers,
-                         "em": ems[-1], "f1": f1s[-1]})
+                         "em": ems[-1], "f1": f1s[-1], "sources": [src.id for src in ans.sources]})
     if not ems:
         raise SourceError(f"{path}: no usable QA rows")
     return GenerationReport(task="qa", dataset=str(path), generator=pipeline.generator.spec,
