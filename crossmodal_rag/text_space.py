@@ -39,6 +39,7 @@ import numpy as np
 
 from .encoders.sentence import SentenceEncoder, load_text_encoder, parse_text_model_spec, text_probe
 from .errors import CollectionError, EncoderMismatchError
+from .text_space_audit import array_files
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -197,23 +198,6 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def _collection_id(coll: Collection) -> str:
     return str(getattr(coll.manifest, "collection_id", "") or "")
-
-
-def array_files(space: Path, manifest: dict[str, Any]) -> tuple[Path, Path]:
-    """(ids file, vectors file) the text space ``manifest`` in folder ``space`` names.
-
-    Raises:
-        ValueError: the manifest names something other than the space's own array files.
-    """
-    return space / _member(manifest, "ids"), space / _member(manifest, "vectors")
-
-
-def _member(manifest: dict[str, Any], key: str) -> str:
-    """The array file ``key`` ("vectors"/"ids") the manifest names: a bare file name only."""
-    name = manifest.get(key, f"{key}.npy")
-    if not isinstance(name, str) or not re.fullmatch(rf"{key}(-[0-9]+)?\.npy", name):
-        raise ValueError(f"manifest names {key} file {str(name)[:80]!r}")
-    return name
 
 
 def _save(folder: Path, spec: str, probe: np.ndarray, ids: np.ndarray, vectors: np.ndarray,

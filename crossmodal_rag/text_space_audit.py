@@ -11,17 +11,35 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["NORM_TOLERANCE", "check_text_space", "text_space_summary"]
+__all__ = ["NORM_TOLERANCE", "array_files", "check_text_space", "member_file", "text_space_summary"]
 
 logger = logging.getLogger(__name__)
 
 NORM_TOLERANCE = 1e-3  # |1 - norm| above this is a problem (float32 rows written unit-norm)
 _MAX_MANIFEST_BYTES = 16 << 20
+
+
+def array_files(space: Path, manifest: dict[str, Any]) -> tuple[Path, Path]:
+    """(ids file, vectors file) the text space ``manifest`` in folder ``space`` names.
+
+    Raises:
+        ValueError: the manifest names something other than the space's own array files.
+    """
+    return space / member_file(manifest, "ids"), space / member_file(manifest, "vectors")
+
+
+def member_file(manifest: dict[str, Any], key: str) -> str:
+    """The array file ``key`` ("vectors"/"ids") the manifest names: a bare file name only."""
+    name = manifest.get(key, f"{key}.npy")
+    if not isinstance(name, str) or not re.fullmatch(rf"{key}(-[0-9]+)?\.npy", name):
+        raise ValueError(f"manifest names {key} file {str(name)[:80]!r}")
+    return name
 
 
 def _read(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray] | None:
@@ -36,8 +54,6 @@ def _read(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray] | None:
     manifest = json.loads(read_regular_text(path, max_bytes=_MAX_MANIFEST_BYTES))
     if not isinstance(manifest, dict):
         raise ValueError("manifest.json is not an object")
-    from .text_space import array_files
-
     ids_file, vectors_file = array_files(space, manifest)
     ids = np.load(ids_file, allow_pickle=False)
     vectors = np.load(vectors_file, allow_pickle=False, mmap_mode="r")

@@ -65,9 +65,12 @@ class SearchParams:
     nprobe: int | None = None  # IVF: inverted lists visited per query (1..nlist)
     ef_search: int | None = None  # HNSW: candidate-list size (>= k)
     rerank: int | None = None  # PQ: re-score k x rerank candidates with exact vectors; 0 = off
+    # under a filter letting through s of the items, the knob grows to this x knob / s
+    # (calibrated by tuning, see filtered.calibrate_filter; None: the default factor)
+    filter_factor: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("nprobe", "ef_search"):
+        for name in ("nprobe", "ef_search", "filter_factor"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise CollectionError(f"{name} must be a positive integer, got {v!r}")
@@ -87,9 +90,10 @@ class SearchParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> SearchParams:
         data = dict(data or {})
-        unknown = sorted(set(data) - {"nprobe", "ef_search", "rerank"})
+        unknown = sorted(set(data) - {"nprobe", "ef_search", "rerank", "filter_factor"})
         if unknown:
-            raise CollectionError(f"unknown search parameters {unknown} (valid: nprobe, ef_search, rerank)")
+            raise CollectionError(f"unknown search parameters {unknown} (valid: nprobe, ef_search, "
+                                  "rerank, filter_factor)")
         return cls(**data)
 
 
@@ -283,7 +287,10 @@ def search_parameters(index: faiss.Index, params: SearchParams, sel: Any = None)
 
 #: Under a filter letting through a fraction s of the items, ``nprobe`` grows to
 #: this x nprobe / s and ``efSearch`` to this x max(efSearch, k) / s (see :func:`filtered_params`;
-#: the factors reach recall@10 >= 0.95 at every selectivity in RESULTS.md, "Filtered search").
+#: the factors reach recall@10 >= 0.95 at every selectivity in RESULTS.md, "Filtered search", on
+#: IVF-Flat and HNSW). They are the defaults: tuning replaces them with the factor measured to
+#: reach the target on the index itself (``SearchParams.filter_factor``): on IVF with an HNSW
+#: coarse quantiser and twice the lists, x2 gave 0.93 at 10%.
 FILTER_NPROBE_FACTOR = 2.0
 FILTER_EF_FACTOR = 4.0
 #: The widest ``efSearch`` a filtered HNSW search tries before searching the short rows exactly.
@@ -310,7 +317,8 @@ def filtered_params(index: faiss.Index, params: SearchParams, selectivity: float
     The filtered top-k lies among roughly the unfiltered top k / s, so the search must look
     about 1 / s times as far as the setting tuned for an unfiltered top-k, and a little further
     (the tuned setting sits at the target's edge): ``nprobe`` x 2 / s, ``efSearch`` x 4 / s
-    (the graph walk keeps only allowed ids as results), capped at their limits.
+    (the graph walk keeps only allowed ids as results), or x ``params.filter_factor`` / s when
+    tuning calibrated one, capped at their limits.
     """
     knob = _stored_knob(index, params)
     if knob is None:
@@ -318,9 +326,9 @@ def filtered_params(index: faiss.Index, params: SearchParams, selectivity: float
     name, value, limit = knob
     s = min(max(float(selectivity), 1e-9), 1.0)
     if name == "nprobe":
-        widened = FILTER_NPROBE_FACTOR * value / s
+        widened = (params.filter_factor or FILTER_NPROBE_FACTOR) * value / s
     else:
-        widened = FILTER_EF_FACTOR * max(value, k) / s
+        widened = (params.filter_factor or FILTER_EF_FACTOR) * max(value, k) / s
     return SearchParams(**{**params.to_dict(), name: int(min(limit, math.ceil(widened)))})
 
 

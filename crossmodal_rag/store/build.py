@@ -261,7 +261,30 @@ def tune_index(index: VectorIndex, shards: EmbeddingShards, live: np.ndarray, qu
     if result.param:
         index.params = SearchParams(**{**index.params.to_dict(), result.param: result.value,
                                        "rerank": result.rerank})
+        factor = _calibrate_filter(index, shards, live, queries, query_ids, k, target_recall)
+        if factor is not None:
+            index.params = SearchParams(**{**index.params.to_dict(), "filter_factor": factor})
     else:
         _, found = search(queries, k, index.params)
         result.measured.append({"value": 0, "recall": round(recall_at_k(found, truth), 4)})
     return result
+
+
+def _calibrate_filter(index: VectorIndex, shards: EmbeddingShards, live: np.ndarray, queries: np.ndarray,
+                      query_ids: np.ndarray | None, k: int, target_recall: float) -> int | None:
+    """The filter factor of ``index`` at its tuned setting (:func:`.filtered.calibrate_filter`),
+    measured on the tuning queries (leave-one-out as the tuning when ``query_ids`` is given)."""
+    from .filtered import calibrate_filter
+
+    def truth_of(allowed: np.ndarray) -> np.ndarray:
+        if query_ids is None:
+            return exact_top_k(shards, allowed, queries, k)
+        return drop_self(exact_top_k(shards, allowed, queries, k + 1), query_ids, k)
+
+    def search(q: np.ndarray, kk: int, p: SearchParams, sel: object) -> np.ndarray:
+        if query_ids is None:
+            return index.search_ann(q, kk, p, sel)[1]
+        return drop_self(index.search_ann(q, kk + 1, p, sel)[1], query_ids, kk)
+
+    return calibrate_filter(index, index.params, live, queries, truth_of, k=k,
+                            target_recall=target_recall, search=search)

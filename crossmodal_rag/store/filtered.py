@@ -27,8 +27,10 @@ import numpy as np
 
 from .ann import SearchParams, filtered_params, wider_params
 from .threads import NUMPY_MAX_QUERIES, single_thread_if
+from .tuning import recall_lower_bound
 
-__all__ = ["EXACT_MAX_ALLOWED", "exact_allowed_search", "id_selector", "search_filtered"]
+__all__ = ["EXACT_MAX_ALLOWED", "calibrate_filter", "exact_allowed_search", "id_selector",
+           "search_filtered"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ EXACT_MAX_ALLOWED = 4_096
 #: An IVF-Flat search probing every list under the selector is exact too; it costs ~1/250 of
 #: the exact path per id held (a selector test), so it is used when allowed x this > held.
 _SCAN_IDS_PER_EXACT_ID = 250
+#: The selectivity tuning calibrates the filter factor at (see :func:`calibrate_filter`).
+CALIBRATION_SELECTIVITY = 0.1
+#: Factors tried, in order; the first whose recall bound reaches the target is kept.
+CALIBRATION_FACTORS = (2, 4, 8, 16, 32, 64)
 #: Rows of allowed vectors scored per block by the exact path (bounded memory).
 _EXACT_BLOCK = 16_384
 
@@ -151,3 +157,34 @@ def search_filtered(index: VectorIndex, queries: np.ndarray, k: int, allowed: np
     if short.any() and vectors_of is not None:  # the knob is at its limit: search those exactly
         scores[short], ids[short] = exact_allowed_search(vectors_of, allowed, queries[short], k)
     return scores, ids
+
+
+def calibrate_filter(index: VectorIndex, params: SearchParams, live: np.ndarray, queries: np.ndarray,
+                     truth_of: Callable[[np.ndarray], np.ndarray], *, k: int, target_recall: float,
+                     search: Callable[[np.ndarray, int, SearchParams, faiss.IDSelector], np.ndarray],
+                     seed: int = 0) -> int | None:
+    """The smallest filter factor (:data:`CALIBRATION_FACTORS`) with which a widened search of
+    ``index`` at ``params`` reaches ``target_recall`` (95% lower bound, as tuning) under a
+    random filter letting :data:`CALIBRATION_SELECTIVITY` of ``live`` through; None when such a
+    filter is searched exactly anyway (at most :data:`EXACT_MAX_ALLOWED` ids) or the index has
+    no knob. The largest factor when none reaches it.
+
+    ``truth_of(allowed)`` gives the exact top-``k`` ids ``(Q, k)`` among ``allowed``;
+    ``search(queries, k, p, sel)`` the searched ids (the tuning's own search path).
+    """
+    n_allowed = int(len(live) * CALIBRATION_SELECTIVITY)
+    if index.kind == "flat" or n_allowed <= EXACT_MAX_ALLOWED or n_allowed < k:
+        return None
+    allowed = np.sort(np.random.default_rng(seed).choice(live, n_allowed, replace=False))
+    truth, sel = truth_of(allowed), id_selector(allowed)
+    factor = CALIBRATION_FACTORS[-1]
+    for f in CALIBRATION_FACTORS:
+        p = filtered_params(index.index, SearchParams(**{**params.to_dict(), "filter_factor": f}),
+                            CALIBRATION_SELECTIVITY, k)
+        lo = recall_lower_bound(search(queries, k, p, sel), truth)
+        logger.info("filter calibration: factor %d (%s) at %.0f%% selectivity: recall@%d bound %.3f",
+                    f, p.to_dict(), 100 * CALIBRATION_SELECTIVITY, k, lo)
+        if lo >= target_recall or wider_params(index.index, p) is None:
+            factor = f
+            break
+    return factor

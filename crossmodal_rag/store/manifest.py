@@ -236,7 +236,8 @@ def _scalar(v: Any, where: str) -> Any:
 
 
 _POSITIVE_INT32 = _int(1, 2**31 - 1)
-_SEARCH_PARAMS = {"nprobe": _POSITIVE_INT32, "ef_search": _POSITIVE_INT32, "rerank": _int(0, 2**31 - 1)}
+_SEARCH_PARAMS = {"nprobe": _POSITIVE_INT32, "ef_search": _POSITIVE_INT32, "rerank": _int(0, 2**31 - 1),
+                  "filter_factor": _POSITIVE_INT32}
 #: What ``crossmodal-rag info`` reads of a tuning record (other keys: flat values).
 _TUNING = {"param": _str(32), "value": _optional(_int(0, 2**31 - 1)), "target_recall": _number,
            "reached": _bool, "k": _int(0, 2**31 - 1), "queries": _int(), "measured": _list(_map(_scalar, keys=None), 10_000)}
