@@ -76,6 +76,30 @@ def test_open_clip_local_dir_matches_the_saved_model(tiny_oc_dir: Path) -> None:
     np.testing.assert_allclose(np.linalg.norm(got_i, axis=1), 1.0, atol=1e-5)
 
 
+def test_text_forward_runs_on_the_longest_query_of_the_batch_only(tiny_oc_dir: Path) -> None:
+    """The causal text tower reads its feature at the end-of-text token, so the padding after the
+    batch's longest query is never computed; the features equal open_clip's full-context
+    encode_text (the oracle), and a text filling the context falls back to it."""
+    from crossmodal_rag.encoders.openclip import encode_text_trimmed
+
+    enc = ClipEncoder(f"open_clip:local-dir:{tiny_oc_dir}")
+    enc.encode_texts(["warm up"])
+    model = enc._backend.model if hasattr(enc, "_backend") else enc.model
+    seen: list[int] = []
+    hook = model.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    try:
+        got = enc.encode_texts(TEXTS)
+        longest = max(len(open_clip.get_tokenizer(f"local-dir:{tiny_oc_dir}").encode(t)) for t in TEXTS)
+        assert seen == [longest + 2]  # start and end tokens: not the 77 of the context
+        tokens = open_clip.get_tokenizer(f"local-dir:{tiny_oc_dir}")(TEXTS + ["word " * 100])
+        with torch.no_grad():
+            full = model.encode_text(tokens[:3])
+            assert encode_text_trimmed(model, tokens) is None  # the long one fills the context
+        np.testing.assert_allclose(got, (full / full.norm(dim=-1, keepdim=True)).numpy(), atol=1e-5)
+    finally:
+        hook.remove()
+
+
 def test_open_clip_arch_plus_checkpoint_file(tmp_path: Path, tiny_oc_dir: Path) -> None:
     make_tiny_open_clip(tmp_path / "m", seed=0)  # registers the tiny architecture
     a = ClipEncoder(f"open_clip:{TINY_OPEN_CLIP_ARCH}/{tmp_path / 'm' / 'open_clip_model.safetensors'}")

@@ -167,4 +167,47 @@ class OpenClipBackend:
 
     def text_features(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self._device())
-        return self.model.encode_text(tokens)
+        trimmed = encode_text_trimmed(self.model, tokens)
+        return trimmed if trimmed is not None else self.model.encode_text(tokens)
+
+
+def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+    """open_clip's ``CLIP.encode_text`` over the tokens up to the batch's last end-of-text
+    token instead of the whole context (77): the same features, computed on 5-20 positions for
+    a typical query instead of 77.
+
+    Exact for the plain CLIP text tower: its attention is causal and the feature is read at the
+    end-of-text position (``argmax``/``eos`` pooling), so nothing after that position reaches it.
+    None (use ``model.encode_text``) for any other tower (HF text towers, non-causal masks,
+    other pooling) or when no position can be cut.
+    """
+    from open_clip.model import CLIP
+    from open_clip.transformer import text_global_pool
+
+    if getattr(type(model), "encode_text", None) is not CLIP.encode_text:
+        return None
+    pool, mask = getattr(model, "text_pool_type", None), getattr(model, "attn_mask", None)
+    if pool not in ("argmax", "eos") or mask is None or tokens.ndim != 2 or not tokens.shape[0]:
+        return None
+    if pool == "argmax":
+        ends = tokens.argmax(dim=-1)
+    else:
+        eos = getattr(model, "text_eos_id", None)
+        found = tokens == eos
+        if eos is None or not bool(found.any(dim=-1).all()):
+            return None
+        ends = found.int().argmax(dim=-1)
+    length = int(ends.max()) + 1
+    if length >= tokens.shape[1]:
+        return None
+    text = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, text, pool, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) \
+            else x @ model.text_projection
+    return x
