@@ -147,11 +147,17 @@ def _weighted(raw: str) -> tuple[float, str]:
     return weight, body
 
 
+#: A weighted sum shorter than this x the sum of |weights| counts as cancelled.
+CANCEL_TOLERANCE = 1e-3
+
+
 def combine(vectors: np.ndarray, weights: list[float]) -> np.ndarray:
     """Normalised weighted sum of unit vectors ``(T, D)`` -> ``(D,)`` float32."""
     v = (np.asarray(weights, dtype=np.float64)[:, None] * vectors.astype(np.float64)).sum(0)
     norm = np.linalg.norm(v)
-    if norm < 1e-9:
+    # relative to the weights: terms that cancel leave float32 noise (~1e-6 per component, from
+    # encoding the same text in different batch positions), whose direction means nothing
+    if norm < CANCEL_TOLERANCE * float(np.abs(np.asarray(weights, dtype=np.float64)).sum()):
         raise QueryError("the query terms cancel each other out; change the terms or their weights")
     return (v / norm).astype(np.float32)
 
