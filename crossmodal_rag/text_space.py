@@ -39,6 +39,7 @@ import numpy as np
 
 from .encoders.sentence import SentenceEncoder, load_text_encoder, parse_text_model_spec, text_probe
 from .errors import CollectionError, EncoderMismatchError
+from .store.manifest import fsync_dir
 from .text_space_audit import array_files
 
 if TYPE_CHECKING:
@@ -212,20 +213,11 @@ def _save(folder: Path, spec: str, probe: np.ndarray, ids: np.ndarray, vectors: 
     manifest = {"format": FORMAT, "spec": spec, "dim": int(vectors.shape[1]), "count": len(ids),
                 "probe": np.round(probe, 6).tolist(), "collection_id": collection_id, **names}
     _atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest).encode()))
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for p in folder.iterdir():  # older generations (and a crashed save's leftovers) go
         if p.name not in names.values() and _ARRAY_FILE.fullmatch(p.name):
             with contextlib.suppress(OSError):
                 p.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _texts(coll: Collection, ids: np.ndarray) -> list[str]:
