@@ -2,8 +2,13 @@
 
 What "safe" means here:
 
-* the declared size is checked against a pixel limit *before* any pixel is decoded
-  (Pillow's decompression-bomb guard stays on as a second line);
+* only the allowed formats are decoded (:data:`ALLOWED_IMAGE_FORMATS`, the formats of
+  ``IMAGE_EXTENSIONS``): the format is sniffed from the magic bytes and Pillow tries only that
+  plugin, so a PostScript file named ``x.jpg`` is refused and no external program (Ghostscript)
+  ever starts (:mod:`crossmodal_rag.image_sniff`);
+* the declared size is checked against the budgets of :mod:`crossmodal_rag.decode_budget`
+  *before* any pixel is decoded: pixel count, a JPEG's scan count and scans x pixels (Pillow's
+  decompression-bomb guard stays on as a second line);
 * truncated files are errors, never half-grey images (``LOAD_TRUNCATED_IMAGES`` stays off);
 * EXIF orientation is applied; greyscale, palette, RGBA/LA (composited on white), CMYK and
   16-bit/32-bit/float images are converted to 8-bit RGB with their full range preserved;
@@ -13,9 +18,13 @@ What "safe" means here:
   without one, such a file is skipped with a reason naming the package to install;
 * a file is read only if it is a regular file of at most ``MAX_IMAGE_BYTES`` (a FIFO or a link
   to ``/dev/zero`` is refused, never read: see :mod:`crossmodal_rag.safe_io`);
-* memory is bounded by what is decoded: a JPEG larger than 2048 pixels a side is decoded at
-  reduced scale (``draft``); other formats are decoded whole, so they are held to a quarter of
-  the pixel limit (67 megapixels by default) and reduced right after decoding.
+* memory is bounded by what is decoded: a baseline JPEG larger than 2048 pixels a side is decoded
+  at reduced scale (``draft``); other formats and progressive JPEGs are decoded whole, so they
+  are held to a quarter of the pixel limit (67 megapixels by default) and reduced right after
+  decoding;
+* any shape that decodes can be encoded: a 60000x2 strip is decoded (reduced scale never goes
+  below one pixel a side) and padded on white to at most ``MAX_ASPECT_RATIO`` : 1;
+* whatever a plugin raises becomes an :class:`ImageDecodeError` with a one-line reason.
 """
 
 from __future__ import annotations
@@ -29,18 +38,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .decode_budget import (
+    MAX_ASPECT_RATIO,
+    check_jpeg_scans,
+    check_pixels,
+    jpeg_scan_count,
+    pad_to_aspect,
+)
 from .errors import ImageDecodeError
+from .image_sniff import ALLOWED_IMAGE_FORMATS, ImageFormatError, sniff_image_format
 from .safe_io import MAX_IMAGE_BYTES, read_regular
 
 __all__ = [
+    "ALLOWED_IMAGE_FORMATS",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGE_EXTENSIONS",
+    "MAX_ASPECT_RATIO",
     "MAX_IMAGE_BYTES",
     "DecodedImage",
+    "ImageFormatError",
     "decode_image",
     "format_support",
     "load_image",
     "read_image_file",
+    "sniff_image_format",
     "to_rgb",
 ]
 
@@ -58,9 +79,6 @@ DEFAULT_MAX_IMAGE_PIXELS = 268_435_456
 # side at least this; CLIP sees at most a few hundred pixels, so nothing of value is lost and
 # decoding a 50-megapixel photo becomes ~8x cheaper.
 _DRAFT_SIDE = 1024
-# Formats without reduced-scale decoding hold width*height*4 bytes or more while decoding, so
-# they are held to this fraction of the pixel limit (the default: 67 megapixels, ~270 MB).
-_FULL_DECODE_SHARE = 4
 _ORIENTATION = 0x0112
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -81,9 +99,6 @@ class DecodedImage:
 # Formats read through an optional plugin: Pillow format name -> (file signature brands, the
 # package that adds it). Registered by _register_plugins() on the first decode.
 _PLUGIN_HINT = {"HEIF": "pillow-heif", "AVIF": "pillow-avif-plugin (or Pillow >= 11.3)"}
-# ISO-BMFF 'ftyp' brands of HEIF and AVIF files, to name the missing plugin for such a file.
-_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
-_AVIF_BRANDS = frozenset({b"avif", b"avis"})
 _plugins_registered = False
 
 
@@ -115,13 +130,9 @@ def format_support() -> dict[str, bool]:
     return {fmt: fmt in Image.OPEN for fmt in ("HEIF", "AVIF")}
 
 
-def _plugin_missing(data: bytes) -> str | None:
-    """The plugin a HEIF/AVIF file needs when it is not registered, else None."""
-    if len(data) < 12 or data[4:8] != b"ftyp":
-        return None
-    brand = data[8:12]
-    fmt = "AVIF" if brand in _AVIF_BRANDS else "HEIF" if brand in _HEIF_BRANDS else None
-    if fmt is None or fmt in Image.OPEN:
+def _plugin_missing(fmt: str) -> str | None:
+    """Why a sniffed HEIF/AVIF file cannot be read when its plugin is not registered, else None."""
+    if fmt not in _PLUGIN_HINT or fmt in Image.OPEN:
         return None
     return f"{fmt} image, but no plugin to read it is installed (pip install {_PLUGIN_HINT[fmt]})"
 
@@ -162,42 +173,59 @@ def _reduction(width: int, height: int) -> int:
     return factor
 
 
-def _check_size(img: Image.Image, name: str, max_pixels: int) -> tuple[int, int, str]:
-    """Refuse by declared size, before any pixel is decoded; (width, height, format)."""
+def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, int, int, str]:
+    """Open ``data`` with its sniffed format's plugin only and check the budgets on its header;
+    (image, width, height, format). No pixel is decoded."""
+    fmt = sniff_image_format(data, name)  # ImageFormatError for anything else
+    missing = _plugin_missing(fmt)
+    if missing:
+        raise ImageFormatError(name, missing)
+    scans = 1
+    if fmt == "JPEG":
+        scans = jpeg_scan_count(data)
+        check_jpeg_scans(scans, name)
+    img = Image.open(io.BytesIO(data), formats=[fmt])
     width, height = img.size
-    fmt = img.format or "unknown"
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(name, f"zero-sized image ({width}x{height})")
-    hint = "raise it with --max-image-pixels if the file is trusted"
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            name, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} ({hint})")
-    if fmt != "JPEG" and width * height > max_pixels // _FULL_DECODE_SHARE:
-        raise ImageDecodeError(
-            name, f"{width}x{height} = {width * height} pixels exceeds the limit of "
-            f"{max_pixels // _FULL_DECODE_SHARE} for {fmt} images, which are decoded at full size "
-            f"(a quarter of the limit of {max_pixels}; {hint})")
-    return width, height, fmt
+    progressive = bool(img.info.get("progressive")) or scans > 1
+    full_decode = not (img.format in ("JPEG", "MPO") and not progressive)
+    check_pixels(name, width, height, img.format or fmt, max_pixels, full_decode=full_decode, scans=scans)
+    return img, width, height, img.format or fmt
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name."""
+    text = str(e).strip()
+    reason = text.splitlines()[0] if text else type(e).__name__
+    if "truncated" in reason.lower():
+        return "truncated image file"
+    if isinstance(e, (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError)):
+        return reason
+    return f"{type(e).__name__}: {reason}" if text else reason
 
 
 def decode_image(
-    data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    data: bytes, name: str = "<bytes>", *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float | None = MAX_ASPECT_RATIO,
 ) -> DecodedImage:
     """Decode image bytes safely.
 
     Args:
         data: the encoded file contents.
         name: used in error messages (usually the path).
-        max_pixels: refuse images whose declared width*height exceeds this (JPEG), or a quarter
-            of it (other formats, which cannot be decoded at reduced scale).
+        max_pixels: refuse images whose declared width*height exceeds this (baseline JPEG), or
+            a quarter of it (other formats and progressive JPEGs, which are decoded at full size).
+        max_aspect_ratio: pad the decoded image on white (centred) so that its long side is at
+            most this many times its short side; None leaves it as decoded (OCR, which bounds
+            its own input).
 
     Returns:
         The image, reduced by a power of two when its long side exceeds 2048 pixels, with the
         original (EXIF-rotated) width and height.
 
     Raises:
-        ImageDecodeError: with a one-line ``reason`` (empty file, not an image, truncated,
-            too many pixels, zero size, ...).
+        ImageDecodeError: with a one-line ``reason`` (empty file, not an allowed format,
+            truncated, too many pixels or scans, zero size, ...); :class:`ImageFormatError`,
+            a subclass, when the data is not an allowed image format.
     """
     if not data:
         raise ImageDecodeError(name, "empty file (0 bytes)")
@@ -207,11 +235,10 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # Pillow's guard is a process-wide setting: hold it to this call's limit.
             Image.MAX_IMAGE_PIXELS = max_pixels
-            img = Image.open(io.BytesIO(data))
-            width, height, fmt = _check_size(img, name, max_pixels)
+            img, width, height, fmt = _open(data, name, max_pixels)
             factor = _reduction(width, height)
-            if fmt == "JPEG" and factor > 1:
-                img.draft("RGB", (width // factor, height // factor))
+            if fmt in ("JPEG", "MPO") and factor > 1:  # never below one pixel a side
+                img.draft("RGB", (max(1, width // factor), max(1, height // factor)))
             img.load()
             orientation = img.getexif().get(_ORIENTATION, 1)
             factor = _reduction(*img.size)  # what draft did not do (all of it for other formats)
@@ -222,6 +249,8 @@ def decode_image(
             if orientation in _TRANSPOSE:
                 img = img.transpose(_TRANSPOSE[orientation])
             rgb = to_rgb(img)
+            if max_aspect_ratio is not None:
+                rgb = pad_to_aspect(rgb, max_aspect_ratio)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -231,19 +260,17 @@ def decode_image(
             "raise --max-image-pixels if the file is trusted)",
         ) from e
     except UnidentifiedImageError as e:
-        raise ImageDecodeError(name, _plugin_missing(data) or "not a recognised image file") from e
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "truncated" in reason.lower():
-            reason = "truncated image file"
-        raise ImageDecodeError(name, f"cannot decode image: {reason}") from e
+        raise ImageDecodeError(name, "not a recognised image file (its header does not parse)") from e
+    except Exception as e:  # any plugin's failure on a hostile file is this file's problem only
+        raise ImageDecodeError(name, f"cannot decode image: {_reason(e)}") from e
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees one way or the other
         width, height = height, width
     return DecodedImage(image=rgb, width=width, height=height, format=fmt)
 
 
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               max_bytes: int = MAX_IMAGE_BYTES) -> DecodedImage:
+               max_bytes: int = MAX_IMAGE_BYTES,
+               max_aspect_ratio: float | None = MAX_ASPECT_RATIO) -> DecodedImage:
     """Read and decode an image file; see :func:`decode_image`.
 
     Only a regular file (or a symlink to one) of at most ``max_bytes`` is read.
@@ -252,7 +279,8 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         ImageDecodeError: the path does not exist, is not a regular file (a FIFO, a device, a
             directory), is larger than ``max_bytes``, cannot be read, or cannot be decoded.
     """
-    return decode_image(read_image_file(path, max_bytes=max_bytes), str(path), max_pixels=max_pixels)
+    return decode_image(read_image_file(path, max_bytes=max_bytes), str(path), max_pixels=max_pixels,
+                        max_aspect_ratio=max_aspect_ratio)
 
 
 def read_image_file(path: str | Path, *, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:

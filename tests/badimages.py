@@ -80,3 +80,52 @@ def write_odd_images(folder: Path) -> dict[str, Image.Image]:
     Image.new("RGB", (20, 10), (10, 20, 30)).save(folder / "plain.bmp", "BMP")
     Image.new("RGB", (20, 10), (10, 20, 30)).save(folder / "plain.tiff", "TIFF")
     return out
+
+
+# -- decode bombs and disguised formats (issue 25) --------------------------------------------
+def thin_jpeg(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A valid JPEG of a degenerate shape (3000x1, 1x5000, 60000x2): Pillow's reduced-scale
+    decoding divided by zero on these."""
+    return jpeg_bytes((width, height), color)
+
+
+def progressive_jpeg(size: tuple[int, int] = (64, 48), mode: str = "RGB") -> bytes:
+    """A small progressive JPEG as libjpeg writes it (6 scans grey, 10 colour)."""
+    buf = io.BytesIO()
+    Image.new(mode, size, 128 if mode == "L" else (90, 140, 200)).save(buf, "JPEG", progressive=True, quality=90)
+    return buf.getvalue()
+
+
+def scan_bomb_jpeg(scans: int, size: tuple[int, int] = (512, 512)) -> bytes:
+    """A valid progressive JPEG with about ``scans`` scans: libjpeg's last scan (a refinement of
+    the AC coefficients, with its Huffman table) repeated. libjpeg only warns about the repeated
+    progression and makes one pass over the image per scan (~50 ns per 8x8 block): 20,000 scans
+    of 2048x2048 take about a minute. Built in microseconds; ~34 bytes a scan."""
+    data = progressive_jpeg(size, "L")
+    eoi = data.rindex(b"\xff\xd9")
+    last_scan = data.rindex(b"\xff\xda", 0, eoi)
+    table = data.rindex(b"\xff\xc4", 0, last_scan)
+    unit = data[table:eoi]
+    base = data.count(b"\xff\xda")
+    return data[:eoi] + unit * max(0, scans - base) + data[eoi:]
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+       b"newpath 0 0 moveto 16 0 lineto 16 16 lineto closepath fill\nshowpage\n%%EOF\n")
+POSTSCRIPT = b"%!PS-Adobe-3.0\n%%Pages: 1\n%%EndComments\n/Helvetica findfont 12 scalefont setfont\nshowpage\n"
+
+
+def dos_eps(ps: bytes = EPS) -> bytes:
+    """EPS with the binary 'DOS EPS' header (C5 D0 D3 C6) that Pillow's EPS plugin also opens."""
+    header = struct.pack("<IIIIIII", 0xC6D3D0C5, 30, len(ps), 0, 0, 0, 0) + b"\xff\xff"
+    return header + ps
+
+
+def fake_ghostscript(folder: Path) -> Path:
+    """An executable named ``gs`` in ``folder`` that records each run in the file named by
+    $GS_MARKER (and fails); put ``folder`` first on PATH to see whether anything starts Ghostscript."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gs = folder / "gs"
+    gs.write_text('#!/bin/sh\necho "$@" >> "${GS_MARKER:-/dev/null}"\nexit 1\n')
+    gs.chmod(0o755)
+    return folder

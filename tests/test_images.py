@@ -193,3 +193,217 @@ def test_large_images_of_every_mode_are_reduced_with_their_colour(tmp_path: Path
             assert px[0] > 200 and px[1] < 60 and px[2] < 60, px
         else:
             assert abs(px[0] - 10) < 8 and abs(px[1] - 200) < 8 and abs(px[2] - 30) < 8, px
+
+
+# -- decoders by allow-list, thin images, scan bombs (issue 25) --------------------------------
+def test_allowed_formats_are_the_ingested_extensions() -> None:
+    """The allow-list is exactly the formats whose extensions ingest lists, as Pillow and its
+    plugins register them (no more: a format added to one must be added to the other)."""
+    from PIL import Image
+
+    from crossmodal_rag.images import ALLOWED_IMAGE_FORMATS, IMAGE_EXTENSIONS, format_support
+
+    format_support()  # registers the HEIF/AVIF plugins
+    by_extension = {Image.registered_extensions()[ext] for ext in IMAGE_EXTENSIONS}
+    assert by_extension == set(ALLOWED_IMAGE_FORMATS)
+
+
+def test_other_formats_are_refused_by_their_magic_bytes() -> None:
+    """Whatever the name, the leading bytes decide; each known other format is named."""
+    from crossmodal_rag.images import ImageFormatError, sniff_image_format
+    from tests.badimages import EPS, POSTSCRIPT, dos_eps
+
+    cases = {EPS: "PostScript/EPS", POSTSCRIPT: "PostScript/EPS", dos_eps(): "PostScript/EPS",
+             b"%PDF-1.7\n%\xe2\xe3\n1 0 obj": "PDF", b"8BPS\x00\x01" + b"\x00" * 30: "Photoshop PSD",
+             b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 20: "JPEG 2000",
+             b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2": "ISO media",
+             b"\n <svg xmlns='http://www.w3.org/2000/svg'/>": "SVG"}
+    for data, what in cases.items():
+        with pytest.raises(ImageFormatError) as info:
+            decode_image(data, "photo.jpg")
+        assert info.value.reason.startswith(what) and "not an allowed image format" in info.value.reason
+        assert "JPEG, PNG, WEBP, GIF, BMP, TIFF, HEIF, AVIF" in info.value.reason
+        with pytest.raises(ImageFormatError):
+            sniff_image_format(data[:64])
+    assert sniff_image_format(jpeg_bytes()[:64]) == "JPEG"
+    assert sniff_image_format(png_declaring(5, 5)[:64]) == "PNG"
+
+
+def _fake_gs_env(tmp_path: Path, marker: Path) -> dict[str, str]:
+    from tests.badimages import fake_ghostscript
+
+    bin_dir = fake_ghostscript(tmp_path / "bin")
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "GS_MARKER": str(marker), "CROSSMODAL_RAG_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _postscript_files(folder: Path) -> list[str]:
+    from tests.badimages import EPS, POSTSCRIPT, dos_eps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"drawing.eps": EPS, "photo.jpg": EPS, "scan.png": POSTSCRIPT, "dos.jpg": dos_eps()}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return sorted(files)
+
+
+def test_postscript_never_starts_ghostscript(tmp_path: Path) -> None:
+    """EPS/PS, under its own name or a .jpg/.png one, is refused by every library decode path
+    (load, decode, thumbnail) with a one-line reason, and no external program starts: a fake
+    ``gs`` first on PATH records any run. Control: Pillow opening the same file unrestricted
+    does run it, so the fake is where Pillow looks."""
+    folder = tmp_path / "in"
+    names = _postscript_files(folder)
+    marker = tmp_path / "gs-ran"
+    env = _fake_gs_env(tmp_path, marker)
+    code = f"""
+import json, pathlib
+from crossmodal_rag.errors import ImageDecodeError
+from crossmodal_rag.images import decode_image, load_image
+from crossmodal_rag.ocr import ocr_image
+out = {{}}
+for name in {names!r}:
+    path = pathlib.Path({str(folder)!r}) / name
+    for how, call in (("load", lambda: load_image(path)), ("decode", lambda: decode_image(path.read_bytes())),
+                      ("ocr", lambda: ocr_image(path))):
+        try:
+            call()
+            out[name + ":" + how] = "decoded"
+        except ImageDecodeError as e:
+            out[name + ":" + how] = e.reason
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out) == 3 * len(names)
+    for key, reason in out.items():
+        assert reason.startswith("PostScript/EPS is not an allowed image format"), (key, reason)
+    assert not marker.exists(), marker.read_text()
+    control = subprocess.run(
+        [sys.executable, "-c", f"from PIL import Image\ntry:\n    Image.open({str(folder / 'photo.jpg')!r}).load()\n"
+                               "except Exception:\n    pass"], env=env, timeout=60)
+    assert control.returncode == 0 and marker.exists(), "the fake gs was not what Pillow runs"
+
+
+def test_postscript_through_the_cli_starts_no_program(tmp_path: Path, sample_dir: Path, tiny_oc_spec: str) -> None:
+    """`index` on a folder holding EPS named .jpg/.png skips each with its reason; `search
+    --image` on EPS fails with a one-line message; neither starts the fake gs."""
+    folder = tmp_path / "in"
+    _postscript_files(folder)
+    (folder / "cat.jpg").write_bytes((sample_dir / "cat.jpg").read_bytes())
+    marker = tmp_path / "gs-ran"
+    env = _fake_gs_env(tmp_path, marker)
+    coll = tmp_path / "coll"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "crossmodal_rag", *args], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)
+
+    out = cli("index", str(folder), "--collection", str(coll), "--model", tiny_oc_spec, "-q")
+    assert out.returncode == 0, out.stderr
+    assert "1 images" in out.stdout and "3 skipped" in out.stdout, out.stdout
+    for name in ("photo.jpg", "scan.png", "dos.jpg"):
+        assert f"{name}: PostScript/EPS is not an allowed image format" in out.stderr, out.stderr
+    for name in ("photo.jpg", "drawing.eps"):
+        out = cli("search", "--image", str(folder / name), "--collection", str(coll))
+        assert out.returncode != 0
+        assert "PostScript/EPS is not an allowed image format" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not marker.exists(), marker.read_text()
+
+
+def test_thin_images_decode_and_can_be_searched(tmp_path: Path, tiny_oc_spec: str) -> None:
+    """JPEGs of 3000x1, 1x5000 and 60000x2 (which divided by zero in reduced-scale decoding) decode
+    to an image at most MAX_ASPECT_RATIO:1, their colour centred on white; the encoder's
+    preprocessing takes them in bounded time; ingest adds them and each finds itself."""
+    import time
+
+    from crossmodal_rag import Collection
+    from crossmodal_rag.encoders import load_encoder
+    from crossmodal_rag.images import MAX_ASPECT_RATIO
+    from tests.badimages import thin_jpeg
+
+    encoder = load_encoder(tiny_oc_spec)
+    folder = tmp_path / "thin"
+    folder.mkdir()
+    for w, h in ((3000, 1), (1, 5000), (60000, 2), (2, 60000)):
+        data = thin_jpeg(w, h)
+        (folder / f"{w}x{h}.jpg").write_bytes(data)
+        d = decode_image(data, f"{w}x{h}.jpg")
+        assert (d.width, d.height) == (w, h) and d.image.mode == "RGB"
+        long, short = max(d.image.size), min(d.image.size)
+        assert short > 1 and long <= MAX_ASPECT_RATIO * short, d.image.size
+        arr = np.asarray(d.image)
+        assert arr[0, 0].tolist() == [255, 255, 255]  # padding
+        if max(w, h) <= 5000:  # the strip itself, its colour kept (JPEG: within a few levels)
+            centre = arr[arr.shape[0] // 2, arr.shape[1] // 2].tolist()
+            assert abs(centre[0] - 200) < 10 and centre[1] < 50 and centre[2] < 50, centre
+        t = time.perf_counter()
+        pixels = encoder.preprocess(d.image)
+        assert time.perf_counter() - t < 2 and pixels.shape[0] == 3 and pixels.shape[1] == pixels.shape[2]
+    (folder / "plain.jpg").write_bytes(jpeg_bytes((64, 48), (20, 40, 220)))
+    with Collection.create(tmp_path / "coll", tiny_oc_spec) as coll:
+        report = coll.add(folder)
+        assert report.images_added == 5 and not report.skipped, report.skipped
+        for name in ("3000x1.jpg", "1x5000.jpg", "60000x2.jpg"):
+            hit = coll.search(image=folder / name, k=1)[0]
+            assert Path(hit.path).name == name and hit.score > 0.999
+
+
+def test_jpeg_scan_count_walks_markers_like_the_decoder() -> None:
+    """Scans counted as libjpeg reads them: its progressive scripts (10 colour, 6 grey), one for
+    baseline, and a thumbnail inside an APP segment not counted."""
+    from crossmodal_rag.decode_budget import jpeg_scan_count
+    from tests.badimages import progressive_jpeg, scan_bomb_jpeg
+
+    assert jpeg_scan_count(jpeg_bytes()) == 1
+    assert jpeg_scan_count(progressive_jpeg()) == 10
+    assert jpeg_scan_count(progressive_jpeg(mode="L")) == 6
+    assert jpeg_scan_count(scan_bomb_jpeg(250), stop_after=10**6) == 250
+    thumb = progressive_jpeg((16, 16))
+    app9 = b"\xff\xe9" + (len(thumb) + 2).to_bytes(2, "big") + thumb
+    main = progressive_jpeg((64, 48))
+    with_thumb = main[:2] + app9 + main[2:]
+    assert with_thumb.count(b"\xff\xda") == 20 and jpeg_scan_count(with_thumb) == 10
+    assert decode_image(with_thumb).image.size == (64, 48)
+
+
+def test_scan_bomb_is_refused_before_decoding() -> None:
+    """A progressive JPEG of 20,000 scans (a minute of decoding) is refused in milliseconds with
+    a reason naming the scan budget; one just under the budget decodes."""
+    import time
+
+    from crossmodal_rag.decode_budget import MAX_JPEG_SCANS
+    from tests.badimages import scan_bomb_jpeg
+
+    bomb = scan_bomb_jpeg(20_000, (2048, 2048))
+    t = time.perf_counter()
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(bomb, "bomb.jpg")
+    assert time.perf_counter() - t < 0.5
+    assert f"exceeds the scan budget of {MAX_JPEG_SCANS}" in info.value.reason and "\n" not in info.value.reason
+    ok = decode_image(scan_bomb_jpeg(MAX_JPEG_SCANS, (64, 64)))
+    assert ok.image.size == (64, 64) and np.asarray(ok.image)[5, 5].tolist() == [128, 128, 128]
+
+
+def test_progressive_jpeg_is_held_to_the_full_decode_share() -> None:
+    """Progressive JPEGs buffer every coefficient (draft does not help): held to a quarter of
+    the pixel limit, like formats decoded at full size; baseline JPEGs to the whole limit. And
+    scans x pixels is held to JPEG_SCAN_WORK x the limit."""
+    from crossmodal_rag.decode_budget import FULL_DECODE_SHARE, JPEG_SCAN_WORK
+    from tests.badimages import progressive_jpeg, scan_bomb_jpeg
+
+    pixels = 64 * 48
+    assert decode_image(jpeg_bytes((64, 48)), max_pixels=pixels).image.size == (64, 48)
+    prog = progressive_jpeg((64, 48))
+    assert decode_image(prog, max_pixels=FULL_DECODE_SHARE * pixels).image.size == (64, 48)
+    with pytest.raises(ImageDecodeError, match="progressive or multi-scan JPEG images, which are decoded at "
+                                               "full size .*--max-image-pixels"):
+        decode_image(prog, max_pixels=FULL_DECODE_SHARE * pixels - 1)
+    bomb = scan_bomb_jpeg(60, (64, 64))  # 60 scans of 4096 pixels
+    limit = 60 * 4096 // JPEG_SCAN_WORK
+    assert decode_image(bomb, max_pixels=limit).image.size == (64, 64)
+    with pytest.raises(ImageDecodeError, match="60 scans x 4096 pixels exceeds the JPEG decoding budget"):
+        decode_image(bomb, max_pixels=limit - 1)
