@@ -36,7 +36,8 @@ from PIL import Image
 
 from . import fingerprint
 from .errors import CollectionError, EncoderMismatchError, ImageDecodeError
-from .images import load_image
+from .image_sniff import SNIFF_BYTES, sniff_image_format
+from .images import format_support, load_image
 from .ingest import IngestReport, Problem
 from .safe_io import MAX_JSON_BYTES, check_regular, open_regular, read_regular_text
 
@@ -196,10 +197,14 @@ def _image_header(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with open_regular(path, what="image file") as f, Image.open(f) as im:
-                width, height = im.size
-                fmt = im.format
-                orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if fmt in _EXIF_FORMATS else 1
+            with open_regular(path, what="image file") as f:
+                # only an allowed format, opened by its own plugin (as decoding does)
+                fmt = sniff_image_format(f.read(SNIFF_BYTES), str(path))
+                format_support()  # registers the HEIF/AVIF openers
+                with Image.open(f, formats=[fmt]) as im:
+                    width, height = im.size
+                    fmt = im.format
+                    orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if fmt in _EXIF_FORMATS else 1
     except Exception:  # Pillow raises many types for files that are not images
         return _declared_size(row)
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees one way or the other

@@ -407,3 +407,30 @@ def test_progressive_jpeg_is_held_to_the_full_decode_share() -> None:
     assert decode_image(bomb, max_pixels=limit).image.size == (64, 64)
     with pytest.raises(ImageDecodeError, match="60 scans x 4096 pixels exceeds the JPEG decoding budget"):
         decode_image(bomb, max_pixels=limit - 1)
+
+
+def test_import_reads_headers_of_allowed_formats_only(tmp_path: Path, tiny_oc_spec: str) -> None:
+    """`import` reads each image's size from its header: a PostScript file named .jpg is not
+    opened by Pillow's EPS plugin (its BoundingBox would give 16x16, format EPS); the manifest's
+    own width/height are used instead."""
+    from crossmodal_rag import Collection
+    from crossmodal_rag.encoders import load_encoder
+    from crossmodal_rag.importer import import_embeddings
+    from tests.badimages import EPS
+
+    src = tmp_path / "emb"
+    (src / "img_emb").mkdir(parents=True)
+    (src / "metadata").mkdir()
+    (src / "real.jpg").write_bytes(jpeg_bytes((40, 30)))
+    (src / "fake.jpg").write_bytes(EPS)
+    vectors = load_encoder(tiny_oc_spec).encode_images([decode_image(jpeg_bytes((40, 30))).image] * 2)
+    np.save(src / "img_emb" / "img_emb_0.npy", vectors.astype(np.float16))
+    rows = [{"image_path": "real.jpg", "width": 1, "height": 1},
+            {"image_path": "fake.jpg", "width": 300, "height": 200}]
+    (src / "metadata" / "metadata_0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import_embeddings(src, tmp_path / "coll", tiny_oc_spec, verify=0, progress=False)
+    with Collection.open(tmp_path / "coll") as c:
+        items = {Path(p).name: c.get(i)[0] for p, i in c.store.conn.execute("SELECT path, item_id FROM paths")}
+    assert (items["real.jpg"].width, items["real.jpg"].height, items["real.jpg"].format) == (40, 30, "JPEG")
+    assert (items["fake.jpg"].width, items["fake.jpg"].height) == (300, 200)
+    assert items["fake.jpg"].format != "EPS"
