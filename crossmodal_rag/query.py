@@ -4,10 +4,12 @@ Syntax of a text query (as rclip offers)::
 
     "a cat" + "snow" - "indoors"        quoted terms, added or subtracted
     cat + snow - indoors                bare terms (operators need spaces around them)
-    2:cat + 0.5:"red car"               weights
+    2:cat + 0.5:"red car"               weights (from MIN_WEIGHT to MAX_WEIGHT; 1e-2:cat too)
 
 The query vector is the L2-normalised weighted sum of the terms' unit embeddings (a subtracted
-term has a negative weight). A query without operators or weights is a single plain term, so
+term has a negative weight). A weight outside the range (``0:cat``, ``1e200:cat``, a 400-digit
+number) is a :class:`~crossmodal_rag.errors.QueryError` naming it, as is a query vector that
+is not finite or is zero: a query is never silently turned into a vector that finds nothing. A query without operators or weights is a single plain term, so
 "t-shirt" and "rock-n-roll" stay what they are. With an image, the image is one more term of
 weight 1 (``--image a.jpg --plus "at night"``).
 """
@@ -30,8 +32,8 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 if TYPE_CHECKING:
     from .encoders import ClipEncoder
 
-__all__ = ["MAX_QUERY_CHARS", "MAX_QUERY_TERMS", "MAX_TERM_CHARS", "QueryTerm", "bad_character", "clip_term",
-           "combine", "embed_query", "parse_query"]
+__all__ = ["MAX_QUERY_CHARS", "MAX_QUERY_TERMS", "MAX_TERM_CHARS", "MAX_WEIGHT", "MIN_WEIGHT", "QueryTerm",
+           "bad_character", "check_query_vectors", "clip_term", "combine", "embed_query", "parse_query"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,11 @@ MAX_TERM_CHARS = 4096
 # them backtrack (linear time on any input).
 _SPACE = re.compile(r"\s*+")
 _PLAIN = re.compile(r'[^"\s]++')  # a run of characters that cannot start a quote or an operator
-_WEIGHT = re.compile(r"([0-9]++(?:\.[0-9]++)?+|\.[0-9]++)\s*+:\s*+")
+_WEIGHT = re.compile(r"((?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)(?:[eE][-+]?+[0-9]++)?+)\s*+:\s*+")
+#: The range of a term's weight (``2:cat``): the terms' unit vectors are summed in float64, and
+#: weights in this range keep the sum finite and its direction meaningful.
+MIN_WEIGHT = 1e-3
+MAX_WEIGHT = 1e3
 
 
 @dataclass(frozen=True)
@@ -141,10 +147,38 @@ def _split(text: str) -> list[tuple[int, str]]:
 def _weighted(raw: str) -> tuple[float, str]:
     """``2:cat`` -> (2.0, "cat"); ``"red car"`` -> (1.0, "red car"); anything else is the body."""
     m = _WEIGHT.match(raw)
-    weight, body = (float(m.group(1)), raw[m.end():]) if m and m.end() < len(raw) else (1.0, raw)
+    weight, body = (_weight(m.group(1)), raw[m.end():]) if m and m.end() < len(raw) else (1.0, raw)
     if len(body) >= 2 and body[0] == '"' and body.find('"', 1) == len(body) - 1:
         body = body[1:-1]
     return weight, body
+
+
+def _weight(text: str) -> float:
+    """A weight's text -> its value, refused (QueryError naming it) outside the range."""
+    shown = text if len(text) <= 24 else f"{text[:12]}...{text[-4:]} ({len(text)} characters)"
+    value = float(text)  # digits, a point and an exponent only: always parses (inf when huge)
+    if not MIN_WEIGHT <= value <= MAX_WEIGHT:
+        raise QueryError(f"query weight {shown} is outside the allowed range {MIN_WEIGHT:g} to "
+                         f"{MAX_WEIGHT:g} (write e.g. 2:cat + 0.5:dog)")
+    return value
+
+
+def check_query_vectors(vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` ``(Q, D)`` as float32, refused (QueryError) when a row is not finite or is
+    zero: such a vector scores every item NaN or 0, and would find nothing."""
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    if vectors.ndim != 2:
+        raise QueryError(f"query vectors must be a (Q, D) array, got shape {vectors.shape}")
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        raise QueryError(f"query vector {int(np.flatnonzero(~finite)[0])} holds NaN or infinity; "
+                         "embed the query again (a query's weights are limited to "
+                         f"{MIN_WEIGHT:g}..{MAX_WEIGHT:g})")
+    zero = ~(np.abs(vectors).max(axis=1, initial=0.0) > 0)
+    if zero.any():
+        raise QueryError(f"query vector {int(np.flatnonzero(zero)[0])} is zero: it matches nothing; "
+                         "give a query that says something")
+    return vectors
 
 
 #: A weighted sum shorter than this x the sum of |weights| counts as cancelled.
@@ -155,6 +189,9 @@ def combine(vectors: np.ndarray, weights: list[float]) -> np.ndarray:
     """Normalised weighted sum of unit vectors ``(T, D)`` -> ``(D,)`` float32."""
     v = (np.asarray(weights, dtype=np.float64)[:, None] * vectors.astype(np.float64)).sum(0)
     norm = np.linalg.norm(v)
+    if not np.isfinite(norm):
+        raise QueryError("the query terms' weighted sum is not finite; use weights from "
+                         f"{MIN_WEIGHT:g} to {MAX_WEIGHT:g}")
     # relative to the weights: terms that cancel leave float32 noise (~1e-6 per component, from
     # encoding the same text in different batch positions), whose direction means nothing
     if norm < CANCEL_TOLERANCE * float(np.abs(np.asarray(weights, dtype=np.float64)).sum()):
@@ -213,5 +250,5 @@ def embed_query(
         vectors.append(get_encoder().encode_texts(texts))
     stacked = np.concatenate(vectors)
     if len(weights) == 1 and weights[0] == 1.0:
-        return stacked[0]
-    return combine(stacked, weights)
+        return check_query_vectors(stacked[:1])[0]
+    return check_query_vectors(combine(stacked, weights)[None])[0]

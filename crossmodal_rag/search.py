@@ -10,6 +10,7 @@ import numpy as np
 
 from .calibration import auto_threshold
 from .errors import QueryError
+from .query import check_query_vectors
 from .store.ann import SearchParams
 from .store.metadata import MetadataStore
 from .store.vectors import VectorIndex
@@ -111,7 +112,7 @@ def search_vectors(
     k = check_k(k)
     names = _INDEXES_OF_TARGET[check_target(target)]
     _check_holds(indexes, target)
-    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    queries = check_query_vectors(queries)  # NaN, infinity or zero: a QueryError, never 0 hits
     # the first fetch of every query in one index search per index (a batch: one FAISS call)
     first = _fetch(indexes, queries, k, names, allowed, min_score, params)
     return [_search_one(indexes, store, q, k, names, allowed, min_score, params, first=f)
