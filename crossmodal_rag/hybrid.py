@@ -11,10 +11,17 @@ cosine with the query embedding is below it is dropped (keyword mode then embeds
 
 A hybrid hit's ``score`` is its fused RRF score; ``dense_score`` (the cosine) and
 ``keyword_score`` (BM25, None when the keyword index did not find it) say where it came from.
+
+A query without words to match (emoji, punctuation: :func:`keyword_note` says so) finds no
+keyword hits: keyword mode returns none, hybrid mode the dense half alone, and auto mode searches
+densely. Auto mode also searches densely, with a warning, when the keyword index is damaged
+(:class:`~crossmodal_rag.store.fulltext.DamagedIndexError`; an explicit keyword or hybrid search
+raises it).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -25,7 +32,10 @@ from .errors import QueryError
 from .fusion import RRF_K, reciprocal_rank_fusion
 from .store import fulltext
 
-__all__ = ["MODES", "RankedHit", "choose_mode", "fuse", "keyword_hits", "keyword_text", "rag_hits", "search"]
+__all__ = ["MODES", "RankedHit", "choose_mode", "fuse", "keyword_hits", "keyword_note", "keyword_text", "rag_hits",
+           "search"]
+
+logger = logging.getLogger(__name__)
 
 MODES = ("dense", "keyword", "hybrid")
 #: Each list fused in hybrid mode is this many times ``k`` deep (at least :data:`MIN_DEPTH`).
@@ -64,11 +74,14 @@ def _from_item(item: Any, rank: int, score: float, mode: str, **scores: float | 
                      ocr=getattr(item, "ocr", None), **scores)
 
 
-def choose_mode(mode: str | None, store: Any, *, has_text: bool) -> str:
+def choose_mode(mode: str | None, store: Any, *, has_text: bool, query: str | None = None) -> str:
     """The mode to search in: ``mode`` checked, or (None / ``"auto"``) ``hybrid`` when the query has
-    text and the collection has texts in its keyword index, else ``dense``."""
+    text (and, when ``query`` is given, words for keyword search to match) and the collection has
+    texts in a readable keyword index, else ``dense``."""
     if mode in (None, "auto"):
-        return "hybrid" if has_text and _indexed(store) else "dense"
+        if not has_text or (query is not None and keyword_note(query) is not None):
+            return "dense"
+        return "hybrid" if _indexed(store) else "dense"
     if mode not in MODES:
         raise QueryError(f"unknown search mode {mode!r}; choose one of {', '.join(MODES)} (or auto)")
     if mode != "dense" and not has_text:
@@ -77,7 +90,26 @@ def choose_mode(mode: str | None, store: Any, *, has_text: bool) -> str:
 
 
 def _indexed(store: Any) -> bool:
-    return fulltext.store_count(store) > 0
+    try:
+        return fulltext.store_count(store) > 0
+    except fulltext.DamagedIndexError as e:  # auto mode: dense search needs no keyword index
+        logger.warning("%s; searching densely", e)
+        return False
+
+
+def keyword_note(query: str | None) -> str | None:
+    """Why keyword search finds nothing for ``query`` whatever the collection holds (it has no
+    letters or digits: emoji, punctuation), or None when it holds words to match."""
+    if query is None or not query.strip():
+        return None
+    try:
+        parsed = fulltext.parse_keyword_query(keyword_text(query))
+    except QueryError:
+        return None  # too long, or not arithmetic: the search itself says so
+    if not parsed.empty:
+        return None
+    shown = query if len(query) <= 60 else query[:57] + "..."
+    return f"keyword query {shown!r} holds no words (letters or digits) to match: no keyword hits"
 
 
 def keyword_text(query: str) -> str:
@@ -167,15 +199,25 @@ def search(coll: Any, query: str | None = None, *, image: Any = None, k: int = 1
     check_target(target)
     k = check_k(k)
     has_text = query is not None and bool(query.strip())
-    chosen = choose_mode(mode, coll.store, has_text=has_text)
+    chosen = choose_mode(mode, coll.store, has_text=has_text, query=query)
+
+    def dense() -> tuple[str, list[Any]]:
+        return "dense", coll.search(query, image=image, k=k, target=target, where=where, min_score=min_score,
+                                    plus=plus, minus=minus, params=params)
+
     if chosen == "dense":
-        return chosen, coll.search(query, image=image, k=k, target=target, where=where, min_score=min_score,
-                                   plus=plus, minus=minus, params=params)
+        return dense()
     threshold = coll.resolve_min_score(min_score, query_is_image=image is not None, target=target)
     conditions = parse_where(where)
     allowed = allowed_ids(coll.store, conditions) if conditions else None
     depth = k if chosen == "keyword" and threshold is None else max(k * DEPTH_FACTOR, MIN_DEPTH)
-    keyword = keyword_hits(coll.store, query, depth, target, allowed)
+    try:
+        keyword = keyword_hits(coll.store, query, depth, target, allowed)
+    except fulltext.DamagedIndexError as e:
+        if mode not in (None, "auto"):
+            raise
+        logger.warning("%s; searching densely", e)
+        return dense()
     if chosen == "keyword" and threshold is None:
         return chosen, keyword
     vector = coll.embed_query(query, image, plus=plus, minus=minus)
@@ -197,10 +239,13 @@ def rag_hits(coll: Any, question: str | None, *, k: int, target: str = "texts",
     pipeline retrieves as before). Keyword and hybrid hits keep their order but carry the dense
     cosine as ``score``, so that priors (softmax of score / temperature) and the abstain
     threshold mean what they mean in dense mode."""
-    chosen = choose_mode(mode, coll.store, has_text=bool(question and question.strip()))
+    chosen = choose_mode(mode, coll.store, has_text=bool(question and question.strip()), query=question)
     if chosen == "dense":
         return chosen, None
-    _, hits = search(coll, question, k=k, target=target, where=where, min_score=min_score, mode=chosen)
+    chosen, hits = search(coll, question, k=k, target=target, where=where, min_score=min_score,
+                          mode=chosen if mode not in (None, "auto") else mode)
+    if chosen == "dense":  # auto mode and a damaged keyword index
+        return chosen, None
     if any(h.dense_score is None for h in hits):
         hits = _dense_scores(coll, coll.embed_query(question), hits)
     return chosen, [_replace(h, score=float(h.dense_score)) for h in hits]

@@ -25,9 +25,10 @@ VOCAB = ["cat", "dog", "receipt", "invoice", "total", "lidl", "store", "berlin",
          "lake", "boats", "red", "green", "blue", "4711", "2026", "0815", "tabby"]
 
 
-def _store(texts: list[str | tuple[str, str]], kind: str = "caption") -> sqlite3.Connection:
-    """An in-memory items table holding ``texts`` (or ``(title, text)`` pairs) as ids 1.., indexed."""
-    conn = sqlite3.connect(":memory:")
+def _store(texts: list[str | tuple[str, str]], kind: str = "caption", file: str = ":memory:") -> sqlite3.Connection:
+    """An in-memory (or ``file``) items table holding ``texts`` (or ``(title, text)`` pairs) as ids
+    1.., indexed."""
+    conn = sqlite3.connect(file, isolation_level=None if file != ":memory:" else "")
     conn.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, kind TEXT, text TEXT, title TEXT)")
     rows = [(i, kind, *(t[::-1] if isinstance(t, tuple) else (t, None))) for i, t in enumerate(texts, 1)]
     conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?)", rows)
@@ -137,14 +138,45 @@ def test_hostile_queries_match_or_are_refused_clearly(query: str) -> None:
     assert conn.execute("SELECT count(*) FROM items").fetchone()[0] == 20
 
 
-def test_syntax_errors_name_the_problem() -> None:
+def test_too_long_queries_name_the_limit() -> None:
     conn = _store(["a cat"])
-    with pytest.raises(QueryError, match="unbalanced double quote"):
-        ft.keyword_search(conn, '"tabby cat')
-    with pytest.raises(QueryError, match="holds no words"):
-        ft.keyword_search(conn, "?!- ()")
     with pytest.raises(QueryError, match="at most"):
         ft.keyword_search(conn, "x" * (ft.MAX_QUERY_CHARS + 1))
+    with pytest.raises(QueryError, match="at most 32"):
+        ft.keyword_search(conn, " ".join(f"w{i}" for i in range(40)))
+
+
+@pytest.mark.parametrize(("query", "as_words"), [
+    ('a 12" vinyl record', "a 12 vinyl record"),  # an inch mark
+    ('"tabby cat', "tabby cat"),  # a phrase never closed
+    ('"lake boats" 12" red', '"lake boats" 12 red'),  # quotes pair from the left
+    ('"a" "b" "', "a b"),
+])
+def test_an_unbalanced_quote_separates_words(query: str, as_words: str) -> None:
+    """Issue 25: a quote without its pair is searched as the words around it (it failed with
+    "unbalanced double quote"); the quoted phrases before it stay phrases."""
+    texts = [*_corpus(seed=6, n=30), "a 12 inch vinyl record", "a red vinyl sleeve", "boats on the lake"]
+    conn = _store(texts)
+    assert ft.parse_keyword_query(query) == ft.parse_keyword_query(as_words)
+    assert ft.keyword_search(conn, query) == ft.keyword_search(conn, as_words)
+    assert ft.keyword_search(conn, query)  # every one finds something
+    if "vinyl" in query:
+        assert ft.keyword_search(conn, query)[0][0] == len(texts) - 2
+
+
+def test_intended_phrases_stay_phrases() -> None:
+    conn = _store(["boats lake", "lake boats", "the lake and its boats"])
+    assert [i for i, _ in ft.keyword_search(conn, '"lake boats"')] == [2]
+    assert {i for i, _ in ft.keyword_search(conn, "lake boats")} == {1, 2, 3}
+
+
+@pytest.mark.parametrize("query", ["🐱", "?!- ()", '"', '""', "\u200b", "🐈‍⬛ 🐕", "* ^ -", "\u00ad\ufeff"])
+def test_a_query_without_words_finds_nothing(query: str) -> None:
+    """Issue 25: emoji or punctuation alone (it failed with "holds no words") is an empty query
+    that finds nothing, not an error; hybrid and auto modes then rank densely."""
+    conn = _store(["a cat", "🐱 emoji caption", "OR NOT"])
+    assert ft.parse_keyword_query(query).empty
+    assert ft.keyword_search(conn, query) == []
 
 
 @settings(max_examples=300, deadline=None)
@@ -228,3 +260,174 @@ def test_migration_from_schema_2_fills_the_index_and_later_writes_keep_it(tmp_pa
         assert ft.search_store(store, "4711") == [] and ft.problems(store.conn) == []
     finally:
         store.close()
+
+
+# -- Unicode folding (issue 25) -------------------------------------------------------------------
+
+INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
+
+
+def _fullwidth(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
+def _disguise(text: str, seed: int) -> str:
+    """``text`` as it may be written: invisible characters inside and between words, some words
+    fullwidth, "fi"/"fl" as ligatures. NFKC plus dropping the invisible characters undoes it."""
+    rng = random.Random(seed)
+    words = []
+    for word in text.split(" "):
+        if rng.random() < 0.3:
+            word = _fullwidth(word)
+        word = word.replace("fi", "\ufb01").replace("fl", "\ufb02")
+        chars = list(word)
+        for _ in range(rng.randint(0, 2)):
+            chars.insert(rng.randint(0, len(chars)), rng.choice(INVISIBLE))
+        words.append("".join(chars))
+    return " ".join(words)
+
+
+FOLD_QUERIES = ["cat", "invoice 4711", "fish", "soft flower", "tabby cat", "Store Berlin", '"lake boats"',
+                "software", "0815"]
+
+
+def test_disguised_texts_rank_exactly_as_their_plain_form() -> None:
+    """A corpus written with zero-width characters, soft hyphens, fullwidth letters and ligatures
+    ranks for every query exactly as the same corpus written plainly (ids and BM25 scores: the
+    index holds the folded text), and so do disguised queries."""
+    texts = [*_corpus(seed=7, n=40), "fish and chips", "a soft flower", "software update"]
+    plain, disguised = _store(texts), _store([_disguise(t, i) for i, t in enumerate(texts)])
+    for n, query in enumerate(FOLD_QUERIES):
+        expected = ft.keyword_search(plain, query)
+        assert expected, query
+        for conn, q in ((disguised, query), (disguised, _disguise(query, 100 + n)), (plain, _disguise(query, n))):
+            got = ft.keyword_search(conn, q)
+            assert [i for i, _ in got] == [i for i, _ in expected], (query, q)
+            assert [s for _, s in got] == pytest.approx([s for _, s in expected], rel=1e-9)
+
+
+@pytest.mark.parametrize(("caption", "query"), [
+    ("a tabby c\u200bat on a mat", "cat"),  # zero-width space
+    ("soft\u00adware update", "software"),  # soft hyphen
+    ("\uff43\uff41\uff54 video", "cat"),  # fullwidth letters
+    ("\ufb01sh soup", "fish"),  # ligature
+    ("word\u2060joiner and \ufeffbom", "wordjoiner bom"),
+    ("ca\u200d\u200ct", "cat"),
+])
+def test_captions_written_with_invisible_or_compatibility_characters_are_found(caption: str, query: str) -> None:
+    conn = _store([caption, "a dog", "an unrelated caption"])
+    assert [i for i, _ in ft.keyword_search(conn, query)][:1] == [1]
+    # the items keep the text as written; the index holds it folded
+    assert conn.execute("SELECT text FROM items WHERE id = 1").fetchone()[0] == caption
+    held = conn.execute("SELECT body FROM fts_grams WHERE rowid = 1").fetchone()[0]
+    assert held == ft.fold(caption) and not set(held) & set(INVISIBLE)
+    assert ft.problems(conn) == []
+
+
+def test_fold() -> None:
+    assert ft.fold("\uff23\uff41\uff54\u200b \ufb01sh soft\u00adware \u2460") == "Cat fish software 1"
+    assert ft.fold("".join(INVISIBLE)) == ""
+    text = _disguise("the quick brown fox fixes flat tyres", 3)
+    assert ft.fold(text) == ft.fold(ft.fold(text)) == "the quick brown fox fixes flat tyres"
+
+
+def _schema3_store(folder: Path, captions: list[str]) -> None:
+    """A metadata store as schema version 3 left it: the keyword index holds the texts as
+    written (not folded)."""
+    import numpy as np
+
+    from crossmodal_rag.store.metadata import DB_NAME, MetadataStore
+
+    store = MetadataStore(folder)
+    with store.transaction():
+        for text in captions:
+            store.insert_item("caption", np.zeros(4, np.float32), parent_id=None, text=text)
+    store.close()
+    conn = sqlite3.connect(folder / DB_NAME, isolation_level=None)
+    rows = conn.execute("SELECT id, text FROM items").fetchall()
+    for table in ft.FTS_TABLES:
+        conn.execute(f"DELETE FROM {table}")
+        conn.executemany(f"INSERT INTO {table}(rowid, body) VALUES (?, ?)",
+                         [(i, ft.segment(t) if table == "fts_words" else t) for i, t in rows])
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    conn.close()
+
+
+def test_a_schema_3_index_is_read_as_it_is_and_folded_on_the_next_writable_open(tmp_path: Path) -> None:
+    """Existing collections: read-only, a schema-3 store is searched and checked as it is (no
+    false "stale text" problems); the next writable open rebuilds the index folded (schema 4),
+    leaving the items' text as written."""
+    from crossmodal_rag.store.metadata import MetadataStore
+    from crossmodal_rag.store.schema import SCHEMA_VERSION
+
+    captions = ["a \uff43\uff41\uff54 on a mat", "a plain cat", "soft\u00adware"]
+    _schema3_store(tmp_path, captions)
+    old = MetadataStore(tmp_path, readonly=True)
+    try:
+        assert old.schema_version == 3 and ft.problems(old.conn) == []
+        assert [i for i, _ in ft.search_store(old, "cat")] == [2]  # the fullwidth one is not folded yet
+    finally:
+        old.close()
+    store = MetadataStore(tmp_path)
+    try:
+        assert store.schema_version == SCHEMA_VERSION >= ft.FOLDED_SINCE
+        assert ft.problems(store.conn) == []
+        assert sorted(i for i, _ in ft.search_store(store, "cat")) == [1, 2]
+        assert [i for i, _ in ft.search_store(store, "software")] == [3]
+        assert [it.text for it in store.get_items([1, 2, 3]).values()] == captions
+    finally:
+        store.close()
+
+
+# -- a damaged index (issue 25) -------------------------------------------------------------------
+
+DAMAGE = {  # how a garbled file may look, and what SQLite then says
+    "structure record": "UPDATE fts_words_data SET block = x'ffffffffffffffffffff0102' WHERE id = 10",
+    "no structure record": "DELETE FROM fts_words_data WHERE id = 10",
+    "averages record": "UPDATE fts_grams_data SET block = x'ffffffffffffffff' WHERE id = 1",
+    "leaf page": "UPDATE fts_words_data SET block = substr(block, 1, 20) WHERE id = (SELECT max(id) FROM fts_words_data)",
+    "config version": "UPDATE fts_grams_config SET v = 99 WHERE k = 'version'",
+    "docsize": "UPDATE fts_words_docsize SET sz = x'ffffffff'",
+    "shadow table gone": "DROP TABLE fts_words_docsize",
+}
+
+
+def _damaged(tmp_path: Path, texts: list[str], damage: str) -> sqlite3.Connection:
+    """A store file holding ``texts``, damaged by another connection (as a file on disk is: FTS5
+    keeps what it read in the connection), opened afresh."""
+    file = str(tmp_path / "damaged.sqlite")
+    _store(texts, file=file).close()
+    with contextlib.closing(sqlite3.connect(file, isolation_level=None)) as other:
+        other.execute(DAMAGE[damage])
+    return sqlite3.connect(file, isolation_level=None)
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_index_is_reported_refused_and_rebuilt(damage: str, tmp_path: Path) -> None:
+    """Each damage: ``problems`` names it and the fix (reindex); keyword search raises a
+    CollectionError naming reindex (not a bare sqlite3 error); ``rebuild`` remakes both tables
+    from the items, after which the ranking equals a fresh store's."""
+    from crossmodal_rag.errors import CollectionError
+
+    texts = _corpus(seed=8, n=25)
+    conn = _damaged(tmp_path, texts, damage)
+    found = ft.problems(conn)
+    assert found and all("reindex" in p for p in found), found
+    with pytest.raises(CollectionError, match="keyword .*index .* is damaged.*reindex"):
+        ft.keyword_search(conn, "cat tower")
+    assert ft.rebuild(conn) == len(texts)
+    assert ft.problems(conn) == []
+    assert ft.keyword_search(conn, "cat tower") == ft.keyword_search(_store(texts), "cat tower")
+    conn.execute("INSERT INTO items VALUES (99, 'caption', 'a new cat', NULL)")  # writes work again
+    ft.index_items(conn, [(99, "a new cat", None)])
+    assert ft.problems(conn) == []
+
+
+def test_writes_to_a_damaged_index_name_reindex(tmp_path: Path) -> None:
+    from crossmodal_rag.errors import CollectionError
+
+    conn = _damaged(tmp_path, ["a cat"], "structure record")
+    with pytest.raises(CollectionError, match="reindex"):
+        ft.index_items(conn, [(2, "a dog", None)])
+    with pytest.raises(CollectionError, match="reindex"):
+        ft.delete_items(conn, [1])

@@ -156,3 +156,107 @@ def test_check_and_reindex_see_the_keyword_index(coll: Collection, collection_co
         assert not c.check().ok
         c.reindex()
         assert c.check().ok and fulltext.store_count(c.store) == c.store.counts()["captions"]
+
+
+# -- issue 25: queries keyword search cannot match, folded texts, a damaged keyword index ----------
+
+@pytest.mark.parametrize("query", ['a 12" vinyl record', "🐱", "?!", '"'])
+def test_queries_keyword_search_cannot_parse_never_fail(coll: Collection, query: str) -> None:
+    """Unbalanced quotes are searched as words; a query without words (emoji, punctuation)
+    finds no keyword hits: keyword mode returns none, hybrid mode the dense ranking alone (RRF of
+    one list), auto mode the dense search itself."""
+    dense = coll.search(query, k=5, target="texts")
+    mode, auto = hybrid.search(coll, query, k=5, target="texts")
+    _, fused = hybrid.search(coll, query, k=5, target="texts", mode="hybrid")
+    _, keyword = hybrid.search(coll, query, k=5, target="texts", mode="keyword")
+    if hybrid.keyword_note(query) is not None:  # no words
+        assert mode == "dense" and [h.id for h in auto] == [h.id for h in dense]
+        assert [h.id for h in fused] == [h.id for h in dense]
+        assert [h.score for h in fused] == pytest.approx([1 / (60 + r) for r in range(1, 6)])
+        assert keyword == []
+    else:
+        assert hybrid.keyword_note(query) is None and mode == "hybrid"
+        assert [h.id for h in keyword] == [i for i, _ in fulltext.keyword_search(coll.store.conn, "a 12 vinyl "
+                                                                                 "record")][:5]
+
+
+def test_captions_with_invisible_and_fullwidth_characters_are_found_and_kept(tmp_path: Path,
+                                                                            tiny_oc_spec: str) -> None:
+    """The whole way: passages written with a zero-width space, a soft hyphen, fullwidth letters
+    and a ligature are found by plain words in keyword and hybrid mode; the hits carry the text as
+    written."""
+    written = ["a tabby c\u200bat naps", "soft\u00adware release notes", "\uff4c\uff49\uff44\uff4c receipt",
+               "\ufb01sh market prices", "nothing to see here"]
+    corpus = tmp_path / "p.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": f"p{i}", "text": t}) for i, t in enumerate(written)))
+    with Collection.create(tmp_path / "c", tiny_oc_spec) as c:
+        c.add(corpus)
+        for query, index in (("cat", 0), ("software", 1), ("lidl", 2), ("fish", 3), ("ｆｉｓｈ", 3)):
+            for mode in ("keyword", "hybrid"):
+                _, hits = hybrid.search(c, query, k=5, target="texts", mode=mode)
+                first = hits[0] if mode == "keyword" else next(h for h in hits if h.keyword_score is not None)
+                assert first.text == written[index], (query, mode)
+        assert c.check().ok
+
+
+def _garble_structure_record(folder: Path) -> None:
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(folder / "metadata.sqlite", isolation_level=None)) as db:
+        db.execute("UPDATE fts_words_data SET block = x'ffffffffffffffffffff0102' WHERE id = 10")
+
+
+def test_a_garbled_keyword_index_leaves_dense_search_and_is_rebuilt_by_reindex(
+        coll: Collection, collection_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 25: a garbled FTS5 structure record made every command fail (reindex and check
+    too). Now: the collection opens; dense search and info work; auto mode searches densely;
+    keyword and hybrid search raise a CollectionError naming reindex; check reports it; reindex
+    rebuilds it from the items."""
+    from crossmodal_rag.cli import main
+    from crossmodal_rag.errors import CollectionError
+
+    expected_keyword = [h.id for h in coll.search("tabby cat", k=3, target="texts", mode="keyword")]
+    coll.close()
+    _garble_structure_record(collection_copy)
+    with Collection.open(collection_copy) as c:
+        dense = [h.id for h in c.search("tabby cat", k=3)]
+        assert dense and [h.id for h in c.search("tabby cat", k=3, mode="auto")] == dense
+        for mode in ("keyword", "hybrid"):
+            with pytest.raises(CollectionError, match="keyword .*index .* is damaged.*reindex"):
+                c.search("tabby cat", k=3, mode=mode)
+        report = c.check()
+        assert not report.ok and any("fts_words" in p and "reindex" in p for p in report.problems)
+    base = ["-c", str(collection_copy), "-k", "3"]
+    assert main(["-q", "info", str(collection_copy)]) == 0
+    assert main(["-q", "search", "tabby cat", *base, "--mode", "dense"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "search", "tabby cat", *base, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "dense"
+    assert main(["-q", "search", "tabby cat", *base, "--mode", "keyword"]) == 1
+    assert "reindex" in capsys.readouterr().err
+    assert main(["-q", "check", str(collection_copy)]) == 1
+    assert "reindex" in capsys.readouterr().out
+    assert main(["-q", "reindex", str(collection_copy)]) == 0
+    assert main(["-q", "check", str(collection_copy)]) == 0
+    with Collection.open(collection_copy) as c:
+        assert [h.id for h in c.search("tabby cat", k=3, target="texts", mode="keyword")] == expected_keyword
+
+
+def test_cli_notes_a_keyword_query_without_words(coll: Collection, collection_copy: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from crossmodal_rag.cli import main
+
+    coll.close()
+    base = ["-c", str(collection_copy), "-k", "3", "--target", "texts"]
+    assert main(["search", "🐱", *base, "--mode", "keyword", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["results"] == [] and out["mode"] == "keyword" and "no words" in out["note"]
+    assert "note: keyword query '🐱' holds no words" in captured.err and "--mode dense" in captured.err
+    for mode, shown in (("hybrid", "hybrid"), ("auto", "dense")):
+        assert main(["-q", "search", "🐱", *base, "--mode", mode, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["mode"] == shown and len(out["results"]) == 3
+        assert ("note" in out) == (mode == "hybrid")
+    assert main(["-q", "search", 'a 12" vinyl record', *base]) == 0

@@ -12,14 +12,25 @@ same texts, tokenised two ways, because OCR text loses spaces ("LIDLStore4711Ber
 * ``fts_grams`` (``trigram``, case-folded): every 3-character substring, so that any query word
   of 3 or more characters matches inside a glued run ("invoice" in "Invoiceno").
 
+Both sides are folded (:func:`fold`, schema version 4): NFKC (fullwidth ``ｃａｔ`` -> ``cat``,
+the ligature ``ﬁ`` -> ``fi``) with zero-width characters (U+200B..U+200D, U+2060, U+FEFF) and
+soft hyphens (U+00AD) removed, so text written with them is found by plain words. Only the
+index holds the folded text; the items keep the text as written. A store of schema 3 holds
+texts as written until its next writable open rebuilds the index (read-only, it is searched as
+it is).
+
 A query is words (``\\w`` runs) and "quoted phrases"; each becomes one FTS5 phrase, quoted, so no
-input reaches FTS5's query syntax. Items match any phrase (OR); an item's keyword score is the
-sum of its BM25 scores in the two tables (FTS5's ``bm25()``, k1 = 1.2, b = 0.75, negated so that
-higher is better). docs/search-modes.md has the measurements behind this choice.
+input reaches FTS5's query syntax. A quote left without its pair is a separator (``a 12" vinyl``
+is the words a, 12, vinyl); a query without words matches nothing. Items match any phrase (OR);
+an item's keyword score is the sum of its BM25 scores in the two tables (FTS5's ``bm25()``,
+k1 = 1.2, b = 0.75, negated so that higher is better). docs/search-modes.md has the measurements
+behind this choice.
 
 No triggers (the schema check refuses them): :func:`index_items` and :func:`delete_items` are
-called by the metadata store's own writes; :func:`rebuild` remakes both tables from the items;
-:func:`problems` compares them with the items for ``check``.
+called by the metadata store's own writes; :func:`rebuild` remakes both tables from the items,
+even tables so damaged that SQLite cannot open them (a garbled structure record); :func:`problems`
+compares them with the items for ``check``. A damaged index raises :class:`DamagedIndexError`
+(naming ``reindex``) where it is used, and nowhere else: dense search and ``info`` never read it.
 """
 
 from __future__ import annotations
@@ -27,15 +38,17 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import QueryError
+from ..errors import CollectionError, QueryError
 
-__all__ = ["FTS_KINDS", "FTS_TABLES", "KeywordQuery", "available", "delete_items", "fts_step", "index_items",
-           "keyword_search", "parse_keyword_query", "problems", "rebuild", "rebuild_store", "search_store",
-           "segment", "store_count"]
+__all__ = ["FOLDED_SINCE", "FTS_KINDS", "FTS_TABLES", "IGNORED_CHARS", "DamagedIndexError", "KeywordQuery",
+           "available", "delete_items", "fold", "fold_step", "fts_step", "index_items", "keyword_search",
+           "parse_keyword_query", "problems", "rebuild", "rebuild_store", "search_store", "segment",
+           "store_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +59,33 @@ FTS_TABLES = {"fts_words": "unicode61 remove_diacritics 2", "fts_grams": "trigra
 #: Longest keyword query accepted (characters) and most phrases in one.
 MAX_QUERY_CHARS = 1000
 MAX_PHRASES = 32
+#: Characters that keyword search ignores on both sides: zero-width space, non-joiner and joiner,
+#: word joiner, zero-width no-break space (BOM), soft hyphen.
+IGNORED_CHARS = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
+#: The schema version from which the index holds folded text (:func:`fold`).
+FOLDED_SINCE = 4
 
 _MARKS = ",".join("?" * len(FTS_KINDS))
 # letters meeting digits, a lower-case letter meeting a capital, a capital run meeting a word
 _SPLITS = re.compile(r"(?<=[^\W\d_])(?=\d)|(?<=\d)(?=[^\W\d_])|(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _PHRASE_OR_WORD = re.compile(r'"([^"]*)"|(\w+)')
+_IGNORED = dict.fromkeys(map(ord, IGNORED_CHARS))
+
+
+class DamagedIndexError(CollectionError):
+    """The full-text index cannot be read or written (damaged); ``reindex`` rebuilds it."""
+
+
+def _damaged(e: Exception, where: object = "this collection") -> DamagedIndexError:
+    return DamagedIndexError(
+        f"the keyword (full-text) index of {where} is damaged ({e}): rebuild it with `crossmodal-rag "
+        "reindex` (the items are intact; dense search does not use this index)")
+
+
+def fold(text: str) -> str:
+    """``text`` as the index and queries hold it: NFKC, without :data:`IGNORED_CHARS`
+    (``"ｃａｔ"`` -> ``"cat"``, ``"ﬁsh"`` -> ``"fish"``, ``"soft\\u00adware"`` -> ``"software"``)."""
+    return unicodedata.normalize("NFKC", text.translate(_IGNORED)).translate(_IGNORED)
 
 
 def segment(text: str) -> str:
@@ -59,8 +94,22 @@ def segment(text: str) -> str:
     return _SPLITS.sub(" ", text)
 
 
-def _body(text: str | None, title: str | None) -> str:
-    return "\n".join(t for t in (title, text) if t)
+def _body(text: str | None, title: str | None, folded: bool = True) -> str | None:
+    """What the index holds for an item (folded, or as written in a schema-3 store); None: nothing."""
+    body = "\n".join(t for t in (title, text) if t)
+    body = fold(body) if folded else body
+    return body if body.strip() else None
+
+
+def _is_folded(conn: sqlite3.Connection) -> bool:
+    """Whether the store's index holds folded text: schema version :data:`FOLDED_SINCE` or later
+    (a connection without a stated version is taken as current)."""
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.OperationalError:  # no meta table
+        return True
+    value = str(row[0]) if row else ""
+    return not value.isdigit() or int(value[:6]) >= FOLDED_SINCE
 
 
 # -- schema ---------------------------------------------------------------------------------------
@@ -110,12 +159,15 @@ def index_items(conn: sqlite3.Connection, rows: Iterable[tuple[int, str | None, 
     words, grams = [], []
     for item_id, text, title in rows:
         body = _body(text, title)
-        if body.strip():
+        if body is not None:
             words.append((item_id, segment(body)))
             grams.append((item_id, body))
     if words:
-        conn.executemany("INSERT INTO fts_words(rowid, body) VALUES (?, ?)", words)
-        conn.executemany("INSERT INTO fts_grams(rowid, body) VALUES (?, ?)", grams)
+        try:
+            conn.executemany("INSERT INTO fts_words(rowid, body) VALUES (?, ?)", words)
+            conn.executemany("INSERT INTO fts_grams(rowid, body) VALUES (?, ?)", grams)
+        except sqlite3.DatabaseError as e:
+            raise _damaged(e) from e
 
 
 def delete_items(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
@@ -124,7 +176,10 @@ def delete_items(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
         chunk = list(ids[start:start + 500])
         marks = ",".join("?" * len(chunk))
         for table in FTS_TABLES:
-            conn.execute(f"DELETE FROM {table} WHERE rowid IN ({marks})", chunk)
+            try:
+                conn.execute(f"DELETE FROM {table} WHERE rowid IN ({marks})", chunk)
+            except sqlite3.DatabaseError as e:
+                raise _damaged(e) from e
 
 
 def _fill(conn: sqlite3.Connection) -> None:
@@ -134,15 +189,50 @@ def _fill(conn: sqlite3.Connection) -> None:
 
 
 def rebuild(conn: sqlite3.Connection) -> int:
-    """Remake both tables from the items (inside the caller's transaction); returns the rows
-    indexed. Creates the tables on a store that has none."""
+    """Remake both tables from the items, folded (inside the caller's transaction); returns the
+    rows indexed. Creates the tables on a store that has none; a table too damaged to open is
+    first given the shadow tables of an empty one (:func:`_reset_shadows`), then dropped."""
     if not available(conn):
         return 0
     for table in FTS_TABLES:
-        conn.execute(f"DROP TABLE IF EXISTS {table}")
+        try:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+        except sqlite3.DatabaseError as e:  # its structure record or config cannot be read
+            logger.warning("full-text index %s cannot be opened (%s): rebuilt from the items", table, e)
+            _reset_shadows(conn, table)
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
         conn.execute(_create_sql(table))
     _fill(conn)
     return int(conn.execute("SELECT count(*) FROM fts_grams").fetchone()[0])
+
+
+def _reset_shadows(conn: sqlite3.Connection, table: str) -> None:
+    """Give ``table``'s shadow tables (``_data``, ``_idx``, ``_content``, ``_docsize``,
+    ``_config``) the rows of a new, empty FTS5 table of the same tokeniser, so that SQLite can
+    open it again (to drop it); a shadow table that went missing is made again."""
+    fresh = sqlite3.connect(":memory:")
+    try:
+        fresh.execute(_create_sql(table))
+        shadows = fresh.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name LIKE ? "
+                                "ESCAPE '\\'", (table.replace("_", "\\_") + "\\_%",)).fetchall()
+        contents = {name: fresh.execute(f"SELECT * FROM {name}").fetchall() for name, _ in shadows}
+    finally:
+        fresh.close()
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for name, sql in shadows:
+        if name in have:
+            conn.execute(f"DELETE FROM {name}")
+        else:
+            conn.execute(sql)
+        for row in contents[name]:
+            conn.execute(f"INSERT INTO {name} VALUES ({','.join('?' * len(row))})", row)
+
+
+def fold_step(conn: sqlite3.Connection) -> None:
+    """Schema version 4: the index rebuilt with folded text (:func:`fold`); a store without the
+    tables (SQLite without FTS5) is left so."""
+    if has_index(conn):
+        rebuild(conn)
 
 
 def problems(conn: sqlite3.Connection) -> list[str]:
@@ -163,16 +253,21 @@ def problems(conn: sqlite3.Connection) -> list[str]:
     if own:
         conn.execute("BEGIN")
     try:
+        folded = _is_folded(conn)
         expected = {}
         for item_id, text, title in conn.execute(
                 f"SELECT id, text, title FROM items WHERE kind IN ({_MARKS})", FTS_KINDS):
-            body = _body(text, title)
-            if body.strip():
+            body = _body(text, title, folded)
+            if body is not None:
                 expected[item_id] = body
         for table in FTS_TABLES:
             if table in broken:
                 continue
-            held = dict(conn.execute(f"SELECT rowid, body FROM {table}").fetchall())
+            try:
+                held = dict(conn.execute(f"SELECT rowid, body FROM {table}").fetchall())
+            except sqlite3.DatabaseError as e:
+                out.append(f"full-text index {table}: {e} (rebuild it with `crossmodal-rag reindex`)")
+                continue
             want = {i: (segment(b) if table == "fts_words" else b) for i, b in expected.items()}
             missing, extra = sorted(set(want) - set(held)), sorted(set(held) - set(want))
             changed = sorted(i for i in set(want) & set(held) if want[i] != held[i])
@@ -192,9 +287,15 @@ def problems(conn: sqlite3.Connection) -> list[str]:
 
 @dataclass(frozen=True)
 class KeywordQuery:
-    """A parsed keyword query: its phrases, each a tuple of words."""
+    """A parsed keyword query: its phrases, each a tuple of (folded) words; none when the query
+    holds no letters or digits (it matches nothing)."""
 
     phrases: tuple[tuple[str, ...], ...]
+
+    @property
+    def empty(self) -> bool:
+        """Whether the query holds no words (emoji or punctuation only): it matches nothing."""
+        return not self.phrases
 
     def match(self, table: str) -> str | None:
         """The FTS5 MATCH expression for ``table`` (None: no phrase can match there): every
@@ -210,24 +311,25 @@ class KeywordQuery:
 
 
 def parse_keyword_query(query: str) -> KeywordQuery:
-    """Words and "quoted phrases" -> :class:`KeywordQuery`. Everything else (punctuation, FTS5
-    operators) separates words. Raises :class:`~crossmodal_rag.errors.QueryError` for an
-    unbalanced quote, a query without words, or one too long."""
+    """Words and "quoted phrases" -> :class:`KeywordQuery`, after :func:`fold`. Everything else
+    (punctuation, emoji, FTS5 operators) separates words; quotes pair from the left, and a last
+    quote left without a pair separates words too (``a 12" vinyl`` -> a, 12, vinyl). A query
+    without words gives an empty :class:`KeywordQuery`. Raises
+    :class:`~crossmodal_rag.errors.QueryError` for a query that is not text or is too long (in
+    characters, or in words and phrases)."""
     if not isinstance(query, str):
         raise QueryError(f"keyword query must be text, got {type(query).__name__}")
     if len(query) > MAX_QUERY_CHARS:
         raise QueryError(f"keyword query is {len(query)} characters; at most {MAX_QUERY_CHARS}")
-    if query.count('"') % 2:
-        pos = query.rfind('"')
-        raise QueryError(f"keyword query {query!r}: unbalanced double quote at position {pos}: close the "
-                         "phrase with another \" or remove it")
+    text = fold(query)
+    if text.count('"') % 2:  # the unpaired quote (an inch mark, a typo) separates words
+        last = text.rfind('"')
+        text = text[:last] + " " + text[last + 1:]
     phrases: list[tuple[str, ...]] = []
-    for m in _PHRASE_OR_WORD.finditer(query):
+    for m in _PHRASE_OR_WORD.finditer(text):
         words = tuple(re.findall(r"[^\W_]+", m.group(1) if m.group(1) is not None else m.group(2)))
         if words and words not in phrases:
             phrases.append(words)
-    if not phrases:
-        raise QueryError(f"keyword query {query!r} holds no words to match: give letters or digits")
     if len(phrases) > MAX_PHRASES:
         raise QueryError(f"keyword query holds {len(phrases)} words or phrases; at most {MAX_PHRASES}")
     return KeywordQuery(tuple(phrases))
@@ -238,7 +340,14 @@ def keyword_search(conn: sqlite3.Connection, query: str | KeywordQuery, limit: i
     """Items matching ``query``, best first: ``[(item id, score), ...]``, score = the sum of the
     item's BM25 scores in both tables (higher is better). ``limit`` keeps the best (None: all);
     ``allowed`` keeps only those ids. Without ``allowed``, each table gives at most its best
-    ``max(20 * limit, 1000)`` rows (an item past that in one table keeps its other table's score)."""
+    ``max(20 * limit, 1000)`` rows (an item past that in one table keeps its other table's score).
+    A query without words finds nothing. Raises :class:`DamagedIndexError` when the index cannot
+    be read."""
+    return _search(conn, query, limit, allowed, "this collection")
+
+
+def _search(conn: sqlite3.Connection, query: str | KeywordQuery, limit: int | None, allowed: set[int] | None,
+            where: object) -> list[tuple[int, float]]:
     parsed = query if isinstance(query, KeywordQuery) else parse_keyword_query(query)
     if not has_index(conn):
         raise QueryError("this collection has no keyword index (made by an older crossmodal-rag, opened "
@@ -253,8 +362,12 @@ def keyword_search(conn: sqlite3.Connection, query: str | KeywordQuery, limit: i
         fetch = -1 if limit is None or allowed is not None else max(20 * limit, 1000)
         try:
             rows = conn.execute(sql, (match, fetch)).fetchall()
-        except sqlite3.OperationalError as e:  # not expected: every phrase is quoted
-            raise QueryError(f"keyword query {match!r} was refused by the full-text index: {e}") from e
+        except sqlite3.OperationalError as e:
+            if "syntax error" in str(e):  # not expected: every phrase is quoted
+                raise QueryError(f"keyword query {match!r} was refused by the full-text index: {e}") from e
+            raise _damaged(e, where) from e
+        except sqlite3.DatabaseError as e:  # a garbled structure record, a malformed page
+            raise _damaged(e, where) from e
         for item_id, score in rows:
             if allowed is None or item_id in allowed:
                 scores[item_id] = scores.get(item_id, 0.0) + float(score)
@@ -262,9 +375,15 @@ def keyword_search(conn: sqlite3.Connection, query: str | KeywordQuery, limit: i
     return ranked if limit is None else ranked[:limit]
 
 
-def indexed_count(conn: Any) -> int:
-    """Rows in the full-text index (0 when there is none)."""
-    return int(conn.execute("SELECT count(*) FROM fts_grams").fetchone()[0]) if has_index(conn) else 0
+def indexed_count(conn: Any, where: object = "this collection") -> int:
+    """Rows in the full-text index (0 when there is none); :class:`DamagedIndexError` when it
+    cannot be read."""
+    if not has_index(conn):
+        return 0
+    try:
+        return int(conn.execute("SELECT count(*) FROM fts_grams").fetchone()[0])
+    except sqlite3.DatabaseError as e:
+        raise _damaged(e, where) from e
 
 
 # -- on a MetadataStore (under its lock: the connection is shared between threads) ---------------
@@ -274,7 +393,7 @@ def search_store(store: Any, query: str | KeywordQuery, limit: int | None = None
     """:func:`keyword_search` on a :class:`~crossmodal_rag.store.metadata.MetadataStore`."""
     with store._lock:
         try:
-            return keyword_search(store.conn, query, limit, allowed)
+            return _search(store.conn, query, limit, allowed, _folder(store))
         except sqlite3.DatabaseError as e:
             raise store.damaged(e) from e
 
@@ -282,7 +401,12 @@ def search_store(store: Any, query: str | KeywordQuery, limit: int | None = None
 def store_count(store: Any) -> int:
     """:func:`indexed_count` of a MetadataStore."""
     with store._lock:
-        return indexed_count(store.conn)
+        return indexed_count(store.conn, _folder(store))
+
+
+def _folder(store: Any) -> object:
+    path = getattr(store, "path", None)
+    return path.parent if path is not None else "this collection"
 
 
 def rebuild_store(store: Any) -> int:
