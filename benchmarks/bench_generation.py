@@ -266,13 +266,13 @@ def score_each(gen: Generator, prompts: list[str], answers: list[str]) -> np.nda
 def score_seq2seq_shared_encoder(gen: Generator, prompts: list[str], cands: list[str]) -> np.ndarray:
     """lp[z, y] for all pairs, the k prompts encoded once (not |Y| times); flattened z-major."""
     model = gen.model
-    enc_ids, enc_mask = gen._pad(gen._prompt_ids(prompts), left=False)
+    enc_ids, enc_mask = gen.pad([gen.prompt_ids(p) for p in prompts], left=False)
     hidden = model.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
     n = len(cands)
     hidden, enc_mask = hidden.repeat_interleave(n, 0), enc_mask.repeat_interleave(n, 0)
-    labels, lab_mask = gen._pad([gen._answer_ids(a) for a in cands] * len(prompts), left=False)
+    labels, lab_mask = gen.pad([gen.answer_ids(a) for a in cands] * len(prompts), left=False)
     out = model(encoder_outputs=(hidden,), attention_mask=enc_mask,
-                decoder_input_ids=model._shift_right(labels))
+                decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels))
     logp = torch.log_softmax(out.logits.float(), dim=-1)
     return (logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * lab_mask).sum(-1).double().numpy()
 
@@ -281,9 +281,9 @@ def score_seq2seq_shared_encoder(gen: Generator, prompts: list[str], cands: list
 def score_causal_answer_positions(gen: Generator, prompts: list[str], answers: list[str]) -> np.ndarray:
     """Like ``sequence_logprobs`` for a causal LM, but only answer positions reach the LM head."""
     model = gen.model
-    p_ids = gen._prompt_ids(prompts)
-    a_ids = [gen._answer_ids(a) for a in answers]
-    ids, mask = gen._pad([p + a for p, a in zip(p_ids, a_ids, strict=True)], left=False)
+    p_ids = [gen.prompt_ids(p) for p in prompts]
+    a_ids = [gen.answer_ids(a) for a in answers]
+    ids, mask = gen.pad([p + a for p, a in zip(p_ids, a_ids, strict=True)], left=False)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
     rows, cols, targets, owner = [], [], [], []
@@ -420,7 +420,7 @@ def bench_generator(label: str, spec: str, coll: Collection, args) -> dict:
             sc[name].append(trio[name])
     lp_naive, lp_batched, lp_alt = sc["naive"][0][2], sc["batched"][0][2], sc["alt"][0][2]
     rb = {"pairs": len(pair_p), "unique_candidates": len(set(cands)),
-          "answer_tokens": [len(gen._answer_ids(y)) for y in cands],
+          "answer_tokens": [len(gen.answer_ids(y)) for y in cands],
           "naive": med([x[0] for x in sc["naive"]]), "batched": med([x[0] for x in sc["batched"]]),
           "naive_peak_mib": max(x[1] for x in sc["naive"]), "batched_peak_mib": max(x[1] for x in sc["batched"]),
           "max_abs_diff": float(np.max(np.abs(lp_naive - lp_batched))),
@@ -507,8 +507,7 @@ def runtime_rows(spec: str, runtime: str, coll: Collection, args) -> dict:
 
             wall, cpu, ans = clocked(answer)
             rows.append({"wall_s": wall, "cpu_s": cpu, "first_token_s": ans.timings.get("first_token"),
-                         "answer_tokens": len(gen.answer_ids(ans.answer)) - 1 if runtime == "llama.cpp"
-                         else len(gen._answer_ids(ans.answer)) - 1, "answer": ans.answer})
+                         "answer_tokens": len(gen.answer_ids(ans.answer)) - 1, "answer": ans.answer})
         res["modes"][mode] = {"wall_s": med([r["wall_s"] for r in rows]), "cpu_s": med([r["cpu_s"] for r in rows]),
                               "first_token_s": med([r["first_token_s"] or float("nan") for r in rows]),
                               "answer_tokens": med([r["answer_tokens"] for r in rows]),
@@ -542,7 +541,7 @@ def t5_small_answer(args) -> dict:
     gen.model.generation_config.min_new_tokens = 32
     gen.model.generation_config.suppress_tokens = PRINTABLE_COMPLEMENT
     prompt = ("The quick brown fox jumps over the lazy dog near the river. " * 8)[:255]
-    n_prompt = len(gen._prompt_ids([prompt])[0])
+    n_prompt = len(gen.prompt_ids(prompt))
     gs = GenerationSettings(max_new_tokens=32)
     saved, out = torch.get_num_threads(), {"prompt_tokens": n_prompt}
     for threads in (1, 2):  # main-thread CPU: with 1 thread, about the time on an idle core

@@ -31,7 +31,7 @@ def gen(request: pytest.FixtureRequest, t5_dir: Path, lm_dir: Path) -> Generator
 
 def naive_logprob(g: Generator, prompt: str, answer: str) -> float:
     """log P(answer | prompt), one token at a time, no batching, no padding, no cache."""
-    p_ids, a_ids = g._prompt_ids([prompt])[0], g._answer_ids(answer)
+    p_ids, a_ids = g.prompt_ids(prompt), g.answer_ids(answer)
     total = 0.0
     with torch.no_grad():
         for t, tok in enumerate(a_ids):
@@ -91,7 +91,7 @@ def test_rag_sequence_scores_match_brute_force(pipelines, gen: Generator) -> Non
 
 def naive_rag_token_decode(g: Generator, prompts: list[str], log_prior: np.ndarray, n: int) -> list[int]:
     """Greedy RAG-token decoding by hand: each next token maximises sum_z P(z|x) p(y_t|x,z,y_<t)."""
-    p_ids = g._prompt_ids(prompts)
+    p_ids = [g.prompt_ids(p) for p in prompts]
     lprior = torch.tensor(log_prior, dtype=torch.float64)[:, None]
     tokens: list[int] = []
     for _ in range(n):
@@ -114,7 +114,7 @@ def test_rag_token_mixes_next_token_distributions(pipelines, gen: Generator) -> 
 def naive_answer_logprobs(g: Generator, prompt: str | list[dict[str, str]], answer: str) -> np.ndarray:
     """log p(y_t | prompt, y_<t) for each token of the answer text re-tokenised, then the end token;
     one unbatched forward pass per token."""
-    p_ids = g._prompt_ids([prompt])[0]
+    p_ids = g.prompt_ids(prompt)
     a_ids = [*g.tokenizer(answer, add_special_tokens=False)["input_ids"], g.tokenizer.eos_token_id]
     return np.array([float(naive_next(g, p_ids, a_ids[:t])[tok]) for t, tok in enumerate(a_ids)])
 
@@ -244,7 +244,7 @@ def test_saved_generator_reloads_with_the_same_outputs(tmp_path: Path) -> None:
     torch.manual_seed(5)
     ref = T5ForConditionalGeneration(T5Config.from_pretrained(folder)).eval()
     g = Generator(str(folder)).load()
-    ids = torch.tensor([g._prompt_ids(["hello world"])[0]])
+    ids = torch.tensor([g.prompt_ids("hello world")])
     dec = torch.tensor([[0, 104, 101]])
     with torch.no_grad():
         np.testing.assert_allclose(g.model(input_ids=ids, decoder_input_ids=dec).logits.numpy(),

@@ -57,7 +57,7 @@ def test_a_gguf_file_loads_with_the_weights_and_tokenizer_written(gguf_gen: Gene
     assert tok(" the cat", add_special_tokens=False)["input_ids"] == [259, _byte_id(" "), _byte_id("c"),
                                                                        _byte_id("a"), _byte_id("t")]
     assert tok("the", add_special_tokens=False)["input_ids"] == [_byte_id("t"), 258]
-    ids = torch.tensor([g._prompt_ids(["Question: what is the cat on?\nAnswer:"])[0]])
+    ids = torch.tensor([g.prompt_ids("Question: what is the cat on?\nAnswer:")])
     assert ids[0, 0] == 0  # the BOS token leads a plain-text prompt
     with torch.no_grad():
         got, want = g.model(input_ids=ids).logits, oracle(input_ids=ids).logits
@@ -81,7 +81,7 @@ def test_rag_answers_with_a_gguf_generator(gguf_gen: Generator, oracle: LlamaFor
         pipe = RagPipeline(coll, gguf_gen, RagSettings(k=2), GenerationSettings(max_new_tokens=8))
         ans = pipe.ask("what is the cat on?", hits=HITS)
         seq = pipe.ask("what is the cat on?", hits=HITS, mode="rag-sequence")
-    prompt = gguf_gen._prompt_ids([pipe.concat_prompt(ans.question, [h.text for h in HITS])[0]])[0]
+    prompt = gguf_gen.prompt_ids(pipe.concat_prompt(ans.question, [h.text for h in HITS])[0])
     with torch.no_grad():
         out = oracle.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
         want = gguf_gen.tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()

@@ -80,8 +80,8 @@ def test_token_ids_agree_with_transformers(pair: tuple[LlamaCppGenerator, Genera
     cpp, hf = pair
     assert cpp.eos_ids == hf.eos_ids == {0} and not cpp.is_chat
     for p, a in zip(PROMPTS, ANSWERS, strict=True):
-        assert cpp.prompt_ids(p) == hf._prompt_ids([p])[0]
-        assert cpp.answer_ids(a) == hf._answer_ids(a)
+        assert cpp.prompt_ids(p) == hf.prompt_ids(p)
+        assert cpp.answer_ids(a) == hf.answer_ids(a)
         assert cpp.count_tokens(p) == hf.count_tokens(p)
         assert cpp.truncate_tokens(p, 5) == hf.truncate_tokens(p, 5)
     ids = hf.tokenizer("Ünïcödé", add_special_tokens=False)["input_ids"]

@@ -47,7 +47,7 @@ def naive_logprob(g: Generator, prompt: str, answer: str, prefix: torch.Tensor) 
     """log P(answer | prefix, prompt): one unpadded sequence, embeddings concatenated by hand,
     one forward pass per answer token."""
     table = g.model.get_input_embeddings()
-    p_ids, a_ids = g._prompt_ids([prompt])[0], g._answer_ids(answer)
+    p_ids, a_ids = g.prompt_ids(prompt), g.answer_ids(answer)
     total = 0.0
     with torch.no_grad():
         for t, tok in enumerate(a_ids):

@@ -125,7 +125,7 @@ def test_marginal_loss_matches_hand_computation(mode: str, facts: dict[str, Path
             else:  # sum_t log sum_z P(z|x) P(y_t|x,z,y<t), by lock-step decoding (as rag-token asks)
                 state = g.start(prompts)
                 total = 0.0
-                for tok in g._answer_ids(answer):
+                for tok in g.answer_ids(answer):
                     lp = state.logprobs()[:, tok].double().numpy()
                     total += np.logaddexp.reduce(log_prior + lp)
                     state.feed(tok)
@@ -140,9 +140,9 @@ def test_token_logprobs_match_the_inference_scorer(tmp_path: Path) -> None:
     prompts = ["blik red code?", "a much longer prompt about the dax", "x"]
     answers = ["kar", "a two word answer", "zz"]
     for g in (lm, t5):
-        tok, mask = token_logprobs(g, g._prompt_ids(prompts), [g._answer_ids(a) for a in answers])
+        tok, mask = token_logprobs(g, [g.prompt_ids(p) for p in prompts], [g.answer_ids(a) for a in answers])
         assert tok.shape == mask.shape
-        assert mask.sum(1).tolist() == [len(g._answer_ids(a)) for a in answers]
+        assert mask.sum(1).tolist() == [len(g.answer_ids(a)) for a in answers]
         np.testing.assert_allclose(tok.sum(1).detach().numpy(), g.sequence_logprobs(prompts, answers),
                                    rtol=1e-5, atol=1e-4)
 

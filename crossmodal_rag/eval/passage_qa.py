@@ -14,7 +14,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..generation.rag import RagPipeline
 
 __all__ = ["QAItem", "QARecord", "answer_questions", "contains_answer", "load_passage_qa",
            "normalise_answer", "summarise"]
@@ -73,11 +76,11 @@ def contains_answer(answer: str, gold: str) -> bool:
     return g.strip() != "" and g in a
 
 
-def answer_questions(pipeline: Any, items: Iterable[QAItem], mode: str,
+def answer_questions(pipeline: RagPipeline, items: Iterable[QAItem], mode: str,
                      hits_for: Any = None) -> list[QARecord]:
-    """Ask every question through ``pipeline`` (a :class:`~crossmodal_rag.generation.RagPipeline`)
-    in ``mode``. ``hits_for(question) -> hits | None`` supplies the retrieval (e.g. the text
-    space's, as the CLI's ``ask`` does); None: the pipeline retrieves."""
+    """Ask every question through ``pipeline`` in ``mode``. ``hits_for(question) -> hits | None``
+    supplies the retrieval (e.g. the text space's, as the CLI's ``ask`` does); None: the pipeline
+    retrieves."""
     records = []
     for item in items:
         hits = hits_for(item.question) if hits_for is not None else None

@@ -1,5 +1,6 @@
 """Generation grounded in retrieved items (RAG), and the applications built on it."""
 
+from .interface import TextGenerator
 from .models import DEFAULT_GENERATOR, GenerationSettings, Generator, load_generator
 from .rag import MODES, Answer, RagPipeline, RagSettings, Source, priors
 
@@ -12,6 +13,7 @@ __all__ = [
     "RagPipeline",
     "RagSettings",
     "Source",
+    "TextGenerator",
     "load_generator",
     "priors",
 ]

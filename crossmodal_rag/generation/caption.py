@@ -26,11 +26,12 @@ from ..errors import ImageDecodeError, QueryError
 from ..images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from ..progress import bar
 from ..search import Hit
-from .models import GenerationSettings, Generator, load_generator
+from .models import GenerationSettings, load_generator
 from .prefix import ImagePrefix, caption_prompt
 
 if TYPE_CHECKING:
     from ..collection import Collection
+    from .interface import TextGenerator
 
 __all__ = ["Caption", "Captioner"]
 
@@ -64,13 +65,13 @@ class Captioner:
 
     def __init__(
         self, image_prefix: ImagePrefix, *, collection: Collection | None = None,
-        generator: str | Generator | None = None, k: int | None = None,
+        generator: str | TextGenerator | None = None, k: int | None = None,
         generation: GenerationSettings | None = None, encoder: str | None = None,
     ) -> None:
         self.prefix, self.collection = image_prefix, collection
         if generator is None:
             generator = image_prefix.generator_spec
-        self.generator = generator if isinstance(generator, Generator) else load_generator(generator)
+        self.generator: TextGenerator = load_generator(generator) if isinstance(generator, str) else generator
         image_prefix.check_generator(self.generator)
         if collection is not None:
             image_prefix.check_encoder(collection.manifest.encoder, collection.manifest.dim)

@@ -27,10 +27,12 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import ModelSpecError, QueryError
 from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
@@ -88,7 +90,8 @@ def _lib() -> Any:
 
 
 class LlamaCppGenerator:
-    """A ``.gguf`` causal LM on llama.cpp; build it with :func:`load_generator` (loads lazily)."""
+    """A ``.gguf`` causal LM on llama.cpp; build it with :func:`load_generator` (loads lazily).
+    Implements :class:`~crossmodal_rag.generation.interface.TextGenerator`."""
 
     runtime = "llama.cpp"
     kind = "causal"
@@ -101,6 +104,7 @@ class LlamaCppGenerator:
         self.n_threads = n_threads or default_threads()
         self.model: Any = None  # llama_cpp._internals.LlamaModel
         self.chat_template: str | None = None
+        self._eos_ids: set[int] = set()  # filled on load (see eos_ids)
         self._ctx: Any = None
         self._ctx_cells = self._ctx_seqs = 0
         self._load_lock = threading.Lock()
@@ -139,9 +143,9 @@ class LlamaCppGenerator:
         self.n_vocab = model.n_vocab()
         self.bos = int(lib.llama_vocab_bos(vocab))
         self.eos = int(lib.llama_vocab_eos(vocab))
-        self.eos_ids = {t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(vocab, t)}
+        self._eos_ids = {t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(vocab, t)}
         if self.eos >= 0:
-            self.eos_ids.add(self.eos)
+            self._eos_ids.add(self.eos)
         self.n_ctx_train = model.n_ctx_train()
         self.chat_template = model.metadata().get("tokenizer.chat_template") or None
         self._formatter = None
@@ -185,6 +189,12 @@ class LlamaCppGenerator:
         self.load()
         return self._formatter is not None
 
+    @property
+    def eos_ids(self) -> set[int]:
+        """The tokens that end an answer (the vocabulary's end-of-generation tokens and EOS)."""
+        self.load()
+        return self._eos_ids
+
     def render(self, prompt: Prompt) -> str:
         """Like :meth:`Generator.render`: the GGUF's chat template for instruct models."""
         self.load()
@@ -194,12 +204,14 @@ class LlamaCppGenerator:
         return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The rendered prompt's token ids, with a leading BOS unless a chat template renders it."""
         ids = self.tokenize(self.render(prompt))
         if self.bos >= 0 and self._formatter is None and ids[:1] != [self.bos]:
             ids = [self.bos, *ids]
         return ids
 
     def answer_ids(self, answer: str) -> list[int]:
+        """The answer's token ids, then the end token."""
         ids = self.tokenize(answer)
         return [*ids, self.eos] if self.eos >= 0 else ids
 
@@ -263,8 +275,9 @@ class LlamaCppGenerator:
         rng = np.random.default_rng(s.seed)
         return [[self.stream(p, s, rng=rng).text() for _ in range(n)] for p in prompts]
 
-    def stream(self, prompt: Prompt, settings: GenerationSettings | None = None, prefix: Any = None,
-               cancel: threading.Event | None = None, rng: np.random.Generator | None = None) -> TextStream:
+    def stream(self, prompt: Prompt, settings: GenerationSettings | None = None,
+               prefix: torch.Tensor | None = None, cancel: threading.Event | None = None,
+               rng: np.random.Generator | None = None) -> TextStream:
         """Decode one prompt: iterate for text deltas; then ``.answer`` is the stripped answer."""
         s = settings or GenerationSettings()
         self._check(s, [prefix])
@@ -277,15 +290,21 @@ class LlamaCppGenerator:
             ids = self.prompt_ids(prompt)
             ctx = self._context(len(ids) + s.max_new_tokens)
             (logp,) = self._decode(ctx, [(t, i, 0, i == len(ids) - 1) for i, t in enumerate(ids)])
+            eos = self._eos_ids
             for step in range(s.max_new_tokens):
                 if cancel is not None and cancel.is_set():
                     return
                 tok = _pick(logp, s, rng)
-                if tok in self.eos_ids:
+                if tok in eos:
                     return
                 yield tok
                 if step + 1 < s.max_new_tokens:
                     (logp,) = self._decode(ctx, [(tok, len(ids) + step, 0, True)])
+
+    @contextmanager
+    def encoder_reuse(self) -> Iterator[None]:
+        """Nothing to reuse: a causal LM has no encoder (the interface's no-op)."""
+        yield
 
     def _check(self, s: GenerationSettings, prefixes: Prefixes) -> None:
         self.load()
@@ -354,10 +373,8 @@ class LlamaDecodeState:
             self.close()
             raise
 
-    def logprobs(self) -> Any:
+    def logprobs(self) -> torch.Tensor:
         """Next-token log-probabilities for every row, a ``(k, V)`` float32 torch tensor."""
-        import torch
-
         return torch.from_numpy(self._rows.astype(np.float32))
 
     def feed(self, token: int) -> None:

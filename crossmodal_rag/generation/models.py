@@ -7,7 +7,8 @@ is installed (:mod:`crossmodal_rag.generation.llamacpp`), else through transform
 ``llama.cpp``, ``transformers``) chooses. The architecture decides the kind: encoder-decoder
 configs are ``seq2seq``, the rest ``causal``.
 
-Besides ``generate``, a generator exposes what RAG needs:
+Both runtimes implement :class:`~crossmodal_rag.generation.interface.TextGenerator`, which
+:func:`load_generator` returns. Besides ``generate``, a generator exposes what RAG needs:
 
 * :meth:`Generator.sequence_logprobs` -- log P(y | prompt) for many (prompt, answer) pairs in
   one batched forward pass (teacher forcing, end-of-sequence token included), and per token
@@ -32,7 +33,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +43,9 @@ from ..encoders._hub import hub_reachable, refused_pickle, unsafe_weights_error
 from ..errors import ModelSpecError, WeightsUnavailableError
 from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
 from .stream import TextStream, transformers_token_ids
+
+if TYPE_CHECKING:
+    from .interface import TextGenerator
 
 #: GenerationSettings, Prefixes and Prompt live in .prompting (shared with llama.cpp); re-exported here.
 __all__ = ["DEFAULT_GENERATOR", "GGUF_RUNTIMES", "DecodeState", "GenerationSettings", "Generator", "Prefixes",
@@ -76,7 +80,10 @@ def _weights_hint(spec: str) -> str:
 
 
 class Generator:
-    """A text generator on transformers; build it with :func:`load_generator` (loads lazily)."""
+    """A text generator on transformers; build it with :func:`load_generator` (loads lazily).
+
+    Implements :class:`~crossmodal_rag.generation.interface.TextGenerator`; ``model``,
+    ``tokenizer`` and :meth:`pad` are for training, which fine-tunes the model itself."""
 
     runtime = "transformers"
 
@@ -215,26 +222,33 @@ class Generator:
         self.load()
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def _prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The token ids the model reads for ``prompt``: the rendered text with the tokenizer's
+        special tokens for seq2seq models; for causal LMs without a chat template, with a leading
+        BOS token when the tokenizer has one."""
+        self.load()
         tok = self.tokenizer
         if self.kind == "seq2seq":
-            return [tok(self.render(p))["input_ids"] for p in prompts]
-        out = []
-        for p in prompts:
-            ids = tok(self.render(p), add_special_tokens=False)["input_ids"]
-            if tok.bos_token_id is not None and not getattr(tok, "chat_template", None) and (
-                not ids or ids[0] != tok.bos_token_id
-            ):
-                ids = [tok.bos_token_id, *ids]
-            out.append(ids)
-        return out
+            return list(tok(self.render(prompt))["input_ids"])
+        ids = tok(self.render(prompt), add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None and not getattr(tok, "chat_template", None) and (
+            not ids or ids[0] != tok.bos_token_id
+        ):
+            ids = [tok.bos_token_id, *ids]
+        return list(ids)
 
-    def _answer_ids(self, answer: str) -> list[int]:
+    def answer_ids(self, answer: str) -> list[int]:
+        """The token ids ``answer`` is scored as: its tokens, then the end-of-sequence token."""
+        self.load()
         ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
-        return [*ids, eos] if eos is not None else ids
+        return [*ids, eos] if eos is not None else list(ids)
 
-    def _pad(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad(self, seqs: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-id rows padded to the longest (on the left for a causal LM's prompts that are
+        continued, else on the right) -> ids ``(N, W)`` and attention mask ``(N, W)``, long
+        tensors on the generator's device. Used by ``train rag`` to batch its own forward passes."""
+        self.load()
         width = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -294,11 +308,11 @@ class Generator:
         """Encoder states ``(N, W, H)`` and mask ``(N, W)`` of right-padded token-id prompts."""
         cache = self._enc_cache
         if cache is None or torch.is_grad_enabled():
-            enc, mask = self._pad(p_ids, left=False)
+            enc, mask = self.pad(p_ids, left=False)
             return self.model.get_encoder()(input_ids=enc, attention_mask=mask).last_hidden_state, mask
         missing = list(dict.fromkeys(tuple(p) for p in p_ids if tuple(p) not in cache))
         if missing:
-            enc, mask = self._pad([list(m) for m in missing], left=False)
+            enc, mask = self.pad([list(m) for m in missing], left=False)
             states = self.model.get_encoder()(input_ids=enc, attention_mask=mask).last_hidden_state
             for i, m in enumerate(missing):
                 cache[m] = states[i, : len(m)]
@@ -320,7 +334,7 @@ class Generator:
         s = settings or GenerationSettings()
         if s.seed is not None:
             torch.manual_seed(s.seed)
-        p_ids = self._prompt_ids(prompts)
+        p_ids = [self.prompt_ids(p) for p in prompts]
         if has_prefixes(prefixes):
             embeds, mask, _ = self._embed(p_ids, prefixes, left=self.kind == "causal")  # type: ignore[arg-type]
             inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
@@ -331,7 +345,7 @@ class Generator:
             states, mask = self._encode(p_ids)
             inputs, new_only = {"encoder_outputs": BaseModelOutput(last_hidden_state=states)}, False
         else:
-            ids, mask = self._pad(p_ids, left=self.kind == "causal")
+            ids, mask = self.pad(p_ids, left=self.kind == "causal")
             inputs, new_only = {"input_ids": ids}, False
         kwargs: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams,
                                   "do_sample": s.do_sample,
@@ -380,8 +394,8 @@ class Generator:
         forward pass. Differentiable (it runs under the caller's grad mode), so training can
         backpropagate into prefixes and, when unfrozen, the model."""
         self.load()
-        p_ids = self._prompt_ids(prompts)
-        a_ids = [self._answer_ids(a) for a in answers]
+        p_ids = [self.prompt_ids(p) for p in prompts]
+        a_ids = [self.answer_ids(a) for a in answers]
         use_prefix = has_prefixes(prefixes)
         if self.kind == "seq2seq":
             # Each distinct prompt (and prefix) is encoded once and its states shared by every
@@ -397,8 +411,8 @@ class Generator:
                 states = self.model.get_encoder()(inputs_embeds=embeds, attention_mask=enc_mask).last_hidden_state
             else:
                 states, enc_mask = self._encode([list(k[0]) for k in uniq])
-            labels, lab_mask = self._pad(a_ids, left=False)
-            dec_in = self.model._shift_right(labels)
+            labels, lab_mask = self.pad(a_ids, left=False)
+            dec_in = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
             logits = self.model(encoder_outputs=(states.index_select(0, row),),
                                 attention_mask=enc_mask.index_select(0, row),
                                 decoder_input_ids=dec_in).logits
@@ -416,7 +430,7 @@ class Generator:
                 ids[i, at + n : n + len(s)] = torch.tensor(s[at:], dtype=torch.long)
             inputs: dict[str, torch.Tensor] = {"inputs_embeds": embeds}
         else:
-            ids, mask = self._pad(seqs, left=False)
+            ids, mask = self.pad(seqs, left=False)
             plen, inputs = [0] * len(seqs), {"input_ids": ids}
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(**inputs, attention_mask=mask, position_ids=pos).logits
@@ -438,12 +452,12 @@ class Generator:
         return TextStream(transformers_token_ids(self, prompt, s, prefix, cancel), self.decode)
 
     @torch.inference_mode()
-    def start(self, prompts: list[Prompt], prefixes: Prefixes = None, max_new_tokens: int | None = None
+    def start(self, prompts: list[Prompt], prefixes: Prefixes = None, max_new_tokens: int = 256
               ) -> DecodeState:
         """Begin lock-step decoding of ``prompts`` (each with its prefix, if any); see
         :class:`DecodeState` (``max_new_tokens``: unused here, the cache grows as needed)."""
         self.load()
-        return DecodeState(self, self._prompt_ids(prompts), prefixes)
+        return DecodeState(self, [self.prompt_ids(p) for p in prompts], prefixes)
 
 
 class DecodeState:
@@ -469,7 +483,7 @@ class DecodeState:
             self.first_embeds, self.mask, _ = gen._embed(prompt_ids, prefixes, left=True)  # type: ignore[arg-type]
             self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
         else:
-            self.next_input, self.mask = gen._pad(prompt_ids, left=True)
+            self.next_input, self.mask = gen.pad(prompt_ids, left=True)
             self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
 
     @torch.inference_mode()
@@ -505,7 +519,7 @@ class DecodeState:
 #: Where a ``.gguf`` generator runs (``CROSSMODAL_RAG_GGUF_RUNTIME``); auto: llama.cpp when installed.
 GGUF_RUNTIMES = ("auto", "llama.cpp", "transformers")
 
-_CACHE: dict[tuple[str, str, str], Any] = {}
+_CACHE: dict[tuple[str, str, str], TextGenerator] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -526,16 +540,18 @@ def gguf_runtime(spec: str, runtime: str | None = None) -> str:
     return choice
 
 
-def load_generator(spec: str | None = None, device: str | None = None, runtime: str | None = None) -> Any:
+def load_generator(spec: str | None = None, device: str | None = None, runtime: str | None = None
+                   ) -> TextGenerator:
     """The process-wide generator for ``spec`` (default :data:`DEFAULT_GENERATOR`); lazy. A ``.gguf``
     file gets a :class:`~crossmodal_rag.generation.llamacpp.LlamaCppGenerator` when
-    :func:`gguf_runtime` says llama.cpp, else a :class:`Generator` (transformers)."""
+    :func:`gguf_runtime` says llama.cpp, else a :class:`Generator` (transformers); either is a
+    :class:`~crossmodal_rag.generation.interface.TextGenerator`."""
     spec = (spec or DEFAULT_GENERATOR).strip()
     where = gguf_runtime(spec, runtime)
     key = (spec, device or default_device(), where)
     with _CACHE_LOCK:
         gen = _CACHE.get(key)
-        if gen is None:
+        if gen is None:  # a Generator or a LlamaCppGenerator, both TextGenerators
             if where == "llama.cpp":
                 from .llamacpp import LlamaCppGenerator
 

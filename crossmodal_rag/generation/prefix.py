@@ -38,6 +38,7 @@ from ..encoders._hub import hub_reachable
 from ..errors import ModelSpecError, WeightsUnavailableError
 
 if TYPE_CHECKING:
+    from .interface import TextGenerator
     from .models import Generator
 
 __all__ = [
@@ -265,10 +266,17 @@ class ImagePrefix:
                 f"collection built with {self.config.encoder}, or train a prefix for this encoder "
                 f"(crossmodal-rag train prefix SOURCE --model {asked} ...)")
 
-    def check_generator(self, generator: Generator) -> None:
-        """Refuse a generator other than the checkpoint's (or one of another embedding size)."""
+    def check_generator(self, generator: TextGenerator) -> None:
+        """Refuse a generator other than the checkpoint's (or one of another embedding size, or
+        one on a runtime that cannot read prefix vectors: llama.cpp)."""
+        from .models import Generator
+
         want = canonical_generator_spec(self.generator_spec)
         got = canonical_generator_spec(generator.spec)
+        if not isinstance(generator, Generator):
+            raise PrefixMismatchError(
+                f"image prefix {self.label} needs the transformers runtime, and generator {got} runs on "
+                f"{generator.runtime}: set CROSSMODAL_RAG_GGUF_RUNTIME=transformers")
         generator.load()
         h = int(generator.model.get_input_embeddings().embedding_dim)
         if got != want or h != self.config.embed_dim:

@@ -29,7 +29,6 @@ query image's prefix, else none. ``Answer.prefix_images`` and ``Source.prefix_im
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
@@ -47,12 +46,13 @@ from .._config import strict_from_dict
 from ..errors import ImageDecodeError, QueryError
 from ..images import load_image
 from ..search import Hit, check_k
-from .models import GenerationSettings, Generator, Prompt, load_generator
+from .models import GenerationSettings, Prompt, load_generator
 from .stream import Event, Final, Sources, TextStream, Token
 
 if TYPE_CHECKING:
     from ..collection import Collection
     from .checkpoint import RagCheckpoint
+    from .interface import TextGenerator
     from .prefix import ImagePrefix
 
 __all__ = ["LOGPROB_OF", "MODES", "Answer", "RagPipeline", "RagSettings", "Source", "priors"]
@@ -197,7 +197,7 @@ class RagPipeline:
     """
 
     def __init__(
-        self, collection: Collection, generator: str | Generator | None = None,
+        self, collection: Collection, generator: str | TextGenerator | None = None,
         settings: RagSettings | None = None, generation: GenerationSettings | None = None,
         knowledge: Collection | None = None, image_prefix: ImagePrefix | None = None,
         query_projection: RagCheckpoint | str | None = "auto",
@@ -205,9 +205,9 @@ class RagPipeline:
         self.collection = collection
         if generator is None and image_prefix is not None:
             generator = load_generator(image_prefix.generator_spec)
-        # a Generator (transformers) or a LlamaCppGenerator (llama.cpp): the same methods
-        self.generator: Generator = (load_generator(generator) if generator is None or isinstance(generator, str)
-                                     else generator)
+        # a Generator (transformers) or a LlamaCppGenerator (llama.cpp): one interface
+        self.generator: TextGenerator = (load_generator(generator) if generator is None or isinstance(generator, str)
+                                         else generator)
         self.settings = settings or RagSettings()
         # A query projection trained by `train rag` (auto: found in the generator's folder) maps
         # the query before search and sets P(z|x)'s temperature and the trained prompt.
@@ -425,8 +425,7 @@ class RagPipeline:
         streaming = mode != "rag-sequence" and self.generation.num_beams == 1
         yield Sources([_source(h, x, p, 0.0, 0.0, inc, tr, pl) for h, x, p, inc, tr, pl
                        in zip(hits, texts, prior, included, truncated, item_labels, strict=True)], mode, streaming)
-        reuse = getattr(self.generator, "encoder_reuse", None)  # seq2seq: encode each prompt once
-        with reuse() if reuse is not None else contextlib.nullcontext():
+        with self.generator.encoder_reuse():  # seq2seq: encode each prompt once
             t = time.perf_counter()
             if mode == "rag-sequence":
                 answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings, item_prefixes)

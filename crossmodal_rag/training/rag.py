@@ -228,21 +228,23 @@ def load_rag_examples(source: str | Path, *, image_root: str | Path | None = Non
 def token_logprobs(generator: Generator, prompt_ids: list[list[int]], answer_ids: list[list[int]]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log P(y_t | prompt, y_<t)`` with gradients (teacher forcing), the computation of
-    :meth:`Generator.sequence_logprobs` token by token.
+    :meth:`Generator.sequence_logprobs` token by token, on a transformers
+    :class:`~crossmodal_rag.generation.models.Generator` (training updates its ``model``). The ids
+    are what :meth:`Generator.prompt_ids` and :meth:`Generator.answer_ids` give.
 
     Returns ``(logp, mask)``, both ``(N, T)`` with T the longest answer (end-of-sequence token
     included): ``logp[i, t]`` for answer i's token t, ``mask`` 1 where a token exists.
     """
     g, model = generator, generator.model
     if g.kind == "seq2seq":
-        enc, enc_mask = g._pad(prompt_ids, left=False)
-        labels, lab_mask = g._pad(answer_ids, left=False)
+        enc, enc_mask = g.pad(prompt_ids, left=False)
+        labels, lab_mask = g.pad(answer_ids, left=False)
         logits = model(input_ids=enc, attention_mask=enc_mask,
-                       decoder_input_ids=model._shift_right(labels)).logits
+                       decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         return logp * lab_mask, lab_mask.float()
     seqs = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
-    ids, mask = g._pad(seqs, left=False)
+    ids, mask = g.pad(seqs, left=False)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -321,8 +323,8 @@ class RagTrainTask:
         g = self.generator
         self.prompts = [[self.pipeline.item_prompt(qt, t) for t in texts]
                         for qt, texts in zip(self.questions, self.item_texts, strict=True)]
-        self.prompt_ids = [g._prompt_ids(ps) for ps in self.prompts]
-        self.answer_ids = [g._answer_ids(a) for a in self.answers]
+        self.prompt_ids = [[g.prompt_ids(p) for p in ps] for ps in self.prompts]
+        self.answer_ids = [g.answer_ids(a) for a in self.answers]
         self.contains = np.array([[_contains(t, a) for t in texts]
                                   for texts, a in zip(self.item_texts, self.answers, strict=True)])
         logger.info("rag task: %d examples, %d candidates each, k=%d", len(self.examples), width, s.k)
