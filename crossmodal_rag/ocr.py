@@ -35,10 +35,12 @@ from PIL import Image
 
 from .errors import CrossmodalError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from .ocr_budget import OCR_MAX_SIDE, OcrInputError, merge_overlapping, plan_ocr
 
 __all__ = [
     "OCR_ENGINES",
     "OcrEngine",
+    "OcrInputError",
     "OcrLine",
     "OcrResult",
     "OcrSettings",
@@ -250,20 +252,33 @@ class RapidOcrEngine:
         return self._engine
 
     def read(self, image: Image.Image, original_size: tuple[int, int] | None = None) -> OcrResult:
+        """Read ``image`` within the OCR budget (:mod:`crossmodal_rag.ocr_budget`): downscaled to
+        OCR_MAX_SIDE; an image longer than OCR_TILE_ASPECT:1 read as a mosaic of its tiles.
+
+        Raises:
+            OcrInputError: the image is too thin or too elongated to read (a one-line reason).
+        """
+        size = original_size or image.size
+        image = image.convert("RGB")
+        if max(image.size) > OCR_MAX_SIDE:
+            scale = OCR_MAX_SIDE / max(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.Resampling.BOX)
+        layout = plan_ocr(image.width, image.height, size)
         with self._lock:  # the engine keeps per-call thresholds on shared objects
             engine = self._load()
-            raw, _ = engine(image.convert("RGB"), text_score=self.settings.min_confidence)
-        sx = sy = 1.0
-        if original_size is not None:
-            sx, sy = original_size[0] / image.width, original_size[1] / image.height
-        lines = []
+            raw, _ = engine(layout.compose(image), text_score=self.settings.min_confidence)
+        boxes, texts, confidences = [], [], []
         for row in raw or []:
-            box = np.asarray(row[0], dtype=np.float64).reshape(4, 2)
             text = " ".join(str(row[1]).split())
-            if not text:
-                continue
-            scaled = tuple((float(x * sx), float(y * sy)) for x, y in box)
-            lines.append(OcrLine(text=text, box=scaled, confidence=float(row[2])))  # type: ignore[arg-type]
+            if text:
+                boxes.append(layout.to_image(np.asarray(row[0], dtype=np.float64).reshape(4, 2).tolist()))
+                texts.append(text)
+                confidences.append(float(row[2]))
+        keep = merge_overlapping(boxes, confidences) if layout.tiled else range(len(boxes))
+        sx, sy = size[0] / image.width, size[1] / image.height
+        lines = [OcrLine(text=texts[i], box=tuple((x * sx, y * sy) for x, y in boxes[i]),  # type: ignore[arg-type]
+                         confidence=confidences[i]) for i in keep]
         return OcrResult(lines=tuple(ln for row in rows(lines) for ln in row), engine=self.name)
 
 
@@ -293,8 +308,9 @@ def ocr_image(path: str | Path, engine: OcrEngine | None = None, *,
 
     Raises:
         ImageDecodeError: the file cannot be read or decoded.
+        OcrInputError: the image is outside the OCR budget (too thin or too elongated).
         OcrUnavailableError: the engine is not installed.
     """
-    decoded = load_image(path, max_pixels=max_pixels)
+    decoded = load_image(path, max_pixels=max_pixels, max_aspect_ratio=None)
     engine = engine or create_ocr_engine()
     return engine.read(decoded.image, original_size=(decoded.width, decoded.height))

@@ -10,7 +10,9 @@ Flow::
 
 An image is read once: the run rows say which images were read, so a later ``index --ocr``
 reads only new or changed files and back-fills the images indexed before OCR was on. A file
-that cannot be read now is skipped with a reason and tried again next time.
+that cannot be read now is skipped with a reason and tried again next time; so is an image
+outside the OCR budget (:mod:`crossmodal_rag.ocr_budget`: thinner than 8 pixels or more
+elongated than 32:1), refused before the engine allocates anything.
 
 OCR (onnxruntime) and the encoder (torch) each use their own threads, so the OCR of one batch
 overlaps the decoding and embedding of the next; ``drain`` commits whatever is finished after
@@ -35,6 +37,7 @@ import numpy as np
 from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .ocr import OcrEngine, OcrResult, OcrSettings, create_ocr_engine
+from .ocr_budget import OcrInputError
 from .progress import tqdm
 from .safe_io import MAX_IMAGE_BYTES
 from .sources import Problem
@@ -131,11 +134,14 @@ class OcrStage:
     def _read(self, item_id: int, path: str) -> _Done:
         t = time.perf_counter()
         try:
-            decoded = load_image(path, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+            decoded = load_image(path, max_pixels=self.max_pixels, max_bytes=self.max_bytes,
+                                 max_aspect_ratio=None)  # unpadded: the engine bounds its own input
             result = self.engine.read(decoded.image, original_size=(decoded.width, decoded.height))
             return _Done(item_id, path, result, None, time.perf_counter() - t)
         except ImageDecodeError as e:
             return _Done(item_id, path, None, e.reason, time.perf_counter() - t)
+        except OcrInputError as e:  # outside the OCR budget (too thin, too elongated)
+            return _Done(item_id, path, None, str(e), time.perf_counter() - t)
         except Exception as e:  # an engine failure on one image must not stop the ingest
             if isinstance(e, ImportError):
                 raise

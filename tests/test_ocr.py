@@ -5,6 +5,7 @@ hand-placed character boxes."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -209,3 +210,141 @@ def test_benchmark_set_is_deterministic_and_answers_are_in_the_text(tmp_path: Pa
     assert docs.load(tmp_path / "a") == a
     for p in (tmp_path / "a").glob("*.png"):
         assert (tmp_path / "b" / p.name).read_bytes() == p.read_bytes()
+
+
+# -- the OCR budget (issue 25): what reaches the engine is bounded ------------------------------
+def test_layout_tiles_cover_the_image_and_map_back() -> None:
+    """Elongated images are cut into tiles of at most OCR_TILE_ASPECT:1 that cover every pixel,
+    neighbours sharing OCR_OVERLAP short sides, laid into a picture no more elongated than a
+    tile; every pixel of a tile in the picture maps back to the same pixel of the image."""
+    from crossmodal_rag.ocr_budget import OCR_OVERLAP, OCR_TILE_ASPECT, plan_ocr
+
+    rng = np.random.default_rng(0)
+    for w, h in ((300, 200), (2048, 64), (64, 2048), (2048, 21), (200, 2000), (1700, 200)):
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        layout = plan_ocr(w, h)
+        short, long = min(w, h), max(w, h)
+        if long <= OCR_TILE_ASPECT * short:
+            assert not layout.tiled and layout.compose(img) is img
+            continue
+        spans = sorted((b[0], b[2]) if w >= h else (b[1], b[3]) for b in layout.tiles)
+        assert spans[0][0] == 0 and spans[-1][1] == long
+        for (_, a1), (b0, _) in itertools.pairwise(spans):
+            assert a1 - b0 >= OCR_OVERLAP * short  # neighbours overlap
+        for b in layout.tiles:
+            bw, bh = b[2] - b[0], b[3] - b[1]
+            assert max(bw, bh) <= OCR_TILE_ASPECT * min(bw, bh)
+        pw, ph = layout.size
+        assert max(pw, ph) <= OCR_TILE_ASPECT * min(pw, ph), layout.size
+        picture = np.asarray(layout.compose(img))
+        src = np.asarray(img)
+        for (ox, oy), (left, top, right, bottom) in zip(layout.origins, layout.tiles, strict=True):
+            for _ in range(20):
+                x, y = ox + rng.integers(0, right - left), oy + rng.integers(0, bottom - top)
+                (ix, iy), = layout.to_image([(float(x), float(y))])
+                assert picture[y, x].tolist() == src[int(iy), int(ix)].tolist()
+
+
+def test_merge_keeps_one_of_each_line_read_twice() -> None:
+    from crossmodal_rag.ocr_budget import merge_overlapping
+
+    def box(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
+        return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+    boxes = [box(100, 10, 200, 40), box(101, 11, 199, 40),  # the same word in two tiles
+             box(150, 10, 200, 40),  # its tail, cut at a tile's edge
+             box(300, 10, 400, 40), box(100, 50, 200, 80)]  # other words
+    assert merge_overlapping(boxes, [0.9, 0.95, 0.99, 0.9, 0.9]) == [0, 3, 4]
+
+
+def _banner() -> tuple[Image.Image, dict[str, tuple[int, int, int, int]]]:
+    """A 2048x64 strip of ten words (the engine alone letterboxes it to 8:1), and where each is."""
+    f = ImageFont.truetype(str(_bench_docs().font_dir() / "DejaVuSans.ttf"), 28)
+    img = Image.new("RGB", (2048, 64), "white")
+    d = ImageDraw.Draw(img)
+    drawn = {}
+    for i, word in enumerate(["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF", "HOTEL",
+                              "INDIA", "JULIET"]):
+        d.text((20 + 200 * i, 15), word, fill="black", font=f)
+        drawn[word] = d.textbbox((20 + 200 * i, 15), word, font=f)
+    return img, drawn
+
+
+def test_elongated_images_are_read_whole_with_boxes_in_place(engine) -> None:
+    """A 32:1 banner and a 10:1 receipt, read through the tiled mosaic: every word or line once,
+    each box where it was drawn."""
+    img, drawn = _banner()
+    result = engine.read(img)
+    assert [ln.text for ln in result.lines] == list(drawn), result.text
+    for line in result.lines:
+        x0, y0, x1, y1 = drawn[line.text]
+        xs, ys = [p[0] for p in line.box], [p[1] for p in line.box]
+        assert abs(min(xs) - x0) < 12 and abs(max(xs) - x1) < 12, (line, drawn[line.text])
+        assert abs(min(ys) - y0) < 12 and abs(max(ys) - y1) < 12, (line, drawn[line.text])
+    f = ImageFont.truetype(str(_bench_docs().font_dir() / "DejaVuSans.ttf"), 24)
+    tall = Image.new("RGB", (200, 2000), "white")
+    d = ImageDraw.Draw(tall)
+    lines = [f"Item {i:02d} {i}.99" for i in range(25)]
+    for i, text in enumerate(lines):
+        d.text((10, 20 + 78 * i), text, fill="black", font=f)
+    result = engine.read(tall)
+    assert [ln.text for ln in result.lines] == lines, result.text
+    for i, line in enumerate(result.lines):
+        assert abs(min(p[1] for p in line.box) - (20 + 78 * i)) < 15, line
+
+
+def _png(path: Path, width: int, height: int) -> Path:
+    """A white RGB PNG (a 1000x1 one is 83 bytes, 60000x1 254)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    raw = b"".join(b"\x00" + b"\xff" * width * 3 for _ in range(height))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_thin_images_never_reach_the_engine_and_reads_stay_bounded(tmp_path: Path) -> None:
+    """The real engine in a child capped at 3 GB of address space: 1000x1 and 60000x1 PNGs (7.8 GB
+    and 22.9 GB before) are refused with a one-line reason before the engine allocates; the
+    costliest shape the budget lets through whole (8:1 at 2048 pixels) reads within the cap,
+    under 1.5 GB resident and a minute."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    import json
+    import resource
+
+    for w, h in ((1000, 1), (60000, 1)):
+        _png(tmp_path / f"{w}x{h}.png", w, h)
+    Image.new("RGB", (2048, 256), "white").save(tmp_path / "wide.png")
+    code = f"""
+import json, resource, time
+from crossmodal_rag.ocr import OcrInputError, OcrSettings, create_ocr_engine, ocr_image
+engine = create_ocr_engine(OcrSettings(threads=1)).load()
+out = {{}}
+for name in ("1000x1.png", "60000x1.png", "wide.png"):
+    t = time.perf_counter()
+    try:
+        out[name] = [len(ocr_image({str(tmp_path)!r} + "/" + name, engine).lines)]
+    except OcrInputError as e:
+        out[name] = str(e)
+    out[name + ":s"] = time.perf_counter() - t
+out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+"""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       preexec_fn=limit, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["1000x1.png"] == ("1000x1 image is too thin to hold readable text (OCR reads images at least 8 "
+                                 "pixels on each side)")
+    assert out["60000x1.png"].startswith("60000x1 (read at 1875x1) image is too thin to hold readable text")
+    assert out["1000x1.png:s"] < 1 and out["60000x1.png:s"] < 1
+    assert out["wide.png"] == [0] and out["wide.png:s"] < 60
+    assert out["peak_mb"] < 1536, out
