@@ -252,3 +252,47 @@ def test_cli_index_ocr_then_search_and_ask(tmp_path: Path, sample_dir: Path, tin
     answer = json.loads(out.stdout)
     assert "text in the image: LIDL Store 0815 Berlin" in json.dumps(answer["prompts"])
     assert "3.78" in answer["answer"], answer["answer"]
+
+
+def test_cli_index_ocr_skips_thin_images_in_bounded_memory(tmp_path: Path, tiny_oc_spec: str) -> None:
+    """`index --ocr` on the issue's 1000x1 and 60000x1 PNGs (7.8 GB and 22.9 GB before), in a
+    child capped at 6 GB of address space (torch maps much it never touches): both images are
+    indexed, their OCR skipped with the budget's one-line reason; a document beside them is read;
+    the process stays under 2 GB resident."""
+    pytest.importorskip("rapidocr_onnxruntime")
+    import resource
+    import struct
+    import zlib
+
+    def png(path: Path, width: int, height: int) -> None:
+        def chunk(tag: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+        raw = b"".join(b"\x00" + b"\xff" * width * 3 for _ in range(height))
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                         + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    png(folder / "strip1000.png", 1000, 1)
+    png(folder / "strip60000.png", 60000, 1)
+    _document(folder / "memo.png", ["Quarterly budget memo", "Total EUR 1234"])
+    peak = tmp_path / "peak"
+    code = ("import atexit, resource, runpy, sys\n"
+            f"atexit.register(lambda: open({str(peak)!r}, 'w').write("
+            "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+            f"sys.argv = ['crossmodal-rag', 'index', {str(folder)!r}, '--collection', {str(tmp_path / 'coll')!r}, "
+            f"'--model', {tiny_oc_spec!r}, '--ocr', '-q']\n"
+            "runpy.run_module('crossmodal_rag', run_name='__main__', alter_sys=True)\n")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         preexec_fn=limit, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "3 images" in out.stdout and "1 texts read in images" in out.stdout, out.stdout
+    assert "strip1000.png: 1000x1 image is too thin to hold readable text" in out.stderr, out.stderr
+    assert "strip60000.png: 60000x1 (read at 1875x1) image is too thin to hold readable text" in out.stderr
+    assert int(peak.read_text()) < 2 * 2**20, peak.read_text()  # KB
