@@ -129,3 +129,28 @@ def test_web_thumbnails_of_heic_and_avif_are_jpeg(fmt: str) -> None:
     with Image.open(io.BytesIO(data)) as thumb:
         assert thumb.format == "JPEG" and thumb.size == (16, 32)  # rotated, then fitted in 32
     assert MEDIA[fmt] == f"image/{fmt.lower()}"
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_mutated_files_are_one_line_refusals(fmt: str) -> None:
+    """Byte flips in HEIF/AVIF files made the plugins raise RuntimeError ("Missing or empty image
+    item", libheif's security limits) through decode_image: every mutation is now decoded or an
+    ImageDecodeError with a one-line reason, never another exception."""
+    import random
+
+    _needs(fmt)
+    base = _save(_pattern(32, 24), fmt)
+    rng = random.Random(25)
+    outcomes = {"decoded": 0, "refused": 0}
+    for _ in range(300):
+        blob = bytearray(base)
+        for _ in range(rng.randint(1, 6)):
+            blob[rng.randrange(len(blob))] = rng.randrange(256)
+        try:
+            out = decode_image(bytes(blob), "m" + FORMATS[fmt])
+            assert out.image.mode == "RGB"
+            outcomes["decoded"] += 1
+        except ImageDecodeError as e:
+            assert e.reason and "\n" not in e.reason
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0, outcomes  # the mutations do break files

@@ -17,9 +17,17 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from crossmodal_rag.errors import ImageDecodeError, SourceError
-from crossmodal_rag.images import decode_image
+from crossmodal_rag.images import MAX_ASPECT_RATIO, decode_image
 from crossmodal_rag.sources import ImageRecord, Problem, TextRecord, read_source
-from tests.badimages import png_declaring
+from tests.badimages import (
+    EPS,
+    POSTSCRIPT,
+    dos_eps,
+    png_declaring,
+    progressive_jpeg,
+    scan_bomb_jpeg,
+    thin_jpeg,
+)
 
 EXAMPLES = int(os.environ.get("CROSSMODAL_RAG_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -44,6 +52,10 @@ SEEDS = [
     png_declaring(0, 10), png_declaring(10, 0), png_declaring(70000, 70000),
     _encoded("PNG") + b"PK\x03\x04polyglot-zip-tail" + b"<html><script>alert(1)</script>",
     b"GIF89a" + b"\xff\xff\xff\xff" + b"\x00" * 20,
+    # issue 25: thin images, scan bombs, PostScript under image names or behind image headers
+    thin_jpeg(3000, 1), thin_jpeg(1, 5000), thin_jpeg(60000, 2), _encoded("PNG", size=(1000, 1)),
+    progressive_jpeg((300, 200)), scan_bomb_jpeg(2000), scan_bomb_jpeg(20_000, (1024, 1024)),
+    EPS, POSTSCRIPT, dos_eps(), b"\xff\xd8\xff\xe0" + EPS, b"\x89PNG\r\n\x1a\n" + EPS,
 ]
 
 
@@ -53,6 +65,7 @@ def _check_decode(data: bytes) -> str:
         out = decode_image(data, "fuzz", max_pixels=4_000_000)
         result = "decoded"
         assert out.image.mode == "RGB" and out.image.width > 0 and out.image.height > 0
+        assert max(out.image.size) <= MAX_ASPECT_RATIO * min(out.image.size), out.image.size
     except ImageDecodeError as e:
         assert e.reason and "\n" not in e.reason
         result = "refused"
@@ -89,6 +102,28 @@ def test_mutated_images(seed: int, data: st.DataObject) -> None:
         for i in range(8, min(32, len(blob))):
             blob[i] = data.draw(st.integers(0, 255))
     _check_decode(bytes(blob))
+
+
+@FUZZ
+@given(st.integers(1, 2048), st.integers(1, 2048))
+def test_ocr_input_is_bounded_for_every_shape(width: int, height: int) -> None:
+    """Whatever the shape, what reaches the OCR engine is refused with a one-line reason or is
+    one picture no longer than the image and at most OCR_TILE_ASPECT:1 (what the engine reads
+    without letterboxing), made of tiles covering the image."""
+    from crossmodal_rag.ocr_budget import OCR_TILE_ASPECT, OcrInputError, plan_ocr
+
+    try:
+        layout = plan_ocr(width, height)
+    except OcrInputError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    pw, ph = layout.size
+    assert max(pw, ph) <= max(width, height) and max(pw, ph) <= OCR_TILE_ASPECT * min(pw, ph)
+    covered = np.zeros(max(width, height), bool)
+    for left, top, right, bottom in layout.tiles:
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height
+        covered[(left if width >= height else top):(right if width >= height else bottom)] = True
+    assert covered.all()
 
 
 _ROW = st.one_of(
