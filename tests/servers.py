@@ -45,13 +45,14 @@ def serve_in_thread(app: Any, *, log_level: str = "critical", start_timeout: flo
 
 @contextmanager
 def serve_cli(collection: Path, workdir: Path, *args: str, ready: Callable[[dict[str, Any]], bool] = lambda h: True,
-              start_timeout: float = 60.0) -> Iterator[str]:
+              start_timeout: float = 60.0, env: dict[str, str] | None = None) -> Iterator[str]:
     """``crossmodal-rag serve -c COLLECTION ARGS`` in a subprocess (offline, thumbnails and HF cache
-    under ``workdir``); yields its base URL once ``/api/health`` answers and ``ready(health)``."""
+    under ``workdir``, ``env`` over the environment); yields its base URL once ``/api/health``
+    answers and ``ready(health)``."""
     import httpx
 
     port = free_port()
-    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", "HF_HOME": str(workdir / "hf")}
+    env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1", "HF_HOME": str(workdir / "hf"), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "crossmodal_rag", "serve", "-c", str(collection), "--port",
                              str(port), "--thumbnail-dir", str(workdir / "t"), *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

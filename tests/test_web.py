@@ -344,18 +344,7 @@ def test_chunked_bodies_stop_at_the_limit(client: TestClient, route: str) -> Non
     assert client.get("/api/health").status_code == 200  # and the server keeps serving
 
 
-def test_thumbnails_are_rendered_once_then_served_from_the_cache(web_collection: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import crossmodal_rag.web.thumbnails as thumbnails
-
-    rendered: list[int] = []
-    real_render = thumbnails.render_thumbnail
-
-    def counting_render(data: bytes, name: str, size: int, max_pixels: int) -> bytes:
-        rendered.append(size)
-        return real_render(data, name, size, max_pixels)
-
-    monkeypatch.setattr(thumbnails, "render_thumbnail", counting_render)
+def test_thumbnails_are_rendered_once_then_served_from_the_cache(web_collection: Path, tmp_path: Path) -> None:
     with Collection.open(web_collection) as coll:
         item = coll.get(int(coll.store.ids("image")[0]))[0]
     cache = tmp_path / "thumbs"
@@ -363,21 +352,51 @@ def test_thumbnails_are_rendered_once_then_served_from_the_cache(web_collection:
                            thumbnail_dir=str(cache), load_generator_at_startup=False)
     url = f"/api/items/{item.id}/thumbnail"
     with TestClient(create_app(settings), base_url=LOCAL) as c:
+        rendered = c.app.state.web.decoder.stats  # thumbnails render in the decode pool
         first = c.get(url)
-        assert first.status_code == 200 and rendered == [256]
+        assert first.status_code == 200 and rendered.decoded == 1
         assert [f.name for f in cache.iterdir()] == [f"{item.sha256}-256.jpg"]
         assert (cache / f"{item.sha256}-256.jpg").read_bytes() == first.content
-        assert c.get(url).content == first.content and rendered == [256]  # from memory
+        assert c.get(url).content == first.content and rendered.decoded == 1  # from memory
     # a new server (empty memory cache) serves the file in the cache folder without rendering:
     # replace its contents with another picture and that picture comes back
     other = io.BytesIO()
     Image.new("RGB", (9, 9), (0, 255, 0)).save(other, "JPEG")
     (cache / f"{item.sha256}-256.jpg").write_bytes(other.getvalue())
     with TestClient(create_app(settings), base_url=LOCAL) as c:
-        assert c.get(url).content == other.getvalue() and rendered == [256]
+        rendered = c.app.state.web.decoder.stats
+        assert c.get(url).content == other.getvalue() and rendered.submitted == 0
         small = c.get(url, params={"size": 64})
-        assert small.status_code == 200 and rendered == [256, 64]
+        assert small.status_code == 200 and rendered.decoded == 1
         assert max(Image.open(io.BytesIO(small.content)).size) <= 64
+
+
+def test_thumbnail_sizes_snap_to_a_few_buckets(web_collection: Path, tmp_path: Path) -> None:
+    """Every size from 1 to 1024 asked for (issue 25: each once left its own file, 1,024 in all):
+    at most one file per bucket on disk, each answer no larger than its bucket and at least as
+    large as asked (up to the image's own size)."""
+    from crossmodal_rag.web.thumbnails import THUMBNAIL_SIZES, snap_size
+
+    assert [snap_size(s) for s in (1, 64, 65, 128, 200, 256, 257, 512, 513, 1024)] == \
+        [64, 64, 128, 128, 256, 256, 512, 512, 1024, 1024]
+    with Collection.open(web_collection) as coll:
+        item = coll.get(int(coll.store.ids("image")[0]))[0]
+    cache = tmp_path / "thumbs"
+    settings = WebSettings(collection=str(web_collection), generator=str(tmp_path / "none"),
+                           thumbnail_dir=str(cache), load_generator_at_startup=False)
+    seen: dict[int, tuple[int, int]] = {}
+    with TestClient(create_app(settings), base_url=LOCAL) as c:
+        for size in range(1, 1025):
+            r = c.get(f"/api/items/{item.id}/thumbnail", params={"size": size})
+            assert r.status_code == 200, (size, r.text)
+            if snap_size(size) not in seen:
+                seen[snap_size(size)] = Image.open(io.BytesIO(r.content)).size
+        assert c.app.state.web.decoder.stats.decoded == len(THUMBNAIL_SIZES)
+    files = sorted(f.name for f in cache.iterdir())
+    assert len(files) <= len(THUMBNAIL_SIZES), files
+    assert files == sorted(f"{item.sha256}-{b}.jpg" for b in THUMBNAIL_SIZES)
+    for bucket, dims in seen.items():
+        assert max(dims) <= bucket and max(dims) >= min(bucket, max(item.width, item.height)) - 1, (bucket, dims)
 
 
 def test_verified_files_hash_each_version_once(tmp_path: Path) -> None:

@@ -38,6 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-queued-answers", type=nonneg_int, default=8, metavar="N",
                     help="questions waiting behind the one being answered; more get 503 with Retry-After "
                          "(default 8)")
+    sv.add_argument("--allow-origin", action="append", default=[], type=_origin, metavar="ORIGIN",
+                    help="let pages of ORIGIN (scheme://host[:port], e.g. https://photos.example) make POST and API "
+                         "requests (repeatable). Default: only the server's own pages; requests from other sites' "
+                         "pages get 403, plain clients such as curl are not affected")
+    sv.add_argument("--decode-workers", type=positive_int, default=2, metavar="N",
+                    help="uploads and thumbnails decoded at once, each in a worker process (default 2)")
+    sv.add_argument("--decode-timeout", type=_seconds, default=10.0, metavar="S",
+                    help="deadline of one image decode; past it the worker is killed and the request gets 422 "
+                         "(default 10 s)")
+    sv.add_argument("--decode-memory-mb", type=positive_int, default=1024, metavar="MB",
+                    help="memory a decode worker may use beyond its start-up (default 1024)")
     sv.set_defaults(handler=cmd_serve)
 
 
@@ -48,6 +59,27 @@ def _batch_ms(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
     if not 0.0 <= value <= 1000.0:
         raise argparse.ArgumentTypeError(f"expected 0 to 1000 milliseconds, got {text!r}")
+    return value
+
+
+def _origin(text: str) -> str:
+    try:
+        from ..web.origins import normalize_origin
+    except ImportError:  # no web extras: cmd_serve says what to install
+        return text
+    try:
+        return normalize_origin(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected 0.1 to 3600 seconds, got {text!r}")
     return value
 
 
@@ -67,12 +99,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_generator_at_startup=not args.lazy_generator, mmap=args.mmap,
         allowed_hosts=allowed_hosts_for(args.host, args.allowed_host), show_paths=args.show_paths,
         max_batch=args.max_batch, batch_ms=args.batch_ms, max_queued_generations=args.max_queued_answers,
+        allowed_origins=tuple(args.allow_origin), decode_workers=args.decode_workers,
+        decode_timeout_s=args.decode_timeout, decode_memory_mb=args.decode_memory_mb,
     )
     from ..collection import Collection
 
     Collection.open(settings.collection).close()  # fail fast, with a clear message, before binding
     print(f"serving {settings.collection} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
     print(f"answering Host: {', '.join(settings.allowed_hosts)} (more with --allowed-host)", file=sys.stderr)
+    if settings.allowed_origins:
+        print(f"pages of {', '.join(settings.allowed_origins)} may use the API too", file=sys.stderr)
     uvicorn.run(create_app(settings), host=args.host, port=args.port,
                 log_level="warning" if not args.verbose else "info", timeout_keep_alive=5)
     return 0

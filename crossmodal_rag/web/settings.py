@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .guards import LOOPBACK_HOSTS
+from .origins import normalize_origin
 
 __all__ = ["WebSettings"]
 
@@ -17,6 +18,12 @@ class WebSettings:
         if self.max_batch < 1 or not 0 <= self.batch_ms <= 1000 or self.max_queued_generations < 0:
             raise ValueError(f"max_batch must be >= 1, batch_ms in [0, 1000] and max_queued_generations >= 0; "
                              f"got {self.max_batch}, {self.batch_ms} and {self.max_queued_generations}")
+        if (self.decode_workers < 1 or not 0 < self.decode_timeout_s <= 3600 or self.decode_memory_mb < 16
+                or self.max_queued_decodes < 0):
+            raise ValueError(f"decode_workers must be >= 1, decode_timeout_s in (0, 3600], decode_memory_mb >= 16 "
+                             f"and max_queued_decodes >= 0; got {self.decode_workers}, {self.decode_timeout_s}, "
+                             f"{self.decode_memory_mb} and {self.max_queued_decodes}")
+        object.__setattr__(self, "allowed_origins", tuple(normalize_origin(o) for o in self.allowed_origins))
 
     collection: str  # collection folder
     generator: str | None = None  # generator spec (default google/flan-t5-base)
@@ -39,3 +46,8 @@ class WebSettings:
     max_batch: int = 32  # concurrent searches embedded in one encoder forward (1: no batching)
     batch_ms: float = 2.0  # longest wait for more searches after the first of a batch arrives
     max_queued_generations: int = 8  # answers waiting behind the one being generated (more: 503)
+    allowed_origins: tuple[str, ...] = ()  # other sites whose pages may POST here (scheme://host[:port])
+    decode_workers: int = 2  # uploads and thumbnails decoded at once, each in a worker process
+    decode_timeout_s: float = 10.0  # one decode's deadline; past it the worker is killed (422)
+    decode_memory_mb: int = 1024  # address space a decode worker may use beyond its start-up
+    max_queued_decodes: int = 8  # decodes waiting for a worker; more get 503 at once

@@ -3,7 +3,7 @@
 CPU-heavy request work runs in worker threads, a bounded number at a time (the rest wait on the
 event loop, not in threads), so ``/api/health`` answers while they run; searches are batched
 (:mod:`.batching`); generation runs one at a time behind a bounded queue (:mod:`.generation`),
-since it uses every core."""
+since it uses every core; images decode in a pool of worker processes (:mod:`.decoding`)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ..collection import Collection
 from ..errors import CrossmodalError
 from ..generation import load_generator
 from .batching import SearchBatcher
+from .decoding import DecodePool
 from .files import VerifiedFiles
 from .generation import GenerationQueue
 from .paths import PublicPaths
@@ -54,6 +55,9 @@ class AppState:
         self.generation_limit = anyio.CapacityLimiter(1)  # one generation at a time: it uses every core
         self.queue = GenerationQueue(settings.max_queued_generations, self.generation_limit)
         # concurrent searches share encoder forwards (max_batch 1: each search on its own)
+        # uploads and thumbnails decode in worker processes of their own, never in the threads above
+        self.decoder = DecodePool(workers=settings.decode_workers, timeout_s=settings.decode_timeout_s,
+                                  memory_mb=settings.decode_memory_mb, max_queued=settings.max_queued_decodes)
         self.batcher = SearchBatcher(self.collection, self.work_limit, max_batch=settings.max_batch,
                                      batch_ms=settings.batch_ms) if settings.max_batch > 1 else None
 

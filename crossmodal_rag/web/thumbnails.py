@@ -3,6 +3,9 @@
 The key is the image's SHA-256 (or, for items without one, a hash of path, size and mtime_ns), so
 a cached thumbnail always shows the contents it was made from. The caller checks that the file is
 still the indexed one before asking (see :mod:`.files`); the source bytes are read only on a miss.
+Sizes are snapped up to one of :data:`THUMBNAIL_SIZES` (:func:`snap_size`), so an image has at
+most that many thumbnails on disk whatever sizes are asked for. The server renders them in its
+decode pool (:mod:`.decoding`), through the same allow-listed decoder as uploads.
 """
 
 from __future__ import annotations
@@ -16,17 +19,32 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from PIL import Image
+
 from ..images import decode_image
 from ..store.manifest import atomic_write_bytes
 
-__all__ = ["ThumbnailCache", "content_key", "default_cache_dir", "render_thumbnail"]
+__all__ = ["THUMBNAIL_SIZES", "ThumbnailCache", "content_key", "default_cache_dir", "render_thumbnail", "snap_size",
+           "thumbnail_jpeg"]
 
 logger = logging.getLogger(__name__)
+
+#: The thumbnail sizes rendered and cached; a request is served the smallest one >= its size.
+THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)
+
+
+def snap_size(size: int) -> int:
+    """The smallest of :data:`THUMBNAIL_SIZES` at least ``size`` (the largest for anything above it)."""
+    return next((s for s in THUMBNAIL_SIZES if s >= size), THUMBNAIL_SIZES[-1])
 
 
 def render_thumbnail(data: bytes, name: str, size: int, max_pixels: int) -> bytes:
     """JPEG bytes of the encoded image ``data`` scaled to fit ``size`` x ``size``."""
-    img = decode_image(data, name, max_pixels=max_pixels).image
+    return thumbnail_jpeg(decode_image(data, name, max_pixels=max_pixels).image, size)
+
+
+def thumbnail_jpeg(img: Image.Image, size: int) -> bytes:
+    """JPEG bytes of the decoded ``img`` scaled to fit ``size`` x ``size`` (``img`` is changed)."""
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
@@ -57,22 +75,35 @@ class ThumbnailCache:
         Raises:
             ImageDecodeError: the image cannot be decoded (``name`` is used in the message).
         """
+        data = self.lookup(content_key, size)
+        if data is None:
+            data = (render or render_thumbnail)(load(), name, size, max_pixels)
+            self.put(content_key, size, data)
+        return data
+
+    def lookup(self, content_key: str, size: int) -> bytes | None:
+        """The cached thumbnail (memory, then disk), or None."""
         key = f"{content_key}-{size}"
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
                 return self._memory[key]
-        path = self.folder / f"{key}.jpg"
         try:
-            data = path.read_bytes()
+            data = (self.folder / f"{key}.jpg").read_bytes()
         except OSError:
-            data = (render or render_thumbnail)(load(), name, size, max_pixels)
-            try:
-                atomic_write_bytes(path, data, fsync=False)
-            except OSError as e:  # a read-only cache folder only costs speed
-                logger.warning("cannot write thumbnail cache %s: %s", path, e)
+            return None
         self._remember(key, data)
         return data
+
+    def put(self, content_key: str, size: int, data: bytes) -> None:
+        """Keep a rendered thumbnail (on disk, and in memory)."""
+        key = f"{content_key}-{size}"
+        path = self.folder / f"{key}.jpg"
+        try:
+            atomic_write_bytes(path, data, fsync=False)
+        except OSError as e:  # a read-only cache folder only costs speed
+            logger.warning("cannot write thumbnail cache %s: %s", path, e)
+        self._remember(key, data)
 
     def _remember(self, key: str, data: bytes) -> None:
         if len(data) > self._max_bytes:

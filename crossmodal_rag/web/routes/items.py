@@ -1,6 +1,7 @@
 """``/api/items/{id}`` and its ``/image`` and ``/thumbnail``: files are reached by item id (the path
 comes from the metadata, never from the request) and served only while they are still the indexed
-file (size, and SHA-256 of the contents; see :mod:`..files`)."""
+file (size, and SHA-256 of the contents; see :mod:`..files`). Thumbnail sizes snap up to a few
+buckets (:data:`..thumbnails.THUMBNAIL_SIZES`); a miss is rendered in the decode pool."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi import Path as PathParam
 from fastapi.responses import Response, StreamingResponse
 
-from ...errors import ImageDecodeError
+from ..decoding import DecodeFailed
 from ..errors import ApiError
 from ..files import FileChanged, IndexedFile, read_checked, stream
 from ..inputs import MAX_ID
@@ -21,7 +22,7 @@ from ..models import ErrorOut, ItemOut
 from ..results import image_id_of, urls
 from ..settings import WebSettings
 from ..state import AppState, get_state
-from ..thumbnails import content_key
+from ..thumbnails import content_key, snap_size
 
 __all__ = ["router"]
 
@@ -73,18 +74,34 @@ def _open_image(st: AppState, item_id: int):
     return it, _open_verified(st, item_id, rec)  # the bytes sent come from the descriptor that was checked
 
 
-def _thumbnail(st: AppState, item_id: int, size: int) -> bytes:
+def _thumbnail_source(st: AppState, item_id: int, size: int) -> tuple[str, str, bytes | None, bytes | None]:
+    """(cache key, path, the cached thumbnail or None, else the file's bytes) of a checked file."""
     it, rec = _image_item(st, item_id)
     key = content_key(rec.sha256, rec.path, rec.size, rec.mtime_ns)
-    s = st.settings
     with _open_verified(st, item_id, rec) as f:  # checked before any cached thumbnail is served
+        cached = st.thumbnails.lookup(key, size)
+        if cached is not None:
+            return key, it.path, cached, None
         try:
-            return st.thumbnails.get(key, it.path, size or s.thumbnail_size, s.max_image_pixels * 10,
-                                     lambda: read_checked(f, rec.path))
+            return key, it.path, None, read_checked(f, rec.path)
         except FileChanged as e:
             raise _changed(item_id, e.reason) from e
-        except ImageDecodeError as e:
-            raise ApiError(422, "bad_image", f"item {item_id}: {e.reason}") from e
+
+
+async def _thumbnail(st: AppState, item_id: int, size: int) -> bytes:
+    """The thumbnail, rendered on a miss in the decode pool (allow-listed formats, a deadline)."""
+    key, path, cached, source = await st.work(_thumbnail_source, st, item_id, size)
+    if cached is not None:
+        return cached
+    assert source is not None
+    try:
+        data = await st.decoder.thumbnail(source, path, size=size, max_pixels=st.settings.max_image_pixels * 10)
+    except DecodeFailed as e:
+        retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+        status = 503 if e.status == 503 else 422
+        raise ApiError(status, e.code, f"item {item_id}: {e.reason}", headers=retry) from e
+    await st.work(st.thumbnails.put, key, size, data)
+    return data
 
 
 def router(settings: WebSettings) -> APIRouter:
@@ -107,9 +124,11 @@ def router(settings: WebSettings) -> APIRouter:
                                           "Cache-Control": "private, max-age=3600"})
 
     @r.get("/api/items/{item_id}/thumbnail", responses=not_found, response_class=Response)
-    async def item_thumbnail(item_id: int = item_id_param, size: int = Query(0, ge=0, le=1024),
+    async def item_thumbnail(item_id: int = item_id_param,
+                             size: int = Query(0, ge=0, le=1024, description="rounded up to 64, 128, 256, 512 or "
+                                                                             "1024 (0: the server's default)"),
                              st: AppState = Depends(get_state)) -> Response:
-        data = await st.work(_thumbnail, st, item_id, size)
+        data = await _thumbnail(st, item_id, snap_size(size or st.settings.thumbnail_size))
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     return r
