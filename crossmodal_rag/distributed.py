@@ -51,6 +51,7 @@ from ._config import strict_from_dict
 from .errors import CrossmodalError
 from .ingest import DecodeDataset, IngestReport, IngestSettings, ingest
 from .progress import tqdm
+from .safe_io import MAX_IMAGE_BYTES
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -208,7 +209,8 @@ class RayEmbedder:
         decoded = ray.data.from_items(rows).map_batches(
             _decode_batch, batch_size=batch_size, num_cpus=1, memory=batch_size * _DECODE_MEMORY,
             batch_format="numpy",
-            fn_kwargs={"transform": _preprocessor(encoder), "max_pixels": settings.max_image_pixels})
+            fn_kwargs={"transform": _preprocessor(encoder), "max_pixels": settings.max_image_pixels,
+                       "max_bytes": settings.max_image_bytes})
         shape = tuple(encoder.preprocess(Image.new("RGB", (8, 8))).shape)
         return plan.embed(decoded, str(encoder.spec), _probe(encoder), batch_size, shape)
 
@@ -258,15 +260,17 @@ def _preprocessor(encoder: ClipEncoder) -> Any:
     return backend.preprocess
 
 
-def _decode_batch(batch: dict[str, np.ndarray], transform: Any, max_pixels: int) -> dict[str, np.ndarray]:
+def _decode_batch(batch: dict[str, np.ndarray], transform: Any, max_pixels: int,
+                  max_bytes: int = MAX_IMAGE_BYTES) -> dict[str, np.ndarray]:
     """Rows (position, path, text) -> the same plus error, file facts and ``pixels``: the
     preprocessed image ``(3, H, W)`` float32 as bytes (empty for texts and failed images).
 
     The per-file work is the single-process worker's (:class:`crossmodal_rag.ingest.DecodeDataset`),
-    so errors carry the same reasons. Text rows pass through."""
+    so errors carry the same reasons and the same limits apply (``--max-image-pixels``,
+    ``--max-image-mb`` and the decode budgets). Text rows pass through."""
     paths = [str(p) for p in batch["path"]]
     images = [i for i, p in enumerate(paths) if p]
-    dataset = DecodeDataset([Path(paths[i]) for i in images], transform, max_pixels)
+    dataset = DecodeDataset([Path(paths[i]) for i in images], transform, max_pixels, max_bytes)
     empty: dict[str, Any] = {"error": "", "sha256": "", "size": -1, "mtime_ns": -1, "width": -1,
                              "height": -1, "format": ""}
     cols: dict[str, list[Any]] = {c: [empty[c]] * len(paths) for c in _META_COLUMNS}

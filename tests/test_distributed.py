@@ -129,6 +129,41 @@ def test_ray_ingest_matches_single_process(ray_session, source: Path, tmp_path: 
     _assert_same_collection(tmp_path / "single", folder)
 
 
+def test_ray_workers_apply_the_byte_limit_and_decode_budgets(ray_session, tmp_path: Path, tiny_oc_spec: str) -> None:
+    """`index --ray --max-image-mb` and the decode budgets hold on the Ray decode tasks as in a
+    single-process run (the byte limit was not passed to the workers): a file over the limit, a
+    PostScript file named .jpg and a scan bomb are skipped with the same reasons, a thin JPEG
+    is indexed by both."""
+    from tests.badimages import EPS, jpeg_bytes, scan_bomb_jpeg, thin_jpeg
+
+    src = tmp_path / "src"
+    src.mkdir()
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()  # noise: larger than the scan bomb below
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(buf, "JPEG")
+    big = buf.getvalue()
+    (src / "big.jpg").write_bytes(big)
+    (src / "small.jpg").write_bytes(jpeg_bytes((40, 30)))
+    (src / "thin.jpg").write_bytes(thin_jpeg(3000, 1))
+    (src / "drawing.jpg").write_bytes(EPS)
+    (src / "bomb.jpg").write_bytes(scan_bomb_jpeg(500, (64, 64)))
+    settings = IngestSettings(batch_size=4, max_image_bytes=len(big) - 1)
+    with Collection.create(tmp_path / "single", tiny_oc_spec) as coll:
+        single = ingest(coll, src, settings)
+    with Collection.create(tmp_path / "ray", tiny_oc_spec) as coll:
+        report = ingest_ray(coll, src, settings, RaySettings(actors=1))
+    reasons = {Path(p.item).name: p.reason for p in single.skipped}
+    assert set(reasons) == {"big.jpg", "drawing.jpg", "bomb.jpg"}, reasons
+    assert f"exceeds the limit of {len(big) - 1} bytes" in reasons["big.jpg"]
+    assert reasons["drawing.jpg"].startswith("PostScript/EPS is not an allowed image format")
+    assert "scan budget" in reasons["bomb.jpg"]
+    assert report.skipped == single.skipped and report.images_added == single.images_added == 2
+    _assert_same_collection(tmp_path / "single", tmp_path / "ray")
+
+
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "crossmodal_rag", *args], capture_output=True, text=True,
