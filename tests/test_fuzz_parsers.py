@@ -377,6 +377,74 @@ def test_hostile_where_expressions(exprs: list[str]) -> None:
         assert [c.source for c in free] == exprs
 
 
+# -- hostile keyword queries (issue 25): a ranking or QueryError, folded like the index ----------
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
+_KEYWORD_PIECES = st.sampled_from([
+    '"', '""', "'", " ", "  ", "cat", "lidl", "4711", "store", "fish", "Berlin", "x",  # words
+    "AND", "OR", "NOT", "NEAR(", "NEAR/3", "*", "^", ":", "+", "-", "(", ")", "{", "}", "body:", "fts_words:",
+    "\u2605", "\U0001f431", "\U0001f408\u200d\u2b1b", "\U0001f469\U0001f3fd\u200d\U0001f4bb", "\U0001f1e9\U0001f1ea",  # emoji
+    *_INVISIBLE, "\uff43\uff41\uff54", "\uff02", "\uff0a", "\ufb01sh", "\ufb03", "\ufdfa", "\u337f",  # fullwidth, ligatures
+    "\x00", "\ud800", "\x1b", "\u202e", "\\", ";", "%", "_", "'); DROP TABLE items;--",
+])
+_KEYWORD_QUERIES = st.lists(_KEYWORD_PIECES, max_size=24).map("".join)
+
+
+def _keyword_corpus() -> Any:
+    import sqlite3
+
+    from crossmodal_rag.store import fulltext
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, kind TEXT, text TEXT, title TEXT)")
+    texts = ["a cat on a mat", "LIDLStore4711Berlin", "fish and chips", "NEAR the OR gate", "store opening hours",
+             "c\u200bat \uff4c\uff49\uff44\uff4c", "\ufb01sh soup", "body text: x", "a \U0001f431 emoji caption",
+             "soft\u00adware store"]
+    conn.executemany("INSERT INTO items VALUES (?, 'caption', ?, NULL)", list(enumerate(texts, 1)))
+    fulltext.fts_step(conn)
+    return conn, {i: fulltext.fold(t).lower() for i, t in enumerate(texts, 1)}
+
+
+def _fullwidth(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
+@FUZZ
+@given(_KEYWORD_QUERIES, st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(_INVISIBLE)), max_size=4))
+def test_hostile_keyword_queries(query: str, inserts: list[tuple[int, str]]) -> None:
+    """Unbalanced quotes, FTS5 operators, emoji, zero-width and fullwidth characters: keyword
+    search returns a ranking (every hit holds a word of the query, after folding) or the
+    library's QueryError, in bounded time; zero-width characters anywhere in the query and
+    fullwidth forms of its ASCII change nothing (both sides are folded)."""
+    from crossmodal_rag import hybrid
+    from crossmodal_rag.store import fulltext
+
+    conn, folded = _KEYWORD_CONN
+    got = _bounded(lambda: fulltext.keyword_search(conn, query), len(query))
+    if isinstance(got, QueryError):
+        assert "keyword query" in str(got)
+        return
+    assert all(isinstance(i, int) and isinstance(score, float) and score > 0 for i, score in got)
+    words = {w.lower() for phrase in fulltext.parse_keyword_query(query).phrases for w in phrase}
+    for item_id, _ in got:
+        assert any(w in folded[item_id] for w in words), (query, item_id)
+    assert (got == []) or words
+    disguised = query
+    for pos, char in inserts:
+        at = pos % (len(disguised) + 1)
+        disguised = disguised[:at] + char + disguised[at:]
+    for variant in (disguised, _fullwidth(query)):
+        assert fulltext.keyword_search(conn, variant) == got, (query, variant)
+    note = hybrid.keyword_note(query)  # never raises: set exactly when hybrid's keyword half has no words
+    try:
+        half = fulltext.parse_keyword_query(hybrid.keyword_text(query))
+    except QueryError:
+        half = None  # the search itself refuses it
+    assert (note is not None) == (half is not None and half.empty), (query, note)
+
+
+_KEYWORD_CONN = _keyword_corpus()
+
+
 # -- manifests: every row ingested or skipped with a reason; one bad row never stops the batch --
 _ODD = st.sampled_from(["\x00", "\ud800", "\udfff", "\x1b", "\u202e", "\r", "\n", '"', "\\", ","])
 _TEXT = st.text(st.one_of(st.characters(), _ODD), max_size=30)

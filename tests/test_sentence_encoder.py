@@ -59,6 +59,38 @@ def test_bad_specs_name_the_local_alternatives(bad: str) -> None:
         parse_text_model_spec(bad)
 
 
+HUB_ID_RULES = ["hf:/etc", "hf:sentence-transformers/all-MiniLM-L6-v2", "open_clip:ViT-B-32/openai", "org/..repo",
+                "org/repo--x", "-org/repo", "org/repo-", ".org/repo", "org/" + "x" * 97, "org/repo.git", "o rg/repo",
+                "org/re\x00po", "org/ré", "org//repo", "/org/repo/"]
+
+
+@pytest.mark.parametrize("bad", HUB_ID_RULES)
+def test_specs_that_are_no_hub_id_or_folder_are_one_line_naming_the_forms(bad: str) -> None:
+    """Issue 25: ``hf:/etc`` and hub ids the hub refuses ended in an HFValidationError traceback
+    when the model was fetched; the spec is now checked when parsed (nothing is fetched) and the
+    error names it and every valid form."""
+    with pytest.raises(ModelSpecError) as e:
+        parse_text_model_spec(bad)
+    message = str(e.value)
+    assert "\n" not in message and repr(bad.strip())[:40].rstrip("'") in message
+    for form in ("none", "minilm", "hub id ORG/REPO", "folder"):
+        assert form in message, (form, message)
+
+
+def test_valid_hub_ids_parse_unfetched() -> None:
+    for good in ("sentence-transformers/all-MiniLM-L6-v2", "BAAI/bge-small-en-v1.5", "intfloat/e5_small.v2",
+                 "a/b", "org/" + "x" * 96):
+        assert parse_text_model_spec(good) == TextModelSpec(good)
+
+
+def test_paths_that_are_no_model_folder_name_the_forms(tmp_path: Path) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    for bad in (str(tmp_path / "file.txt"), str(tmp_path / "missing"), str(tmp_path), "/etc"):
+        with pytest.raises(ModelSpecError) as e:
+            parse_text_model_spec(bad)
+        assert all(form in str(e.value) for form in ("none", "minilm", "hub id", "folder")), str(e.value)
+
+
 def test_folder_without_model_files_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelSpecError, match="modules.json"):
         parse_text_model_spec(str(tmp_path))

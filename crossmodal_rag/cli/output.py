@@ -1,5 +1,5 @@
 """What the command line prints: every control character in text output escaped, JSON with
-non-ASCII text kept, TSV fields on one line."""
+non-ASCII text kept, TSV fields on one line with backslashes doubled."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ class EscapingFormatter(logging.Formatter):
 
 
 def tsv_field(value: Any) -> str:
-    """One TSV field: control characters (tabs and newlines too) escaped, other runs of
-    whitespace as one space."""
-    return " ".join(safe(value).split())
+    """One TSV field: backslashes doubled (``\\`` -> ``\\\\``, so that an escape such as ``\\t``
+    always stands for the character it names), control characters (tabs and newlines too)
+    escaped, other runs of whitespace as one space."""
+    text = "" if value is None else str(value)
+    return " ".join(safe(text.replace("\\", "\\\\")).split())

@@ -18,6 +18,7 @@ from .options import (
     check_image_arg,
     collection_dir,
     flag_spelling,
+    min_score_arg,
     nonneg_int,
     positive_int,
 )
@@ -48,8 +49,9 @@ def add_generation_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
     add_model(sp)
     add_where(sp, help="metadata filter on retrieval (repeatable, ANDed)")
-    sp.add_argument("--min-score", metavar="S|auto",
-                    help="abstain ('not found in the collection') when the best score is below S")
+    sp.add_argument("--min-score", metavar="S|auto", type=min_score_arg,
+                    help="abstain ('not found in the collection') when the best score is below S, a "
+                         "number from -1 to 1 ('auto': calibrated)")
     sp.add_argument("--knowledge", metavar="DIR",
                     help="retrieve the conditioning texts from this other collection (same encoder)")
     sp.add_argument("--image-prefix", metavar="CKPT",

@@ -20,6 +20,7 @@ from .options import (
     add_where,
     check_image_arg,
     collection_dir,
+    min_score_arg,
     search_params,
 )
 from .output import safe, to_json, tsv_field
@@ -43,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="dense: CLIP embeddings; keyword: full-text (BM25) over captions, passages and "
                          "OCR text; hybrid: both fused by reciprocal rank (default auto: hybrid for a text "
                          "query in a collection with texts, else dense)")
-    se.add_argument("--min-score", metavar="S|auto", help="drop hits scoring below S ('auto': calibrated); "
+    se.add_argument("--min-score", metavar="S|auto", type=min_score_arg,
+                    help="drop hits scoring below S, a number from -1 to 1 ('auto': calibrated); "
                     "in every mode S is the dense (cosine) score")
     se.add_argument("--plus", action="append", default=[], metavar="TEXT", help="add a text to the query (repeatable)")
     se.add_argument("--minus", action="append", default=[], metavar="TEXT", help="subtract a text from the query")
@@ -141,10 +143,15 @@ def cmd_search(args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"error: query on line {q['line']}: {safe(e)}", file=sys.stderr)
                 continue
+            note = _keyword_note(q.get("text"), mode)
+            if note and not getattr(args, "quiet", False):
+                where = f"query on line {q['line']}: " if q["line"] is not None else ""
+                print(f"note: {where}{safe(note)}", file=sys.stderr)
             records.append({"query": {"text": q.get("text"), "image": q.get("image")},
-                            "label": label, "hits": hits, "mode": mode})
+                            "label": label, "hits": hits, "mode": mode, "note": note})
     if args.json:
         out = [{"query": r["query"], "target": args.target, "k": args.top_k, "mode": r["mode"],
+                **({"note": r["note"]} if r["note"] else {}),
                 "results": [h.to_dict() for h in r["hits"]]} for r in records]
         print(to_json(out[0] if not args.queries else out))
     else:
@@ -156,6 +163,19 @@ def cmd_search(args: argparse.Namespace) -> int:
                 print(f"{tsv_field(r['label'])}\t{h.rank}\t{h.score:.4f}\t{h.id}\t{h.kind}\t"
                       f"{tsv_field(h.path)}\t{tsv_field(text)}")
     return 2 if failures else 0
+
+
+def _keyword_note(text: str | None, mode: str) -> str | None:
+    """The note for a keyword or hybrid search whose query holds no words to match."""
+    from ..hybrid import keyword_note
+
+    if mode not in ("keyword", "hybrid"):
+        return None
+    note = keyword_note(text)
+    if note is None:
+        return None
+    return note + ("; --mode dense (or auto) searches it by meaning" if mode == "keyword"
+                   else "; the dense ranking alone answers")
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:

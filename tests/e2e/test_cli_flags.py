@@ -155,3 +155,38 @@ def test_positional_and_option_collection_must_agree(sample_collection: Path, tm
     # the same folder twice is one collection
     assert main(["info", str(sample_collection), "-c", str(sample_collection) + "/", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"]["images"] == 15
+
+
+#: Subcommands with --min-score (issue 25: each refuses what REST refuses).
+MIN_SCORE = {("search",), ("ask",), ("chat",), ("write",), ("eval", "generation")}
+
+
+def test_min_score_is_where_expected() -> None:
+    assert {path for path, p in LEAVES.items() if _action(p, "--min-score")} == MIN_SCORE
+
+
+@pytest.mark.parametrize("path", sorted(MIN_SCORE), ids=" ".join)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "+Infinity", "1.5", "-1.01", "1e400", "abc", "",
+                                   "0x1", "9" * 400])
+def test_min_score_outside_the_cosine_range_is_a_usage_error(path: tuple[str, ...], value: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 25: ``--min-score nan|inf|-inf`` were accepted (REST refuses them): now every
+    subcommand that takes --min-score refuses them, and numbers outside a cosine's range, as a
+    usage error (exit 2) that names the flag and the range, before any collection is read."""
+    with pytest.raises(SystemExit) as e:
+        main([*path, f"--min-score={value}", "-c", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--min-score" in err and "from -1 to 1" in err and "'auto'" in err
+    assert len(err) < 2000 and "Traceback" not in err
+    if value.startswith("-") and value != "-1.01":  # argparse reads "-inf" as a flag: a usage error too
+        with pytest.raises(SystemExit) as e:
+            main([*path, "--min-score", value, "-c", "/nonexistent"])
+        assert e.value.code == 2 and "--min-score" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", "0.3", "-1", "1", " 0.25 ", "1e-3", "-0.0"])
+def test_min_score_auto_and_cosines_parse_as_given(value: str) -> None:
+    for path in MIN_SCORE:
+        dataset = ["data.json"] if path == ("eval", "generation") else []
+        args, _ = build_parser().parse_known_args([*path, *dataset, f"--min-score={value}"])
+        assert args.min_score == value

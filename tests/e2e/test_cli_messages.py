@@ -193,3 +193,18 @@ def test_gguf_dependencies_are_named_at_once_before_loading(tmp_path: Path) -> N
     message, loaded = r.stdout.strip().splitlines()
     assert "gguf" in message and "accelerate" in message and "pip install gguf accelerate" in message
     assert loaded == "False"
+
+
+@pytest.mark.parametrize("spec", ["hf:/etc", "org/..repo", "/etc", "org/repo--x"])
+def test_a_bad_text_model_spec_is_a_usage_error_naming_the_forms(spec: str, tmp_path: Path, photos: Path,
+                                                                 tiny_oc_spec: str) -> None:
+    """Issue 25: ``index --text-model hf:/etc`` ended in an HFValidationError traceback after
+    indexing. Now it is refused before anything is read or made, exit 2 like other usage errors,
+    with one error line naming the spec and the valid forms."""
+    coll = tmp_path / "coll"
+    r = run("index", str(photos), "-c", str(coll), "--model", tiny_oc_spec, "--text-model", spec)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "HFValidationError" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--text-model" in errors[0] and repr(spec) in errors[0], r.stderr
+    assert all(form in errors[0] for form in ("none", "minilm", "hub id", "folder"))
+    assert not coll.exists()
