@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,32 @@ def test_the_package_has_no_pickle_eval_or_shell() -> None:
     assert len(files) > 20  # the whole package, not an empty folder
     found = [v for f in files for v in violations(f.read_text(encoding="utf-8"), str(f.relative_to(PACKAGE)))]
     assert found == []
+
+
+def _process_starts(source: str) -> list[str]:
+    """The process-starting calls in ``source``: asyncio's ``create_subprocess_*``, ``multiprocessing``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and _dotted(node.func).split(".")[-1] in ("create_subprocess_exec",
+                                                                                 "create_subprocess_shell"):
+            found.append(_dotted(node.func).split(".")[-1])
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"import {m}" for m in modules if m.split(".")[0] == "multiprocessing"]
+    return found
+
+
+def test_only_the_decode_pool_starts_a_process_and_never_through_a_shell() -> None:
+    """Issue 25's decode workers are the one process the package starts: this interpreter running
+    ``crossmodal_rag.web.decode_worker``, by ``create_subprocess_exec`` with a fixed argv (no shell,
+    nothing from a request)."""
+    starts = {str(f.relative_to(PACKAGE)): _process_starts(f.read_text(encoding="utf-8"))
+              for f in sorted(PACKAGE.rglob("*.py"))}
+    assert {f: s for f, s in starts.items() if s} == {"web/decoding.py": ["create_subprocess_exec"]}
+    assert _process_starts("import asyncio\nasyncio.create_subprocess_shell('ls')") == ["create_subprocess_shell"]
+    from crossmodal_rag.web.decoding import DecodePool
+
+    assert DecodePool().argv[:3] == [sys.executable, "-m", "crossmodal_rag.web.decode_worker"]
 
 
 def test_folders_skip_hidden_and_symlinked_folders_and_manifests_stay_in_their_root(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
 """The REST API fuzzed from its own OpenAPI schema (schemathesis strategies, run by hypothesis):
 no generated request, valid or not (wrong types, out-of-range numbers, NUL and other odd
 characters, missing fields), gets a 5xx; every error is JSON; every answer carries ``nosniff``.
+Issue 25's hostile inputs too: every operation from foreign and generated ``Origin`` headers and
+``Sec-Fetch-Site`` values (403 where it costs work, never a 5xx), and hostile uploads (EPS and
+PostScript named .jpg, thin JPEGs, a scan bomb, other formats) on both upload routes.
 
 The app runs under a real uvicorn on loopback and one keep-alive session sends every request of an
 operation, so a request that makes the server drop its connection fails the test too. Bounded:
@@ -19,10 +22,12 @@ schemathesis = pytest.importorskip("schemathesis", reason="pip install schemathe
 uvicorn = pytest.importorskip("uvicorn")
 import requests
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from crossmodal_rag.testing import make_tiny_t5
 from crossmodal_rag.web import WebSettings, create_app
+from tests.hostile_uploads import DOS_EPS, EPS, THIN_SIZES, jpeg, scan_bomb
 from tests.servers import serve_in_thread
 
 EXAMPLES = 50  # per operation and generation mode
@@ -80,3 +85,85 @@ def test_no_generated_request_gets_a_5xx(base_url: str, label: str, mode: Genera
 
         check()
     assert seen  # requests were sent
+
+
+# -- issue 25: other sites' requests and hostile uploads ------------------------------------------
+FOREIGN_ORIGINS = ["https://evil.example", "null", "http://127.0.0.1:1", "http://localhost", "https://127.0.0.1",
+                   "http://127.0.0.1.evil.example", "file://", "http://[::1]:80", "http://x@127.0.0.1", "http://127.0.0.1:80:80", "evil", ""]
+
+
+def _example_request(label: str) -> tuple[str, str, dict]:
+    """(method, URL path, requests kwargs) of a plausible request for an operation."""
+    method, path = label.split(" ", 1)
+    path = path.replace("{item_id}", "1")
+    kwargs: dict = {}
+    if path == "/api/search":
+        kwargs["params"] = {"q": "a cat"}
+    elif path == "/api/ask":
+        kwargs["json"] = {"question": "hi"}
+    elif method == "POST":
+        kwargs["files"] = {"image": ("a.jpg", jpeg((16, 16)), "image/jpeg")}
+    return method, path, kwargs
+
+
+def _is_checked(method: str, path: str) -> bool:
+    """Requests the Origin check covers: every method but GET/HEAD, and every request under /api/."""
+    return method not in ("GET", "HEAD") or path.startswith("/api/")
+
+
+@pytest.mark.parametrize("label", sorted(OPERATIONS))
+def test_every_operation_refuses_foreign_origins(base_url: str, label: str) -> None:
+    method, path, kwargs = _example_request(label)
+    with requests.Session() as session:
+        for origin in FOREIGN_ORIGINS:
+            r = session.request(method, base_url + path, headers={"Origin": origin}, timeout=60, **kwargs)
+            assert r.status_code < 500 and r.headers["content-type"].startswith("application/json"), (origin, r.text)
+            if _is_checked(method, path):
+                assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin", (label, origin, r.text)
+        for site in ("cross-site", "same-site"):
+            r = session.request(method, base_url + path, headers={"Sec-Fetch-Site": site}, timeout=60, **kwargs)
+            assert r.status_code == 403 if _is_checked(method, path) else r.status_code < 500, (label, site)
+
+
+_HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80)
+
+
+@given(origin=st.one_of(_HEADER_TEXT, st.builds(lambda s, h, p: f"{s}://{h}{p}",
+                                                st.sampled_from(["http", "https", "HTTP", "ws", "file"]),
+                                                st.sampled_from(["127.0.0.1", "localhost", "[::1]", "evil.example",
+                                                                 "127.0.0.1.evil.example", "0x7f.1"]),
+                                                st.sampled_from(["", ":80", ":8000", ":0", ":99999", "/", "/x"]))),
+       site=st.sampled_from([None, "cross-site", "same-site", "same-origin", "none", "CROSS-SITE", "junk"]))
+@settings(max_examples=150, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_generated_origins_never_reach_the_upload_route(base_url: str, origin: str, site: str | None) -> None:
+    """Whatever the Origin (or Sec-Fetch-Site) is, a POST from it is refused with a JSON 403
+    unless it is the server's own origin; no 5xx."""
+    port = base_url.rsplit(":", 1)[1]
+    own = {f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/"}
+    headers = {"Origin": origin, **({"Sec-Fetch-Site": site} if site else {})}
+    r = requests.post(base_url + "/api/ask", json={"question": "hi"}, headers=headers, timeout=60)
+    assert r.status_code < 500, (origin, r.text)
+    if origin.strip().lower() not in own:
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin", (origin, r.status_code, r.text)
+
+
+HOSTILE_UPLOADS = {
+    "eps.jpg": (EPS, {415}),
+    "dos-eps.jpg": (DOS_EPS, {415}),
+    "ps.jpg": (b"%!PS-Adobe-3.0\nshowpage\n", {415}),
+    "pdf.jpg": (b"%PDF-1.4\n%%EOF\n", {415}),
+    "svg.png": (b"<svg xmlns='http://www.w3.org/2000/svg'/>", {415}),
+    "scan-bomb.jpg": (scan_bomb(1024, 400), {413, 422}),  # ~40 KB, 400 scans: over the scan budget
+    **{f"thin-{w}x{h}.jpg": (jpeg((w, h)), {200, 413, 422}) for w, h in THIN_SIZES},
+    "truncated.jpg": (jpeg((64, 64))[:300], {422}),
+}
+
+
+@pytest.mark.parametrize("route", ["/api/search/image", "/api/ask/image"])
+@pytest.mark.parametrize("name", sorted(HOSTILE_UPLOADS))
+def test_hostile_uploads_get_clean_answers(base_url: str, route: str, name: str) -> None:
+    data, expected = HOSTILE_UPLOADS[name]
+    r = requests.post(base_url + route, files={"image": (name, data, "image/jpeg")}, data={"k": "2"}, timeout=60)
+    assert r.status_code in expected, (name, r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        assert r.headers["content-type"].startswith("application/json") and r.json()["error"]["message"]
