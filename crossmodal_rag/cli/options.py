@@ -41,8 +41,9 @@ _MAX_SCORE_CHARS = 64
 
 
 def min_score_arg(value: str) -> str:
-    """``--min-score``: ``auto`` or a number from -1 to 1 (a cosine), kept as given; ``nan``,
-    ``inf`` and numbers outside the range are refused (exit 2), naming the range."""
+    """``--min-score``: ``auto`` or a finite number, kept as given (REST's rule: scores are
+    cosines, -1 to 1; a value just past 1 abstains always). ``nan``, ``inf``, ``-inf``, numbers
+    that overflow to them and text are refused (exit 2), naming the range."""
     text = value.strip()
     if text.lower() == "auto":
         return value
@@ -50,10 +51,10 @@ def min_score_arg(value: str) -> str:
         number = float(text) if len(text) <= _MAX_SCORE_CHARS else math.nan
     except ValueError:
         number = math.nan
-    if not -1.0 <= number <= 1.0:  # NaN fails every comparison
+    if not math.isfinite(number):
         shown = value if len(value) <= _MAX_SCORE_CHARS else value[:_MAX_SCORE_CHARS] + "..."
         raise argparse.ArgumentTypeError(
-            f"expected a number from -1 to 1 (a cosine score) or 'auto', got {shown!r}")
+            f"expected 'auto' or a finite number (scores are cosines, from -1 to 1), got {shown!r}")
     return value
 
 
