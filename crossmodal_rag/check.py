@@ -3,8 +3,14 @@
 The index files the manifest on disk names (loaded fresh, memory-mapped: not an open
 collection's in-memory indexes, which are reconciled on open), the float16 shards and the
 metadata are compared id by id and vector by vector (see :mod:`crossmodal_rag.store.audit` for
-how each index type's vectors are compared). :meth:`crossmodal_rag.Collection.check` calls
-:func:`check_collection`.
+how each index type's vectors are compared). Every stored vector's values are checked too, not
+a sample: each float16 shard row and each vector an index can reconstruct must be finite and of
+unit norm (within :data:`~crossmodal_rag.store.shards.UNIT_NORM_TOLERANCE`), and each shard
+file must be one the collection wrote (:mod:`crossmodal_rag.store.binding`). Bad vectors are
+named (id and path, :data:`~crossmodal_rag.store.audit.MAX_NAMED` in a message, up to
+:data:`MAX_LISTED` in :attr:`CheckReport.bad_vectors`) with the command that repairs them.
+The text space is checked in the same metadata snapshot. :meth:`crossmodal_rag.Collection.check`
+calls :func:`check_collection`.
 """
 
 from __future__ import annotations
@@ -16,15 +22,28 @@ from typing import Any
 import numpy as np
 
 from .errors import CollectionError
-from .store.audit import CHECK_ALL_MAX_VECTORS, audit_vectors, examples, id_disagreement, sample_ids
+from .store.audit import (
+    CHECK_ALL_MAX_VECTORS,
+    METADATA_NORM_TOLERANCE,
+    audit_shards,
+    audit_vectors,
+    examples,
+    id_disagreement,
+    index_faults,
+    name_items,
+    sample_ids,
+)
 from .store.binding import check_collection_id, foreign_index
 from .store.layout import INDEX_NAMES
 from .store.manifest import Manifest
 from .store.metadata import MetadataStore
-from .store.shards import EmbeddingShards
+from .store.shards import UNIT_NORM_TOLERANCE, EmbeddingShards, VectorFaults
 from .store.vectors import VectorIndex
 
-__all__ = ["CHECK_ALL_MAX_VECTORS", "CheckReport", "check_collection"]
+__all__ = ["CHECK_ALL_MAX_VECTORS", "MAX_LISTED", "CheckReport", "check_collection"]
+
+#: Bad vectors listed one by one in :attr:`CheckReport.bad_vectors` (the messages count them all).
+MAX_LISTED = 100
 
 
 @dataclass
@@ -35,9 +54,29 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    #: Each bad stored vector found, up to :data:`MAX_LISTED`: ``{"index": "image" | "text",
+    #: "where": "shards" | "index" | "metadata" | "text_space", "id", "path", "problem"}``.
+    bad_vectors: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "counts": self.counts}
+        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "counts": self.counts,
+                "bad_vectors": self.bad_vectors}
+
+    def list_bad(self, store: MetadataStore, index: str, where: str, faults: VectorFaults) -> None:
+        """Add ``faults`` to :attr:`bad_vectors` while there is room."""
+        room = MAX_LISTED - len(self.bad_vectors)
+        pairs = [(int(i), "not finite") for i in faults.nonfinite[:max(room, 0)]]
+        pairs += [(int(i), "not unit norm") for i in faults.off_norm[:max(room - len(pairs), 0)]]
+        if not pairs:
+            return
+        try:
+            items = store.get_items([i for i, _ in pairs])
+        except CollectionError:
+            items = {}
+        for i, problem in pairs:
+            item = items.get(i)
+            self.bad_vectors.append({"index": index, "where": where, "id": i, "problem": problem,
+                                     "path": item.path if item is not None else None})
 
 
 @dataclass
@@ -46,8 +85,7 @@ class _Stored:
 
     manifest: Manifest
     indexes: dict[str, VectorIndex]  # the index files that loaded
-    shards: dict[str, EmbeddingShards]
-    held: dict[str, np.ndarray]  # ids each index's shards hold
+    shards: dict[str, EmbeddingShards]  # every shard the manifest lists
     problems: list[str]  # what could not be loaded
 
 
@@ -56,7 +94,8 @@ def check_collection(folder: Path, store: MetadataStore, dim: int, *, verify_has
     """Check the collection in ``folder`` (metadata ``store``, ``dim``-d vectors). Every id is
     compared, and every vector (the metadata's, its float16 copy, the index's) for indexes of up
     to ``max_vectors`` vectors (None: no limit); larger ones by a random sample of that many
-    drawn from ``seed``, said so in the notes. Reads only."""
+    drawn from ``seed``, said so in the notes. The values of every float16 copy and of every
+    vector the index files can reconstruct are checked whatever the size. Reads only."""
     report = CheckReport(ok=True)
     report.problems.extend(store.integrity_problems())
     try:
@@ -78,13 +117,16 @@ def check_collection(folder: Path, store: MetadataStore, dim: int, *, verify_has
             if index is not None:
                 report.counts[f"{name}_index"] = len(index)
                 _check_ids(folder, name, m.files[name].path, index, live, pending, report)
-            _check_vectors(folder, store, dim, name, index, stored.shards[name], stored.held[name],
-                           sample_ids(live, max_vectors, seed), len(live), seed, report)
-            _check_shards(folder, name, stored.shards[name], stored.held[name], live, report)
+            usable, shard_faults = _check_shards(folder, store, name, stored.shards[name], live, m.dim, report)
+            index_bad = _check_index_values(folder, store, name, m.files[name].path if index else "", index,
+                                            report)
+            _check_vectors(folder, store, dim, name, index, usable, usable.held_ids(),
+                           sample_ids(live, max_vectors, seed), len(live), seed, report,
+                           known_bad=(shard_faults, index_bad))
         report.counts = {**store.counts(), **report.counts}
-    from .text_space_audit import check_text_space  # index --text-model: its own index
+        from .text_space_audit import check_text_space  # index --text-model: its own index
 
-    text_problems, text_notes = check_text_space(folder, store)
+        text_problems, text_notes = check_text_space(folder, store)
     report.problems.extend(text_problems)
     report.notes.extend(text_notes)
     report.ok = not report.problems
@@ -116,16 +158,12 @@ def _load_stored(folder: Path, store: MetadataStore, verify_hash: bool, attempts
                 problems.append(f"{foreign}; it was not used (rebuilt from the metadata on open)")
                 del disk[name]
         shards = {n: EmbeddingShards(folder, n, m.dim, m.embeddings.get(n)) for n in INDEX_NAMES}
-        held = {}
-        for name, sh in shards.items():
-            try:
-                held[name] = sh.held_ids()
-            except CollectionError as e:
-                problems.append(str(e))
-                held[name] = np.zeros(0, np.int64)
+        for sh in shards.values():  # open the maps now: a writer may replace the files next
+            for s in sh.shards:
+                sh.unusable(s)
         if not problems or Manifest.read(folder).to_dict() == m.to_dict():
             break
-    return _Stored(m, disk, shards, held, problems)
+    return _Stored(m, disk, shards, problems)
 
 
 def _check_ids(folder: Path, name: str, path: str, index: VectorIndex, live: np.ndarray, pending: int,
@@ -144,11 +182,73 @@ def _check_ids(folder: Path, name: str, path: str, index: VectorIndex, live: np.
         report.problems.append(f"{what}; rebuild the index with `crossmodal-rag reindex {folder}`")
 
 
+def _fault_lines(store: MetadataStore, what: str, total: int, faults: VectorFaults, tolerance: float | None,
+                 fix: str) -> list[str]:
+    """One problem per kind of fault: how many of ``total``, the items named, the fix."""
+    lines = []
+    if len(faults.nonfinite):
+        lines.append(f"{what}: {len(faults.nonfinite)} of {total} vector(s) are not finite (NaN or "
+                     f"infinity): {name_items(store, faults.nonfinite)}; {fix}")
+    if len(faults.off_norm):
+        lines.append(f"{what}: {len(faults.off_norm)} of {total} vector(s) are not of unit norm "
+                     f"(|1 - norm| > {tolerance}; zero, denormal or rescaled): "
+                     f"{name_items(store, faults.off_norm)}; {fix}")
+    return lines
+
+
+def _check_shards(folder: Path, store: MetadataStore, name: str, shards: EmbeddingShards, live: np.ndarray,
+                  dim: int, report: CheckReport) -> tuple[EmbeddingShards, VectorFaults]:
+    """Every shard file usable, every live float16 vector finite and of unit norm, and every
+    live item committed before the last shard write held by a usable shard. Returns the usable
+    shards and the faulty live ids."""
+    audit = audit_shards(store, name, shards, live, dim, new_from=shards.max_id)
+    for _, why in audit.unusable:
+        report.problems.append(f"{why}; `crossmodal-rag reindex {folder}` rebuilds it from the metadata")
+    repair = (f"`crossmodal-rag reindex` refuses to build from them: re-embed them with "
+              f"`crossmodal-rag reindex --repair {folder}`")
+    report.problems.extend(_fault_lines(store, f"{name} embedding shards", len(live), audit.faults,
+                                        UNIT_NORM_TOLERANCE, repair))
+    report.list_bad(store, name, "shards", audit.faults)
+    if len(audit.missing):
+        fix = (f"re-embed them with `crossmodal-rag reindex --repair {folder}`" if len(audit.bad_metadata)
+               else f"`crossmodal-rag reindex {folder}` rebuilds them from the metadata")
+        report.problems.append(f"{len(audit.missing)} {name} item(s) are missing from the embedding "
+                               f"shards (e.g. {examples(audit.missing)}); {fix}")
+    report.problems.extend(_fault_lines(store, f"{name} metadata (items missing from the shards)",
+                                        len(audit.missing), audit.bad_metadata, METADATA_NORM_TOLERANCE,
+                                        f"re-embed them with `crossmodal-rag reindex --repair {folder}`"))
+    report.list_bad(store, name, "metadata", audit.bad_metadata)
+    dropped = {s.path for s, _ in audit.unusable}
+    usable = EmbeddingShards(folder, name, dim, [s for s in shards.shards if s.path not in dropped])
+    return usable, audit.faults
+
+
+def _check_index_values(folder: Path, store: MetadataStore, name: str, path: str, index: VectorIndex | None,
+                        report: CheckReport) -> VectorFaults | None:
+    """Every vector the index file holds is finite (and of unit norm where stored exactly)."""
+    if index is None:
+        return None
+    faults, unsupported = index_faults(index)
+    if unsupported:
+        return None
+    report.notes.append(f"{name} index: checked the values of all {len(index)} vectors it holds")
+    report.problems.extend(_fault_lines(store, f"{name} index ({path})", len(index), faults, UNIT_NORM_TOLERANCE,
+                                        f"rebuild it with `crossmodal-rag reindex {folder}`"))
+    report.list_bad(store, name, "index", faults)
+    return faults
+
+
 def _check_vectors(folder: Path, store: MetadataStore, dim: int, name: str, index: VectorIndex | None,
                    shards: EmbeddingShards, held: np.ndarray, ids: np.ndarray, total: int, seed: int,
-                   report: CheckReport) -> None:
-    """Each sampled id's metadata vector against its float16 copy and the index's vector."""
-    audit = audit_vectors(index, ids, lambda chunk: store.vectors(chunk.tolist(), dim), shards, held)
+                   report: CheckReport, known_bad: tuple[VectorFaults, VectorFaults | None]) -> None:
+    """Each sampled id's metadata vector against its float16 copy and the index's vector
+    (``known_bad``: ids whose shard copy and index vector were already reported as bad values)."""
+    def metadata(chunk: np.ndarray) -> np.ndarray:
+        vectors, unreadable = store.vectors_as_stored(chunk.tolist(), dim)
+        vectors[unreadable] = np.nan
+        return vectors
+
+    audit = audit_vectors(index, ids, metadata, shards, held)
     how = (f"all {len(ids)} of {total}" if len(ids) == total else
            f"{len(ids)} of {total}")
     sampled = "" if len(ids) == total else f" (seeded random sample, seed {seed})"
@@ -157,25 +257,23 @@ def _check_vectors(folder: Path, store: MetadataStore, dim: int, name: str, inde
                         f"with {against}")
     if audit.unsupported:
         report.notes.append(f"{name} index vectors not compared: {audit.unsupported}")
-    if audit.bad_index:
+    bad_meta = audit.bad_metadata
+    if bad_meta is not None and len(bad_meta):
+        report.problems.extend(_fault_lines(store, f"{name} metadata", len(ids), bad_meta, METADATA_NORM_TOLERANCE,
+                                            f"re-embed them with `crossmodal-rag reindex --repair {folder}`"))
+        report.list_bad(store, name, "metadata", bad_meta)
+    shard_bad, index_bad = known_bad
+    skip = np.union1d(shard_bad.ids, bad_meta.ids if bad_meta is not None else [])
+    bad_index = np.setdiff1d(audit.bad_index, np.union1d(skip, index_bad.ids if index_bad is not None else []))
+    bad_shards = np.setdiff1d(audit.bad_shards, skip)
+    if len(bad_index):
         report.problems.append(
-            f"{name} index: {len(audit.bad_index)} of {len(ids)} vector(s) compared differ from "
-            f"the metadata beyond the precision of its codes (e.g. {examples(audit.bad_index)}); "
+            f"{name} index: {len(bad_index)} of {len(ids)} vector(s) compared differ from "
+            f"the metadata beyond the precision of its codes (e.g. {examples(bad_index)}); "
             f"rebuild it with `crossmodal-rag reindex {folder}`")
-    if audit.bad_shards:
+    if len(bad_shards):
         report.problems.append(
-            f"{name} embedding shards: {len(audit.bad_shards)} of {len(np.intersect1d(ids, held))} "
-            f"float16 copies differ from the metadata vectors (e.g. {examples(audit.bad_shards)}); "
-            "`reindex` builds from these copies: remove and re-add those items first")
-
-
-def _check_shards(folder: Path, name: str, shards: EmbeddingShards, held: np.ndarray, live: np.ndarray,
-                  report: CheckReport) -> None:
-    """Every live item committed before the last shard write has a float16 copy."""
-    unsharded = np.setdiff1d(live, held)
-    # committed after the last persist: the next writer syncs them; only a gap is a problem
-    behind = unsharded[unsharded <= shards.max_id]
-    if len(behind):
-        report.problems.append(f"{len(behind)} {name} item(s) are missing from the embedding "
-                               f"shards (e.g. {examples(behind)}); run `crossmodal-rag reindex "
-                               f"{folder}`")
+            f"{name} embedding shards: {len(bad_shards)} of {len(np.intersect1d(ids, held))} "
+            f"float16 copies differ from the metadata vectors (e.g. {examples(bad_shards)}): "
+            f"{name_items(store, bad_shards, 5)}; "
+            f"`reindex` builds from these copies: re-embed them with `crossmodal-rag reindex --repair {folder}`")

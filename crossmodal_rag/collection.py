@@ -240,14 +240,25 @@ class Collection:
     def reindex(
         self, index_type: str | None = None, *, max_index_memory: int | str | None = None,
         seed: int = 0, tune: bool = True, target_recall: float = 0.95, sharded: bool | None = None,
-        workers: int = 2,
+        workers: int = 2, repair: bool = False,
     ) -> dict[str, Any]:
         """Rebuild both indexes from the float16 shards, without re-encoding anything (see
-        :func:`crossmodal_rag.maintenance.reindex`). Returns what was built."""
+        :func:`crossmodal_rag.maintenance.reindex`); a stored vector that is not finite or not
+        of unit norm is refused. ``repair``: re-embed such items from their sources first (see
+        :func:`crossmodal_rag.repair.repair_vectors`; the report's ``"repair"``). Returns what
+        was built."""
         self.require_writable()
-        return maintenance.reindex(self.state, index_type, max_index_memory=max_index_memory, seed=seed,
-                                   tune=tune, target_recall=target_recall, sharded=sharded,
-                                   workers=workers)
+        repaired = None
+        if repair:
+            from .repair import repair_vectors
+
+            repaired = repair_vectors(self)
+        report = maintenance.reindex(self.state, index_type, max_index_memory=max_index_memory, seed=seed,
+                                     tune=tune, target_recall=target_recall, sharded=sharded,
+                                     workers=workers)
+        if repaired is not None:
+            report["repair"] = repaired.to_dict()
+        return report
 
     def tune(self, *, target_recall: float = 0.95, seed: int = 0) -> dict[str, Any]:
         """Re-tune the search settings of the approximate indexes (no rebuild); stores and

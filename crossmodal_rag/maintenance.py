@@ -2,6 +2,12 @@
 find near-duplicate images. Nothing here re-encodes: indexes are rebuilt from the float16
 shards (:mod:`crossmodal_rag.store.shards`), and the metadata is never changed.
 
+``reindex`` inspects the shards before it builds (:func:`crossmodal_rag.store.audit.audit_shards`):
+a shard file it cannot use (unreadable, of another dimension, not written by this collection)
+and ids missing from the shards are rebuilt from the metadata; a stored vector that is not
+finite or not of unit norm is refused, naming the items, as only re-embedding can repair it
+(``reindex --repair``, :mod:`crossmodal_rag.repair`). A refused reindex changes nothing.
+
 Each function works on an open collection's :class:`~crossmodal_rag.store.persist.IndexState`
 (the :class:`~crossmodal_rag.collection.Collection` methods of the same names call them) and
 persists what it changed. Re-encoding with another model is
@@ -19,13 +25,14 @@ import faiss
 
 from .errors import CollectionError, QueryError
 from .store.ann import AUTO, SearchParams, min_training_vectors, parse_memory
+from .store.audit import ShardAudit, audit_shards, name_items
 from .store.build import tune_index
 from .store.layout import INDEX_NAMES
 from .store.metadata import MetadataStore
 from .store.persist import IndexState
 from .store.vectors import VectorIndex, make_faiss_index
 
-__all__ = ["near_duplicates", "reindex", "set_search_params", "tune"]
+__all__ = ["near_duplicates", "refuse_bad_vectors", "reindex", "set_search_params", "tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +75,21 @@ def reindex(
                 f"index of {state.folder} holds {largest:,}. Use --index auto, Flat, HNSW32 or "
                 "fewer IVF lists"
             )
+    audits = {n: audit_shards(state.store, n, state.shards[n], state.store.ids(n), dim,
+                              new_from=state.shards[n].max_id) for n in INDEX_NAMES}
+    refuse_bad_vectors(state, audits)
     state.manifest = replace(state.manifest, index_type=request, max_index_memory=budget)
+    rebuilt: dict[str, list[dict[str, str]]] = {}
     for name in INDEX_NAMES:
         live = state.store.ids(name)
+        audit = audits[name]
+        if audit.unusable or len(audit.missing):  # from the metadata: its vectors are sound
+            for _, why in audit.unusable:
+                logger.warning("%s; rebuilding it from the metadata", why)
+            rebuilt[name] = [{"file": s.path, "reason": why} for s, why in audit.unusable]
+            state.shards[name].without([s for s, _ in audit.unusable])
+            state.shards[name].rewrite(live, lambda ids: state.store.vectors(ids.tolist(), dim),
+                                       fsync=state.fsync)
         state.sync_shards(name, live)
         if len(state.shards[name]) != len(live):
             state.shards[name].compact(live, fsync=state.fsync)
@@ -83,8 +102,26 @@ def reindex(
     rebuild_store(state.store)
     return {n: {"index_type": state.indexes[n].index_type, "count": len(state.indexes[n]),
                 "search_params": state.indexes[n].params.to_dict(),
-                "build": state.built.get(n), "tuning": state.tuning.get(n)}
+                "build": state.built.get(n), "tuning": state.tuning.get(n),
+                **({"shards_rebuilt": rebuilt[n]} if n in rebuilt else {})}
             for n in INDEX_NAMES}
+
+
+def refuse_bad_vectors(state: IndexState, audits: Mapping[str, ShardAudit]) -> None:
+    """Raise :class:`CollectionError` naming the items whose stored vectors no index may be
+    built from (not finite or not of unit norm, with no sound copy in the metadata)."""
+    parts = []
+    for name, audit in audits.items():
+        bad = audit.reembed
+        if len(bad):
+            parts.append(f"{len(bad)} {name} vector(s) not finite or not of unit norm: "
+                         f"{name_items(state.store, bad)}")
+    if parts:
+        raise CollectionError(
+            f"cannot rebuild the indexes of {state.folder} from its stored vectors: "
+            f"{'; '.join(parts)}. Re-embed those items from their sources with `crossmodal-rag "
+            f"reindex --repair {state.folder}` (an item whose source is gone keeps its committed "
+            "vector when that one is sound, or is removed and reported); nothing was changed")
 
 
 def tune(state: IndexState, *, target_recall: float = 0.95, seed: int = 0) -> dict[str, Any]:

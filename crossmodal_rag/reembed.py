@@ -6,39 +6,26 @@ the old one and swapped in by renaming (see :func:`reembed_collection`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from . import fingerprint
 from .calibration import write_calibration
 from .collection import Collection
 from .encoders import ClipEncoder, parse_model_spec
 from .encoders.spec import ModelSpec
-from .errors import CollectionError, ImageDecodeError
-from .images import decode_image, read_image_file
-from .progress import tqdm
+from .errors import CollectionError
+from .reembed_items import image_vectors, read_rgb, text_vectors
 from .store.metadata import MetadataStore
 
-__all__ = ["ReembedReport", "read_rgb", "reembed_collection"]
+__all__ = ["ReembedReport", "image_vectors", "read_rgb", "reembed_collection", "text_vectors"]
 
 logger = logging.getLogger(__name__)
-
-
-def read_rgb(path: Path) -> tuple[Any, str]:
-    """(RGB PIL image, sha256 of the file's bytes); raises ImageDecodeError."""
-    data = read_image_file(path)  # a regular file only, at most 512 MiB
-    return decode_image(data, str(path)).image, hashlib.sha256(data).hexdigest()
-
 
 
 @dataclass(frozen=True)
@@ -54,46 +41,6 @@ class ReembedReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _image_vectors(coll: Any, encoder: ClipEncoder, ids: np.ndarray, batch_size: int,
-                   progress: bool) -> tuple[np.ndarray, list[str]]:
-
-    out = np.zeros((len(ids), encoder.dim), dtype=np.float32)
-    problems: list[str] = []
-    bar = tqdm(total=len(ids), desc="re-embed images", unit=" img", file=sys.stderr,
-               disable=not progress or not len(ids), dynamic_ncols=True)
-    for start in range(0, len(ids), batch_size):
-        chunk = [int(i) for i in ids[start : start + batch_size]]
-        items = coll.get(chunk)
-        pixels, rows = [], []
-        for row, item in enumerate(items, start=start):
-            reasons = []
-            for p in coll.store.paths_of(item.id):
-                try:
-                    image, sha = read_rgb(Path(p))
-                except ImageDecodeError as e:
-                    reasons.append(f"{p}: {e.reason}")
-                    continue
-                if item.sha256 and sha != item.sha256:
-                    reasons.append(f"{p}: changed since it was indexed")
-                    continue
-                pixels.append(encoder.preprocess(image))
-                rows.append(row)
-                break
-            else:
-                problems.append(f"image item {item.id}: " + ("; ".join(reasons) or "no source path"))
-        if pixels:
-            out[rows] = encoder.encode_pixels(torch.stack(pixels))
-        bar.update(len(chunk))
-    bar.close()
-    return out, problems
-
-
-def _text_of(item: Any) -> str:
-    if item.kind == "passage" and item.title:
-        return f"{item.title}. {item.text}"
-    return item.text or ""
 
 
 def _staging_paths(folder: Path) -> tuple[Path, Path]:
@@ -150,7 +97,8 @@ def reembed_collection(
         previous = coll.manifest
         image_ids = coll.store.ids("image")
         text_ids = coll.store.ids("text")
-        image_vecs, problems = _image_vectors(coll, encoder, image_ids, batch_size, progress)
+        image_vecs, failures = image_vectors(coll, encoder, image_ids, batch_size, progress)
+        problems = [f"image item {i}: {why}" for i, why in failures.items()]
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise CollectionError(
@@ -158,14 +106,7 @@ def reembed_collection(
                 f"{'; '.join(problems[:5])}{more}. Restore the files, or remove the items "
                 "(crossmodal-rag remove --path ...) and run again; nothing was changed"
             )
-        text_vecs = np.zeros((len(text_ids), encoder.dim), dtype=np.float32)
-        for start in range(0, len(text_ids), 256):
-            chunk = [int(i) for i in text_ids[start : start + 256]]
-            texts = []
-            for item in coll.get(chunk):
-                text = _text_of(item)
-                texts.append(text if item.kind == "window" else encoder.text_windows(text)[0])
-            text_vecs[start : start + len(chunk)] = encoder.encode_texts(texts)
+        text_vecs = text_vectors(coll, encoder, text_ids)
         probe = fingerprint.compute(encoder)
 
         # Build the new collection beside the old one.

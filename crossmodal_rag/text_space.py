@@ -14,10 +14,14 @@ use it. Layout, inside the collection folder::
 Each save writes a new generation of the two arrays (temporary file, fsync, rename), then the
 manifest naming them (the commit point), then removes the older generation: a crash at any step
 leaves the last committed space whole. ``collection_id`` binds the space to its collection (a
-``text_space`` folder copied into another collection is refused). ``probe`` is the encoder's
-fingerprint (:func:`~crossmodal_rag.encoders.sentence.text_probe`): an encoder that no longer
-reproduces it is refused (:class:`~crossmodal_rag.errors.EncoderMismatchError`), as for CLIP.
-Spaces written before generations (``vectors.npy``, ``ids.npy``, no ``collection_id``) load.
+``text_space`` folder copied into another collection, or one whose id is blank, is refused).
+``probe`` is the encoder's fingerprint (:func:`~crossmodal_rag.encoders.sentence.text_probe`):
+an encoder that no longer reproduces it is refused
+(:class:`~crossmodal_rag.errors.EncoderMismatchError`), as for CLIP. A space that breaks any
+rule of :func:`~crossmodal_rag.text_space_audit.text_space_faults` (a probe that is not finite,
+no collection id, vectors that are not finite or not unit norm, ids of images) is refused on
+open with a :class:`~crossmodal_rag.errors.CollectionError` naming the fault; ``reindex``
+rebuilds it (:func:`sync_text_space` with ``rebuild_refused``).
 
 :func:`sync_text_space` brings the space up to date with the collection (embeds new text rows,
 drops removed ones; rebuilds all for a new spec). A space that lags behind the collection still
@@ -40,7 +44,7 @@ import numpy as np
 from .encoders.sentence import SentenceEncoder, load_text_encoder, parse_text_model_spec, text_probe
 from .errors import CollectionError, EncoderMismatchError
 from .store.manifest import fsync_dir
-from .text_space_audit import array_files
+from .text_space_audit import array_files, text_space_faults
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -136,7 +140,7 @@ def check_probe(encoder: SentenceEncoder, stored: np.ndarray, collection: Path) 
     from .fingerprint import MIN_COSINE, rows_cosine
 
     cosine = rows_cosine(stored, text_probe(encoder))
-    if cosine < MIN_COSINE:
+    if not cosine >= MIN_COSINE:  # NaN: not reproduced
         raise EncoderMismatchError(
             f"{collection}: the text model {encoder.spec} does not produce the vectors this "
             f"collection's text space was built with (probe cosine {cosine:.3f}); rebuild it with "
@@ -165,10 +169,6 @@ def open_text_space(coll: Collection, device: str | None = None) -> TextSpace | 
             raise ValueError(f"format {manifest.get('format') if isinstance(manifest, dict) else None!r}"
                              f" (this version reads {FORMAT})")
         parse_text_model_spec(str(manifest["spec"]))
-        owner, ours = str(manifest.get("collection_id") or ""), _collection_id(coll)
-        if owner and ours and owner != ours:
-            raise ValueError(f"it belongs to another collection (id {owner[:12]}..., this one is "
-                             f"{ours[:12]}...): copied from elsewhere")
         ids_file, vectors_file = array_files(folder, manifest)
         ids = np.load(ids_file, allow_pickle=False)
         vectors = np.load(vectors_file, allow_pickle=False, mmap_mode="r")
@@ -180,7 +180,14 @@ def open_text_space(coll: Collection, device: str | None = None) -> TextSpace | 
         raise CollectionError(
             f"{folder}: the text space is damaged ({str(e)[:200]}); rebuild it with "
             f"`crossmodal-rag reembed {coll.folder} --text-model SPEC` (or none)") from e
-    space = TextSpace(folder, manifest, ids, np.asarray(vectors, np.float32), device)
+    loaded = np.asarray(vectors, np.float32)
+    faults = text_space_faults(manifest, ids, loaded, collection_id=_collection_id(coll),
+                               image_ids=coll.store.ids("image"))
+    if faults:
+        raise CollectionError(
+            f"{folder}: the text space cannot be used: {'; '.join(faults)}. `crossmodal-rag reindex "
+            f"{coll.folder}` rebuilds it (or `crossmodal-rag reembed {coll.folder} --text-model SPEC`)")
+    space = TextSpace(folder, manifest, ids, loaded, device)
     lag = len(coll.store.ids("text")) - len(space)
     if lag:
         logger.warning("%s: the text space lags the collection by %+d rows; run `crossmodal-rag "
@@ -225,15 +232,39 @@ def _texts(coll: Collection, ids: np.ndarray) -> list[str]:
     return [(items[i].text or "") if i in items else "" for i in ids.tolist()]
 
 
+def _stored_spec(coll: Collection) -> str | None:
+    """The text model a (refused) text space's manifest names, when it can be read and parsed."""
+    from .errors import ModelSpecError
+    from .safe_io import read_regular_text
+
+    try:
+        manifest = json.loads(read_regular_text(_folder(coll) / "manifest.json", max_bytes=_MAX_MANIFEST_BYTES))
+        spec = manifest["spec"] if isinstance(manifest, dict) else None
+        return str(parse_text_model_spec(spec)) if isinstance(spec, str) else None
+    except (OSError, ValueError, KeyError, TypeError, ModelSpecError):
+        return None
+
+
 def sync_text_space(coll: Collection, spec: str | None = None, *, rebuild: bool = False,
-                    device: str | None = None, batch_size: int = 64) -> SyncReport:
+                    device: str | None = None, batch_size: int = 64,
+                    rebuild_refused: bool = False) -> SyncReport:
     """Bring ``coll``'s text space up to date.
 
     ``spec``: the text model (``none`` removes the space); None keeps the current one (no space:
     nothing to do). A spec other than the stored one, or ``rebuild``, embeds every row afresh;
     otherwise only rows added since are embedded and removed rows dropped.
+    ``rebuild_refused``: a space that :func:`open_text_space` refuses (damaged files, a probe
+    that is not finite, no collection id, bad vectors, ids of images) is rebuilt afresh with
+    the text model its manifest names (or ``spec``) instead of raising.
     """
-    current = open_text_space(coll, device)
+    try:
+        current = open_text_space(coll, device)
+    except CollectionError as e:
+        stored = _stored_spec(coll)
+        if not rebuild_refused or (spec is None and stored is None):
+            raise
+        logger.warning("%s; rebuilding the text space", e)
+        current, rebuild, spec = None, True, spec or stored
     if spec is not None and parse_text_model_spec(spec) is None:
         removed = len(current) if current is not None else 0
         remove_text_space(coll)

@@ -6,6 +6,7 @@ replaced and the manifest pointed at it, as a buggy writer would), and `check` m
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sqlite3
 from dataclasses import replace
@@ -189,3 +190,102 @@ def test_check_samples_large_indexes_and_says_so(imported: Path, tmp_path: Path)
         with Collection.open(dst) as c:
             assert (not c.check(max_vectors=300, seed=1).ok) == found
             assert not c.check().ok  # the full comparison always finds it
+
+
+# -- the values of every stored vector (issue 25) ------------------------------------------------
+def poison_shard(folder: Path, name: str, rows: dict[int, np.ndarray | float]) -> None:
+    """Write ``rows`` (id -> a vector, or a value for every component) into the float16 shard
+    files of index ``name`` in place, as a damaged disk or a hostile hand would."""
+    m = Manifest.read(folder)
+    for shard in m.embeddings[name]:
+        ids = np.load(folder / shard.ids_path)
+        vecs = np.load(folder / shard.path)
+        hit = False
+        for item_id, value in rows.items():
+            at = np.flatnonzero(ids == item_id)
+            if len(at):
+                vecs[at[0]] = value
+                hit = True
+        if hit:
+            np.save(folder / shard.path, vecs)
+
+
+#: One of each kind of bad float16 row: NaN, infinity, zero, denormal (subnormal float16), rescaled.
+BAD_ROWS = {"nan": np.nan, "inf": np.inf, "zero": 0.0, "denormal": 1e-7, "scaled": None}
+
+
+def _bad_value(kind: str, good: np.ndarray) -> np.ndarray:
+    if kind == "scaled":
+        return good * 3.0
+    value = np.full_like(good, BAD_ROWS[kind])
+    if kind == "nan":
+        value[1:] = good[1:]  # one NaN component is enough
+    return value
+
+
+def test_check_names_every_bad_float16_vector(collection_copy: Path) -> None:
+    with Collection.open(collection_copy) as c:
+        assert c.check().ok
+        ids = c.store.ids("image")
+        dim = c.manifest.dim
+        victims = {kind: int(ids[n + 1]) for n, kind in enumerate(BAD_ROWS)}
+        good = c.store.vectors(list(victims.values()), dim)
+        paths = {kind: c.get(v)[0].path for kind, v in victims.items()}
+    poison_shard(collection_copy, "image", {v: _bad_value(kind, good[n]) for n, (kind, v) in enumerate(victims.items())})
+    before = _fingerprint(collection_copy)
+    with Collection.open(collection_copy) as c:
+        report = c.check()
+    assert not report.ok
+    shards = [p for p in report.problems if p.startswith("image embedding shards")]
+    nonfinite = next(p for p in shards if "not finite" in p)
+    off_norm = next(p for p in shards if "not of unit norm" in p)
+    for kind in ("nan", "inf"):
+        assert f"{victims[kind]} ({paths[kind]})" in nonfinite, nonfinite
+    for kind in ("zero", "denormal", "scaled"):
+        assert f"{victims[kind]} ({paths[kind]})" in off_norm, off_norm
+    assert f"reindex --repair {collection_copy}" in nonfinite and "2 of 15" in nonfinite
+    listed = {(b["id"], b["problem"]) for b in report.bad_vectors if b["where"] == "shards"}
+    assert listed == {(victims["nan"], "not finite"), (victims["inf"], "not finite"),
+                      (victims["zero"], "not unit norm"), (victims["denormal"], "not unit norm"),
+                      (victims["scaled"], "not unit norm")}
+    assert all(b["path"] == paths[k] for k in victims for b in report.bad_vectors if b["id"] == victims[k])
+    assert _fingerprint(collection_copy) == before  # check wrote nothing
+
+    r = run("check", str(collection_copy), "--json")
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert {b["id"] for b in out["bad_vectors"]} == set(victims.values())
+
+
+def test_check_names_bad_vectors_in_an_index_file(collection_copy: Path) -> None:
+    with Collection.open(collection_copy) as c:
+        victim = int(c.store.ids("image")[4])
+        path = c.get(victim)[0].path
+        dim = c.manifest.dim
+    _tamper_index_vector(collection_copy, "image", victim, np.full(dim, np.nan, np.float32))
+    with Collection.open(collection_copy) as c:
+        report = c.check()
+    index = [p for p in report.problems if p.startswith("image index (") and "not finite" in p]
+    assert len(index) == 1 and f"{victim} ({path})" in index[0] and "reindex" in index[0], report.problems
+    assert {(b["where"], b["id"]) for b in report.bad_vectors} == {("index", victim)}
+
+
+def test_check_flags_a_shard_the_collection_did_not_write(collection_copy: Path) -> None:
+    """A shard of the right shape and healthy values, but another collection's vectors (here
+    the rows rolled by one): named as not the collection's own; `reindex` rebuilds it from the
+    metadata, after which the shards hold the metadata's vectors again."""
+    m = Manifest.read(collection_copy)
+    shard = m.embeddings["image"][0]
+    vecs = np.load(collection_copy / shard.path)
+    np.save(collection_copy / shard.path, np.roll(vecs, 1, axis=0))
+    with Collection.open(collection_copy) as c:
+        report = c.check()
+    assert any("is not one this collection wrote" in p and shard.path in p for p in report.problems), report.problems
+    with Collection.open(collection_copy, writable=True) as c:
+        c.reindex()
+    with Collection.open(collection_copy) as c:
+        report = c.check()
+        ids = c.store.ids("image")
+        assert report.ok, report.problems
+        np.testing.assert_allclose(c.shards["image"].lookup(ids), c.store.vectors(ids.tolist(), c.manifest.dim),
+                                   atol=2e-3)

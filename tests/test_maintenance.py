@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,3 +196,135 @@ def test_tuning_queries_name_their_own_ids(state: IndexState) -> None:
     texts = state.store.vectors(state.store.ids("text").tolist(), DIM)
     # each other-modality query is one of the text vectors
     assert np.allclose((queries[~own] @ texts.T).max(axis=1), 1.0, atol=1e-5)
+
+
+# -- reindex refuses bad stored vectors; --repair re-embeds them (issue 25) -----------------------
+@pytest.fixture
+def photo_collection(tmp_path: Path, photos: Path, tiny_oc_spec: str) -> Path:
+    """Five copied photos with their captions (their files may be deleted by a test)."""
+    from crossmodal_rag import Collection
+
+    with Collection.create(tmp_path / "pc", tiny_oc_spec) as c:
+        c.add(photos)
+    return tmp_path / "pc"
+
+
+def _stored(folder: Path) -> dict[str, Any]:
+    """What a refused reindex must leave as it was: the manifest and the files it names."""
+    import hashlib
+
+    return {"manifest": (folder / "manifest.json").read_text(),
+            "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                      for p in sorted((folder / "embeddings").rglob("*.npy"))}}
+
+
+def test_reindex_refuses_bad_shard_vectors_naming_them_and_changes_nothing(photo_collection: Path) -> None:
+    from crossmodal_rag import Collection
+    from crossmodal_rag.cli import main
+    from tests.test_check import poison_shard
+
+    with Collection.open(photo_collection) as c:
+        image, caption = int(c.store.ids("image")[1]), int(c.store.ids("text")[4])
+        path = c.get(image)[0].path
+    poison_shard(photo_collection, "image", {image: np.nan})
+    poison_shard(photo_collection, "text", {caption: 0.0})
+    before = _stored(photo_collection)
+    with Collection.open(photo_collection, writable=True) as c, \
+            pytest.raises(CollectionError, match="reindex --repair") as e:
+        c.reindex()
+    assert f"{image} ({path})" in str(e.value) and f"{caption} (caption of" in str(e.value)
+    assert "nothing was changed" in str(e.value)
+    assert _stored(photo_collection) == before
+    assert main(["-q", "reindex", str(photo_collection)]) == 1
+    assert _stored(photo_collection) == before
+
+
+def test_reindex_repair_reembeds_exactly_the_bad_items(photo_collection: Path, capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """The re-embedded vectors are the encoder's for the source file and the stored caption
+    (oracle: the encoder itself); every other stored vector stays as it was; `check` passes and
+    image search finds every image again."""
+    from crossmodal_rag import Collection
+    from crossmodal_rag.cli import main
+    from tests.test_check import poison_shard
+
+    with Collection.open(photo_collection) as c:
+        dim = c.manifest.dim
+        images, texts = c.store.ids("image"), c.store.ids("text")
+        image, caption = int(images[2]), int(texts[1])
+        before = {n: c.shards[n].lookup(c.store.ids(n)) for n in ("image", "text")}
+        enc = c.encoder
+        want_image = enc.encode_images([c.get(image)[0].path])[0]
+        want_caption = enc.encode_texts([c.get(caption)[0].text])[0]
+    poison_shard(photo_collection, "image", {image: np.inf})
+    poison_shard(photo_collection, "text", {caption: 1e-7})  # denormal float16
+    with Collection.open(photo_collection) as c:
+        assert not c.check().ok
+    assert main(["-q", "reindex", str(photo_collection), "--repair", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["repair"]["reembedded"] == sorted([image, caption])
+    assert report["repair"]["removed"] == [] and report["repair"]["kept"] == []
+    with Collection.open(photo_collection) as c:
+        assert c.check().ok, c.check().problems
+        after = {n: c.shards[n].lookup(c.store.ids(n)) for n in ("image", "text")}
+        np.testing.assert_allclose(c.store.vectors([image], dim)[0], want_image, atol=1e-5)
+        np.testing.assert_allclose(c.store.vectors([caption], dim)[0], want_caption, atol=1e-5)
+        np.testing.assert_allclose(after["image"][images == image][0], want_image, atol=2e-3)
+        np.testing.assert_allclose(after["text"][texts == caption][0], want_caption, atol=2e-3)
+        for name, ids, victim in (("image", images, image), ("text", texts, caption)):
+            others = ids != victim
+            np.testing.assert_allclose(after[name][others], before[name][others], atol=1e-3)
+        assert len(c.search("a cat", k=10)) == len(images)
+
+
+def test_reindex_repair_keeps_or_removes_an_image_whose_source_is_gone(photo_collection: Path) -> None:
+    """Source gone: a sound committed vector is copied back into the shards; an item whose
+    committed vector is bad too is removed, and reported with its path and why."""
+    import sqlite3
+
+    from crossmodal_rag import Collection
+    from tests.test_check import poison_shard
+
+    with Collection.open(photo_collection) as c:
+        dim = c.manifest.dim
+        ids = c.store.ids("image")
+        keep, drop = int(ids[0]), int(ids[3])
+        keep_path, drop_path = c.get(keep)[0].path, c.get(drop)[0].path
+        committed = c.store.vectors([keep], dim)[0]
+    Path(keep_path).unlink()
+    Path(drop_path).unlink()
+    poison_shard(photo_collection, "image", {keep: np.nan, drop: np.nan})
+    with sqlite3.connect(photo_collection / "metadata.sqlite") as db:
+        db.execute("UPDATE items SET vector = ? WHERE id = ?",
+                   (np.full(dim, np.nan, "<f4").tobytes(), drop))
+    with Collection.open(photo_collection, writable=True) as c:
+        report = c.reindex(repair=True)["repair"]
+    assert report["kept"] == [keep] and report["reembedded"] == []
+    assert [(r["id"], r["path"]) for r in report["removed"]] == [(drop, drop_path)]
+    assert report["removed"][0]["reason"] == f"{drop_path}: no such file"
+    with Collection.open(photo_collection) as c:
+        assert c.check().ok, c.check().problems
+        assert drop not in c.store.ids("image") and keep in c.store.ids("image")
+        np.testing.assert_allclose(c.shards["image"].lookup(np.array([keep]))[0], committed, atol=2e-3)
+
+
+def test_reindex_rebuilds_a_shard_of_another_dimension(photo_collection: Path) -> None:
+    """Its advice was "run reindex", which then failed on the same shard: now reindex rebuilds
+    it from the metadata (no re-embedding needed) and `check` passes."""
+    from crossmodal_rag import Collection
+
+    m = Manifest.read(photo_collection)
+    shard = m.embeddings["image"][0]
+    vecs = np.load(photo_collection / shard.path)
+    np.save(photo_collection / shard.path, vecs[:, : vecs.shape[1] // 2])
+    with Collection.open(photo_collection) as c:
+        problems = c.check().problems
+    assert any(shard.path in p and "reindex" in p for p in problems), problems
+    with Collection.open(photo_collection, writable=True) as c:
+        built = c.reindex()
+    assert [r["file"] for r in built["image"]["shards_rebuilt"]] == [shard.path]
+    with Collection.open(photo_collection) as c:
+        assert c.check().ok, c.check().problems
+        ids = c.store.ids("image")
+        np.testing.assert_allclose(c.shards["image"].lookup(ids), c.store.vectors(ids.tolist(), c.manifest.dim),
+                                   atol=2e-3)

@@ -169,3 +169,92 @@ def test_default_text_model(monkeypatch: pytest.MonkeyPatch, tiny_st: Path) -> N
     monkeypatch.setenv(sentence.DEFAULT_ENV, "not a spec at all")
     with pytest.raises(ModelSpecError, match=sentence.DEFAULT_ENV):
         sentence.default_text_model()
+
+
+# -- a text space that cannot identify its model or its collection is refused (issue 25) --------------
+def _edit_space(folder: Path, *, manifest: dict | None = None, ids: np.ndarray | None = None,
+                vectors: np.ndarray | None = None) -> None:
+    space = folder / "text_space"
+    current = json.loads((space / "manifest.json").read_text())
+    ids_file, vectors_file = array_files(space, current)
+    if ids is not None:
+        np.save(ids_file, ids)
+    if vectors is not None:
+        np.save(vectors_file, vectors.astype(np.float32))
+    if manifest is not None:
+        (space / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _hostile(kind: str, folder: Path, coll: Collection, other_model: Path) -> str:
+    """Damage the text space of ``coll`` in ``folder`` one way; returns what the refusal names."""
+    space = folder / "text_space"
+    manifest = json.loads((space / "manifest.json").read_text())
+    ids_file, vectors_file = array_files(space, manifest)
+    ids, vectors = np.load(ids_file), np.load(vectors_file)
+    if kind == "nan probe, another model":
+        _edit_space(folder, manifest={**manifest, "spec": str(other_model),
+                                      "probe": np.full_like(np.asarray(manifest["probe"]), np.nan).tolist()})
+        return "probe holds NaN"
+    if kind == "probe of another dimension":
+        probe = np.asarray(manifest["probe"])
+        _edit_space(folder, manifest={**manifest, "probe": np.pad(probe, ((0, 0), (0, 1))).tolist()})
+        return "probe is of shape"
+    if kind == "blank collection id":
+        _edit_space(folder, manifest={**manifest, "collection_id": ""})
+        return "no collection id"
+    if kind == "no collection id":
+        _edit_space(folder, manifest={k: v for k, v in manifest.items() if k != "collection_id"})
+        return "no collection id"
+    if kind == "nan vector":
+        vectors[2, 5] = np.nan
+        _edit_space(folder, vectors=vectors)
+        return f"hold NaN or infinity (e.g. {ids[2]})"
+    if kind == "inf vector":
+        vectors[0] = np.inf
+        _edit_space(folder, vectors=vectors)
+        return f"hold NaN or infinity (e.g. {ids[0]})"
+    if kind == "zero vector":
+        vectors[1] = 0.0
+        _edit_space(folder, vectors=vectors)
+        return f"not of unit norm (|1 - norm| > 0.001) (e.g. {ids[1]})"
+    if kind == "ids of images":
+        image = int(coll.store.ids("image")[0])
+        ids[3] = image
+        _edit_space(folder, ids=np.sort(ids))
+        return f"image items, not text (e.g. {image})"
+    raise AssertionError(kind)
+
+
+HOSTILE = ["nan probe, another model", "probe of another dimension", "blank collection id", "no collection id",
+           "nan vector", "inf vector", "zero vector", "ids of images"]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_text_space_is_refused_and_reindex_rebuilds_it(coll_dir: Path, tiny_st: Path, tmp_path: Path,
+                                                                  kind: str) -> None:
+    from crossmodal_rag import routing
+    from crossmodal_rag.cli import main
+    from crossmodal_rag.text_space_audit import check_text_space
+
+    other = make_tiny_sentence_model(tmp_path / "other", seed=11)
+    with Collection.open(coll_dir, writable=True) as coll:
+        sync_text_space(coll, str(tiny_st))
+        named = _hostile(kind, coll_dir, coll, other)
+    with Collection.open(coll_dir) as coll:
+        with pytest.raises(CollectionError, match="reindex") as e:
+            open_text_space(coll)
+        assert named in str(e.value), str(e.value)
+        with pytest.raises(CollectionError, match="text space cannot be used"):
+            routing.search(coll, "a ship with salt", k=3, target="texts")  # never a silent answer
+        problems, _ = check_text_space(coll_dir, coll.store, load_model=False)
+        assert any(named in p and "reindex" in p for p in problems), problems
+    assert main(["-q", "reindex", str(coll_dir)]) == 0  # rebuilds it
+    with Collection.open(coll_dir) as coll:
+        space = open_text_space(coll)
+        assert space is not None and np.array_equal(space.ids, coll.store.ids("text"))
+        report = coll.check()
+        assert report.ok, report.problems
+        enc = space.encoder  # the model the manifest names reproduces the rebuilt probe
+        items = coll.store.get_items(space.ids.tolist())
+        np.testing.assert_allclose(space.vectors, enc.encode_texts([items[i].text for i in space.ids.tolist()]),
+                                   atol=1e-5)

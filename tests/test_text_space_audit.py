@@ -136,3 +136,37 @@ def test_check_reports_damaged_files(coll_dir: Path, capsys: pytest.CaptureFixtu
     _files(coll_dir)[0].write_bytes(b"not numpy")
     code, report = _check(coll_dir, capsys)
     assert code == 1 and any("text space: damaged" in p for p in report["problems"])
+
+
+def test_info_and_check_read_the_text_space_in_their_metadata_snapshot(coll_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer commits (here: a caption deleted through another connection) just as the text
+    space is read: `info` and `check` still describe one generation of the metadata, so the text
+    space is in step with the counts they print, not with a commit they did not count."""
+    import sqlite3
+
+    from crossmodal_rag import text_space_audit
+
+    real = text_space_audit._read
+    with Collection.open(coll_dir) as coll:
+        victims = [int(i) for i in coll.store.ids("text")[:2]]
+        first, texts = victims[0], len(coll.store.ids("text"))
+        captions = coll.counts()["captions"]
+
+    def commit_meanwhile(folder: Path) -> object:
+        if victims:
+            with sqlite3.connect(coll_dir / "metadata.sqlite") as db:
+                db.execute("DELETE FROM items WHERE id = ?", (victims.pop(0),))
+        return real(folder)
+
+    monkeypatch.setattr(text_space_audit, "_read", commit_meanwhile)
+    with Collection.open(coll_dir) as coll:
+        info = coll.info()
+        assert info["counts"]["captions"] == captions
+        assert info["text_space"]["in_step"], info["text_space"]
+        report = coll.check()  # sees the first commit (made before it began), not the second
+        assert report.counts["captions"] == captions - 1
+        steps = [p for p in report.problems if "out of step" in p]
+        assert len(steps) == 1 and f"({texts - 1} text items)" in steps[0], report.problems
+        assert f"1 row(s) of items no longer there (e.g. {first})" in steps[0]
+    assert not victims  # both commits happened while the text space was being read

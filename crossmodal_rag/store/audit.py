@@ -13,26 +13,49 @@ index's own codec makes of the same vector (``sa_decode(sa_encode(v))``, of the 
 and of its float16 copy): the stored reconstruction may be at most a little farther from the
 metadata vector than that. A vector replaced by another unrelated one lands far outside that
 bound; one swapped with a near neighbour closer than the codec's own error cannot be told apart
-by any codec-level comparison, and is not.
+by any codec-level comparison, and is not. A NaN anywhere counts as a difference.
+
+Beside that comparison (of every id up to :data:`CHECK_ALL_MAX_VECTORS`, a seeded sample
+beyond), every stored vector's values are checked, not a sample: the float16 shards in one
+vectorised pass over their memory maps (:func:`audit_shards`, finite and of unit norm within
+:data:`~.shards.UNIT_NORM_TOLERANCE`), and every vector an index can reconstruct
+(:func:`index_faults`: finite; of unit norm too where the index stores vectors exactly).
+:func:`audit_shards` also says which shard files cannot be used (unreadable, of another shape or
+dtype, not written by this collection) and which live ids would have to come from the metadata
+instead: what ``reindex`` rebuilds, or refuses to build from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
-from .shards import EmbeddingShards
+from ..errors import CollectionError
+from .binding import foreign_shard, recorded_shard_files
+from .manifest import ShardFile
+from .shards import UNIT_NORM_TOLERANCE, EmbeddingShards, VectorFaults, vector_faults
 from .vectors import VectorIndex
+
+if TYPE_CHECKING:
+    from .metadata import MetadataStore
 
 __all__ = [
     "CHECK_ALL_MAX_VECTORS",
+    "MAX_NAMED",
+    "METADATA_NORM_TOLERANCE",
+    "ShardAudit",
     "VectorAudit",
+    "audit_shards",
     "audit_vectors",
     "examples",
     "id_disagreement",
+    "index_faults",
+    "metadata_faults",
+    "name_items",
     "sample_ids",
 ]
 
@@ -45,8 +68,12 @@ FLOAT16_ATOL = 2e-3
 #: A stored code may be this much farther from the metadata vector than the codec's own
 #: round trip of it (relative, absolute): room for float16 input and ties between codes.
 _CODEC_SLACK = (1.25, 0.01)
+#: The metadata's float32 vectors are written unit-norm by the encoders (and the importer).
+METADATA_NORM_TOLERANCE = 1e-3
 _CHUNK = 10_000
 _EXAMPLES = 5
+#: Items named one by one (id and path) in a message about bad vectors; the rest are counted.
+MAX_NAMED = 10
 
 
 @dataclass
@@ -58,6 +85,7 @@ class VectorAudit:
     bad_index: list[int] = field(default_factory=list)  # index vector != metadata vector
     bad_shards: list[int] = field(default_factory=list)  # float16 copy != metadata vector
     unsupported: str = ""  # why the index's vectors could not be read back (then not compared)
+    bad_metadata: VectorFaults | None = None  # compared ids whose metadata vector is unusable
 
 
 def sample_ids(ids: np.ndarray, max_vectors: int | None, seed: int) -> np.ndarray:
@@ -126,14 +154,17 @@ def audit_vectors(
     codec = None if read is None else _codec(index.index)  # type: ignore[union-attr]
     in_index = np.zeros(0, np.int64) if read is None else index.ids()  # type: ignore[union-attr]
     slack, floor = _CODEC_SLACK
+    bad_meta: list[VectorFaults] = []
     for start in range(0, len(ids), _CHUNK):
         chunk = ids[start : start + _CHUNK]
         meta = metadata(chunk)
+        faults = vector_faults(chunk, meta, METADATA_NORM_TOLERANCE)
+        bad_meta.append(faults)
         sharded = np.isin(chunk, held_by_shards)
         copies = np.full_like(meta, np.nan)
         if sharded.any():
             copies[sharded] = shards.lookup(chunk[sharded])
-            off = np.abs(copies[sharded] - meta[sharded]).max(axis=1) > FLOAT16_ATOL
+            off = ~(np.abs(copies[sharded] - meta[sharded]).max(axis=1) <= FLOAT16_ATOL)  # NaN: off
             audit.bad_shards += chunk[sharded][off].tolist()
             sharded[np.flatnonzero(sharded)[off]] = False  # a wrong copy is no reference below
         if read is None:
@@ -154,5 +185,112 @@ def audit_vectors(
                 refs.append(ref16)
             own = np.max([np.linalg.norm(r - want, axis=1) for r in refs], axis=0)
             bound = own * slack + floor
-        audit.bad_index += chunk[here][err > bound].tolist()
+        audit.bad_index += chunk[here][~(err <= bound)].tolist()  # NaN: bad
+    audit.bad_metadata = VectorFaults(
+        np.concatenate([f.nonfinite for f in bad_meta] or [np.zeros(0, np.int64)]),
+        np.concatenate([f.off_norm for f in bad_meta] or [np.zeros(0, np.int64)]))
     return audit
+
+
+def index_faults(index: VectorIndex) -> tuple[VectorFaults, str]:
+    """``(faults, "")``: every vector ``index`` holds that is not finite, or (where it stores
+    vectors exactly) not of unit norm; ``(no faults, why)`` when it cannot reconstruct them."""
+    none = VectorFaults(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    read = _reader(index.index)
+    if read is None:
+        return none, f"a {type(faiss.downcast_index(index.index)).__name__} index cannot reconstruct"
+    tolerance = UNIT_NORM_TOLERANCE if _codec(index.index) is None else None
+    ids = index.ids()
+    parts = [vector_faults(ids[s : s + _CHUNK], read(ids[s : s + _CHUNK]), tolerance)
+             for s in range(0, len(ids), _CHUNK)]
+    if not parts:
+        return none, ""
+    return VectorFaults(np.concatenate([f.nonfinite for f in parts]),
+                        np.concatenate([f.off_norm for f in parts])), ""
+
+
+def metadata_faults(store: MetadataStore, ids: np.ndarray, dim: int) -> VectorFaults:
+    """The ``ids`` whose committed (metadata) vector is unreadable, not finite or not of unit
+    norm (unreadable ones count as not finite)."""
+    nonfinite: list[np.ndarray] = []
+    off_norm: list[np.ndarray] = []
+    for start in range(0, len(ids), _CHUNK):
+        chunk = np.asarray(ids[start : start + _CHUNK], dtype=np.int64)
+        vectors, unreadable = store.vectors_as_stored(chunk.tolist(), dim)
+        vectors[unreadable] = np.nan
+        faults = vector_faults(chunk, vectors, METADATA_NORM_TOLERANCE)
+        nonfinite.append(faults.nonfinite)
+        off_norm.append(faults.off_norm)
+    empty = np.zeros(0, np.int64)
+    return VectorFaults(np.concatenate(nonfinite or [empty]), np.concatenate(off_norm or [empty]))
+
+
+@dataclass
+class ShardAudit:
+    """What :func:`audit_shards` found in one index's float16 shards."""
+
+    unusable: list[tuple[ShardFile, str]]  # shard files not to build from, and why
+    faults: VectorFaults  # live ids whose float16 vector (in a readable shard) is bad
+    missing: np.ndarray  # live ids no usable shard holds: rebuilt from the metadata
+    bad_metadata: VectorFaults  # of ``missing``, those whose metadata vector is bad too
+
+    @property
+    def reembed(self) -> np.ndarray:
+        """Ids that only re-embedding can repair (no good copy to build from), sorted."""
+        return np.union1d(self.faults.ids, self.bad_metadata.ids)
+
+
+def audit_shards(store: MetadataStore, name: str, shards: EmbeddingShards, live: np.ndarray,
+                 dim: int, *, new_from: int | None = None) -> ShardAudit:
+    """Inspect the shards of index ``name`` for the ``live`` ids (sorted), reading only: which
+    shard files cannot be used (unreadable, of another shape or dtype, or -- in a collection
+    that records them -- not one it wrote), the live ids whose stored vector is not finite or
+    not of unit norm (in every readable shard), and the live ids that would have to be rebuilt
+    from the metadata, with those whose metadata vector is bad too. ``new_from``: ids above it
+    are not expected in the shards yet (committed since; the next persist appends them)."""
+    recorded = recorded_shard_files(store)
+    unusable: list[tuple[ShardFile, str]] = []
+    readable: list[ShardFile] = []
+    for shard in shards.shards:
+        why = shards.unusable(shard)
+        if why is None:
+            readable.append(shard)
+            try:
+                why = foreign_shard(store, name, shard, lambda s=shard: shards.digest(s), recorded)
+            except CollectionError as e:  # unreadable now: one more reason
+                why = str(e)
+        if why is not None:
+            unusable.append((shard, why))
+    look = EmbeddingShards(shards.folder, name, shards.dim, readable)
+    faults = look.scan(live)
+    dropped = {s.path for s, _ in unusable}
+    kept = EmbeddingShards(shards.folder, name, shards.dim, [s for s in readable if s.path not in dropped])
+    missing = np.setdiff1d(live, kept.held_ids(), assume_unique=True)
+    if new_from is not None:
+        missing = missing[missing <= new_from]
+    return ShardAudit(unusable, faults, missing, metadata_faults(store, missing, dim))
+
+
+def name_items(store: MetadataStore, ids: np.ndarray | list[int], limit: int = MAX_NAMED) -> str:
+    """Up to ``limit`` of ``ids`` with what each is (``"3 (/photos/cat.jpg)"``, ``"7 (caption of
+    /photos/cat.jpg)"``, ``"9 (passage 'Title')"``), then how many more."""
+    ids = [int(i) for i in ids]
+    shown = ids[:limit]
+    try:
+        items = store.get_items(shown)
+    except CollectionError:  # a damaged row: name the ids alone
+        items = {}
+    parts = []
+    for i in shown:
+        item = items.get(i)
+        if item is None:
+            parts.append(str(i))
+        elif item.kind == "image":
+            parts.append(f"{i} ({item.path})" if item.path else f"{i} (image)")
+        elif item.kind == "passage":
+            label = item.title or item.ext_id or (item.text or "")[:40]
+            parts.append(f"{i} (passage {label!r})")
+        else:
+            parts.append(f"{i} ({item.kind} of {item.path})" if item.path else f"{i} ({item.kind})")
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(parts) + more

@@ -9,7 +9,11 @@ together. So the metadata (the commit log, see :mod:`crossmodal_rag.store.metada
 - the checksums of the last index files each writer switched the manifest to
   (:data:`INDEX_FILES_KEY`, the newest :data:`KEEP` per index, so a reader that read the
   manifest just before a writer replaced it still finds its files): an index file whose checksum
-  is not among them is another collection's, and is rebuilt from the metadata with a warning.
+  is not among them is another collection's, and is rebuilt from the metadata with a warning;
+- the checksum of each float16 embedding shard the manifest lists (:data:`SHARD_FILES_KEY`,
+  path -> checksum per index, of the current shards and those just before): a shard whose file
+  no longer has its recorded checksum (copied from another collection, edited) is reported by
+  ``check`` and rebuilt from the metadata by ``reindex``.
 
 Collections made before either existed (no id on one side) are read as they are and bound on
 their next writable open.
@@ -24,13 +28,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import CollectionError
-from .manifest import MANIFEST_NAME, IndexFile, Manifest
+from .manifest import MANIFEST_NAME, IndexFile, Manifest, ShardFile
 
 if TYPE_CHECKING:
     from .metadata import MetadataStore
 
-__all__ = ["COLLECTION_ID_KEY", "INDEX_FILES_KEY", "KEEP", "check_collection_id", "foreign_index",
-           "new_collection_id", "remember_index_files"]
+__all__ = ["COLLECTION_ID_KEY", "INDEX_FILES_KEY", "KEEP", "SHARD_FILES_KEY", "check_collection_id",
+           "foreign_index", "foreign_shard", "new_collection_id", "recorded_shard_files",
+           "remember_index_files", "remember_shard_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +44,10 @@ INDEX_FILES_KEY = "index_files"
 #: Checksums kept per index: the current file's and those of the few before it.
 KEEP = 4
 _MAX_RECORD_CHARS = 4096
+SHARD_FILES_KEY = "shard_files"
+#: Shard checksums kept per index: the current shards' first, then those of earlier manifests.
+KEEP_SHARDS = 1024
+_MAX_SHARD_RECORD_CHARS = 1 << 20
 
 
 def new_collection_id() -> str:
@@ -101,3 +110,58 @@ def remember_index_files(store: MetadataStore, files: dict[str, IndexFile]) -> N
     for name, f in files.items():
         recorded[name] = ([f.sha256] + [s for s in recorded.get(name, []) if s != f.sha256])[:KEEP]
     store.put_meta(INDEX_FILES_KEY, json.dumps(recorded))
+
+
+def recorded_shard_files(store: MetadataStore) -> dict[str, dict[str, str]] | None:
+    """Index name -> {shard vectors path -> checksum} as recorded; None if nothing (usable) is
+    recorded (a collection made before shards were bound, or a damaged record)."""
+    text = store.get_meta(SHARD_FILES_KEY)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text) if len(text) <= _MAX_SHARD_RECORD_CHARS else None
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict) or not all(
+            isinstance(v, dict) and all(isinstance(p, str) and isinstance(h, str) for p, h in v.items())
+            for v in data.values()):
+        logger.warning("%s: the record of its embedding shards is damaged; shards cannot be checked "
+                       "against it until the next writer records them again", store.path)
+        return None
+    return data
+
+
+def foreign_shard(store: MetadataStore, name: str, shard: ShardFile, digest: Callable[[], str],
+                  recorded: dict[str, dict[str, str]] | None = None) -> str | None:
+    """Why embedding shard ``shard`` (of index ``name``) is not one this collection wrote, or
+    None (also when the collection has no record yet). ``digest`` gives the file's checksum now;
+    ``recorded``: :func:`recorded_shard_files`, when already read."""
+    recorded = recorded_shard_files(store) if recorded is None else recorded
+    if recorded is None:
+        return None
+    want = recorded.get(name, {}).get(shard.path)
+    if want is not None and want == digest():
+        return None
+    path = store.path.parent / shard.path
+    what = "is not among those its metadata recorded" if want is None else "differs from the one recorded"
+    return (f"embedding shard {path} is not one this collection wrote: its checksum {what} "
+            "(copied from another collection, or edited?)")
+
+
+def remember_shard_files(store: MetadataStore, current: dict[str, dict[str, str | None]]) -> None:
+    """Record the checksums of the shards a manifest is about to list: index name -> {path ->
+    checksum, or None when this writer does not know it}. A path without a checksum is hashed
+    by ``digest`` only in a collection with no record yet (bound now); in a bound one it stays
+    unrecorded (a shard the collection did not write)."""
+    before = recorded_shard_files(store) or {}
+    out: dict[str, dict[str, str]] = {}
+    for name, paths in current.items():
+        old = before.get(name, {})
+        mine = {p: h or old.get(p) for p, h in paths.items()}
+        kept = {p: h for p, h in mine.items() if h}
+        for p, h in old.items():  # a reader of the previous manifest still finds its shards
+            if len(kept) >= KEEP_SHARDS:
+                break
+            kept.setdefault(p, h)
+        out[name] = kept
+    store.put_meta(SHARD_FILES_KEY, json.dumps(out))

@@ -164,6 +164,8 @@ class MetadataStore:
             if not virtual and (not isinstance(sql, str)
                                 or not sql.lstrip()[:12].upper().startswith("CREATE TABLE")):
                 raise self._tampered(f"{name!r} is not a plain table")
+            if virtual and sql == want_sql:  # its statement fixes its columns; reading them would
+                continue  # construct it, which fails on a damaged keyword index (check/reindex see it)
             have = {r[1] for r in self.conn.execute(f"PRAGMA table_info('{name}')")}
             missing = sorted(columns - have)
             if missing:
@@ -469,7 +471,22 @@ class MetadataStore:
         Ids with no row (removed by a concurrent writer) get a zero row, never uninitialised
         memory; callers look the items up afterwards and drop the missing ones.
         """
+        out, _ = self._vector_rows(ids, dim, strict=True)
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            raise self._bad_item(int(np.asarray(ids)[~finite][0]), "its vector holds NaN or infinity")
+        return out
+
+    @_locked
+    def vectors_as_stored(self, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors (len(ids), dim) float32, unreadable (len(ids),) bool)``: the stored vectors
+        as they are, NaN and infinity included, for checks and repairs; a vector of another size
+        (or not a blob) is a zero row marked ``unreadable``, never an error."""
+        return self._vector_rows(ids, dim, strict=False)
+
+    def _vector_rows(self, ids: Sequence[int], dim: int, *, strict: bool) -> tuple[np.ndarray, np.ndarray]:
         out = np.zeros((len(ids), dim), dtype=np.float32)
+        unreadable = np.zeros(len(ids), dtype=bool)
         pos = {int(i): n for n, i in enumerate(ids)}
         for chunk in chunks([int(i) for i in ids], 500):
             marks = ",".join("?" * len(chunk))
@@ -477,14 +494,14 @@ class MetadataStore:
                 f"SELECT id, vector FROM items WHERE id IN ({marks})", chunk
             ):
                 if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+                    if not strict:
+                        unreadable[pos[item_id]] = True
+                        continue
                     size = f"{len(blob)} bytes" if isinstance(blob, bytes) else f"a {type(blob).__name__}"
                     raise self._bad_item(item_id, f"its vector is {size}, not {dim} float32 values "
                                                   f"({4 * dim} bytes)")
                 out[pos[item_id]] = np.frombuffer(blob, dtype="<f4")
-        finite = np.isfinite(out).all(axis=1)
-        if not finite.all():
-            raise self._bad_item(int(np.asarray(ids)[~finite][0]), "its vector holds NaN or infinity")
-        return out
+        return out, unreadable
 
     def _bad_item(self, item_id: int, what: str) -> CollectionError:
         return CollectionError(

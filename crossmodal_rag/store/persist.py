@@ -27,9 +27,12 @@ from .ann import AUTO, SearchParams, choose_index, min_training_vectors, trainin
 from .binding import (
     COLLECTION_ID_KEY,
     INDEX_FILES_KEY,
+    SHARD_FILES_KEY,
     foreign_index,
     new_collection_id,
+    recorded_shard_files,
     remember_index_files,
+    remember_shard_files,
 )
 from .build import build_index, tune_index
 from .layout import INDEX_NAMES, now, remove_unlisted_files
@@ -119,9 +122,11 @@ class IndexState:
                 self.persist()
 
     def bind(self) -> None:
-        """On a writable open of a collection made before binding: record its index files in the
-        metadata and its id in the manifest (see :mod:`crossmodal_rag.store.binding`)."""
-        if self.manifest.collection_id and self.store.get_meta(INDEX_FILES_KEY):
+        """On a writable open of a collection made before binding: record its index files and
+        embedding shards in the metadata and its id in the manifest (see
+        :mod:`crossmodal_rag.store.binding`)."""
+        if (self.manifest.collection_id and self.store.get_meta(INDEX_FILES_KEY)
+                and self.store.get_meta(SHARD_FILES_KEY) is not None):
             return
         logger.info("%s: binding the manifest and index files to the metadata (collection id %s)",
                     self.folder, self.store.get_meta(COLLECTION_ID_KEY))
@@ -253,6 +258,25 @@ class IndexState:
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32), np.concatenate(ids)
 
     # -- writing ---------------------------------------------------------------------------
+    def remember_shards(self) -> None:
+        """Record the checksums of the shards the next manifest lists (see
+        :mod:`.binding`): those written here are known; a collection with no record yet has
+        its shards hashed now (bound); in a bound collection a shard of unknown checksum stays
+        unrecorded (not one it wrote)."""
+        legacy = recorded_shard_files(self.store) is None
+        current: dict[str, dict[str, str | None]] = {}
+        for name, sh in self.shards.items():
+            current[name] = {}
+            for s in sh.shards:
+                known = sh.hashes.get(s.path)
+                if known is None and legacy:
+                    try:
+                        known = sh.digest(s)
+                    except CollectionError as e:
+                        logger.warning("%s", e)
+                current[name][s.path] = known
+        remember_shard_files(self.store, current)
+
     @phase("persist")
     def persist(self) -> None:
         """Bring the shards and indexes up to date, write changed indexes under new file names,
@@ -278,6 +302,7 @@ class IndexState:
                 record = ix.save(self.folder, relpath, fsync=self.fsync)
             files[name] = record
         remember_index_files(self.store, files)  # before the manifest names them
+        self.remember_shards()
         self.manifest = replace(
             self.manifest, generation=gen, files=files, counts=self.store.counts(),
             updated_at=now(), library_version=__version__, format_version=FORMAT_VERSION,

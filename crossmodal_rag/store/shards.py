@@ -12,21 +12,33 @@ and without holding all vectors in RAM: shards are memory-mapped when read. Remo
 old shards until :meth:`EmbeddingShards.compact` rewrites them; the metadata decides what is live.
 Float16 keeps ~3 significant digits: cosine scores from shard vectors differ from float32 ones
 by about 1e-3 at most.
+
+Each shard's checksum (:meth:`EmbeddingShards.digest`: sha256 of its vectors file then its ids
+file) is computed as it is written and recorded in the metadata
+(:func:`crossmodal_rag.store.binding.remember_shard_files`), so a shard the collection did not
+write (copied from another collection, edited) is told apart. :meth:`EmbeddingShards.scan`
+checks every stored vector's values (finite, unit norm within :data:`UNIT_NORM_TOLERANCE`) in
+one vectorised pass over the memory maps; :meth:`EmbeddingShards.rewrite` rewrites the shards
+whole, in id order, taking the vectors of ids that must change from elsewhere (the metadata, a
+re-embedding).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import CollectionError
 from .manifest import ShardFile, fsync_dir, open_new_file
 
-__all__ = ["EmbeddingShards", "ShardFile"]
+__all__ = ["UNIT_NORM_TOLERANCE", "EmbeddingShards", "ShardFile", "VectorFaults", "vector_faults"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +46,29 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHARD_SIZE = 100_000
 
 
-def _save_npy(path: Path, array: np.ndarray, fsync: bool) -> None:
+#: A stored vector whose norm differs from 1 by more than this is reported (and not built
+#: from): float16 copies of unit vectors keep their norm within ~5e-4 of 1 (each component is
+#: rounded to 11 significant bits), so a zero, denormal or rescaled row stands far outside it.
+UNIT_NORM_TOLERANCE = 1e-2
+_SCAN_CHUNK = 65_536  # rows converted to float32 at a time by scan()
+
+
+class _Hashing:
+    """A file object that feeds what is written to it to a hash as well."""
+
+    def __init__(self, f: Any, digest: Any) -> None:
+        self.f, self.digest = f, digest
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+
+def _save_npy(path: Path, array: np.ndarray, fsync: bool, digest: Any = None) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with os.fdopen(open_new_file(tmp), "wb") as f:  # never through a planted link
-            np.save(f, array, allow_pickle=False)
+            np.save(f if digest is None else _Hashing(f, digest), array, allow_pickle=False)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -57,6 +87,36 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+@dataclass
+class VectorFaults:
+    """Ids whose stored vectors are unusable, by fault."""
+
+    nonfinite: np.ndarray  # (n,) int64: a NaN or an infinity in the vector
+    off_norm: np.ndarray  # (m,) int64: finite, but the norm is not 1 within the tolerance
+
+    @property
+    def ids(self) -> np.ndarray:
+        """All faulty ids, sorted."""
+        return np.union1d(self.nonfinite, self.off_norm)
+
+    def __len__(self) -> int:
+        return len(self.nonfinite) + len(self.off_norm)
+
+
+def vector_faults(ids: np.ndarray, vectors: np.ndarray, tolerance: float | None = UNIT_NORM_TOLERANCE
+                  ) -> VectorFaults:
+    """Which of ``vectors`` ``(n, d)`` (any float dtype) under ``ids`` ``(n,)`` are not finite,
+    and (``tolerance`` not None) which finite ones are not of unit norm within ``tolerance``."""
+    x = np.asarray(vectors, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    off = np.zeros(len(x), bool)
+    if tolerance is not None:
+        norms = np.sqrt(np.einsum("ij,ij->i", np.where(finite[:, None], x, 0.0), np.where(finite[:, None], x, 0.0)))
+        off = finite & ~(np.abs(norms - 1.0) <= tolerance)
+    ids = np.asarray(ids, dtype=np.int64)
+    return VectorFaults(ids[~finite], ids[off])
+
+
 class EmbeddingShards:
     """The shards of one index (``"image"`` or ``"text"``) of a collection."""
 
@@ -65,6 +125,7 @@ class EmbeddingShards:
         self.name = name
         self.dim = int(dim)
         self.shards: list[ShardFile] = list(shards or [])
+        self.hashes: dict[str, str] = {}  # vectors file path -> digest, of shards written here
         self._lookup: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._opened: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # path -> (ids, vectors) maps
 
@@ -101,13 +162,66 @@ class EmbeddingShards:
         sub = self.folder / "embeddings" / self.name
         sub.mkdir(parents=True, exist_ok=True)
         vec_path, ids_path = sub / f"{stem}.f16.npy", sub / f"{stem}.ids.npy"
-        _save_npy(vec_path, np.asarray(vectors, dtype=np.float16), fsync)
-        _save_npy(ids_path, np.asarray(ids, dtype=np.int64), fsync)
+        digest = hashlib.sha256()
+        _save_npy(vec_path, np.asarray(vectors, dtype=np.float16), fsync, digest)
+        _save_npy(ids_path, np.asarray(ids, dtype=np.int64), fsync, digest)
         if fsync:
             fsync_dir(sub)
-        return ShardFile(path=str(vec_path.relative_to(self.folder)),
-                         ids_path=str(ids_path.relative_to(self.folder)), count=len(ids),
-                         min_id=int(ids.min()), max_id=int(ids.max()))
+        record = ShardFile(path=str(vec_path.relative_to(self.folder)),
+                           ids_path=str(ids_path.relative_to(self.folder)), count=len(ids),
+                           min_id=int(ids.min()), max_id=int(ids.max()))
+        self.hashes[record.path] = digest.hexdigest()
+        return record
+
+    def digest(self, shard: ShardFile) -> str:
+        """sha256 of the shard's vectors file followed by its ids file, as read from disk now
+        (raises CollectionError when they cannot be read)."""
+        digest = hashlib.sha256()
+        for rel in (shard.path, shard.ids_path):
+            try:
+                with open(self.folder / rel, "rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+            except OSError as e:
+                raise CollectionError(f"embedding shard {self.folder / rel} is unreadable: {e}") from e
+        return digest.hexdigest()
+
+    def unusable(self, shard: ShardFile) -> str | None:
+        """Why ``shard`` cannot be read as the manifest describes it (unreadable, another shape
+        or dtype, e.g. a shard of another dimension), or None."""
+        try:
+            self._map(shard)
+        except CollectionError as e:
+            return str(e)
+        return None
+
+    def without(self, dropped: list[ShardFile]) -> None:
+        """Stop using the ``dropped`` shards (their ids then count as not held)."""
+        gone = {s.path for s in dropped}
+        self.shards = [s for s in self.shards if s.path not in gone]
+        self._lookup = None
+        self._opened.clear()
+
+    def scan(self, live: np.ndarray | None = None, tolerance: float | None = UNIT_NORM_TOLERANCE
+             ) -> VectorFaults:
+        """The ``live`` ids (sorted; None: all) whose stored float16 vectors are not finite or
+        not of unit norm (:func:`vector_faults`), in one pass over the memory-mapped shards."""
+        nonfinite: list[np.ndarray] = []
+        off_norm: list[np.ndarray] = []
+        for shard in self.shards:
+            ids, vecs = self._open(shard)
+            for start in range(0, shard.count, _SCAN_CHUNK):
+                part_ids = ids[start : start + _SCAN_CHUNK]
+                rows = vecs[start : start + _SCAN_CHUNK]
+                if live is not None:
+                    keep = np.isin(part_ids, live)
+                    part_ids, rows = part_ids[keep], rows[keep]
+                faults = vector_faults(part_ids, rows, tolerance)
+                nonfinite.append(faults.nonfinite)
+                off_norm.append(faults.off_norm)
+        empty = np.zeros(0, np.int64)
+        return VectorFaults(np.unique(np.concatenate(nonfinite or [empty])),
+                            np.unique(np.concatenate(off_norm or [empty])))
 
     def _open(self, shard: ShardFile) -> tuple[np.ndarray, np.ndarray]:
         """Memory maps of a shard's ids and vectors, kept open (re-ranking reads them per query)."""
@@ -126,11 +240,16 @@ class EmbeddingShards:
             ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
             vecs = np.load(vec_path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise CollectionError(f"embedding shard {vec_path} is unreadable: {e}; rebuild the "
-                                  "shards with `crossmodal-rag reindex`") from e
+            raise CollectionError(f"embedding shard {vec_path} is unreadable: {e}; "
+                                  "`crossmodal-rag reindex` rebuilds it from the metadata") from e
         if vecs.shape != (shard.count, self.dim) or ids.shape != (shard.count,):
             raise CollectionError(f"embedding shard {vec_path} holds {vecs.shape}, the manifest "
-                                  f"says ({shard.count}, {self.dim})")
+                                  f"says ({shard.count}, {self.dim}); `crossmodal-rag reindex` "
+                                  "rebuilds it from the metadata")
+        if vecs.dtype != np.float16 or ids.dtype != np.int64:
+            raise CollectionError(f"embedding shard {vec_path} holds {vecs.dtype} vectors and "
+                                  f"{ids.dtype} ids, not float16 and int64; `crossmodal-rag "
+                                  "reindex` rebuilds it from the metadata")
         # plain arrays over the maps (np.memmap's indexing costs ~10 us a call; re-ranking indexes
         # rows one by one); the maps stay open as their base
         return np.asarray(ids), np.asarray(vecs)
@@ -216,6 +335,34 @@ class EmbeddingShards:
         if buf_ids:
             fresh.append(self._write(f"{first + len(fresh):06d}", np.concatenate(buf_ids),
                                      np.concatenate(buf_vecs), fsync))
+        self.shards = fresh
+        self._lookup = None
+        self._opened.clear()
+        return fresh
+
+    def rewrite(self, live: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray], *,
+                replace: np.ndarray | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+                fsync: bool = True) -> list[ShardFile]:
+        """Rewrite the shards to hold exactly the ``live`` ids (sorted), in id order,
+        ``shard_size`` per file: each id's vector from the shards in use, or from ``vectors_of``
+        (ids -> float32 ``(n, dim)``) for the ids they do not hold and those in ``replace``.
+        New files get new names; the old ones stay until the manifest stops listing them."""
+        live = np.asarray(live, dtype=np.int64)
+        held = self.held_ids()
+        fresh_ids = np.setdiff1d(live, held, assume_unique=True)
+        if replace is not None:
+            fresh_ids = np.union1d(fresh_ids, np.intersect1d(live, replace))
+        first = int(self._next_name())
+        fresh: list[ShardFile] = []
+        for start in range(0, len(live), shard_size):
+            ids = live[start : start + shard_size]
+            new = np.isin(ids, fresh_ids)
+            vecs = np.empty((len(ids), self.dim), dtype=np.float32)
+            if (~new).any():
+                vecs[~new] = self.lookup(ids[~new])
+            if new.any():
+                vecs[new] = _normalise(vectors_of(ids[new]))
+            fresh.append(self._write(f"{first + len(fresh):06d}", ids, vecs, fsync))
         self.shards = fresh
         self._lookup = None
         self._opened.clear()

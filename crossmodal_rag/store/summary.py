@@ -15,14 +15,16 @@ __all__ = ["describe", "read_summary"]
 
 def describe(folder: Path, manifest: Manifest, store: MetadataStore) -> dict[str, Any]:
     """The manifest of the collection in ``folder`` plus its live counts, its path and how many
-    committed generations its index files lag behind (replayed on open)."""
-    d = manifest.to_dict()
-    d["path"] = str(folder)
-    d["counts"] = store.counts()
-    d["pending_generations"] = store.generation - manifest.generation
+    committed generations its index files lag behind (replayed on open); the counts and the text
+    space are read in one metadata snapshot, so they agree while a writer commits."""
     from ..text_space_audit import text_space_summary  # manifest + ids only: no model
 
-    text_space = text_space_summary(folder, store)
+    d = manifest.to_dict()
+    d["path"] = str(folder)
+    with store.snapshot():
+        d["counts"] = store.counts()
+        d["pending_generations"] = store.generation - manifest.generation
+        text_space = text_space_summary(folder, store)
     if text_space is not None:  # index --text-model
         d["text_space"] = text_space
     return d
