@@ -151,7 +151,7 @@ def test_the_transformers_runtime_satisfies_the_interface() -> None:
 
 
 def test_the_llama_cpp_runtime_satisfies_the_interface() -> None:
-    """Checked on the class (llama-cpp-python is only needed to load a model)."""
+    """Checked on the class (the llama.cpp binding is only needed to load a model)."""
     assert conformance(LlamaCppGenerator, TextGenerator, LlamaCppGenerator("unused.gguf", n_threads=1)) == []
     assert conformance(LlamaDecodeState, LockStepState) == []
 

@@ -1,4 +1,4 @@
-"""A ``.gguf`` generator on the transformers runtime (the fallback when llama-cpp-python is not
+"""A ``.gguf`` generator on the transformers runtime (the fallback when the llama.cpp binding is not
 installed, or ``CROSSMODAL_RAG_GGUF_RUNTIME=transformers``): a tiny Llama written by the gguf
 package's own writer, checked against the same weights built in transformers."""
 

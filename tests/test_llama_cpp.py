@@ -1,4 +1,4 @@
-"""``.gguf`` generators on llama.cpp (llama-cpp-python, the ``[llama]`` extra) against the
+"""``.gguf`` generators on llama.cpp (the cyllama binding, a dependency) against the
 transformers runtime reading the same file: token ids, per-token log-probabilities, lock-step
 decoding, answers and posteriors in all three RAG modes, streaming events and the CLI.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'crossmodal-rag[llama]')")
+pytest.importorskip("cyllama", reason="the llama.cpp binding cyllama is not installed (a dependency: reinstall with the README install line)")
 
 from crossmodal_rag import Collection
 from crossmodal_rag.errors import ModelSpecError, QueryError

@@ -1,18 +1,20 @@
-"""``.gguf`` generators on llama.cpp (through ``llama-cpp-python``, the ``[llama]`` extra).
+"""``.gguf`` generators on llama.cpp, through the ``cyllama`` binding (prebuilt wheels; a default
+dependency, see docs/fast-answers.md for how it was chosen).
 
 The file is memory-mapped and loaded once per process (:func:`~crossmodal_rag.generation.models.load_generator`
-caches it); the weights stay quantised, so a 135M model loads in about a second and decodes
+caches it); the weights stay quantised, so a 135M model loads in under a second and decodes
 tens of tokens per second on two cores. Instruct models get the chat template stored in the
 file's metadata (``tokenizer.chat_template``), rendered like transformers does.
 
 :class:`LlamaCppGenerator` offers what :class:`~crossmodal_rag.generation.models.Generator` offers
 RAG, with the same prompts and token ids (plain prompts get the BOS token, answers are scored as
-text + end token):
+text + end token). Every prompt is decoded once into a :class:`~crossmodal_rag.generation.kv_cache.PromptCache`
+slot and reused by whatever follows it:
 
 * :meth:`~LlamaCppGenerator.generate` / :meth:`~LlamaCppGenerator.stream` -- greedy or sampled
-  decoding with a KV cache, one prompt at a time;
+  decoding; ``generate`` decodes all its prompts (and samples) in lock-step, one batch per step;
 * :meth:`~LlamaCppGenerator.answer_token_logprobs` -- teacher-forced log-probabilities of given
-  answers: each distinct prompt is decoded once and every answer continues from its cache;
+  answers: every (prompt, answer) pair continues its prompt's cached slot, all pairs in one batch;
 * :meth:`~LlamaCppGenerator.start` -- k prompts decoded in lock-step as k sequences of one
   context (one ``llama_decode`` per step for all k), for RAG-token.
 
@@ -22,7 +24,6 @@ One context serves every call, under a lock: calls from several threads run one 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import threading
@@ -35,22 +36,25 @@ import numpy as np
 import torch
 
 from ..errors import ModelSpecError, QueryError
+from .kv_cache import CacheFull, PromptCache, PromptSlot
 from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
 from .stream import TextStream
 
-__all__ = ["LlamaCppGenerator", "default_threads", "llama_cpp_available"]
+__all__ = ["BINDING", "LlamaCppGenerator", "default_threads", "llama_cpp_available", "render_chat_template"]
 
 logger = logging.getLogger(__name__)
 
+#: The Python package that binds llama.cpp (import name ``cyllama``).
+BINDING = "cyllama"
 _BACKEND_LOCK = threading.Lock()
 _BACKEND_READY = False
 
 
 def llama_cpp_available() -> bool:
-    """Whether ``llama-cpp-python`` is installed (without importing it)."""
+    """Whether the llama.cpp binding (``cyllama``) is installed (without importing it)."""
     import importlib.util
 
-    return importlib.util.find_spec("llama_cpp") is not None
+    return importlib.util.find_spec(BINDING) is not None
 
 
 def default_threads() -> int:
@@ -73,20 +77,54 @@ def default_threads() -> int:
 
 
 def _lib() -> Any:
-    """The llama_cpp module, its backend initialised once and its logging quiet (errors only)."""
+    """cyllama's llama.cpp module, its backend initialised once and its logging off."""
     global _BACKEND_READY
     try:
-        import llama_cpp
-        from llama_cpp import _logger
+        from cyllama.llama import llama_cpp
     except ImportError as e:
-        raise ModelSpecError("the llama.cpp runtime needs llama-cpp-python: pip install 'crossmodal-rag[llama]' "
-                             f"(it builds from source with the system C++ compiler): {e}") from e
+        raise ModelSpecError("the llama.cpp runtime needs the cyllama binding: pip install 'cyllama>=0.2.17,<0.3' "
+                             f"(prebuilt wheels for Linux x86-64, macOS arm64 and Windows), or set "
+                             f"CROSSMODAL_RAG_GGUF_RUNTIME=transformers: {e}") from e
     with _BACKEND_LOCK:
         if not _BACKEND_READY:
-            _logger.set_verbose(False)
+            llama_cpp.disable_logging()
             llama_cpp.llama_backend_init()
             _BACKEND_READY = True
     return llama_cpp
+
+
+def _model_class(lib: Any) -> type:
+    """cyllama's ``LlamaModel`` with the ``n_vocab`` that its ``LlamaContext.get_logits_ith``
+    reads (0.2.17 and 0.2.18 read it from the model, which lacks it: AttributeError)."""
+
+    class Model(lib.LlamaModel):  # type: ignore[misc,name-defined]
+        @property
+        def n_vocab(self) -> int:
+            return int(self.get_vocab().n_vocab)
+
+    return Model
+
+
+def render_chat_template(template: str, messages: list[dict[str, str]], *, bos_token: str,
+                         eos_token: str) -> str:
+    """A chat template rendered as transformers renders it (sandboxed Jinja, blocks trimmed,
+    the generation prompt added)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def strftime_now(fmt: str) -> str:
+        from datetime import datetime
+
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            bos_token=bos_token, eos_token=eos_token)
 
 
 class LlamaCppGenerator:
@@ -102,11 +140,10 @@ class LlamaCppGenerator:
             raise ModelSpecError(f"the llama.cpp runtime reads .gguf files, not {self.spec!r}")
         self.device = "cpu"
         self.n_threads = n_threads or default_threads()
-        self.model: Any = None  # llama_cpp._internals.LlamaModel
+        self.model: Any = None  # cyllama LlamaModel
         self.chat_template: str | None = None
         self._eos_ids: set[int] = set()  # filled on load (see eos_ids)
-        self._ctx: Any = None
-        self._ctx_cells = self._ctx_seqs = 0
+        self._cache: PromptCache | None = None
         self._load_lock = threading.Lock()
         # one context serves every call: decoding holds this lock (a plain Lock, so that a stream
         # abandoned in another thread and closed by the garbage collector still releases it)
@@ -130,30 +167,26 @@ class LlamaCppGenerator:
         if not path.is_file():
             raise ModelSpecError(f"GGUF file does not exist: {path}")
         lib = _lib()
-        from llama_cpp import _internals
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        params = lib.llama_model_default_params()
+        params = lib.LlamaModelParams()
         params.use_mmap, params.n_gpu_layers = True, 0
         try:
-            model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
-        except ValueError as e:
+            model = _model_class(lib)(path_model=str(path), params=params, verbose=False)
+        except (ValueError, RuntimeError) as e:
             raise ModelSpecError(f"llama.cpp cannot load {path}: {e} (not a GGUF model llama.cpp knows?)") from e
-        vocab = model.vocab
-        self.n_vocab = model.n_vocab()
-        self.bos = int(lib.llama_vocab_bos(vocab))
-        self.eos = int(lib.llama_vocab_eos(vocab))
-        self._eos_ids = {t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(vocab, t)}
+        vocab = model.get_vocab()
+        self._vocab = vocab
+        self.n_vocab = int(vocab.n_vocab)
+        self.bos = int(vocab.token_bos())
+        self.eos = int(vocab.token_eos())
+        self._eos_ids = {t for t in range(self.n_vocab) if vocab.is_eog(t)}
         if self.eos >= 0:
             self._eos_ids.add(self.eos)
-        self.n_ctx_train = model.n_ctx_train()
+        self.n_ctx_train = int(model.n_ctx_train)
         self.chat_template = model.metadata().get("tokenizer.chat_template") or None
-        self._formatter = None
-        if self.chat_template:
-            text = lambda t: model.token_get_text(t) if t >= 0 else ""  # noqa: E731
-            self._formatter = Jinja2ChatFormatter(self.chat_template, eos_token=text(self.eos),
-                                                  bos_token=text(self.bos))
-        self._lib, self.model = lib, model
+        text = lambda t: vocab.get_text(t) if t >= 0 else ""  # noqa: E731
+        self._bos_text, self._eos_text = text(self.bos), text(self.eos)
+        self._cache = PromptCache(lib, model, self.n_threads, self.n_ctx_train)
+        self.model = model
         logger.info("loaded %s on llama.cpp (%d threads)", self.spec, self.n_threads)
 
     # -- prompts -------------------------------------------------------------------------
@@ -165,18 +198,13 @@ class LlamaCppGenerator:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` (special tokens written in the text are parsed; no BOS added)."""
         self.load()
-        data = text.encode("utf-8")
-        return self.model.tokenize(data, add_bos=False, special=True) if data else []
+        return list(self._vocab.tokenize(text, False, True)) if text else []
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens dropped (an incomplete UTF-8 tail becomes U+FFFD)."""
         self.load()
-        buf = ctypes.create_string_buffer(256)
-        out = bytearray()
-        for t in ids:
-            n = self._lib.llama_token_to_piece(self.model.vocab, int(t), buf, 256, 0, False)
-            out += buf.raw[: max(n, 0)]
-        return out.decode("utf-8", errors="replace")
+        ids = [int(t) for t in ids]
+        return self._vocab.detokenize(ids, 4 * len(ids) + 64, False, False) if ids else ""
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
@@ -187,7 +215,7 @@ class LlamaCppGenerator:
     @property
     def is_chat(self) -> bool:
         self.load()
-        return self._formatter is not None
+        return self.chat_template is not None
 
     @property
     def eos_ids(self) -> set[int]:
@@ -199,14 +227,15 @@ class LlamaCppGenerator:
         """Like :meth:`Generator.render`: the GGUF's chat template for instruct models."""
         self.load()
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        if self._formatter is not None:
-            return self._formatter(messages=messages).prompt  # type: ignore[arg-type]
+        if self.chat_template:
+            return render_chat_template(self.chat_template, messages, bos_token=self._bos_text,
+                                        eos_token=self._eos_text)
         return prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The rendered prompt's token ids, with a leading BOS unless a chat template renders it."""
         ids = self.tokenize(self.render(prompt))
-        if self.bos >= 0 and self._formatter is None and ids[:1] != [self.bos]:
+        if self.bos >= 0 and not self.chat_template and ids[:1] != [self.bos]:
             ids = [self.bos, *ids]
         return ids
 
@@ -215,56 +244,22 @@ class LlamaCppGenerator:
         ids = self.tokenize(answer)
         return [*ids, self.eos] if self.eos >= 0 else ids
 
-    # -- the context ---------------------------------------------------------------------
-    def _context(self, cells: int, seqs: int = 1) -> Any:
-        """The (cleared) context, grown to hold ``cells`` tokens over ``seqs`` sequences."""
-        cells = max(min(512, self.n_ctx_train or 512), -(-cells // 256) * 256)
-        if self._ctx is None or cells > self._ctx_cells or seqs > self._ctx_seqs:
-            from llama_cpp import _internals
-
-            cells, seqs = max(cells, self._ctx_cells), max(seqs, self._ctx_seqs, 8)
-            p = self._lib.llama_context_default_params()
-            p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = cells, cells, min(cells, 512), seqs
-            p.n_threads = p.n_threads_batch = self.n_threads
-            p.kv_unified = True  # every sequence may use any cell (k prompts of any lengths)
-            p.no_perf = True
-            if self._ctx is not None:
-                self._ctx.close()
-            self._ctx = _internals.LlamaContext(model=self.model, params=p, verbose=False)
-            self._ctx_cells, self._ctx_seqs = cells, seqs
-        else:
-            self._ctx.kv_cache_clear()
-        return self._ctx
-
-    def _decode(self, ctx: Any, entries: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
-        """Decode ``(token, position, sequence, wants_logits)`` entries, in chunks that fit the
-        batch; the float64 log-softmax rows of the entries that want logits, in order."""
-        out: list[np.ndarray] = []
-        step = self._ctx_cells
-        for start in range(0, len(entries), step):
-            chunk = entries[start : start + step]
-            batch = self._lib.llama_batch_init(len(chunk), 0, 1)
-            try:
-                for i, (tok, pos, seq, want) in enumerate(chunk):
-                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-                    batch.seq_id[i][0], batch.logits[i] = seq, want
-                batch.n_tokens = len(chunk)
-                rc = self._lib.llama_decode(ctx.ctx, batch)
-                if rc != 0:
-                    raise QueryError(f"llama.cpp could not decode {len(chunk)} tokens with {self.spec} "
-                                     f"(llama_decode returned {rc}); try a shorter prompt or fewer items")
-                for i, (_, _, _, want) in enumerate(chunk):
-                    if want:
-                        ptr = self._lib.llama_get_logits_ith(ctx.ctx, i)
-                        out.append(_log_softmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
-            finally:
-                self._lib.llama_batch_free(batch)
-        return out
-
     # -- generation ----------------------------------------------------------------------
+    def _cached(self, run: Any) -> Any:
+        """``run(cache)`` under the lock; once more on a flushed cache when llama.cpp found no room."""
+        with self._lock:
+            cache = self._cache
+            assert cache is not None  # loaded by _check
+            try:
+                return run(cache)
+            except CacheFull:
+                cache.flush()
+                return run(cache)
+
     def generate(self, prompts: list[Prompt], settings: GenerationSettings | None = None,
                  num_return_sequences: int = 1, prefixes: Prefixes = None) -> list[list[str]]:
-        """Answers for each prompt (``num_return_sequences`` sampled ones each, or the greedy one)."""
+        """Answers for each prompt (``num_return_sequences`` sampled ones each, or the greedy one),
+        all decoded in lock-step: one batch per step holds a token of every unfinished answer."""
         s = settings or GenerationSettings()
         self._check(s, prefixes)
         n = num_return_sequences
@@ -272,8 +267,44 @@ class LlamaCppGenerator:
             raise QueryError(f"{n} answers per prompt need beam search or sampling; the llama.cpp runtime "
                              "samples (--sample) but has no beam search: use --beams 1, or set "
                              "CROSSMODAL_RAG_GGUF_RUNTIME=transformers")
+        ids = [self.prompt_ids(p) for p in prompts]
+        rows = [i for i in range(len(prompts)) for _ in range(n)]
+        texts: list[str] = []
+        chunk = 128  # rows per lock-step batch (working sequences)
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            out = self._cached(lambda c, part=part: self._decode_rows(c, [ids[i] for i in part], s))
+            texts += [TextStream(iter(t), self.decode).text() for t in out]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _decode_rows(self, cache: PromptCache, prompts: list[list[int]], s: GenerationSettings) -> list[list[int]]:
+        """Each row's new token ids (end token excluded), the rows decoded in lock-step."""
+        cache.begin(prompts, len(prompts) * s.max_new_tokens)
+        slots = cache.prefill(prompts)
+        seqs = cache.working(len(slots))
         rng = np.random.default_rng(s.seed)
-        return [[self.stream(p, s, rng=rng).text() for _ in range(n)] for p in prompts]
+        out: list[list[int]] = [[] for _ in slots]
+        try:
+            for slot, seq in zip(slots, seqs, strict=True):
+                cache.fork(slot, seq)
+            logp = dict(enumerate(slot.logp for slot in slots))
+            for step in range(s.max_new_tokens):
+                entries, rows = [], []
+                for r in list(logp):
+                    tok = _pick(logp[r], s, rng)
+                    if tok in self._eos_ids:
+                        del logp[r]
+                        continue
+                    out[r].append(tok)
+                    entries.append((tok, slots[r].n + step, seqs[r], True))
+                    rows.append(r)
+                if not entries or step + 1 == s.max_new_tokens:
+                    break
+                for r, row in zip(rows, cache.decode(entries), strict=True):
+                    logp[r] = row
+        finally:
+            cache.release(seqs, sum(len(o) for o in out))
+        return out
 
     def stream(self, prompt: Prompt, settings: GenerationSettings | None = None,
                prefix: torch.Tensor | None = None, cancel: threading.Event | None = None,
@@ -287,19 +318,31 @@ class LlamaCppGenerator:
                    rng: np.random.Generator) -> Iterator[int]:
         """The new token ids, end token excluded, as they are decoded."""
         with self._lock:
+            cache = self._cache
+            assert cache is not None
             ids = self.prompt_ids(prompt)
-            ctx = self._context(len(ids) + s.max_new_tokens)
-            (logp,) = self._decode(ctx, [(t, i, 0, i == len(ids) - 1) for i, t in enumerate(ids)])
-            eos = self._eos_ids
-            for step in range(s.max_new_tokens):
-                if cancel is not None and cancel.is_set():
-                    return
-                tok = _pick(logp, s, rng)
-                if tok in eos:
-                    return
-                yield tok
-                if step + 1 < s.max_new_tokens:
-                    (logp,) = self._decode(ctx, [(tok, len(ids) + step, 0, True)])
+            try:
+                cache.begin([ids], s.max_new_tokens)
+                (slot,) = cache.prefill([ids])
+            except CacheFull:
+                cache.flush()
+                (slot,) = cache.prefill([ids])
+            (seq,) = cache.working(1)
+            cache.fork(slot, seq)
+            logp, made = slot.logp, 0
+            try:
+                for step in range(s.max_new_tokens):
+                    if cancel is not None and cancel.is_set():
+                        return
+                    tok = _pick(logp, s, rng)
+                    if tok in self._eos_ids:
+                        return
+                    yield tok
+                    if step + 1 < s.max_new_tokens:
+                        (logp,) = cache.decode([(tok, slot.n + step, seq, True)])
+                        made += 1
+            finally:
+                cache.release([seq], made)
 
     @contextmanager
     def encoder_reuse(self) -> Iterator[None]:
@@ -319,28 +362,20 @@ class LlamaCppGenerator:
     def answer_token_logprobs(self, prompts: list[Prompt], answers: list[str],
                               prefixes: Prefixes = None) -> list[np.ndarray]:
         """Per pair, ``log P(y_t | prompt_i, y_<t)`` for each token of ``answers[i]`` + end token
-        (``(T_i,)`` float64 arrays). Each distinct prompt is decoded once; its answers continue
-        from that cache."""
+        (``(T_i,)`` float64 arrays). Each distinct prompt is decoded once (or found in the cache);
+        every pair continues it in a working sequence, all pairs in one batch."""
         self._check(GenerationSettings(), prefixes)
         if len(prompts) != len(answers):
             raise ValueError("prompts and answers must have the same length")
-        out: list[np.ndarray | None] = [None] * len(prompts)
-        with self._lock:
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i, p in enumerate(prompts):
-                groups.setdefault(tuple(self.prompt_ids(p)), []).append(i)
-            for p_ids, rows in groups.items():
-                a_ids = {i: self.answer_ids(answers[i]) for i in rows}
-                ctx = self._context(len(p_ids) + max(len(a) for a in a_ids.values()))
-                n = len(p_ids) - 1
-                self._decode(ctx, [(t, i, 0, False) for i, t in enumerate(p_ids[:-1])])
-                for i in rows:
-                    a = a_ids[i]
-                    self._lib.llama_memory_seq_rm(ctx.memory, 0, n, -1)
-                    feed = [p_ids[-1], *a[:-1]]
-                    rows_lp = self._decode(ctx, [(t, n + j, 0, True) for j, t in enumerate(feed)])
-                    out[i] = np.array([lp[y] for lp, y in zip(rows_lp, a, strict=True)], dtype=np.float64)
-        return out  # type: ignore[return-value]
+        p_ids = [self.prompt_ids(p) for p in prompts]
+        a_ids = [self.answer_ids(a) for a in answers]
+        out: list[np.ndarray] = []
+        chunk = 128  # pairs per batch (working sequences)
+        for start in range(0, len(p_ids), chunk):
+            part = range(start, min(start + chunk, len(p_ids)))
+            out += self._cached(lambda c, part=part: _score_pairs(c, [p_ids[i] for i in part],
+                                                                  [a_ids[i] for i in part]))
+        return out
 
     def sequence_logprobs(self, prompts: list[Prompt], answers: list[str],
                           prefixes: Prefixes = None) -> np.ndarray:
@@ -354,21 +389,58 @@ class LlamaCppGenerator:
         self._check(GenerationSettings(), prefixes)
         return LlamaDecodeState(self, [self.prompt_ids(p) for p in prompts], max_new_tokens)
 
+    def cache_stats(self) -> dict[str, int]:
+        """Prompt tokens decoded, prompt tokens found in the KV cache instead, and cache flushes."""
+        return dict(self._cache.stats) if self._cache is not None else {}
+
+
+def _score_pairs(cache: PromptCache, prompts: list[list[int]], answers: list[list[int]]) -> list[np.ndarray]:
+    """Teacher-forced log-probabilities of each answer (ids ending with the end token) after its
+    prompt: every pair continues its prompt's slot in a working sequence, all in one batch."""
+    cache.begin(prompts, sum(len(a) for a in answers))
+    slots = cache.prefill(prompts)
+    seqs = cache.working(len(slots))
+    entries: list[tuple[int, int, int, bool]] = []
+    try:
+        for slot, seq, a in zip(slots, seqs, answers, strict=True):
+            cache.fork(slot, seq)
+            entries += [(t, slot.n + j, seq, True) for j, t in enumerate(a[:-1])]
+        rows = iter(cache.decode(entries))
+        out = []
+        for slot, a in zip(slots, answers, strict=True):
+            dists = [slot.logp, *(next(rows) for _ in a[:-1])]
+            out.append(np.array([lp[y] for lp, y in zip(dists, a, strict=True)], dtype=np.float64))
+        return out
+    finally:
+        cache.release(seqs, len(entries))
+
 
 class LlamaDecodeState:
-    """k prompts as k sequences of one context: :meth:`logprobs` gives the k next-token
-    log-distributions ``(k, V)``; :meth:`feed` appends one token to every sequence (one decode).
-    Holds the generator's lock until :meth:`close` (or garbage collection)."""
+    """k prompts continued in k working sequences of one context: :meth:`logprobs` gives the k
+    next-token log-distributions ``(k, V)``; :meth:`feed` appends one token to every sequence (one
+    decode). Holds the generator's lock until :meth:`close` (or garbage collection)."""
 
     def __init__(self, gen: LlamaCppGenerator, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
         self.gen, self.k = gen, len(prompt_ids)
         gen._lock.acquire()
         self._locked = True
+        self.seqs: list[int] = []
+        self.fed = 0
         try:
-            self.ctx = gen._context(sum(len(p) for p in prompt_ids) + self.k * (max_new_tokens + 1), self.k)
-            self.lengths = [len(p) for p in prompt_ids]
-            entries = [(t, i, z, i == len(p) - 1) for z, p in enumerate(prompt_ids) for i, t in enumerate(p)]
-            self._rows = np.stack(gen._decode(self.ctx, entries))
+            cache = gen._cache
+            assert cache is not None
+            self.cache = cache
+            try:
+                cache.begin(prompt_ids, self.k * (max_new_tokens + 1))
+                slots: list[PromptSlot] = cache.prefill(prompt_ids)
+            except CacheFull:
+                cache.flush()
+                slots = cache.prefill(prompt_ids)
+            self.seqs = cache.working(self.k)
+            for slot, seq in zip(slots, self.seqs, strict=True):
+                cache.fork(slot, seq)
+            self.lengths = [slot.n for slot in slots]
+            self._rows = np.stack([slot.logp for slot in slots])
         except BaseException:
             self.close()
             raise
@@ -379,23 +451,22 @@ class LlamaDecodeState:
 
     def feed(self, token: int) -> None:
         """Append ``token`` to every sequence and decode the k new positions at once."""
-        entries = [(int(token), n, z, True) for z, n in enumerate(self.lengths)]
-        self._rows = np.stack(self.gen._decode(self.ctx, entries))
+        entries = [(int(token), n, seq, True) for seq, n in zip(self.seqs, self.lengths, strict=True)]
+        self._rows = np.stack(self.cache.decode(entries))
+        self.fed += len(entries)
         self.lengths = [n + 1 for n in self.lengths]
 
     def close(self) -> None:
         if self._locked:
             self._locked = False
-            self.gen._lock.release()
+            try:
+                if self.seqs:
+                    self.cache.release(self.seqs, self.fed)
+            finally:
+                self.gen._lock.release()
 
     def __del__(self) -> None:
         self.close()
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum()))
 
 
 def _pick(logp: np.ndarray, s: GenerationSettings, rng: np.random.Generator) -> int:

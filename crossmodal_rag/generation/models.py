@@ -1,8 +1,9 @@
 """Generators: a seq2seq (T5-style) or causal LM behind one small interface.
 
 Spec strings: a hub id (``google/flan-t5-base``), a local ``save_pretrained`` folder, or a
-``.gguf`` file. :func:`load_generator` runs ``.gguf`` files on llama.cpp when ``llama-cpp-python``
-is installed (:mod:`crossmodal_rag.generation.llamacpp`), else through transformers' ``gguf_file``
+``.gguf`` file. :func:`load_generator` runs ``.gguf`` files on llama.cpp when its binding
+(``cyllama``, a dependency wherever it publishes wheels) is installed
+(:mod:`crossmodal_rag.generation.llamacpp`), else through transformers' ``gguf_file``
 (de-quantised to float tensors; needs ``gguf``); ``CROSSMODAL_RAG_GGUF_RUNTIME`` (``auto``,
 ``llama.cpp``, ``transformers``) chooses. The architecture decides the kind: encoder-decoder
 configs are ``seq2seq``, the rest ``causal``.
@@ -107,7 +108,7 @@ class Generator:
             if self.model is None:
                 from ..progress import loading
 
-                note = (" (transformers runtime; pip install 'crossmodal-rag[llama]' for llama.cpp)"
+                note = (" (transformers runtime; pip install cyllama for llama.cpp)"
                         if self.spec.endswith(".gguf") else "")
                 with loading(f"generator {self.spec}{note}"):
                     self._load()

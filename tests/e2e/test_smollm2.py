@@ -48,7 +48,7 @@ def smollm2() -> Generator:
 
 @pytest.fixture(scope="module")
 def smollm2_cpp() -> Any:  # a LlamaCppGenerator
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'crossmodal-rag[llama]')")
+    pytest.importorskip("cyllama", reason="the llama.cpp binding cyllama is not installed (a dependency: reinstall with the README install line)")
     gen = load_generator(str(_smollm2_gguf()), runtime="llama.cpp").load()
     assert gen.runtime == "llama.cpp"
     return gen
