@@ -112,8 +112,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.set_defaults(handler=cmd_caption)
 
 
+def check_generation_args(args: argparse.Namespace) -> None:
+    """Every retrieval and generation flag checked before anything loads (a bad filter, a missing
+    .gguf file, an impossible setting: an error in milliseconds, not after the model): the settings
+    are built and kept on ``args`` for :func:`pipeline_from_args`, the generator spec resolved
+    (no ``--generator``: the default, or the bundled model that stands in for it offline)."""
+    from ..generation.models import check_generator_spec
+
+    args.settings_checked = _settings(args)
+    if args.generator is not None:
+        args.generator = check_generator_spec(args.generator)
+
+
 def pipeline_from_args(args: argparse.Namespace, coll: Any) -> Any:
-    from ..generation import GenerationSettings, RagPipeline, RagSettings
+    from ..generation import RagPipeline
+
+    settings, gen = getattr(args, "settings_checked", None) or _settings(args)
+    knowledge = None
+    if args.knowledge:
+        from ..collection import Collection
+
+        knowledge = Collection.open(args.knowledge)
+    image_prefix = None
+    if getattr(args, "image_prefix", None):
+        from ..generation.prefix import load_image_prefix
+
+        image_prefix = load_image_prefix(args.image_prefix)
+    return RagPipeline(coll, args.generator, settings, gen, knowledge=knowledge, image_prefix=image_prefix)
+
+
+def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    from ..generation import GenerationSettings, RagSettings
 
     try:
         rs: dict[str, Any] = {"k": args.k, "mode": args.mode, "target": args.target,
@@ -127,19 +156,11 @@ def pipeline_from_args(args: argparse.Namespace, coll: Any) -> Any:
         gen = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.beams,
                                  do_sample=args.sample, temperature=args.temperature,
                                  top_p=args.top_p, seed=args.seed)
+    except QueryError:
+        raise  # a bad --where: its own message names the position
     except ValueError as e:
         raise UsageError(flag_spelling(e)) from e
-    knowledge = None
-    if args.knowledge:
-        from ..collection import Collection
-
-        knowledge = Collection.open(args.knowledge)
-    image_prefix = None
-    if getattr(args, "image_prefix", None):
-        from ..generation.prefix import load_image_prefix
-
-        image_prefix = load_image_prefix(args.image_prefix)
-    return RagPipeline(coll, args.generator, settings, gen, knowledge=knowledge, image_prefix=image_prefix)
+    return settings, gen
 
 
 def routed_hits(args: argparse.Namespace, coll: Any, pipeline: Any) -> Any:
@@ -232,6 +253,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if (args.question is None or not args.question.strip()) and args.image is None:
         raise QueryError("ask: give a QUESTION, an --image, or both")
     check_image_arg(args.image)
+    check_generation_args(args)
     with Collection.open(collection_dir(args), model=args.model) as coll:
         pipeline = pipeline_from_args(args, coll)
         hits = routed_hits(args, coll, pipeline)  # None: the pipeline retrieves (in --search-mode)
@@ -246,6 +268,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from ..collection import Collection
 
     check_image_arg(args.image)
+    check_generation_args(args)
     session = ChatSession.load_or_new(args.session)
     with Collection.open(collection_dir(args), model=args.model) as coll:
         pipeline = pipeline_from_args(args, coll)
@@ -282,6 +305,7 @@ def cmd_write(args: argparse.Namespace) -> int:
             raise QueryError(f"cannot read draft file {args.draft_file}: {e}") from e
     if draft is None or not draft.strip():
         raise QueryError("write: give the DRAFT text or --draft-file FILE")
+    check_generation_args(args)
     with Collection.open(collection_dir(args), model=args.model) as coll:
         answer = write(pipeline_from_args(args, coll), draft, **answer_events(args))
     if args.json:

