@@ -44,7 +44,7 @@ import numpy as np
 from .encoders.sentence import SentenceEncoder, load_text_encoder, parse_text_model_spec, text_probe
 from .errors import CollectionError, EncoderMismatchError
 from .store.manifest import fsync_dir
-from .text_space_audit import array_files, text_space_faults
+from .text_space_audit import FORMAT, array_files, text_space_faults
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -56,7 +56,6 @@ __all__ = ["TEXT_SPACE_DIR", "SyncReport", "TextSpace", "array_files", "open_tex
 logger = logging.getLogger(__name__)
 
 TEXT_SPACE_DIR = "text_space"
-FORMAT = 1
 _MAX_MANIFEST_BYTES = 16 << 20
 #: The space's own array files, of any generation, and their temporary files.
 _ARRAY_FILE = re.compile(r"(?:vectors|ids)(?:-[0-9]+)?\.npy(?:\.tmp)?")
@@ -176,7 +175,7 @@ def open_text_space(coll: Collection, device: str | None = None) -> TextSpace | 
         if ids.shape != (count,) or vectors.shape != (count, dim) or ids.dtype != np.int64:
             raise ValueError(f"ids {ids.shape} and vectors {vectors.shape} do not match count {count}, "
                              f"dim {dim}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, EOFError) as e:
         raise CollectionError(
             f"{folder}: the text space is damaged ({str(e)[:200]}); rebuild it with "
             f"`crossmodal-rag reembed {coll.folder} --text-model SPEC` (or none)") from e

@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NORM_TOLERANCE", "array_files", "check_text_space", "member_file", "probe_fault",
+__all__ = ["FORMAT", "NORM_TOLERANCE", "array_files", "check_text_space", "member_file", "probe_fault",
            "text_space_faults", "text_space_summary"]
 
 logger = logging.getLogger(__name__)
 
 NORM_TOLERANCE = 1e-3  # |1 - norm| above this is a problem (float32 rows written unit-norm)
+FORMAT = 1  # the text space manifest's format this version reads and writes
 _MAX_MANIFEST_BYTES = 16 << 20
 
 
@@ -83,7 +84,7 @@ def text_space_summary(folder: str | Path, store: Any) -> dict[str, Any] | None:
         step = _step(ids, store.ids("text"))
         return {"spec": str(manifest.get("spec")), "dim": int(manifest.get("dim", vectors.shape[-1])),
                 "count": len(ids), "in_step": not step["missing"] and not step["extra"], **step}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, EOFError) as e:
         return {"error": f"the text space is damaged ({str(e)[:200]})"}
 
 
@@ -162,8 +163,11 @@ def check_text_space(folder: str | Path, store: Any, *, load_model: bool = True)
         if read is None:
             return [], []
         manifest, ids, vectors = read
+        if manifest.get("format") != FORMAT or not isinstance(manifest.get("spec"), str):
+            raise ValueError(f"format {str(manifest.get('format'))[:40]!r} (this version reads {FORMAT}) "
+                             f"and spec {str(manifest.get('spec'))[:80]!r} (text)")
         dim, count, spec = int(manifest["dim"]), int(manifest["count"]), str(manifest["spec"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, EOFError) as e:
         return [f"text space: damaged ({str(e)[:200]}); {fix}"], []
     problems: list[str] = []
     notes: list[str] = []

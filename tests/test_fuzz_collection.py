@@ -103,7 +103,7 @@ _COLUMNS = {
     "paths": ["path", "item_id", "size_bytes", "mtime_ns", "added_at"],
 }
 _META_KEYS = ["generation", "schema_version", "next_item_id", "encoder_probe", "encoder_image_probe.v1",
-              "calibration", "collection_id", "index_files", "unverified_shards"]
+              "calibration", "collection_id", "index_files", "unverified_shards", "shard_files"]
 _SQL_VALUES = st.one_of(
     st.binary(max_size=200).map(lambda b: ("value", b)),
     st.binary(min_size=1, max_size=40).map(lambda b: ("text-bytes", b)),  # stored as TEXT, maybe not UTF-8
@@ -256,5 +256,248 @@ def test_fuzz_metadata_rows(sample_collection: Path) -> None:
             assert outcomes["cli info"] == outcomes["cli info --json"] == ("0" if outcomes["info"] == "ok" else "1"), outcomes
             if outcomes["open"] != "ok":  # a collection that does not open is refused by every reader alike
                 assert outcomes["open"] == "CollectionError" and "check" not in outcomes, outcomes
+
+    run()
+
+
+# -- stored vectors (issue 25): float16 shards and text spaces ----------------------------------------
+#: Cases of the vector generators (each reindexes and repairs too: slower than a read).
+VECTOR_EXAMPLES = max(8, EXAMPLES // 4)
+VECTOR_FUZZ = settings(max_examples=VECTOR_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+                       derandomize=True)
+_ROW_DAMAGE = ["nan", "inf", "-inf", "zero", "denormal", "half", "triple", "huge", "bits"]
+
+
+def _damaged_row(kind: str, row: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A float16 row damaged one way (never still a unit vector)."""
+    out = row.astype(np.float16)
+    if kind in ("nan", "inf", "-inf"):
+        out[rng.integers(0, len(out))] = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}[kind]
+    elif kind == "zero":
+        out[:] = 0
+    elif kind == "denormal":
+        out[:] = np.float16(6e-8)  # the smallest subnormal float16
+    elif kind in ("half", "triple"):
+        with np.errstate(all="ignore"):  # a row damaged twice may hold infinity already
+            out = (row * (0.5 if kind == "half" else 3.0)).astype(np.float16)
+    elif kind == "huge":
+        out[:] = np.float16(65504)
+    else:  # random bits: NaN and infinity included
+        out = rng.integers(0, 2**16, len(out), dtype=np.uint16).view(np.float16)
+        if np.isfinite(out).all() and abs(np.linalg.norm(out.astype(np.float32)) - 1) < 0.05:
+            out[0] = np.nan
+    return out
+
+
+@st.composite
+def shard_damage(draw: st.DrawFn) -> dict[str, Any]:
+    """Damage to one index's float16 shard: rows of bad values (NaN, infinity, zero, denormal,
+    rescaled, random bits), a shard of another dimension or dtype, a cut file, or an id moved
+    out of the collection."""
+    damage: dict[str, Any] = {"name": draw(st.sampled_from(["image", "text"])),
+                              "kind": draw(st.sampled_from(["rows", "rows", "rows", "dim", "dtype", "cut", "ids"]))}
+    if damage["kind"] == "rows":
+        damage["rows"] = draw(st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(_ROW_DAMAGE)),
+                                       min_size=1, max_size=4))
+    elif damage["kind"] == "dim":
+        damage["factor"] = draw(st.sampled_from([0.5, 2.0, "minus one", "plus one", "one"]))
+    elif damage["kind"] == "dtype":
+        damage["dtype"] = draw(st.sampled_from(["float32", "float64", "int8", "uint16"]))
+    elif damage["kind"] == "cut":
+        damage["keep"] = draw(st.floats(0.0, 0.99))
+    else:
+        damage["id"] = draw(st.sampled_from([-5, 0, 2**62, -(2**63)]))
+    damage["seed"] = draw(st.integers(0, 2**16))
+    return damage
+
+
+def _apply_shard_damage(folder: Path, damage: dict[str, Any]) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shard = manifest["embeddings"][damage["name"]][0]
+    vec_path, ids_path = folder / shard["path"], folder / shard["ids_path"]
+    vecs, ids = np.load(vec_path), np.load(ids_path)
+    rng = np.random.default_rng(damage["seed"])
+    kind = damage["kind"]
+    if kind == "rows":
+        for at, how in damage["rows"]:
+            vecs[at % len(vecs)] = _damaged_row(how, vecs[at % len(vecs)].astype(np.float32), rng)
+        np.save(vec_path, vecs)
+    elif kind == "dim":
+        d = vecs.shape[1]
+        f = damage["factor"]
+        new = {"minus one": d - 1, "plus one": d + 1, "one": 1}.get(f) if isinstance(f, str) else int(d * f)
+        np.save(vec_path, np.resize(vecs, (len(vecs), new)).astype(np.float16))
+    elif kind == "dtype":
+        np.save(vec_path, vecs.astype(damage["dtype"]))
+    elif kind == "cut":
+        data = vec_path.read_bytes()
+        vec_path.write_bytes(data[: int(len(data) * damage["keep"])])
+    else:
+        ids[rng.integers(0, len(ids))] = damage["id"]
+        np.save(ids_path, ids)
+
+
+def _check_then_repair(folder: Path, what: str) -> None:
+    """`check` flags the damage; `reindex` refuses it (naming the fix) or rebuilds it; `reindex
+    --repair` always ends in a collection that passes `check` and answers searches."""
+    with Collection.open(folder) as c:
+        report = c.check()
+        assert not report.ok, f"{what}: check did not flag it"
+    try:
+        with Collection.open(folder, writable=True) as c:
+            c.reindex(tune=False)
+    except CrossmodalError as e:
+        assert "reindex --repair" in str(e), f"{what}: {e}"
+    else:
+        with Collection.open(folder) as c:
+            assert c.check().ok, (what, c.check().problems)
+    with Collection.open(folder, writable=True) as c:
+        c.reindex(tune=False, repair=True)
+    with Collection.open(folder) as c:
+        report = c.check()
+        assert report.ok, (what, report.problems)
+        query = c.store.vectors(c.store.ids("image")[:1].tolist(), c.manifest.dim)
+        hits = c.search_vectors(query, k=5, target="all")[0]
+        assert len(hits) == 5 and hits[0].score > 0.99, (what, hits)
+
+
+def test_fuzz_float16_shards(sample_collection: Path) -> None:
+    @VECTOR_FUZZ
+    @given(damage=shard_damage())
+    def run(damage: dict[str, Any]) -> None:
+        with _damaged_copy(sample_collection) as folder:
+            _apply_shard_damage(folder, damage)
+            _read_everything(folder, writable=True)  # succeed, or one of the library's errors
+            _check_then_repair(folder, json.dumps(damage))
+
+    run()
+
+
+@pytest.fixture(scope="module")
+def text_space_collection(tmp_path_factory: pytest.TempPathFactory, tiny_oc_spec: str, sample_dir: Path) -> Path:
+    from sentence_models import make_text_space_collection
+
+    return make_text_space_collection(tmp_path_factory.mktemp("fuzz-ts"), tiny_oc_spec, sample_dir,
+                                      ["the red bridge crosses the river", "a cargo ship carried salt",
+                                       "comet seen every ten years"], seed=5)
+
+
+_TS_FIELDS = ["format", "spec", "dim", "count", "probe", "collection_id", "vectors", "ids"]
+
+
+@st.composite
+def text_space_damage(draw: st.DrawFn) -> dict[str, Any]:
+    """A hostile text space: its probe NaN, infinite, zero or of another shape; its collection id
+    blank, missing or another's; ids of images, duplicated or outside the collection; vectors of
+    bad values; another dimension; or any manifest field replaced by any JSON value."""
+    kind = draw(st.sampled_from(["probe", "collection_id", "ids", "vectors", "dim", "field", "cut"]))
+    damage: dict[str, Any] = {"kind": kind, "seed": draw(st.integers(0, 2**16))}
+    if kind == "probe":
+        damage["how"] = draw(st.sampled_from(["nan", "inf", "zero", "row", "column", "text", "scaled"]))
+    elif kind == "collection_id":
+        damage["value"] = draw(st.sampled_from(["", " ", None, "missing", "0" * 32, 5, "x" * 1000]))
+    elif kind == "ids":
+        damage["how"] = draw(st.sampled_from(["image", "duplicate", "negative", "huge"]))
+    elif kind == "vectors":
+        damage["rows"] = draw(st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(_ROW_DAMAGE)),
+                                       min_size=1, max_size=3))
+    elif kind == "dim":
+        damage["dim"] = draw(st.sampled_from([0, 1, 31, 33, 10**9, "32", None]))
+    elif kind == "cut":
+        damage["file"] = draw(st.sampled_from(["ids", "vectors"]))
+        damage["keep"] = draw(st.floats(0.0, 0.99))
+    else:
+        damage["field"] = draw(st.sampled_from(_TS_FIELDS))
+        damage["value"] = draw(_JSON)
+    return damage
+
+
+def _apply_text_space_damage(folder: Path, damage: dict[str, Any], image_ids: np.ndarray) -> None:
+    from crossmodal_rag.text_space import array_files
+
+    space = folder / "text_space"
+    manifest = json.loads((space / "manifest.json").read_text())
+    ids_file, vectors_file = array_files(space, manifest)
+    ids, vectors = np.load(ids_file), np.load(vectors_file)
+    rng = np.random.default_rng(damage["seed"])
+    kind = damage["kind"]
+    if kind == "probe":
+        probe = np.asarray(manifest["probe"], np.float64)
+        how = damage["how"]
+        manifest["probe"] = ({"nan": np.full_like(probe, np.nan).tolist(), "inf": np.full_like(probe, np.inf).tolist(),
+                              "zero": np.zeros_like(probe).tolist(), "row": probe[:-1].tolist(),
+                              "column": probe[:, :-1].tolist(), "text": "probe", "scaled": (probe * 2).tolist()}[how])
+    elif kind == "collection_id":
+        if damage["value"] == "missing":
+            manifest.pop("collection_id", None)
+        else:
+            manifest["collection_id"] = damage["value"]
+    elif kind == "ids":
+        at = rng.integers(0, len(ids))
+        ids[at] = {"image": int(image_ids[0]), "duplicate": int(ids[(at + 1) % len(ids)]), "negative": -7,
+                   "huge": 2**62}[damage["how"]]
+        np.save(ids_file, np.sort(ids))
+    elif kind == "vectors":
+        for at, how in damage["rows"]:
+            vectors[at % len(vectors)] = _damaged_row(how, vectors[at % len(vectors)], rng).astype(np.float32)
+        np.save(vectors_file, vectors)
+    elif kind == "dim":
+        manifest["dim"] = damage["dim"]
+    elif kind == "cut":
+        path = ids_file if damage["file"] == "ids" else vectors_file
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * damage["keep"])])
+    else:
+        manifest[damage["field"]] = damage["value"]
+    (space / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _spec_parses(folder: Path) -> bool:
+    from crossmodal_rag.encoders.sentence import parse_text_model_spec
+
+    spec = json.loads((folder / "text_space" / "manifest.json").read_text()).get("spec")
+    try:
+        return isinstance(spec, str) and parse_text_model_spec(spec) is not None
+    except CrossmodalError:
+        return False
+
+
+def test_fuzz_text_spaces(text_space_collection: Path) -> None:
+    from crossmodal_rag import routing
+    from crossmodal_rag.cli import main
+    from crossmodal_rag.text_space import open_text_space
+    from crossmodal_rag.text_space_audit import check_text_space
+
+    with Collection.open(text_space_collection) as c:
+        image_ids = c.store.ids("image")
+
+    @VECTOR_FUZZ
+    @given(damage=text_space_damage())
+    def run(damage: dict[str, Any]) -> None:
+        what = json.dumps(damage, default=str)[:300]
+        with _damaged_copy(text_space_collection) as folder:
+            _apply_text_space_damage(folder, damage, image_ids)
+            outcomes = _read_everything(folder)
+            with Collection.open(folder) as c:
+                opened = _attempt(outcomes, "open text space", lambda: open_text_space(c))
+                _attempt(outcomes, "text search", lambda: routing.search(c, "a ship", k=3, target="texts"))
+                problems, _ = check_text_space(folder, c.store, load_model=False)
+                if outcomes["open text space"] != "ok":
+                    assert outcomes["open text space"] == "CollectionError", (what, outcomes)
+                    assert outcomes["text search"] != "ok", (what, outcomes)
+                    # check flags it too, unless only the model it names is not here (then check
+                    # notes the probe as not verified: a model missing here is not damage)
+                    assert problems or not _spec_parses(folder), (what, outcomes)
+                elif opened is not None:  # used: it keeps every rule
+                    assert np.isfinite(opened.vectors).all() and not np.isin(opened.ids, image_ids).any(), what
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                code = main(["-q", "reindex", str(folder)])
+            if code == 0:  # rebuilt (or kept): usable and in step
+                with Collection.open(folder) as c:
+                    space = open_text_space(c)
+                    assert space is None or np.array_equal(space.ids, c.store.ids("text")), what
+                    assert not check_text_space(folder, c.store, load_model=False)[0], what
+            else:  # only when the model it names cannot be read: said so
+                assert outcomes["open text space"] != "ok", (what, code)
 
     run()

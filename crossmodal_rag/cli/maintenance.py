@@ -17,7 +17,9 @@ from .options import (
     nonneg_int,
     positive_int,
     search_params,
+    text_model_arg,
 )
+from .output import safe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="IVF: add shards separately and merge the lists on disk (default: over 2 GiB)")
     ri.add_argument("--no-sharded", dest="sharded", action="store_false")
     ri.add_argument("--workers", type=positive_int, default=2, metavar="N", help="parallel shard builds")
+    ri.add_argument("--repair", action="store_true",
+                    help="first re-embed, with the collection's encoder and from their sources, the "
+                         "items whose stored vectors are not finite or not of unit norm (reindex "
+                         "refuses to build from them otherwise); an image whose file is gone keeps a "
+                         "sound committed vector or is removed, and is reported")
     ri.add_argument("--fsync", choices=("full", "normal", "off"), default="full")
     add_json(ri, help="print the build report as JSON")
     ri.set_defaults(handler=cmd_reindex)
@@ -56,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "(e.g. one trained with train clip); item ids stay the same")
     add_collection(re_, positional=True)
     add_model(re_, help=MODEL_HELP + " (CLIP; give --model, --text-model or both)")
-    re_.add_argument("--text-model", metavar="SPEC",
+    re_.add_argument("--text-model", metavar="SPEC", type=text_model_arg,
                      help="re-embed the texts' text space with this sentence encoder (none removes it)")
     re_.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
     add_json(re_, help="the report is JSON (always; accepted for uniformity)")
@@ -70,23 +77,45 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     with Collection.open(folder, writable=True, fsync=args.fsync) as coll:
         report = coll.reindex(args.index_type, max_index_memory=args.max_index_memory,
                               seed=args.seed, tune=args.tune, target_recall=args.target_recall,
-                              sharded=args.sharded, workers=args.workers)
+                              sharded=args.sharded, workers=args.workers, repair=args.repair)
         from ..text_space import sync_text_space
 
-        text = sync_text_space(coll)
+        text = sync_text_space(coll, rebuild_refused=True)  # a refused text space is rebuilt
         if text.spec is not None:
-            report["text_space"] = {"spec": text.spec, "added": text.added, "removed": text.removed}
+            report["text_space"] = {"spec": text.spec, "added": text.added, "removed": text.removed,
+                                    "rebuilt": text.rebuilt}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     for name, r in report.items():
         if name == "text_space":
-            print(f"text space: {r['spec']}, {r['added']} rows embedded, {r['removed']} dropped")
+            print(f"text space: {r['spec']}, {r['added']} rows embedded, {r['removed']} dropped"
+                  + (" (rebuilt)" if r["rebuilt"] else ""))
+            continue
+        if name == "repair":
+            _print_repair(r)
             continue
         build = r.get("build") or {}
         print(f"{name}: {r['index_type']}, {r['count']} vectors, built in {build.get('seconds', 0):.1f} s"
               f"{' (sharded)' if build.get('sharded') else ''}{_tuning_text(r.get('tuning'))}")
+        for shard in r.get("shards_rebuilt", []):
+            print(f"  rebuilt from the metadata: {shard['file']} ({safe(shard['reason'])})")
     return 0
+
+
+def _print_repair(r: dict[str, Any]) -> None:
+    """What ``reindex --repair`` did, one line per kind (and one per removed item)."""
+    print(f"repair: {len(r['reembedded'])} item(s) re-embedded from their sources"
+          + (f" ({' '.join(map(str, r['reembedded'][:20]))}{' ...' if len(r['reembedded']) > 20 else ''})"
+             if r["reembedded"] else ""))
+    if r["kept"]:
+        print(f"repair: {len(r['kept'])} image(s) whose source is gone kept their committed vectors "
+              f"({' '.join(map(str, r['kept'][:20]))})")
+    for d in r["shards_dropped"]:
+        print(f"repair: {d['index']} shard {d['file']} dropped and rebuilt from the metadata")
+    for entry in r["removed"]:
+        print(f"repair: removed item {entry['id']} ({safe(str(entry['path']))}): its stored vector was "
+              f"unusable and its source is gone ({safe(entry['reason'])})")
 
 
 def _tuning_text(tuning: dict[str, Any] | None) -> str:

@@ -239,7 +239,7 @@ class EmbeddingShards:
         try:
             ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
             vecs = np.load(vec_path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
             raise CollectionError(f"embedding shard {vec_path} is unreadable: {e}; "
                                   "`crossmodal-rag reindex` rebuilds it from the metadata") from e
         if vecs.shape != (shard.count, self.dim) or ids.shape != (shard.count,):
