@@ -210,6 +210,19 @@ def test_generator_unavailable_is_503_and_search_still_works(web_collection: Pat
     assert [Path(f).resolve() for f in closed] == [web_collection.resolve()]
 
 
+def test_a_generator_spec_that_cannot_be_used_still_serves_search(web_collection: Path, tmp_path: Path) -> None:
+    """load_generator refuses a missing folder up front (issue 28); the server still starts, searches,
+    and answers /api/ask with 503 naming the folder."""
+    missing = tmp_path / "no-such-generator"
+    settings = WebSettings(collection=str(web_collection), generator=str(missing), load_generator_at_startup=False,
+                           thumbnail_dir=str(tmp_path / "thumbs"))
+    with TestClient(create_app(settings), base_url=LOCAL) as c:
+        assert c.get("/api/health").json()["generator_status"].startswith("error")
+        r = c.post("/api/ask", json={"question": "what is it?"})
+        assert r.status_code == 503 and str(missing) in r.json()["error"]["message"], r.text
+        assert c.get("/api/search", params={"q": "cat"}).status_code == 200
+
+
 def test_swapped_files_and_symlinks_are_not_served(tmp_path: Path, sample_collection: Path, tiny_oc_spec: str) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()

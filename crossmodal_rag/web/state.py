@@ -43,8 +43,13 @@ class AppState:
         self.collection = Collection.open(settings.collection, model=settings.model, mmap=settings.mmap)
         self.collection.encoder.load()
         self.paths = PublicPaths(self.collection, show_paths=settings.show_paths)
-        self.generator = load_generator(settings.generator)
         self.generator_status = "not-loaded"
+        try:
+            self.generator: Any = load_generator(settings.generator)
+        except CrossmodalError as e:  # a spec that cannot be used: the server still searches (asks get 503)
+            self.generator = _Unusable(settings.generator or "", e)
+            self.generator_status = f"error: {e}"
+            logger.warning("generator unavailable: %s", e)
         self.gen_lock = threading.Lock()  # one generation at a time (also for callers outside the app)
         thumbs = Path(settings.thumbnail_dir) if settings.thumbnail_dir else default_cache_dir(
             self.collection.folder)
@@ -54,10 +59,10 @@ class AppState:
         self.work_limit = anyio.CapacityLimiter(settings.max_workers or max(1, min(8, os.cpu_count() or 1)))
         self.generation_limit = anyio.CapacityLimiter(1)  # one generation at a time: it uses every core
         self.queue = GenerationQueue(settings.max_queued_generations, self.generation_limit)
-        # concurrent searches share encoder forwards (max_batch 1: each search on its own)
         # uploads and thumbnails decode in worker processes of their own, never in the threads above
         self.decoder = DecodePool(workers=settings.decode_workers, timeout_s=settings.decode_timeout_s,
                                   memory_mb=settings.decode_memory_mb, max_queued=settings.max_queued_decodes)
+        # concurrent searches share encoder forwards (max_batch 1: each search on its own)
         self.batcher = SearchBatcher(self.collection, self.work_limit, max_batch=settings.max_batch,
                                      batch_ms=settings.batch_ms) if settings.max_batch > 1 else None
 
@@ -76,6 +81,16 @@ class AppState:
 
     def close(self) -> None:
         self.collection.close()
+
+
+class _Unusable:
+    """Stands for a generator whose spec was refused: it has a spec to show and cannot load."""
+
+    def __init__(self, spec: str, error: CrossmodalError) -> None:
+        self.spec, self.error = spec, error
+
+    def load(self) -> None:
+        raise self.error
 
 
 async def get_state(request: Request) -> AppState:
