@@ -328,3 +328,18 @@ def test_reindex_rebuilds_a_shard_of_another_dimension(photo_collection: Path) -
         ids = c.store.ids("image")
         np.testing.assert_allclose(c.shards["image"].lookup(ids), c.store.vectors(ids.tolist(), c.manifest.dim),
                                    atol=2e-3)
+
+
+def test_no_index_is_built_from_a_nan_shard_row(photo_collection: Path) -> None:
+    """Builds outside reindex (a type change as the collection grows, a graph rebuilt after a
+    removal) read the shards too: a NaN or zero row stops them with the items to re-embed."""
+    from crossmodal_rag import Collection
+    from tests.test_check import poison_shard
+
+    with Collection.open(photo_collection) as c:
+        victim, zero = (int(i) for i in c.store.ids("image")[[1, 3]])
+    poison_shard(photo_collection, "image", {victim: np.nan, zero: 0.0})
+    with Collection.open(photo_collection, writable=True) as c:
+        for index_type in ("Flat", "HNSW8"):
+            with pytest.raises(CollectionError, match=f"items {victim}, {zero}.*reindex --repair"):
+                c.state.build("image", index_type, c.store.ids("image"))

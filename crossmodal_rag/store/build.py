@@ -4,6 +4,8 @@ The sharded build follows FAISS's on-disk recipe: train the IVF quantizer (and P
 once on a reproducible sample, add each shard to its own copy of the trained empty index (in
 parallel), write the parts, then merge their inverted lists into one ``.ivfdata`` file that the
 final index memory-maps. No step holds more than a shard's vectors (plus the sample) in RAM.
+Every vector added is checked on the way (:func:`sound_chunks`): a float16 row that is not
+finite, or is zero, stops the build with the items to re-embed, never an index that finds nothing.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import numpy as np
 
 from ..errors import CollectionError
 from .ann import SearchParams, Tuning, describe_index, recall_at_k, training_rows
-from .shards import EmbeddingShards
+from .shards import EmbeddingShards, vector_faults
 from .threads import single_thread_if
 from .tuning import tune_grid
 from .vectors import VectorIndex, silence_c_stdout
 
-__all__ = ["BuildReport", "build_index", "drop_self", "exact_top_k", "tune_index"]
+__all__ = ["BuildReport", "build_index", "drop_self", "exact_top_k", "sound_chunks", "tune_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +50,26 @@ class BuildReport:
         return dict(self.__dict__)
 
 
+def sound_chunks(shards: EmbeddingShards, live: np.ndarray) -> Any:
+    """:meth:`EmbeddingShards.iter_chunks` of the ``live`` ids, refusing (CollectionError
+    naming the ids and the fix) a chunk with a vector that is not finite or is zero."""
+    for ids, vecs in shards.iter_chunks(live):
+        faults = vector_faults(ids, vecs, 0.5)  # read back normalised: a zero row stays zero
+        if len(faults):
+            bad = faults.ids
+            shown = ", ".join(map(str, bad[:10].tolist())) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise CollectionError(
+                f"the {shards.name} embedding shards of {shards.folder} hold {len(bad)} vector(s) that are "
+                f"not finite or are zero (items {shown}); no index is built from them: re-embed them with "
+                f"`crossmodal-rag reindex --repair {shards.folder}`")
+        yield ids, vecs
+
+
 def _sample_rows(shards: EmbeddingShards, live: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Vectors at positions ``rows`` (sorted) of the live vectors in shard order."""
     out = np.empty((len(rows), shards.dim), dtype=np.float32)
     offset = filled = 0
-    for _, vecs in shards.iter_chunks(live):
+    for _, vecs in sound_chunks(shards, live):
         lo, hi = np.searchsorted(rows, [offset, offset + len(vecs)])
         if hi > lo:
             out[filled : filled + hi - lo] = vecs[rows[lo:hi] - offset]
@@ -149,7 +166,7 @@ def build_index(
             raise CollectionError("a sharded build needs an output folder")
         index, parts = _build_sharded_ivf(index, shards, live, out_dir, basename, workers)
     else:
-        for ids, vecs in shards.iter_chunks(live):
+        for ids, vecs in sound_chunks(shards, live):
             index.add(ids, vecs)
     if len(index) != len(live):
         raise CollectionError(f"built an index of {len(index)} vectors for {len(live)} live items; "
@@ -168,7 +185,7 @@ def _build_sharded_ivf(trained: VectorIndex, shards: EmbeddingShards, live: np.n
         def add_part(n: int) -> Path | None:
             part = trained.empty_like()
             one = EmbeddingShards(shards.folder, shards.name, shards.dim, [shards.shards[n]])
-            for ids, vecs in one.iter_chunks(live):
+            for ids, vecs in sound_chunks(one, live):
                 part.add(ids, vecs)
             if len(part) == 0:
                 return None

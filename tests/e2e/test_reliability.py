@@ -488,3 +488,36 @@ def test_damaged_rows_and_calibration_in_filters(collection_copy: Path, sample_c
             coll.search_vectors(query, k=3, where="width>=1")
         _edit_sql(collection_copy, "UPDATE items SET extra = NULL, width = 1 WHERE id = 3; "
                                    "UPDATE paths SET path = 'p3' WHERE item_id = 3")
+
+
+def test_nan_in_the_shards_is_found_refused_and_repaired_through_the_cli(tmp_path: Path, photos: Path,
+                                                                          tiny_oc_spec: str) -> None:
+    """The hostile tester's case, driven through the documented CLI: NaN written into the float16
+    shards. `check` said ok and `reindex` built from them (searches then found nothing); now
+    `check` names the items, `reindex` refuses, `reindex --repair` re-embeds them from their
+    files, and the collection passes `check` and answers searches again."""
+    from tests.e2e.test_cli import run
+    from tests.test_check import poison_shard
+
+    coll = tmp_path / "coll"
+    r = run("index", str(photos), "--collection", str(coll), "--model", tiny_oc_spec)
+    assert r.returncode == 0, r.stderr
+    with Collection.open(coll) as c:
+        victims = [int(i) for i in c.store.ids("image")[:2]]
+        paths = [c.get(v)[0].path for v in victims]
+    poison_shard(coll, "image", {v: np.nan for v in victims})
+
+    r = run("check", str(coll))
+    assert r.returncode == 1 and "FAILED" in r.stdout
+    assert all(f"{v} ({p})" in r.stdout for v, p in zip(victims, paths, strict=True)), r.stdout
+    r = run("reindex", str(coll))
+    assert r.returncode == 1 and "reindex --repair" in r.stderr and paths[0] in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = run("reindex", str(coll), "--repair", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["repair"]["reembedded"] == victims
+    r = run("check", str(coll))
+    assert r.returncode == 0 and r.stdout.rstrip().splitlines()[-1].startswith("ok:"), r.stdout
+    r = run("search", "a cat", "--collection", str(coll), "--top-k", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["results"]) == 5, r.stdout
