@@ -237,6 +237,33 @@ def test_a_decode_past_its_deadline_is_killed_with_a_clear_error(coll_dir: Path,
         assert st.decoder.stats.started == 3
 
 
+def test_a_client_that_goes_away_has_its_decode_stopped(coll_dir: Path, tmp_path: Path) -> None:
+    """The issue's clients hung up 3 s after sending their upload: the decode is stopped (its worker
+    killed) within a poll of the disconnect, not left to run to the deadline for nobody."""
+    import socket
+
+    settings = _settings(coll_dir, tmp_path)
+    with served_app(create_app(settings)) as (base, st):
+        st.decoder = _sleepy_pool(tmp_path, 60, workers=1, timeout_s=30)
+        port = int(base.rsplit(":", 1)[1])
+        data, boundary = jpeg((16, 16)), "b25"
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="slow.jpg"\r\n'
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        head = (f"POST /api/search/image HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+                f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + body)
+            deadline = time.time() + 10
+            while st.decoder.running == 0:  # the worker started and the decode is under way
+                assert time.time() < deadline, "the decode did not start"
+                time.sleep(0.05)
+        t0 = time.perf_counter()  # hung up
+        while st.decoder.running:
+            assert time.perf_counter() - t0 < 5, "the decode went on after its client left"
+            time.sleep(0.05)
+        assert st.decoder.stats.restarts == 1 and st.decoder.stats.timeouts == 0  # killed, not timed out
+
+
 def test_the_pool_bounds_concurrency_and_queue(tmp_path: Path) -> None:
     """At most ``workers`` decodes run at once; more than ``max_queued`` waiting get 503 with
     Retry-After at once (a worker that sleeps is injected at the pool boundary)."""

@@ -5,18 +5,26 @@ see :mod:`.decoding`)."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
-from fastapi import UploadFile
+from fastapi import Request, UploadFile
 
 from ..image_sniff import ImageFormatError, sniff_image_format
 from .decoding import DecodeFailed
 from .errors import ApiError
+from .generation import DISCONNECT_POLL_S
 from .inputs import MAX_FILENAME_CHARS, check_text, check_texts
 from .settings import WebSettings
 from .state import AppState
 
 __all__ = ["ALLOWED_FORMATS", "Checks"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Upload formats (sniffed; MPO is a camera's JPEG). HEIF and AVIF are indexed from disk, not
 #: taken from the network: their decoders are large and seldom exercised.
@@ -52,9 +60,10 @@ class Checks:
             raise ApiError(422, "bad_k", f"k must be between 1 and {self.settings.max_k}, got {k}")
         return k
 
-    async def upload(self, st: AppState, upload: UploadFile) -> Any:
+    async def upload(self, st: AppState, upload: UploadFile, request: Request | None = None) -> Any:
         """The decoded PIL image of ``upload``, or a 413/415/422 (503 when the decoders are busy)
-        naming what is wrong."""
+        naming what is wrong. While it decodes, ``request``'s connection is watched: a client
+        that goes away has its decode stopped (the worker killed), not finished for nobody."""
         limit = self.settings.max_upload_bytes
         name = check_text(upload.filename or "upload", "image file name", MAX_FILENAME_CHARS)
         data = await upload.read(limit + 1)
@@ -70,7 +79,8 @@ class Checks:
         if fmt not in ALLOWED_FORMATS:
             raise ApiError(415, "unsupported_type", f"uploaded image is {fmt}; accepted upload formats: {_SHOWN}")
         try:
-            decoded = await st.decoder.decode(data, name, max_pixels=self.settings.max_image_pixels)
+            decoded = await _unless_gone(st.decoder.decode(data, name, max_pixels=self.settings.max_image_pixels),
+                                         request)
         except DecodeFailed as e:
             retry = {"Retry-After": str(e.retry_after)} if e.retry_after else None
             raise ApiError(e.status, e.code, f"uploaded image: {e.reason}", headers=retry) from e
@@ -78,3 +88,23 @@ class Checks:
             raise ApiError(415, "unsupported_type", f"uploaded image is {decoded.format}; accepted upload formats: "
                                                     f"{_SHOWN}")
         return decoded.image
+
+
+async def _unless_gone(work: Awaitable[T], request: Request | None) -> T:
+    """``work``'s result; cancelled (and a 400 raised) if ``request``'s client disconnects first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while request is not None:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                logger.info("client of %s went away: stopping its decode", request.url.path)
+                task.cancel()
+                raise ApiError(400, "client_gone", "the client went away while its upload was decoded")
+        return await task
+    finally:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

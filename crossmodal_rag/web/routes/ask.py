@@ -165,7 +165,7 @@ def router(settings: WebSettings) -> APIRouter:
         check.k(k)
         check.where(where)
         check_min_score(min_score)
-        pil = await check.upload(st, image)
+        pil = await check.upload(st, image, request)
         return await _answer(st, request, stream, question, pil, k, mode, target, where, min_score)
 
     return r

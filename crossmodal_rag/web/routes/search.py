@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
 from ... import hybrid, routing
 from ..batching import SearchRequest
@@ -69,7 +69,7 @@ def router(settings: WebSettings) -> APIRouter:
         return search_out({"text": q, "where": where}, target, k, hits, t0, st.paths)
 
     @r.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
-    async def search_image(image: UploadFile = File(..., description="query image"),
+    async def search_image(request: Request, image: UploadFile = File(..., description="query image"),
                            k: int = Form(10, ge=1, le=settings.max_k),
                            target: Literal["images", "texts", "all"] = Form("images"),
                            plus: list[str] = Form([], description="texts added to the image query"),
@@ -84,7 +84,7 @@ def router(settings: WebSettings) -> APIRouter:
         check.plus_minus("minus", minus)
         check.where(where)
         check_min_score(min_score)
-        pil = await check.upload(st, image)
+        pil = await check.upload(st, image, request)
         if st.batcher is not None:
             hits = await st.batcher.search(SearchRequest(image=pil, k=k, target=target, where=tuple(where),
                                                          min_score=min_score, plus=tuple(plus), minus=tuple(minus)))
