@@ -264,6 +264,23 @@ def test_a_client_that_goes_away_has_its_decode_stopped(coll_dir: Path, tmp_path
         assert st.decoder.stats.restarts == 1 and st.decoder.stats.timeouts == 0  # killed, not timed out
 
 
+def test_serve_decode_flags_are_bounded() -> None:
+    from crossmodal_rag.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "-c", "x", "--decode-workers", "3", "--decode-timeout", "2.5",
+                                      "--decode-memory-mb", "512"])
+    assert (args.decode_workers, args.decode_timeout, args.decode_memory_mb) == (3, 2.5, 512)
+    default = build_parser().parse_args(["serve", "-c", "x"])
+    assert (default.decode_workers, default.decode_timeout, default.decode_memory_mb) == (2, 10.0, 1024)
+    for flag, bad in [("--decode-workers", "0"), ("--decode-workers", "65"), ("--decode-timeout", "0"),
+                      ("--decode-timeout", "nan"), ("--decode-timeout", "1e400"), ("--decode-memory-mb", "1"),
+                      ("--decode-memory-mb", "x")]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "-c", "x", flag, bad])
+    with pytest.raises(ValueError, match="decode_workers"):
+        WebSettings(collection="x", decode_workers=0)
+
+
 def test_the_pool_bounds_concurrency_and_queue(tmp_path: Path) -> None:
     """At most ``workers`` decodes run at once; more than ``max_queued`` waiting get 503 with
     Retry-After at once (a worker that sleeps is injected at the pool boundary)."""

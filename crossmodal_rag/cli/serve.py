@@ -42,13 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="let pages of ORIGIN (scheme://host[:port], e.g. https://photos.example) make POST and API "
                          "requests (repeatable). Default: only the server's own pages; requests from other sites' "
                          "pages get 403, plain clients such as curl are not affected")
-    sv.add_argument("--decode-workers", type=positive_int, default=2, metavar="N",
-                    help="uploads and thumbnails decoded at once, each in a worker process (default 2)")
+    sv.add_argument("--decode-workers", type=_decode_workers, default=2, metavar="N",
+                    help="uploads and thumbnails decoded at once, each in a worker process (1 to 64, default 2)")
     sv.add_argument("--decode-timeout", type=_seconds, default=10.0, metavar="S",
                     help="deadline of one image decode; past it the worker is killed and the request gets 422 "
                          "(default 10 s)")
-    sv.add_argument("--decode-memory-mb", type=positive_int, default=1024, metavar="MB",
-                    help="memory a decode worker may use beyond its start-up (default 1024)")
+    sv.add_argument("--decode-memory-mb", type=_memory_mb, default=1024, metavar="MB",
+                    help="memory a decode worker may use beyond its start-up (64 to 65536, default 1024)")
     sv.set_defaults(handler=cmd_serve)
 
 
@@ -80,6 +80,23 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not 0.1 <= value <= 3600:
         raise argparse.ArgumentTypeError(f"expected 0.1 to 3600 seconds, got {text!r}")
+    return value
+
+
+def _decode_workers(text: str) -> int:
+    value = positive_int(text)
+    if value > 64:
+        raise argparse.ArgumentTypeError(f"expected 1 to 64 decode workers, got {text!r}")
+    return value
+
+
+def _memory_mb(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected megabytes (a whole number), got {text!r}") from None
+    if not 64 <= value <= 65536:
+        raise argparse.ArgumentTypeError(f"expected 64 to 65536 MB, got {text!r}")
     return value
 
 
