@@ -342,20 +342,45 @@ def test_worker_crashes_and_errors_are_4xx_and_the_worker_is_replaced(tmp_path: 
     anyio.run(main)
 
 
+RAISING = """
+def decode(data, name, *, max_pixels):
+    if name.startswith("zero"):
+        return 1 // 0
+    raise RuntimeError("broken AVIF box\\nsecond line of a C library's message")
+"""
+
+
 def test_decoder_exceptions_become_reasons(tmp_path: Path) -> None:
-    """Whatever the decoder raises inside the worker (ZeroDivisionError, RuntimeError, MemoryError
-    past the memory budget) comes back as a one-line reason, never a traceback."""
+    """Whatever a decoder raises inside the worker (ZeroDivisionError, RuntimeError, MemoryError
+    past the memory budget) comes back as a one-line 4xx reason, never a traceback or a 500."""
+    import os
+
     import anyio
 
     from crossmodal_rag.web.decoding import DecodeFailed, DecodePool
 
+    (tmp_path / "raising").mkdir()
+    (tmp_path / "raising" / "raising_decode.py").write_text(RAISING)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "raising"), str(Path(__file__).resolve().parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "crossmodal_rag.web.decode_worker", "--decoder", "raising_decode:decode"]
+
     async def main() -> None:
+        pool = DecodePool(workers=1, timeout_s=30, argv=argv, env=env)
+        try:
+            for name, expected in (("zero.jpg", "ZeroDivisionError"), ("x.jpg", "RuntimeError: broken AVIF box")):
+                with pytest.raises(DecodeFailed) as e:
+                    await pool.decode(jpeg((8, 8)), name, max_pixels=10**6)
+                assert e.value.status == 422 and expected in e.value.reason and "\n" not in e.value.reason, e.value
+            assert pool.stats.restarts == 0  # the worker answered; it was not lost
+        finally:
+            await pool.aclose()
         pool = DecodePool(workers=1, timeout_s=30, memory_mb=64)
         try:
-            big = _image_bytes("PNG", (4000, 4000), compress_level=1)  # ~48 MB of pixels decoded, more converted
+            big = _image_bytes("PNG", (4000, 4000), compress_level=1)  # 48 MB of pixels, more while converting
             with pytest.raises(DecodeFailed) as e:
                 await pool.decode(big, "big.png", max_pixels=10**8)
-            assert e.value.status in (413, 422) and "\n" not in e.value.reason, e.value
+            assert e.value.status == 413 and "budget of 64 MB" in e.value.reason, e.value
             img = (await pool.decode(jpeg((40, 30)), "ok.jpg", max_pixels=10**6)).image
             assert img.size == (40, 30)
         finally:

@@ -104,6 +104,11 @@ def _allowed_formats_only() -> None:
     EpsImagePlugin.gs_binary = False  # and should EPS come back, it finds no Ghostscript
 
 
+def _over_budget(budget_mb: int) -> tuple[dict, bytes]:
+    return {"ok": False, "status": 413, "reason": f"decoding needs more memory than the decoder's budget of "
+                                                  f"{budget_mb} MB (serve --decode-memory-mb)"}, b""
+
+
 def _handle(meta: dict[str, Any], data: bytes, decode: Callable[..., Any], budget_mb: int) -> tuple[dict, bytes]:
     from ..errors import ImageDecodeError
 
@@ -120,10 +125,11 @@ def _handle(meta: dict[str, Any], data: bytes, decode: Callable[..., Any], budge
         return {"ok": True, "size": list(img.size), "width": decoded.width, "height": decoded.height,
                 "format": decoded.format}, payload
     except ImageDecodeError as e:
+        if isinstance(e.__cause__, MemoryError):
+            return _over_budget(budget_mb)
         return {"ok": False, "status": status_of(e), "reason": e.reason}, b""
-    except MemoryError as e:
-        return {"ok": False, "status": status_of(e),
-                "reason": f"decoding needs more memory than the decoder's budget of {budget_mb} MB"}, b""
+    except MemoryError:
+        return _over_budget(budget_mb)
     except Exception as e:  # a decoder's own failure on a hostile file: this file's problem only
         return {"ok": False, "status": 422, "reason": f"cannot decode image: {_one_line(e)}"}, b""
 
