@@ -281,6 +281,28 @@ def test_serve_decode_flags_are_bounded() -> None:
         WebSettings(collection="x", decode_workers=0)
 
 
+def test_a_page_of_cold_thumbnails_is_rendered_not_refused(coll_dir: Path, tmp_path: Path) -> None:
+    """A results page asks for dozens of thumbnails at once: on a cold cache with one decode
+    worker, all of them are rendered (they queue deeper than uploads), none gets 503."""
+    import httpx
+
+    from crossmodal_rag import Collection
+
+    with Collection.open(coll_dir) as coll:
+        ids = [int(i) for i in coll.store.ids("image")]
+    settings = _settings(coll_dir, tmp_path, decode_workers=1, max_queued_decodes=2)
+    urls = [f"/api/items/{i}/thumbnail?size={size}" for i in ids for size in (64, 128)]
+    with served_app(create_app(settings)) as (base, st):
+        def get(url: str) -> int:
+            with httpx.Client(base_url=base, timeout=120) as c:
+                return c.get(url).status_code
+
+        with ThreadPoolExecutor(len(urls)) as pool:
+            statuses = list(pool.map(get, urls))
+        assert statuses == [200] * len(urls), statuses
+        assert st.decoder.stats.decoded == len(urls) and st.decoder.stats.peak_running == 1
+
+
 def test_the_pool_bounds_concurrency_and_queue(tmp_path: Path) -> None:
     """At most ``workers`` decodes run at once; more than ``max_queued`` waiting get 503 with
     Retry-After at once (a worker that sleeps is injected at the pool boundary)."""

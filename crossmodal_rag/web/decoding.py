@@ -36,12 +36,13 @@ from PIL import Image
 from ..images import DecodedImage
 from .decode_worker import MAX_HEADER_BYTES, READY
 
-__all__ = ["DecodeFailed", "DecodePool", "DecodeStats"]
+__all__ = ["THUMBNAIL_QUEUE", "DecodeFailed", "DecodePool", "DecodeStats"]
 
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 60.0  # a worker's start (interpreter and imports) is not the image's fault
 _MAX_PAYLOAD = 256 * 1024 * 1024  # decoded pixels are reduced to <= 2048 a side: ~12 MB
+THUMBNAIL_QUEUE = 64  # thumbnails waiting for a worker before 503 (uploads: max_queued)
 _MAX_USES = 1000  # decodes per worker before a fresh one (whatever a decoder leaked goes with it)
 
 
@@ -157,18 +158,21 @@ class DecodePool:
             raise DecodeFailed(422, "decode_failed", name, "the decoder process gave no usable image") from None
 
     async def thumbnail(self, data: bytes, name: str, *, size: int, max_pixels: int) -> bytes:
-        """JPEG bytes of ``data`` scaled to fit ``size`` x ``size`` (errors as :meth:`decode`)."""
+        """JPEG bytes of ``data`` scaled to fit ``size`` x ``size`` (errors as :meth:`decode`).
+
+        Thumbnails of indexed files may queue deeper than uploads (:data:`THUMBNAIL_QUEUE` waiting):
+        a page of results asks for dozens at once, and each is rendered once, then cached."""
         _, payload = await self._run({"op": "thumbnail", "name": name, "max_pixels": max_pixels, "size": size},
-                                     data, name)
+                                     data, name, max(self.max_queued, THUMBNAIL_QUEUE))
         return payload
 
-    async def _run(self, meta: dict, data: bytes, name: str) -> tuple[dict, bytes]:
+    async def _run(self, meta: dict, data: bytes, name: str, max_queued: int | None = None) -> tuple[dict, bytes]:
         if self._closed:
             raise DecodeFailed(503, "decoder_busy", name, "the server is shutting down", retry_after=1)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.workers)
         self.stats.submitted += 1
-        if self.running >= self.workers and self.waiting >= self.max_queued:
+        if self.running >= self.workers and self.waiting >= (self.max_queued if max_queued is None else max_queued):
             raise self._busy(name, f"{self.running} decodes are running and {self.waiting} waiting")
         self.waiting += 1
         try:
