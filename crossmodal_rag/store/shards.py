@@ -108,11 +108,17 @@ def vector_faults(ids: np.ndarray, vectors: np.ndarray, tolerance: float | None 
     """Which of ``vectors`` ``(n, d)`` (any float dtype) under ``ids`` ``(n,)`` are not finite,
     and (``tolerance`` not None) which finite ones are not of unit norm within ``tolerance``."""
     x = np.asarray(vectors, dtype=np.float32)
-    finite = np.isfinite(x).all(axis=1)
-    off = np.zeros(len(x), bool)
-    if tolerance is not None:
-        norms = np.sqrt(np.einsum("ij,ij->i", np.where(finite[:, None], x, 0.0), np.where(finite[:, None], x, 0.0)))
-        off = finite & ~(np.abs(norms - 1.0) <= tolerance)
+    # one pass: a row whose squared norm is finite has only finite components (NaN and infinity
+    # carry through the sum); only the rest are looked at component by component
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared = np.einsum("ij,ij->i", x, x) if x.ndim == 2 else np.zeros(len(x), np.float32)
+        finite = np.isfinite(squared)
+        if not finite.all():  # NaN or infinity, or finite components too large to square
+            rows = np.flatnonzero(~finite)
+            finite[rows] = np.isfinite(x[rows]).all(axis=1)
+        off = np.zeros(len(x), bool)
+        if tolerance is not None:
+            off = finite & ~(np.abs(np.sqrt(squared) - 1.0) <= tolerance)
     ids = np.asarray(ids, dtype=np.int64)
     return VectorFaults(ids[~finite], ids[off])
 
@@ -213,9 +219,13 @@ class EmbeddingShards:
             for start in range(0, shard.count, _SCAN_CHUNK):
                 part_ids = ids[start : start + _SCAN_CHUNK]
                 rows = vecs[start : start + _SCAN_CHUNK]
-                if live is not None:
-                    keep = np.isin(part_ids, live)
-                    part_ids, rows = part_ids[keep], rows[keep]
+                if live is not None and len(live):
+                    at = np.minimum(np.searchsorted(live, part_ids), len(live) - 1)
+                    keep = live[at] == part_ids
+                    if not keep.all():
+                        part_ids, rows = part_ids[keep], rows[keep]
+                elif live is not None:
+                    continue
                 faults = vector_faults(part_ids, rows, tolerance)
                 nonfinite.append(faults.nonfinite)
                 off_norm.append(faults.off_norm)
