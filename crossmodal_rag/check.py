@@ -209,7 +209,10 @@ def _check_shards(folder: Path, store: MetadataStore, name: str, shards: Embeddi
     report.problems.extend(_fault_lines(store, f"{name} embedding shards", len(live), audit.faults,
                                         UNIT_NORM_TOLERANCE, repair))
     report.list_bad(store, name, "shards", audit.faults)
-    if len(audit.missing):
+    if len(audit.missing) and audit.unusable:  # the files above hold them: said there
+        report.notes.append(f"{len(audit.missing)} {name} item(s) have no usable copy in the embedding "
+                            f"shards (e.g. {examples(audit.missing)}); `reindex` takes them from the metadata")
+    elif len(audit.missing):
         fix = (f"re-embed them with `crossmodal-rag reindex --repair {folder}`" if len(audit.bad_metadata)
                else f"`crossmodal-rag reindex {folder}` rebuilds them from the metadata")
         report.problems.append(f"{len(audit.missing)} {name} item(s) are missing from the embedding "
