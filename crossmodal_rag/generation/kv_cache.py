@@ -10,8 +10,8 @@ copy, the cells gain a sequence id). A new prompt starts from the longest prefix
 cached one (item prompts share the instruction; the concat prompt shares the first item), so only
 its own tail is decoded.
 
-Cells are counted as they are taken: a prompt's tail stays until the cache is flushed, a
-working sequence's tokens return when it is released. A request that does not fit flushes the
+Cells are counted as prompts take them: a prompt's tail stays until the cache is flushed; a
+request reserves room for its working tokens, which return when it releases them. A request that does not fit flushes the
 cache first (all prompts go), and grows the context when it alone needs more.
 
 Shapes: V the vocabulary; a log-distribution is ``(V,)`` float64.
@@ -211,11 +211,11 @@ class PromptCache:
         """Let working sequence ``seq`` continue ``slot``'s prompt (shares its cells)."""
         self.ctx.memory_seq_cp(slot.seq, seq, 0, slot.n)
 
-    def release(self, seqs: Sequence[int], tokens: int) -> None:
-        """Empty working sequences ``seqs``, which had decoded ``tokens`` tokens of their own."""
+    def release(self, seqs: Sequence[int]) -> None:
+        """Empty working sequences ``seqs``: their own tokens' cells are free again (they were
+        reserved by :meth:`begin`, never counted in ``used``)."""
         for seq in seqs:
             self.ctx.memory_seq_rm(seq, -1, -1)
-        self.used = max(0, self.used - tokens)
 
     def close(self) -> None:
         if self.ctx is not None:

@@ -38,6 +38,7 @@ import torch
 from ..errors import ModelSpecError, QueryError
 from .kv_cache import CacheFull, PromptCache, PromptSlot
 from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
+from .stopping import SentenceStop
 from .stream import TextStream
 
 __all__ = ["BINDING", "LlamaCppGenerator", "default_threads", "llama_cpp_available", "render_chat_template"]
@@ -284,6 +285,7 @@ class LlamaCppGenerator:
         seqs = cache.working(len(slots))
         rng = np.random.default_rng(s.seed)
         out: list[list[int]] = [[] for _ in slots]
+        stops = [SentenceStop(self.decode) if s.stop == "sentence" else None for _ in slots]
         try:
             for slot, seq in zip(slots, seqs, strict=True):
                 cache.fork(slot, seq)
@@ -292,7 +294,8 @@ class LlamaCppGenerator:
                 entries, rows = [], []
                 for r in list(logp):
                     tok = _pick(logp[r], s, rng)
-                    if tok in self._eos_ids:
+                    stop = stops[r]
+                    if tok in self._eos_ids or (stop is not None and stop.stops(tok)):
                         del logp[r]
                         continue
                     out[r].append(tok)
@@ -303,7 +306,7 @@ class LlamaCppGenerator:
                 for r, row in zip(rows, cache.decode(entries), strict=True):
                     logp[r] = row
         finally:
-            cache.release(seqs, sum(len(o) for o in out))
+            cache.release(seqs)
         return out
 
     def stream(self, prompt: Prompt, settings: GenerationSettings | None = None,
@@ -329,20 +332,20 @@ class LlamaCppGenerator:
                 (slot,) = cache.prefill([ids])
             (seq,) = cache.working(1)
             cache.fork(slot, seq)
-            logp, made = slot.logp, 0
+            logp = slot.logp
+            stop = SentenceStop(self.decode) if s.stop == "sentence" else None
             try:
                 for step in range(s.max_new_tokens):
                     if cancel is not None and cancel.is_set():
                         return
                     tok = _pick(logp, s, rng)
-                    if tok in self._eos_ids:
+                    if tok in self._eos_ids or (stop is not None and stop.stops(tok)):
                         return
                     yield tok
                     if step + 1 < s.max_new_tokens:
                         (logp,) = cache.decode([(tok, slot.n + step, seq, True)])
-                        made += 1
             finally:
-                cache.release([seq], made)
+                cache.release([seq])
 
     @contextmanager
     def encoder_reuse(self) -> Iterator[None]:
@@ -412,7 +415,7 @@ def _score_pairs(cache: PromptCache, prompts: list[list[int]], answers: list[lis
             out.append(np.array([lp[y] for lp, y in zip(dists, a, strict=True)], dtype=np.float64))
         return out
     finally:
-        cache.release(seqs, len(entries))
+        cache.release(seqs)
 
 
 class LlamaDecodeState:
@@ -425,7 +428,6 @@ class LlamaDecodeState:
         gen._lock.acquire()
         self._locked = True
         self.seqs: list[int] = []
-        self.fed = 0
         try:
             cache = gen._cache
             assert cache is not None
@@ -453,7 +455,6 @@ class LlamaDecodeState:
         """Append ``token`` to every sequence and decode the k new positions at once."""
         entries = [(int(token), n, seq, True) for seq, n in zip(self.seqs, self.lengths, strict=True)]
         self._rows = np.stack(self.cache.decode(entries))
-        self.fed += len(entries)
         self.lengths = [n + 1 for n in self.lengths]
 
     def close(self) -> None:
@@ -461,7 +462,7 @@ class LlamaDecodeState:
             self._locked = False
             try:
                 if self.seqs:
-                    self.cache.release(self.seqs, self.fed)
+                    self.cache.release(self.seqs)
             finally:
                 self.gen._lock.release()
 

@@ -44,6 +44,7 @@ from ..encoders import default_device
 from ..encoders._hub import hub_reachable, refused_pickle, unsafe_weights_error
 from ..errors import ModelSpecError, WeightsUnavailableError
 from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
+from .stopping import cut_text, stop_ids
 from .stream import TextStream, transformers_token_ids
 
 if TYPE_CHECKING:
@@ -359,7 +360,7 @@ class Generator:
         out = self.model.generate(**inputs, attention_mask=mask, **kwargs, **extra)
         if self.kind == "causal" and not new_only:
             out = out[:, inputs["input_ids"].shape[1]:]
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        texts = [cut_text(t, s.stop).strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         n = num_return_sequences
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -452,7 +453,8 @@ class Generator:
         s = settings or GenerationSettings()
         if s.num_beams > 1:
             raise ValueError("beam search has no token order to stream; call generate()")
-        return TextStream(transformers_token_ids(self, prompt, s, prefix, cancel), self.decode)
+        ids = transformers_token_ids(self, prompt, s, prefix, cancel)
+        return TextStream(stop_ids(ids, self.decode, s.stop), self.decode)
 
     @torch.inference_mode()
     def start(self, prompts: list[Prompt], prefixes: Prefixes = None, max_new_tokens: int = 256

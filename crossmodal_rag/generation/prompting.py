@@ -34,6 +34,7 @@ class GenerationSettings:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling mass
     seed: int | None = None  # makes sampling reproducible
+    stop: str = "eos"  # eos: at the end token; sentence: also at the first sentence end or line break
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -44,6 +45,8 @@ class GenerationSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.stop not in ("eos", "sentence"):  # generation.stopping.STOPS
+            raise ValueError(f"unknown stop {self.stop!r}; choose eos or sentence")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationSettings:
