@@ -41,7 +41,7 @@ DECODE = """
 import json, resource, time
 import io
 from PIL import Image
-from crossmodal_rag.images import decode_image
+from crossmodal_rag.ingestion.images import decode_image
 warm = io.BytesIO()
 Image.new("RGB", (64, 48)).save(warm, "JPEG")
 decode_image(warm.getvalue())  # plugins registered, first-call costs paid
@@ -62,7 +62,7 @@ print(json.dumps({{"outcome": outcome, "times": times, "base_mb": base / 1024,
 
 OCR = """
 import json, resource, time
-from crossmodal_rag.ocr import OcrSettings, create_ocr_engine, ocr_image
+from crossmodal_rag.ingestion.ocr import OcrSettings, create_ocr_engine, ocr_image
 engine = create_ocr_engine(OcrSettings(threads=1)).load()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()

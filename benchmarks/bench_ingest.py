@@ -6,7 +6,7 @@ In one process, on N synthetic JPEG photos and a random model of ViT-B-32 size:
   size B (the baseline; measured before and after every full-ingest run, since the machine drifts);
 * decode+preprocess only: images/s of exactly the per-image work an ingest worker does (stat, read,
   SHA-256, safe decode, model preprocess), in this process, one image after the other;
-* full ingest: ``crossmodal_rag.ingest.ingest()`` into a fresh collection, once per ``--workers``
+* full ingest: ``crossmodal_rag.ingestion.runner.ingest()`` into a fresh collection, once per ``--workers``
   value, images/s plus the report's timing breakdown.
 
 The target (foundation issue): full-ingest images/s >= 90% of model-only images/s at the same batch
@@ -34,17 +34,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import importlib
 
 import _common
 
 from crossmodal_rag import Collection
 from crossmodal_rag.encoders import load_encoder
-from crossmodal_rag.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
-from crossmodal_rag.ingest import DecodeDataset, IngestSettings, ingest
-
-# the module (the package's ``crossmodal_rag.ingest`` attribute is the function)
-ingest_module = importlib.import_module("crossmodal_rag.ingest")
+from crossmodal_rag.ingestion import runner as ingest_module
+from crossmodal_rag.ingestion.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+from crossmodal_rag.ingestion.runner import DecodeDataset, IngestSettings, ingest
 
 # Mostly 4:3 camera-like sizes around 640x480, both orientations, some larger.
 _SIZES = [(640, 480), (640, 480), (640, 480), (480, 640), (800, 600), (1024, 768), (640, 427), (500, 375)]
@@ -133,7 +130,7 @@ def variant(name: str):
     """How one full-ingest run decodes; yields the IngestSettings.workers value.
 
     ``N``: the library as it is, N DataLoader workers. EXPERIMENTS, patched into
-    ``crossmodal_rag.ingest`` for the run only (the library has no such settings): ``Nnice``: N
+    ``crossmodal_rag.ingestion.runner`` for the run only (the library has no such settings): ``Nnice``: N
     workers reniced to 19; ``phaseN``: no DataLoader, each batch decoded by N threads, then encoded.
     """
     saved = ingest_module.DataLoader, ingest_module._batches

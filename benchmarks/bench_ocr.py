@@ -87,8 +87,8 @@ def _save(out: Path, key: str, value: object) -> None:
 
 
 def step_cer(out: Path, compare: int, threads: int) -> None:
-    from crossmodal_rag.images import load_image
-    from crossmodal_rag.ocr import OcrResult, OcrSettings, create_ocr_engine
+    from crossmodal_rag.ingestion.images import load_image
+    from crossmodal_rag.ingestion.ocr import OcrResult, OcrSettings, create_ocr_engine
 
     root = out / "set"
     docs = [d for d in ocr_docs.load(root) if d.layout != "photo"]
@@ -156,12 +156,12 @@ class CachedEngine:
     cache: ClassVar[dict[str, dict]] = {}  # shared by every instance (ingest makes its own)
 
     def __init__(self, settings: object = None) -> None:
-        from crossmodal_rag.ocr import OcrSettings, create_ocr_engine
+        from crossmodal_rag.ingestion.ocr import OcrSettings, create_ocr_engine
 
         self.inner = create_ocr_engine(OcrSettings(threads=1))
 
     def read(self, image, original_size=None):
-        from crossmodal_rag.ocr import OcrResult
+        from crossmodal_rag.ingestion.ocr import OcrResult
 
         key = _pixels_key(image)
         if key not in self.cache:
@@ -176,8 +176,8 @@ def _pixels_key(image) -> str:
 
 
 def _cached_engine(out: Path) -> CachedEngine:
-    from crossmodal_rag.images import load_image
-    from crossmodal_rag.ocr import OCR_ENGINES
+    from crossmodal_rag.ingestion.images import load_image
+    from crossmodal_rag.ingestion.ocr import OCR_ENGINES
 
     OCR_ENGINES["bench-cache"] = CachedEngine
     engine = CachedEngine()
@@ -247,8 +247,9 @@ def step_speed(out: Path, n: int, spec: str | None) -> None:
 
 
 def step_retrieval(out: Path, modes: list[str]) -> None:
-    from crossmodal_rag import Collection
     from crossmodal_rag.hybrid import search
+
+    from crossmodal_rag import Collection
 
     qs = _questions(out)
     path = out / "results.json"

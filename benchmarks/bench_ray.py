@@ -3,8 +3,8 @@
 On N synthetic JPEG photos (no captions, so only the image path is measured) and a random model
 of ViT-B-32 size, each run ingests into a fresh collection:
 
-* single: ``crossmodal_rag.ingest.ingest()`` (DataLoader decode workers, the default settings);
-* ray-A: the same through :class:`crossmodal_rag.distributed.RayEmbedder` with A encoder actors,
+* single: ``crossmodal_rag.ingestion.runner.ingest()`` (DataLoader decode workers, the default settings);
+* ray-A: the same through :class:`crossmodal_rag.ingestion.distributed.RayEmbedder` with A encoder actors,
   on a local Ray instance started for the run (as ``index --ray`` does).
 
 For Ray runs three figures: images/s over the whole ingest (Ray start, actors loading the model,
@@ -33,8 +33,8 @@ import _common
 from bench_ingest import make_images
 
 from crossmodal_rag import Collection
-from crossmodal_rag.distributed import RayEmbedder, RaySettings, clean_staging
-from crossmodal_rag.ingest import IngestSettings, ingest
+from crossmodal_rag.ingestion.distributed import RayEmbedder, RaySettings, clean_staging
+from crossmodal_rag.ingestion.runner import IngestSettings, ingest
 
 
 def _vectors(coll: Collection) -> dict[str, np.ndarray]:

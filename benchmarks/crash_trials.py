@@ -42,8 +42,8 @@ from PIL import Image
 
 from crossmodal_rag import Collection
 from crossmodal_rag._phases import PHASE_FILE_ENV
-from crossmodal_rag.importer import import_embeddings
-from crossmodal_rag.ingest import IngestSettings, ingest
+from crossmodal_rag.ingestion.importer import import_embeddings
+from crossmodal_rag.ingestion.runner import IngestSettings, ingest
 from crossmodal_rag.testing import make_tiny_open_clip
 
 ENV = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}

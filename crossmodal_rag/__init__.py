@@ -11,8 +11,6 @@ Quick start::
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -31,26 +29,26 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .collection import CheckReport, Collection
-    from .images import decode_image, load_image
-    from .ingest import IngestReport, IngestSettings, ingest
+    from .ingestion.images import decode_image, load_image
+    from .ingestion.runner import IngestReport, IngestSettings, ingest
+    from .ingestion.sources import ImageRecord, Problem, TextRecord, read_source
     from .search import Hit
-    from .sources import ImageRecord, Problem, TextRecord, read_source
 
 #: Public names whose modules load torch, faiss or PIL: imported on first access, so that
 #: ``import crossmodal_rag`` (and the CLI's ``--help``) stays fast.
 _LAZY = {
     "CheckReport": ".collection",
     "Collection": ".collection",
-    "decode_image": ".images",
-    "load_image": ".images",
-    "IngestReport": ".ingest",
-    "IngestSettings": ".ingest",
-    "ingest": ".ingest",
+    "decode_image": ".ingestion.images",
+    "load_image": ".ingestion.images",
+    "IngestReport": ".ingestion.runner",
+    "IngestSettings": ".ingestion.runner",
+    "ingest": ".ingestion.runner",
     "Hit": ".search",
-    "ImageRecord": ".sources",
-    "Problem": ".sources",
-    "TextRecord": ".sources",
-    "read_source": ".sources",
+    "ImageRecord": ".ingestion.sources",
+    "Problem": ".ingestion.sources",
+    "TextRecord": ".ingestion.sources",
+    "read_source": ".ingestion.sources",
 }
 
 __all__ = [
@@ -82,19 +80,6 @@ __all__ = [
     "parse_model_spec",
     "read_source",
 ]
-
-
-class _Package(types.ModuleType):
-    """Keeps ``crossmodal_rag.ingest`` the function, as the eager import made it: loading the
-    submodule of the same name (from anywhere) binds the package attribute to the submodule."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "ingest" and isinstance(value, types.ModuleType):
-            value = value.ingest
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

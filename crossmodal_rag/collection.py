@@ -6,11 +6,11 @@ owns it:
 
 - writing the indexes, shards and manifest: :mod:`crossmodal_rag.store.persist` (following the
   metadata: :mod:`crossmodal_rag.store.reconcile`);
-- adding files: :mod:`crossmodal_rag.ingest`; removing items: :mod:`crossmodal_rag.removal`;
+- adding files: :mod:`crossmodal_rag.ingestion.runner`; removing items: :mod:`crossmodal_rag.maintenance.removal`;
   score thresholds: :mod:`crossmodal_rag.calibration`;
 - query embedding: :mod:`crossmodal_rag.query`; searching: :mod:`crossmodal_rag.search`;
-- reindex, tune, near-duplicates: :mod:`crossmodal_rag.maintenance`; check: :mod:`crossmodal_rag.check`;
-- the encoder, checked against the collection's fingerprint: :mod:`crossmodal_rag.bound_encoder`.
+- reindex, tune, near-duplicates: :mod:`crossmodal_rag.maintenance.indexes`; check: :mod:`crossmodal_rag.maintenance.check`;
+- the encoder, checked against the collection's fingerprint: :mod:`crossmodal_rag.maintenance.bound_encoder`.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from . import fingerprint, maintenance, removal
 from ._phases import phase
-from .bound_encoder import BoundEncoder
-from .check import CheckReport, check_collection
 from .encoders import DEFAULT_MODEL, ClipEncoder, load_encoder, parse_model_spec
 from .errors import CollectionError, QueryError
 from .filters import allowed_ids, parse_where
-from .images import DEFAULT_MAX_IMAGE_PIXELS
+from .ingestion.images import DEFAULT_MAX_IMAGE_PIXELS
 from .lock import WriteLock
+from .maintenance import fingerprint, indexes, removal
+from .maintenance.bound_encoder import BoundEncoder
+from .maintenance.check import CheckReport, check_collection
 from .query import clip_term, embed_query
 from .search import Hit, check_target, resolve_min_score, search_vectors
 from .store.ann import AUTO, SearchParams, parse_memory
@@ -46,7 +46,7 @@ from .store.summary import describe
 from .store.vectors import VectorIndex, make_faiss_index
 
 if TYPE_CHECKING:
-    from .ingest import IngestReport
+    from .ingestion.runner import IngestReport
 
 __all__ = ["FSYNC_POLICIES", "CheckReport", "Collection", "FsyncPolicy", "open_collection"]
 
@@ -243,17 +243,17 @@ class Collection:
         workers: int = 2, repair: bool = False,
     ) -> dict[str, Any]:
         """Rebuild both indexes from the float16 shards, without re-encoding anything (see
-        :func:`crossmodal_rag.maintenance.reindex`); a stored vector that is not finite or not
+        :func:`crossmodal_rag.maintenance.indexes.reindex`); a stored vector that is not finite or not
         of unit norm is refused. ``repair``: re-embed such items from their sources first (see
-        :func:`crossmodal_rag.repair.repair_vectors`; the report's ``"repair"``). Returns what
+        :func:`crossmodal_rag.maintenance.repair.repair_vectors`; the report's ``"repair"``). Returns what
         was built."""
         self.require_writable()
         repaired = None
         if repair:
-            from .repair import repair_vectors
+            from .maintenance.repair import repair_vectors
 
             repaired = repair_vectors(self)
-        report = maintenance.reindex(self.state, index_type, max_index_memory=max_index_memory, seed=seed,
+        report = indexes.reindex(self.state, index_type, max_index_memory=max_index_memory, seed=seed,
                                      tune=tune, target_recall=target_recall, sharded=sharded,
                                      workers=workers)
         if repaired is not None:
@@ -264,22 +264,22 @@ class Collection:
         """Re-tune the search settings of the approximate indexes (no rebuild); stores and
         returns what was measured per index."""
         self.require_writable()
-        return maintenance.tune(self.state, target_recall=target_recall, seed=seed)
+        return indexes.tune(self.state, target_recall=target_recall, seed=seed)
 
     def set_search_params(self, params: SearchParams, index: str | None = None) -> None:
         """Store ``params`` as the default search settings of one index (or both), persisted."""
         self.require_writable()
-        maintenance.set_search_params(self.state, params, index)
+        indexes.set_search_params(self.state, params, index)
 
     def near_duplicates(self, threshold: float = 0.95) -> list[list[int]]:
         """Groups of image ids whose embeddings have cosine >= ``threshold`` (linked
         transitively), largest groups first. Byte-identical files are already one item."""
-        return maintenance.near_duplicates(self.store, self.indexes, self.manifest.dim, threshold)
+        return indexes.near_duplicates(self.store, self.indexes, self.manifest.dim, threshold)
 
     def check(self, *, verify_hash: bool = True, max_vectors: int | None = CHECK_ALL_MAX_VECTORS,
               seed: int = 0) -> CheckReport:
         """Verify that the index files the manifest on disk names, the float16 shards and the
-        metadata agree (see :func:`crossmodal_rag.check.check_collection`). Reads only."""
+        metadata agree (see :func:`crossmodal_rag.maintenance.check.check_collection`). Reads only."""
         return check_collection(self.folder, self.store, self.manifest.dim, verify_hash=verify_hash,
                                 max_vectors=max_vectors, seed=seed)
 
@@ -366,15 +366,15 @@ class Collection:
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, source: str | Path, **settings: Any) -> IngestReport:
-        """Ingest ``source`` (see :func:`crossmodal_rag.ingest.ingest` for the settings)."""
-        from .ingest import IngestSettings, ingest  # loads torch: only when adding
+        """Ingest ``source`` (see :func:`crossmodal_rag.ingestion.runner.ingest` for the settings)."""
+        from .ingestion.runner import IngestSettings, ingest  # loads torch: only when adding
 
         return ingest(self, source, IngestSettings(**settings))
 
     @phase("remove")
     def remove(self, ids: list[int] | None = None, paths: list[str] | None = None) -> dict[str, Any]:
         """Remove items by id and/or by source path, then persist (see
-        :func:`crossmodal_rag.removal.remove`). Returns ``{"removed": [...], "unknown": [...]}``."""
+        :func:`crossmodal_rag.maintenance.removal.remove`). Returns ``{"removed": [...], "unknown": [...]}``."""
         return removal.remove(self, ids, paths)
 
 

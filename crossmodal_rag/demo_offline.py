@@ -92,7 +92,7 @@ def run_offline_demo(folder: Path | None, *, k: int = 3, generator: str | None =
             "local CLIP weights for the full demo)")
     from . import routing
     from .collection import Collection
-    from .ingest import IngestSettings, ingest
+    from .ingestion.runner import IngestSettings, ingest
     from .text_space import sync_text_space
 
     folder = Path(folder) if folder else default_offline_collection()

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .safe_io import atomic_write_text
+
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
@@ -189,7 +191,5 @@ def make_shapes(
         semantic = {k: v for k, v in asdict(attrs).items() if k not in ("dx", "dy", "scale")}
         rows.append(json.dumps({"image": png.name, "caption": caption, **semantic}))
         written.append((png, caption))
-    tmp = out / "manifest.jsonl.tmp"
-    tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out / "manifest.jsonl")
+    atomic_write_text(out / "manifest.jsonl", "".join(r + "\n" for r in rows))
     return written

@@ -203,59 +203,62 @@ def make_tiny_gguf(path: str | Path, *, seed: int = 0, hidden: int = 64, layers:
     converter does: tensors under GGUF names, Q/K rows permuted, 2-D weights quantised to
     ``qtype`` (``Q8_0`` or ``F32``; norms stay F32), and a byte-level BPE tokenizer (256 byte
     tokens, :data:`TINY_GGUF_MERGES`, ``<|endoftext|>`` as BOS/EOS) in the metadata. Load it
-    with ``--generator PATH``. Written to a temporary name, then renamed."""
-    import os
+    with ``--generator PATH``. Written aside, then replaced whole (:func:`~crossmodal_rag.safe_io.atomic_write`)."""
+    import tempfile
 
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter, TokenType
     from gguf.quants import quantize
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+    from .safe_io import atomic_write_bytes
+
     path = Path(path)
     config, state = tiny_gguf_llama(seed=seed, hidden=hidden, layers=layers)
     kind = GGMLQuantizationType[qtype]
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    tmp = path.with_name(path.name + ".tmp")
-    w = GGUFWriter(str(tmp), "llama")
-    w.add_name("crossmodal-rag tiny llama")
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(hidden)
-    w.add_block_count(layers)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_rope_dimension_count(hidden // heads)
-    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_vocab_size(config.vocab_size)
-    tokens = [TINY_GGUF_EOS, *bytes_to_unicode().values(), *(m.replace(" ", "") for m in TINY_GGUF_MERGES)]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([TokenType.CONTROL] + [TokenType.NORMAL] * (len(tokens) - 1))
-    w.add_token_merges(list(TINY_GGUF_MERGES))
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    for i in range(layers):
-        for hf, gg in (("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"),
-                       ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
-                       ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
-                       ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
-            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
-    for hf, gg in names.items():
-        t = state[hf].float().numpy()
-        if gg.endswith("attn_q.weight"):
-            t = _gguf_permute(t, heads)
-        elif gg.endswith("attn_k.weight"):
-            t = _gguf_permute(t, kv_heads)
-        if t.ndim == 2 and kind != GGMLQuantizationType.F32:
-            w.add_tensor(gg, quantize(np.ascontiguousarray(t), kind), raw_dtype=kind)
-        else:
-            w.add_tensor(gg, np.ascontiguousarray(t, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=path.parent) as scratch:
+        tmp = Path(scratch) / path.name  # GGUFWriter opens a path: built aside, then replaced whole
+        w = GGUFWriter(str(tmp), "llama")
+        w.add_name("crossmodal-rag tiny llama")
+        w.add_context_length(config.max_position_embeddings)
+        w.add_embedding_length(hidden)
+        w.add_block_count(layers)
+        w.add_feed_forward_length(config.intermediate_size)
+        w.add_rope_dimension_count(hidden // heads)
+        w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+        w.add_head_count(heads)
+        w.add_head_count_kv(kv_heads)
+        w.add_layer_norm_rms_eps(config.rms_norm_eps)
+        w.add_vocab_size(config.vocab_size)
+        tokens = [TINY_GGUF_EOS, *bytes_to_unicode().values(), *(m.replace(" ", "") for m in TINY_GGUF_MERGES)]
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([TokenType.CONTROL] + [TokenType.NORMAL] * (len(tokens) - 1))
+        w.add_token_merges(list(TINY_GGUF_MERGES))
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(0)
+        names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}
+        for i in range(layers):
+            for hf, gg in (("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"),
+                           ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                           ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
+                           ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")):
+                names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+        for hf, gg in names.items():
+            t = state[hf].float().numpy()
+            if gg.endswith("attn_q.weight"):
+                t = _gguf_permute(t, heads)
+            elif gg.endswith("attn_k.weight"):
+                t = _gguf_permute(t, kv_heads)
+            if t.ndim == 2 and kind != GGMLQuantizationType.F32:
+                w.add_tensor(gg, quantize(np.ascontiguousarray(t), kind), raw_dtype=kind)
+            else:
+                w.add_tensor(gg, np.ascontiguousarray(t, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        atomic_write_bytes(path, tmp.read_bytes())
     return path

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .images import load_image
+from .ingestion.images import load_image
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -201,7 +201,7 @@ def _write_import(folder: Path, vectors: np.ndarray, captions: bool = True) -> P
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory, tiny_oc_spec: str) -> tuple[Path, np.ndarray]:
     from crossmodal_rag import Collection
-    from crossmodal_rag.importer import import_embeddings
+    from crossmodal_rag.ingestion.importer import import_embeddings
 
     tmp = tmp_path_factory.mktemp("imp")
     with Collection.create(tmp / "probe", tiny_oc_spec) as c:
@@ -295,7 +295,7 @@ def test_import_refuses_wrong_dimension_and_model(tmp_path: Path, tiny_oc_spec: 
     from PIL import Image
 
     from crossmodal_rag import Collection
-    from crossmodal_rag.importer import import_embeddings
+    from crossmodal_rag.ingestion.importer import import_embeddings
 
     src = tmp_path / "emb"
     src.mkdir()

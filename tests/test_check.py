@@ -40,7 +40,7 @@ def _fingerprint(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory, tiny_oc_spec: str) -> Path:
-    from crossmodal_rag.importer import import_embeddings
+    from crossmodal_rag.ingestion.importer import import_embeddings
 
     tmp = tmp_path_factory.mktemp("check")
     with Collection.create(tmp / "probe", tiny_oc_spec) as c:

@@ -398,8 +398,8 @@ def test_collection_without_image_fingerprint_opens_and_is_backfilled(
     import logging
     import sqlite3
 
-    from crossmodal_rag import fingerprint
     from crossmodal_rag.encoders import load_encoder
+    from crossmodal_rag.maintenance import fingerprint
 
     with sqlite3.connect(collection_copy / "metadata.sqlite") as db:  # as made before image probes
         db.execute("DELETE FROM meta WHERE key = ?", (fingerprint.IMAGE_KEY,))

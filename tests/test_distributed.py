@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 
 from crossmodal_rag import Collection
-from crossmodal_rag.distributed import (
+from crossmodal_rag.ingestion.distributed import (
     STAGING_DIR,
     DistributedError,
     RaySettings,
     ingest_ray,
     require_ray,
 )
-from crossmodal_rag.ingest import IngestSettings, ingest
+from crossmodal_rag.ingestion.runner import IngestSettings, ingest
 from tests.badimages import write_bad_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def _assert_same_collection(a: Path, b: Path) -> None:
 
 def test_ray_ingest_matches_single_process(ray_session, source: Path, tmp_path: Path, tiny_oc_spec: str,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="crossmodal_rag.distributed")
+    caplog.set_level(logging.DEBUG, logger="crossmodal_rag.ingestion.distributed")
     manifest = source / "manifest.jsonl"
     settings = IngestSettings(batch_size=4)
     with Collection.create(tmp_path / "single", tiny_oc_spec) as coll:
@@ -327,9 +327,9 @@ def test_decode_tasks_preprocess_like_the_encoder(tiny_oc_spec: str, tiny_hf_dir
     single-process workers make, for both backends, and is small to ship."""
     import pickle
 
-    from crossmodal_rag.distributed import _decode_batch, _preprocessor
     from crossmodal_rag.encoders import load_encoder
-    from crossmodal_rag.images import load_image
+    from crossmodal_rag.ingestion.distributed import _decode_batch, _preprocessor
+    from crossmodal_rag.ingestion.images import load_image
 
     photo = sample_dir / "cat.jpg"
     for spec in (tiny_oc_spec, f"hf:{tiny_hf_dir}"):
@@ -349,7 +349,7 @@ def test_decode_tasks_preprocess_like_the_encoder(tiny_oc_spec: str, tiny_hf_dir
 
 def test_worker_failures_become_one_line() -> None:
     """Ray hands a worker's failure over wrapped, traceback inside; the user gets its last line."""
-    from crossmodal_rag.distributed import _root_message
+    from crossmodal_rag.ingestion.distributed import _root_message
 
     class SystemException(Exception):  # Ray Data's outer wrapper has no message
         pass

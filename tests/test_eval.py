@@ -46,7 +46,7 @@ def test_recall_matches_brute_force() -> None:
 def _by_hand(spec: str, items: list) -> tuple[np.ndarray, np.ndarray]:
     """(caption x image similarities, caption -> image) from the encoder run by hand."""
     from crossmodal_rag.encoders import load_encoder
-    from crossmodal_rag.images import load_image
+    from crossmodal_rag.ingestion.images import load_image
 
     enc = load_encoder(spec)
     img = enc.encode_images([load_image(it.path).image for it in items])
@@ -136,9 +136,8 @@ def test_viz_writes_pngs(sample_collection: Path, tmp_path: Path) -> None:
 def test_generation_eval_retrieves_from_the_text_space(tmp_path: Path, tiny_oc_spec: str, sample_dir: Path) -> None:
     """`eval generation` asks as `ask` does: in a collection with a text space (index
     --text-model), each question's sources are the text space's own top-k for it."""
-    from sentence_models import make_text_space_collection
-
     from crossmodal_rag.text_space import open_text_space
+    from sentence_models import make_text_space_collection
 
     passages = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may"]
     folder = make_text_space_collection(tmp_path, tiny_oc_spec, sample_dir, passages, seed=2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crossmodal_rag import fingerprint
-from crossmodal_rag.fingerprint import Fingerprint
+from crossmodal_rag.maintenance import fingerprint
+from crossmodal_rag.maintenance.fingerprint import Fingerprint
 
 
 def test_probe_pictures_are_fixed_and_distinct() -> None:
@@ -62,8 +62,8 @@ def test_ray_actor_refuses_a_node_with_another_image_tower(tiny_oc_dir, tmp_path
     pytest.importorskip("ray")
     import torch
 
-    from crossmodal_rag.distributed import DistributedError, _EncoderActor, _probe
     from crossmodal_rag.encoders import load_encoder
+    from crossmodal_rag.ingestion.distributed import DistributedError, _EncoderActor, _probe
     from tests.test_collection import _with_other_image_tower
 
     spec = f"open_clip:local-dir:{tiny_oc_dir}"
@@ -79,8 +79,8 @@ def test_ray_actor_refuses_a_node_with_another_image_tower(tiny_oc_dir, tmp_path
 
 
 def test_a_mismatch_error_names_both_encoders_what_differs_and_the_fix() -> None:
-    from crossmodal_rag.distributed import DistributedError
     from crossmodal_rag.errors import EncoderMismatchError
+    from crossmodal_rag.ingestion.distributed import DistributedError
 
     rng = np.random.default_rng(2)
     stored = Fingerprint(_unit(rng, 3), _unit(rng, 4))

@@ -16,7 +16,12 @@ import pytest
 from PIL import Image
 
 from crossmodal_rag.errors import ImageDecodeError
-from crossmodal_rag.images import IMAGE_EXTENSIONS, decode_image, format_support, load_image
+from crossmodal_rag.ingestion.images import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    format_support,
+    load_image,
+)
 
 FORMATS = {"HEIF": ".heic", "AVIF": ".avif"}
 
@@ -80,7 +85,7 @@ def test_heic_without_its_plugin_names_the_package(tmp_path: Path) -> None:
     path = tmp_path / "phone.heic"
     path.write_bytes(_save(_pattern(), "HEIF"))
     code = ("import sys; sys.modules['pillow_heif'] = None\n"  # as if it were not installed
-            "from crossmodal_rag.images import load_image\n"
+            "from crossmodal_rag.ingestion.images import load_image\n"
             "from crossmodal_rag.errors import ImageDecodeError\n"
             f"try:\n    load_image({str(path)!r})\nexcept ImageDecodeError as e:\n    print(e.reason)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

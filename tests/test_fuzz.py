@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from crossmodal_rag.errors import ImageDecodeError, SourceError
-from crossmodal_rag.images import MAX_ASPECT_RATIO, decode_image
-from crossmodal_rag.sources import ImageRecord, Problem, TextRecord, read_source
+from crossmodal_rag.ingestion.images import MAX_ASPECT_RATIO, decode_image
+from crossmodal_rag.ingestion.sources import ImageRecord, Problem, TextRecord, read_source
 from tests.badimages import (
     EPS,
     POSTSCRIPT,
@@ -110,7 +110,7 @@ def test_ocr_input_is_bounded_for_every_shape(width: int, height: int) -> None:
     """Whatever the shape, what reaches the OCR engine is refused with a one-line reason or is
     one picture no longer than the image and at most OCR_TILE_ASPECT:1 (what the engine reads
     without letterboxing), made of tiles covering the image."""
-    from crossmodal_rag.ocr_budget import OCR_TILE_ASPECT, OcrInputError, plan_ocr
+    from crossmodal_rag.ingestion.ocr_budget import OCR_TILE_ASPECT, OcrInputError, plan_ocr
 
     try:
         layout = plan_ocr(width, height)
@@ -188,7 +188,7 @@ def test_fifos_and_devices_never_block_the_other_readers(tmp_path: Path, tiny_oc
 import json
 from crossmodal_rag.apps import ChatSession
 from crossmodal_rag.errors import CrossmodalError
-from crossmodal_rag.importer import import_embeddings
+from crossmodal_rag.ingestion.importer import import_embeddings
 out = {{}}
 try:
     ChatSession.load({str(tmp_path / "session.json")!r})

@@ -27,8 +27,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crossmodal_rag import Collection, fingerprint
+from crossmodal_rag import Collection
 from crossmodal_rag.errors import CrossmodalError
+from crossmodal_rag.maintenance import fingerprint
 from crossmodal_rag.store.summary import read_summary
 
 EXAMPLES = int(os.environ.get("CROSSMODAL_RAG_FUZZ_EXAMPLES", "100"))
@@ -463,10 +464,11 @@ def _spec_parses(folder: Path) -> bool:
 
 
 def test_fuzz_text_spaces(text_space_collection: Path) -> None:
-    from crossmodal_rag import routing
-    from crossmodal_rag.cli import main
     from crossmodal_rag.text_space import open_text_space
     from crossmodal_rag.text_space_audit import check_text_space
+
+    from crossmodal_rag import routing
+    from crossmodal_rag.cli import main
 
     with Collection.open(text_space_collection) as c:
         image_ids = c.store.ids("image")

@@ -27,10 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from crossmodal_rag.errors import CollectionError, QueryError
 from crossmodal_rag.filters import (
     MAX_GLOB_STARS,
     MAX_WHERE_CHARS,
@@ -39,7 +35,11 @@ from crossmodal_rag.filters import (
     parse_where,
 )
 from crossmodal_rag.query import MAX_QUERY_CHARS, MAX_QUERY_TERMS, QueryTerm, parse_query
-from crossmodal_rag.sources import ImageRecord, Problem, TextRecord, read_source
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crossmodal_rag.errors import CollectionError, QueryError
+from crossmodal_rag.ingestion.sources import ImageRecord, Problem, TextRecord, read_source
 from crossmodal_rag.store.ann import parse_memory
 from tests.badimages import jpeg_bytes
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from crossmodal_rag.errors import ImageDecodeError
-from crossmodal_rag.images import decode_image, load_image
+from crossmodal_rag.ingestion.images import decode_image, load_image
 from tests.badimages import jpeg_bytes, png_declaring, write_bad_images, write_odd_images
 
 
@@ -86,7 +86,7 @@ def test_non_regular_files_are_refused_without_reading(tmp_path: Path) -> None:
     code = f"""
 import json
 from crossmodal_rag.errors import ImageDecodeError
-from crossmodal_rag.images import load_image
+from crossmodal_rag.ingestion.images import load_image
 out = {{}}
 for name in ("x.jpg", "y.jpg", "d.jpg", "link.jpg"):
     try:
@@ -130,7 +130,7 @@ def _decode_in_child(path: Path, max_pixels: int | None = None) -> tuple[str, fl
     code = f"""
 import json, resource
 from crossmodal_rag.errors import ImageDecodeError
-from crossmodal_rag.images import load_image
+from crossmodal_rag.ingestion.images import load_image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     d = load_image({str(path)!r}{kw})
@@ -201,7 +201,11 @@ def test_allowed_formats_are_the_ingested_extensions() -> None:
     plugins register them (no more: a format added to one must be added to the other)."""
     from PIL import Image
 
-    from crossmodal_rag.images import ALLOWED_IMAGE_FORMATS, IMAGE_EXTENSIONS, format_support
+    from crossmodal_rag.ingestion.images import (
+        ALLOWED_IMAGE_FORMATS,
+        IMAGE_EXTENSIONS,
+        format_support,
+    )
 
     format_support()  # registers the HEIF/AVIF plugins
     by_extension = {Image.registered_extensions()[ext] for ext in IMAGE_EXTENSIONS}
@@ -210,7 +214,7 @@ def test_allowed_formats_are_the_ingested_extensions() -> None:
 
 def test_other_formats_are_refused_by_their_magic_bytes() -> None:
     """Whatever the name, the leading bytes decide; each known other format is named."""
-    from crossmodal_rag.images import ImageFormatError, sniff_image_format
+    from crossmodal_rag.ingestion.images import ImageFormatError, sniff_image_format
     from tests.badimages import EPS, POSTSCRIPT, dos_eps
 
     cases = {EPS: "PostScript/EPS", POSTSCRIPT: "PostScript/EPS", dos_eps(): "PostScript/EPS",
@@ -259,8 +263,8 @@ def test_postscript_never_starts_ghostscript(tmp_path: Path) -> None:
     code = f"""
 import json, pathlib
 from crossmodal_rag.errors import ImageDecodeError
-from crossmodal_rag.images import decode_image, load_image
-from crossmodal_rag.ocr import ocr_image
+from crossmodal_rag.ingestion.images import decode_image, load_image
+from crossmodal_rag.ingestion.ocr import ocr_image
 out = {{}}
 for name in {names!r}:
     path = pathlib.Path({str(folder)!r}) / name
@@ -322,7 +326,7 @@ def test_thin_images_decode_and_can_be_searched(tmp_path: Path, tiny_oc_spec: st
 
     from crossmodal_rag import Collection
     from crossmodal_rag.encoders import load_encoder
-    from crossmodal_rag.images import MAX_ASPECT_RATIO
+    from crossmodal_rag.ingestion.images import MAX_ASPECT_RATIO
     from tests.badimages import thin_jpeg
 
     encoder = load_encoder(tiny_oc_spec)
@@ -355,7 +359,7 @@ def test_thin_images_decode_and_can_be_searched(tmp_path: Path, tiny_oc_spec: st
 def test_jpeg_scan_count_walks_markers_like_the_decoder() -> None:
     """Scans counted as libjpeg reads them: its progressive scripts (10 colour, 6 grey), one for
     baseline, and a thumbnail inside an APP segment not counted."""
-    from crossmodal_rag.decode_budget import jpeg_scan_count
+    from crossmodal_rag.ingestion.decode_budget import jpeg_scan_count
     from tests.badimages import progressive_jpeg, scan_bomb_jpeg
 
     assert jpeg_scan_count(jpeg_bytes()) == 1
@@ -375,7 +379,7 @@ def test_scan_bomb_is_refused_before_decoding() -> None:
     a reason naming the scan budget; one just under the budget decodes."""
     import time
 
-    from crossmodal_rag.decode_budget import MAX_JPEG_SCANS
+    from crossmodal_rag.ingestion.decode_budget import MAX_JPEG_SCANS
     from tests.badimages import scan_bomb_jpeg
 
     bomb = scan_bomb_jpeg(20_000, (2048, 2048))
@@ -392,7 +396,7 @@ def test_progressive_jpeg_is_held_to_the_full_decode_share() -> None:
     """Progressive JPEGs buffer every coefficient (draft does not help): held to a quarter of
     the pixel limit, like formats decoded at full size; baseline JPEGs to the whole limit. And
     scans x pixels is held to JPEG_SCAN_WORK x the limit."""
-    from crossmodal_rag.decode_budget import FULL_DECODE_SHARE, JPEG_SCAN_WORK
+    from crossmodal_rag.ingestion.decode_budget import FULL_DECODE_SHARE, JPEG_SCAN_WORK
     from tests.badimages import progressive_jpeg, scan_bomb_jpeg
 
     pixels = 64 * 48
@@ -415,7 +419,7 @@ def test_import_reads_headers_of_allowed_formats_only(tmp_path: Path, tiny_oc_sp
     own width/height are used instead."""
     from crossmodal_rag import Collection
     from crossmodal_rag.encoders import load_encoder
-    from crossmodal_rag.importer import import_embeddings
+    from crossmodal_rag.ingestion.importer import import_embeddings
     from tests.badimages import EPS
 
     src = tmp_path / "emb"

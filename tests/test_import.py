@@ -13,7 +13,7 @@ from PIL import Image
 
 from crossmodal_rag import Collection
 from crossmodal_rag.errors import EncoderMismatchError
-from crossmodal_rag.importer import import_embeddings
+from crossmodal_rag.ingestion.importer import import_embeddings
 from tests.e2e.test_cli import run
 
 N_IMAGES = 24
@@ -45,7 +45,7 @@ def _write_source(folder: Path, vectors: np.ndarray, rows: list[dict]) -> Path:
 def pictures(tmp_path_factory: pytest.TempPathFactory, tiny_oc_spec: str) -> tuple[Path, np.ndarray]:
     """N_IMAGES small PNGs and their embeddings by the tiny encoder (the model of the import)."""
     from crossmodal_rag.encoders import load_encoder
-    from crossmodal_rag.images import load_image
+    from crossmodal_rag.ingestion.images import load_image
 
     folder = tmp_path_factory.mktemp("pictures")
     paths = []

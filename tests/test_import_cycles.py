@@ -99,5 +99,5 @@ def test_the_walk_finds_a_planted_cycle() -> None:
     assert cycles(graph) == [["a", "b", "c"]]
     real = import_graph()  # the scan sees relative, absolute and function-level imports
     assert "crossmodal_rag.generation.checkpoint" in real["crossmodal_rag.training.rag"]
-    assert "crossmodal_rag.fingerprint" in real["crossmodal_rag.reembed"]  # `from . import fingerprint`
-    assert "crossmodal_rag.encoders" in real["crossmodal_rag.distributed"]  # a name of a package, in a method
+    assert "crossmodal_rag.maintenance.fingerprint" in real["crossmodal_rag.maintenance.reembed"]  # `from . import fingerprint`
+    assert "crossmodal_rag.encoders" in real["crossmodal_rag.ingestion.distributed"]  # a name of a package, in a method

@@ -1,4 +1,4 @@
-"""Ingest (crossmodal_rag/ingest.py) with an embedder whose vectors are a known function of the
+"""Ingest (crossmodal_rag/ingestion/runner.py) with an embedder whose vectors are a known function of the
 content: every stored vector is the one its content calls for, and a re-run reads and embeds
 exactly the files that changed (docs/collections.md, "Incremental and idempotent")."""
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from crossmodal_rag import Collection
-from crossmodal_rag.ingest import DecodeDataset, IngestSettings, ingest
-from crossmodal_rag.sources import ImageRecord, read_source
+from crossmodal_rag.ingestion.runner import DecodeDataset, IngestSettings, ingest
+from crossmodal_rag.ingestion.sources import ImageRecord, read_source
 from tests.badimages import jpeg_bytes
 
 
@@ -27,7 +27,7 @@ def _vector(key: str, dim: int) -> np.ndarray:
 
 
 class KeyedEmbedder:
-    """An :class:`crossmodal_rag.ingest.Embedder`: an image's vector is drawn from its SHA-256,
+    """An :class:`crossmodal_rag.ingestion.runner.Embedder`: an image's vector is drawn from its SHA-256,
     a text's from the text. Records which files it was asked to read and to embed."""
 
     def __init__(self, dim: int) -> None:

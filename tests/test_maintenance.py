@@ -1,4 +1,4 @@
-"""Maintenance (crossmodal_rag/maintenance.py) on collections of synthetic vectors, written with
+"""Maintenance (crossmodal_rag/maintenance/indexes.py) on collections of synthetic vectors, written with
 the store's own writers (store/persist.py) and no model: a rebuilt and tuned index against
 exact search, refused rebuilds leave the collection as it was, search settings persist,
 near-duplicate groups against a brute-force union-find, also over an approximate index, and the
@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from crossmodal_rag import maintenance
 from crossmodal_rag.errors import CollectionError, QueryError
-from crossmodal_rag.fingerprint import Fingerprint
+from crossmodal_rag.maintenance import indexes
+from crossmodal_rag.maintenance.fingerprint import Fingerprint
 from crossmodal_rag.store.ann import SearchParams, recall_at_k
 from crossmodal_rag.store.manifest import Manifest
 from crossmodal_rag.store.metadata import MetadataStore
@@ -76,7 +76,7 @@ def _exact(state: IndexState, queries: np.ndarray, k: int = 10) -> np.ndarray:
 
 
 def test_reindex_builds_and_tunes_to_the_target_recall(state: IndexState) -> None:
-    report = maintenance.reindex(state, "HNSW16", target_recall=0.9, seed=3)
+    report = indexes.reindex(state, "HNSW16", target_recall=0.9, seed=3)
     assert report["image"]["index_type"] == "HNSW16" and report["image"]["count"] == 2000
     tuning = report["image"]["tuning"]
     assert tuning["param"] == "ef_search" and tuning["reached"]
@@ -88,11 +88,11 @@ def test_reindex_builds_and_tunes_to_the_target_recall(state: IndexState) -> Non
     _, found = state.indexes["image"].search(queries, 10)
     assert recall_at_k(found, _exact(state, queries)) >= 0.85  # target 0.9 on held-out stored vectors
 
-    tuned = maintenance.tune(state, target_recall=0.99, seed=4)
+    tuned = indexes.tune(state, target_recall=0.99, seed=4)
     assert tuned["image"]["tuning"]["target_recall"] == 0.99
     _, found = state.indexes["image"].search(queries, 10)
     assert recall_at_k(found, _exact(state, queries)) >= 0.95
-    back = maintenance.reindex(state, "Flat")
+    back = indexes.reindex(state, "Flat")
     assert back["image"]["tuning"] is None
     scores, found = state.indexes["image"].search(queries, 10)
     exact = _exact(state, queries)
@@ -112,17 +112,17 @@ def test_refused_rebuilds_change_nothing(state: IndexState) -> None:
         ({"index_type": "IVF4096,Flat"}, "needs at least"),  # 2,000 vectors
     ):
         with pytest.raises(CollectionError, match=message):
-            maintenance.reindex(state, **kwargs)
+            indexes.reindex(state, **kwargs)
     with pytest.raises(CollectionError, match="target recall"):
-        maintenance.tune(state, target_recall=2.0)
+        indexes.tune(state, target_recall=2.0)
     with pytest.raises(CollectionError, match="unknown index"):
-        maintenance.set_search_params(state, SearchParams(nprobe=4), "video")
+        indexes.set_search_params(state, SearchParams(nprobe=4), "video")
     assert (state.folder / "manifest.json").read_text() == before
 
 
 def test_search_settings_persist(state: IndexState) -> None:
-    maintenance.reindex(state, "IVF16,Flat", tune=False)
-    maintenance.set_search_params(state, SearchParams(nprobe=7), "image")
+    indexes.reindex(state, "IVF16,Flat", tune=False)
+    indexes.set_search_params(state, SearchParams(nprobe=7), "image")
     stored = json.loads((state.folder / "manifest.json").read_text())["search_params"]
     assert stored["image"]["nprobe"] == 7 and stored["text"].get("nprobe") != 7
     reopened = IndexState(state.folder, Manifest.read(state.folder), state.store, fsync=False)
@@ -161,17 +161,17 @@ def test_near_duplicates_match_brute_force(tmp_path: Path, index_type: str) -> N
     state = synthetic_collection(folder, vectors)
     try:
         if index_type != "Flat":
-            maintenance.reindex(state, index_type, tune=False)
+            indexes.reindex(state, index_type, tune=False)
         assert state.indexes["image"].index_type == index_type
         ids = state.store.ids("image")
         stored = state.store.vectors(ids.tolist(), DIM)
         for threshold in (0.999, 0.99, 0.95, 0.5):
             expected = _brute_force_groups(ids, stored, threshold)
-            got = maintenance.near_duplicates(state.store, state.indexes, DIM, threshold)
+            got = indexes.near_duplicates(state.store, state.indexes, DIM, threshold)
             assert got == expected, threshold
-        assert maintenance.near_duplicates(state.store, state.indexes, DIM, 0.99)  # planted ones found
+        assert indexes.near_duplicates(state.store, state.indexes, DIM, 0.99)  # planted ones found
         with pytest.raises(QueryError, match="between -1 and 1"):
-            maintenance.near_duplicates(state.store, state.indexes, DIM, 1.5)
+            indexes.near_duplicates(state.store, state.indexes, DIM, 1.5)
     finally:
         state.store.close()
 
@@ -179,7 +179,7 @@ def test_near_duplicates_match_brute_force(tmp_path: Path, index_type: str) -> N
 def test_no_groups_under_two_images(tmp_path: Path) -> None:
     state = synthetic_collection(tmp_path / "c", clustered(1, seed=0))
     try:
-        assert maintenance.near_duplicates(state.store, state.indexes, DIM, -1.0) == []
+        assert indexes.near_duplicates(state.store, state.indexes, DIM, -1.0) == []
     finally:
         state.store.close()
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from crossmodal_rag.errors import CollectionError
+from crossmodal_rag.safe_io import atomic_write_bytes
 from crossmodal_rag.store.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -21,7 +22,6 @@ from crossmodal_rag.store.manifest import (
     IndexFile,
     Manifest,
     ShardFile,
-    atomic_write_bytes,
     json_depth,
 )
 

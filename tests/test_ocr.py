@@ -1,4 +1,4 @@
-"""OCR (crossmodal_rag.ocr): the real PP-OCRv4 models (shipped in the rapidocr wheel) read
+"""OCR (crossmodal_rag.ingestion.ocr): the real PP-OCRv4 models (shipped in the rapidocr wheel) read
 rendered text; boxes are checked against where the text was drawn; space restoration against
 hand-placed character boxes."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from crossmodal_rag.ocr import (
+from crossmodal_rag.ingestion.ocr import (
     OcrLine,
     OcrResult,
     OcrSettings,
@@ -190,7 +190,7 @@ def test_an_image_without_text_gives_no_lines(engine, sample_dir: Path) -> None:
 def test_missing_engine_names_the_extra() -> None:
     code = ("import sys; sys.modules['rapidocr_onnxruntime'] = None\n"
             "from PIL import Image\n"
-            "from crossmodal_rag.ocr import create_ocr_engine, OcrUnavailableError\n"
+            "from crossmodal_rag.ingestion.ocr import create_ocr_engine, OcrUnavailableError\n"
             "try:\n    create_ocr_engine().read(Image.new('RGB', (40, 40)))\n"
             "except OcrUnavailableError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -217,7 +217,7 @@ def test_layout_tiles_cover_the_image_and_map_back() -> None:
     """Elongated images are cut into tiles of at most OCR_TILE_ASPECT:1 that cover every pixel,
     neighbours sharing OCR_OVERLAP short sides, laid into a picture no more elongated than a
     tile; every pixel of a tile in the picture maps back to the same pixel of the image."""
-    from crossmodal_rag.ocr_budget import OCR_OVERLAP, OCR_TILE_ASPECT, plan_ocr
+    from crossmodal_rag.ingestion.ocr_budget import OCR_OVERLAP, OCR_TILE_ASPECT, plan_ocr
 
     rng = np.random.default_rng(0)
     for w, h in ((300, 200), (2048, 64), (64, 2048), (2048, 21), (200, 2000), (1700, 200)):
@@ -246,7 +246,7 @@ def test_layout_tiles_cover_the_image_and_map_back() -> None:
 
 
 def test_merge_keeps_one_of_each_line_read_twice() -> None:
-    from crossmodal_rag.ocr_budget import merge_overlapping
+    from crossmodal_rag.ingestion.ocr_budget import merge_overlapping
 
     def box(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
         return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
@@ -321,7 +321,7 @@ def test_thin_images_never_reach_the_engine_and_reads_stay_bounded(tmp_path: Pat
     Image.new("RGB", (2048, 256), "white").save(tmp_path / "wide.png")
     code = f"""
 import json, resource, time
-from crossmodal_rag.ocr import OcrInputError, OcrSettings, create_ocr_engine, ocr_image
+from crossmodal_rag.ingestion.ocr import OcrInputError, OcrSettings, create_ocr_engine, ocr_image
 engine = create_ocr_engine(OcrSettings(threads=1)).load()
 out = {{}}
 for name in ("1000x1.png", "60000x1.png", "wide.png"):

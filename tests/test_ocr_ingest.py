@@ -1,4 +1,4 @@
-"""OCR at ingest (crossmodal_rag/ocr_stage.py wired into ingest): text items linked to their
+"""OCR at ingest (crossmodal_rag/ingestion/ocr_stage.py wired into ingest): text items linked to their
 images, incremental reading and back-fill, bad images, and the text wherever captions go.
 
 Most tests read with a counting engine registered beside the real one (fast, and it says exactly
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from crossmodal_rag import Collection
-from crossmodal_rag.ocr import OCR_ENGINES, OcrLine, OcrResult
+from crossmodal_rag.ingestion.ocr import OCR_ENGINES, OcrLine, OcrResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def counting() -> type[CountingEngine]:
 
 
 def _key(path: Path) -> str:
-    from crossmodal_rag.images import load_image
+    from crossmodal_rag.ingestion.images import load_image
 
     return hashlib.sha256(load_image(path).image.tobytes()).hexdigest()
 
@@ -171,7 +171,7 @@ def test_an_image_the_engine_fails_on_is_skipped_and_tried_again(tmp_path: Path,
 
 def test_a_missing_engine_stops_before_anything_is_remembered(tmp_path: Path, docs: Path,
                                                              tiny_oc_spec: str) -> None:
-    from crossmodal_rag.ocr import OcrUnavailableError
+    from crossmodal_rag.ingestion.ocr import OcrUnavailableError
 
     class Missing(CountingEngine):
         def load(self) -> None:

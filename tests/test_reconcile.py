@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossmodal_rag import maintenance
+from crossmodal_rag.maintenance import indexes
 from crossmodal_rag.store.manifest import Manifest
 from crossmodal_rag.store.persist import IndexState
 from crossmodal_rag.store.reconcile import reconcile
@@ -49,7 +49,7 @@ def test_replayed_into_an_index_that_can_forget(state: IndexState) -> None:
 
 
 def test_a_graph_that_cannot_forget_is_rebuilt_from_the_shards(state: IndexState) -> None:
-    maintenance.reindex(state, "HNSW8", tune=False)
+    indexes.reindex(state, "HNSW8", tune=False)
     gone, fresh, _ = _commit_behind_its_back(state)
     assert state.reconcile() == (5, 0)  # the graph takes additions, not removals
     assert set(gone) <= set(state.indexes["image"].ids().tolist())  # still in the graph

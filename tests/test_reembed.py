@@ -1,4 +1,4 @@
-"""Re-embedding a collection with another encoder (crossmodal_rag/reembed.py): refused whole when
+"""Re-embedding a collection with another encoder (crossmodal_rag/maintenance/reembed.py): refused whole when
 an image is unreadable, ids kept and scores those of the new encoder (checked against its own
 embeddings), the swap completed after a crash between its two renames."""
 
@@ -16,7 +16,7 @@ import pytest
 from crossmodal_rag import Collection
 from crossmodal_rag.encoders import ClipEncoder
 from crossmodal_rag.errors import CollectionError
-from crossmodal_rag.reembed import reembed_collection
+from crossmodal_rag.maintenance.reembed import reembed_collection
 from crossmodal_rag.synthetic import make_shapes
 
 

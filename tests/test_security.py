@@ -162,7 +162,7 @@ def test_only_the_decode_pool_starts_a_process_and_never_through_a_shell() -> No
 def test_folders_skip_hidden_and_symlinked_folders_and_manifests_stay_in_their_root(tmp_path: Path) -> None:
     from PIL import Image
 
-    from crossmodal_rag.sources import ImageRecord, Problem, read_source
+    from crossmodal_rag.ingestion.sources import ImageRecord, Problem, read_source
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()

@@ -22,7 +22,7 @@ from crossmodal_rag.encoders.sentence import (
     text_probe,
 )
 from crossmodal_rag.errors import ModelSpecError, WeightsUnavailableError
-from crossmodal_rag.fingerprint import MIN_COSINE, rows_cosine
+from crossmodal_rag.maintenance.fingerprint import MIN_COSINE, rows_cosine
 
 TEXTS = ["hello world", "x",
          "a much longer sentence about the bridge of thesi built in 1825 that the tiny model's "

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crossmodal_rag.errors import SourceError
-from crossmodal_rag.sources import ImageRecord, Problem, TextRecord, read_source
+from crossmodal_rag.ingestion.sources import ImageRecord, Problem, TextRecord, read_source
 from tests.badimages import jpeg_bytes
 
 
@@ -135,7 +135,7 @@ def test_non_regular_manifests_and_caption_files_are_refused(tmp_path: Path) -> 
     code = f"""
 import json
 from crossmodal_rag.errors import SourceError
-from crossmodal_rag.sources import Problem, read_source
+from crossmodal_rag.ingestion.sources import Problem, read_source
 out = {{}}
 for name in ("fifo.jsonl", "fifo.csv", "zero.json"):
     try:

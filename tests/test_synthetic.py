@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crossmodal_rag.sources import ImageRecord, read_source
+from crossmodal_rag.ingestion.sources import ImageRecord, read_source
 from crossmodal_rag.synthetic import (
     BACKGROUNDS,
     COLOURS,

@@ -332,7 +332,7 @@ def test_a_collection_whose_encoder_has_another_image_tower_is_refused(
         caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from crossmodal_rag import fingerprint
+    from crossmodal_rag.maintenance import fingerprint
     from tests.test_collection import _with_other_image_tower
 
     ckpt = tmp_path / "ckpt"

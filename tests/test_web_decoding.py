@@ -124,7 +124,7 @@ def test_the_decode_worker_imports_no_web_framework_or_model() -> None:
 NAIVE = """
 import io
 from PIL import Image
-from crossmodal_rag.images import DecodedImage
+from crossmodal_rag.ingestion.images import DecodedImage
 
 
 def decode(data, name, *, max_pixels):
@@ -413,7 +413,7 @@ def test_decoder_exceptions_become_reasons(tmp_path: Path) -> None:
 
 SLEEPY = """
 import time
-from crossmodal_rag.images import decode_image
+from crossmodal_rag.ingestion.images import decode_image
 
 DELAY = float(open(__file__ + ".delay").read())
 

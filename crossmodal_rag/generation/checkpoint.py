@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
-from .. import fingerprint
 from .._config import strict_from_dict
 from ..errors import EncoderMismatchError, ModelSpecError
+from ..maintenance import fingerprint
 
 if TYPE_CHECKING:
     from ..collection import Collection
@@ -166,7 +166,7 @@ class RagCheckpoint:
 
     def check_collection(self, collection: Collection) -> None:
         """Refuse (:class:`EncoderMismatchError`) a collection built with another encoder: its
-        fingerprint (both towers, see :mod:`crossmodal_rag.fingerprint`) must reproduce the one
+        fingerprint (both towers, see :mod:`crossmodal_rag.maintenance.fingerprint`) must reproduce the one
         recorded at training, whatever the encoders' names (the same weights moved elsewhere are
         accepted; other weights under the same name are not). Without probes on either side, the
         names decide; a checkpoint of format 1 holds the text probe only (a warning)."""

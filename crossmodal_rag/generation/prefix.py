@@ -36,6 +36,7 @@ from .._version import __version__
 from ..encoders import default_device, parse_model_spec
 from ..encoders._hub import hub_reachable
 from ..errors import ModelSpecError, WeightsUnavailableError
+from ..safe_io import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from .interface import TextGenerator
@@ -290,7 +291,7 @@ class ImagePrefix:
     def save(self, folder: str | Path, generator: Generator | None = None) -> Path:
         """Write the checkpoint folder; ``generator`` is saved inside when the config says it was
         fine-tuned. Files are written to temporary names and renamed into place."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -300,12 +301,8 @@ class ImagePrefix:
             generator.model.save_pretrained(folder / GENERATOR_DIR)
             generator.tokenizer.save_pretrained(folder / GENERATOR_DIR)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.mapper.state_dict().items()}
-        tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, folder / WEIGHTS_FILE)
-        tmp = folder / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / CONFIG_FILE)
+        atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
+        atomic_write_text(folder / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
         self.folder = folder.resolve()
         return folder
 

@@ -44,7 +44,7 @@ from PIL import Image
 
 from .._config import strict_from_dict
 from ..errors import ImageDecodeError, QueryError
-from ..images import load_image
+from ..ingestion.images import load_image
 from ..search import Hit, check_k
 from .models import GenerationSettings, Prompt, load_generator
 from .stream import Event, Final, Sources, TextStream, Token

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .manifest import FORMAT_VERSION, Manifest, atomic_write_bytes
+from .manifest import FORMAT_VERSION, Manifest
 from .metadata import MetadataStore
 
 if TYPE_CHECKING:
     from .vectors import VectorIndex
 
-__all__ = ["FORMAT_VERSION", "Manifest", "MetadataStore", "VectorIndex", "atomic_write_bytes"]
+__all__ = ["FORMAT_VERSION", "Manifest", "MetadataStore", "VectorIndex"]
 
 
 def __getattr__(name: str) -> Any:

@@ -32,7 +32,8 @@ from pathlib import Path
 from .._phases import mark
 from ..errors import CollectionError, CollectionLockedError
 from ..lock import WriteLock
-from .manifest import MANIFEST_NAME, fsync_dir
+from ..safe_io import fsync_dir
+from .manifest import MANIFEST_NAME
 from .metadata import DB_NAME
 
 __all__ = ["Creation", "clear_interrupted_creation"]
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 _STAGING_SUFFIX = re.compile(r"[0-9a-f]{16}")
 _TOP_FILES = frozenset({".lock", DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal"})
 _TMP_MANIFEST = re.compile(rf"\.{re.escape(MANIFEST_NAME)}\..+\.tmp")
-_INDEX_FILE = re.compile(r"\.?(image|text)\.\d+(\.[0-9a-f]+)?\.faiss(\.\d+\.tmp)?")
+_INDEX_FILE = re.compile(r"\.?(image|text)\.\d+(\.[0-9a-f]+)?\.faiss(\.\d+(\.[0-9a-f]+)?\.tmp)?")
 
 
 def _not_empty(folder: Path) -> CollectionError:

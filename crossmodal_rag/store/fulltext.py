@@ -47,7 +47,7 @@ from ..errors import CollectionError, QueryError
 
 __all__ = ["FOLDED_SINCE", "FTS_KINDS", "FTS_TABLES", "IGNORED_CHARS", "DamagedIndexError", "KeywordQuery",
            "available", "delete_items", "fold", "fold_step", "fts_step", "index_items", "keyword_search",
-           "parse_keyword_query", "problems", "rebuild", "rebuild_store", "search_store", "segment",
+           "parse_keyword_query", "problems", "rebuild", "search_store", "segment",
            "store_count"]
 
 logger = logging.getLogger(__name__)
@@ -386,22 +386,22 @@ def indexed_count(conn: Any, where: object = "this collection") -> int:
         raise _damaged(e, where) from e
 
 
-# -- on a MetadataStore (under its lock: the connection is shared between threads) ---------------
+# -- on a MetadataStore (under its lock, ``store.locked()``: the connection is shared between threads)
 
 def search_store(store: Any, query: str | KeywordQuery, limit: int | None = None,
                  allowed: set[int] | None = None) -> list[tuple[int, float]]:
     """:func:`keyword_search` on a :class:`~crossmodal_rag.store.metadata.MetadataStore`."""
-    with store._lock:
+    with store.locked() as conn:
         try:
-            return _search(store.conn, query, limit, allowed, _folder(store))
+            return _search(conn, query, limit, allowed, _folder(store))
         except sqlite3.DatabaseError as e:
             raise store.damaged(e) from e
 
 
 def store_count(store: Any) -> int:
     """:func:`indexed_count` of a MetadataStore."""
-    with store._lock:
-        return indexed_count(store.conn, _folder(store))
+    with store.locked() as conn:
+        return indexed_count(conn, _folder(store))
 
 
 def _folder(store: Any) -> object:
@@ -409,16 +409,3 @@ def _folder(store: Any) -> object:
     return path.parent if path is not None else "this collection"
 
 
-def rebuild_store(store: Any) -> int:
-    """Remake a MetadataStore's keyword index from its items in one transaction of its own (the
-    generation stays: no item changes); returns the rows indexed."""
-    with store._lock:
-        store.conn.execute("BEGIN IMMEDIATE")
-        try:
-            count = rebuild(store.conn)
-            store.conn.execute("COMMIT")
-        except BaseException:
-            store.conn.execute("ROLLBACK")
-            raise
-        store._fts = has_index(store.conn)
-        return count

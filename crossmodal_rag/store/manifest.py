@@ -15,13 +15,13 @@ import math
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import CollectionError
+from ..safe_io import atomic_write_bytes
 
 __all__ = [
     "FORMAT_VERSION",
@@ -31,11 +31,8 @@ __all__ = [
     "IndexFile",
     "Manifest",
     "ShardFile",
-    "atomic_write_bytes",
     "check_own_folders",
-    "fsync_dir",
     "json_depth",
-    "open_new_file",
 ]
 
 #: Bumped whenever the on-disk layout changes incompatibly.
@@ -56,45 +53,6 @@ _BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _JSON_TOKEN = re.compile(r'(?s)"(?:[^"\\]++|\\.)*+"?|[\[\]{}]')
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COLLECTION_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def open_new_file(path: Path) -> int:
-    """A descriptor of a new, empty file at ``path`` for writing: whatever is at ``path`` (a
-    stale temp file, or a link someone planted there) is removed first, and the file is created
-    exclusively, never through a symbolic link (``O_CREAT | O_EXCL | O_NOFOLLOW``)."""
-    path.unlink(missing_ok=True)  # removes a link itself, never its target
-    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
-    return os.open(path, flags, 0o644)
-
-
-def atomic_write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # O_EXCL
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if fsync:
-            fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_own_folders(folder: Path) -> None:

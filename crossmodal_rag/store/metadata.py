@@ -256,6 +256,28 @@ class MetadataStore:
             self._next_id, self._writing = None, False
 
     @contextmanager
+    def locked(self) -> Iterator[sqlite3.Connection]:
+        """The shared connection, held by this thread for the block: for reads of several
+        statements outside a transaction (the keyword index's searches and counts). The web app
+        calls from many threads; every other method holds the same lock."""
+        with self._lock:
+            yield self.conn
+
+    def rebuild_keyword_index(self) -> int:
+        """Remake the keyword index from the items in one transaction of its own (the generation
+        stays: no item changes); returns the rows indexed. Item writes keep it in step from then on."""
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                count = fulltext.rebuild(self.conn)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self._fts = fulltext.has_index(self.conn)
+            return count
+
+    @contextmanager
     def snapshot(self) -> Iterator[sqlite3.Connection]:
         """A consistent read view (a deferred read transaction)."""
         with self._lock:

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import fingerprint
 from .._phases import phase
 from .._version import __version__
 from ..errors import CollectionError
+from ..maintenance import fingerprint
 from .ann import AUTO, SearchParams, choose_index, min_training_vectors, training_rows
 from .binding import (
     COLLECTION_ID_KEY,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import CollectionError
-from .manifest import ShardFile, fsync_dir, open_new_file
+from ..safe_io import atomic_write, fsync_dir
+from .manifest import ShardFile
 
 __all__ = ["UNIT_NORM_TOLERANCE", "EmbeddingShards", "ShardFile", "VectorFaults", "vector_faults"]
 
@@ -65,16 +65,8 @@ class _Hashing:
 
 
 def _save_npy(path: Path, array: np.ndarray, fsync: bool, digest: Any = None) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with os.fdopen(open_new_file(tmp), "wb") as f:  # never through a planted link
-            np.save(f if digest is None else _Hashing(f, digest), array, allow_pickle=False)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, fsync=fsync, sync_folder=False) as f:  # the caller fsyncs the folder
+        np.save(f if digest is None else _Hashing(f, digest), array, allow_pickle=False)
 
 
 #: Up to this many ids, :meth:`EmbeddingShards.lookup` reads row by row (re-rank shortlists).

@@ -15,9 +15,10 @@ import faiss
 import numpy as np
 
 from ..errors import CollectionError
+from ..safe_io import atomic_write
 from .ann import SearchParams, describe_index, min_training_vectors, search_parameters
 from .filtered import id_selector, search_filtered, unique_ids
-from .manifest import IndexFile, fsync_dir, open_new_file
+from .manifest import IndexFile
 from .threads import NUMPY_MAX_QUERIES as _NUMPY_MAX_QUERIES
 from .threads import single_thread_if as _single_thread_if
 
@@ -346,18 +347,8 @@ class VectorIndex:
         """
         path = folder / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with os.fdopen(open_new_file(tmp), "wb") as f:  # never through a planted link
-                faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-            if fsync:
-                fsync_dir(path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path, fsync=fsync) as f:  # never through a planted link
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
         data = self.on_disk_data()
         data_rel = str(Path(relpath).parent / data) if data else None
         return IndexFile(path=relpath, bytes=path.stat().st_size, sha256=file_sha256(path),

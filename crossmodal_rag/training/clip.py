@@ -1,5 +1,5 @@
 """``train clip``: contrastive fine-tuning of the CLIP encoder on image-caption pairs, and
-re-embedding a collection with the result (by :mod:`crossmodal_rag.reembed`, whose
+re-embedding a collection with the result (by :mod:`crossmodal_rag.maintenance.reembed`, whose
 ``reembed_collection`` and ``ReembedReport`` this module re-exports).
 
 The loss is open_clip's :class:`~open_clip.loss.ClipLoss` (symmetric cross-entropy over the
@@ -41,8 +41,8 @@ from .._config import strict_from_dict
 from ..encoders import parse_model_spec
 from ..encoders.spec import DEFAULT_MODEL, ModelSpec
 from ..errors import CollectionError, ImageDecodeError, ModelSpecError
-from ..reembed import ReembedReport, read_rgb, reembed_collection
-from ..sources import Problem
+from ..ingestion.sources import Problem
+from ..maintenance.reembed import ReembedReport, read_rgb, reembed_collection
 from .loop import TrainResult, TrainSettings, train
 from .pairs import CaptionedImages, read_captioned_images
 

@@ -39,6 +39,7 @@ import torch
 
 from .._config import strict_from_dict
 from ..errors import CrossmodalError
+from ..safe_io import atomic_write_text
 
 __all__ = [
     "TrainResult",
@@ -225,9 +226,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 class _Run:
@@ -274,8 +273,7 @@ def _save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    (out / "last.tmp").write_text(name + "\n")
-    os.replace(out / "last.tmp", out / "last")
+    atomic_write_text(out / "last", name + "\n")
     done = sorted(p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step-")
                   and not p.name.endswith(".tmp"))
     for old in done[:-keep]:
@@ -322,9 +320,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line torn by the interruption
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 def train(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SourceError
-from ..sources import ImageRecord, Problem, read_source
+from ..ingestion.sources import ImageRecord, Problem, read_source
 
 __all__ = ["CaptionedImages", "read_captioned_images"]
 

@@ -43,8 +43,8 @@ from ..generation.prefix import (
     canonical_generator_spec,
     caption_prompt,
 )
-from ..images import load_image
-from ..sources import Problem
+from ..ingestion.images import load_image
+from ..ingestion.sources import Problem
 from .loop import TrainSettings, resolve_device, train
 from .pairs import read_captioned_images
 

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .. import fingerprint
 from .._config import strict_from_dict
 from ..errors import QueryError, SourceError
 from ..generation.checkpoint import (
@@ -53,6 +52,7 @@ from ..generation.checkpoint import (
     has_rag_checkpoint,
     load_rag_checkpoint,
 )
+from ..maintenance import fingerprint
 from ..safe_io import MAX_JSON_BYTES, open_regular, read_regular_text
 
 if TYPE_CHECKING:

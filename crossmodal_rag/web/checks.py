@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request, UploadFile
 
-from ..image_sniff import ImageFormatError, sniff_image_format
+from ..ingestion.image_sniff import ImageFormatError, sniff_image_format
 from .decoding import DecodeFailed
 from .errors import ApiError
 from .generation import DISCONNECT_POLL_S

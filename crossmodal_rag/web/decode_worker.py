@@ -4,7 +4,7 @@ for the server (:mod:`.decoding` starts, feeds, times and kills it).
 Why a process: a hostile file can make a decoder run for minutes or allocate gigabytes, and a
 thread cannot be stopped; a process can be killed at its deadline and held to a memory budget
 (``RLIMIT_AS``), and whatever a decoder library does wrong stays in it. What it can decode: only
-the allowed formats (:data:`crossmodal_rag.image_sniff.ALLOWED_IMAGE_FORMATS`): every other Pillow
+the allowed formats (:data:`crossmodal_rag.ingestion.image_sniff.ALLOWED_IMAGE_FORMATS`): every other Pillow
 plugin is unregistered at start, so EPS/PostScript can never reach Ghostscript from here, and
 Ghostscript is marked missing besides.
 
@@ -58,7 +58,7 @@ def write_message(stream: BinaryIO, meta: dict[str, Any], data: bytes = b"") -> 
 
 def status_of(error: Exception) -> int:
     """The HTTP status of a decoding refusal: 415 another format, 413 over a budget, else 422."""
-    from ..image_sniff import ImageFormatError
+    from ..ingestion.image_sniff import ImageFormatError
 
     reason = getattr(error, "reason", "")
     if isinstance(error, ImageFormatError) or "not a recognised image" in reason:
@@ -91,8 +91,8 @@ def _allowed_formats_only() -> None:
     """Unregister every Pillow plugin but the allowed formats' (after the optional ones load)."""
     from PIL import EpsImagePlugin, Image
 
-    from ..image_sniff import ALLOWED_IMAGE_FORMATS
-    from ..images import format_support
+    from ..ingestion.image_sniff import ALLOWED_IMAGE_FORMATS
+    from ..ingestion.images import format_support
 
     Image.init()
     format_support()  # registers HEIF/AVIF when installed
@@ -137,7 +137,7 @@ def _handle(meta: dict[str, Any], data: bytes, decode: Callable[..., Any], budge
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m crossmodal_rag.web.decode_worker")
     ap.add_argument("--memory-mb", type=int, default=1024, help="address space allowed beyond start-up")
-    ap.add_argument("--decoder", default="crossmodal_rag.images:decode_image",
+    ap.add_argument("--decoder", default="crossmodal_rag.ingestion.images:decode_image",
                     help="MODULE:FUNCTION with decode_image's signature (tests inject slow ones)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")  # a hostile file's warnings are not the server log's business

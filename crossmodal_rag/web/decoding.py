@@ -3,7 +3,7 @@ processes, each decode under a deadline, apart from the threads that search.
 
 The data's way::
 
-    upload bytes -> sniffed (crossmodal_rag.image_sniff: the first bytes must name an accepted
+    upload bytes -> sniffed (crossmodal_rag.ingestion.image_sniff: the first bytes must name an accepted
                     format, else 415 before anything decodes; see checks.py)
                  -> DecodePool: one of ``workers`` slots (more than ``max_queued`` waiting: 503 at
                     once; no slot within the deadline: 503), its worker process (decode_worker.py:
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..images import DecodedImage
+from ..ingestion.images import DecodedImage
 from .decode_worker import MAX_HEADER_BYTES, READY
 
 __all__ = ["THUMBNAIL_QUEUE", "DecodeFailed", "DecodePool", "DecodeStats"]
@@ -141,7 +141,7 @@ class DecodePool:
         self._closed = False
 
     async def decode(self, data: bytes, name: str, *, max_pixels: int) -> DecodedImage:
-        """``data`` decoded as :func:`crossmodal_rag.images.decode_image` would (RGB, reduced).
+        """``data`` decoded as :func:`crossmodal_rag.ingestion.images.decode_image` would (RGB, reduced).
 
         Raises:
             DecodeFailed: 413/415/422 for the file (with the decoder's reason), 422 past the

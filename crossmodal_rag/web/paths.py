@@ -27,9 +27,7 @@ def source_root(collection: Collection) -> str | None:
 
     The lexicographically first and last stored paths share every folder all the paths share,
     so two index lookups give it, whatever the collection's size."""
-    store = collection.store
-    with store._lock:  # the store's connection is shared by the server's worker threads
-        first, last = store.path_range()
+    first, last = collection.store.path_range()  # under the store's lock (shared by threads)
     if first is None:
         return None
     return os.path.commonpath([os.path.dirname(first), os.path.dirname(last)])

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..images import decode_image
-from ..store.manifest import atomic_write_bytes
+from ..ingestion.images import decode_image
+from ..safe_io import atomic_write_bytes
 
 __all__ = ["THUMBNAIL_SIZES", "ThumbnailCache", "content_key", "default_cache_dir", "render_thumbnail", "snap_size",
            "thumbnail_jpeg"]

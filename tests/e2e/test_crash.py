@@ -94,7 +94,7 @@ def test_sigkill_during_reindex_keeps_a_working_collection(tmp_path: Path, tiny_
     complete): the collection opens, passes its check, and holds the same items."""
     import json
 
-    from crossmodal_rag.importer import import_embeddings
+    from crossmodal_rag.ingestion.importer import import_embeddings
 
     with Collection.create(tmp_path / "probe", tiny_oc_spec) as c:
         dim = c.manifest.dim

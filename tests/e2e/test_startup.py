@@ -17,7 +17,7 @@ import pytest
 HEAVY = ("torch", "transformers", "open_clip", "faiss", "fastapi")
 #: Model code: the encoder backends, generation and training.
 MODEL_CODE = ("crossmodal_rag.encoders.openclip", "crossmodal_rag.encoders.hf",
-              "crossmodal_rag.generation", "crossmodal_rag.training", "crossmodal_rag.ingest")
+              "crossmodal_rag.generation", "crossmodal_rag.training", "crossmodal_rag.ingestion.runner")
 
 #: Runs each argv through the CLI's main in one process and reports, after each, which of the
 #: watched modules (or packages) are loaded; SystemExit (from --help) ends a case, not the process.

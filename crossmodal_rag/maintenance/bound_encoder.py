@@ -1,6 +1,6 @@
 """The encoder an open collection embeds queries and new items with: the one that built it (the
 manifest names it), or another that proves to embed the same (its fingerprint, see
-:mod:`crossmodal_rag.fingerprint`). Loaded on first use, so opening a collection to read its
+:mod:`crossmodal_rag.maintenance.fingerprint`). Loaded on first use, so opening a collection to read its
 metadata never loads a model.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..encoders import ClipEncoder, load_encoder, parse_model_spec
+from ..store.metadata import MetadataStore
 from . import fingerprint
-from .encoders import ClipEncoder, load_encoder, parse_model_spec
-from .store.metadata import MetadataStore
 
 __all__ = ["BoundEncoder"]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .errors import CrossmodalError
+from ..errors import CrossmodalError
 
 __all__ = [
     "OCR_MAX_ASPECT",

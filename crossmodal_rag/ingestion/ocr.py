@@ -13,7 +13,7 @@ error rate with and without it is in ``benchmarks/RESULTS.md``).
 
 Example::
 
-    from crossmodal_rag.ocr import create_ocr_engine, ocr_image
+    from crossmodal_rag.ingestion.ocr import create_ocr_engine, ocr_image
     result = ocr_image("receipt.jpg")          # OcrResult
     print(result.text)                          # the lines, top to bottom
     for line in result.lines:
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from .errors import CrossmodalError
+from ..errors import CrossmodalError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .ocr_budget import OCR_MAX_SIDE, OcrInputError, merge_overlapping, plan_ocr
 
@@ -252,7 +252,7 @@ class RapidOcrEngine:
         return self._engine
 
     def read(self, image: Image.Image, original_size: tuple[int, int] | None = None) -> OcrResult:
-        """Read ``image`` within the OCR budget (:mod:`crossmodal_rag.ocr_budget`): downscaled to
+        """Read ``image`` within the OCR budget (:mod:`crossmodal_rag.ingestion.ocr_budget`): downscaled to
         OCR_MAX_SIDE; an image longer than OCR_TILE_ASPECT:1 read as a mosaic of its tiles.
 
         Raises:
@@ -304,7 +304,7 @@ def create_ocr_engine(settings: OcrSettings | str | None = None) -> OcrEngine:
 
 def ocr_image(path: str | Path, engine: OcrEngine | None = None, *,
               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> OcrResult:
-    """Read the text in an image file, decoded safely (:func:`crossmodal_rag.images.load_image`).
+    """Read the text in an image file, decoded safely (:func:`crossmodal_rag.ingestion.images.load_image`).
 
     Raises:
         ImageDecodeError: the file cannot be read or decoded.

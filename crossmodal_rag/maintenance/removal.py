@@ -1,5 +1,5 @@
 """Removing items from a collection, by id or by source path: the counterpart of
-:mod:`crossmodal_rag.ingest`. One metadata transaction, mirrored in the in-memory indexes, then
+:mod:`crossmodal_rag.ingestion.runner`. One metadata transaction, mirrored in the in-memory indexes, then
 the calibration is refreshed and the indexes persisted.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .calibration import write_calibration
+from ..search.calibration import write_calibration
 
 if TYPE_CHECKING:
-    from .ingest import IngestTarget
+    from ..ingestion.runner import IngestTarget
 
 __all__ = ["remove"]
 

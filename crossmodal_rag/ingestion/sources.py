@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SourceError
+from ..errors import SourceError
+from ..safe_io import MAX_JSON_BYTES, MAX_TEXT_FILE_BYTES, open_regular, read_regular
 from .images import IMAGE_EXTENSIONS
-from .safe_io import MAX_JSON_BYTES, MAX_TEXT_FILE_BYTES, open_regular, read_regular
 
 __all__ = ["ImageRecord", "Problem", "Record", "TextRecord", "read_source"]
 

@@ -12,7 +12,7 @@ The stages, named for what flows through them::
 Texts (new passages and the captions of the images to add) are split into windows on the driver
 (the tokenizer is cheap) and embedded by the same encoder actors: they are rows of the same Ray
 Dataset (text rows pass through the decode stage untouched), so each actor loads the model once.
-Because the commit is the one :func:`crossmodal_rag.ingest.ingest` runs, in the same order and
+Because the commit is the one :func:`crossmodal_rag.ingestion.runner.ingest` runs, in the same order and
 batches, a Ray run gives the same ids and metadata as a single-process run, and the same vectors
 within float tolerance.
 
@@ -46,16 +46,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import fingerprint
-from ._config import strict_from_dict
-from .errors import CrossmodalError
-from .ingest import DecodeDataset, IngestReport, IngestSettings, ingest
-from .progress import tqdm
-from .safe_io import MAX_IMAGE_BYTES
+from .._config import strict_from_dict
+from ..errors import CrossmodalError
+from ..maintenance import fingerprint
+from ..progress import tqdm
+from ..safe_io import MAX_IMAGE_BYTES
+from .runner import DecodeDataset, IngestReport, IngestSettings, ingest
 
 if TYPE_CHECKING:
-    from .collection import Collection
-    from .encoders import ClipEncoder
+    from ..collection import Collection
+    from ..encoders import ClipEncoder
     from .sources import ImageRecord
 
 __all__ = [
@@ -122,7 +122,7 @@ class RaySettings:
 # -- the run ---------------------------------------------------------------------------------
 def ingest_ray(collection: Collection, source: str | Path, settings: IngestSettings | None = None,
                ray_settings: RaySettings | None = None) -> IngestReport:
-    """:func:`~crossmodal_rag.ingest.ingest` with the embedding done on Ray (module docstring).
+    """:func:`~crossmodal_rag.ingestion.runner.ingest` with the embedding done on Ray (module docstring).
 
     Raises:
         DistributedError: Ray is not installed, the cluster cannot be reached or is too small
@@ -160,7 +160,7 @@ def clean_staging(folder: str | Path) -> int:
 
 
 class RayEmbedder:
-    """An :class:`~crossmodal_rag.ingest.Embedder` whose vectors come from a Ray run made in
+    """An :class:`~crossmodal_rag.ingestion.runner.Embedder` whose vectors come from a Ray run made in
     :meth:`prepare` and kept as shards until the commit has read them."""
 
     def __init__(self, collection: Collection, ray_settings: RaySettings) -> None:
@@ -265,7 +265,7 @@ def _decode_batch(batch: dict[str, np.ndarray], transform: Any, max_pixels: int,
     """Rows (position, path, text) -> the same plus error, file facts and ``pixels``: the
     preprocessed image ``(3, H, W)`` float32 as bytes (empty for texts and failed images).
 
-    The per-file work is the single-process worker's (:class:`crossmodal_rag.ingest.DecodeDataset`),
+    The per-file work is the single-process worker's (:class:`crossmodal_rag.ingestion.runner.DecodeDataset`),
     so errors carry the same reasons and the same limits apply (``--max-image-pixels``,
     ``--max-image-mb`` and the decode budgets). Text rows pass through."""
     paths = [str(p) for p in batch["path"]]
@@ -294,7 +294,7 @@ class _EncoderActor:
 
     def __init__(self, spec: str, device: str, threads: int, probe: dict[str, Any],
                  shape: tuple[int, ...]) -> None:
-        from .encoders import load_encoder
+        from ..encoders import load_encoder
 
         if device == "cpu":
             torch.set_num_threads(threads)

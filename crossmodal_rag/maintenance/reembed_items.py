@@ -1,7 +1,7 @@
 """Stored items embedded again from their sources: an image from its file (when the file still
 has the bytes it was indexed with), a text item from its stored text, as ingest embedded them.
-Used by ``reembed`` (every item, with a new encoder: :mod:`crossmodal_rag.reembed`) and by
-``reindex --repair`` (the items whose stored vectors are bad: :mod:`crossmodal_rag.repair`).
+Used by ``reembed`` (every item, with a new encoder: :mod:`crossmodal_rag.maintenance.reembed`) and by
+``reindex --repair`` (the items whose stored vectors are bad: :mod:`crossmodal_rag.maintenance.repair`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .encoders import ClipEncoder
-from .errors import CollectionError, ImageDecodeError
-from .images import decode_image, read_image_file
-from .progress import tqdm
+from ..encoders import ClipEncoder
+from ..errors import CollectionError, ImageDecodeError
+from ..ingestion.images import decode_image, read_image_file
+from ..progress import tqdm
 
 __all__ = ["image_vectors", "read_rgb", "text_vectors"]
 

@@ -1,7 +1,7 @@
 """``reindex --repair``: stored vectors that cannot be built from, re-embedded from their sources.
 
 ``reindex`` builds the indexes from the float16 shards and refuses to when a stored vector is
-bad (see :mod:`crossmodal_rag.maintenance`). This stage repairs them first, for each index:
+bad (see :mod:`crossmodal_rag.maintenance.indexes`). This stage repairs them first, for each index:
 
     metadata + shards -> bad ids -> re-embedded (source) | committed vector kept | removed
                       -> metadata rewritten -> shards rewritten whole -> (reindex builds)
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from .store.audit import FLOAT16_ATOL, METADATA_NORM_TOLERANCE, audit_shards, name_items
-from .store.layout import INDEX_NAMES
-from .store.shards import vector_faults
+from ..store.audit import FLOAT16_ATOL, METADATA_NORM_TOLERANCE, audit_shards, name_items
+from ..store.layout import INDEX_NAMES
+from ..store.shards import vector_faults
 
 __all__ = ["RepairReport", "repair_vectors"]
 
@@ -123,7 +123,7 @@ def repair_vectors(coll: Any, *, batch_size: int = 32) -> RepairReport:
     _rewrite(coll, bad, report, removed)
     if len(removed):
         coll.remove(ids=removed.tolist())
-    from .calibration import write_calibration  # score thresholds follow the vectors
+    from ..search.calibration import write_calibration  # score thresholds follow the vectors
 
     write_calibration(store, dim)
     return report

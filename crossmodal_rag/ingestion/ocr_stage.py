@@ -11,7 +11,7 @@ Flow::
 An image is read once: the run rows say which images were read, so a later ``index --ocr``
 reads only new or changed files and back-fills the images indexed before OCR was on. A file
 that cannot be read now is skipped with a reason and tried again next time; so is an image
-outside the OCR budget (:mod:`crossmodal_rag.ocr_budget`: thinner than 8 pixels or more
+outside the OCR budget (:mod:`crossmodal_rag.ingestion.ocr_budget`: thinner than 8 pixels or more
 elongated than 32:1), refused before the engine allocates anything.
 
 OCR (onnxruntime) and the encoder (torch) each use their own threads, so the OCR of one batch
@@ -34,14 +34,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ImageDecodeError
+from ..errors import ImageDecodeError
+from ..progress import tqdm
+from ..safe_io import MAX_IMAGE_BYTES
+from ..store import ocr as ocr_sql
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .ocr import OcrEngine, OcrResult, OcrSettings, create_ocr_engine
 from .ocr_budget import OcrInputError
-from .progress import tqdm
-from .safe_io import MAX_IMAGE_BYTES
 from .sources import Problem
-from .store import ocr as ocr_sql
 
 __all__ = ["OCR_META_KEY", "OCR_ORIGIN_PREFIX", "OcrReport", "OcrStage", "OcrStore", "remember_settings",
            "remembered_settings", "stage_for"]
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 #: ``origin`` of an ``ocr`` item: this prefix and the engine's name.
 OCR_ORIGIN_PREFIX = "ocr:"
 
-# (item vector, [(window text, vector), ...]) of each text, as ingest's _embed_windows gives them
+# (item vector, [(window text, vector), ...]) of each text, as the runner's embed_windows gives them
 EmbedWindows = Callable[[list[str]], dict[str, tuple[np.ndarray, list[tuple[str, np.ndarray]]]]]
 # the collection's apply(): mirror committed rows in the in-memory indexes
 Apply = Callable[[dict[str, tuple[np.ndarray, np.ndarray]], list[int]], None]

@@ -11,7 +11,7 @@ being read, and byte-identical files are stored once (SHA-256 of the contents).
 
 Where the vectors come from is an :class:`Embedder`: by default this process (DataLoader workers
 decode, the collection's encoder embeds each batch as it is committed);
-:mod:`crossmodal_rag.distributed` computes them on a Ray cluster beforehand. Either way the same
+:mod:`crossmodal_rag.ingestion.distributed` computes them on a Ray cluster beforehand. Either way the same
 commit code runs, in source order, so the ids and metadata are the same.
 """
 
@@ -32,19 +32,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._phases import phase
-from .calibration import write_calibration
-from .errors import ImageDecodeError
+from .._phases import phase
+from ..errors import ImageDecodeError
+from ..progress import tqdm
+from ..safe_io import MAX_IMAGE_BYTES, open_regular, read_capped
+from ..search.calibration import write_calibration
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from .ocr_stage import OcrStage, stage_for
-from .progress import tqdm
-from .safe_io import MAX_IMAGE_BYTES, open_regular, read_capped
 from .sources import ImageRecord, Problem, TextRecord, read_source
 
 if TYPE_CHECKING:
-    from .encoders import ClipEncoder
-    from .store.manifest import Manifest
-    from .store.metadata import MetadataStore
+    from ..encoders import ClipEncoder
+    from ..store.manifest import Manifest
+    from ..store.metadata import MetadataStore
 
 __all__ = ["DecodeDataset", "Embedder", "IngestReport", "IngestSettings", "IngestTarget", "ingest"]
 
@@ -63,7 +63,7 @@ class IngestSettings:
     allow_outside_root: bool = False  # accept manifest paths outside the root
     progress: bool = False  # show a progress bar on stderr
     ocr: bool | None = None  # read text in images: True/False (remembered), None: as remembered
-    ocr_engine: str | None = None  # OCR engine (crossmodal_rag.ocr.list_ocr_engines()); None: as remembered
+    ocr_engine: str | None = None  # OCR engine (crossmodal_rag.ingestion.ocr.list_ocr_engines()); None: as remembered
     ocr_workers: int = 1  # images read at once (threads, one onnxruntime thread each)
 
     def __post_init__(self) -> None:
@@ -120,7 +120,7 @@ class IngestReport:
 class DecodeDataset(Dataset):
     """Image files -> dicts of ``i``, ``pixels`` (``transform`` of the decoded image) and the
     file's ``size``, ``mtime_ns``, ``sha256``, ``width``, ``height``, ``format``; or ``error``
-    (a one-line reason). Runs in DataLoader workers (and :mod:`crossmodal_rag.distributed`'s)."""
+    (a one-line reason). Runs in DataLoader workers (and :mod:`crossmodal_rag.ingestion.distributed`'s)."""
 
     def __init__(self, paths: list[Path], transform: Any, max_pixels: int,
                  max_bytes: int = MAX_IMAGE_BYTES) -> None:
@@ -260,7 +260,7 @@ def ingest(collection: IngestTarget, source: str | Path, settings: IngestSetting
             texts.append(rec)
     writer = _Writer(collection, report, embedder or _LocalEmbedder(collection))
     writer.ocr = stage_for(collection, settings.ocr, settings.ocr_engine, settings.ocr_workers,
-                           writer._embed_windows, max_pixels=settings.max_image_pixels,
+                           writer.embed_windows, max_pixels=settings.max_image_pixels,
                            max_bytes=settings.max_image_bytes, progress=settings.progress)
     try:
         if writer.ocr is not None:
@@ -303,7 +303,7 @@ class _Writer:
         for key in ("read_source", "decode_wait", "encode_images", "encode_texts", "write"):
             self.timings.setdefault(key, 0.0)
 
-    def _embed_windows(self, texts: list[str]) -> dict[str, tuple[np.ndarray, list[tuple[str, np.ndarray]]]]:
+    def embed_windows(self, texts: list[str]) -> dict[str, tuple[np.ndarray, list[tuple[str, np.ndarray]]]]:
         """text -> (its item vector = first window's, [(window text, vector) of the other windows]).
 
         Texts longer than the encoder's context are split into overlapping windows, each indexed
@@ -349,7 +349,7 @@ class _Writer:
         step = max(settings.batch_size, 64)
         for start in range(0, len(new), step):
             chunk = new[start : start + step]
-            embedded = self._embed_windows([_passage_text(r) for _, r in chunk])
+            embedded = self.embed_windows([_passage_text(r) for _, r in chunk])
             t = time.perf_counter()
             added: list[tuple[int, np.ndarray]] = []
             with self.store.transaction():
@@ -443,7 +443,7 @@ class _Writer:
             caps = known_caps.setdefault(item_id, store.captions_of(item_id))
             caption_jobs.extend((item_id, rec.origin, c) for c in rec.captions if c not in caps)
         unique_texts = list(dict.fromkeys(c for _, _, c in caption_jobs))
-        text_vecs = self._embed_windows(unique_texts)
+        text_vecs = self.embed_windows(unique_texts)
 
         t = time.perf_counter()
         added_images: list[tuple[int, np.ndarray]] = []

@@ -14,7 +14,7 @@ another format is refused (415) at once.
 
 from __future__ import annotations
 
-from .errors import ImageDecodeError
+from ..errors import ImageDecodeError
 
 __all__ = ["ALLOWED_IMAGE_FORMATS", "SNIFF_BYTES", "ImageFormatError", "sniff_image_format"]
 

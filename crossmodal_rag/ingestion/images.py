@@ -5,8 +5,8 @@ What "safe" means here:
 * only the allowed formats are decoded (:data:`ALLOWED_IMAGE_FORMATS`, the formats of
   ``IMAGE_EXTENSIONS``): the format is sniffed from the magic bytes and Pillow tries only that
   plugin, so a PostScript file named ``x.jpg`` is refused and no external program (Ghostscript)
-  ever starts (:mod:`crossmodal_rag.image_sniff`);
-* the declared size is checked against the budgets of :mod:`crossmodal_rag.decode_budget`
+  ever starts (:mod:`crossmodal_rag.ingestion.image_sniff`);
+* the declared size is checked against the budgets of :mod:`crossmodal_rag.ingestion.decode_budget`
   *before* any pixel is decoded: pixel count, a JPEG's scan count and scans x pixels (Pillow's
   decompression-bomb guard stays on as a second line);
 * truncated files are errors, never half-grey images (``LOAD_TRUNCATED_IMAGES`` stays off);
@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import ImageDecodeError
+from ..safe_io import MAX_IMAGE_BYTES, read_regular
 from .decode_budget import (
     MAX_ASPECT_RATIO,
     check_jpeg_scans,
@@ -45,9 +47,7 @@ from .decode_budget import (
     jpeg_scan_count,
     pad_to_aspect,
 )
-from .errors import ImageDecodeError
 from .image_sniff import ALLOWED_IMAGE_FORMATS, ImageFormatError, sniff_image_format
-from .safe_io import MAX_IMAGE_BYTES, read_regular
 
 __all__ = [
     "ALLOWED_IMAGE_FORMATS",

@@ -6,7 +6,7 @@ shards (:mod:`crossmodal_rag.store.shards`), and the metadata is never changed.
 a shard file it cannot use (unreadable, of another dimension, not written by this collection)
 and ids missing from the shards are rebuilt from the metadata; a stored vector that is not
 finite or not of unit norm is refused, naming the items, as only re-embedding can repair it
-(``reindex --repair``, :mod:`crossmodal_rag.repair`). A refused reindex changes nothing.
+(``reindex --repair``, :mod:`crossmodal_rag.maintenance.repair`). A refused reindex changes nothing.
 
 Each function works on an open collection's :class:`~crossmodal_rag.store.persist.IndexState`
 (the :class:`~crossmodal_rag.collection.Collection` methods of the same names call them) and
@@ -23,14 +23,14 @@ from typing import Any
 
 import faiss
 
-from .errors import CollectionError, QueryError
-from .store.ann import AUTO, SearchParams, min_training_vectors, parse_memory
-from .store.audit import ShardAudit, audit_shards, name_items
-from .store.build import tune_index
-from .store.layout import INDEX_NAMES
-from .store.metadata import MetadataStore
-from .store.persist import IndexState
-from .store.vectors import VectorIndex, make_faiss_index
+from ..errors import CollectionError, QueryError
+from ..store.ann import AUTO, SearchParams, min_training_vectors, parse_memory
+from ..store.audit import ShardAudit, audit_shards, name_items
+from ..store.build import tune_index
+from ..store.layout import INDEX_NAMES
+from ..store.metadata import MetadataStore
+from ..store.persist import IndexState
+from ..store.vectors import VectorIndex, make_faiss_index
 
 __all__ = ["near_duplicates", "refuse_bad_vectors", "reindex", "set_search_params", "tune"]
 
@@ -97,9 +97,7 @@ def reindex(
         state.build(name, want, live, seed=seed, tune=tune, target_recall=target_recall,
                     sharded=sharded, workers=workers)
     state.persist()
-    from .store.fulltext import rebuild_store  # the keyword index, remade from the items too
-
-    rebuild_store(state.store)
+    state.store.rebuild_keyword_index()  # the keyword index, remade from the items too
     return {n: {"index_type": state.indexes[n].index_type, "count": len(state.indexes[n]),
                 "search_params": state.indexes[n].params.to_dict(),
                 "build": state.built.get(n), "tuning": state.tuning.get(n),

@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..collection import Collection
+from ..encoders import ClipEncoder, parse_model_spec
+from ..encoders.spec import ModelSpec
+from ..errors import CollectionError
+from ..search.calibration import write_calibration
+from ..store.metadata import MetadataStore
 from . import fingerprint
-from .calibration import write_calibration
-from .collection import Collection
-from .encoders import ClipEncoder, parse_model_spec
-from .encoders.spec import ModelSpec
-from .errors import CollectionError
 from .reembed_items import image_vectors, read_rgb, text_vectors
-from .store.metadata import MetadataStore
 
 __all__ = ["ReembedReport", "image_vectors", "read_rgb", "reembed_collection", "text_vectors"]
 

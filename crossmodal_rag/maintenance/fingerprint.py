@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from .errors import CollectionError, EncoderMismatchError
+from ..errors import CollectionError, EncoderMismatchError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from .encoders import ClipEncoder
-    from .store.metadata import MetadataStore
+    from ..encoders import ClipEncoder
+    from ..store.metadata import MetadataStore
 
 __all__ = [
     "IMAGE_KEY",

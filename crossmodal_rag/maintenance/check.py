@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CollectionError
-from .store.audit import (
+from ..errors import CollectionError
+from ..store.audit import (
     CHECK_ALL_MAX_VECTORS,
     METADATA_NORM_TOLERANCE,
     audit_shards,
@@ -33,12 +33,12 @@ from .store.audit import (
     name_items,
     sample_ids,
 )
-from .store.binding import check_collection_id, foreign_index
-from .store.layout import INDEX_NAMES
-from .store.manifest import Manifest
-from .store.metadata import MetadataStore
-from .store.shards import UNIT_NORM_TOLERANCE, EmbeddingShards, VectorFaults
-from .store.vectors import VectorIndex
+from ..store.binding import check_collection_id, foreign_index
+from ..store.layout import INDEX_NAMES
+from ..store.manifest import Manifest
+from ..store.metadata import MetadataStore
+from ..store.shards import UNIT_NORM_TOLERANCE, EmbeddingShards, VectorFaults
+from ..store.vectors import VectorIndex
 
 __all__ = ["CHECK_ALL_MAX_VECTORS", "MAX_LISTED", "CheckReport", "check_collection"]
 
@@ -124,7 +124,7 @@ def check_collection(folder: Path, store: MetadataStore, dim: int, *, verify_has
                            sample_ids(live, max_vectors, seed), len(live), seed, report,
                            known_bad=(shard_faults, index_bad))
         report.counts = {**store.counts(), **report.counts}
-        from .text_space_audit import check_text_space  # index --text-model: its own index
+        from ..search.text_space_audit import check_text_space  # index --text-model: its own index
 
         text_problems, text_notes = check_text_space(folder, store)
     report.problems.extend(text_problems)

@@ -30,7 +30,7 @@ import re
 
 from PIL import Image
 
-from .errors import ImageDecodeError
+from ..errors import ImageDecodeError
 
 __all__ = [
     "FULL_DECODE_SHARE",

@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import fingerprint
-from .errors import CollectionError, EncoderMismatchError, ImageDecodeError
+from ..errors import CollectionError, EncoderMismatchError, ImageDecodeError
+from ..maintenance import fingerprint
+from ..safe_io import MAX_JSON_BYTES, check_regular, open_regular, read_regular_text
 from .image_sniff import SNIFF_BYTES, sniff_image_format
 from .images import format_support, load_image
-from .ingest import IngestReport, Problem
-from .safe_io import MAX_JSON_BYTES, check_regular, open_regular, read_regular_text
+from .runner import IngestReport, Problem
 
 __all__ = ["EmbeddingShard", "find_shards", "import_embeddings"]
 
@@ -271,8 +271,8 @@ def _import(shards: list[EmbeddingShard], root: Path, folder: Path, model: str, 
             verify: int, progress: bool, allow_outside_root: bool, open_kwargs: dict[str, Any]) -> None:
     from tqdm import tqdm
 
-    from .calibration import write_calibration
-    from .collection import Collection
+    from ..collection import Collection
+    from ..search.calibration import write_calibration
 
     t0 = time.perf_counter()
     with Collection.open_or_create(folder, model, **open_kwargs) as coll:
@@ -297,9 +297,9 @@ def _import(shards: list[EmbeddingShard], root: Path, folder: Path, model: str, 
 def _remove_created(folder: Path, why: str, keep_empty_dir: bool) -> None:
     """Remove the collection that this import created in ``folder`` when it holds no item (an
     interrupted import keeps what it committed); a folder that was there empty stays, empty."""
-    from .collection import Collection
-    from .errors import CrossmodalError
-    from .store.manifest import MANIFEST_NAME
+    from ..collection import Collection
+    from ..errors import CrossmodalError
+    from ..store.manifest import MANIFEST_NAME
 
     if not folder.is_dir():
         return
