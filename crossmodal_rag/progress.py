@@ -65,6 +65,14 @@ def default_enabled() -> bool:
     return _DEFAULT and not os.environ.get("TQDM_DISABLE")
 
 
+def _is_terminal(stream: IO[str]) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except (OSError, ValueError):  # closed or detached
+        return False
+
+
 def _in_notebook() -> bool:
     ipython = sys.modules.get("IPython")
     try:
@@ -106,10 +114,24 @@ def bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc
 def loading(what: str, *, enabled: bool | None = None, file: IO[str] | None = None,
             interval: float = 0.25) -> Iterator[None]:
     """A status line ``loading WHAT ... 3s`` on stderr (or ``file``) while the block runs, ticking
-    every ``interval`` seconds; it stays with the time taken, or says ``failed``."""
+    every ``interval`` seconds on a terminal; it stays with the time taken, or says ``failed``.
+    Written to a file or a pipe, it is one line, finished when the block ends (a ticking line
+    would be repeated on every tick there)."""
     show = default_enabled() if enabled is None else enabled
     if not show:
         yield
+        return
+    out = file or sys.stderr
+    if not _is_terminal(out):
+        out.write(f"loading {what} ... ")
+        out.flush()
+        started, ok = time.perf_counter(), False
+        try:
+            yield
+            ok = True
+        finally:
+            out.write(f"{time.perf_counter() - started:.1f}s\n" if ok else "failed\n")
+            out.flush()
         return
     status = tqdm(total=None, desc=f"loading {what}", file=file or sys.stderr,
                   bar_format="{desc} ... {elapsed}", leave=True, dynamic_ncols=True)

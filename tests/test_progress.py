@@ -46,8 +46,13 @@ def test_bar_counts_to_its_total_and_is_silent_when_disabled() -> None:
     assert quiet.getvalue() == ""
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_loading_names_what_loads_and_how_long_it_took() -> None:
-    out = io.StringIO()
+    out = _Terminal()
     with loading("generator tiny-t5", enabled=True, file=out, interval=0.05):
         time.sleep(0.3)
     lines = out.getvalue().replace("\r", "\n").split("\n")
@@ -63,6 +68,16 @@ def test_loading_names_what_loads_and_how_long_it_took() -> None:
     with loading("x", enabled=False, file=silent):
         pass
     assert silent.getvalue() == ""
+
+
+def test_loading_is_one_line_when_not_a_terminal() -> None:
+    """Issue 28: stderr to a file or pipe got the ticking line 65 times (15 KB of log)."""
+    out = io.StringIO()
+    with loading("generator tiny-t5", enabled=True, file=out, interval=0.01):
+        time.sleep(0.2)
+    assert "\r" not in out.getvalue()
+    (line,) = out.getvalue().splitlines()
+    assert re.fullmatch(r"loading generator tiny-t5 \.\.\. \d+\.\ds", line)
 
 
 def test_quiet_silences_third_party_bars_and_noisy_warnings_are_filtered() -> None:
