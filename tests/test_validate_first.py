@@ -81,3 +81,21 @@ def test_cli_abstains_without_loading(loads: list[str], sample_collection: Path,
     captured = capsys.readouterr()
     assert code == 0 and '"abstained": true' in captured.out and loads == []
     assert "loading generator" not in captured.err
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["ask", "q", "--generater", "x.gguf"], "did you mean --generator for --generater?"),
+    (["search", "q", "--tagret", "texts"], "did you mean --target for --tagret?"),
+])
+def test_unknown_flag_suggests_the_close_one(argv: list[str], hint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 28: an unknown flag got no "did you mean"."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and hint in capsys.readouterr().err
+
+
+def test_unknown_flag_far_from_any_gets_no_guess(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["ask", "q", "--zzzzzz"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --zzzzzz" in err and "did you mean" not in err

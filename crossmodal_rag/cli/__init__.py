@@ -124,13 +124,26 @@ def _in_cli_words(error: Exception) -> str:
     return str(error)
 
 
+def _did_you_mean(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """`` (did you mean --generator?)`` for the unknown flags that are close to one of the command's."""
+    import difflib
+
+    flags = [f for f in parser._option_string_actions if f.startswith("--")]
+    hints = []
+    for arg in extra:
+        if arg.startswith("-"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], flags, n=1, cutoff=0.6)
+            hints += [f"{close[0]} for {arg.split('=', 1)[0]}"] if close else []
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     chosen = _chosen_parser(parser, args)
     if extra:  # the subcommand's usage, not the top-level one
-        chosen.error(f"unrecognized arguments: {' '.join(extra)}")
+        chosen.error(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(chosen, extra)}")
     check_collection_args(chosen, args)
     setup_logging(args.verbose, args.quiet)
     try:
