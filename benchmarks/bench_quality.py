@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from crossmodal_rag import Collection, routing  # noqa: E402
+from crossmodal_rag import Collection  # noqa: E402
 from crossmodal_rag.demo_offline import smollm2_gguf  # noqa: E402
 from crossmodal_rag.eval.passage_qa import (  # noqa: E402
     answer_questions,
@@ -35,7 +35,6 @@ from crossmodal_rag.eval.passage_qa import (  # noqa: E402
     to_jsonable,
 )
 from crossmodal_rag.testing import make_tiny_open_clip  # noqa: E402
-from crossmodal_rag.text_space import sync_text_space  # noqa: E402
 
 QA = ROOT / "data" / "passages_qa"
 
@@ -55,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         with Collection.create(Path(tmp) / "coll", clip) as coll:
             coll.add(QA / "passages.jsonl")
             t = time.perf_counter()
-            sync_text_space(coll, "minilm")
+            coll.set_text_model("minilm")
             report["text_space_build_s"] = round(time.perf_counter() - t, 2)
             ranks = []
             t = time.perf_counter()
             for item in items:
-                hits = routing.search(coll, item.question, k=10, target="texts", mode="dense")[1]
+                hits = list(coll.search(item.question, k=10, target="texts", mode="dense"))
                 texts = [h.text for h in hits]
                 ranks.append(texts.index(item.passage) + 1 if item.passage in texts else None)
             report["retrieval"] = {
@@ -83,7 +82,7 @@ def _answers(coll: Collection, gguf: str, items: list, args: argparse.Namespace)
     from crossmodal_rag.generation import GenerationSettings, RagPipeline, RagSettings
 
     def hits_for(question: str):
-        return routing.search(coll, question, k=args.k, target="texts", mode="dense")[1]
+        return list(coll.search(question, k=args.k, target="texts", mode="dense"))
 
     out: dict = {"generator": Path(gguf).name, "k": args.k, "n": len(items)}
     for temperature in (float(x) for x in args.temperatures.split(",")):

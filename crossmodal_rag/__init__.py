@@ -5,7 +5,11 @@ Quick start::
     from crossmodal_rag import Collection
     with Collection.open_or_create("photos.xmr", "open_clip:ViT-B-32/laion2b_s34b_b79k") as c:
         c.add("~/Pictures")
-    hits = Collection.open("photos.xmr").search("a cat on a sofa", k=5)
+    for hit in Collection.open("photos.xmr").search("a cat on a sofa", k=5):
+        print(hit.rank, hit.score, hit.path)
+
+Every search goes through ``Collection.search``: a text and keyword options, or a
+:class:`SearchRequest`; it returns a :class:`SearchResult` (a sequence of :class:`Hit`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
     from .ingestion.images import decode_image, load_image
     from .ingestion.runner import IngestReport, IngestSettings, ingest
     from .ingestion.sources import ImageRecord, Problem, TextRecord, read_source
-    from .search import Hit
+    from .search import Hit, SearchRequest, SearchResult
 
 #: Public names whose modules load torch, faiss or PIL: imported on first access, so that
 #: ``import crossmodal_rag`` (and the CLI's ``--help``) stays fast.
@@ -45,6 +49,8 @@ _LAZY = {
     "IngestSettings": ".ingestion.runner",
     "ingest": ".ingestion.runner",
     "Hit": ".search",
+    "SearchRequest": ".search",
+    "SearchResult": ".search",
     "ImageRecord": ".ingestion.sources",
     "Problem": ".ingestion.sources",
     "TextRecord": ".ingestion.sources",
@@ -69,6 +75,8 @@ __all__ = [
     "ModelSpecError",
     "Problem",
     "QueryError",
+    "SearchRequest",
+    "SearchResult",
     "SourceError",
     "TextRecord",
     "WeightsUnavailableError",

@@ -7,8 +7,9 @@ owns it:
 - writing the indexes, shards and manifest: :mod:`crossmodal_rag.store.persist` (following the
   metadata: :mod:`crossmodal_rag.store.reconcile`);
 - adding files: :mod:`crossmodal_rag.ingestion.runner`; removing items: :mod:`crossmodal_rag.maintenance.removal`;
-  score thresholds: :mod:`crossmodal_rag.calibration`;
-- query embedding: :mod:`crossmodal_rag.query`; searching: :mod:`crossmodal_rag.search`;
+  score thresholds: :mod:`crossmodal_rag.search.calibration`;
+- searching (one entry point, :meth:`Collection.search`): :mod:`crossmodal_rag.search`; query
+  embedding: :mod:`crossmodal_rag.search.query`; the text space: :mod:`crossmodal_rag.search.text_space`;
 - reindex, tune, near-duplicates: :mod:`crossmodal_rag.maintenance.indexes`; check: :mod:`crossmodal_rag.maintenance.check`;
 - the encoder, checked against the collection's fingerprint: :mod:`crossmodal_rag.maintenance.bound_encoder`.
 """
@@ -24,15 +25,17 @@ from PIL import Image
 
 from ._phases import phase
 from .encoders import DEFAULT_MODEL, ClipEncoder, load_encoder, parse_model_spec
-from .errors import CollectionError, QueryError
-from .filters import allowed_ids, parse_where
+from .errors import CollectionError
 from .ingestion.images import DEFAULT_MAX_IMAGE_PIXELS
 from .lock import WriteLock
 from .maintenance import fingerprint, indexes, removal
 from .maintenance.bound_encoder import BoundEncoder
 from .maintenance.check import CheckReport, check_collection
-from .query import clip_term, embed_query
-from .search import Hit, check_target, resolve_min_score, search_vectors
+from .search import SearchRequest, SearchResult, engine
+from .search.dense import resolve_min_score
+from .search.hits import Hit
+from .search.query import clip_term, embed_query
+from .search.text_space import SyncReport, TextSpace, open_text_space, sync_text_space
 from .store.ann import AUTO, SearchParams, parse_memory
 from .store.audit import CHECK_ALL_MAX_VECTORS
 from .store.binding import COLLECTION_ID_KEY, check_collection_id, new_collection_id
@@ -68,6 +71,8 @@ class Collection:
         self.state = IndexState(folder, manifest, store, fsync=fsync != "off", mmap=mmap)
         self.bound = BoundEncoder(folder, store, manifest.encoder, manifest.dim, writable=writable,
                                   device=device, model=model)
+        self._device = device
+        self._space: tuple[int, TextSpace | None] | None = None  # (manifest stamp, open text space)
 
     @property
     def manifest(self) -> Manifest:
@@ -228,9 +233,16 @@ class Collection:
 
     def persist(self) -> None:
         """Bring the shards and indexes up to date, write changed indexes under new file names,
-        then switch the manifest to them (:meth:`crossmodal_rag.store.persist.IndexState.persist`)."""
+        then switch the manifest to them (:meth:`crossmodal_rag.store.persist.IndexState.persist`);
+        then the text space, when the collection has one, follows the texts (new ones embedded,
+        removed ones dropped). Every writer (add, remove, import, repair) ends here, so the vector
+        index, the keyword index (written with the metadata) and the text space stay in step."""
         self.require_writable()
         self.state.persist()
+        try:
+            self._keep_text_space()
+        except CollectionError as e:  # the indexes are written; `reindex` rebuilds a refused space
+            logger.warning("%s", e)
 
     def apply(self, added: dict[str, tuple[np.ndarray, np.ndarray]], removed: list[int]) -> None:
         """Mirror a committed metadata transaction in the in-memory indexes."""
@@ -258,6 +270,10 @@ class Collection:
                                      workers=workers)
         if repaired is not None:
             report["repair"] = repaired.to_dict()
+        text = self._keep_text_space(rebuild_refused=True)  # a refused text space is rebuilt
+        if text.spec is not None:
+            report["text_space"] = {"spec": text.spec, "added": text.added, "removed": text.removed,
+                                    "rebuilt": text.rebuilt}
         return report
 
     def tune(self, *, target_recall: float = 0.95, seed: int = 0) -> dict[str, Any]:
@@ -307,7 +323,7 @@ class Collection:
         """A query embedding ``(D,)`` from a text, an image (path or PIL image), or both.
 
         Text queries support arithmetic (``"a cat" + "snow" - "indoors"``, ``2:cat``; see
-        :mod:`crossmodal_rag.query`); ``plus``/``minus`` add or subtract more texts. The result is
+        :mod:`crossmodal_rag.search.query`); ``plus``/``minus`` add or subtract more texts. The result is
         the normalised weighted sum of the terms' embeddings.
         """
         return embed_query(lambda: self.encoder, text, image, plus=plus, minus=minus,
@@ -323,46 +339,69 @@ class Collection:
         return resolve_min_score(min_score, self.store, self.manifest.dim,
                                  query_is_image=query_is_image, target=target)
 
-    def search(
-        self, query: str | None = None, *, image: str | Path | Image.Image | None = None,
-        k: int = 10, target: str = "images", where: list[str] | str | None = None,
-        min_score: float | str | None = None, plus: list[str] | None = None,
-        minus: list[str] | None = None, params: SearchParams | None = None, mode: str = "dense",
-    ) -> list[Hit]:
-        """Search by text (with arithmetic), by image, or both; ``target`` is ``"images"``,
-        ``"texts"`` or ``"all"``; ``where`` filters by metadata (:mod:`crossmodal_rag.filters`);
-        ``min_score`` drops weaker hits (a number, or ``"auto"`` for the calibrated threshold);
-        ``params`` overrides the stored ``nprobe`` / ``ef_search`` / ``rerank`` for this search.
-        ``mode``: ``"dense"`` (embeddings), ``"keyword"`` (BM25 over the texts), ``"hybrid"`` (both,
-        reciprocal rank fusion) or ``"auto"`` (see :mod:`crossmodal_rag.hybrid`).
+    def search(self, request: SearchRequest | str | None = None, /, **options: Any) -> SearchResult:
+        """Search the collection: the one entry point of every front end.
 
-        Example: ``Collection.open("photos").search("a cat on a sofa", k=5)``.
+        ``request`` is a :class:`~crossmodal_rag.search.SearchRequest`, or a text query; keyword
+        ``options`` set (or override) its fields: ``image`` (a path or PIL image), ``vector``,
+        ``plus``/``minus``, ``target`` (``"images"``, ``"texts"``, ``"all"``), ``mode``
+        (:data:`~crossmodal_rag.search.MODES`, default ``"auto"``), ``k``, ``where`` (metadata
+        filters, :mod:`crossmodal_rag.search.filters`), ``min_score`` (a number or ``"auto"``),
+        ``params`` (``nprobe`` / ``ef_search`` / ``rerank`` for this search), ``text_space``.
+
+        Returns a :class:`~crossmodal_rag.search.SearchResult`: a sequence of
+        :class:`~crossmodal_rag.search.Hit` records, best first, with ``mode`` (the mode that ran)
+        and ``threshold`` (``min_score`` as a number). A text query for texts goes to the text
+        space when the collection has one (:mod:`crossmodal_rag.search.routing`).
+
+        Example: ``for hit in Collection.open("photos").search("a cat on a sofa", k=5): ...``
         """
-        if mode != "dense":  # keyword, hybrid or auto: see crossmodal_rag.hybrid
-            from . import hybrid
-
-            return hybrid.search(self, query, image=image, k=k, target=target, where=where,
-                                 min_score=min_score, plus=plus, minus=minus, params=params, mode=mode)[1]
-        check_target(target)
-        threshold = self.resolve_min_score(min_score, query_is_image=image is not None, target=target)
-        vector = self.embed_query(query, image, plus=plus, minus=minus)
-        return self.search_vectors(vector[None, :], k=k, target=target, where=where,
-                                   min_score=threshold, params=params)[0]
+        return engine.run(self, SearchRequest.of(request, **options))
 
     def search_vectors(
         self, vectors: np.ndarray, *, k: int = 10, target: str = "images",
         where: list[str] | str | None = None, min_score: float | None = None,
         params: SearchParams | None = None,
     ) -> list[list[Hit]]:
-        """Search with precomputed query embeddings ``(Q, D)``; one hit list per row."""
-        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        if vectors.shape[1] != self.manifest.dim:
-            raise QueryError(f"query vectors are {vectors.shape[1]}-d; this collection is "
-                             f"{self.manifest.dim}-d")
-        conditions = parse_where(where)
-        allowed = allowed_ids(self.store, conditions) if conditions else None
-        return search_vectors(self.indexes, self.store, vectors, k, target, allowed, min_score,
-                              params=params)
+        """Dense search with many precomputed CLIP query embeddings ``(Q, D)`` at once (one FAISS
+        call per index); one hit list per row. The batch form of
+        ``search(SearchRequest(vector=row, mode="dense", ...))`` for training and batching."""
+        request = SearchRequest(k=k, target=target, where=where or (), params=params, mode="dense")  # type: ignore[arg-type]
+        return engine.run_vectors(self, vectors, request, min_score)
+
+    # -- the text space (index --text-model) -------------------------------------------------
+    @property
+    def text_space(self) -> TextSpace | None:
+        """The collection's text space, or None: opened on first use, again when its manifest
+        changes (another process re-embedded it)."""
+        manifest = self.folder / "text_space" / "manifest.json"
+        try:
+            stamp = manifest.stat().st_mtime_ns
+        except OSError:
+            stamp = -1
+        if self._space is None or self._space[0] != stamp:
+            self._space = (stamp, open_text_space(self) if stamp != -1 else None)
+        return self._space[1]
+
+    @property
+    def text_model(self) -> str | None:
+        """The sentence encoder of the text space (None: the collection has none)."""
+        space = self.text_space
+        return space.spec if space is not None else None
+
+    def set_text_model(self, spec: str | None, *, rebuild: bool = False) -> SyncReport:
+        """Embed the collection's texts with the sentence encoder ``spec`` in a text space of their
+        own (``"none"`` removes it; None keeps the current one): a new spec embeds every text, the
+        same one only what changed (``rebuild``: everything). Later writes keep it in step."""
+        self.require_writable()
+        return self._keep_text_space(spec, rebuild=rebuild)
+
+    def _keep_text_space(self, spec: str | None = None, *, rebuild: bool = False,
+                         rebuild_refused: bool = False) -> SyncReport:
+        try:
+            return sync_text_space(self, spec, rebuild=rebuild, rebuild_refused=rebuild_refused)
+        finally:
+            self._space = None
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, source: str | Path, **settings: Any) -> IngestReport:

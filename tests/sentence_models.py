@@ -53,7 +53,6 @@ def make_text_space_collection(root: Path, clip_spec: str, sample_dir: Path, pas
     """A collection under ``root`` with three captioned sample photos and ``passages``, its text
     items also in a text space embedded by a tiny sentence model (``seed``); returns its folder."""
     from crossmodal_rag import Collection
-    from crossmodal_rag.text_space import sync_text_space
 
     corpus = root / "p.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in passages))
@@ -65,5 +64,5 @@ def make_text_space_collection(root: Path, clip_spec: str, sample_dir: Path, pas
     with Collection.create(root / "coll", clip_spec) as coll:
         coll.add(photos)
         coll.add(corpus)
-        sync_text_space(coll, str(make_tiny_sentence_model(root / "st", seed=seed)))
+        coll.set_text_model(str(make_tiny_sentence_model(root / "st", seed=seed)))
     return root / "coll"

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from crossmodal_rag import Collection
-from crossmodal_rag.calibration import (
+from crossmodal_rag.errors import QueryError
+from crossmodal_rag.search.calibration import (
     auto_threshold,
     calibrate,
     current_calibration,
     load_calibration,
     write_calibration,
 )
-from crossmodal_rag.errors import QueryError
 from crossmodal_rag.store.metadata import MetadataStore
 from tests.e2e.test_cli import run
 
@@ -90,7 +90,7 @@ def test_a_stale_calibration_is_never_used(photos: Path, tmp_path: Path, tiny_oc
         assert _of(fresh) != _of(stored)
         assert _thresholds(c) == _of(fresh)
         assert load_calibration(c.store) == stored  # a search does not write
-        hits = c.search("a cat", k=10, min_score="auto")
+        hits = c.search("a cat", k=10, min_score="auto", mode="dense")
         assert all(h.score >= fresh["text-image"]["threshold"] for h in hits)
 
 

@@ -25,7 +25,7 @@ def _brute_force(coll: Collection, query: np.ndarray, index: str, k: int) -> lis
 def test_text_and_image_search_match_brute_force(sample_collection: Path) -> None:
     with Collection.open(sample_collection) as coll:
         q = coll.embed_query("a cat looking at the camera")
-        hits = coll.search("a cat looking at the camera", k=5)
+        hits = coll.search("a cat looking at the camera", k=5, mode="dense")
         assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
         expected = _brute_force(coll, q, "image", 5)
         assert [h.id for h in hits] == [i for i, _ in expected]
@@ -33,19 +33,19 @@ def test_text_and_image_search_match_brute_force(sample_collection: Path) -> Non
         assert all(h.kind == "image" and h.path and h.captions for h in hits)
 
         cat = str(Path(hits[0].path))
-        same = coll.search(image=cat, k=3)
+        same = coll.search(image=cat, k=3, mode="dense")
         assert same[0].path == cat and same[0].score == pytest.approx(1.0, abs=1e-4)
 
-        texts = coll.search(image=cat, k=4, target="texts")
+        texts = coll.search(image=cat, k=4, target="texts", mode="dense")
         qi = coll.embed_query(image=cat)
         assert [h.id for h in texts] == [i for i, _ in _brute_force(coll, qi, "text", 4)]
         assert all(h.kind == "caption" and h.text and h.parent_id for h in texts)
         assert texts[0].path == coll.get(texts[0].parent_id)[0].path
 
-        mixed = coll.search("a cup of coffee", k=8, target="all")
+        mixed = coll.search("a cup of coffee", k=8, target="all", mode="dense")
         assert {h.kind for h in mixed} <= {"image", "caption"}
         assert [h.score for h in mixed] == sorted((h.score for h in mixed), reverse=True)
-        everything = coll.search("x", k=1000, target="all")
+        everything = coll.search("x", k=1000, target="all", mode="dense")
         assert len(everything) == sum(coll.counts().values())
 
 
@@ -53,18 +53,18 @@ def test_bad_queries_are_query_errors(sample_collection: Path, tmp_path: Path) -
     with Collection.open(sample_collection) as coll:
         for bad in ("", "   \n\t"):
             with pytest.raises(QueryError, match="empty query"):
-                coll.search(bad)
+                coll.search(bad, mode="dense")
         with pytest.raises(QueryError, match="empty query"):
-            coll.search(None)
+            coll.search(None, mode="dense")
         with pytest.raises(QueryError, match="no such file"):
-            coll.search(image=tmp_path / "missing.jpg")
+            coll.search(image=tmp_path / "missing.jpg", mode="dense")
         (tmp_path / "junk.jpg").write_text("junk")
         with pytest.raises(QueryError, match="junk.jpg"):
-            coll.search(image=tmp_path / "junk.jpg")
+            coll.search(image=tmp_path / "junk.jpg", mode="dense")
         with pytest.raises(QueryError, match="positive integer"):
-            coll.search("cat", k=0)
+            coll.search("cat", k=0, mode="dense")
         with pytest.raises(QueryError, match="target"):
-            coll.search("cat", target="videos")
+            coll.search("cat", target="videos", mode="dense")
 
 
 def test_reindexing_is_incremental_and_idempotent(photos: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
@@ -85,15 +85,15 @@ def test_reindexing_is_incremental_and_idempotent(photos: Path, tmp_path: Path, 
         (photos / "coffee.txt").write_text("a mug of black coffee\n")
         edited = coll.add(photos)
         assert (edited.captions_added, edited.captions_removed) == (1, 3)
-        coffee = next(h for h in coll.search("coffee", k=5) if h.path.endswith("coffee.jpg"))
+        coffee = next(h for h in coll.search("coffee", k=5, mode="dense") if h.path.endswith("coffee.jpg"))
         assert coffee.captions == ("a mug of black coffee",)
 
         # a changed image at the same path replaces the old item
-        old_ids = {h.path: h.id for h in coll.search("x", k=10)}
+        old_ids = {h.path: h.id for h in coll.search("x", k=10, mode="dense")}
         (photos / "dahlia.jpg").write_bytes(jpeg_bytes((80, 60), (10, 200, 10)))
         changed = coll.add(photos)
         assert (changed.images_added, changed.replaced) == (1, 1)
-        new_ids = {h.path: h.id for h in coll.search("x", k=10)}
+        new_ids = {h.path: h.id for h in coll.search("x", k=10, mode="dense")}
         assert new_ids[str(photos / "dahlia.jpg")] != old_ids[str(photos / "dahlia.jpg")]
         assert coll.get(old_ids[str(photos / "dahlia.jpg")]) == []
         assert coll.check().ok
@@ -111,8 +111,8 @@ def test_remove_by_id_and_by_path(photos: Path, tmp_path: Path, tiny_oc_spec: st
         n_caps = len(coll.get(cat_id)[0].captions)
         result = coll.remove(ids=[cat_id, 99999])
         assert len(result["removed"]) == 1 + n_caps and result["unknown"] == [99999]
-        assert cat_id not in {h.id for h in coll.search("x", k=100, target="all")}
-        assert all(h.parent_id != cat_id for h in coll.search("x", k=100, target="texts"))
+        assert cat_id not in {h.id for h in coll.search("x", k=100, target="all", mode="dense")}
+        assert all(h.parent_id != cat_id for h in coll.search("x", k=100, target="texts", mode="dense"))
         assert coll.check().ok
     with Collection.open(tmp_path / "c") as coll:
         assert coll.counts()["images"] == 4 and coll.check().ok
@@ -145,7 +145,7 @@ def test_passage_corpus_is_searchable_text(tmp_path: Path, tiny_oc_spec: str) ->
         assert hits[0].kind == "passage" and hits[0].text == rows[5]["text"] and hits[0].score == pytest.approx(1, abs=1e-4)
         assert coll.get(hits[0].id)[0].ext_id == "p5"
         with pytest.raises(TargetEmptyError, match="holds no images to search, only texts"):
-            coll.search("topic", k=5)  # no images in this collection: said, not an empty list
+            coll.search("topic", k=5, mode="dense")  # no images in this collection: said, not an empty list
 
 
 def test_other_encoder_is_refused(collection_copy: Path, tiny_hf_dir: Path, tmp_path: Path) -> None:
@@ -165,7 +165,7 @@ def test_other_encoder_is_refused(collection_copy: Path, tiny_hf_dir: Path, tmp_
 
         _CACHE.clear()
         with Collection.open(collection_copy) as coll, pytest.raises(EncoderMismatchError):
-            coll.search("a cat")
+            coll.search("a cat", mode="dense")
     finally:
         shutil.copy(backup / "open_clip_model.safetensors", spec_dir / "open_clip_model.safetensors")
         _CACHE.clear()
@@ -281,7 +281,7 @@ def test_near_duplicates_match_pairwise_brute_force(tmp_path: Path, tiny_oc_spec
 
 
 def test_calibration_threshold_by_hand() -> None:
-    from crossmodal_rag.calibration import _threshold
+    from crossmodal_rag.search.calibration import _threshold
 
     pos = np.array([0.30, 0.32, 0.35, 0.28])
     neg = np.array([0.10, 0.12, 0.29, 0.05])
@@ -291,7 +291,7 @@ def test_calibration_threshold_by_hand() -> None:
 
 
 def test_calibration_is_stored_and_refreshed(photos: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
-    from crossmodal_rag.calibration import load_calibration
+    from crossmodal_rag.search.calibration import load_calibration
 
     with Collection.create(tmp_path / "c", tiny_oc_spec) as coll:
         coll.add(photos)
@@ -299,14 +299,14 @@ def test_calibration_is_stored_and_refreshed(photos: Path, tmp_path: Path, tiny_
         assert {"text-image", "text-text"} <= set(first)
         t = coll.resolve_min_score("auto", query_is_image=False, target="images")
         assert t == first["text-image"]["threshold"]
-        assert all(h.score >= t for h in coll.search("a cat", k=5, min_score="auto"))
+        assert all(h.score >= t for h in coll.search("a cat", k=5, min_score="auto", mode="dense"))
         (photos / "extra.txt").write_text("x")
         shutil.copy(photos / "cat.jpg", photos / "extra.jpg")
         (photos / "extra.txt").write_text("another caption\nand one more\n")
         coll.add(photos)
         assert load_calibration(coll.store)["generation"] > first["generation"]
         with pytest.raises(QueryError, match="no calibration"):
-            coll.search(image=photos / "cat.jpg", min_score="auto")
+            coll.search(image=photos / "cat.jpg", min_score="auto", mode="dense")
 
 
 def test_ask_abstains_below_the_threshold_and_knowledge_collection(sample_collection: Path, tmp_path: Path,
@@ -387,9 +387,9 @@ def test_same_weights_under_another_name_open(collection_copy: Path, tiny_oc_dir
                                               sample_dir: Path) -> None:
     moved = shutil.copytree(tiny_oc_dir, tmp_path / "moved")
     with Collection.open(collection_copy) as own:
-        expect = [h.id for h in own.search(image=sample_dir / "cat.jpg", k=3)]
+        expect = [h.id for h in own.search(image=sample_dir / "cat.jpg", k=3, mode="dense")]
     with Collection.open(collection_copy, model=f"open_clip:local-dir:{moved}") as coll:
-        assert [h.id for h in coll.search(image=sample_dir / "cat.jpg", k=3)] == expect
+        assert [h.id for h in coll.search(image=sample_dir / "cat.jpg", k=3, mode="dense")] == expect
 
 
 def test_collection_without_image_fingerprint_opens_and_is_backfilled(
@@ -406,11 +406,11 @@ def test_collection_without_image_fingerprint_opens_and_is_backfilled(
     moved = f"open_clip:local-dir:{shutil.copytree(tiny_oc_dir, tmp_path / 'moved')}"
     with caplog.at_level(logging.WARNING, logger="crossmodal_rag"), \
             Collection.open(collection_copy, model=moved) as coll:  # the text probe still checks
-        assert coll.search("a cat", k=1)
+        assert coll.search("a cat", k=1, mode="dense")
         assert coll.store.get_meta(fingerprint.IMAGE_KEY) is None  # read-only: nothing written
     assert "image tower" in caplog.text and "cannot be verified" in caplog.text
     with Collection.open(collection_copy, writable=True) as coll:
-        coll.search("a cat", k=1)  # first use of the collection's own encoder back-fills the probe
+        coll.search("a cat", k=1, mode="dense")  # first use of the collection's own encoder back-fills the probe
     with Collection.open(collection_copy) as coll:
         stored = fingerprint.read(coll.store)
         fresh = fingerprint.compute(load_encoder(coll.manifest.encoder))

@@ -119,7 +119,7 @@ def test_viz_writes_pngs(sample_collection: Path, tmp_path: Path) -> None:
     from crossmodal_rag import viz
 
     with Collection.open(sample_collection) as coll:
-        hits = coll.search("a cat", k=4)
+        hits = coll.search("a cat", k=4, mode="dense")
         viz.result_grid(hits, save=tmp_path / "grid.png")
         viz.embedding_map(coll, save=tmp_path / "map.png")
         viz.recall_curves({"m": {"text_to_image": {"R@1": 0.1, "R@5": 0.5}, "image_to_text": {"R@1": 0.2, "R@5": 0.6}}},
@@ -136,8 +136,9 @@ def test_viz_writes_pngs(sample_collection: Path, tmp_path: Path) -> None:
 def test_generation_eval_retrieves_from_the_text_space(tmp_path: Path, tiny_oc_spec: str, sample_dir: Path) -> None:
     """`eval generation` asks as `ask` does: in a collection with a text space (index
     --text-model), each question's sources are the text space's own top-k for it."""
-    from crossmodal_rag.text_space import open_text_space
     from sentence_models import make_text_space_collection
+
+    from crossmodal_rag.search.text_space import open_text_space
 
     passages = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may"]
     folder = make_text_space_collection(tmp_path, tiny_oc_spec, sample_dir, passages, seed=2)
@@ -152,4 +153,4 @@ def test_generation_eval_retrieves_from_the_text_space(tmp_path: Path, tiny_oc_s
                                GenerationSettings(max_new_tokens=2))
             rep = evaluate_qa(pipe, qa)
             assert [ex["sources"] for ex in rep.examples] == [
-                [h.id for h in space.search(coll, q, k=2)] for q in questions]
+                [h.id for h in space.search(coll.store, q, k=2)] for q in questions]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from crossmodal_rag import Collection, QueryError
-from crossmodal_rag.filters import parse_where
+from crossmodal_rag.search.filters import parse_where
 from tests.test_ann import imported  # noqa: F401  (the imported-embeddings collection fixture)
 
 
@@ -102,7 +102,7 @@ def test_malformed_expressions_name_the_position(expr: str, fragment: str, pos: 
 
 def test_unknown_field_lists_the_known_ones(varied: Path) -> None:
     with Collection.open(varied) as coll, pytest.raises(QueryError) as info:
-        coll.search("x", where=["widht>5"])
+        coll.search("x", where=["widht>5"], mode="dense")
     assert "unknown field 'widht'" in str(info.value) and "camera" in str(info.value)
 
 
@@ -236,7 +236,7 @@ def test_merged_search_keeps_fetching_while_an_unseen_row_could_win(tmp_path: Pa
     """``target="all"`` merges two indexes; a long text's windows fill the text index's first
     rows. The search must not stop at k distinct items while an unfetched text row scores above
     the k-th of them (it did: the second-best item, a passage at 0.8, lost to an image at 0.5)."""
-    from crossmodal_rag.search import search_vectors
+    from crossmodal_rag.search.dense import search_vectors
     from crossmodal_rag.store.metadata import MetadataStore
     from crossmodal_rag.store.vectors import VectorIndex
 

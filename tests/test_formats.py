@@ -107,12 +107,12 @@ def test_ingest_and_image_queries(tmp_path: Path, sample_dir: Path, tiny_oc_spec
     with Collection.create(tmp_path / "coll", tiny_oc_spec) as coll:
         report = coll.add(folder)
         assert report.images_added == 3
-        hits = coll.search(image=folder / "cat.heic", k=3)
+        hits = coll.search(image=folder / "cat.heic", k=3, mode="dense")
         assert Path(hits[0].path).name == "cat.heic"
         assert hits[0].score > 0.999  # the same decode at ingest and at query time
-        hits = coll.search(image=folder / "coffee.avif", k=3)
+        hits = coll.search(image=folder / "coffee.avif", k=3, mode="dense")
         assert Path(hits[0].path).name == "coffee.avif"
-        items = {Path(h.path).name: h.id for h in coll.search(image=folder / "pagoda.jpg", k=3)}
+        items = {Path(h.path).name: h.id for h in coll.search(image=folder / "pagoda.jpg", k=3, mode="dense")}
         stored = {Path(it.path).name: it for it in coll.get(list(items.values()))}
     assert stored["cat.heic"].format == "HEIF"
     assert stored["coffee.avif"].format == "AVIF"

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from crossmodal_rag.fusion import RRF_K, reciprocal_rank_fusion
+from crossmodal_rag.search.fusion import RRF_K, reciprocal_rank_fusion
 
 
 def test_hand_computed_two_lists():

@@ -414,7 +414,7 @@ def text_space_damage(draw: st.DrawFn) -> dict[str, Any]:
 
 
 def _apply_text_space_damage(folder: Path, damage: dict[str, Any], image_ids: np.ndarray) -> None:
-    from crossmodal_rag.text_space import array_files
+    from crossmodal_rag.search.text_space import array_files
 
     space = folder / "text_space"
     manifest = json.loads((space / "manifest.json").read_text())
@@ -464,11 +464,9 @@ def _spec_parses(folder: Path) -> bool:
 
 
 def test_fuzz_text_spaces(text_space_collection: Path) -> None:
-    from crossmodal_rag.text_space import open_text_space
-    from crossmodal_rag.text_space_audit import check_text_space
-
-    from crossmodal_rag import routing
     from crossmodal_rag.cli import main
+    from crossmodal_rag.search.text_space import open_text_space
+    from crossmodal_rag.search.text_space_audit import check_text_space
 
     with Collection.open(text_space_collection) as c:
         image_ids = c.store.ids("image")
@@ -482,7 +480,7 @@ def test_fuzz_text_spaces(text_space_collection: Path) -> None:
             outcomes = _read_everything(folder)
             with Collection.open(folder) as c:
                 opened = _attempt(outcomes, "open text space", lambda: open_text_space(c))
-                _attempt(outcomes, "text search", lambda: routing.search(c, "a ship", k=3, target="texts"))
+                _attempt(outcomes, "text search", lambda: c.search("a ship", k=3, target="texts", mode="dense"))
                 problems, _ = check_text_space(folder, c.store, load_model=False)
                 if outcomes["open text space"] != "ok":
                     assert outcomes["open text space"] == "CollectionError", (what, outcomes)

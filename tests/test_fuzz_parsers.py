@@ -27,19 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crossmodal_rag.filters import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crossmodal_rag.errors import CollectionError, QueryError
+from crossmodal_rag.ingestion.sources import ImageRecord, Problem, TextRecord, read_source
+from crossmodal_rag.search.filters import (
     MAX_GLOB_STARS,
     MAX_WHERE_CHARS,
     MAX_WHERE_CONDITIONS,
     _image_matches,
     parse_where,
 )
-from crossmodal_rag.query import MAX_QUERY_CHARS, MAX_QUERY_TERMS, QueryTerm, parse_query
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from crossmodal_rag.errors import CollectionError, QueryError
-from crossmodal_rag.ingestion.sources import ImageRecord, Problem, TextRecord, read_source
+from crossmodal_rag.search.query import MAX_QUERY_CHARS, MAX_QUERY_TERMS, QueryTerm, parse_query
 from crossmodal_rag.store.ann import parse_memory
 from tests.badimages import jpeg_bytes
 
@@ -415,7 +415,7 @@ def test_hostile_keyword_queries(query: str, inserts: list[tuple[int, str]]) -> 
     search returns a ranking (every hit holds a word of the query, after folding) or the
     library's QueryError, in bounded time; zero-width characters anywhere in the query and
     fullwidth forms of its ASCII change nothing (both sides are folded)."""
-    from crossmodal_rag import hybrid
+    from crossmodal_rag.search import hybrid
     from crossmodal_rag.store import fulltext
 
     conn, folded = _KEYWORD_CONN
@@ -601,7 +601,7 @@ def test_hostile_manifests_ingest_the_good_rows(tmp_path_factory: pytest.TempPat
     skipped = {p.item: p.reason for p in report.skipped}
     assert all(reason and "\n" not in reason for reason in skipped.values())
     assert {r.item for r in records if isinstance(r, Problem)} <= set(skipped)
-    stored = {h.text for h in fuzz_collection.search("x", k=100_000, target="texts")}
+    stored = {h.text for h in fuzz_collection.search("x", k=100_000, target="texts", mode="dense")}
     assert {f"first sentinel {tag}", f"last sentinel {tag}"} <= stored
     for r in records:
         if isinstance(r, ImageRecord):

@@ -1,4 +1,4 @@
-"""Search modes (crossmodal_rag.hybrid): RRF fusion against a hand computation, keyword hits per
+"""Search modes (crossmodal_rag.search.hybrid): RRF fusion against a hand computation, keyword hits per
 target, hybrid = RRF of the dense and keyword lists computed apart, filters in every mode,
 --min-score's dense meaning, and the CLI's --mode."""
 
@@ -9,14 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from crossmodal_rag import Collection, hybrid
+from crossmodal_rag import Collection
 from crossmodal_rag.errors import QueryError
+from crossmodal_rag.search import Hit, hybrid
 from crossmodal_rag.store import fulltext
 
 
-def _hit(i: int, score: float, kind: str = "image") -> hybrid.RankedHit:
-    return hybrid.RankedHit(rank=0, score=score, id=i, kind=kind, path=f"/p/{i}.jpg", text=None, captions=(),
-                            parent_id=None, title=None, mode="test")
+def _hit(i: int, score: float, kind: str = "image") -> Hit:
+    return Hit(rank=0, score=score, id=i, kind=kind, path=f"/p/{i}.jpg", text=None, captions=(),
+               parent_id=None, title=None, mode="test")
+
+
+def _search(c: Collection, query: str, **options: object) -> tuple[str, list[Hit]]:
+    """``(the mode that ran, hits)`` of ``Collection.search``."""
+    result = c.search(query, **options)
+    return result.mode, list(result)
 
 
 def test_fuse_is_reciprocal_rank_fusion_by_hand() -> None:
@@ -35,16 +42,20 @@ def test_fuse_is_reciprocal_rank_fusion_by_hand() -> None:
 
 def test_choose_mode() -> None:
     class NoIndex:
-        import threading
+        """A store whose database has no keyword index."""
 
-        _lock = threading.RLock()
+        import contextlib
         import sqlite3
 
         conn = sqlite3.connect(":memory:")
 
+        @contextlib.contextmanager
+        def locked(self):  # as MetadataStore.locked
+            yield self.conn
+
     assert hybrid.choose_mode("auto", NoIndex(), has_text=True) == "dense"  # nothing to match
     assert hybrid.choose_mode("keyword", NoIndex(), has_text=True) == "keyword"
-    with pytest.raises(QueryError, match="choose one of dense, keyword, hybrid"):
+    with pytest.raises(QueryError, match="choose one of auto, dense, keyword, hybrid"):
         hybrid.choose_mode("bm25", NoIndex(), has_text=True)
     with pytest.raises(QueryError, match="needs a text query"):
         hybrid.choose_mode("hybrid", NoIndex(), has_text=False)
@@ -62,10 +73,12 @@ def coll(collection_copy: Path) -> Collection:
 def test_collection_search_takes_the_mode(coll: Collection) -> None:
     for mode in ("keyword", "hybrid", "auto"):
         got = coll.search("tabby cat", k=3, target="texts", mode=mode)
-        assert [h.id for h in got] == [h.id for h in hybrid.search(coll, "tabby cat", k=3, target="texts",
-                                                                   mode=mode)[1]]
-    assert [h.id for h in coll.search("tabby cat", k=3)] == [h.id for h in coll.search("tabby cat", k=3,
-                                                                                       mode="dense")]
+        assert got.mode == ("hybrid" if mode == "auto" else mode)
+        assert [h.id for h in got] == [h.id for h in _search(coll, "tabby cat", k=3, target="texts",
+                                                              mode=mode)[1]]
+    # a library caller that names no mode gets the CLI's default, auto (hybrid here)
+    default = coll.search("tabby cat", k=3)
+    assert default.mode == "hybrid" and default == coll.search("tabby cat", k=3, mode="auto").hits
 
 
 def test_keyword_hits_per_target(coll: Collection) -> None:
@@ -82,9 +95,9 @@ def test_keyword_hits_per_target(coll: Collection) -> None:
 
 def test_hybrid_is_rrf_of_the_dense_and_keyword_lists(coll: Collection) -> None:
     for target in ("images", "texts", "all"):
-        mode, hits = hybrid.search(coll, "a cup of espresso", k=5, target=target, mode="hybrid")
+        mode, hits = _search(coll, "a cup of espresso", k=5, target=target, mode="hybrid")
         depth = max(5 * hybrid.DEPTH_FACTOR, hybrid.MIN_DEPTH)
-        dense = coll.search("a cup of espresso", k=depth, target=target)
+        dense = coll.search("a cup of espresso", k=depth, target=target, mode="dense")
         keyword = hybrid.keyword_hits(coll.store, "a cup of espresso", depth, target)
         scores: dict[int, float] = {}
         for ranked in ([h.id for h in dense], [h.id for h in keyword]):
@@ -103,13 +116,13 @@ def test_hybrid_is_rrf_of_the_dense_and_keyword_lists(coll: Collection) -> None:
 
 def test_filters_apply_to_every_mode_and_min_score_is_dense(coll: Collection) -> None:
     for mode in ("dense", "keyword", "hybrid"):
-        _, hits = hybrid.search(coll, "cup cat tower", k=10, mode=mode, where=["caption~espresso"])
+        _, hits = _search(coll, "cup cat tower", k=10, mode=mode, where=["caption~espresso"])
         assert hits and all(h.path.endswith("coffee.jpg") for h in hits), mode
     for mode in ("keyword", "hybrid"):
-        _, everything = hybrid.search(coll, "cat", k=10, target="texts", mode=mode, min_score=-1.0)
+        _, everything = _search(coll, "cat", k=10, target="texts", mode=mode, min_score=-1.0)
         assert all(h.dense_score is not None for h in everything)
         cut = sorted(h.dense_score for h in everything)[len(everything) // 2]
-        _, kept = hybrid.search(coll, "cat", k=10, target="texts", mode=mode, min_score=cut)
+        _, kept = _search(coll, "cat", k=10, target="texts", mode=mode, min_score=cut)
         assert kept and all(h.dense_score >= cut for h in kept)
         assert {h.id for h in kept} < {h.id for h in everything}
         if mode == "keyword":  # the same ranking, the hits under the cut left out
@@ -165,10 +178,10 @@ def test_queries_keyword_search_cannot_parse_never_fail(coll: Collection, query:
     """Unbalanced quotes are searched as words; a query without words (emoji, punctuation)
     finds no keyword hits: keyword mode returns none, hybrid mode the dense ranking alone (RRF of
     one list), auto mode the dense search itself."""
-    dense = coll.search(query, k=5, target="texts")
-    mode, auto = hybrid.search(coll, query, k=5, target="texts")
-    _, fused = hybrid.search(coll, query, k=5, target="texts", mode="hybrid")
-    _, keyword = hybrid.search(coll, query, k=5, target="texts", mode="keyword")
+    dense = coll.search(query, k=5, target="texts", mode="dense")
+    mode, auto = _search(coll, query, k=5, target="texts")
+    _, fused = _search(coll, query, k=5, target="texts", mode="hybrid")
+    _, keyword = _search(coll, query, k=5, target="texts", mode="keyword")
     if hybrid.keyword_note(query) is not None:  # no words
         assert mode == "dense" and [h.id for h in auto] == [h.id for h in dense]
         assert [h.id for h in fused] == [h.id for h in dense]
@@ -193,7 +206,7 @@ def test_captions_with_invisible_and_fullwidth_characters_are_found_and_kept(tmp
         c.add(corpus)
         for query, index in (("cat", 0), ("software", 1), ("lidl", 2), ("fish", 3), ("ｆｉｓｈ", 3)):
             for mode in ("keyword", "hybrid"):
-                _, hits = hybrid.search(c, query, k=5, target="texts", mode=mode)
+                _, hits = _search(c, query, k=5, target="texts", mode=mode)
                 first = hits[0] if mode == "keyword" else next(h for h in hits if h.keyword_score is not None)
                 assert first.text == written[index], (query, mode)
         assert c.check().ok
@@ -220,7 +233,7 @@ def test_a_garbled_keyword_index_leaves_dense_search_and_is_rebuilt_by_reindex(
     coll.close()
     _garble_structure_record(collection_copy)
     with Collection.open(collection_copy) as c:
-        dense = [h.id for h in c.search("tabby cat", k=3)]
+        dense = [h.id for h in c.search("tabby cat", k=3, mode="dense")]
         assert dense and [h.id for h in c.search("tabby cat", k=3, mode="auto")] == dense
         for mode in ("keyword", "hybrid"):
             with pytest.raises(CollectionError, match="keyword .*index .* is damaged.*reindex"):

@@ -55,7 +55,7 @@ def _shards_agree_with_metadata(coll: Collection) -> None:
 
 
 def _top_text_hit(coll: Collection, text: str) -> tuple[int, str | None]:
-    hit = coll.search(text, k=1, target="texts")[0]
+    hit = coll.search(text, k=1, target="texts", mode="dense")[0]
     return hit.id, hit.text
 
 

@@ -68,7 +68,7 @@ def captioned(tmp_path: Path, pictures: tuple[Path, np.ndarray]) -> Path:
 
 def test_import_calibrates_and_min_score_auto_works(captioned: Path, tmp_path: Path,
                                                    tiny_oc_spec: str) -> None:
-    from crossmodal_rag.calibration import calibrate, load_calibration
+    from crossmodal_rag.search.calibration import calibrate, load_calibration
 
     folder = tmp_path / "coll"
     r = run("import", str(captioned), "-c", str(folder), "--model", tiny_oc_spec)
@@ -79,7 +79,7 @@ def test_import_calibrates_and_min_score_auto_works(captioned: Path, tmp_path: P
         assert load_calibration(c.store) == fresh  # stored by the import, and current
         t = fresh["text-image"]["threshold"]
         assert c.resolve_min_score("auto", query_is_image=False, target="images") == t
-        unthresholded = c.search("striped picture number 3", k=N_IMAGES)
+        unthresholded = c.search("striped picture number 3", k=N_IMAGES, mode="dense")
     r = run("search", "striped picture number 3", "-c", str(folder), "--min-score", "auto",
             "--top-k", str(N_IMAGES), "--mode", "dense", "--json")  # the calibrated dense ranking
     assert r.returncode == 0, r.stderr
@@ -179,7 +179,7 @@ def test_imported_items_have_sizes_and_where_width_works(tmp_path: Path, picture
 def test_where_width_falls_back_to_the_manifest_column(tmp_path: Path, tiny_oc_spec: str) -> None:
     """Items without a measured size (imported before sizes were read, or with only one of the
     columns) are filtered on the manifest's own width/height columns."""
-    from crossmodal_rag.filters import allowed_ids, parse_where
+    from crossmodal_rag.search.filters import allowed_ids, parse_where
 
     with Collection.create(tmp_path / "c", tiny_oc_spec) as c:
         vec = np.eye(1, c.manifest.dim, dtype=np.float32)[0]

@@ -65,6 +65,6 @@ def test_long_caption_and_query_never_crash(tmp_path: Path, tiny_oc_spec: str, p
         report = coll.add(photos)
         assert report.images_added == 5 and coll.check().ok
         with caplog.at_level(logging.WARNING, logger="crossmodal_rag"):
-            hits = coll.search("cat " * 3000, k=2)
+            hits = coll.search("cat " * 3000, k=2, mode="dense")
         assert len(hits) == 2 and "truncated" in caplog.text
-        assert len(coll.search("\U0001f431\u200b", k=1, target="texts")) == 1
+        assert len(coll.search("\U0001f431\u200b", k=1, target="texts", mode="dense")) == 1

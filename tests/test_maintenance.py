@@ -274,7 +274,7 @@ def test_reindex_repair_reembeds_exactly_the_bad_items(photo_collection: Path, c
         for name, ids, victim in (("image", images, image), ("text", texts, caption)):
             others = ids != victim
             np.testing.assert_allclose(after[name][others], before[name][others], atol=1e-3)
-        assert len(c.search("a cat", k=10)) == len(images)
+        assert len(c.search("a cat", k=10, mode="dense")) == len(images)
 
 
 def test_reindex_repair_keeps_or_removes_an_image_whose_source_is_gone(photo_collection: Path) -> None:

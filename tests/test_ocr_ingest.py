@@ -95,7 +95,7 @@ def _texts_for(engine: type[CountingEngine], folder: Path) -> None:
 
 
 def _ocr_items(coll: Collection) -> dict[str, object]:
-    hits = coll.search("receipt", k=50, target="texts")
+    hits = coll.search("receipt", k=50, target="texts", mode="dense")
     return {Path(h.path).name: h for h in hits if h.kind == "ocr"}
 
 
@@ -116,7 +116,7 @@ def test_ocr_items_are_linked_to_their_images(tmp_path: Path, docs: Path, tiny_o
         assert [ln["text"] for ln in item.extra["ocr"]["lines"]] == receipt.text.split("\n")
         assert item.extra["ocr"]["lines"][1]["box"] == [[0, 40], [10, 40], [10, 70], [0, 70]]
         # image hits carry their text; a filter finds images by it
-        img_hits = coll.search("a document", k=3, where="ocr~0x80070005")
+        img_hits = coll.search("a document", k=3, where="ocr~0x80070005", mode="dense")
         assert [Path(h.path).name for h in img_hits] == ["error.png"]
         assert img_hits[0].ocr.startswith("PhotoSync")
         assert coll.counts()["ocr"] == 2
@@ -196,10 +196,10 @@ def test_rag_context_labels_an_images_text(tmp_path: Path, docs: Path, tiny_oc_s
     _texts_for(counting, docs)
     with Collection.create(tmp_path / "coll", tiny_oc_spec) as coll:
         coll.add(docs, ocr=True, ocr_engine="counting")
-        (hit,) = coll.search("x", k=1, where="ocr~4711")
+        (hit,) = coll.search("x", k=1, where="ocr~4711", mode="dense")
         assert item_text(hit) == ("an image (receipt.png); text in the image: LIDL Store 4711 Berlin / "
                                   "Invoice no. 2026-0815 / TOTAL EUR 3.78")
-        texts = [h for h in coll.search("x", k=10, target="texts") if h.kind == "ocr"]
+        texts = [h for h in coll.search("x", k=10, target="texts", mode="dense") if h.kind == "ocr"]
         assert all(item_text(h).startswith("text in the image ") for h in texts)
         pipe = RagPipeline(coll, str(lm_dir), RagSettings(k=3, target="images"))
         answer = pipe.ask("what is the total on the receipt from Lidl?", hits=[hit])

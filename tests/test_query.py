@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from crossmodal_rag import Collection, QueryError
-from crossmodal_rag.query import QueryTerm, parse_query
+from crossmodal_rag.search.query import QueryTerm, parse_query
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_arithmetic_is_the_normalised_weighted_sum(sample_collection: Path, samp
         both = coll.embed_query("a cat", image=sample_dir / "cat.jpg")
         np.testing.assert_allclose(both, _unit(img + cat), atol=1e-5)
 
-        hits = coll.search('2:"a cat" + snow - indoors', k=3)
+        hits = coll.search('2:"a cat" + snow - indoors', k=3, mode="dense")
         vecs = coll.store.vectors(coll.store.ids("image").tolist(), coll.manifest.dim)
         best = np.argsort(-(vecs @ _unit(2 * cat + snow - indoors)))[:3]
         assert [h.id for h in hits] == coll.store.ids("image")[best].tolist()
@@ -65,7 +65,7 @@ def test_a_weight_out_of_range_is_a_query_error_naming_it(weight: str) -> None:
     or zero query vector that found nothing (with numpy warnings). Now each is refused, by name."""
     import warnings
 
-    from crossmodal_rag.query import MAX_WEIGHT, MIN_WEIGHT
+    from crossmodal_rag.search.query import MAX_WEIGHT, MIN_WEIGHT
 
     shown = weight if len(weight) <= 24 else weight[:12]
     with warnings.catch_warnings():
@@ -99,4 +99,4 @@ def test_a_nonfinite_or_zero_query_vector_is_refused(sample_collection: Path) ->
                     with pytest.raises(QueryError, match=what):
                         coll.search_vectors(np.stack([good, bad]), k=3, target=target)
         with pytest.raises(QueryError, match="outside the allowed range"):
-            coll.search("9" * 400 + ":cat", k=3)
+            coll.search("9" * 400 + ":cat", k=3, mode="dense")

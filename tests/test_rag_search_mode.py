@@ -1,6 +1,6 @@
 """Retrieval modes in RAG (RagSettings.search_mode): chat, write, the CLI's chat/write and REST
 /api/ask (plain and streamed) retrieve in keyword / hybrid mode exactly what
-:func:`crossmodal_rag.hybrid.search` returns for the same query computed apart, with the cosine
+:meth:`Collection.search <crossmodal_rag.collection.Collection.search>` returns for the same query computed apart, with the cosine
 as the source score; a bad mode is a clear error (ValueError, exit code 2, HTTP 422)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossmodal_rag import Collection, hybrid
+from crossmodal_rag import Collection
 from crossmodal_rag.apps import ChatSession, write
 from crossmodal_rag.generation import GenerationSettings, RagPipeline, RagSettings
 from crossmodal_rag.testing import make_tiny_t5
@@ -32,9 +32,9 @@ def coll(collection_copy: Path):
 
 
 def _expected(coll: Collection, query: str, mode: str, k: int = 3, target: str = "texts") -> list[int]:
-    chosen, hits = hybrid.search(coll, query, k=k, target=target, mode=mode)
-    assert chosen == mode and hits, (mode, query)
-    return [h.id for h in hits]
+    result = coll.search(query, k=k, target=target, mode=mode)
+    assert result.mode == mode and result, (mode, query)
+    return [h.id for h in result]
 
 
 def _pipe(coll: Collection, t5: str, search_mode: str, **settings: object) -> RagPipeline:
@@ -44,7 +44,7 @@ def _pipe(coll: Collection, t5: str, search_mode: str, **settings: object) -> Ra
 
 def test_keyword_mode_differs_from_dense_here(coll: Collection) -> None:
     """The oracle below can fail: for this query the keyword ranking is not the dense one."""
-    dense = [h.id for h in coll.search(QUERY, k=3, target="texts")]
+    dense = [h.id for h in coll.search(QUERY, k=3, target="texts", mode="dense")]
     assert _expected(coll, QUERY, "keyword") != dense
 
 
@@ -63,7 +63,7 @@ def test_chat_retrieves_in_the_search_mode(coll: Collection, t5: str) -> None:
         answer = session.send(pipe, "and the espresso cup?")
         assert [s.id for s in answer.sources] == _expected(coll, query, mode)
     dense = ChatSession().send(_pipe(coll, t5, "dense"), QUERY)
-    assert [s.id for s in dense.sources] == [h.id for h in coll.search(QUERY, k=3, target="texts")]
+    assert [s.id for s in dense.sources] == [h.id for h in coll.search(QUERY, k=3, target="texts", mode="dense")]
 
 
 def test_write_and_auto_mode(coll: Collection, t5: str) -> None:
@@ -111,7 +111,7 @@ def test_rest_ask_takes_search_mode(collection_copy: Path, t5: str, tmp_path: Pa
 
     with Collection.open(collection_copy) as c:
         expected = {m: _expected(c, QUERY, m) for m in ("keyword", "hybrid")}
-        dense = [h.id for h in c.search(QUERY, k=3, target="texts")]
+        dense = [h.id for h in c.search(QUERY, k=3, target="texts", mode="dense")]
     settings = WebSettings(collection=str(collection_copy), generator=t5, max_new_tokens=3,
                            thumbnail_dir=str(tmp_path / "thumbs"))
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:

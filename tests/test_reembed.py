@@ -59,7 +59,7 @@ def test_reembed_refuses_unreadable_images_and_changes_nothing(
     with Collection.open(coll_dir) as coll:
         assert coll.manifest.encoder == f"hf:{tiny_hf_dir}" and coll.check().ok
         assert coll.store.ids("image").tolist() == ids_before
-        hit = coll.search(coll.get(ids_before[5])[0].captions[0], k=1)[0]
+        hit = coll.search(coll.get(ids_before[5])[0].captions[0], k=1, mode="dense")[0]
         enc = ClipEncoder(f"hf:{tiny_hf_dir}", device="cpu")
         expected = enc.encode_texts(coll.get(ids_before[5])[0].captions[0])[0]
         assert hit.score == pytest.approx(float((enc.encode_images([hit.path]) @ expected)[0]), abs=1e-5)

@@ -232,7 +232,7 @@ def test_ingest_goes_on_past_bad_rows(tmp_path: Path, tiny_oc_spec: str) -> None
         assert {Path(p.item).name for p in report.skipped} == {
             "coco.json:images[1]", "coco.json:images[2]", "coco.json:images[4]",
             "coco.json:annotations[1]", "coco.json:annotations[3]"}
-        texts = {h.text for h in coll.search("x", k=50, target="texts")}
+        texts = {h.text for h in coll.search("x", k=50, target="texts", mode="dense")}
         assert texts == {"a good caption", "another good caption", "a good passage", "one", "four"}
         assert coll.check().ok
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from sentence_models import make_tiny_sentence_model
 
-from crossmodal_rag import Collection, text_space
+from crossmodal_rag import Collection
 from crossmodal_rag.encoders import sentence
 from crossmodal_rag.encoders.sentence import SentenceEncoder
 from crossmodal_rag.errors import CollectionError, EncoderMismatchError
-from crossmodal_rag.text_space import array_files, open_text_space, sync_text_space
+from crossmodal_rag.search import text_space
+from crossmodal_rag.search.text_space import array_files, open_text_space, sync_text_space
 
 PASSAGES = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may",
             "comet seen every ten years", "the library holds many books"]
@@ -48,7 +49,7 @@ def test_build_search_matches_brute_force(coll_dir: Path, tiny_st: Path) -> None
         items = coll.store.get_items(want.tolist())
         texts = [items[i].text for i in want.tolist()]
         truth = enc.encode_texts(texts) @ enc.encode_texts("a ship with salt")[0]
-        hits = space.search(coll, "a ship with salt", k=4)
+        hits = space.search(coll.store, "a ship with salt", k=4)
         assert [h.id for h in hits] == [int(want[j]) for j in np.argsort(-truth)[:4]]
         np.testing.assert_allclose([h.score for h in hits], np.sort(truth)[::-1][:4], atol=1e-5)
 
@@ -60,12 +61,14 @@ def test_sync_adds_and_drops_rows_and_keeps_the_rest(coll_dir: Path, tiny_st: Pa
         assert sync_text_space(coll).added == 0  # up to date: nothing to do
         extra = tmp_path / "more.jsonl"
         extra.write_text(json.dumps({"text": "a brand new passage about owls"}) + "\n")
-        coll.add(extra)
+        coll.add(extra)  # the collection keeps its text space in step (issue 26): no sync step
+        assert np.array_equal(open_text_space(coll).ids, coll.store.ids("text"))
         gone = int(before.ids[0])
         coll.remove(ids=[gone])
         report = sync_text_space(coll)
-        assert (report.added, report.removed, report.rebuilt) == (1, 1, False)
+        assert (report.added, report.removed, report.rebuilt) == (0, 0, False)  # already done
         after = open_text_space(coll)
+        assert gone not in after.ids and len(after) == len(before)  # one row added, one dropped
         assert np.array_equal(after.ids, coll.store.ids("text"))
         kept = np.isin(before.ids, after.ids)
         np.testing.assert_array_equal(after.vectors[np.isin(after.ids, before.ids)], before.vectors[kept])
@@ -92,7 +95,7 @@ def test_changed_model_is_refused(coll_dir: Path, tiny_st: Path, tmp_path: Path)
     with Collection.open(coll_dir) as coll:
         space = open_text_space(coll)
         with pytest.raises(EncoderMismatchError, match="reembed"):
-            space.search(coll, "ship", k=2)
+            space.search(coll.store, "ship", k=2)
 
 
 def test_damaged_files_are_collection_errors(coll_dir: Path, tiny_st: Path) -> None:
@@ -114,7 +117,6 @@ def test_a_crash_before_the_manifest_keeps_the_committed_space(coll_dir: Path, t
         before = open_text_space(coll)
         extra = tmp_path / "more.jsonl"
         extra.write_text(json.dumps({"text": "a passage about owls at night"}) + "\n")
-        coll.add(extra)
         real = text_space._atomic_write
 
         def crash_at_manifest(path: Path, write: object) -> None:
@@ -124,7 +126,7 @@ def test_a_crash_before_the_manifest_keeps_the_committed_space(coll_dir: Path, t
 
         monkeypatch.setattr(text_space, "_atomic_write", crash_at_manifest)
         with pytest.raises(OSError, match="killed"):
-            sync_text_space(coll)
+            coll.add(extra)  # the items commit; the text space's save is killed before its manifest
         monkeypatch.setattr(text_space, "_atomic_write", real)
         after_crash = open_text_space(coll)
         np.testing.assert_array_equal(after_crash.ids, before.ids)
@@ -138,7 +140,7 @@ def test_a_crash_before_the_manifest_keeps_the_committed_space(coll_dir: Path, t
 
 def test_a_text_space_copied_from_another_collection_is_refused(coll_dir: Path, tiny_st: Path, tmp_path: Path,
                                                                  tiny_oc_spec: str) -> None:
-    from crossmodal_rag.text_space_audit import check_text_space
+    from crossmodal_rag.search.text_space_audit import check_text_space
 
     with Collection.open(coll_dir, writable=True) as coll:
         sync_text_space(coll, str(tiny_st))
@@ -232,9 +234,8 @@ HOSTILE = ["nan probe, another model", "probe of another dimension", "blank coll
 @pytest.mark.parametrize("kind", HOSTILE)
 def test_a_hostile_text_space_is_refused_and_reindex_rebuilds_it(coll_dir: Path, tiny_st: Path, tmp_path: Path,
                                                                   kind: str) -> None:
-    from crossmodal_rag import routing
     from crossmodal_rag.cli import main
-    from crossmodal_rag.text_space_audit import check_text_space
+    from crossmodal_rag.search.text_space_audit import check_text_space
 
     other = make_tiny_sentence_model(tmp_path / "other", seed=11)
     with Collection.open(coll_dir, writable=True) as coll:
@@ -245,7 +246,7 @@ def test_a_hostile_text_space_is_refused_and_reindex_rebuilds_it(coll_dir: Path,
             open_text_space(coll)
         assert named in str(e.value), str(e.value)
         with pytest.raises(CollectionError, match="text space cannot be used"):
-            routing.search(coll, "a ship with salt", k=3, target="texts")  # never a silent answer
+            coll.search("a ship with salt", k=3, target="texts", mode="dense")  # never a silent answer
         problems, _ = check_text_space(coll_dir, coll.store, load_model=False)
         assert any(named in p and "reindex" in p for p in problems), problems
     assert main(["-q", "reindex", str(coll_dir)]) == 0  # rebuilds it

@@ -14,7 +14,7 @@ from sentence_models import make_tiny_sentence_model
 
 from crossmodal_rag import Collection
 from crossmodal_rag.cli import main
-from crossmodal_rag.text_space import array_files, open_text_space, sync_text_space
+from crossmodal_rag.search.text_space import array_files, open_text_space, sync_text_space
 
 PASSAGES = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may",
             "comet seen every ten years"]
@@ -145,7 +145,7 @@ def test_info_and_check_read_the_text_space_in_their_metadata_snapshot(coll_dir:
     space is in step with the counts they print, not with a commit they did not count."""
     import sqlite3
 
-    from crossmodal_rag import text_space_audit
+    from crossmodal_rag.search import text_space_audit
 
     real = text_space_audit._read
     with Collection.open(coll_dir) as coll:

@@ -111,7 +111,7 @@ def test_cli_train_clip_reembeds_the_collection(tmp_path: Path, shapes: Path, ti
                                    enc.encode_texts([c.text for c in captions]), atol=1e-5)
         # Searching uses the new encoder: scores are new-text . new-image products.
         query = items[0].captions[0]
-        hits = coll.search(query, k=3)
+        hits = coll.search(query, k=3, mode="dense")
         q = enc.encode_texts(query)[0]
         by_id = dict(zip([it.id for it in items], stored, strict=True))
         assert [h.score for h in hits] == pytest.approx([float(q @ by_id[h.id]) for h in hits], abs=1e-5)

@@ -68,11 +68,14 @@ def test_health_stats_openapi(client: TestClient) -> None:
 
 
 def test_text_search_matches_the_library(client: TestClient, web_collection: Path) -> None:
-    r = client.get("/api/search", params={"q": "a cup of coffee", "k": 5})
+    r = client.get("/api/search", params={"q": "a cup of coffee", "k": 5, "mode": "dense"})
     assert r.status_code == 200
     data = r.json()
     with Collection.open(web_collection) as coll:
-        expected = [h.id for h in coll.search("a cup of coffee", k=5)]
+        expected = [h.id for h in coll.search("a cup of coffee", k=5, mode="dense")]
+        auto = coll.search("a cup of coffee", k=5)  # the default: auto, as the CLI's
+    default = client.get("/api/search", params={"q": "a cup of coffee", "k": 5}).json()
+    assert default["mode"] == auto.mode and [h["id"] for h in default["results"]] == [h.id for h in auto]
     assert [h["id"] for h in data["results"]] == expected
     first = data["results"][0]
     assert first["thumbnail_url"] == f"/api/items/{first['id']}/thumbnail"

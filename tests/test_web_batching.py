@@ -31,25 +31,26 @@ def coll_dir(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path) 
 
 
 # -- batched search ------------------------------------------------------------------------------
+# REST searches in auto mode by default (hybrid here, not batched): these ask for dense
 SEARCHES = [
-    {"q": "a cup of coffee", "k": 5},
-    {"q": "an astronaut", "k": 3},
-    {"q": '"a cat" + snow - indoors', "k": 5},
-    {"q": "2:rocket + 0.5:\"night sky\"", "k": 4},
-    {"q": "coins", "k": 5, "target": "texts"},
-    {"q": "a flower", "k": 6, "target": "all"},
-    {"q": "a brick wall", "k": 5, "where": ["kind=image", "width>=100"]},
-    {"q": "a portrait", "k": 5, "min_score": "0.01"},
-    {"q": "handwriting", "k": 2},
-    {"q": "stars in space", "k": 5},
-    {"q": "a cup of coffee", "k": 5},  # the same text twice in one batch
-    {"q": "a cat", "k": 5, "min_score": "auto", "target": "texts"},
+    {"mode": "dense", "q": "a cup of coffee", "k": 5},
+    {"mode": "dense", "q": "an astronaut", "k": 3},
+    {"mode": "dense", "q": '"a cat" + snow - indoors', "k": 5},
+    {"mode": "dense", "q": "2:rocket + 0.5:\"night sky\"", "k": 4},
+    {"mode": "dense", "q": "coins", "k": 5, "target": "texts"},
+    {"mode": "dense", "q": "a flower", "k": 6, "target": "all"},
+    {"mode": "dense", "q": "a brick wall", "k": 5, "where": ["kind=image", "width>=100"]},
+    {"mode": "dense", "q": "a portrait", "k": 5, "min_score": "0.01"},
+    {"mode": "dense", "q": "handwriting", "k": 2},
+    {"mode": "dense", "q": "stars in space", "k": 5},
+    {"mode": "dense", "q": "a cup of coffee", "k": 5},  # the same text twice in one batch
+    {"mode": "dense", "q": "a cat", "k": 5, "min_score": "auto", "target": "texts"},
 ]
 
 
 def _single(coll: Collection, p: dict) -> list[tuple[int, float]]:
     hits = coll.search(p["q"], k=p["k"], target=p.get("target", "images"), where=p.get("where"),
-                       min_score=p.get("min_score"))
+                       min_score=p.get("min_score"), mode="dense")
     return [(h.id, h.score) for h in hits]
 
 
@@ -72,7 +73,7 @@ def test_concurrent_searches_are_batched_and_equal_single_searches(coll_dir: Pat
         # refused while read (a dangling operator), and terms that cancel out (found only once the
         # batch's real vectors are in): each its own 422
         bad = ["+ cat", "cat - cat"]
-        requests = [*SEARCHES, *({"q": q, "k": 5} for q in bad), *SEARCHES[:3]]
+        requests = [*SEARCHES, *({"q": q, "k": 5, "mode": "dense"} for q in bad), *SEARCHES[:3]]
 
         def get(p: dict) -> httpx.Response:
             return httpx.get(base + "/api/search", params=p, timeout=120)
@@ -114,7 +115,7 @@ def test_concurrent_image_searches_share_one_image_forward(coll_dir: Path, tmp_p
             for i, r in enumerate(answers):
                 assert r.status_code == 200, r.text
                 want = coll.search(image=files[i], k=4, target="texts" if i % 2 else "images",
-                                   plus=["at night"] if i == 3 else None)
+                                   plus=["at night"] if i == 3 else None, mode="dense")
                 assert [h["id"] for h in r.json()["results"]] == [h.id for h in want]
                 np.testing.assert_allclose([h["score"] for h in r.json()["results"]], [h.score for h in want],
                                            atol=1e-5)

@@ -1,5 +1,5 @@
 """REST ``/api/search`` on a collection with a text space: ``texts`` and ``all`` queries are
-answered as the CLI and :func:`crossmodal_rag.routing.search` answer them (same ids, same order,
+answered as the CLI and :meth:`Collection.search <crossmodal_rag.collection.Collection.search>` answer them (same ids, same order,
 same scores), with the batcher on; ``images`` queries stay CLIP's."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from sentence_models import make_text_space_collection
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
-from crossmodal_rag import Collection, routing
+from crossmodal_rag import Collection
 from crossmodal_rag.cli import main
-from crossmodal_rag.text_space import open_text_space
+from crossmodal_rag.search.text_space import open_text_space
 from crossmodal_rag.web import WebSettings, create_app
 
 PASSAGES = ["the red bridge crosses the river", "a cargo ship carried salt", "the festival is held in may",
@@ -41,10 +41,10 @@ def test_rest_search_routes_texts_like_the_cli(coll_dir: Path, tmp_path: Path,
                 assert r.status_code == 200, r.text
                 got = [(h["id"], round(h["score"], 5)) for h in r.json()["results"]]
                 with Collection.open(coll_dir) as coll:
-                    _, hits = routing.search(coll, q, k=5, target=target, mode="dense")
+                    hits = coll.search(q, k=5, target=target, mode="dense")
                     if target == "texts":  # the oracle's oracle: the text space searched directly
                         space = open_text_space(coll)
-                        assert [h.id for h in hits] == [h.id for h in space.search(coll, q, 5)]
+                        assert [h.id for h in hits] == [h.id for h in space.search(coll.store, q, 5)]
                 assert got == [(h.id, round(h.score, 5)) for h in hits]
                 assert main(["search", "-c", str(coll_dir), q, "-k", "5", "--target", target, "--mode", "dense",
                              "--json"]) == 0

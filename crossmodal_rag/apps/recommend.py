@@ -3,14 +3,14 @@ re-ranked for diversity with maximal marginal relevance (MMR)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import QueryError
-from ..search import Hit, check_k
+from ..search import Hit, SearchRequest, check_k
 
 if TYPE_CHECKING:
     from ..collection import Collection
@@ -79,8 +79,8 @@ def recommend(
         raise QueryError("the liked items cancel out; like more items")
     profile = (profile / norm).astype(np.float32)
     pool = max(pool or 5 * k, k)
-    hits = collection.search_vectors(profile[None], k=pool + len(liked_ids), target=target,
-                                     where=where)[0]
+    hits = list(collection.search(SearchRequest(vector=profile, k=pool + len(liked_ids), target=target,  # type: ignore[arg-type]
+                                                where=where or (), mode="dense")))
     exclude = set(liked_ids)
     hits = [h for h in hits if h.id not in exclude and (h.parent_id is None or h.parent_id not in exclude)]
     hits = hits[:pool]
@@ -91,5 +91,5 @@ def recommend(
     out = []
     for rank, (j, value) in enumerate(picked, start=1):
         h = hits[j]
-        out.append(Recommendation(Hit(**{**asdict(h), "rank": rank}), value))
+        out.append(Recommendation(h.ranked(rank), value))
     return out

@@ -11,7 +11,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CrossmodalError
 from .options import (
@@ -26,6 +26,9 @@ from .options import (
     text_model_arg,
 )
 from .output import safe, to_json, tsv_field
+
+if TYPE_CHECKING:
+    from ..search.text_space import SyncReport
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -174,7 +177,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             else:
                 with _skips_listed_by_cli():
                     report = ingest(coll, args.source, settings)
-            _sync_text_space(coll, text_model)
+            if text_model is not None:  # the collection keeps the text space in step from now on
+                _text_space_report(coll.set_text_model(text_model))
             counts = coll.counts()
     except CrossmodalError:
         if remove_created:
@@ -203,11 +207,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sync_text_space(coll: Any, spec: str | None) -> None:
-    """Bring the text space up to date (``--text-model``: create, swap or remove it)."""
-    from ..text_space import sync_text_space
-
-    report = sync_text_space(coll, spec)
+def _text_space_report(report: SyncReport) -> None:
+    """What ``--text-model`` did to the text space (create, swap or remove it), on stderr."""
     if report.spec is not None and (report.added or report.removed):
         print(f"text space ({report.spec}): {report.added} text rows embedded, {report.removed} "
               "dropped", file=sys.stderr)
@@ -343,8 +344,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     if not args.ids and not args.path:
         raise UsageError("remove: give item ids and/or --path PATH")
     with Collection.open(collection_dir(args), writable=True) as coll:
-        result = coll.remove(ids=args.ids, paths=args.path)
-        _sync_text_space(coll, None)
+        result = coll.remove(ids=args.ids, paths=args.path)  # the text space follows (Collection.persist)
     for u in result["unknown"]:
         print(f"warning: no item {u!r} in the collection", file=sys.stderr)
     if args.json:

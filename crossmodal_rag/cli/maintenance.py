@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .options import (
     MODEL_HELP,
@@ -20,6 +20,10 @@ from .options import (
     text_model_arg,
 )
 from .output import safe
+
+if TYPE_CHECKING:
+    from ..collection import Collection
+    from ..store.ann import SearchParams
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,12 +82,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         report = coll.reindex(args.index_type, max_index_memory=args.max_index_memory,
                               seed=args.seed, tune=args.tune, target_recall=args.target_recall,
                               sharded=args.sharded, workers=args.workers, repair=args.repair)
-        from ..text_space import sync_text_space
-
-        text = sync_text_space(coll, rebuild_refused=True)  # a refused text space is rebuilt
-        if text.spec is not None:
-            report["text_space"] = {"spec": text.spec, "added": text.added, "removed": text.removed,
-                                    "rebuilt": text.rebuilt}
+        # the report's "text_space": the collection rebuilt or updated it with the indexes
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -134,7 +133,7 @@ _KNOBS = {"nprobe": ("--nprobe", "ivf"), "ef_search": ("--ef-search", "hnsw")}
 _KNOB_OF_KIND = {"ivf": "--nprobe", "hnsw": "--ef-search"}
 
 
-def _check_knobs(coll: Any, params: Any, only: str | None) -> None:
+def _check_knobs(coll: Collection, params: SearchParams, only: str | None) -> None:
     """Refuse ``--nprobe`` where no chosen index is IVF and ``--ef-search`` where none is HNSW,
     naming the setting that index does take."""
     indexes = {n: ix for n, ix in coll.indexes.items() if only in (None, n)}
@@ -184,10 +183,9 @@ def cmd_reembed(args: argparse.Namespace) -> int:
                                  progress=not args.quiet).to_dict()
     if args.text_model:
         from ..collection import Collection
-        from ..text_space import sync_text_space
 
         with Collection.open(collection_dir(args), writable=True) as coll:
-            text = sync_text_space(coll, args.text_model, rebuild=True)
+            text = coll.set_text_model(args.text_model, rebuild=True)
         out["text_space"] = {"spec": text.spec, "embedded": text.added, "removed": text.removed}
     print(json.dumps(out, indent=2))
     return 0

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import QueryError
+from ..search.request import DEFAULT_MODE, MODES
 from .options import (
     UsageError,
     add_collection,
@@ -63,7 +64,7 @@ def add_generation_flags(sp: argparse.ArgumentParser) -> None:
 
 def add_search_mode(sp: argparse.ArgumentParser, what: str) -> None:
     """``--search-mode`` of ``ask``, ``chat`` and ``write`` (RagSettings.search_mode)."""
-    sp.add_argument("--search-mode", choices=("auto", "dense", "keyword", "hybrid"), default="auto",
+    sp.add_argument("--search-mode", choices=MODES, default=DEFAULT_MODE,
                     help=f"how the {what} retrieves (see search --mode; default auto: hybrid in a collection "
                          "with texts); priors and --min-score use the dense (cosine) score in every mode")
 
@@ -149,7 +150,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
                               "prior_temperature": args.prior_temperature,
                               "max_context_tokens": args.max_context_tokens,
                               "min_score": args.min_score, "where": tuple(args.where),
-                              "search_mode": getattr(args, "search_mode", "dense")}
+                              "search_mode": getattr(args, "search_mode", DEFAULT_MODE)}
         if args.prompt_template:
             rs["prompt_template"] = args.prompt_template
         settings = RagSettings(**rs)
@@ -161,27 +162,6 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
     except ValueError as e:
         raise UsageError(flag_spelling(e)) from e
     return settings, gen
-
-
-def routed_hits(args: argparse.Namespace, coll: Any, pipeline: Any) -> Any:
-    """The retrieved texts from the collection's text space (index --text-model) when the
-    question alone retrieves texts; None: the pipeline retrieves as usual (CLIP). ``--min-score``
-    then becomes the threshold of the top hit's own space (the text space's calibrated one for a
-    text hit: a MiniLM cosine is not compared with CLIP's threshold)."""
-    if args.image is not None or args.knowledge or pipeline.query_projection is not None:
-        return None
-    from dataclasses import replace
-
-    from .. import routing
-
-    s = pipeline.settings
-    routed = routing.rag_search(coll, args.question, k=s.k, target=s.target, where=list(s.where) or None,
-                                min_score=s.min_score)
-    if routed is None:
-        return None
-    hits, threshold = routed
-    pipeline.settings = replace(s, min_score=threshold)
-    return hits
 
 
 def print_answer(answer: Any, as_json: bool) -> None:
@@ -256,8 +236,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     check_generation_args(args)
     with Collection.open(collection_dir(args), model=args.model) as coll:
         pipeline = pipeline_from_args(args, coll)
-        hits = routed_hits(args, coll, pipeline)  # None: the pipeline retrieves (in --search-mode)
-        answer = pipeline.ask(args.question, image=args.image, hits=hits, **answer_events(args))
+        answer = pipeline.ask(args.question, image=args.image, **answer_events(args))  # retrieves (--search-mode)
     if args.json:
         print_answer(answer, args.json)
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QueryError
+from ..search.request import DEFAULT_MODE, MODES, TARGETS
 from .options import (
     UsageError,
     add_ann_flags,
@@ -35,12 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="batch: one query per line (text, or JSON {\"text\": ...} / {\"image\": ...})")
     add_collection(se)
     add_top_k(se, default=10, help="results per query (default 10)")
-    se.add_argument("--target", "-t", choices=("images", "texts", "all"), default="images",
+    se.add_argument("--target", "-t", choices=TARGETS, default="images",
                     help="what to return: images, texts (captions and passages) or all")
     add_model(se)
     se.add_argument("-w", "--where", action="append", default=[], metavar="EXPR",
                     help="metadata filter, e.g. 'width>=1000', 'path=*/2023/*', 'caption~dog' (repeatable, ANDed)")
-    se.add_argument("--mode", choices=("auto", "dense", "keyword", "hybrid"), default="auto",
+    se.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                     help="dense: CLIP embeddings; keyword: full-text (BM25) over captions, passages and "
                          "OCR text; hybrid: both fused by reciprocal rank (default auto: hybrid for a text "
                          "query in a collection with texts, else dense)")
@@ -62,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_top_k(rc, default=10, help="recommendations (default 10)")
     rc.add_argument("--diversity", type=float, default=0.3, metavar="D",
                     help="0 = most similar first, 1 = most diverse (MMR; default 0.3)")
-    rc.add_argument("--target", choices=("images", "texts", "all"), default="images")
+    rc.add_argument("--target", choices=TARGETS, default="images")
     add_where(rc)
     add_model(rc)
     add_json(rc)
@@ -100,9 +101,8 @@ def _read_queries(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .. import hybrid, routing
     from ..collection import Collection
-    from ..search import TargetEmptyError
+    from ..search import SearchRequest, TargetEmptyError
 
     folder = collection_dir(args)
     if args.queries and (args.text or args.image):
@@ -128,12 +128,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             try:
                 if q.get("error"):
                     raise QueryError(q["error"])
-                kwargs = {"image": q.get("image"), "k": args.top_k, "target": args.target,
-                          "where": args.where, "min_score": args.min_score, "plus": args.plus,
-                          "minus": args.minus, "params": params, "mode": args.mode}
-                # a text space (index --text-model) answers text queries for texts (routing.py)
-                routed = routing.search(coll, q.get("text"), **kwargs)
-                mode, hits = routed or hybrid.search(coll, q.get("text"), **kwargs)
+                result = coll.search(SearchRequest(
+                    text=q.get("text"), image=q.get("image"), k=args.top_k, target=args.target,
+                    where=args.where, min_score=args.min_score, plus=args.plus, minus=args.minus,
+                    params=params, mode=args.mode))
+                mode, hits = result.mode, result.hits
             except TargetEmptyError as e:
                 raise QueryError(f"{folder} holds no {e.target}, only {e.alternative}: search them "
                                  f"with --target {e.alternative}") from e
@@ -167,7 +166,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _keyword_note(text: str | None, mode: str) -> str | None:
     """The note for a keyword or hybrid search whose query holds no words to match."""
-    from ..hybrid import keyword_note
+    from ..search.hybrid import keyword_note
 
     if mode not in ("keyword", "hybrid"):
         return None

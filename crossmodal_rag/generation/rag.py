@@ -45,8 +45,10 @@ from PIL import Image
 from .._config import strict_from_dict
 from ..errors import ImageDecodeError, QueryError
 from ..ingestion.images import load_image
-from ..search import Hit, check_k
+from ..search import DEFAULT_MODE, Hit, SearchRequest, check_k
+from ..search import MODES as SEARCH_MODES
 from .models import GenerationSettings, Prompt, load_generator
+from .stopping import SentenceStop
 from .stream import Event, Final, Sources, TextStream, Token
 
 if TYPE_CHECKING:
@@ -60,9 +62,6 @@ __all__ = ["LOGPROB_OF", "MODES", "Answer", "RagPipeline", "RagSettings", "Sourc
 logger = logging.getLogger(__name__)
 
 MODES = ("concat", "rag-sequence", "rag-token")
-#: How a text question retrieves (:mod:`crossmodal_rag.hybrid`; ``auto``: hybrid when the
-#: collection has texts in its keyword index, else dense).
-SEARCH_MODES = ("dense", "keyword", "hybrid", "auto")
 #: What ``Answer.logprob`` is in each mode: y = the returned text re-tokenised plus the end token.
 LOGPROB_OF = {
     "concat": "log P(answer+eos | concat prompt)",
@@ -93,10 +92,10 @@ class RagSettings:
     max_context_tokens: int | None = None  # prompt budget; default: the generator's context
     default_question: str = "What does this image show?"  # for an image-only query
     min_score: float | str | None = None  # abstain below this top score ("auto": calibrated)
-    where: tuple[str, ...] = ()  # metadata filters on retrieval (see crossmodal_rag.filters)
+    where: tuple[str, ...] = ()  # metadata filters on retrieval (see crossmodal_rag.search.filters)
     abstain_answer: str = "not found in the collection"  # the answer when abstaining
-    # how a text question retrieves: dense | keyword | hybrid | auto (see crossmodal_rag.hybrid)
-    search_mode: str = "dense"
+    # how a text question retrieves: auto | dense | keyword | hybrid (crossmodal_rag.search.MODES)
+    search_mode: str = DEFAULT_MODE
 
     def __post_init__(self) -> None:
         check_k(self.k)
@@ -109,7 +108,7 @@ class RagSettings:
                 raise ValueError(f"prompt_template must contain {key}")
         if self.search_mode not in SEARCH_MODES:
             raise ValueError(f"unknown search_mode {self.search_mode!r}; choose one of {', '.join(SEARCH_MODES)}")
-        from ..filters import parse_where
+        from ..search.filters import parse_where
 
         parse_where(self.where)  # a bad filter is refused here, before any model loads
 
@@ -237,48 +236,40 @@ class RagPipeline:
             image_prefix.check_generator(self.generator)
 
     # -- retrieval -------------------------------------------------------------------------
-    def _text_space_hits(self, question: str | None, image: object, k: int,
-                         target: str) -> tuple[list[Hit], float | None] | None:
-        """Hits from the collection's text space (``index --text-model``) when a text question
-        alone retrieves texts there (ask, chat and write alike), with ``min_score`` in the top
-        hit's own space; None: retrieve with CLIP as usual (see :func:`routing.rag_search`)."""
-        if image is not None or question is None or self.knowledge is not None \
-                or self.query_projection is not None:
-            return None
-        from .. import routing
-
-        s = self.settings
-        return routing.rag_search(self.collection, question, k=k, target=target,
-                                  where=list(s.where) or None, min_score=s.min_score)
-
     def retrieve(self, question: str | None, image: str | Path | Image.Image | None, k: int,
-                 target: str) -> tuple[list[Hit], np.ndarray]:
-        """Top-k hits for the query (the image when given, else the question) and the query vector.
-        A text question alone in the main collection (no knowledge collection, no trained query
-        projection) retrieves in ``settings.search_mode``; keyword and hybrid hits keep their
-        order and carry their cosine as ``score`` (priors and min_score mean what they mean in dense)."""
-        if image is None and self.knowledge is None and self.query_projection is None \
-                and self.settings.search_mode != "dense":
-            from .. import hybrid
+                 target: str) -> tuple[list[Hit], np.ndarray | None]:
+        """Top-k hits for the query (the image when given, else the question) and the CLIP query
+        vector (None when the collection's text space retrieved); see :meth:`_retrieve`."""
+        hits, vec, _ = self._retrieve(question, image, k, target)
+        return hits, vec
 
-            _, ranked = hybrid.rag_hits(self.collection, question, k=k, target=target,
-                                        where=list(self.settings.where) or None, min_score=None,
-                                        mode=self.settings.search_mode)
-            if ranked is not None:
-                return ranked, self.collection.embed_query(question)
-        if image is not None:
-            vec = self.collection.embed_query(image=image)
-        else:
-            vec = self.collection.embed_query(question)
+    def _retrieve(self, question: str | None, image: str | Path | Image.Image | None, k: int,
+                  target: str) -> tuple[list[Hit], np.ndarray | None, float | None]:
+        """Hits, the CLIP query vector, and ``min_score`` as a number in the top hit's space.
+
+        One :meth:`Collection.search <crossmodal_rag.collection.Collection.search>`: a text question
+        alone in the main collection searches as the CLI does (``settings.search_mode``, the text
+        space for texts where the collection has one); an image, a knowledge collection or a
+        trained query projection search densely by the (projected) CLIP vector. Hits are not cut
+        by ``min_score`` (the pipeline abstains below it and shows the nearest sources) and carry
+        their cosine as ``score`` in the mode's order, so priors and min_score mean what they
+        mean in dense mode. With ``target="all"``, a caption of an image already retrieved adds
+        nothing and is left out."""
+        s = self.settings
+        vec = None
+        if image is not None or self.knowledge is not None or self.query_projection is not None:
+            vec = self.collection.embed_query(image=image) if image is not None else self.collection.embed_query(question)
         # a trained query projection maps the query for the search only (vec stays CLIP's)
-        search = vec if self.query_projection is None else self.query_projection.apply(vec)
-        source = self.knowledge or self.collection
-        hits = source.search_vectors(search[None], k=k * 2 if target == "all" else k, target=target,
-                                     where=list(self.settings.where) or None)[0]
+        search = vec if vec is None or self.query_projection is None else self.query_projection.apply(vec)
+        result = (self.knowledge or self.collection).search(SearchRequest(
+            text=question, image=image, vector=search, k=k * 2 if target == "all" else k, target=target,  # type: ignore[arg-type]
+            where=s.where, min_score=s.min_score, mode=s.search_mode if vec is None else "dense",  # type: ignore[arg-type]
+            cut=False, dense_scores=True))
+        hits = list(result.hits)
         if target == "all":  # a caption of an image already retrieved adds nothing new
             images = {h.id for h in hits if h.kind == "image"}
             hits = [h for h in hits if not (h.kind == "caption" and h.parent_id in images)][:k]
-        return hits, vec
+        return hits, vec if vec is not None else result.vector, result.threshold
 
     # -- prompts ---------------------------------------------------------------------------
     def _budget(self) -> int:
@@ -386,15 +377,12 @@ class RagPipeline:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         target = target or s.target
-        routed = self._text_space_hits(question, image, k, target) if hits is None else None
-        if routed is not None:  # the collection's own text encoder retrieved its texts
-            hits, threshold = routed
+        qvec = None
+        if hits is None:  # the threshold in the top hit's own space (the text space's, or CLIP's)
+            hits, qvec, threshold = self._retrieve(question, image, k, target)
         else:
             threshold = (self.knowledge or self.collection).resolve_min_score(
                 s.min_score, query_is_image=image is not None, target=target)
-        qvec = None
-        if hits is None:
-            hits, qvec = self.retrieve(question, image, k, target)
         timings["retrieve"] = time.perf_counter() - t
         q_text = " ".join((prompt_question or question or s.default_question).split())
         image_label = str(image) if isinstance(image, str | Path) else None
@@ -552,6 +540,7 @@ class RagPipeline:
         try:
             lprior = torch.tensor(log_prior, dtype=torch.float32, device=g.device)[:, None]
             eos = g.eos_ids
+            stop = SentenceStop(g.decode) if gs.stop == "sentence" else None
             rng = torch.Generator(device="cpu")
             if gs.seed is not None:
                 rng.manual_seed(gs.seed)
@@ -561,7 +550,7 @@ class RagPipeline:
                 lp = state.logprobs().to(lprior.device)  # (k, V)
                 mix = torch.logsumexp(lp + lprior, dim=0)  # log sum_z P(z|x) p(y_t | x, z, y_<t)
                 tok = _sample(mix, gs, rng) if gs.do_sample else int(torch.argmax(mix))
-                if tok in eos:
+                if tok in eos or (stop is not None and stop.stops(tok)):
                     return
                 yield tok
                 if step + 1 < gs.max_new_tokens:

@@ -17,7 +17,7 @@ def describe(folder: Path, manifest: Manifest, store: MetadataStore) -> dict[str
     """The manifest of the collection in ``folder`` plus its live counts, its path and how many
     committed generations its index files lag behind (replayed on open); the counts and the text
     space are read in one metadata snapshot, so they agree while a writer commits."""
-    from ..text_space_audit import text_space_summary  # manifest + ids only: no model
+    from ..search.text_space_audit import text_space_summary  # manifest + ids only: no model
 
     d = manifest.to_dict()
     d["path"] = str(folder)

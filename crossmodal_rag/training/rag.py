@@ -456,7 +456,7 @@ def _embed_queries(collection: Collection, examples: Sequence[RagExample], skipp
     """Each example's query embedding as :meth:`RagPipeline.retrieve` makes it (None: skipped).
     Plain text queries (no query arithmetic) are encoded in batches, the rest one by one."""
     from ..progress import tqdm
-    from ..query import parse_query
+    from ..search.query import parse_query
 
     out: list[np.ndarray | None] = [None] * len(examples)
     plain: list[tuple[int, str]] = []

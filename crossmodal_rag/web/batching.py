@@ -6,8 +6,12 @@ batches are being searched, at most ``batch_ms`` milliseconds after the first re
 batch arrived, or until ``max_batch`` requests are waiting (an idle server takes a request at
 once); then one worker thread embeds every text of the batch in one forward (and
 every query image in one), builds each request's query vector with the library's own query
-arithmetic, and searches each group of requests with the same ``k``, target, filter and threshold
-in one ``search_vectors`` call. Each request gets its own hits, or its own error.
+arithmetic, and searches each group of requests with the same ``k``, target, filter, threshold
+and params in one dense search. A request that is not a plain dense search in CLIP's space
+(keyword, hybrid or auto resolved to them, or routed to a text space:
+:func:`crossmodal_rag.search.engine.dense_only`) runs on its own in the same worker, as
+:meth:`Collection.search <crossmodal_rag.collection.Collection.search>` runs it. Each request gets
+its own :class:`~crossmodal_rag.search.SearchResult`, or its own error.
 
 Under load batches form by themselves: while the workers are busy, arriving requests queue, and
 the next free worker takes them all. A lone request on an idle server does not wait at all.
@@ -22,32 +26,22 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
 
 from ..errors import QueryError
-from ..query import embed_query
-from ..search import Hit, check_target
+from ..search import SearchRequest, SearchResult, engine
+from ..search.query import embed_query
+
+if TYPE_CHECKING:
+    from ..collection import Collection
+    from ..encoders import ClipEncoder
 
 __all__ = ["BatchStats", "SearchBatcher", "SearchRequest", "run_batch"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SearchRequest:
-    """One search as a route received it (already checked against the server's limits)."""
-
-    text: str | None = None
-    image: Any = None  # a decoded PIL image
-    k: int = 10
-    target: str = "images"
-    where: tuple[str, ...] = ()
-    min_score: str | float | None = None
-    plus: tuple[str, ...] = ()
-    minus: tuple[str, ...] = ()
 
 
 @dataclass
@@ -64,7 +58,7 @@ class BatchStats:
 class _Recorder:
     """Phase one: what the query code would encode, recorded (answers zeros)."""
 
-    def __init__(self, encoder: Any) -> None:
+    def __init__(self, encoder: ClipEncoder) -> None:
         self.encoder, self.texts, self.images = encoder, [], []
 
     @property
@@ -84,7 +78,7 @@ class _Encoded:
     """Phase two: the batch's embeddings handed back to the query code (texts by their string,
     the request's images in the order it asked for them)."""
 
-    def __init__(self, encoder: Any, texts: dict[str, np.ndarray], images: np.ndarray) -> None:
+    def __init__(self, encoder: ClipEncoder, texts: dict[str, np.ndarray], images: np.ndarray) -> None:
         self.encoder, self.texts, self.images = encoder, texts, images
 
     @property
@@ -99,9 +93,8 @@ class _Encoded:
         return rows
 
 
-def _record(encoder: Any, req: SearchRequest) -> _Recorder:
+def _record(encoder: ClipEncoder, req: SearchRequest) -> _Recorder:
     """The texts and images ``req`` needs embedded; a bad query raises here, before any forward."""
-    check_target(req.target)
     rec = _Recorder(encoder)
     try:
         embed_query(lambda: rec, req.text, req.image, plus=list(req.plus), minus=list(req.minus))
@@ -112,20 +105,26 @@ def _record(encoder: Any, req: SearchRequest) -> _Recorder:
     return rec
 
 
-def run_batch(collection: Any, requests: Sequence[SearchRequest], stats: BatchStats | None = None
-              ) -> list[list[Hit] | BaseException]:
-    """Each request's hits (or its error), with one text forward, one image forward and one
-    ``search_vectors`` call per group of requests that share ``k``, target, filter and threshold."""
-    encoder = collection.encoder
-    out: list[list[Hit] | BaseException | None] = [None] * len(requests)
+def run_batch(collection: Collection, requests: Sequence[SearchRequest], stats: BatchStats | None = None
+              ) -> list[SearchResult | BaseException]:
+    """Each request's result (or its error): the dense CLIP searches with one text forward, one
+    image forward and one dense search per group of requests that share ``k``, target, filter,
+    threshold and params; every other request searched on its own."""
+    out: list[SearchResult | BaseException | None] = [None] * len(requests)
     recorded: dict[int, tuple[_Recorder, float | None]] = {}
     for i, req in enumerate(requests):
         try:
+            if req.vector is not None or not engine.dense_only(collection, req):
+                out[i] = collection.search(req)
+                continue
             threshold = collection.resolve_min_score(req.min_score, query_is_image=req.image is not None,
-                                                     target=check_target(req.target))
-            recorded[i] = (_record(encoder, req), threshold)
+                                                     target=req.target)
+            recorded[i] = (_record(collection.encoder, req), threshold)
         except Exception as e:  # the request's own error, answered to it alone
             out[i] = e
+    if not recorded:
+        return out  # type: ignore[return-value]
+    encoder = collection.encoder
     texts = list(dict.fromkeys(t for rec, _ in recorded.values() for t in rec.texts))
     images = [im for rec, _ in recorded.values() for im in rec.images]
     try:
@@ -138,7 +137,7 @@ def run_batch(collection: Any, requests: Sequence[SearchRequest], stats: BatchSt
         stats.image_forwards += bool(images)
     text_rows = dict(zip(texts, text_vecs, strict=True))
     image_start = 0
-    groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    groups: dict[tuple, list[tuple[int, np.ndarray, float | None]]] = {}
     for i, (_, threshold) in recorded.items():
         req, n_images = requests[i], len(recorded[i][0].images)
         encoded = _Encoded(encoder, text_rows, image_vecs[image_start:image_start + n_images])
@@ -149,15 +148,17 @@ def run_batch(collection: Any, requests: Sequence[SearchRequest], stats: BatchSt
         except Exception as e:
             out[i] = e
             continue
-        groups.setdefault((req.k, req.target, req.where, threshold), []).append((i, vector))
-    for (k, target, where, threshold), members in groups.items():
+        key = (req.k, req.target, req.where, threshold, req.params, req.cut)
+        groups.setdefault(key, []).append((i, vector, threshold))
+    for (_, _, _, threshold, _, cut), members in groups.items():
+        first = requests[members[0][0]]
         try:
-            hits = collection.search_vectors(np.stack([v for _, v in members]), k=k, target=target,
-                                             where=list(where), min_score=threshold)
+            hits: list[Any] = engine.run_vectors(collection, np.stack([v for _, v, _ in members]), first,
+                                                 threshold if cut else None)
         except Exception as e:
             hits = [e] * len(members)
-        for (i, _), h in zip(members, hits, strict=True):
-            out[i] = h
+        for (i, vector, _), h in zip(members, hits, strict=True):
+            out[i] = h if isinstance(h, BaseException) else SearchResult(tuple(h), "dense", threshold, vector)
     return out  # type: ignore[return-value]
 
 
@@ -165,7 +166,7 @@ class SearchBatcher:
     """Collects concurrent :class:`SearchRequest` s on the event loop and runs them in batches
     in worker threads (at most ``limiter``'s capacity at once)."""
 
-    def __init__(self, collection: Any, limiter: anyio.CapacityLimiter, *, max_batch: int = 32,
+    def __init__(self, collection: Collection, limiter: anyio.CapacityLimiter, *, max_batch: int = 32,
                  batch_ms: float = 2.0, run: Callable[..., list] = run_batch) -> None:
         if max_batch < 1 or batch_ms < 0:
             raise ValueError(f"max_batch must be >= 1 and batch_ms >= 0, got {max_batch} and {batch_ms}")
@@ -177,8 +178,8 @@ class SearchBatcher:
         self._tasks: set[asyncio.Task] = set()  # drainers running (a reference keeps each alive)
         self._running = 0  # batches being searched now
 
-    async def search(self, request: SearchRequest) -> list[Hit]:
-        """The hits of ``request`` (its own error is raised here)."""
+    async def search(self, request: SearchRequest) -> SearchResult:
+        """The result of ``request`` (its own error is raised here)."""
         loop = asyncio.get_running_loop()
         if self._full is None:
             self._full = asyncio.Event()

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from ..search.request import DEFAULT_MODE, Mode
+
 __all__ = ["AskIn", "AskOut", "ErrorOut", "HealthOut", "HitOut", "ItemOut", "SearchOut", "SourceOut", "StatsOut"]
 
 
@@ -25,13 +27,15 @@ class HitOut(BaseModel):
     dense_score: float | None = Field(None, description="keyword/hybrid modes: cosine with the query embedding")
     keyword_score: float | None = Field(None, description="keyword/hybrid modes: BM25 (null: no keyword match)")
     ocr: str | None = Field(None, description="an image's text read by OCR (index --ocr), lines joined by newlines")
+    space: str | None = Field(None, description="text: ranked in the collection's text space (index --text-model); "
+                                                "null: CLIP's")
 
 
 class SearchOut(BaseModel):
     query: dict[str, Any]
     target: str
     k: int
-    mode: str = Field("dense", description="the search mode that ranked the results: dense, keyword or hybrid")
+    mode: str = Field("dense", description="the search mode that ran (auto resolved): dense, keyword or hybrid")
     results: list[HitOut]
     seconds: float
 
@@ -62,8 +66,8 @@ class AskIn(BaseModel):
     where: list[str] = Field(default_factory=list, description="metadata filters on retrieval")
     min_score: str | float | None = Field(None, description="abstain below this score; 'auto' = calibrated")
     stream: bool = Field(False, description="answer as server-sent events: sources, tokens, final")
-    search_mode: Literal["auto", "dense", "keyword", "hybrid"] = Field(
-        "auto", description="how the question retrieves (as /api/search's mode; auto: hybrid when the collection "
+    search_mode: Mode = Field(
+        DEFAULT_MODE, description="how the question retrieves (as /api/search's mode; auto: hybrid when the collection "
                             "has texts in its keyword index); sources' score is the cosine in every mode")
 
 

@@ -4,6 +4,7 @@ item whose image shows each hit."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ..search import Hit
@@ -29,7 +30,7 @@ def hit_out(h: Hit, paths: PublicPaths) -> HitOut:
     return HitOut(**{**h.to_dict(), "path": paths.path(h.path)}, image_id=iid, **urls(iid))
 
 
-def search_out(query: dict[str, Any], target: str, k: int, hits: list[Hit], t0: float,
+def search_out(query: dict[str, Any], target: str, k: int, hits: Sequence[Hit], t0: float,
                paths: PublicPaths, mode: str = "dense") -> SearchOut:
     return SearchOut(query=query, target=target, k=k, mode=mode, results=[hit_out(h, paths) for h in hits],
                      seconds=time.perf_counter() - t0)

@@ -49,10 +49,10 @@ def test_searching_a_modality_the_collection_lacks_says_so(tmp_path: Path, tiny_
     from crossmodal_rag.errors import QueryError
 
     with Collection.open(coll) as c, pytest.raises(QueryError, match="holds no images") as e:
-        c.search("a cat")
+        c.search("a cat", mode="dense")
     assert "--" not in str(e.value) and "'texts'" in str(e.value)
     with Collection.open(coll) as c:
-        assert c.search("a cat", target="all", k=1)[0].kind == "passage"
+        assert c.search("a cat", target="all", k=1, mode="dense")[0].kind == "passage"
 
 
 def test_index_lists_each_skipped_file_once(tmp_path: Path, photos: Path, tiny_oc_spec: str) -> None:

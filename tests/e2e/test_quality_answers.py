@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from crossmodal_rag import Collection, routing
+from crossmodal_rag import Collection
 from crossmodal_rag.eval.passage_qa import (
     answer_questions,
     contains_answer,
@@ -25,7 +25,6 @@ from crossmodal_rag.eval.passage_qa import (
     normalise_answer,
     summarise,
 )
-from crossmodal_rag.text_space import sync_text_space
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +53,7 @@ def qa_collection(tmp_path_factory: pytest.TempPathFactory, tiny_oc_spec: str) -
     folder = tmp_path_factory.mktemp("qa") / "coll"
     with Collection.create(folder, tiny_oc_spec) as coll:
         coll.add(QA / "passages.jsonl")
-        sync_text_space(coll, "minilm")
+        coll.set_text_model("minilm")
     return folder
 
 
@@ -70,7 +69,7 @@ def pipeline_for(qa_collection: Path):
                            GenerationSettings(max_new_tokens=24), query_projection=None)
 
     def hits_for(question: str):
-        return routing.search(coll, question, k=3, target="texts", mode="dense")[1]
+        return list(coll.search(question, k=3, target="texts", mode="dense"))
 
     yield make, hits_for
     coll.close()

@@ -30,6 +30,6 @@ def test_sample_queries_find_the_right_photos(real_encoder, sample_dir: Path, tm
         expectations = {"a cat": "cat.jpg", "an astronaut": "astronaut.jpg", "a cup of coffee": "coffee.jpg",
                         "a rocket on a launch pad": "rocket_on_launch_pad.jpg"}
         for query, name in expectations.items():
-            assert Path(coll.search(query, k=1)[0].path).name == name, query
-        hits = coll.search(image=sample_dir / "cat.jpg", k=1, target="texts")
+            assert Path(coll.search(query, k=1, mode="dense")[0].path).name == name, query
+        hits = coll.search(image=sample_dir / "cat.jpg", k=1, target="texts", mode="dense")
         assert Path(hits[0].path).name == "cat.jpg"

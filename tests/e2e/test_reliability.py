@@ -63,7 +63,7 @@ def test_corrupt_files(collection_copy: Path, sample_collection: Path, victim: s
         # and the collection must search exactly like the undamaged one
         assert report["counts"] == {"images": 15, "captions": 45, "passages": 0}, report
         with Collection.open(sample_collection) as pristine:
-            want = [[h.id, h.path, round(h.score, 4)] for h in pristine.search("a cat", k=100)]
+            want = [[h.id, h.path, round(h.score, 4)] for h in pristine.search("a cat", k=100, mode="dense")]
         assert report["hits"] == want
     else:
         assert report["problems"], report  # not ok means a named problem
@@ -407,12 +407,12 @@ def test_foreign_index_file_is_not_loaded(collection_copy: Path, sample_collecti
     """A manifest entry and file swapped in from another collection (a valid FAISS file with the
     same ids and size): refused on open, rebuilt from the metadata, and `check` names it (item 10)."""
     with Collection.open(sample_collection) as pristine:
-        want = [(h.id, round(h.score, 4)) for h in pristine.search("a cat", k=100)]
+        want = [(h.id, round(h.score, 4)) for h in pristine.search("a cat", k=100, mode="dense")]
         ids, dim = pristine.store.ids("image"), pristine.manifest.dim
     record = _foreign_index(collection_copy, "image", ids, dim)
     _edit_manifest(collection_copy, lambda m: m["files"].__setitem__("image", record))
     with caplog.at_level("WARNING", logger="crossmodal_rag"), Collection.open(collection_copy) as coll:
-        got = [(h.id, round(h.score, 4)) for h in coll.search("a cat", k=100)]
+        got = [(h.id, round(h.score, 4)) for h in coll.search("a cat", k=100, mode="dense")]
         report = coll.check()
     assert got == want
     assert any("image.99.faiss" in r.getMessage() for r in caplog.records), caplog.text
@@ -436,7 +436,7 @@ def test_manifest_of_another_collection_is_refused(collection_copy: Path, tmp_pa
     (collection_copy / "manifest.json").write_text(json.dumps(m))
     _edit_sql(collection_copy, "DELETE FROM meta WHERE key IN ('collection_id', 'index_files')")
     with Collection.open(collection_copy) as coll:
-        assert coll.search("a cat", k=3)
+        assert coll.search("a cat", k=3, mode="dense")
     with Collection.open(collection_copy, writable=True) as coll:
         cid = coll.store.get_meta("collection_id")
     assert cid and json.loads((collection_copy / "manifest.json").read_text())["collection_id"] == cid

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from ...errors import WeightsUnavailableError
 from ...generation import GenerationSettings, RagPipeline, RagSettings
 from ...generation.stream import Final, Sources, Token
+from ...search.request import DEFAULT_MODE
 from ..checks import Checks
 from ..errors import ApiError
 from ..generation import Ticket, stream_events, watch_disconnect
@@ -30,7 +31,7 @@ Mode = Literal["concat", "rag-sequence", "rag-token"]
 
 
 def _pipeline(st: AppState, k: int, mode: str, target: str, where: list[str] | None,
-              min_score: str | float | None, search_mode: str = "dense") -> RagPipeline:
+              min_score: str | float | None, search_mode: str = DEFAULT_MODE) -> RagPipeline:
     return RagPipeline(st.collection, st.generator,
                        RagSettings(k=k, mode=mode, target=target, where=tuple(where or ()), min_score=min_score,
                                    search_mode=search_mode),
@@ -69,7 +70,7 @@ def answer_out(st: AppState, answer: Any) -> AskOut:
 
 def run_ask(st: AppState, question: str | None, image: Any, k: int, mode: str, target: str,
             where: list[str] | None = None, min_score: str | float | None = None,
-            ticket: Ticket | None = None, search_mode: str = "dense") -> AskOut:
+            ticket: Ticket | None = None, search_mode: str = DEFAULT_MODE) -> AskOut:
     """One answer (blocking; runs in a worker thread), loading the generator first if needed;
     the ``ticket``'s ``cancel`` stops it at the next token. ``search_mode``: how a question
     retrieves (RagSettings.search_mode)."""
@@ -92,7 +93,7 @@ def run_ask(st: AppState, question: str | None, image: Any, k: int, mode: str, t
 
 def _produce(st: AppState, question: str | None, image: Any, k: int, mode: str, target: str,
              where: list[str] | None, min_score: str | float | None, ticket: Ticket, emit: Any,
-             search_mode: str = "dense") -> None:
+             search_mode: str = DEFAULT_MODE) -> None:
     """The events of one streamed answer (blocking; runs in a worker thread)."""
     pipe = _pipeline(st, k, mode, target, where, min_score, search_mode)
     with st.gen_lock:
@@ -114,7 +115,7 @@ def _produce(st: AppState, question: str | None, image: Any, k: int, mode: str, 
 
 async def _answer(st: AppState, request: Request, stream: bool, question: str | None, image: Any, k: int,
                   mode: str, target: str, where: list[str], min_score: str | float | None,
-                  search_mode: str = "dense") -> Any:
+                  search_mode: str = DEFAULT_MODE) -> Any:
     """Queue the answer (503 when the queue is full); stream it, or wait for it while watching
     the connection."""
     _check_generator(st)

@@ -1,18 +1,18 @@
 """``/api/search`` (text, with query arithmetic) and ``/api/search/image`` (an upload, plus/minus texts).
 
-A collection with a text space (``index --text-model``) answers text queries for ``texts`` and
-``all`` as the CLI does (:func:`crossmodal_rag.routing.search`); those run in a worker thread,
-one by one, not through the batcher (it embeds with CLIP only)."""
+Each route makes one :class:`~crossmodal_rag.search.SearchRequest` and hands it to the batcher
+(which batches the dense CLIP searches and runs every other request as
+:meth:`Collection.search <crossmodal_rag.collection.Collection.search>` does), or to
+``Collection.search`` in a worker thread: the answers are the CLI's, mode and routing included
+(``mode`` defaults to :data:`~crossmodal_rag.search.DEFAULT_MODE`, as the CLI's)."""
 
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
-from ... import hybrid, routing
-from ..batching import SearchRequest
+from ...search import DEFAULT_MODE, Mode, SearchRequest, SearchResult, Target
 from ..checks import Checks
 from ..inputs import MAX_SCORE_CHARS, check_min_score
 from ..models import ErrorOut, SearchOut
@@ -30,20 +30,26 @@ def router(settings: WebSettings) -> APIRouter:
     check = Checks(settings)
     max_q, max_where = settings.max_query_chars, settings.max_where_conditions
 
+    async def run(st: AppState, request: SearchRequest) -> SearchResult:
+        if st.batcher is not None:  # concurrent dense searches share one forward and one FAISS call
+            return await st.batcher.search(request)
+        return await st.work(st.collection.search, request)
+
     @r.get("/api/search", response_model=SearchOut, responses=ERRORS)
     async def search_text(
             q: str = Query(..., max_length=max_q,
                            description='text query; arithmetic allowed: "a cat" + "snow" - indoors, 2:cat'),
-            k: int = Query(10, ge=1, le=settings.max_k), target: Literal["images", "texts", "all"] = Query("images"),
+            k: int = Query(10, ge=1, le=settings.max_k), target: Target = Query("images"),
             where: list[str] = Query([], max_length=max_where,
                                      description="metadata filters, e.g. width>=1000 (repeatable, ANDed)"),
             min_score: str | None = Query(None, max_length=MAX_SCORE_CHARS,
                                           description="a number, or auto (calibrated); the dense (cosine) "
                                                       "score in every mode"),
-            mode: Literal["auto", "dense", "keyword", "hybrid"] = Query(
-                "dense", description="dense (embeddings; batched with concurrent searches), keyword (BM25 "
-                                     "over captions, passages, OCR text), hybrid (both, reciprocal rank "
-                                     "fusion), auto (hybrid when the collection has texts, else dense)"),
+            mode: Mode = Query(
+                DEFAULT_MODE, description="auto (the default, as the CLI's: hybrid for a text query in a "
+                                          "collection with texts, else dense), dense (embeddings; batched with "
+                                          "concurrent searches), keyword (BM25 over captions, passages, OCR "
+                                          "text), hybrid (both, reciprocal rank fusion)"),
             st: AppState = Depends(get_state)) -> SearchOut:
         """Search by text."""
         t0 = time.perf_counter()
@@ -51,27 +57,14 @@ def router(settings: WebSettings) -> APIRouter:
         check.where(where)
         check_min_score(min_score)
         check.k(k)
-        chosen = hybrid.choose_mode(mode, st.collection.store, has_text=True)
-        if target != "images":  # a text space (index --text-model) answers, outside the batcher
-            routed = await st.work(routing.search, st.collection, q, k=k, target=target, where=where,
-                                   min_score=min_score, mode=chosen)
-            if routed is not None:
-                return search_out({"text": q, "where": where}, target, k, routed[1], t0, st.paths, routed[0])
-        if chosen != "dense":
-            _, hits = await st.work(hybrid.search, st.collection, q, k=k, target=target, where=where,
-                                    min_score=min_score, mode=chosen)
-            return search_out({"text": q, "where": where}, target, k, hits, t0, st.paths, chosen)
-        if st.batcher is not None:
-            hits = await st.batcher.search(SearchRequest(text=q, k=k, target=target, where=tuple(where),
-                                                         min_score=min_score))
-        else:
-            hits = await st.work(st.collection.search, q, k=k, target=target, where=where, min_score=min_score)
-        return search_out({"text": q, "where": where}, target, k, hits, t0, st.paths)
+        result = await run(st, SearchRequest(text=q, k=k, target=target, where=tuple(where),
+                                              min_score=min_score, mode=mode))
+        return search_out({"text": q, "where": where}, target, k, result.hits, t0, st.paths, result.mode)
 
     @r.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
     async def search_image(request: Request, image: UploadFile = File(..., description="query image"),
                            k: int = Form(10, ge=1, le=settings.max_k),
-                           target: Literal["images", "texts", "all"] = Form("images"),
+                           target: Target = Form("images"),
                            plus: list[str] = Form([], description="texts added to the image query"),
                            minus: list[str] = Form([], description="texts subtracted from it"),
                            where: list[str] = Form([], description="metadata filters"),
@@ -85,13 +78,9 @@ def router(settings: WebSettings) -> APIRouter:
         check.where(where)
         check_min_score(min_score)
         pil = await check.upload(st, image, request)
-        if st.batcher is not None:
-            hits = await st.batcher.search(SearchRequest(image=pil, k=k, target=target, where=tuple(where),
-                                                         min_score=min_score, plus=tuple(plus), minus=tuple(minus)))
-        else:
-            hits = await st.work(st.collection.search, image=pil, k=k, target=target, where=where,
-                                 min_score=min_score, plus=plus, minus=minus)
+        result = await run(st, SearchRequest(image=pil, k=k, target=target, where=tuple(where),
+                                             min_score=min_score, plus=tuple(plus), minus=tuple(minus)))
         return search_out({"image": image.filename, "plus": plus, "minus": minus, "where": where},
-                          target, k, hits, t0, st.paths)
+                          target, k, result.hits, t0, st.paths, result.mode)
 
     return r

@@ -53,7 +53,7 @@ def member_file(manifest: dict[str, Any], key: str) -> str:
 def _read(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray] | None:
     """(manifest, ids, vectors (memory-mapped)) of the text space in ``folder``; None when the
     collection has none. Raises ValueError/OSError/KeyError when the files are damaged."""
-    from .safe_io import read_regular_text
+    from ..safe_io import read_regular_text
 
     space = folder / "text_space"
     path = space / "manifest.json"
@@ -90,7 +90,7 @@ def text_space_summary(folder: str | Path, store: Any) -> dict[str, Any] | None:
 
 def probe_fault(probe: Any, dim: int) -> str | None:
     """Why the stored ``probe`` cannot identify a ``dim``-d text model (None: it can)."""
-    from .fingerprint import PROBE_TEXTS
+    from ..maintenance.fingerprint import PROBE_TEXTS
 
     try:
         stored = np.asarray(probe, dtype=np.float64)
@@ -111,8 +111,8 @@ def text_space_faults(manifest: dict[str, Any], ids: np.ndarray, vectors: np.nda
     """Each reason the text space (``manifest``, ``ids`` ``(N,)``, ``vectors`` ``(N, D)``) of a
     collection whose id is ``collection_id`` and whose image items are ``image_ids`` cannot be
     used; empty when it can. ``store`` names the items of bad vectors (ids alone without it)."""
-    from .store.audit import examples, name_items
-    from .store.shards import vector_faults
+    from ..store.audit import examples, name_items
+    from ..store.shards import vector_faults
 
     faults: list[str] = []
     dim = int(manifest["dim"])
@@ -174,8 +174,8 @@ def check_text_space(folder: str | Path, store: Any, *, load_model: bool = True)
     if ids.shape != (count,) or vectors.shape != (count, dim) or ids.dtype != np.int64:
         return [f"text space: ids {ids.shape} and vectors {vectors.shape} do not match the manifest's "
                 f"count {count} and dim {dim}; {fix}"], []
-    from .store.audit import examples
-    from .store.binding import COLLECTION_ID_KEY
+    from ..store.audit import examples
+    from ..store.binding import COLLECTION_ID_KEY
 
     ours = str(store.get_meta(COLLECTION_ID_KEY) or "")
     for fault in text_space_faults(manifest, ids, vectors, collection_id=ours,
@@ -203,8 +203,8 @@ def check_text_space(folder: str | Path, store: Any, *, load_model: bool = True)
 def _check_probe(folder: Path, spec: str, probe: Any, load_model: bool, fix: str) -> tuple[list[str], str]:
     if not load_model:
         return [], f"text space: the text model {spec} was not loaded; its probe was not verified"
-    from .encoders.sentence import load_text_encoder, text_probe
-    from .fingerprint import MIN_COSINE, rows_cosine
+    from ..encoders.sentence import load_text_encoder, text_probe
+    from ..maintenance.fingerprint import MIN_COSINE, rows_cosine
 
     try:
         stored = np.asarray(probe, np.float32)

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from .errors import ImageDecodeError, QueryError
-from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from ..errors import ImageDecodeError, QueryError
+from ..ingestion.images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 
 if TYPE_CHECKING:
-    from .encoders import ClipEncoder
+    from ..encoders import ClipEncoder
 
 __all__ = ["MAX_QUERY_CHARS", "MAX_QUERY_TERMS", "MAX_TERM_CHARS", "MAX_WEIGHT", "MIN_WEIGHT", "QueryTerm",
            "bad_character", "check_query_vectors", "clip_term", "combine", "embed_query", "parse_query"]

@@ -1,47 +1,25 @@
-"""Search over a collection's indexes: query vectors in, ranked :class:`Hit` records out."""
+"""Dense search over a collection's vector indexes: query vectors ``(Q, D)`` in, ranked
+:class:`~crossmodal_rag.search.hits.Hit` records out (a long text's windows count for their item)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
 
 import numpy as np
 
+from ..errors import QueryError
+from ..store.ann import SearchParams
+from ..store.items import Item
+from ..store.metadata import MetadataStore
+from ..store.vectors import VectorIndex
 from .calibration import auto_threshold
-from .errors import QueryError
+from .hits import Hit, Space, hit_of
 from .query import check_query_vectors
-from .store.ann import SearchParams
-from .store.metadata import MetadataStore
-from .store.vectors import VectorIndex
+from .request import check_k, check_target
 
-__all__ = ["TARGETS", "Hit", "Target", "TargetEmptyError", "check_k", "check_target", "resolve_min_score",
-           "search_vectors"]
+__all__ = ["TargetEmptyError", "resolve_min_score", "search_vectors"]
 
-Target = Literal["images", "texts", "all"]
-TARGETS: tuple[str, ...] = ("images", "texts", "all")
 _INDEXES_OF_TARGET = {"images": ("image",), "texts": ("text",), "all": ("image", "text")}
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One ranked search result."""
-
-    rank: int  # 1-based
-    score: float  # cosine similarity between query and item embeddings
-    id: int  # item id in the collection
-    kind: str  # "image" | "caption" | "passage"
-    path: str | None  # the image file (a caption's image for captions); None for passages
-    text: str | None  # the caption or passage text; None for images
-    captions: tuple[str, ...]  # an image's captions (empty for texts)
-    parent_id: int | None  # for a caption: the image it describes
-    title: str | None  # a passage's title
-    ocr: str | None = None  # an image's OCR text (index --ocr)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["captions"] = list(self.captions)
-        return d
 
 
 class TargetEmptyError(QueryError):
@@ -65,22 +43,10 @@ def _check_holds(indexes: Mapping[str, VectorIndex], target: str) -> None:
         raise TargetEmptyError(target, held[0])
 
 
-def check_target(target: str) -> Target:
-    if target not in TARGETS:
-        raise QueryError(f"unknown search target {target!r}; choose one of {', '.join(TARGETS)}")
-    return target  # type: ignore[return-value]
-
-
-def check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise QueryError(f"k must be a positive integer, got {k!r}")
-    return int(k)
-
-
 def resolve_min_score(min_score: float | str | None, store: MetadataStore, dim: int, *,
                       query_is_image: bool, target: str) -> float | None:
     """A number, ``"auto"`` (the threshold calibrated on ``store``'s ``dim``-d vectors, see
-    :mod:`crossmodal_rag.calibration`), or None (no threshold)."""
+    :mod:`crossmodal_rag.search.calibration`), or None (no threshold)."""
     if min_score is None or min_score == "":
         return None
     if isinstance(min_score, str):
@@ -102,12 +68,14 @@ def search_vectors(
     allowed: Mapping[str, np.ndarray] | None = None,
     min_score: float | None = None,
     params: SearchParams | None = None,
+    space: Space = "clip",
 ) -> list[list[Hit]]:
     """Top-``k`` hits for each row of ``queries`` ``(Q, D)``, best first.
 
     With ``target="all"`` image and text results are merged by score (scores of the two
     modalities are on the same cosine scale, though CLIP's modality gap favours same-modality hits).
-    ``allowed`` maps index name -> ids a filter lets through; ``min_score`` drops weaker hits.
+    ``allowed`` maps index name -> ids a filter lets through; ``min_score`` drops weaker hits;
+    ``space`` names the embedding space of ``indexes`` on each hit.
     """
     k = check_k(k)
     names = _INDEXES_OF_TARGET[check_target(target)]
@@ -115,14 +83,14 @@ def search_vectors(
     queries = check_query_vectors(queries)  # NaN, infinity or zero: a QueryError, never 0 hits
     # the first fetch of every query in one index search per index (a batch: one FAISS call)
     first = _fetch(indexes, queries, k, names, allowed, min_score, params)
-    return [_search_one(indexes, store, q, k, names, allowed, min_score, params, first=f)
+    return [_search_one(indexes, store, q, k, names, allowed, min_score, params, first=f, space=space)
             for q, f in zip(queries, first, strict=True)]
 
 
 def _search_one(indexes: Mapping[str, VectorIndex], store: MetadataStore, query: np.ndarray, k: int,
                 names: tuple[str, ...], allowed: Mapping[str, np.ndarray] | None,
                 min_score: float | None, params: SearchParams | None = None,
-                first: tuple[np.ndarray, np.ndarray, float] | None = None) -> list[Hit]:
+                first: tuple[np.ndarray, np.ndarray, float] | None = None, space: Space = "clip") -> list[Hit]:
     """Top-k items for one query. Windows of long texts count for their item (its best window's
     score), so the search fetches more until it has k distinct items that no unseen row can
     beat, or has seen everything. ``first``: the first fetch (``k`` rows), already made."""
@@ -140,12 +108,8 @@ def _search_one(indexes: Mapping[str, VectorIndex], store: MetadataStore, query:
         if complete or bound == -np.inf or fetch >= total:
             break
         fetch = min(fetch * 4, total)
-    hits: list[Hit] = []
-    for score, item in list(best.values())[:k]:
-        hits.append(Hit(rank=len(hits) + 1, score=score, id=item.id, kind=item.kind, path=item.path,
-                        text=item.text, captions=item.captions, parent_id=item.parent_id,
-                        title=item.title, ocr=item.ocr))
-    return hits
+    return [hit_of(item, rank, score, space=space)
+            for rank, (score, item) in enumerate(list(best.values())[:k], start=1)]
 
 
 def _fetch(indexes: Mapping[str, VectorIndex], queries: np.ndarray, fetch: int, names: tuple[str, ...],
@@ -178,11 +142,11 @@ def _fetch(indexes: Mapping[str, VectorIndex], queries: np.ndarray, fetch: int, 
 
 
 def _best_per_item(store: MetadataStore, scores: np.ndarray, ids: np.ndarray
-                   ) -> dict[int, tuple[float, Any]]:
+                   ) -> dict[int, tuple[float, Item]]:
     """Item id -> (best score, item) over rows sorted best first; a window counts for its item."""
     items = store.get_items(ids.tolist())
     parents = store.get_items([it.parent_id for it in items.values() if it.kind == "window"])
-    best: dict[int, tuple[float, Any]] = {}
+    best: dict[int, tuple[float, Item]] = {}
     for score, row_id in zip(scores.tolist(), ids.tolist(), strict=True):
         item = items.get(int(row_id))
         if item is None:  # removed by a concurrent writer since the index was read

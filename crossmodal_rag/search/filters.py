@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import QueryError
+from ..errors import QueryError
+from ..store.metadata import MetadataStore
 from .query import bad_character
-from .store.metadata import MetadataStore
 
 __all__ = ["MAX_GLOB_STARS", "MAX_WHERE_CHARS", "MAX_WHERE_CONDITIONS", "Condition", "allowed_ids",
            "parse_where"]

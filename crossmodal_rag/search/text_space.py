@@ -18,7 +18,7 @@ leaves the last committed space whole. ``collection_id`` binds the space to its 
 ``probe`` is the encoder's fingerprint (:func:`~crossmodal_rag.encoders.sentence.text_probe`):
 an encoder that no longer reproduces it is refused
 (:class:`~crossmodal_rag.errors.EncoderMismatchError`), as for CLIP. A space that breaks any
-rule of :func:`~crossmodal_rag.text_space_audit.text_space_faults` (a probe that is not finite,
+rule of :func:`~crossmodal_rag.search.text_space_audit.text_space_faults` (a probe that is not finite,
 no collection id, vectors that are not finite or not unit norm, ids of images) is refused on
 open with a :class:`~crossmodal_rag.errors.CollectionError` naming the fault; ``reindex``
 rebuilds it (:func:`sync_text_space` with ``rebuild_refused``).
@@ -33,32 +33,50 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .encoders.sentence import SentenceEncoder, load_text_encoder, parse_text_model_spec, text_probe
-from .errors import CollectionError, EncoderMismatchError
-from .store.manifest import fsync_dir
+from ..encoders.sentence import (
+    SentenceEncoder,
+    load_text_encoder,
+    parse_text_model_spec,
+    text_probe,
+)
+from ..errors import CollectionError, EncoderMismatchError
+from ..safe_io import atomic_write, fsync_dir
 from .text_space_audit import FORMAT, array_files, text_space_faults
 
 if TYPE_CHECKING:
-    from .collection import Collection
-    from .search import Hit
+    from ..store.manifest import Manifest
+    from ..store.metadata import MetadataStore
+    from .hits import Hit
 
-__all__ = ["TEXT_SPACE_DIR", "SyncReport", "TextSpace", "array_files", "open_text_space",
+__all__ = ["TEXT_SPACE_DIR", "SyncReport", "TextSpace", "TextSpaceOwner", "array_files", "open_text_space",
            "remove_text_space", "sync_text_space"]
 
 logger = logging.getLogger(__name__)
 
 TEXT_SPACE_DIR = "text_space"
 _MAX_MANIFEST_BYTES = 16 << 20
-#: The space's own array files, of any generation, and their temporary files.
-_ARRAY_FILE = re.compile(r"(?:vectors|ids)(?:-[0-9]+)?\.npy(?:\.tmp)?")
+#: The space's own array files, of any generation, and their temporary files (``.NAME.PID.RANDOM.tmp``,
+#: :func:`~crossmodal_rag.safe_io.atomic_write`'s; ``NAME.tmp`` of older saves).
+_ARRAY_FILE = re.compile(r"(?:vectors|ids)(?:-[0-9]+)?\.npy(?:\.tmp)?"
+                         r"|\.(?:vectors|ids|manifest)(?:-[0-9]+)?\.(?:npy|json)\.[0-9]+\.[0-9a-f]+\.tmp")
+
+
+class TextSpaceOwner(Protocol):
+    """A collection as its text space sees it (:class:`crossmodal_rag.Collection`)."""
+
+    folder: Path  # the collection folder (the space lives in its ``text_space/``)
+    store: MetadataStore  # the items whose texts the space embeds
+
+    @property
+    def manifest(self) -> Manifest: ...
 
 
 @dataclass(frozen=True)
@@ -109,7 +127,7 @@ class TextSpace:
     def index(self) -> Any:
         """A :class:`~crossmodal_rag.store.vectors.VectorIndex` (exact inner product) over the rows."""
         if self._index is None:
-            from .store.vectors import VectorIndex
+            from ..store.vectors import VectorIndex
 
             index = VectorIndex(self.dim)
             index.add(self.ids, self.vectors)
@@ -120,23 +138,21 @@ class TextSpace:
         """A query text -> ``(D,)`` float32 unit vector in this space."""
         return self.encoder.encode_texts([text])[0]
 
-    def search(self, coll: Collection, query: str, k: int, where: list[str] | str | None = None,
-               min_score: float | None = None) -> list[Hit]:
-        """Top-``k`` text items of ``coll`` for ``query`` (windows count for their item)."""
-        from .filters import allowed_ids, parse_where
-        from .search import search_vectors
+    def search(self, store: MetadataStore, query: str | np.ndarray, k: int,
+               allowed: Mapping[str, np.ndarray] | None = None, min_score: float | None = None) -> list[Hit]:
+        """Top-``k`` text items of ``store`` for ``query`` (a text, or its vector in this space);
+        windows count for their item. ``allowed``: ids per index a filter lets through."""
+        from .dense import search_vectors
 
-        conditions = parse_where(where)
-        allowed = allowed_ids(coll.store, conditions) if conditions else None
         text_allowed = None if allowed is None else {"text": allowed["text"]}
-        vec = self.embed_query(query)
-        return search_vectors({"text": self.index}, coll.store, vec[None], k, "texts",
-                              text_allowed, min_score)[0]
+        vec = self.embed_query(query) if isinstance(query, str) else query
+        return search_vectors({"text": self.index}, store, vec[None], k, "texts", text_allowed, min_score,
+                              space="text")[0]
 
 
 def check_probe(encoder: SentenceEncoder, stored: np.ndarray, collection: Path) -> None:
     """Refuse ``encoder`` when it does not reproduce the ``stored`` probe."""
-    from .fingerprint import MIN_COSINE, rows_cosine
+    from ..maintenance.fingerprint import MIN_COSINE, rows_cosine
 
     cosine = rows_cosine(stored, text_probe(encoder))
     if not cosine >= MIN_COSINE:  # NaN: not reproduced
@@ -146,11 +162,11 @@ def check_probe(encoder: SentenceEncoder, stored: np.ndarray, collection: Path) 
             f"`crossmodal-rag reembed {collection} --text-model SPEC`")
 
 
-def _folder(coll: Collection) -> Path:
+def _folder(coll: TextSpaceOwner) -> Path:
     return Path(coll.folder) / TEXT_SPACE_DIR
 
 
-def open_text_space(coll: Collection, device: str | None = None) -> TextSpace | None:
+def open_text_space(coll: TextSpaceOwner, device: str | None = None) -> TextSpace | None:
     """The collection's text space, or None when it has none.
 
     Raises:
@@ -160,7 +176,7 @@ def open_text_space(coll: Collection, device: str | None = None) -> TextSpace | 
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return None
-    from .safe_io import read_regular_text
+    from ..safe_io import read_regular_text
 
     try:
         manifest = json.loads(read_regular_text(manifest_path, max_bytes=_MAX_MANIFEST_BYTES))
@@ -195,15 +211,11 @@ def open_text_space(coll: Collection, device: str | None = None) -> TextSpace | 
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, sync_folder=False) as f:  # the folder is fsynced once, after all three
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def _collection_id(coll: Collection) -> str:
+def _collection_id(coll: TextSpaceOwner) -> str:
     return str(getattr(coll.manifest, "collection_id", "") or "")
 
 
@@ -226,15 +238,15 @@ def _save(folder: Path, spec: str, probe: np.ndarray, ids: np.ndarray, vectors: 
                 p.unlink()
 
 
-def _texts(coll: Collection, ids: np.ndarray) -> list[str]:
+def _texts(coll: TextSpaceOwner, ids: np.ndarray) -> list[str]:
     items = coll.store.get_items(ids.tolist())
     return [(items[i].text or "") if i in items else "" for i in ids.tolist()]
 
 
-def _stored_spec(coll: Collection) -> str | None:
+def _stored_spec(coll: TextSpaceOwner) -> str | None:
     """The text model a (refused) text space's manifest names, when it can be read and parsed."""
-    from .errors import ModelSpecError
-    from .safe_io import read_regular_text
+    from ..errors import ModelSpecError
+    from ..safe_io import read_regular_text
 
     try:
         manifest = json.loads(read_regular_text(_folder(coll) / "manifest.json", max_bytes=_MAX_MANIFEST_BYTES))
@@ -244,7 +256,7 @@ def _stored_spec(coll: Collection) -> str | None:
         return None
 
 
-def sync_text_space(coll: Collection, spec: str | None = None, *, rebuild: bool = False,
+def sync_text_space(coll: TextSpaceOwner, spec: str | None = None, *, rebuild: bool = False,
                     device: str | None = None, batch_size: int = 64,
                     rebuild_refused: bool = False) -> SyncReport:
     """Bring ``coll``'s text space up to date.
@@ -298,7 +310,7 @@ def sync_text_space(coll: Collection, spec: str | None = None, *, rebuild: bool 
     return SyncReport(parsed, len(new_ids), removed, fresh)
 
 
-def remove_text_space(coll: Collection) -> None:
+def remove_text_space(coll: TextSpaceOwner) -> None:
     """Delete the collection's text space (its texts are searched in CLIP's space again)."""
     folder = _folder(coll)
     (folder / "manifest.json").unlink(missing_ok=True)  # the manifest first: never half-valid

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import QueryError
+from ..errors import QueryError
 
 if TYPE_CHECKING:
-    from .store.metadata import MetadataStore
+    from ..store.metadata import MetadataStore
 
 __all__ = ["auto_threshold", "calibrate", "current_calibration", "load_calibration", "write_calibration"]
 
