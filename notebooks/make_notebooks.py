@@ -94,10 +94,12 @@ fig'''),
         new_markdown_cell("## Nearest-neighbour galleries"),
         new_code_cell('''import numpy as np
 
+from crossmodal_rag import SearchRequest
+
 image_ids = coll.store.ids("image")[:3].tolist()
 for item in coll.get(image_ids):
-    vec = coll.store.vectors([item.id], coll.manifest.dim)
-    display(viz.result_grid(coll.search_vectors(vec, k=5)[0], title=f"neighbours of {Path(item.path).name}"))'''),
+    vec = coll.store.vectors([item.id], coll.manifest.dim)[0]
+    display(viz.result_grid(coll.search(SearchRequest(vector=vec, k=5)), title=f"neighbours of {Path(item.path).name}"))'''),
         new_markdown_cell("## The modality gap\n\nImages are closer to images and texts to texts than "
                           "matching image-text pairs are to each other."),
         new_code_cell('''dim = coll.manifest.dim

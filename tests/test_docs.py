@@ -241,3 +241,40 @@ def test_architecture_lists_every_module_with_its_test() -> None:
     assert not gone, f"docs/architecture.md lists modules that do not exist: {sorted(gone)}"
     missing_tests = {t for t in listed.values() if not (REPO / "tests" / t).is_file()}
     assert not missing_tests, f"docs/architecture.md cites missing test files: {sorted(missing_tests)}"
+
+
+#: A backticked Python name in the code map: a class (``SearchRequest``), a constant
+#: (``DEFAULT_MODE``) or a call (``load_encoder(spec)``); plain words (``auto``) are not code names.
+CODE_NAME = re.compile(r"`([A-Z][a-z]\w*|[A-Z][A-Z0-9]*_[A-Z0-9_]+|[A-Z]{4,}|[a-z_]\w*(?=\()[^`]*)`")
+
+
+def _package_names() -> set[str]:
+    """Every class, function, method and assigned name defined in the package."""
+    names: set[str] = set()
+    for path in (REPO / "crossmodal_rag").rglob("*.py"):
+        for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(n.name)
+            elif isinstance(n, ast.Assign | ast.AnnAssign):
+                for t in n.targets if isinstance(n, ast.Assign) else [n.target]:
+                    names.update(x.id for x in ast.walk(t) if isinstance(x, ast.Name))
+    return names
+
+
+def _cited_code_names(text: str) -> set[str]:
+    return {m.split("(")[0] for m in CODE_NAME.findall(text)}
+
+
+def test_the_code_map_cites_only_names_that_exist() -> None:
+    """Every Python name docs/architecture.md cites in backticks (a class, a constant, a call)
+    is defined in the package (issue 26: the map named ``Encoder`` and ``create_encoder``)."""
+    cited = _cited_code_names(ARCHITECTURE.read_text(encoding="utf-8"))
+    assert {"SearchRequest", "Collection", "DEFAULT_MODE", "load_encoder"} <= cited  # the scan sees them
+    missing = sorted(cited - _package_names())
+    assert not missing, f"docs/architecture.md cites code names that do not exist: {missing}"
+
+
+def test_the_code_name_scan_catches_a_missing_name() -> None:
+    planted = "- `encoders/__init__.py` — the `Encoder` interface and `create_encoder(spec)` (tests/test_x.py)."
+    assert _cited_code_names(planted) == {"Encoder", "create_encoder"}
+    assert not {"Encoder", "create_encoder"} & _package_names()

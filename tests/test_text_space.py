@@ -259,3 +259,24 @@ def test_a_hostile_text_space_is_refused_and_reindex_rebuilds_it(coll_dir: Path,
         items = coll.store.get_items(space.ids.tolist())
         np.testing.assert_allclose(space.vectors, enc.encode_texts([items[i].text for i in space.ids.tolist()]),
                                    atol=1e-5)
+
+
+def test_a_library_add_is_found_by_a_text_search_in_the_text_space(tmp_path: Path, tiny_oc_spec: str,
+                                                                   sample_dir: Path) -> None:
+    """Issue 26: the collection keeps its text space in step. A library caller's ``add`` (no CLI,
+    no sync step) and the next text->text search finds the new passage in the text space; its
+    ``remove`` and it is gone from there too."""
+    from sentence_models import make_text_space_collection
+
+    folder = make_text_space_collection(tmp_path, tiny_oc_spec, sample_dir, ["a cargo ship carried salt"], seed=3)
+    new = "an owl hunts mice in the barn at night"
+    extra = tmp_path / "more.jsonl"
+    extra.write_text(json.dumps({"text": new}) + "\n")
+    with Collection.open(folder, writable=True) as coll:
+        coll.add(extra)
+        found = coll.search(new, k=1, target="texts", mode="dense")
+        assert found[0].text == new and found[0].space == "text"
+        assert found[0].score == pytest.approx(1.0, abs=1e-4)  # the passage itself, in the text space
+        coll.remove(ids=[found[0].id])
+        assert found[0].id not in coll.text_space.ids
+        assert all(h.text != new for h in coll.search(new, k=5, target="texts", mode="dense"))

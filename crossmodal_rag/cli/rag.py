@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import QueryError
 from ..search.request import DEFAULT_MODE, MODES
@@ -24,6 +24,10 @@ from .options import (
     positive_int,
 )
 from .output import safe, to_json, tsv_field
+
+if TYPE_CHECKING:
+    from ..collection import Collection
+    from ..generation import RagPipeline
 
 
 def add_generation_flags(sp: argparse.ArgumentParser) -> None:
@@ -125,7 +129,7 @@ def check_generation_args(args: argparse.Namespace) -> None:
         args.generator = check_generator_spec(args.generator)
 
 
-def pipeline_from_args(args: argparse.Namespace, coll: Any) -> Any:
+def pipeline_from_args(args: argparse.Namespace, coll: Collection) -> RagPipeline:
     from ..generation import RagPipeline
 
     settings, gen = getattr(args, "settings_checked", None) or _settings(args)
