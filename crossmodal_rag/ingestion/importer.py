@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -40,6 +40,9 @@ from ..safe_io import MAX_JSON_BYTES, check_regular, open_regular, read_regular_
 from .image_sniff import SNIFF_BYTES, sniff_image_format
 from .images import format_support, load_image
 from .runner import IngestReport, Problem
+
+if TYPE_CHECKING:
+    from ..collection import Collection
 
 __all__ = ["EmbeddingShard", "find_shards", "import_embeddings"]
 
@@ -317,7 +320,7 @@ def _remove_created(folder: Path, why: str, keep_empty_dir: bool) -> None:
     logger.warning("%s: removed the empty collection %s that it had created", why, folder)
 
 
-def _import_batch(coll: Any, shard: EmbeddingShard, start: int, img: np.ndarray,
+def _import_batch(coll: Collection, shard: EmbeddingShard, start: int, img: np.ndarray,
                   txt: np.ndarray | None, meta: list[dict[str, Any]], root: Path,
                   report: IngestReport, allow_outside_root: bool) -> None:
     store = coll.store
@@ -376,7 +379,7 @@ def _import_batch(coll: Any, shard: EmbeddingShard, start: int, img: np.ndarray,
     report.captions_added += len(added_txt)
 
 
-def _verify(coll: Any, shards: list[EmbeddingShard], root: Path, n: int, allow_outside_root: bool) -> None:
+def _verify(coll: Collection, shards: list[EmbeddingShard], root: Path, n: int, allow_outside_root: bool) -> None:
     """Re-embed up to ``n`` readable images and compare with their imported embeddings. Reads
     wherever the import may (outside ``root`` too when ``allow_outside_root``)."""
     checked = tried = 0

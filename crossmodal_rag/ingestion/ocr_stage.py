@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .ocr import OcrEngine, OcrResult, OcrSettings, create_ocr_engine
 from .ocr_budget import OcrInputError
 from .sources import Problem
+
+if TYPE_CHECKING:
+    from ..store.metadata import MetadataStore
 
 __all__ = ["OCR_META_KEY", "OCR_ORIGIN_PREFIX", "OcrReport", "OcrStage", "OcrStore", "remember_settings",
            "remembered_settings", "stage_for"]
@@ -55,6 +58,14 @@ OCR_ORIGIN_PREFIX = "ocr:"
 EmbedWindows = Callable[[list[str]], dict[str, tuple[np.ndarray, list[tuple[str, np.ndarray]]]]]
 # the collection's apply(): mirror committed rows in the in-memory indexes
 Apply = Callable[[dict[str, tuple[np.ndarray, np.ndarray]], list[int]], None]
+
+
+class OcrTarget(Protocol):
+    """What :func:`stage_for` needs of the collection (:class:`crossmodal_rag.Collection`)."""
+
+    store: MetadataStore  # the commit log, where the OCR setting is remembered
+
+    def apply(self, added: dict[str, tuple[np.ndarray, np.ndarray]], removed: list[int]) -> None: ...
 
 
 class OcrStore(Protocol):
@@ -231,7 +242,7 @@ def remember_settings(store: Any, settings: OcrSettings | None) -> None:
                    json.dumps(settings.to_dict(), sort_keys=True))
 
 
-def stage_for(collection: Any, enabled: bool | None, engine: str | None, workers: int,
+def stage_for(collection: OcrTarget, enabled: bool | None, engine: str | None, workers: int,
               embed_windows: EmbedWindows, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
               max_bytes: int = MAX_IMAGE_BYTES, progress: bool = False) -> OcrStage | None:
     """The OCR stage of one ingest, or None when OCR is off.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from ..encoders import ClipEncoder
 from ..errors import CollectionError, ImageDecodeError
 from ..ingestion.images import decode_image, read_image_file
 from ..progress import tqdm
+
+if TYPE_CHECKING:
+    from ..store.metadata import Item, MetadataStore
 
 __all__ = ["image_vectors", "read_rgb", "text_vectors"]
 
@@ -28,7 +31,16 @@ def read_rgb(path: Path) -> tuple[Any, str]:
     return decode_image(data, str(path)).image, hashlib.sha256(data).hexdigest()
 
 
-def image_vectors(coll: Any, encoder: ClipEncoder, ids: np.ndarray, batch_size: int = 32,
+class ItemSource(Protocol):
+    """What re-embedding reads of a collection (:class:`crossmodal_rag.Collection`)."""
+
+    folder: Path  # named in errors
+    store: MetadataStore  # the items' source paths
+
+    def get(self, ids: int | list[int]) -> list[Item]: ...
+
+
+def image_vectors(coll: ItemSource, encoder: ClipEncoder, ids: np.ndarray, batch_size: int = 32,
                   progress: bool = False) -> tuple[np.ndarray, dict[int, str]]:
     """``(vectors (len(ids), D), failures)``: the image items ``ids`` embedded by ``encoder``
     from their source files (the first readable path whose bytes still have the item's
@@ -74,7 +86,7 @@ def _text_of(item: Any) -> str:
     return item.text or ""
 
 
-def text_vectors(coll: Any, encoder: ClipEncoder, ids: np.ndarray) -> np.ndarray:
+def text_vectors(coll: ItemSource, encoder: ClipEncoder, ids: np.ndarray) -> np.ndarray:
     """The text items ``ids`` (captions, passages, windows, OCR text) embedded by ``encoder``
     from their stored text, as ingest embedded them: ``(len(ids), D)``."""
     out = np.zeros((len(ids), encoder.dim), dtype=np.float32)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -28,11 +29,38 @@ from ..store.audit import FLOAT16_ATOL, METADATA_NORM_TOLERANCE, audit_shards, n
 from ..store.layout import INDEX_NAMES
 from ..store.shards import vector_faults
 
+if TYPE_CHECKING:
+    from ..encoders import ClipEncoder
+    from ..store.manifest import Manifest
+    from ..store.metadata import Item, MetadataStore
+    from ..store.persist import IndexState
+
 __all__ = ["RepairReport", "repair_vectors"]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 10_000
+
+
+class RepairTarget(Protocol):
+    """What a repair reads and writes of a collection opened writable (:class:`crossmodal_rag.Collection`);
+    it is also the :class:`~crossmodal_rag.maintenance.reembed_items.ItemSource` of the re-embedding."""
+
+    folder: Path  # named in errors
+    store: MetadataStore  # the items and their stored vectors
+    state: IndexState  # the indexes and shards rewritten
+
+    def get(self, ids: int | list[int]) -> list[Item]: ...
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    @property
+    def encoder(self) -> ClipEncoder: ...
+
+    def require_writable(self) -> None: ...
+
+    def remove(self, ids: list[int] | None = None, paths: list[str] | None = None) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -48,7 +76,7 @@ class RepairReport:
         return asdict(self)
 
 
-def _bad_ids(coll: Any, name: str, live: np.ndarray, usable: Any) -> tuple[np.ndarray, np.ndarray]:
+def _bad_ids(coll: RepairTarget, name: str, live: np.ndarray, usable: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(bad ids, ids whose committed vector is bad)`` of index ``name``: a float16 copy or a
     committed vector that is not finite or not of unit norm, or the two disagreeing."""
     store, dim = coll.store, coll.manifest.dim
@@ -71,7 +99,7 @@ def _bad_ids(coll: Any, name: str, live: np.ndarray, usable: Any) -> tuple[np.nd
     return np.union1d(np.concatenate(bad or [empty]), meta_ids), meta_ids
 
 
-def repair_vectors(coll: Any, *, batch_size: int = 32) -> RepairReport:
+def repair_vectors(coll: RepairTarget, *, batch_size: int = 32) -> RepairReport:
     """Repair the stored vectors of ``coll`` (a :class:`~crossmodal_rag.collection.Collection`
     opened writable) as the module docstring says;
     afterwards every live item has a sound committed vector and a sound float16 copy, and the
@@ -129,7 +157,7 @@ def repair_vectors(coll: Any, *, batch_size: int = 32) -> RepairReport:
     return report
 
 
-def _rewrite(coll: Any, replace: dict[str, np.ndarray], report: RepairReport,
+def _rewrite(coll: RepairTarget, replace: dict[str, np.ndarray], report: RepairReport,
              removed: np.ndarray | None = None) -> None:
     """Rewrite each index's shards from the metadata where they changed: the ``replace`` ids,
     and the ids of dropped shard files."""
