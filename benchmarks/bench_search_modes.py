@@ -1,5 +1,5 @@
 """Search modes measured on 354 written queries: dense, keyword, hybrid (the library today) and
-candidate default rules (crossmodal_rag.keyword_evidence), per query type.
+candidate default rules (crossmodal_rag.search.evidence), per query type.
 
 The collection (built once, cached under ``--cache``): the passages of data/passages_qa, the
 photos of data/sample with their captions (a tiny random CLIP embeds the images: only texts are
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import _common  # noqa: E402
 
-from crossmodal_rag import keyword_evidence as ke  # noqa: E402
+from crossmodal_rag.search import evidence as ke  # noqa: E402
 from crossmodal_rag.errors import QueryError  # noqa: E402
 
 QUERIES = REPO / "benchmarks" / "search_modes" / "queries.jsonl"

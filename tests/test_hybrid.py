@@ -96,7 +96,7 @@ def test_keyword_hits_per_target(coll: Collection) -> None:
 def test_hybrid_is_rrf_of_the_dense_and_keyword_lists(coll: Collection) -> None:
     for target in ("images", "texts", "all"):
         mode, hits = _search(coll, "a cup of espresso", k=5, target=target, mode="hybrid")
-        depth = max(5 * hybrid.DEPTH_FACTOR, hybrid.MIN_DEPTH)
+        depth = hybrid.fused_depth(5)
         dense = coll.search("a cup of espresso", k=depth, target=target, mode="dense")
         keyword = hybrid.keyword_hits(coll.store, "a cup of espresso", depth, target)
         scores: dict[int, float] = {}

@@ -103,7 +103,7 @@ def test_k_reaches_faiss_once_per_index_and_never_comes_back(collection_copy: Pa
             result = coll.search("a cup of espresso", k=3, mode=mode, target=target)
             assert result.mode == mode and len(result) == 3
             assert entries == ["search"] and len(calls) == indexes, (mode, target, calls)
-            depth = 3 if mode == "dense" else 40  # hybrid: max(4 k, 40) deep
+            depth = 3 if mode == "dense" else 100  # hybrid: fused 100 deep whatever k
             assert {k for _, k in calls} == {depth}
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import QueryError
 from ..search.request import DEFAULT_MODE, MODES, TARGETS
@@ -25,6 +26,11 @@ from .options import (
     search_params,
 )
 from .output import safe, to_json, tsv_field
+
+if TYPE_CHECKING:
+    from ..search import Hit
+
+logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -133,6 +139,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                     where=args.where, min_score=args.min_score, plus=args.plus, minus=args.minus,
                     params=params, mode=args.mode))
                 mode, hits = result.mode, result.hits
+                if result.reason:
+                    logger.info("query %s: %s", _shown(label), result.reason)
             except TargetEmptyError as e:
                 raise QueryError(f"{folder} holds no {e.target}, only {e.alternative}: search them "
                                  f"with --target {e.alternative}") from e
@@ -147,10 +155,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                 where = f"query on line {q['line']}: " if q["line"] is not None else ""
                 print(f"note: {where}{safe(note)}", file=sys.stderr)
             records.append({"query": {"text": q.get("text"), "image": q.get("image")},
-                            "label": label, "hits": hits, "mode": mode, "note": note})
+                            "label": label, "hits": hits, "mode": mode, "note": note,
+                            "reason": result.reason})
     if args.json:
         out = [{"query": r["query"], "target": args.target, "k": args.top_k, "mode": r["mode"],
-                **({"note": r["note"]} if r["note"] else {}),
+                "mode_reason": r["reason"], **({"note": r["note"]} if r["note"] else {}),
                 "results": [h.to_dict() for h in r["hits"]]} for r in records]
         print(to_json(out[0] if not args.queries else out))
     else:
@@ -159,9 +168,22 @@ def cmd_search(args: argparse.Namespace) -> int:
         for r in records:
             for h in r["hits"]:
                 text = h.text if h.text is not None else " | ".join(h.captions)
-                print(f"{tsv_field(r['label'])}\t{h.rank}\t{h.score:.4f}\t{h.id}\t{h.kind}\t"
+                print(f"{tsv_field(r['label'])}\t{h.rank}\t{_tsv_score(h):.4f}\t{h.id}\t{h.kind}\t"
                       f"{tsv_field(h.path)}\t{tsv_field(text)}")
     return 2 if failures else 0
+
+
+def _tsv_score(hit: Hit) -> float:
+    """TSV's score: the cosine of a fused hit (its fused score, a rank-based number that ties
+    and reads as nothing, is in --json), BM25 in keyword mode, the cosine in dense mode."""
+    if hit.mode == "hybrid" and hit.dense_score is not None:
+        return hit.dense_score
+    return hit.score
+
+
+def _shown(label: object) -> str:
+    text = str(label)
+    return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
 def _keyword_note(text: str | None, mode: str) -> str | None:

@@ -14,6 +14,7 @@ front end branches on it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,6 +29,7 @@ from .hits import Hit
 from .request import SearchRequest, SearchResult
 
 if TYPE_CHECKING:
+    from .evidence import Evidence
     from .source import Searchable
     from .text_space import TextSpace
 
@@ -37,8 +39,12 @@ logger = logging.getLogger(__name__)
 
 
 def run(coll: Searchable, request: SearchRequest) -> SearchResult:
-    """Search ``coll`` as ``request`` asks (see the module docstring)."""
-    space = coll.text_space if routing.routes(request) else None
+    """Search ``coll`` as ``request`` asks (see the module docstring). A keyword search that
+    needs no cosine (no ``min_score``, no ``dense_scores``) reads only the keyword index: it
+    embeds nothing, so it loads no model (CLIP or the text space's)."""
+    keyword_only = request.mode == "keyword" and (request.min_score in (None, "") or not request.cut) \
+        and not request.dense_scores
+    space = coll.text_space if routing.routes(request) and not keyword_only else None
     if space is not None:
         return _routed(coll, space, request)
     return _clip(coll, request)
@@ -89,38 +95,78 @@ def _with_dense_scores(hits: list[Hit]) -> list[Hit]:
     return [h.ranked(h.rank, score=float(h.dense_score)) for h in hits]  # type: ignore[arg-type]
 
 
-def _clip(coll: Searchable, request: SearchRequest) -> SearchResult:
-    """A search in CLIP's space: dense, keyword or hybrid."""
-    r = request
+@dataclass(frozen=True)
+class _Plan:
+    """How one request ranks: the mode that runs, why, and (auto fusing) the evidence rule's decision."""
+
+    mode: str  # dense | keyword | hybrid
+    reason: str  # one line for --json ("mode_reason") and -v
+    evidence: Evidence | None = None  # auto mode's keyword query and weight, when it fuses
+
+
+def _plan(coll: Searchable, r: SearchRequest) -> _Plan:
+    """The mode ``r`` runs in: an explicit mode as asked; ``auto``: dense unless the query's words
+    are informative keyword evidence in this collection (:func:`~crossmodal_rag.search.hybrid.weigh`)."""
     chosen = hybrid.choose_mode(r.mode, coll.store, has_text=r.has_text, query=r.text)
-    threshold = _clip_threshold(coll, r)
-    cut = threshold if r.cut else None
+    if r.mode != "auto":
+        how = {"dense": "embeddings only", "keyword": "BM25 only",
+               "hybrid": f"reciprocal rank fusion of the dense and keyword rankings, each "
+                         f"{hybrid.fused_depth(r.k)} deep"}[chosen]
+        return _Plan(chosen, f"{chosen}: asked for ({how})")
     if chosen == "dense":
-        return _dense(coll, r, threshold, cut)
-    allowed = _allowed(coll, r)
-    depth = r.k if chosen == "keyword" and cut is None else max(r.k * hybrid.DEPTH_FACTOR, hybrid.MIN_DEPTH)
+        why = ("an image or vector query" if not r.has_text
+               else "no words or numbers to match (symbols or emoji only)" if hybrid.keyword_note(r.text)
+               else "the collection has no texts in its keyword index")
+        return _Plan("dense", f"auto: dense: {why}")
+    ev = hybrid.weigh(coll.store, r.text or "")
+    return _Plan(ev.mode, f"auto: {ev.reason}", ev if ev.mode == "hybrid" else None)
+
+
+def _keyword(coll: Searchable, r: SearchRequest, plan: _Plan, depth: int, target: str,
+             allowed: dict[str, np.ndarray] | None) -> list[Hit] | None:
+    """The keyword ranking of ``plan``, ``depth`` deep; None when auto mode cannot read it (a
+    damaged index, a keyword query the index refuses): the caller then searches densely."""
     try:
-        keyword = hybrid.keyword_hits(coll.store, r.text or "", depth, r.target, allowed)
-    except fulltext.DamagedIndexError as e:
+        if plan.evidence is not None:
+            return hybrid.keyword_hits(coll.store, plan.evidence.keyword_query or "", depth, target, allowed,
+                                       arithmetic=False)
+        return hybrid.keyword_hits(coll.store, r.text or "", depth, target, allowed)
+    except (fulltext.DamagedIndexError, QueryError) as e:
         if r.mode != "auto":
             raise
         logger.warning("%s; searching densely", e)
-        return _dense(coll, r, threshold, cut)
-    if chosen == "keyword" and cut is None and not r.dense_scores:
-        return SearchResult(_ranked(keyword, r.k), chosen, threshold)
+        return None
+
+
+def _clip(coll: Searchable, request: SearchRequest) -> SearchResult:
+    """A search in CLIP's space: dense, keyword or fused (hybrid, or auto's evidence fusion)."""
+    r = request
+    plan = _plan(coll, r)
+    threshold = _clip_threshold(coll, r)
+    cut = threshold if r.cut else None
+    if plan.mode == "dense":
+        return replace(_dense(coll, r, threshold, cut), reason=plan.reason)
+    allowed = _allowed(coll, r)
+    depth = r.k if plan.mode == "keyword" and cut is None else hybrid.fused_depth(r.k)
+    keyword = _keyword(coll, r, plan, depth, r.target, allowed)
+    if keyword is None:
+        return replace(_dense(coll, r, threshold, cut), reason="auto: dense: the keyword index could not be read")
+    if plan.mode == "keyword" and cut is None and not r.dense_scores:
+        return SearchResult(_ranked(keyword, r.k), "keyword", threshold, reason=plan.reason)
     vector = _embed(coll, r)
-    if chosen == "keyword":
+    if plan.mode == "keyword":
         hits = keyword
     else:
         dense = search_vectors(coll.indexes, coll.store, vector[None], depth, r.target, allowed, cut,
                                params=r.params)[0]
-        hits = hybrid.fuse(dense, keyword, len(dense) + len(keyword))
+        hits = (hybrid.fuse_evidence(dense, keyword, plan.evidence, depth) if plan.evidence is not None
+                else hybrid.fuse(dense, keyword, len(dense) + len(keyword)))
     hits = hybrid.dense_scores(coll.store, coll.manifest.dim, vector, hits)
     if cut is not None:
         hits = [h for h in hits if h.dense_score is not None and h.dense_score >= cut]
     if r.dense_scores:
         hits = _with_dense_scores(hits)
-    return SearchResult(_ranked(hits, r.k), chosen, threshold, vector)
+    return SearchResult(_ranked(hits, r.k), plan.mode, threshold, vector, reason=plan.reason)
 
 
 def _dense(coll: Searchable, request: SearchRequest, threshold: float | None, cut: float | None) -> SearchResult:
@@ -133,17 +179,26 @@ def _routed(coll: Searchable, space: TextSpace, request: SearchRequest) -> Searc
     """A text query for texts (or all) in a collection with a text space (see :mod:`.routing`)."""
     r = request
     query = r.text or ""
-    chosen = hybrid.choose_mode(r.mode, coll.store, has_text=True)
+    plan = _plan(coll, r)
     cut = routing.space_threshold(space, r.min_score) if r.cut else None
-    depth = r.k if chosen == "dense" else max(r.k * hybrid.DEPTH_FACTOR, hybrid.MIN_DEPTH)
+    depth = r.k if plan.mode == "dense" else hybrid.fused_depth(r.k)
     allowed = _allowed(coll, r)
     vector = space.embed_query(query)
-    texts = space.search(coll.store, vector, depth, allowed, cut)
-    if chosen != "dense":
-        keyword = [h.ranked(h.rank, space="text") for h in hybrid.keyword_hits(coll.store, query, depth, "texts",
-                                                                                 allowed)]
-        texts = keyword[:depth] if chosen == "keyword" else hybrid.fuse(texts, keyword, depth, space="text")
-        if r.dense_scores:
+    texts = space.search(coll.store, vector, depth, allowed, cut) if plan.mode != "keyword" else []
+    if plan.mode != "dense":
+        found = _keyword(coll, r, plan, depth, "texts", allowed)
+        if found is None:
+            plan = _Plan("dense", "auto: dense: the keyword index could not be read")
+        else:
+            keyword = [h.ranked(h.rank, space="text") for h in found]
+            if plan.mode == "keyword":
+                texts = routing.text_dense_scores(space, vector, keyword[:depth])
+                if cut is not None:
+                    texts = [h for h in texts if h.dense_score is not None and h.dense_score >= cut]
+            elif plan.evidence is not None:
+                texts = hybrid.fuse_evidence(texts, keyword, plan.evidence, depth, space="text")
+            else:
+                texts = hybrid.fuse(texts, keyword, depth, space="text")
             texts = routing.text_dense_scores(space, vector, texts)
     if r.dense_scores:
         texts = _with_dense_scores(texts)
@@ -158,7 +213,7 @@ def _routed(coll: Searchable, space: TextSpace, request: SearchRequest) -> Searc
         fused = reciprocal_rank_fusion([[("image", h.id) for h in images], [("text", h.id) for h in texts]],
                                        RRF_K, limit=r.k)
         hits = tuple(by_key[key].ranked(rank) for rank, (key, _) in enumerate(fused, start=1))
-    return SearchResult(hits, chosen, _routed_threshold(coll, space, r, hits))
+    return SearchResult(hits, plan.mode, _routed_threshold(coll, space, r, hits), reason=plan.reason)
 
 
 def _routed_threshold(coll: Searchable, space: TextSpace, request: SearchRequest,

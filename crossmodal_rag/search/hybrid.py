@@ -1,46 +1,60 @@
-"""Search modes: ``dense`` (the CLIP index), ``keyword`` (the full-text index, BM25) and
-``hybrid`` (the two ranked lists fused by reciprocal rank fusion, k = 60).
+"""Search modes: ``dense`` (the CLIP index), ``keyword`` (the full-text index, BM25),
+``hybrid`` (the two ranked lists fused by reciprocal rank fusion, k = 60) and ``auto``, the
+default: the keyword ranking joins the dense one only when the query's words are informative
+(:mod:`crossmodal_rag.search.evidence`), fused by min-max scaled scores.
 
 query text -> keyword ranking (store.fulltext) ---\\
-query vector -> dense ranking (search.dense) --> RRF (fusion) -> hits
+query vector -> dense ranking (search.dense) --> RRF (hybrid) or evidence fusion (auto) -> hits
 
 Keyword hits are the texts that match (captions, passages, OCR text) and, for ``target="images"``,
 the images those captions and OCR texts belong to, each image ranked by its best-matching text.
 ``--where`` filters every mode. ``min_score`` keeps its dense meaning in every mode: a hit whose
 cosine with the query embedding is below it is dropped (keyword mode then embeds the query too).
 
-A hybrid hit's ``score`` is its fused RRF score; ``dense_score`` (the cosine) and
-``keyword_score`` (BM25, None when the keyword index did not find it) say where it came from.
+A fused hit's ``score`` is its fused score (RRF in hybrid mode, the evidence fusion in auto
+mode); ``dense_score`` (the cosine) and ``keyword_score`` (BM25, None when the keyword index did
+not find it) say where it came from. Both lists are fused :data:`FUSED_DEPTH` deep whatever ``k``
+(at least ``k``), so the first rows of a page do not depend on its length.
 
 A query without words to match (emoji, punctuation: :func:`keyword_note` says so) finds no
 keyword hits: keyword mode returns none, hybrid mode the dense half alone, and auto mode searches
 densely. Auto mode also searches densely, with a warning, when the keyword index is damaged
 (:class:`~crossmodal_rag.store.fulltext.DamagedIndexError`; an explicit keyword or hybrid search
-raises it). :mod:`crossmodal_rag.search.engine` runs the modes; this module holds their steps.
+raises it), and whenever :func:`weigh` finds no informative keyword (a long pasted text, a
+question of common words). :mod:`crossmodal_rag.search.engine` runs the modes; this module holds their steps.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from ..errors import QueryError
 from ..store import fulltext
 from ..store.metadata import MetadataStore
+from . import evidence
+from .evidence import Evidence, EvidenceSettings
 from .fusion import RRF_K, reciprocal_rank_fusion
 from .hits import Hit, Space, hit_of
 from .request import check_mode
 
-__all__ = ["DEPTH_FACTOR", "MIN_DEPTH", "choose_mode", "dense_scores", "fuse", "keyword_hits", "keyword_note",
-           "keyword_text"]
+__all__ = ["EVIDENCE", "FUSED_DEPTH", "choose_mode", "dense_scores", "fuse", "fuse_evidence", "fused_depth",
+           "keyword_hits", "keyword_note", "keyword_text", "weigh"]
 
 logger = logging.getLogger(__name__)
 
-#: Each list fused in hybrid mode is this many times ``k`` deep (at least :data:`MIN_DEPTH`).
-DEPTH_FACTOR = 4
-MIN_DEPTH = 40
+#: The rule of ``auto`` mode: the measured defaults (docs/search-modes.md, "How the default was chosen").
+EVIDENCE = EvidenceSettings()
+#: Each list fused (hybrid and auto) is this deep whatever ``k`` (:func:`fused_depth`).
+FUSED_DEPTH = EVIDENCE.depth
+
+
+def fused_depth(k: int) -> int:
+    """How deep each fused list is for ``k`` hits: :data:`FUSED_DEPTH`, or ``k`` when larger."""
+    return max(FUSED_DEPTH, k)
 
 
 def choose_mode(mode: str | None, store: MetadataStore, *, has_text: bool, query: str | None = None) -> str:
@@ -88,16 +102,32 @@ def keyword_text(query: str) -> str:
     return " ".join(t.text for t in parse_query(query) if t.weight > 0)
 
 
-def _ranked_texts(store: MetadataStore, query: str, depth: int | None) -> list[tuple[int, float]]:
-    return fulltext.search_store(store, keyword_text(query), limit=depth)
+def weigh(store: MetadataStore, query: str) -> Evidence:
+    """Auto mode's decision for a text ``query`` (:func:`~crossmodal_rag.search.evidence.weigh_evidence`
+    with the document frequencies of its words in this collection's word index): dense, or hybrid
+    with a keyword query and weight, and why. A damaged index decides dense, with a warning.
+    Raises :class:`~crossmodal_rag.errors.QueryError` only for query arithmetic it cannot read."""
+    words = keyword_text(query)
+    try:
+        df, n = fulltext.doc_freqs(store, evidence.lookup_words(words))
+    except fulltext.DamagedIndexError as e:
+        logger.warning("%s; searching densely", e)
+        return Evidence("dense", None, 0.0, "dense: the keyword index is damaged (run reindex)")
+    return evidence.weigh_evidence(words, df, n, EVIDENCE)
+
+
+def _ranked_texts(store: MetadataStore, query: str, depth: int | None, arithmetic: bool) -> list[tuple[int, float]]:
+    return fulltext.search_store(store, keyword_text(query) if arithmetic else query, limit=depth)
 
 
 def keyword_hits(store: MetadataStore, query: str, k: int, target: str = "images",
-                 allowed: dict[str, np.ndarray] | None = None) -> list[Hit]:
+                 allowed: dict[str, np.ndarray] | None = None, *, arithmetic: bool = True) -> list[Hit]:
     """The best ``k`` keyword hits for ``target`` (``images``, ``texts``, ``all``), ``score`` =
     BM25. An image scores as its best-matching caption or OCR text. ``allowed``: ids per index a
-    filter lets through (see :func:`crossmodal_rag.search.filters.allowed_ids`)."""
-    ranked = _ranked_texts(store, query, None if allowed is not None or target != "texts" else k)
+    filter lets through (see :func:`crossmodal_rag.search.filters.allowed_ids`). ``arithmetic``:
+    ``query`` is a search query (its added terms are matched, :func:`keyword_text`); False: it
+    is a keyword query already (:attr:`Evidence.keyword_query`)."""
+    ranked = _ranked_texts(store, query, None if allowed is not None or target != "texts" else k, arithmetic)
     ok = None if allowed is None else {n: set(np.asarray(v).tolist()) for n, v in allowed.items()}
     items = store.get_items([i for i, _ in ranked])
     parents = store.get_items({it.parent_id for it in items.values() if it.parent_id is not None})
@@ -134,6 +164,24 @@ def fuse(dense: Sequence[Hit], keyword: Sequence[Hit], k: int, rrf_k: int = RRF_
     dense_of = {h.id: h.score for h in dense}
     keyword_of = {h.id: h.score for h in keyword}
     fused = reciprocal_rank_fusion([[h.id for h in dense], [h.id for h in keyword]], rrf_k, limit=k)
+    return [by_id[i].ranked(rank, score=score, mode="hybrid", dense_score=dense_of.get(i),
+                            keyword_score=keyword_of.get(i), space=space)
+            for rank, (i, score) in enumerate(fused, start=1)]
+
+
+def fuse_evidence(dense: Sequence[Hit], keyword: Sequence[Hit], ev: Evidence, k: int, *,
+                  space: Space = "clip") -> list[Hit]:
+    """Auto mode's hits: ``dense`` (cosine) and ``keyword`` (BM25) hit lists fused as ``ev`` says
+    (:func:`~crossmodal_rag.search.evidence.fuse_evidence`: min-max scaled scores, the keyword
+    side weighted ``ev.keyword_weight``); ``score`` = the fused score, ``dense_score`` the cosine
+    where the dense list holds it, the best ``k``."""
+    by_id: dict[int, Hit] = {}
+    for h in (*keyword, *dense):
+        by_id.setdefault(h.id, h)
+    dense_of = {h.id: h.score for h in dense}
+    keyword_of = {h.id: h.score for h in keyword}
+    fused = evidence.fuse_evidence(ev, [(h.id, h.score) for h in dense], [(h.id, h.score) for h in keyword],
+                                   settings=replace(EVIDENCE, depth=fused_depth(k)), limit=k)
     return [by_id[i].ranked(rank, score=score, mode="hybrid", dense_score=dense_of.get(i),
                             keyword_score=keyword_of.get(i), space=space)
             for rank, (i, score) in enumerate(fused, start=1)]

@@ -6,6 +6,10 @@ Syntax of a text query (as rclip offers)::
     cat + snow - indoors                bare terms (operators need spaces around them)
     2:cat + 0.5:"red car"               weights (from MIN_WEIGHT to MAX_WEIGHT; 1e-2:cat too)
 
+A weight written as a product (``2*"coffee"``, ``coffee * 2``) is refused with a
+:class:`~crossmodal_rag.errors.QueryError` naming the form above. The same arithmetic works in a
+collection's text space (:meth:`~crossmodal_rag.search.text_space.TextSpace.embed_query`).
+
 The query vector is the L2-normalised weighted sum of the terms' unit embeddings (a subtracted
 term has a negative weight). A weight outside the range (``0:cat``, ``1e200:cat``, a 400-digit
 number) is a :class:`~crossmodal_rag.errors.QueryError` naming it, as is a query vector that
@@ -53,6 +57,8 @@ _PLAIN = re.compile(r'[^"\s]++')  # a run of characters that cannot start a quot
 _WEIGHT = re.compile(r"((?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)(?:[eE][-+]?+[0-9]++)?+)\s*+:\s*+")
 #: The range of a term's weight (``2:cat``): the terms' unit vectors are summed in float64, and
 #: weights in this range keep the sum finite and its direction meaningful.
+#: A number multiplying a word or a quoted term at a term's start (``2*coffee``, ``2 * "a cup"``).
+_TIMES_HEAD = re.compile(r'(?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)\s*+[*\u00d7]\s*+(?:"|[^\W\d_])')
 MIN_WEIGHT = 1e-3
 MAX_WEIGHT = 1e3
 
@@ -97,12 +103,29 @@ def parse_query(query: str, *, max_chars: int | None = MAX_QUERY_CHARS) -> list[
         raise QueryError(f"query {_short(query)} starts or ends with an operator; write \"a cat\" + \"snow\"")
     terms = []
     for sign, raw in _split(text):
+        if _multiplied(raw):
+            raise QueryError(f"query term {_short(raw)} multiplies by a number, which query arithmetic does not "
+                             "read; write a weight as 2:coffee or 2:\"a cup of coffee\", and combine terms as "
+                             "a + b - c (spaces around + and -)")
         weight, body = _weighted(raw)
         body = " ".join(body.split())
         if not body:
             raise QueryError(f"query {_short(query)} has an empty term; write terms like \"a cat\" + \"snow\"")
         terms.append(QueryTerm(body, sign * weight))
     return terms
+
+
+def _multiplied(raw: str) -> bool:
+    """``2*coffee``, ``2 * "a cup"``, ``"a cup"*2``, ``coffee × 2``: a weight written as a product
+    (a number times a word or a quoted term; ``2*4 lumber`` is a plain term)."""
+    if _TIMES_HEAD.match(raw):
+        return True
+    stripped = raw.rstrip()
+    rest = stripped.rstrip("0123456789.").rstrip()
+    if rest == stripped or not rest.endswith(("*", "\u00d7")):
+        return False
+    before = rest[:-1].rstrip()
+    return bool(before) and (before[-1] == '"' or before[-1].isalpha())
 
 
 def _short(query: str, shown: int = 200) -> str:

@@ -139,6 +139,7 @@ class SearchResult(Sequence[Hit]):
     mode: str  # the mode that ran: dense | keyword | hybrid (auto resolved)
     threshold: float | None = None  # min_score as a number in the top hit's space (None: none given)
     vector: np.ndarray | None = None  # the CLIP query embedding (D,) when the search made one
+    reason: str | None = None  # why this mode ran, one line ("auto: hybrid: keyword weight 0.6 for codes ...")
 
     def __len__(self) -> int:
         return len(self.hits)
@@ -163,4 +164,5 @@ class SearchResult(Sequence[Hit]):
         return NotImplemented
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "threshold": self.threshold, "results": [h.to_dict() for h in self.hits]}
+        return {"mode": self.mode, "mode_reason": self.reason, "threshold": self.threshold,
+                "results": [h.to_dict() for h in self.hits]}

@@ -135,8 +135,17 @@ class TextSpace:
         return self._index
 
     def embed_query(self, text: str) -> np.ndarray:
-        """A query text -> ``(D,)`` float32 unit vector in this space."""
-        return self.encoder.encode_texts([text])[0]
+        """A query text -> ``(D,)`` float32 unit vector in this space. Query arithmetic
+        (``"festival" + "river" - "lantern"``, ``2:coffee``) works as in CLIP's space
+        (:mod:`crossmodal_rag.search.query`): each term embedded by the sentence encoder, the
+        weighted sum normalised; bad arithmetic raises :class:`~crossmodal_rag.errors.QueryError`."""
+        from .query import check_query_vectors, combine, parse_query
+
+        terms = parse_query(text)
+        if len(terms) == 1 and terms[0].weight == 1.0:
+            return check_query_vectors(self.encoder.encode_texts([terms[0].text]))[0]
+        vectors = self.encoder.encode_texts([t.text for t in terms])
+        return check_query_vectors(combine(vectors, [t.weight for t in terms])[None])[0]
 
     def search(self, store: MetadataStore, query: str | np.ndarray, k: int,
                allowed: Mapping[str, np.ndarray] | None = None, min_score: float | None = None) -> list[Hit]:

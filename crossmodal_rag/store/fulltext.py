@@ -46,7 +46,7 @@ from typing import Any
 from ..errors import CollectionError, QueryError
 
 __all__ = ["FOLDED_SINCE", "FTS_KINDS", "FTS_TABLES", "IGNORED_CHARS", "DamagedIndexError", "KeywordQuery",
-           "available", "delete_items", "fold", "fold_step", "fts_step", "index_items", "keyword_search",
+           "available", "delete_items", "doc_freqs", "fold", "fold_step", "fts_step", "index_items", "keyword_search",
            "parse_keyword_query", "problems", "rebuild", "search_store", "segment",
            "store_count"]
 
@@ -402,6 +402,30 @@ def store_count(store: Any) -> int:
     """:func:`indexed_count` of a MetadataStore."""
     with store.locked() as conn:
         return indexed_count(conn, _folder(store))
+
+
+def doc_freqs(store: Any, words: Sequence[str]) -> tuple[dict[str, int], int]:
+    """(folded word -> number of texts holding it, number of texts indexed) from the word index
+    (``fts_words``, read through FTS5's ``fts5vocab``); ``words`` as the index holds them
+    (:func:`crossmodal_rag.search.evidence.fold`). A word in no text is left out; a store
+    without the index gives ``({}, 0)``. Raises :class:`DamagedIndexError` when it cannot be read."""
+    with store.locked() as conn:
+        if not has_index(conn):
+            return {}, 0
+        try:
+            conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.fts_words_vocab "
+                         "USING fts5vocab(main, 'fts_words', 'row')")
+            out: dict[str, int] = {}
+            unique = list(dict.fromkeys(words))
+            for start in range(0, len(unique), 500):
+                chunk = unique[start:start + 500]
+                rows = conn.execute("SELECT term, doc FROM temp.fts_words_vocab WHERE term IN "
+                                    f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                out.update((str(t), int(d)) for t, d in rows)
+            n = int(conn.execute("SELECT count(*) FROM fts_words").fetchone()[0])
+        except sqlite3.DatabaseError as e:
+            raise _damaged(e, _folder(store)) from e
+    return out, n
 
 
 def _folder(store: Any) -> object:

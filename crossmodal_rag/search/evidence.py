@@ -40,9 +40,9 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .search.fusion import reciprocal_rank_fusion
-from .store.fulltext import fold as fold_text
-from .store.fulltext import segment
+from ..store.fulltext import fold as fold_text
+from ..store.fulltext import segment
+from .fusion import reciprocal_rank_fusion
 
 __all__ = ["STOPWORDS", "Evidence", "EvidenceSettings", "QueryTerm", "bm25_idf", "fold", "fuse_evidence",
            "lookup_words", "minmax_fusion", "query_terms", "weigh_evidence", "weighted_rrf"]
@@ -253,7 +253,7 @@ def weigh_evidence(query: str, doc_freq: Mapping[str, int], n_docs: int,
     terms = query_terms(query)
     if not terms:
         return _dense("no words or numbers to match (symbols or emoji only)")
-    limit = s.max_df_fraction * n_docs
+    limit = max(s.max_df_fraction * n_docs, 1)  # a word in one text is rare in any collection
     dfs = {t: _term_df(t, doc_freq) for t in terms}
     n_words = len(query.split())
     if n_words > s.max_words or len(query) > s.max_chars:

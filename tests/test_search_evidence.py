@@ -1,4 +1,4 @@
-"""keyword_evidence: query terms, the evidence rule and the fusions, against hand computations."""
+"""search.evidence: query terms, the evidence rule and the fusions, against hand computations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crossmodal_rag.keyword_evidence import (
+from crossmodal_rag.search.evidence import (
     Evidence,
     EvidenceSettings,
     bm25_idf,
