@@ -208,3 +208,24 @@ def test_ask_honours_search_mode_in_a_text_space_collection(coll_dir: Path, t5_d
 
 def test_the_fused_depth_is_fixed() -> None:
     assert hybrid.FUSED_DEPTH == 100 and hybrid.fused_depth(3) == 100 and hybrid.fused_depth(250) == 250
+
+
+def test_rest_and_the_page_default_to_auto_and_say_why(coll_dir: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from crossmodal_rag.web import WebSettings, create_app
+
+    settings = WebSettings(collection=str(coll_dir), thumbnail_dir=str(tmp_path / "thumbs"))
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        r = client.get("/api/search", params={"q": "Harwick 4,812", "target": "texts", "k": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["mode"] == "hybrid" and body["mode_reason"].startswith("auto: hybrid")
+        r = client.get("/api/search", params={"q": "🐱", "target": "texts", "k": 3})
+        assert r.status_code == 200 and r.json()["mode_reason"].startswith("auto: dense")
+        r = client.get("/api/search", params={"q": "tabby", "target": "texts", "mode": "keyword"})
+        assert r.json()["mode"] == "keyword"
+        page = client.get("/").text
+        assert '<select id="search-mode"' in page and '<option value="auto" selected>' in page
+        script = client.get("/static/app.js").text
+        assert "new URLSearchParams(location.search)" in script and "history.pushState" in script

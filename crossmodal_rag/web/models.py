@@ -36,6 +36,8 @@ class SearchOut(BaseModel):
     target: str
     k: int
     mode: str = Field("dense", description="the search mode that ran (auto resolved): dense, keyword or hybrid")
+    mode_reason: str | None = Field(None, description="why that mode ran, one line (e.g. 'auto: dense: no "
+                                                      "informative keyword: ...')")
     results: list[HitOut]
     seconds: float
 

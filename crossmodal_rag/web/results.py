@@ -31,6 +31,7 @@ def hit_out(h: Hit, paths: PublicPaths) -> HitOut:
 
 
 def search_out(query: dict[str, Any], target: str, k: int, hits: Sequence[Hit], t0: float,
-               paths: PublicPaths, mode: str = "dense") -> SearchOut:
-    return SearchOut(query=query, target=target, k=k, mode=mode, results=[hit_out(h, paths) for h in hits],
+               paths: PublicPaths, mode: str = "dense", reason: str | None = None) -> SearchOut:
+    return SearchOut(query=query, target=target, k=k, mode=mode, mode_reason=reason,
+                     results=[hit_out(h, paths) for h in hits],
                      seconds=time.perf_counter() - t0)

@@ -112,3 +112,32 @@ def test_search_upload_and_ask_in_chromium(server: str, sample_dir: Path) -> Non
     assert not console_errors, console_errors
     assert not failed, failed
     assert not outside, outside
+
+
+def test_a_shared_address_sets_the_mode_and_searches(server: str) -> None:
+    """/?q=...&mode=keyword: the page sets its mode selector from the address and searches; a
+    search from the form writes its query and mode into the address (history)."""
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server + "/?q=tabby&mode=keyword")
+        _wait_for(page, "document.getElementById('search-status').textContent.includes('results for')")
+        assert page.input_value("#search-mode") == "keyword" and page.input_value("#q") == "tabby"
+        assert "keyword: asked for" in page.text_content("#search-status")
+        cards = page.query_selector_all("#results li.card")
+        assert cards and all("tabby" in (c.query_selector("img").get_attribute("alt") or "") for c in cards)
+        # the default mode, from the form: the address follows
+        page.select_option("#search-mode", "auto")
+        page.fill("#q", "a cup of espresso")
+        page.click("#search-btn")
+        _wait_for(page, "location.search.includes('mode=auto')")
+        _wait_for(page, "document.getElementById('search-status').textContent.includes('espresso')")
+        assert "q=a+cup+of+espresso" in page.evaluate("location.search")
+        assert "auto: " in page.text_content("#search-status")
+        page.go_back()  # the shared address again: keyword mode, its query
+        _wait_for(page, "document.getElementById('search-mode').value === 'keyword'")
+        assert page.input_value("#q") == "tabby"
+        browser.close()
+    assert not errors, errors

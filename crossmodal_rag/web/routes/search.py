@@ -46,8 +46,9 @@ def router(settings: WebSettings) -> APIRouter:
                                           description="a number, or auto (calibrated); the dense (cosine) "
                                                       "score in every mode"),
             mode: Mode = Query(
-                DEFAULT_MODE, description="auto (the default, as the CLI's: hybrid for a text query in a "
-                                          "collection with texts, else dense), dense (embeddings; batched with "
+                DEFAULT_MODE, description="auto (the default, as the CLI's: keyword evidence joins the dense "
+                                          "ranking only when the query's words are informative, see "
+                                          "mode_reason), dense (embeddings; batched with "
                                           "concurrent searches), keyword (BM25 over captions, passages, OCR "
                                           "text), hybrid (both, reciprocal rank fusion)"),
             st: AppState = Depends(get_state)) -> SearchOut:
@@ -59,7 +60,8 @@ def router(settings: WebSettings) -> APIRouter:
         check.k(k)
         result = await run(st, SearchRequest(text=q, k=k, target=target, where=tuple(where),
                                               min_score=min_score, mode=mode))
-        return search_out({"text": q, "where": where}, target, k, result.hits, t0, st.paths, result.mode)
+        return search_out({"text": q, "where": where}, target, k, result.hits, t0, st.paths, result.mode,
+                          result.reason)
 
     @r.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
     async def search_image(request: Request, image: UploadFile = File(..., description="query image"),

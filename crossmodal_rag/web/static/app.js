@@ -68,12 +68,31 @@ function renderResults(data) {
   }
 }
 
+const SEARCH_MODES = ["auto", "dense", "keyword", "hybrid"];
+
 async function searchText(ev) {
-  ev.preventDefault();
+  if (ev) ev.preventDefault();
   const q = $("q").value.trim();
   if (!q) { setStatus($("search-status"), "Type something to search for, or drop an image.", true); return; }
-  const params = new URLSearchParams({ q, k: $("k").value, target: $("target").value });
+  const mode = $("search-mode").value;
+  const params = new URLSearchParams({ q, k: $("k").value, target: $("target").value, mode });
+  // a shareable address: /?q=...&mode=... (target too when it is not the default)
+  const shared = new URLSearchParams({ q, mode });
+  if ($("target").value !== "images") shared.set("target", $("target").value);
+  const url = `${location.pathname}?${shared}`;
+  if (`${location.pathname}${location.search}` !== url) history.pushState({ q, mode }, "", url);
   await runSearch(() => api(`/api/search?${params}`), `“${q}”`);
+}
+
+// The query in the address (?q=...&mode=...&target=...): the form set from it, and searched.
+function searchFromAddress() {
+  const params = new URLSearchParams(location.search);
+  const q = params.get("q");
+  const mode = params.get("mode");
+  const target = params.get("target");
+  $("search-mode").value = SEARCH_MODES.includes(mode) ? mode : "auto";
+  if (target && [...$("target").options].some((o) => o.value === target)) $("target").value = target;
+  if (q) { $("q").value = q; searchText(); }
 }
 
 async function searchImage(file) {
@@ -97,7 +116,8 @@ async function runSearch(call, label) {
   try {
     const data = await call();
     renderResults(data);
-    setStatus(status, `${data.results.length} results for ${label} in ${(data.seconds * 1000).toFixed(0)} ms`);
+    const how = data.mode_reason ? ` · ${data.mode_reason}` : data.mode ? ` · ${data.mode}` : "";
+    setStatus(status, `${data.results.length} results for ${label} in ${(data.seconds * 1000).toFixed(0)} ms${how}`);
   } catch (e) {
     $("results").replaceChildren();
     setStatus(status, `Search failed: ${e.message}`, true);
@@ -149,7 +169,7 @@ async function ask(ev) {
       resp = await fetch("/api/ask/image", { method: "POST", body: form });
     } else {
       resp = await fetch("/api/ask", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ question, mode: $("mode").value, stream: true }) });
+        body: JSON.stringify({ question, mode: $("mode").value, search_mode: $("search-mode").value, stream: true }) });
     }
     if (!resp.ok) {
       let body = null;
@@ -238,5 +258,7 @@ async function loadStats() {
 
 $("search-form").addEventListener("submit", searchText);
 $("ask-form").addEventListener("submit", ask);
+window.addEventListener("popstate", searchFromAddress);
 setupDrop();
 loadStats();
+searchFromAddress();
