@@ -88,13 +88,13 @@ def test_generation_apps_training_and_eval_are_clean() -> None:
 
 
 def test_the_scan_sees_a_module_using_its_own_privates() -> None:
-    """llama.cpp's decode state uses its generator's context and lock: the same module, allowed;
+    """llama.cpp's decode state uses its generator's prompt cache and lock: the same module, allowed;
     the same source read as if those names were another module's is caught (the scan is not blind)."""
     source = (PACKAGE / "generation" / "llamacpp.py").read_text(encoding="utf-8")
     assert private_crossings(source, "llamacpp.py") == []
     tree = ast.parse(source)
     uses = {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    assert {"gen._lock", "gen._context", "self.gen._decode"} <= uses
+    assert {"gen._lock", "gen._cache", "self.gen._lock"} <= uses
 
 
 def test_each_kind_of_crossing_is_caught() -> None:

@@ -128,7 +128,7 @@ def _did_you_mean(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """`` (did you mean --generator?)`` for the unknown flags that are close to one of the command's."""
     import difflib
 
-    flags = [f for f in parser._option_string_actions if f.startswith("--")]
+    flags = [f for action in parser._actions for f in action.option_strings if f.startswith("--")]
     hints = []
     for arg in extra:
         if arg.startswith("-"):
