@@ -1,15 +1,18 @@
 """One search, run: a :class:`~crossmodal_rag.search.request.SearchRequest` and an open collection
 in, a :class:`~crossmodal_rag.search.request.SearchResult` out.
 
-request --routes?--> text space (routing) --\\
-        \\-> CLIP: embed (query) -> dense ranking (dense) ---> [keyword ranking (hybrid) -> RRF (fusion)]
-                                                                    -> min_score cut -> hits
+request --plan (mode + why; auto: hybrid.weigh, the evidence rule)--+
+        --routes?--> text space (routing) --\\
+        \\-> CLIP: embed (query) -> dense ranking (dense) ---> [keyword ranking (hybrid) ->
+                  RRF (hybrid) or evidence fusion (auto)] -> min_score cut -> hits
 
 :meth:`Collection.search <crossmodal_rag.collection.Collection.search>` calls :func:`run`; nothing
 here calls back into the collection's search, so ``k`` reaches FAISS through each module once.
-The mode is resolved here (``auto``: :func:`~crossmodal_rag.search.hybrid.choose_mode`): no
-front end branches on it.
-"""
+The mode is resolved here (:func:`_plan`; ``auto``: dense unless the query's words are
+informative keyword evidence, :mod:`crossmodal_rag.search.evidence`), and the result says which
+ran and why (``SearchResult.reason``): no front end branches on it. Fused lists are
+:data:`~crossmodal_rag.search.hybrid.FUSED_DEPTH` deep whatever ``k``. A keyword search that
+needs no cosine embeds nothing (no model loads)."""
 
 from __future__ import annotations
 

@@ -6,14 +6,17 @@ full-text index and runs both rankings; this module decides and fuses::
         weigh_evidence --> Evidence(mode, keyword_query, keyword_weight, reason)
     dense ranking + keyword ranking of Evidence.keyword_query --fuse_evidence--> one ranking
 
-The rule (constants in :class:`EvidenceSettings`, chosen by ``benchmarks/bench_search_modes.py``,
+The rule is what the ``auto`` search mode does for a text query
+(:func:`crossmodal_rag.search.hybrid.weigh` and :func:`~crossmodal_rag.search.hybrid.fuse_evidence`
+wire it; constants in :class:`EvidenceSettings`, chosen by ``benchmarks/bench_search_modes.py``,
 see docs/search-modes.md, "How the default was chosen"):
 
 * codes (a word holding a digit: ``1663``, ``0x8E005B86``, ``2023-8376``) and "quoted phrases"
   are kept whatever their document frequency; a code whose parts are joined by punctuation is
   matched as one phrase (``12.28`` -> ``"12 28"``, not ``12`` OR ``28``);
-* stopwords carry no weight; a word in more than ``max_df_fraction`` of the texts is dropped
-  (its BM25 idf is near zero and it matches unrelated texts); a word in no text is dropped;
+* stopwords carry no weight; a word in more than ``max_df_fraction`` of the texts (and in more
+  than one: in a small collection a word of one text is still rare) is dropped (its BM25 idf is
+  near zero and it matches unrelated texts); a word in no text is dropped;
 * *coverage*: the share of the query's BM25 idf mass (stopwords left out; a word in no text
   counts at its full idf) held by the kept terms. A paraphrase ("a feline portrait") keeps
   little of it; a name, a code or a question in the texts' own words keeps most;
