@@ -135,9 +135,12 @@ def _photo(hit: object) -> str:
 def _answer(coll: Collection, gguf: str, k: int, out: Callable[[str], None]) -> None:
     from .generation import GenerationSettings, RagPipeline, RagSettings
 
-    # the pipeline retrieves the captions from the text space (dense: see the queries above)
-    pipeline = RagPipeline(coll, gguf, RagSettings(k=k, search_mode="dense"), GenerationSettings(max_new_tokens=24),
-                           query_projection=None)
+    # The pipeline retrieves the captions from the text space (dense: see the queries above).
+    # rag-sequence: each caption answers on its own and the answers are weighed by P(z|x). With
+    # concat, SmolLM2-135M on llama.cpp (cyllama) read the third caption's "space shuttle model" as
+    # the suit's colour; on transformers it answered "orange" (the two runtimes' greedy paths part).
+    settings = RagSettings(k=k, search_mode="dense", mode="rag-sequence")
+    pipeline = RagPipeline(coll, gguf, settings, GenerationSettings(max_new_tokens=24), query_projection=None)
     answer = pipeline.ask(OFFLINE_QUESTION)
     out(f"\nQ: {OFFLINE_QUESTION}  (answered by {Path(gguf).name} from the retrieved captions)")
     out(f"A: {answer.answer}")
