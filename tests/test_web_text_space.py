@@ -54,3 +54,25 @@ def test_rest_search_routes_texts_like_the_cli(coll_dir: Path, tmp_path: Path,
         r = c.get("/api/search", params={"q": "a cup", "k": 3, "target": "images"})
         with Collection.open(coll_dir) as coll:
             assert [h["id"] for h in r.json()["results"]] == [h.id for h in coll.search("a cup", k=3)]
+
+
+def test_a_refused_text_space_is_a_json_503_naming_reindex(coll_dir: Path, tmp_path: Path) -> None:
+    """A text space the collection refuses (here: its collection id blanked) is the server's state,
+    not the client's input: 503 with the fix, never a bare 500; image searches go on."""
+    import shutil
+
+    folder = tmp_path / "c"
+    shutil.copytree(coll_dir, folder)
+    manifest_path = folder / "text_space" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "collection_id": ""}))
+    settings = WebSettings(collection=str(folder), thumbnail_dir=str(tmp_path / "t"),
+                           load_generator_at_startup=False)
+    with TestClient(create_app(settings), base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
+        r = c.get("/api/search", params={"q": "a cup of coffee", "k": 3, "target": "texts", "mode": "dense"})
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "collection_damaged" and "reindex" in error["message"]
+        assert str(tmp_path) not in error["message"]  # no absolute server path leaves it
+        r = c.get("/api/search", params={"q": "a cup", "k": 3, "target": "images", "mode": "dense"})
+        assert r.status_code == 200, r.text

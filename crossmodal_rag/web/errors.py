@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import QueryError
+from ..errors import CollectionError, QueryError
 from .inputs import InputError
 
 __all__ = ["ApiError", "error_response", "register_errors"]
@@ -41,6 +41,18 @@ def register_errors(app: FastAPI) -> None:
     @app.exception_handler(QueryError)
     async def _query_error(request: Request, exc: QueryError) -> JSONResponse:
         return error_response(422, "bad_query", str(exc))
+
+    @app.exception_handler(CollectionError)
+    async def _collection_error(request: Request, exc: CollectionError) -> JSONResponse:
+        # the collection's own state (a damaged or refused index, text space or file), not the
+        # request's: 503, with the library's message, which names the fix (reindex, ...)
+        logger.error("collection problem on %s: %s", request.url.path, exc)
+        message = str(exc)
+        web = getattr(request.app.state, "web", None)
+        if web is not None and not web.settings.show_paths:  # no absolute server path leaves it
+            folder = str(web.collection.folder)
+            message = message.replace(folder, web.collection.folder.name)
+        return error_response(503, "collection_damaged", message)
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
