@@ -52,14 +52,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.set_defaults(handler=cmd_serve)
 
 
-def _batch_ms(text: str) -> float:
+def _bounded_float(text: str, low: float, high: float, unit: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
-    if not 0.0 <= value <= 1000.0:
-        raise argparse.ArgumentTypeError(f"expected 0 to 1000 milliseconds, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {unit}, got {text!r}") from None
+    if not low <= value <= high:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} {unit}, got {text!r}")
     return value
+
+
+def _batch_ms(text: str) -> float:
+    return _bounded_float(text, 0.0, 1000.0, "milliseconds")
 
 
 def _origin(text: str) -> str:
@@ -74,13 +78,7 @@ def _origin(text: str) -> str:
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"expected 0.1 to 3600 seconds, got {text!r}")
-    return value
+    return _bounded_float(text, 0.1, 3600.0, "seconds")
 
 
 def _decode_workers(text: str) -> int:
