@@ -87,7 +87,7 @@ def _assert_same_collection(a: Path, b: Path) -> None:
     with Collection.open(a) as ca, Collection.open(b) as cb:
         assert ca.counts() == cb.counts()
         n = sum(ca.counts().values())
-        for query in ({"query": "a cat"}, {"image": sorted(paths_a)[0][0]}):
+        for query in ({"text": "a cat"}, {"image": sorted(paths_a)[0][0]}):
             hits_a = ca.search(**query, k=n, target="all")
             hits_b = cb.search(**query, k=n, target="all")
             assert [h.id for h in hits_a] == [h.id for h in hits_b]

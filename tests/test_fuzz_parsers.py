@@ -39,7 +39,14 @@ from crossmodal_rag.search.filters import (
     _image_matches,
     parse_where,
 )
-from crossmodal_rag.search.query import MAX_QUERY_CHARS, MAX_QUERY_TERMS, QueryTerm, parse_query
+from crossmodal_rag.search.query import (
+    MAX_QUERY_CHARS,
+    MAX_QUERY_TERMS,
+    MAX_WEIGHT,
+    MIN_WEIGHT,
+    QueryTerm,
+    parse_query,
+)
 from crossmodal_rag.store.ann import parse_memory
 from tests.badimages import jpeg_bytes
 
@@ -265,6 +272,8 @@ _WHERE_CHARS = st.sampled_from(list(' <=>!~"\'.-_0123456789abKMGB\t\n\u00a0é:')
 @given(st.text(_QUERY_CHARS, max_size=40))
 def test_query_parser_agrees_with_the_regex_grammar(query: str) -> None:
     want = _reference_query(query)
+    if want is not None and any(not MIN_WEIGHT <= abs(t.weight) <= MAX_WEIGHT for t in want):
+        want = None  # issue 25: weights are bounded (0:cat, 1e200:cat made a zero or NaN vector)
     try:
         got = parse_query(query)
     except QueryError:

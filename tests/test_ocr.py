@@ -311,7 +311,7 @@ def test_thin_images_never_reach_the_engine_and_reads_stay_bounded(tmp_path: Pat
     """The real engine in a child capped at 3 GB of address space: 1000x1 and 60000x1 PNGs (7.8 GB
     and 22.9 GB before) are refused with a one-line reason before the engine allocates; the
     costliest shape the budget lets through whole (8:1 at 2048 pixels) reads within the cap,
-    under 1.5 GB resident and a minute."""
+    under 2 GB resident and a minute."""
     pytest.importorskip("rapidocr_onnxruntime")
     import json
     import resource
@@ -347,4 +347,4 @@ print(json.dumps(out))
     assert out["60000x1.png"].startswith("60000x1 (read at 1875x1) image is too thin to hold readable text")
     assert out["1000x1.png:s"] < 1 and out["60000x1.png:s"] < 1
     assert out["wide.png"] == [0] and out["wide.png:s"] < 60
-    assert out["peak_mb"] < 1536, out
+    assert out["peak_mb"] < 2048, out  # 0.9-1.0 GB measured here, 1.7 GB in a fresh CI venv

@@ -175,8 +175,10 @@ def _folder(coll: TextSpaceOwner) -> Path:
     return Path(coll.folder) / TEXT_SPACE_DIR
 
 
-def open_text_space(coll: TextSpaceOwner, device: str | None = None) -> TextSpace | None:
-    """The collection's text space, or None when it has none.
+def open_text_space(coll: TextSpaceOwner, device: str | None = None, *,
+                    warn_lag: bool = True) -> TextSpace | None:
+    """The collection's text space, or None when it has none. ``warn_lag``: log a warning when
+    it holds another number of rows than the collection has texts (off for the sync that fixes it).
 
     Raises:
         CollectionError: the files are damaged or disagree with each other.
@@ -212,10 +214,11 @@ def open_text_space(coll: TextSpaceOwner, device: str | None = None) -> TextSpac
             f"{folder}: the text space cannot be used: {'; '.join(faults)}. `crossmodal-rag reindex "
             f"{coll.folder}` rebuilds it (or `crossmodal-rag reembed {coll.folder} --text-model SPEC`)")
     space = TextSpace(folder, manifest, ids, loaded, device)
-    lag = len(coll.store.ids("text")) - len(space)
-    if lag:
-        logger.warning("%s: the text space lags the collection by %+d rows; run `crossmodal-rag "
-                       "reindex %s` to bring it up to date", coll.folder, -lag, coll.folder)
+    if warn_lag:
+        live, held = len(coll.store.ids("text")), len(space)
+        if live != held:  # texts added or removed since the space was last brought up to date
+            logger.warning("%s: the text space holds %d text rows, the collection %d; run `crossmodal-rag "
+                           "reindex %s` to bring it up to date", coll.folder, held, live, coll.folder)
     return space
 
 
@@ -278,7 +281,7 @@ def sync_text_space(coll: TextSpaceOwner, spec: str | None = None, *, rebuild: b
     the text model its manifest names (or ``spec``) instead of raising.
     """
     try:
-        current = open_text_space(coll, device)
+        current = open_text_space(coll, device, warn_lag=False)  # this call brings it up to date
     except CollectionError as e:
         stored = _stored_spec(coll)
         if not rebuild_refused or (spec is None and stored is None):
