@@ -83,6 +83,19 @@ def write_odd_images(folder: Path) -> dict[str, Image.Image]:
 
 
 # -- decode bombs and disguised formats (issue 25) --------------------------------------------
+def white_png(path: Path, width: int, height: int) -> Path:
+    """A white RGB PNG written by hand, so any size costs bytes, not pixels (a 1000x1 one is 83
+    bytes, 60000x1 254): the shape of the OCR memory bombs."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    raw = b"".join(b"\x00" + b"\xff" * width * 3 for _ in range(height))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return path
+
+
 def thin_jpeg(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     """A valid JPEG of a degenerate shape (3000x1, 1x5000, 60000x2): Pillow's reduced-scale
     decoding divided by zero on these."""

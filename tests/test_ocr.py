@@ -24,6 +24,7 @@ from crossmodal_rag.ingestion.ocr import (
     ocr_image,
     rows,
 )
+from tests.badimages import white_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,20 +294,6 @@ def test_elongated_images_are_read_whole_with_boxes_in_place(engine) -> None:
         assert abs(min(p[1] for p in line.box) - (20 + 78 * i)) < 15, line
 
 
-def _png(path: Path, width: int, height: int) -> Path:
-    """A white RGB PNG (a 1000x1 one is 83 bytes, 60000x1 254)."""
-    import struct
-    import zlib
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    raw = b"".join(b"\x00" + b"\xff" * width * 3 for _ in range(height))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    return path
-
-
 def test_thin_images_never_reach_the_engine_and_reads_stay_bounded(tmp_path: Path) -> None:
     """The real engine in a child capped at 3 GB of address space: 1000x1 and 60000x1 PNGs (7.8 GB
     and 22.9 GB before) are refused with a one-line reason before the engine allocates; the
@@ -317,7 +304,7 @@ def test_thin_images_never_reach_the_engine_and_reads_stay_bounded(tmp_path: Pat
     import resource
 
     for w, h in ((1000, 1), (60000, 1)):
-        _png(tmp_path / f"{w}x{h}.png", w, h)
+        white_png(tmp_path / f"{w}x{h}.png", w, h)
     Image.new("RGB", (2048, 256), "white").save(tmp_path / "wide.png")
     code = f"""
 import json, resource, time

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from crossmodal_rag import Collection
 from crossmodal_rag.ingestion.ocr import OCR_ENGINES, OcrLine, OcrResult
+from tests.badimages import white_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -261,21 +262,11 @@ def test_cli_index_ocr_skips_thin_images_in_bounded_memory(tmp_path: Path, tiny_
     the process stays under 2 GB resident."""
     pytest.importorskip("rapidocr_onnxruntime")
     import resource
-    import struct
-    import zlib
-
-    def png(path: Path, width: int, height: int) -> None:
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-        raw = b"".join(b"\x00" + b"\xff" * width * 3 for _ in range(height))
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-                         + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
     folder = tmp_path / "in"
     folder.mkdir()
-    png(folder / "strip1000.png", 1000, 1)
-    png(folder / "strip60000.png", 60000, 1)
+    white_png(folder / "strip1000.png", 1000, 1)
+    white_png(folder / "strip60000.png", 60000, 1)
     _document(folder / "memo.png", ["Quarterly budget memo", "Total EUR 1234"])
     peak = tmp_path / "peak"
     code = ("import atexit, resource, runpy, sys\n"
