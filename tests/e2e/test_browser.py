@@ -133,7 +133,12 @@ def test_a_shared_address_sets_the_mode_and_searches(server: str) -> None:
         page.fill("#q", "a cup of espresso")
         page.click("#search-btn")
         _wait_for(page, "location.search.includes('mode=auto')")
-        _wait_for(page, "document.getElementById('search-status').textContent.includes('espresso')")
+        # the finished status ("N results for ..."), not the "Searching for ..." line shown meanwhile
+        _wait_for(
+            page,
+            "(t => t.includes('espresso') && t.includes('results for'))"
+            "(document.getElementById('search-status').textContent)",
+        )
         assert "q=a+cup+of+espresso" in page.evaluate("location.search")
         assert "auto: " in page.text_content("#search-status")
         page.go_back()  # the shared address again: keyword mode, its query
