@@ -26,6 +26,7 @@ from .options import (
     search_params,
 )
 from .output import safe, to_json, tsv_field
+from .shards import add_collections, open_searchable, report_partial, shard_folders, sharded_json
 
 if TYPE_CHECKING:
     from ..search import Hit
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--image", "-i", metavar="PATH", help="image query")
     se.add_argument("--queries", metavar="FILE",
                     help="batch: one query per line (text, or JSON {\"text\": ...} / {\"image\": ...})")
-    add_collection(se)
+    add_collections(se)
     add_top_k(se, default=10, help="results per query (default 10)")
     se.add_argument("--target", "-t", choices=TARGETS, default="images",
                     help="what to return: images, texts (captions and passages) or all")
@@ -107,10 +108,10 @@ def _read_queries(path: str) -> list[dict[str, Any]]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ..collection import Collection
     from ..search import SearchRequest, TargetEmptyError
 
-    folder = collection_dir(args)
+    folders = shard_folders(args)
+    folder = folders[0] if len(folders) == 1 else f"none of the {len(folders)} shards"
     if args.queries and (args.text or args.image):
         raise UsageError("search: give TEXT/--image or --queries FILE, not both")
     if args.queries:
@@ -128,7 +129,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     failures = 0
     records = []
     params = search_params(args)
-    with Collection.open(folder, model=args.model, mmap=args.mmap) as coll:
+    with open_searchable(args, model=args.model, mmap=args.mmap) as coll:
         for q in queries:
             label = q.get("text") if q.get("text") is not None else q.get("image")
             try:
@@ -139,6 +140,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     where=args.where, min_score=args.min_score, plus=args.plus, minus=args.minus,
                     params=params, mode=args.mode))
                 mode, hits = result.mode, result.hits
+                report_partial(result, f"query on line {q['line']}: " if q["line"] is not None else "")
                 if result.reason:
                     logger.info("query %s: %s", _shown(label), result.reason)
             except TargetEmptyError as e:
@@ -156,11 +158,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                 print(f"note: {where}{safe(note)}", file=sys.stderr)
             records.append({"query": {"text": q.get("text"), "image": q.get("image")},
                             "label": label, "hits": hits, "mode": mode, "note": note,
-                            "reason": result.reason})
+                            "reason": result.reason, "shards": sharded_json(result)})
     if args.json:
         out = [{"query": r["query"], "target": args.target, "k": args.top_k, "mode": r["mode"],
                 "mode_reason": r["reason"], **({"note": r["note"]} if r["note"] else {}),
-                "results": [h.to_dict() for h in r["hits"]]} for r in records]
+                "results": [h.to_dict() for h in r["hits"]], **r["shards"]} for r in records]
         print(to_json(out[0] if not args.queries else out))
     else:
         if not args.no_header:

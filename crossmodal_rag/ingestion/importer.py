@@ -44,7 +44,7 @@ from .runner import IngestReport, Problem
 if TYPE_CHECKING:
     from ..collection import Collection
 
-__all__ = ["EmbeddingShard", "find_shards", "import_embeddings"]
+__all__ = ["EmbeddingShard", "find_shards", "import_embeddings", "parse_slice", "slice_bounds"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,16 +222,40 @@ def _caption(row: dict[str, Any]) -> str | None:
     return None
 
 
-def _rows(shards: list[EmbeddingShard], dim: int) -> Iterator[tuple[EmbeddingShard, int, np.ndarray,
-                                                                      np.ndarray | None, list[dict]]]:
+def parse_slice(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)``: the I-th of N equal runs of the source's rows (1 <= I <= N)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(f"slice {text!r} is not I/N with 1 <= I <= N (e.g. 2/4: the second quarter of the rows)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def slice_bounds(total: int, part: tuple[int, int] | None) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of slice ``part`` (I, N) of ``total`` rows (None: all): the N slices
+    cover every row once, their sizes differ by at most one."""
+    if part is None:
+        return 0, total
+    i, n = part
+    return total * (i - 1) // n, total * i // n
+
+
+def _rows(shards: list[EmbeddingShard], dim: int, lo: int = 0, hi: int | None = None
+          ) -> Iterator[tuple[EmbeddingShard, int, np.ndarray, np.ndarray | None, list[dict]]]:
+    """Batches of the rows ``[lo, hi)`` counted across the shards in order (files wholly
+    outside are not read)."""
+    offset = 0
     for shard in shards:
         images = _load_matrix(shard.images, dim)
+        first, offset = offset, offset + len(images)
+        a, b = max(lo - first, 0), len(images) if hi is None else min(hi - first, len(images))
+        if a >= b:
+            continue
         texts = _load_matrix(shard.texts, dim) if shard.texts else None
         if texts is not None and len(texts) != len(images):
             raise CollectionError(f"{shard.texts} has {len(texts)} rows, {shard.images} {len(images)}")
         meta = _read_metadata(shard.metadata, len(images))
-        for start in range(0, len(images), _BATCH):
-            stop = start + _BATCH
+        for start in range(a, b, _BATCH):
+            stop = min(start + _BATCH, b)
             yield (shard, start, images[start:stop], None if texts is None else texts[start:stop],
                    meta[start:stop])
 
@@ -240,6 +264,7 @@ def import_embeddings(
     source: str | Path, collection: str | Path, model: str, *, image_root: str | Path | None = None,
     index_type: str = "auto", max_index_memory: int | str | None = None, verify: int = 3,
     fsync: str = "full", progress: bool = True, allow_outside_root: bool = False,
+    slice: tuple[int, int] | None = None,
 ) -> IngestReport:
     """Add precomputed image (and caption) embeddings from ``source`` to ``collection``.
 
@@ -247,7 +272,9 @@ def import_embeddings(
     collection are skipped (re-running an import is safe); rows without an image path are
     skipped with a reason, and so are image paths leaving the source folder (or ``image_root``)
     unless ``allow_outside_root``. A collection this call created is removed again when the
-    import is refused or imports nothing. Returns the same report as an ingest.
+    import is refused or imports nothing. ``slice`` ``(I, N)`` imports only the I-th of N
+    contiguous runs of the source's rows (:func:`slice_bounds`): N imports cut one embedding
+    folder into N index-shard collections. Returns the same report as an ingest.
     """
     source = Path(source).expanduser()
     shards = find_shards(source)
@@ -259,7 +286,7 @@ def import_embeddings(
     report = IngestReport(source=str(source))
     try:
         _import(shards, root, folder, model, report, verify=verify, progress=progress,
-                allow_outside_root=allow_outside_root,
+                allow_outside_root=allow_outside_root, part=slice,
                 open_kwargs={"index_type": index_type, "max_index_memory": max_index_memory, "fsync": fsync})
     except BaseException:
         if created:
@@ -271,7 +298,8 @@ def import_embeddings(
 
 
 def _import(shards: list[EmbeddingShard], root: Path, folder: Path, model: str, report: IngestReport, *,
-            verify: int, progress: bool, allow_outside_root: bool, open_kwargs: dict[str, Any]) -> None:
+            verify: int, progress: bool, allow_outside_root: bool, open_kwargs: dict[str, Any],
+            part: tuple[int, int] | None = None) -> None:
     from tqdm import tqdm
 
     from ..collection import Collection
@@ -280,12 +308,13 @@ def _import(shards: list[EmbeddingShard], root: Path, folder: Path, model: str, 
     t0 = time.perf_counter()
     with Collection.open_or_create(folder, model, **open_kwargs) as coll:
         dim = coll.manifest.dim
-        total = sum(int(_load_matrix(s.images, dim).shape[0]) for s in shards)
+        lo, hi = slice_bounds(sum(int(_load_matrix(s.images, dim).shape[0]) for s in shards), part)
+        total = hi - lo
         if verify:
             _verify(coll, shards, root, verify, allow_outside_root)
         bar = tqdm(total=total, unit="rows", desc="importing", disable=not progress, leave=False)
         try:
-            for shard, start, img, txt, meta in _rows(shards, dim):
+            for shard, start, img, txt, meta in _rows(shards, dim, lo, hi):
                 _import_batch(coll, shard, start, _normalise(img), None if txt is None else _normalise(txt),
                               meta, root, report, allow_outside_root)
                 bar.update(len(meta))

@@ -37,11 +37,14 @@ class Hit:
     dense_score: float | None = None  # cosine with the query embedding, in ``space`` (None: not computed)
     keyword_score: float | None = None  # BM25 (None: no keyword match)
     space: Space = "clip"  # where its dense score comes from: "clip" or "text" (the text space)
+    capture: dict[str, Any] | None = None  # when/where/camera of the image (taken, city, country, make, ...)
+    shard: str | None = None  # the index shard (collection) that holds it, in a search over several
 
     def to_dict(self) -> dict[str, Any]:
         """The hit as JSON output shows it: a dense hit without the per-ranking fields (they
         repeat ``score``), a keyword or hybrid hit with ``mode``, ``dense_score`` and
-        ``keyword_score``; ``space`` only for a hit of the text space."""
+        ``keyword_score``; ``space`` only for a hit of the text space; ``shard`` only in a search
+        over several shards (:mod:`crossmodal_rag.search.shards`)."""
         d = asdict(self)
         d["captions"] = list(self.captions)
         if self.mode == "dense":
@@ -49,6 +52,8 @@ class Hit:
                 del d[key]
         if self.space == "clip":
             del d["space"]
+        if self.shard is None:
+            del d["shard"]
         return d
 
     def ranked(self, rank: int, **changes: Any) -> Hit:
@@ -65,4 +70,4 @@ def hit_of(item: Item, rank: int, score: float, *, mode: str = "dense", space: S
     return Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text,
                captions=item.captions, parent_id=item.parent_id, title=item.title,
                ocr=item.ocr, mode=mode, dense_score=dense_score,
-               keyword_score=keyword_score, space=space)
+               keyword_score=keyword_score, space=space, capture=item.capture)

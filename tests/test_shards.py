@@ -1,0 +1,239 @@
+"""Several collections as one (search/shards.py, serving/local.py) and `import --slice`: three
+slices of one embedding folder searched together against one collection holding the union (the
+oracle), in every mode, with --where, --min-score and query arithmetic; a shard of another
+encoder refused by name; a failing or slow shard gives a partial result, then recovery."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossmodal_rag import Collection
+from crossmodal_rag.cli import main
+from crossmodal_rag.ingestion.importer import import_embeddings, parse_slice, slice_bounds
+from crossmodal_rag.search import SearchRequest, SearchResult
+from crossmodal_rag.search.shards import ShardSet, ShardSettings, ShardsUnavailableError
+from crossmodal_rag.serving import ShardMismatchError, open_shards, read_shard_list
+from tests.e2e.test_cli import run
+
+N_ROWS = 2400  # in two embedding files of 1,200: the three slices cut across the file boundary
+WORDS = ("red blue green cat dog bird car boat tree house river mountain beach snow city night "
+         "market street garden kitchen").split()
+CODES = [f"zx{k:03d}" for k in range(40)]  # rare words: informative keyword evidence
+
+
+def _rows(rng: np.random.Generator, start: int, n: int) -> list[dict]:
+    rows = []
+    for k in range(start, start + n):
+        words = rng.choice(WORDS, size=int(rng.integers(3, 8)), p=_zipf(len(WORDS))).tolist()
+        if k % 7 == 0:
+            words.append(CODES[k % len(CODES)])
+        rows.append({"image_path": f"img/{k:05d}.jpg", "caption": " ".join(words), "year": 2000 + k % 20,
+                     "width": 100 + k % 900, "height": 100})
+    return rows
+
+
+def _zipf(n: int) -> np.ndarray:
+    p = 1.0 / np.arange(1, n + 1)
+    return p / p.sum()
+
+
+def _clustered(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    centres = rng.standard_normal((12, dim))
+    x = centres[rng.integers(0, 12, n)] + 0.6 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Loose layout: part-0.npy/.text.npy/.jsonl and part-1..., 1,200 rows each, 32-d."""
+    folder = tmp_path_factory.mktemp("emb")
+    rng = np.random.default_rng(34)
+    half = N_ROWS // 2
+    for f in range(2):
+        np.save(folder / f"part-{f}.npy", _clustered(rng, half, 32).astype(np.float16))
+        np.save(folder / f"part-{f}.text.npy", _clustered(rng, half, 32).astype(np.float16))
+        (folder / f"part-{f}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in _rows(rng, f * half, half)), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, source: Path, tiny_oc_spec: str) -> tuple[Path, list[Path]]:
+    """The union collection and three slices of the same folder."""
+    out = tmp_path_factory.mktemp("colls")
+    union = out / "union"
+    import_embeddings(source, union, tiny_oc_spec, verify=0, fsync="off", progress=False, index_type="Flat")
+    shards = []
+    for i in (1, 2, 3):
+        shards.append(out / f"shard-{i}")
+        import_embeddings(source, shards[-1], tiny_oc_spec, verify=0, fsync="off", progress=False,
+                          index_type="Flat", slice=(i, 3))
+    return union, shards
+
+
+@pytest.fixture(scope="module")
+def opened(built: tuple[Path, list[Path]]):
+    union, shards = built
+    with Collection.open(union) as u, open_shards(shards) as s:
+        yield u, s
+
+
+def _key(hit) -> tuple[str, str | None]:
+    return (hit.kind, hit.path if hit.kind == "image" else hit.text)
+
+
+def test_slices_cover_the_source_once(built: tuple[Path, list[Path]], source: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_slice("2/3") == (2, 3)
+    for bad in ("0/3", "4/3", "1", "a/b"):
+        with pytest.raises(ValueError, match="I/N"):
+            parse_slice(bad)
+    assert [slice_bounds(10, (i, 3)) for i in (1, 2, 3)] == [(0, 3), (3, 6), (6, 10)]
+    union, shards = built
+    with Collection.open(union) as u:
+        paths = u.store.paths_under(str(source))
+    seen: list[str] = []
+    for shard in shards:
+        with Collection.open(shard) as c:
+            assert c.counts()["images"] == c.counts()["captions"] == N_ROWS // 3
+            seen += c.store.paths_under(str(source))
+    assert len(seen) == len(set(seen)) == N_ROWS and set(seen) == set(paths)
+    with pytest.raises(SystemExit) as bad:
+        main(["import", str(source), "-c", str(tmp_path / "x"), "--model", "m", "--slice", "4/3"])
+    assert bad.value.code == 2 and "is not I/N" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("request_", [
+    SearchRequest(text="a red cat", mode="dense", k=25),
+    SearchRequest(text="a red cat", mode="dense", k=25, target="texts", where=("year>=2010",)),
+    SearchRequest(text='"snow" + night - city', mode="dense", k=10, target="all"),
+    SearchRequest(text="boat", mode="dense", k=40, min_score=0.2),
+], ids=["images", "texts-where", "arithmetic-all", "min-score"])
+def test_dense_is_the_union_exactly(opened, request_: SearchRequest) -> None:
+    union, shards = opened
+    want = union.search(request_)
+    got = shards.search(request_)
+    assert not got.partial and got.shards == ("shard-1", "shard-2", "shard-3")
+    assert [_key(h) for h in got] == [_key(h) for h in want]
+    assert np.allclose([h.score for h in got], [h.score for h in want], atol=1e-6)
+    assert {h.shard for h in got} <= {"shard-1", "shard-2", "shard-3"}
+    assert got.to_dict()["results"][0]["shard"] == got[0].shard
+
+
+def test_keyword_and_fused_modes_against_the_union(opened) -> None:
+    """Keyword: every match found (k covers them), the merged BM25 order close to the union's;
+    auto decides as the union does (global document frequencies) and fuses into its answer."""
+    union, shards = opened
+    want = union.search("zx007", mode="keyword", k=500, target="texts")
+    got = shards.search("zx007", mode="keyword", k=500, target="texts")
+    assert {_key(h) for h in got} == {_key(h) for h in want} and len(got) >= 8
+    for query in ("zx012 green", "kitchen garden river"):
+        want = union.search(query, mode="keyword", k=10, target="texts")
+        got = shards.search(query, mode="keyword", k=10, target="texts")
+        overlap = len({_key(h) for h in got} & {_key(h) for h in want}) / 10
+        assert overlap >= 0.7, (query, overlap)
+        assert all(a.keyword_score >= b.keyword_score for a, b in zip(got.hits, got.hits[1:], strict=False))
+    for mode in ("auto", "hybrid"):
+        want = union.search("zx021 beach", mode=mode, k=10, target="texts")
+        got = shards.search("zx021 beach", mode=mode, k=10, target="texts")
+        assert got.mode == want.mode == "hybrid" and got.reason == want.reason
+        assert len({_key(h) for h in got} & {_key(h) for h in want}) >= 8
+        assert all(h.dense_score is not None for h in got)
+    common = shards.search("red", k=5)  # a common word: auto stays dense, as for the union
+    assert common.mode == union.search("red", k=5).mode == "dense"
+
+
+def test_shard_of_another_encoder_is_refused_by_name(built: tuple[Path, list[Path]], tmp_path: Path,
+                                                     source: Path) -> None:
+    from crossmodal_rag.testing import make_tiny_open_clip
+
+    union, shards = built
+    other = make_tiny_open_clip(tmp_path / "other-model", seed=1)  # 32-d as well, other weights
+    odd = tmp_path / "odd"
+    import_embeddings(source, odd, f"open_clip:local-dir:{other}", verify=0, fsync="off", progress=False,
+                      index_type="Flat", slice=(1, 30))
+    with pytest.raises(ShardMismatchError, match=r"shard odd .*another encoder"):
+        open_shards([shards[0], odd])
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"# three slices\n{shards[0]}\n\n{shards[1]}  # second\n")
+    assert read_shard_list(listing) == [shards[0], shards[1]]
+
+
+class Flaky:
+    """A shard that fails (or stalls) while ``down`` is set, else answers as ``inner``."""
+
+    def __init__(self, inner, stall: float = 0.0) -> None:
+        self.inner, self.stall, self.down, self.calls = inner, stall, False, 0
+        self.name, self.has_text_space = inner.name, inner.has_text_space
+
+    def _gate(self) -> None:
+        self.calls += 1
+        if self.down:
+            if self.stall:
+                time.sleep(self.stall)
+            else:
+                raise ConnectionError("replica died")
+
+    def search(self, request: SearchRequest) -> SearchResult:
+        self._gate()
+        return self.inner.search(request)
+
+    def keyword(self, request, query, arithmetic, routed):
+        self._gate()
+        return self.inner.keyword(request, query, arithmetic, routed)
+
+    def doc_freqs(self, words):
+        self._gate()
+        return self.inner.doc_freqs(words)
+
+
+def test_a_failing_or_slow_shard_gives_a_partial_result_then_recovers(opened) -> None:
+    union, shards = opened
+    flaky = [Flaky(shards.shards[0]), Flaky(shards.shards[1], stall=1.0), shards.shards[2]]
+    fan = ShardSet(flaky, shards.embed, settings=ShardSettings(deadline_s=0.5, retries=1))
+    full = fan.search("a red cat", mode="dense", k=20)
+    assert not full.partial
+    flaky[0].down = flaky[1].down = True
+    calls = flaky[0].calls
+    part = fan.search("a red cat", mode="dense", k=20)
+    assert flaky[0].calls == calls + 2  # asked, then retried once
+    assert part.partial and part.shards == ("shard-3",)
+    assert dict(part.missing)["shard-1"] == "ConnectionError: replica died"
+    assert "no answer within 0.5 s" in dict(part.missing)["shard-2"]
+    alone = shards.shards[2].search(SearchRequest(text="a red cat", mode="dense", k=20))
+    assert [h.path for h in part] == [h.path for h in alone]
+    assert part.to_dict()["partial"] is True and part.to_dict()["missing_shards"][0]["shard"] == "shard-1"
+    flaky[2] = Flaky(shards.shards[2])
+    fan_all_down = ShardSet(flaky, shards.embed, settings=ShardSettings(deadline_s=0.5))
+    flaky[2].down = True
+    with pytest.raises(ShardsUnavailableError, match="no shard answered"):
+        fan_all_down.search("a red cat", mode="dense", k=5)
+    for f in flaky:
+        f.down = False
+    time.sleep(1.0)  # the stalled call ends
+    assert fan.search("a red cat", mode="dense", k=20) == full
+    fan.close()
+    fan_all_down.close()
+
+
+def test_cli_search_over_repeated_c_and_a_shard_list(built: tuple[Path, list[Path]], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    union, shards = built
+    assert main(["search", "a red cat", "-c", str(union), "--mode", "dense", "-k", "5", "--json", "-q"]) == 0
+    a = json.loads(capsys.readouterr().out)
+    args = [a for s in shards for a in ("-c", str(s))]
+    assert main(["search", "a red cat", *args, "--mode", "dense", "-k", "5", "--json", "-q"]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert [h["path"] for h in a["results"]] == [h["path"] for h in b["results"]]
+    assert b["partial"] is False and all(h["shard"].startswith("shard-") for h in b["results"])
+    listing = tmp_path / "shards.txt"
+    listing.write_text("".join(f"{s}\n" for s in shards))
+    assert main(["search", "a red cat", "--shards", str(listing), "--mode", "dense", "-k", "5", "-q"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split("\t")[5] for r in rows] == [h["path"] for h in a["results"]]
