@@ -122,7 +122,7 @@ def test_an_old_schema_collection_opens_read_only_and_migrates_when_writable(
         assert _top_text_hit(coll, PASSAGES[2]) == (3, PASSAGES[2])
         assert coll.store.get_meta("schema_version") == "1"
     with Collection.open(folder, writable=True) as coll:
-        assert coll.store.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+        assert coll.store.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
         assert {it.id: it.text for it in coll.get([1, 2, 3, 4])} == before
         coll.add(_write(tmp_path / "new.jsonl", [NEW]))
         assert set(coll.store.ids("text").tolist()) == {1, 2, 3, 4, 6}  # 5 is in the shards: retired

@@ -50,7 +50,7 @@ def test_migrating_a_saved_schema_2_store_to_3_keeps_every_row(tmp_path: Path) -
     items, paths, meta = _rows(folder)
     assert meta["schema_version"] == "2" and meta["next_item_id"] == "5"
     store = MetadataStore(folder)
-    assert store.schema_version == SCHEMA_VERSION == 4
+    assert store.schema_version == SCHEMA_VERSION == 5
     image = store.get_items([1])[1]
     assert (image.path, image.captions, image.extra) == ("/photos/cat.png", ("a cat on a mat",), {"camera": "x"})
     with store.transaction():  # the id counter survived: 4 (removed) stays retired

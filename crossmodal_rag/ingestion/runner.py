@@ -37,6 +37,8 @@ from ..errors import ImageDecodeError
 from ..progress import tqdm
 from ..safe_io import MAX_IMAGE_BYTES, open_regular, read_capped
 from ..search.calibration import write_calibration
+from .capture import read_capture
+from .capture_stage import backfill_captures, placed, prune_missing
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from .ocr_stage import OcrStage, stage_for
 from .sources import ImageRecord, Problem, TextRecord, read_source
@@ -65,6 +67,7 @@ class IngestSettings:
     ocr: bool | None = None  # read text in images: True/False (remembered), None: as remembered
     ocr_engine: str | None = None  # OCR engine (crossmodal_rag.ingestion.ocr.list_ocr_engines()); None: as remembered
     ocr_workers: int = 1  # images read at once (threads, one onnxruntime thread each)
+    keep_missing: bool = False  # a folder source: keep the items of recorded files that are gone
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -95,6 +98,8 @@ class IngestReport:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # decode wait vs encode vs write
     ocr: dict[str, Any] | None = None  # what OCR did (OcrReport.to_dict()); None: OCR was off
+    pruned: int = 0  # recorded files under the folder that were gone, forgotten
+    backfilled: int = 0  # older images whose capture metadata was read from their headers
 
     @property
     def indexed_anything(self) -> bool:
@@ -113,6 +118,10 @@ class IngestReport:
                 f"{self.replaced} changed", f"{len(self.skipped)} skipped"]
         if self.ocr is not None:
             parts.append(f"{self.ocr['texts_added']} texts read in images")
+        if self.pruned:
+            tail.append(f"{self.pruned} gone (pruned)")
+        if self.backfilled:
+            tail.append(f"{self.backfilled} back-filled")
         return f"{', '.join(parts)}; {', '.join(tail)} in {self.seconds:.1f}s"
 
 
@@ -145,6 +154,7 @@ class DecodeDataset(Dataset):
             decoded = decode_image(data, str(path), max_pixels=self.max_pixels)
             out["pixels"] = self.transform(decoded.image)
             out.update(width=decoded.width, height=decoded.height, format=decoded.format)
+            out["capture"] = read_capture(data, str(path), mtime=st.st_mtime_ns / 1e9).to_dict()
         except ImageDecodeError as e:
             out["error"] = e.reason
         except FileNotFoundError:
@@ -192,6 +202,9 @@ class IngestTarget(Protocol):
     def persist(self) -> None:
         """Write the changed indexes and the manifest."""
 
+    def remove(self, ids: list[int] | None = None, paths: list[str] | None = None) -> dict[str, Any]:
+        """Remove items by id or source path, mirrored in the indexes, and persist."""
+
 
 class Embedder(Protocol):
     """Gives ingest its vectors. :meth:`prepare` is called once, before anything is committed,
@@ -229,7 +242,8 @@ class _LocalEmbedder:
         return _batches([r.path for r in images], encoder.preprocess, settings)
 
     def image_vectors(self, decoded: list[dict[str, Any]]) -> np.ndarray:
-        return self.c.encoder.encode_pixels(torch.stack([o["pixels"] for o in decoded]))
+        # torch tensors, or numpy arrays from an ONNX encoder's preprocessing
+        return self.c.encoder.encode_pixels(torch.stack([torch.as_tensor(o["pixels"]) for o in decoded]))
 
     def text_vectors(self, texts: list[str]) -> np.ndarray:
         return self.c.encoder.encode_texts(texts)
@@ -272,6 +286,9 @@ def ingest(collection: IngestTarget, source: str | Path, settings: IngestSetting
             writer.add_passages(passages, settings)
         if images:
             writer.add_images(todo, unchanged, settings)
+        if not settings.keep_missing and Path(source).is_dir():
+            report.pruned = len(prune_missing(collection, Path(source)))
+        report.backfilled = backfill_captures(collection, progress=settings.progress)
         if writer.ocr is not None:
             ocr_report = writer.ocr.finish()
             report.ocr = ocr_report.to_dict()
@@ -426,6 +443,7 @@ class _Writer:
             else:
                 links.append((rec, out, existing))
         image_vecs = np.zeros((0, self.c.manifest.dim), np.float32)
+        captures = placed([o.get("capture") or {} for _, o in new])  # place names of GPS positions
         if new:
             t = time.perf_counter()
             image_vecs = self.embedder.image_vectors([o for _, o in new])
@@ -461,6 +479,8 @@ class _Writer:
                 store.set_path(str(rec.path), item_id, out["size"], out["mtime_ns"])
                 added_images.append((item_id, vec))
                 self.report.images_added += 1
+            store.write_captures((new_ids[o["sha256"]], cap) for (_, o), cap in zip(new, captures, strict=True)
+                                 if "capture" in o)  # without: read by the back-fill below
             for rec, out, existing in links:
                 item_id = existing if existing is not None else new_ids[out["sha256"]]
                 previous = store.path_entry(str(rec.path))

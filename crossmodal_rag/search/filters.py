@@ -22,6 +22,10 @@ Grammar (one condition per ``--where``; several are ANDed)::
     KEY     <op> VALUE           any extra column a manifest carried (numbers compare as numbers);
                                  also written extra.KEY
 
+Capture metadata (when, where, which camera; see :mod:`.capture_filters`): ``taken>=2023-07-01``,
+``taken:2023-07``, ``place~Paris``, ``country=FR``, ``camera~iPhone``, ``near=48.85,2.35,5km``,
+``has:gps``, and ``city``, ``region``, ``make``, ``model``, ``lens``.
+
 For captions and OCR text, the image fields refer to their image. An item without the field (e.g. a
 passage and ``width``) does not match.
 """
@@ -42,6 +46,12 @@ import numpy as np
 
 from ..errors import QueryError
 from ..store.metadata import MetadataStore
+from .capture_filters import (
+    CAPTURE_FILTER_FIELDS,
+    capture_matches,
+    capture_texts,
+    parse_capture_value,
+)
 from .query import bad_character
 
 __all__ = ["MAX_GLOB_STARS", "MAX_WHERE_CHARS", "MAX_WHERE_CONDITIONS", "Condition", "allowed_ids",
@@ -65,7 +75,7 @@ _NUMBER = re.compile(r"([0-9]++(?:\.[0-9]++)?+|\.[0-9]++)\s*+([A-Za-z]*+)")
 _OPS = ("<=", ">=", "!=", "=", "<", ">", "~")
 _NUMERIC = {"size", "width", "height", "added"}
 _KNOWN = {"path", "name", "folder", "type", "format", "size", "width", "height", "added", "caption",
-          "text", "title", "kind", "ocr"}
+          "text", "title", "kind", "ocr"} | CAPTURE_FILTER_FIELDS
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3}
 _TYPE_ALIASES = {"jpg": "jpeg", "tif": "tiff"}
 _SHOWN = 120  # characters of a long expression shown around the position at fault
@@ -142,6 +152,11 @@ def _parse_one(expr: Any, max_chars: int | None) -> Condition:
             raise _error(expr, vpos, "kind is image, caption or passage (or ocr: text read in an image)")
     elif field == "folder":
         value = _folder(raw, expr, vpos)
+    elif field in CAPTURE_FILTER_FIELDS:
+        try:
+            value = parse_capture_value(field, op, raw)
+        except ValueError as e:
+            raise _error(expr, vpos if field in ("taken", "near", "has") else oppos, str(e)) from None
     glob = _glob(raw, expr, vpos) if field == "name" or (field == "path" and op != "~") else None
     if op in ("<", "<=", ">", ">=") and field in ("path", "name", "folder", "type", "caption",
                                                   "text", "title", "kind", "ocr"):
@@ -157,6 +172,8 @@ def _scan(expr: str) -> tuple[str, str, str, int, int]:
         raise _error(expr, start, "expected a field name")
     oppos = _SPACE.match(expr, name.end()).end()
     op = next((o for o in _OPS if expr.startswith(o, oppos)), None)
+    if op is None and expr.startswith(":", oppos) and name.group().lower() in ("taken", "has"):
+        op = ":"  # taken:2023-07, has:gps
     if op is None:
         raise _error(expr, name.end(), "expected an operator (= != < <= > >= ~)")
     vpos = _SPACE.match(expr, oppos + len(op)).end()
@@ -310,6 +327,12 @@ def allowed_ids(store: MetadataStore, conditions: list[Condition]) -> dict[str, 
 def _item_matches(c: Condition, d: dict[str, Any], image: dict[str, Any] | None,
                   captions: dict[int, list[str]], ocr: dict[int, list[str]] | None = None) -> bool:
     f, op, v = c.field, c.op, c.value
+    if f in CAPTURE_FILTER_FIELDS:  # a caption or OCR text: its image's capture
+        cap = image.get("capture") if image else None
+        extra = {**(image["extra"] if image and image is not d else {}), **d["extra"]}
+        if isinstance(v, str) and f in extra and not capture_texts(f, cap):
+            return _match_extra(extra, f, op, v)  # a manifest column of that name (camera=canon)
+        return capture_matches(f, op, v, cap)
     if f == "ocr":
         texts = (ocr or {}).get(d["id"], []) if d["kind"] == "image" else [d["text"] or ""] if d["kind"] == "ocr" else []
         return _match_text(texts, op, v)

@@ -33,10 +33,13 @@ class Item:
     added_at: float
     extra: dict[str, Any]
     ocr: str | None = None  # an image's OCR text (index --ocr), None without
+    capture: dict[str, Any] | None = None  # when/where/camera (store/captures.py); a caption's: its image's
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["captions"] = list(self.captions)
+        if self.capture is None:  # no capture metadata read (a passage, or not back-filled yet)
+            del d["capture"]
         return d
 
 

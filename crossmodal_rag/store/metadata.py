@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CollectionError
+from . import captures as capture_sql
 from . import fulltext
 from . import ocr as ocr_sql
 from .guard import DB_NAME, MAX_VALUE_BYTES, StepBudget, check_files
@@ -412,6 +413,22 @@ class MetadataStore:
         finally:
             dst.close()
 
+    # -- capture metadata (store/captures.py) --------------------------------------------
+    def write_captures(self, rows: Iterable[tuple[int, dict[str, Any]]]) -> int:
+        """Store ``(image id, capture fields)`` rows (call inside transaction())."""
+        self._budget.start()
+        return capture_sql.write_captures(self.conn, rows)
+
+    @_locked
+    def captures_pending(self) -> list[tuple[int, str]]:
+        """(image id, its first path) of the images whose capture metadata was never read."""
+        return capture_sql.captures_pending(self.conn)
+
+    @_locked
+    def capture_summary(self, top: int = 5) -> dict[str, Any]:
+        """Time span, top places and cameras of the images (empty before schema version 5)."""
+        return capture_sql.capture_summary(self.conn, top)
+
     # -- reads ---------------------------------------------------------------------------
     @_locked
     def caption_parents(self) -> list[tuple[int, Any]]:
@@ -427,11 +444,13 @@ class MetadataStore:
 
     def filter_candidates(self) -> list[dict[str, Any]]:
         """Every item as the metadata filters read it: its columns ``id, kind, parent_id, text,
-        title, format, size_bytes, width, height, added_at`` by name, ``extra`` parsed and its
-        ``paths`` (list), from one snapshot. A damaged row is a CollectionError."""
+        title, format, size_bytes, width, height, added_at`` by name, ``extra`` parsed, its
+        ``paths`` (list) and its ``capture`` (dict or None), from one snapshot. A damaged row
+        is a CollectionError."""
         with self.snapshot() as conn:
             rows = conn.execute(f"SELECT {', '.join(FILTER_COLUMNS)} FROM items").fetchall()
             path_rows = conn.execute("SELECT item_id, path FROM paths").fetchall()
+            caps = capture_sql.capture_rows(conn)
         paths: dict[int, list[str]] = {}
         for item_id, p in path_rows:
             paths.setdefault(item_id, []).append(p)
@@ -439,8 +458,17 @@ class MetadataStore:
         for r in rows:
             d = dict(zip(FILTER_COLUMNS, r, strict=True))
             d["paths"] = paths.get(d["id"], [])
+            d["capture"] = caps.get(d["id"])
             out.append(self.checked_filter_row(d))  # any SQLite type in any column: refused
         return out
+
+    @_locked
+    def paths_under(self, folder: str) -> list[str]:
+        """The recorded file paths under ``folder`` (an absolute path, without a trailing slash)."""
+        prefix = folder.rstrip("/") + "/"
+        rows = self.conn.execute("SELECT path FROM paths WHERE path >= ? AND path < ? ORDER BY path",
+                                 (prefix, prefix[:-1] + "0")).fetchall()  # '0' follows '/'
+        return [r[0] for r in rows if isinstance(r[0], str)]
 
     @_locked
     def path_entry(self, path: str) -> tuple[int, int | None, int | None] | None:
@@ -553,6 +581,8 @@ class MetadataStore:
                 f"size_bytes, extra, added_at FROM items WHERE id IN ({marks})",
                 chunk,
             ).fetchall()
+            owners = [r[2] if r[1] in ("caption", "ocr") else r[0] for r in rows]
+            caps = capture_sql.captures_of(self.conn, [o for o in owners if isinstance(o, int)])
             for r in rows:
                 self._check_row(r)
                 (item_id, kind, parent_id, sha, text, title, ext_id, w, h, fmt, size, extra, added) = r
@@ -567,7 +597,7 @@ class MetadataStore:
                     id=item_id, kind=kind, path=paths[0] if paths else None, text=text,
                     captions=captions, parent_id=parent_id, title=title, ext_id=ext_id, width=w,
                     height=h, format=fmt, size_bytes=size, sha256=sha, added_at=added,
-                    extra=self._extra(item_id, extra), ocr=ocr_text,
+                    extra=self._extra(item_id, extra), ocr=ocr_text, capture=caps.get(owner),
                 )
         return result
 

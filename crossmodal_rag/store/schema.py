@@ -33,8 +33,9 @@ __all__ = ["BASE_SCHEMA", "BASE_VERSION", "NEXT_ID_KEY", "SCHEMA_VERSION", "STEP
 logger = logging.getLogger(__name__)
 
 #: 1: ids from SQLite (``max(id) + 1``, reused once the newest is removed); 2: ids from a counter;
-#: 3: the steps of :data:`STEPS` with ``version=3``; 4: the keyword index holds folded text.
-SCHEMA_VERSION = 4
+#: 3: the steps of :data:`STEPS` with ``version=3``; 4: the keyword index holds folded text;
+#: 5: capture metadata (when, where, which camera) of images.
+SCHEMA_VERSION = 5
 #: The version :data:`BASE_SCHEMA` makes (with the id counter of :func:`_id_counter`).
 BASE_VERSION = 2
 #: Meta key of the next item id to give (every id below it was given once, maybe removed since).
@@ -125,11 +126,21 @@ def _fulltext_folded(conn: sqlite3.Connection) -> None:
     fold_step(conn)
 
 
+# -- steps of version 5 ---------------------------------------------------------------------------
+
+def _captures(conn: sqlite3.Connection) -> None:
+    """Version 5: the ``captures`` table of images' capture metadata (see :mod:`.captures`)."""
+    from .captures import captures_step
+
+    captures_step(conn)
+
+
 #: The ordered migration steps after :data:`BASE_VERSION`. Append only.
 STEPS: list[Step] = [
     Step(3, "ocr item kind and runs", _ocr),  # H8 (issue 18)
     Step(3, "full-text index of item texts", _fulltext),  # H1 (issue 18)
     Step(4, "full-text index of folded texts", _fulltext_folded),  # issue 25
+    Step(5, "capture metadata of images", _captures),  # issue 30
 ]
 
 

@@ -29,6 +29,9 @@ class HitOut(BaseModel):
     ocr: str | None = Field(None, description="an image's text read by OCR (index --ocr), lines joined by newlines")
     space: str | None = Field(None, description="text: ranked in the collection's text space (index --text-model); "
                                                 "null: CLIP's")
+    capture: dict[str, Any] | None = Field(None, description="when, where and with what the image was taken: taken "
+                                           "(local ISO time), taken_offset, taken_source, lat, lon, alt, make, "
+                                           "model, lens, orientation, city, region, country, country_name")
 
 
 class SearchOut(BaseModel):
@@ -104,6 +107,8 @@ class ItemOut(BaseModel):
     extra: dict[str, Any]
     image_url: str | None
     thumbnail_url: str | None
+    capture: dict[str, Any] | None = Field(None, description="when, where and with what the image was taken "
+                                           "(see HitOut.capture)")
 
 
 class StatsOut(BaseModel):
