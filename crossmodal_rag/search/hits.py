@@ -54,6 +54,8 @@ class Hit:
             del d["space"]
         if self.shard is None:
             del d["shard"]
+        if self.capture is None:  # no capture metadata (a passage, or an image not back-filled yet)
+            del d["capture"]
         return d
 
     def ranked(self, rank: int, **changes: Any) -> Hit:
