@@ -8,7 +8,8 @@ model that cannot be loaded), 2 bad usage or bad query input, 130 interrupted.
 Each command family lives in its own module, its arguments beside its handler, and adds its
 subcommands through ``register(sub)``: :mod:`.collection` (index, import, info, check, remove,
 duplicates), :mod:`.maintenance` (reindex, tune, reembed), :mod:`.search` (search, recommend),
-:mod:`.rag` (ask, chat, write, caption), :mod:`.eval`, :mod:`.serve`, :mod:`.demo`, :mod:`.train`.
+:mod:`.rag` (ask, chat, write, caption), :mod:`.eval`, :mod:`.serve`, :mod:`.mcp`, :mod:`.demo`,
+:mod:`.train`.
 The options every command shares are defined once in :mod:`.options`; output escaping in
 :mod:`.output`. Command modules import the heavy libraries inside their handlers only, so that
 ``--help`` and ``info`` start fast.
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import CrossmodalError, QueryError
-from . import collection, demo, eval, maintenance, rag, search, serve, train
+from . import collection, demo, eval, maintenance, mcp, rag, search, serve, train
 from .options import UsageError, add_verbosity, check_collection_args
 from .output import EscapingFormatter, safe
 
@@ -34,7 +35,7 @@ __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "UsageEr
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: The command families in the order their subcommands are listed by ``--help``.
-FAMILIES = (collection, maintenance, search, rag, eval, serve, demo, train)
+FAMILIES = (collection, maintenance, search, rag, eval, serve, mcp, demo, train)
 
 
 def _subparsers_of(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

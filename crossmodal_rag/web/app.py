@@ -34,7 +34,7 @@ from .errors import register_errors
 from .guards import CatchAll, HostCheck, SecurityHeaders
 from .limits import BodyLimit
 from .origins import OriginCheck
-from .routes import ask, items, meta, page, search
+from .routes import ask, items, meta, openai, page, search
 from .settings import WebSettings
 from .state import AppState
 
@@ -66,7 +66,7 @@ def create_app(settings: WebSettings) -> FastAPI:
     app.add_middleware(OriginCheck, allowed=settings.allowed_origins)
     app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
     app.add_middleware(SecurityHeaders)
-    for family in (meta, search, ask, items, page):
+    for family in (meta, search, ask, items, openai, page):
         app.include_router(family.router(settings))
     app.mount("/static", StaticFiles(directory=page.STATIC), name="static")
     return app

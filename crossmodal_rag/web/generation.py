@@ -143,10 +143,12 @@ def error_payload(exc: BaseException) -> dict[str, str]:
 
 
 async def stream_events(queue: GenerationQueue, ticket: Ticket, request: Request,
-                        produce: Callable[[Callable[[str, Any], None]], None]) -> AsyncIterator[bytes]:
+                        produce: Callable[[Callable[[str, Any], None]], None],
+                        encode: Callable[[str, Any], bytes] = sse) -> AsyncIterator[bytes]:
     """The SSE body of one streamed answer. ``produce(emit)`` runs in a worker thread when it is
     this ticket's turn and calls ``emit(event, data)`` for each event; the ticket is released
-    when it returns, and its ``cancel`` is set if the client goes away first."""
+    when it returns, and its ``cancel`` is set if the client goes away first. ``encode`` writes
+    each event (default :func:`sse`; the OpenAI-compatible stream writes its own chunks)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
 
@@ -170,7 +172,7 @@ async def stream_events(queue: GenerationQueue, ticket: Ticket, request: Request
     try:
         yield b": queued\n\n"  # a comment: the response starts at once, before the model runs
         while (item := await events.get()) is not None:
-            yield sse(*item)
+            yield encode(*item)
     finally:
         # the stream ended or the client went away: decoding stops at the next token, and the
         # runner gives the ticket back once the worker thread has returned

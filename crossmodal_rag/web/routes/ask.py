@@ -25,17 +25,18 @@ from ..settings import WebSettings
 from ..state import AppState, get_state
 from .search import ERRORS
 
-__all__ = ["router", "run_ask"]
+__all__ = ["produce", "router", "run_ask"]
 
 Mode = Literal["concat", "rag-sequence", "rag-token"]
 
 
 def _pipeline(st: AppState, k: int, mode: str, target: str, where: list[str] | None,
-              min_score: str | float | None, search_mode: str = DEFAULT_MODE) -> RagPipeline:
+              min_score: str | float | None, search_mode: str = DEFAULT_MODE,
+              generation: GenerationSettings | None = None) -> RagPipeline:
     return RagPipeline(st.collection, st.generator,
                        RagSettings(k=k, mode=mode, target=target, where=tuple(where or ()), min_score=min_score,
                                    search_mode=search_mode),
-                       GenerationSettings(max_new_tokens=st.settings.max_new_tokens))
+                       generation or GenerationSettings(max_new_tokens=st.settings.max_new_tokens))
 
 
 def _check_generator(st: AppState) -> None:
@@ -70,12 +71,14 @@ def answer_out(st: AppState, answer: Any) -> AskOut:
 
 def run_ask(st: AppState, question: str | None, image: Any, k: int, mode: str, target: str,
             where: list[str] | None = None, min_score: str | float | None = None,
-            ticket: Ticket | None = None, search_mode: str = DEFAULT_MODE) -> AskOut:
+            ticket: Ticket | None = None, search_mode: str = DEFAULT_MODE,
+            generation: GenerationSettings | None = None) -> AskOut:
     """One answer (blocking; runs in a worker thread), loading the generator first if needed;
     the ``ticket``'s ``cancel`` stops it at the next token. ``search_mode``: how a question
-    retrieves (RagSettings.search_mode)."""
+    retrieves (RagSettings.search_mode); ``generation``: decoding settings (default: greedy,
+    the server's ``max_new_tokens``)."""
     _check_generator(st)
-    pipe = _pipeline(st, k, mode, target, where, min_score, search_mode)
+    pipe = _pipeline(st, k, mode, target, where, min_score, search_mode, generation)
 
     def count(event: Any) -> None:
         if ticket is not None and isinstance(event, Token):
@@ -91,11 +94,12 @@ def run_ask(st: AppState, question: str | None, image: Any, k: int, mode: str, t
     return answer_out(st, answer)
 
 
-def _produce(st: AppState, question: str | None, image: Any, k: int, mode: str, target: str,
-             where: list[str] | None, min_score: str | float | None, ticket: Ticket, emit: Any,
-             search_mode: str = DEFAULT_MODE) -> None:
-    """The events of one streamed answer (blocking; runs in a worker thread)."""
-    pipe = _pipeline(st, k, mode, target, where, min_score, search_mode)
+def produce(st: AppState, question: str | None, image: Any, k: int, mode: str, target: str,
+            where: list[str] | None, min_score: str | float | None, ticket: Ticket, emit: Any,
+            search_mode: str = DEFAULT_MODE, generation: GenerationSettings | None = None) -> None:
+    """The events of one streamed answer (blocking; runs in a worker thread): ``emit`` gets
+    ``("sources", ...)``, ``("token", {"text"})`` and ``("final", AskOut as JSON)``."""
+    pipe = _pipeline(st, k, mode, target, where, min_score, search_mode, generation)
     with st.gen_lock:
         try:
             _ensure_loaded(st)
@@ -121,9 +125,9 @@ async def _answer(st: AppState, request: Request, stream: bool, question: str | 
     _check_generator(st)
     ticket = st.queue.admit()
     if stream:
-        produce = partial(_produce, st, question, image, k, mode, target, where, min_score, ticket,
+        events = partial(produce, st, question, image, k, mode, target, where, min_score, ticket,
                           search_mode=search_mode)
-        return StreamingResponse(stream_events(st.queue, ticket, request, produce), media_type="text/event-stream",
+        return StreamingResponse(stream_events(st.queue, ticket, request, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.get_running_loop().create_task(watch_disconnect(request, ticket.cancel))
     try:

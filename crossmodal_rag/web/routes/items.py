@@ -24,7 +24,7 @@ from ..settings import WebSettings
 from ..state import AppState, get_state
 from ..thumbnails import content_key, snap_size
 
-__all__ = ["router"]
+__all__ = ["router", "thumbnail"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _thumbnail_source(st: AppState, item_id: int, size: int) -> tuple[str, str, 
             raise _changed(item_id, e.reason) from e
 
 
-async def _thumbnail(st: AppState, item_id: int, size: int) -> bytes:
+async def thumbnail(st: AppState, item_id: int, size: int) -> bytes:
     """The thumbnail, rendered on a miss in the decode pool (allow-listed formats, a deadline)."""
     key, path, cached, source = await st.work(_thumbnail_source, st, item_id, size)
     if cached is not None:
@@ -128,7 +128,7 @@ def router(settings: WebSettings) -> APIRouter:
                              size: int = Query(0, ge=0, le=1024, description="rounded up to 64, 128, 256, 512 or "
                                                                              "1024 (0: the server's default)"),
                              st: AppState = Depends(get_state)) -> Response:
-        data = await _thumbnail(st, item_id, snap_size(size or st.settings.thumbnail_size))
+        data = await thumbnail(st, item_id, snap_size(size or st.settings.thumbnail_size))
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 
     return r
