@@ -5,6 +5,7 @@ headers without re-embedding, and pruning of files that are gone."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -293,3 +294,32 @@ def test_index_prunes_files_that_are_gone_unless_keep_missing(photos: Path, tmp_
         report = c.add(src)
         assert report.pruned == 1 and "1 gone (pruned)" in report.summary()
         assert c.counts()["images"] == 2 and _names(c, []) == {"paris_jul", "tokyo_nye"}
+
+
+def test_the_same_filter_works_from_the_cli_rest_and_rag(indexed: Path, tmp_path: Path, t5_dir: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from fastapi.testclient import TestClient
+
+    from crossmodal_rag.cli import main
+    from crossmodal_rag.generation import RagPipeline, RagSettings
+    from crossmodal_rag.web import WebSettings, create_app
+
+    want = {"paris_jul", "paris_dec"}
+    capsys.readouterr()
+    assert main(["-q", "search", "a photo", "-c", str(indexed), "--where", "country=FR", "--mode", "dense",
+                 "--k", "20", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert {Path(h["path"]).stem for h in hits} == want and all(h["capture"]["country"] == "FR" for h in hits)
+    assert main(["info", str(indexed)]) == 0
+    out = capsys.readouterr().out
+    assert "Paris (FR) 2" in out and "Apple iPhone 12 3" in out and "7 with GPS" in out
+    settings = WebSettings(collection=str(indexed), thumbnail_dir=str(tmp_path / "thumbs"))
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        r = client.get("/api/search", params={"q": "a photo", "k": 20, "mode": "dense",
+                                              "where": ["near=48.85,2.35,5km", "taken:2023"]})
+        assert r.status_code == 200, r.text
+        assert [(Path(h["path"]).stem, h["capture"]["city"]) for h in r.json()["results"]] == [("paris_jul", "Paris")]
+    with Collection.open(indexed) as c:
+        pipe = RagPipeline(c, generator=str(t5_dir), settings=RagSettings(k=5, target="images", where=("has!=gps",)))
+        hits, _ = pipe.retrieve("a photo", None, 5, "images")
+    assert {Path(h.path).stem for h in hits} == {"no_gps", "no_exif"}

