@@ -1,0 +1,130 @@
+"""Tiny random vision-language models for tests and benchmarks, built from the real configuration
+classes and saved the way a user's checkpoint is (``save_pretrained`` model + processor with its
+chat template), so they load back through ``AutoModelForImageTextToText`` / ``AutoProcessor``.
+
+Families: ``idefics3`` (SmolVLM's architecture), ``llava`` (CLIP vision tower + Llama) and
+``qwen2-vl``. The tokenizer is byte-level BPE without merges (every byte one token) plus the
+family's special tokens; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["VLM_FAMILIES", "make_tiny_vlm"]
+
+VLM_FAMILIES = ("idefics3", "llava", "qwen2-vl")
+
+# A generic chat template over content lists; each family's image placeholder goes where the
+# message has {"type": "image"} (the real checkpoints' templates do the same).
+_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}:{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}IMAGE{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+_PLACEHOLDER = {"idefics3": "<image>", "llava": "<image>",
+                "qwen2-vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+_SPECIAL = {
+    "idefics3": ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                 *[f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]],
+    "llava": ["<image>", "<end_of_utterance>"],
+    "qwen2-vl": ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<end_of_utterance>"],
+}
+
+
+def _tokenizer(family: str) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>")
+    tok.add_special_tokens({"additional_special_tokens": _SPECIAL[family]})
+    return tok
+
+
+def _text_config(cls: Any, tok: Any, hidden: int, layers: int, **extra: Any) -> Any:
+    return cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+               **extra)
+
+
+def make_tiny_vlm(folder: str | Path, family: str = "idefics3", *, seed: int = 0, hidden: int = 32,
+                  layers: int = 2, vision_hidden: int = 32, vision_layers: int = 2, image_size: int = 32
+                  ) -> Path:
+    """A random ``family`` VLM (one of :data:`VLM_FAMILIES`) with its processor, saved into
+    ``folder``; returns the folder. The defaults load in well under a second; the benchmark passes
+    SmolVLM-256M's widths (``hidden=576, layers=30, vision_hidden=768, vision_layers=12``)."""
+    import torch
+    import transformers as tf
+
+    if family not in VLM_FAMILIES:
+        raise ValueError(f"unknown VLM family {family!r}; choose one of {', '.join(VLM_FAMILIES)}")
+    folder = Path(folder)
+    tok = _tokenizer(family)
+    template = _TEMPLATE.replace("IMAGE", _PLACEHOLDER[family])
+    heads = max(vision_hidden // 16, 1)
+    torch.manual_seed(seed)
+    if family == "idefics3":
+        patch = 8
+        seq = (image_size // patch) ** 2
+        proc = tf.Idefics3Processor(
+            image_processor=tf.Idefics3ImageProcessor(size={"longest_edge": image_size},
+                                                      max_image_size={"longest_edge": image_size},
+                                                      do_image_splitting=False),
+            tokenizer=tok, image_seq_len=seq, chat_template=template)
+        config = tf.Idefics3Config(
+            text_config=_text_config(tf.LlamaConfig, tok, hidden, layers).to_dict(),
+            vision_config={"hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden,
+                           "num_hidden_layers": vision_layers, "num_attention_heads": heads,
+                           "image_size": image_size, "patch_size": patch},
+            image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=1, tie_word_embeddings=False)
+        model = tf.Idefics3ForConditionalGeneration(config)
+    elif family == "llava":
+        patch = 8
+        proc = tf.LlavaProcessor(
+            image_processor=tf.CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                  crop_size={"height": image_size, "width": image_size}),
+            tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, chat_template=template)
+        config = tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                              num_hidden_layers=vision_layers, num_attention_heads=heads,
+                                              image_size=image_size, patch_size=patch).to_dict(),
+            text_config=_text_config(tf.LlamaConfig, tok, hidden, layers).to_dict(),
+            image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+            vision_feature_layer=-1, tie_word_embeddings=False)
+        model = tf.LlavaForConditionalGeneration(config)
+    else:
+        patch, merge = 8, 2
+        proc = tf.Qwen2VLProcessor(
+            image_processor=tf.Qwen2VLImageProcessor(min_pixels=(patch * merge) ** 2,
+                                                     max_pixels=(image_size * 2) ** 2, patch_size=patch,
+                                                     merge_size=merge),
+            tokenizer=tok, video_processor=tf.Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge),
+            chat_template=template)
+        head_dim = hidden // 4
+        text = _text_config(tf.Qwen2VLTextConfig, tok, hidden, layers,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                             "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]})
+        config = tf.Qwen2VLConfig(
+            text_config=text.to_dict(),
+            vision_config={"depth": vision_layers, "embed_dim": vision_hidden, "hidden_size": hidden,
+                           "num_heads": heads, "patch_size": patch, "spatial_merge_size": merge,
+                           "temporal_patch_size": 2, "in_channels": 3, "mlp_ratio": 2},
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"), tie_word_embeddings=False)
+        model = tf.Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.eval().save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
