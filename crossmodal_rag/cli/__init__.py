@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import CrossmodalError, QueryError
-from . import collection, demo, eval, maintenance, mcp, rag, search, serve, train
+from . import caption, collection, demo, eval, maintenance, mcp, onnx, rag, search, serve, train
 from .options import UsageError, add_verbosity, check_collection_args
 from .output import EscapingFormatter, safe
 
@@ -35,7 +35,7 @@ __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "UsageEr
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: The command families in the order their subcommands are listed by ``--help``.
-FAMILIES = (collection, maintenance, search, rag, eval, serve, mcp, demo, train)
+FAMILIES = (collection, caption, maintenance, search, rag, eval, serve, mcp, demo, train, onnx)
 
 
 def _subparsers_of(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         family.register(sub)
     for sp in _all_subparsers(p):
         add_verbosity(sp)
+    onnx.add_runtime_flags(p, _subparsers_of(p))
     return p
 
 
@@ -148,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_collection_args(chosen, args)
     setup_logging(args.verbose, args.quiet)
     try:
+        onnx.apply_runtime(args)
         return args.handler(args)
     except (QueryError, UsageError) as e:
         print(f"error: {safe(_in_cli_words(e), newlines=True)}", file=sys.stderr)

@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .spec import DEFAULT_MODEL, ModelSpec, parse_model_spec
 
@@ -59,7 +59,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _device_for(spec: ModelSpec) -> str:
+    """ONNX runs on the CPU (and must not import torch to ask about CUDA)."""
+    return "cpu" if spec.backend == "onnx" else default_device()
+
+
 def _make_backend(spec: ModelSpec) -> ClipBackend:
+    if spec.backend == "onnx":
+        from .onnx_clip import OnnxClipBackend
+
+        return OnnxClipBackend(spec)  # type: ignore[return-value]  # numpy in and out, no torch
     if spec.backend == "open_clip":
         from .openclip import OpenClipBackend
 
@@ -78,8 +87,9 @@ class ClipEncoder:
 
     def __init__(self, spec: str | ModelSpec, device: str | None = None) -> None:
         self.spec = parse_model_spec(spec)
-        self.device = device or default_device()
+        self.device = device or _device_for(self.spec)
         self._backend = _make_backend(self.spec)
+        self._numpy = self.spec.backend == "onnx"  # the backend takes and gives numpy arrays
         self._loaded = False
         self._lock = threading.Lock()
 
@@ -145,6 +155,8 @@ class ClipEncoder:
 
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Preprocessed batch ``(N, 3, H, W)`` -> normalised embeddings ``(N, D)`` float32."""
+        if self._numpy:
+            return _normalise(self.backend.image_features(pixels))
         import torch
 
         with torch.inference_mode():
@@ -155,16 +167,22 @@ class ClipEncoder:
         self, images: Sequence[Image.Image | str | Path], batch_size: int = 32
     ) -> np.ndarray:
         """Images (PIL or paths) -> ``(N, D)`` float32, rows of unit L2 norm."""
-        import torch
+        import numpy as np
         from PIL import Image
 
         from ..ingestion.images import load_image
+
+        stack: Any = np.stack
+        if not self._numpy:
+            import torch
+
+            stack = torch.stack
 
         out: list[np.ndarray] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             pil = [im if isinstance(im, Image.Image) else load_image(im).image for im in chunk]
-            pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in pil])
+            pixels = stack([self.preprocess(im.convert("RGB")) for im in pil])
             out.append(self.encode_pixels(pixels))
         return _concat(out, self)
 
@@ -174,9 +192,12 @@ class ClipEncoder:
 
         Texts longer than the model's context are truncated by its tokenizer.
         """
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if self._numpy:
+            return _concat([_normalise(self.backend.text_features(items[i : i + batch_size]))
+                            for i in range(0, len(items), batch_size)], self)
         import torch
 
-        items = [texts] if isinstance(texts, str) else list(texts)
         with torch.inference_mode():
             out = [
                 _normalise(self.backend.text_features(items[i : i + batch_size]))
@@ -185,9 +206,13 @@ class ClipEncoder:
         return _concat(out, self)
 
 
-def _normalise(feats: torch.Tensor) -> np.ndarray:
+def _normalise(feats: torch.Tensor | np.ndarray) -> np.ndarray:
     import numpy as np
 
+    if isinstance(feats, np.ndarray):
+        feats = feats.astype(np.float32, copy=False)
+        norms = np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), np.float32(1e-12))
+        return np.ascontiguousarray(feats / norms, dtype=np.float32)
     feats = feats.float()
     feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return np.ascontiguousarray(feats.cpu().numpy(), dtype=np.float32)
@@ -211,8 +236,10 @@ def load_encoder(spec: str | ModelSpec | None = None, device: str | None = None)
     Returns at once; weights load on first use. Raises :class:`~crossmodal_rag.errors.ModelSpecError`
     for a malformed spec.
     """
-    parsed = parse_model_spec(spec or DEFAULT_MODEL)
-    key = (str(parsed), device or default_device())
+    from .onnx_runtime import resolve_clip_spec
+
+    parsed = resolve_clip_spec(parse_model_spec(spec or DEFAULT_MODEL))
+    key = (str(parsed), device or _device_for(parsed))
     with _CACHE_LOCK:
         enc = _CACHE.get(key)
         if enc is None:

@@ -49,6 +49,7 @@ __all__ = [
     "default_text_model",
     "load_text_encoder",
     "parse_text_model_spec",
+    "text_model_layout",
     "text_probe",
 ]
 
@@ -314,11 +315,14 @@ class SentenceEncoder:
         if backend not in _BACKENDS:
             raise ValueError(f"unknown text encoder backend {backend!r}; valid: {', '.join(_BACKENDS)}")
         from . import default_device
+        from .onnx_runtime import text_export_for
 
         self.spec = parsed
-        self.device = device or default_device()
+        # an ONNX export runs on the CPU, and asking torch about CUDA would import it
+        self._onnx = text_export_for(str(parsed)) if backend == "auto" else None
+        self.device = device or ("cpu" if self._onnx is not None else default_device())
         self.backend_name = backend
-        self._impl: _TransformersBackend | _SentenceTransformersBackend | None = None
+        self._impl: Any = None  # a transformers, sentence-transformers or ONNX backend
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -332,8 +336,15 @@ class SentenceEncoder:
                     self._impl = self._load()
         return self
 
-    def _load(self) -> _TransformersBackend | _SentenceTransformersBackend:
+    def _load(self) -> Any:
         from ..progress import loading
+
+        if self._onnx is not None:
+            from .onnx_sentence import OnnxSentenceBackend
+
+            logger.info("loading text model %s (onnx export %s)", self.spec, self._onnx)
+            self.backend_name = "onnx"
+            return OnnxSentenceBackend(self._onnx)
 
         folder = _resolve_folder(self.spec)
         pooling = _simple_pooling(folder)
@@ -403,8 +414,9 @@ class SentenceEncoder:
 
         ``progress``: a bar on stderr over the texts (None: the CLI's default, see
         :func:`crossmodal_rag.progress.set_default`); shown only past a few batches."""
+        import contextlib
+
         import numpy as np
-        import torch
 
         from ..progress import bar, default_enabled
 
@@ -416,15 +428,38 @@ class SentenceEncoder:
         order = sorted(range(len(items)), key=lambda i: -len(items[i]))
         out = np.empty((len(items), impl.dim), dtype=np.float32)
         shown = (default_enabled() if progress is None else progress) and len(items) > 4 * batch_size
-        with torch.inference_mode(), bar(total=len(items), desc="text space", unit="text",
-                                         enabled=shown) as pbar:
+        numpy_out = getattr(impl, "runtime", "torch") == "onnx"  # the ONNX graph pools and normalises
+        if numpy_out:
+            mode: Any = contextlib.nullcontext()
+        else:
+            import torch
+
+            mode = torch.inference_mode()
+        with mode, bar(total=len(items), desc="text space", unit="text", enabled=shown) as pbar:
             for start in range(0, len(items), batch_size):
                 idx = order[start : start + batch_size]
-                feats = impl.encode([items[i] for i in idx], self.device).float()
-                feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                out[idx] = feats.cpu().numpy()
+                feats = impl.encode([items[i] for i in idx], self.device)
+                if numpy_out:
+                    feats = np.asarray(feats, np.float32)
+                    out[idx] = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+                else:
+                    feats = feats.float()
+                    feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    out[idx] = feats.cpu().numpy()
                 pbar.update(len(idx))
         return out
+
+
+def text_model_layout(spec: TextModelSpec) -> tuple[Path, str | None, int]:
+    """``(folder, pooling, max tokens)`` of a text model, as the transformers backend reads it:
+    pooling is "mean", "cls" or "max", or None when only sentence-transformers can run it.
+    What an ONNX export (:mod:`crossmodal_rag.encoders.onnx_sentence`) needs; loads no weights."""
+    folder = _resolve_folder(spec)
+    try:
+        limit = int(json.loads((folder / "config.json").read_text()).get("max_position_embeddings", 512))
+    except (OSError, ValueError, TypeError, AttributeError):
+        limit = 512
+    return folder, _simple_pooling(folder), min(_max_seq_length(folder, limit), limit)
 
 
 def text_probe(encoder: SentenceEncoder) -> np.ndarray:
@@ -450,8 +485,9 @@ def load_text_encoder(spec: str | TextModelSpec | None,
     if parsed is None:
         return None
     from . import default_device
+    from .onnx_runtime import text_export_for
 
-    key = (str(parsed), device or default_device())
+    key = (str(parsed), device or ("cpu" if text_export_for(str(parsed)) is not None else default_device()))
     with _CACHE_LOCK:
         enc = _CACHE.get(key)
         if enc is None:

@@ -10,8 +10,13 @@ Grammar (``BACKEND:IDENTIFIER``)::
     open_clip:hf-hub:ORG/REPO         an open_clip model repo on the Hugging Face Hub
     hf:ORG/REPO                       a transformers CLIP model on the hub, e.g. hf:openai/clip-vit-base-patch32
     hf:PATH                           a folder written by transformers' save_pretrained
+    onnx:FOLDER                       an ONNX export (immich's layout: visual/, textual/, config.json),
+                                      run by onnxruntime without torch (crossmodal-rag export-onnx)
+    onnx:hf-hub:ORG/REPO              an ONNX export on the hub, e.g. onnx:hf-hub:immich-app/ViT-B-32__openai
+    onnx:int8:FOLDER                  the export's dynamically quantised towers (model_int8.onnx)
     PATH                              a folder: open_clip if it holds open_clip_config.json,
-                                      transformers if it holds config.json
+                                      transformers if it holds config.json, onnx if it holds
+                                      visual/model.onnx
 
 Local paths are made absolute, so the canonical string stored in a collection stays valid
 whatever the working directory.
@@ -30,11 +35,12 @@ __all__ = ["DEFAULT_MODEL", "ModelSpec", "parse_model_spec"]
 
 DEFAULT_MODEL = "open_clip:ViT-B-32/laion2b_s34b_b79k"
 
-Backend = Literal["open_clip", "hf"]
+Backend = Literal["open_clip", "hf", "onnx"]
 
 _GRAMMAR_HINT = (
     "use open_clip:ARCH/TAG (e.g. open_clip:ViT-B-32/laion2b_s34b_b79k), open_clip:ARCH/CHECKPOINT_FILE, "
-    "open_clip:local-dir:FOLDER, open_clip:hf-hub:ORG/REPO, hf:ORG/REPO or hf:FOLDER"
+    "open_clip:local-dir:FOLDER, open_clip:hf-hub:ORG/REPO, hf:ORG/REPO, hf:FOLDER, onnx:FOLDER, "
+    "onnx:hf-hub:ORG/REPO"
 )
 
 
@@ -44,11 +50,13 @@ class ModelSpec:
 
     backend: Backend  # "open_clip" or "hf"
     name: str  # open_clip: ARCH, "local-dir:/abs" or "hf-hub:ID"; hf: repo id or absolute folder
-    pretrained: str | None = None  # open_clip only: tag or absolute checkpoint path
+    pretrained: str | None = None  # open_clip: tag or absolute checkpoint path; onnx: "int8" or None
 
     def __str__(self) -> str:
         if self.backend == "open_clip" and self.pretrained:
             return f"open_clip:{self.name}/{self.pretrained}"
+        if self.backend == "onnx" and self.pretrained:
+            return f"onnx:{self.pretrained}:{self.name}"
         return f"{self.backend}:{self.name}"
 
     @property
@@ -61,6 +69,21 @@ class ModelSpec:
                 return Path(self.pretrained)
             return None
         return Path(self.name) if os.path.isabs(self.name) else None
+
+
+def _parse_onnx(s: str) -> ModelSpec:
+    rest = s[len("onnx:") :].strip()
+    precision = None
+    if rest.startswith("int8:"):
+        precision, rest = "int8", rest[len("int8:") :].strip()
+    if rest.startswith("hf-hub:"):
+        repo = rest[len("hf-hub:") :].strip()
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ModelSpecError(f"model spec {s!r} names no hub repo ORG/REPO after 'hf-hub:'")
+        return ModelSpec("onnx", "hf-hub:" + repo, precision)
+    if not rest:
+        raise ModelSpecError(f"model spec {s!r} names no folder after 'onnx:'")
+    return ModelSpec("onnx", _abs(rest), precision)
 
 
 def _looks_like_path(s: str) -> bool:
@@ -105,6 +128,9 @@ def parse_model_spec(spec: str | ModelSpec) -> ModelSpec:
             pretrained = _abs(pretrained)
         return ModelSpec("open_clip", arch, pretrained)
 
+    if s.startswith("onnx:"):
+        return _parse_onnx(s)
+
     if s.startswith("hf:"):
         rest = s[len("hf:") :].strip()
         if not rest:
@@ -116,10 +142,12 @@ def parse_model_spec(spec: str | ModelSpec) -> ModelSpec:
     if path.is_dir():
         if (path / "open_clip_config.json").is_file():
             return ModelSpec("open_clip", "local-dir:" + _abs(s))
+        if (path / "visual" / "model.onnx").is_file():
+            return ModelSpec("onnx", _abs(s))
         if (path / "config.json").is_file():
             return ModelSpec("hf", _abs(s))
         raise ModelSpecError(
-            f"folder {s!r} holds neither open_clip_config.json (open_clip) nor config.json "
-            f"(transformers): {_GRAMMAR_HINT}"
+            f"folder {s!r} holds neither open_clip_config.json (open_clip), visual/model.onnx (onnx) "
+            f"nor config.json (transformers): {_GRAMMAR_HINT}"
         )
     raise ModelSpecError(f"cannot parse model spec {s!r}: {_GRAMMAR_HINT}")
