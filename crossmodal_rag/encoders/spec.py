@@ -17,6 +17,8 @@ Grammar (``BACKEND:IDENTIFIER``)::
     PATH                              a folder: open_clip if it holds open_clip_config.json,
                                       transformers if it holds config.json, onnx if it holds
                                       visual/model.onnx
+    text-only                         no image encoder and no weights: a collection found by its
+                                      words (see crossmodal_rag.encoders.textonly)
 
 Local paths are made absolute, so the canonical string stored in a collection stays valid
 whatever the working directory.
@@ -31,16 +33,19 @@ from typing import Literal
 
 from ..errors import ModelSpecError
 
-__all__ = ["DEFAULT_MODEL", "ModelSpec", "parse_model_spec"]
+__all__ = ["DEFAULT_MODEL", "TEXT_ONLY", "ModelSpec", "parse_model_spec"]
 
 DEFAULT_MODEL = "open_clip:ViT-B-32/laion2b_s34b_b79k"
+#: The spec of a collection without an image encoder (``index --text-only``).
+TEXT_ONLY = "text-only"
 
-Backend = Literal["open_clip", "hf", "onnx"]
+Backend = Literal["open_clip", "hf", "onnx", "text-only"]
 
 _GRAMMAR_HINT = (
     "use open_clip:ARCH/TAG (e.g. open_clip:ViT-B-32/laion2b_s34b_b79k), open_clip:ARCH/CHECKPOINT_FILE, "
     "open_clip:local-dir:FOLDER, open_clip:hf-hub:ORG/REPO, hf:ORG/REPO, hf:FOLDER, onnx:FOLDER, "
-    "onnx:hf-hub:ORG/REPO"
+    "onnx:hf-hub:ORG/REPO "
+    f"(or {TEXT_ONLY}: no image encoder)"
 )
 
 
@@ -53,6 +58,8 @@ class ModelSpec:
     pretrained: str | None = None  # open_clip: tag or absolute checkpoint path; onnx: "int8" or None
 
     def __str__(self) -> str:
+        if self.backend == TEXT_ONLY:
+            return TEXT_ONLY
         if self.backend == "open_clip" and self.pretrained:
             return f"open_clip:{self.name}/{self.pretrained}"
         if self.backend == "onnx" and self.pretrained:
@@ -105,6 +112,8 @@ def parse_model_spec(spec: str | ModelSpec) -> ModelSpec:
     s = (spec or "").strip()
     if not s:
         raise ModelSpecError(f"empty model spec: {_GRAMMAR_HINT}")
+    if s == TEXT_ONLY:
+        return ModelSpec(TEXT_ONLY, TEXT_ONLY)
 
     if s.startswith("open_clip:"):
         rest = s[len("open_clip:") :].strip()

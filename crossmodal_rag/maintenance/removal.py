@@ -20,12 +20,15 @@ def remove(target: IngestTarget, ids: list[int] | None = None,
            paths: list[str] | None = None) -> dict[str, Any]:
     """Remove items of ``target`` (a collection opened writable) by id and/or by source path.
 
-    Removing a path that is one of several copies of the same image only forgets that path.
-    Returns ``{"removed": [ids...], "unknown": [ids or paths not found]}``.
+    Removing a path that is one of several copies of the same image only forgets that path (an
+    ``index`` counted it as a duplicate): the item stays, and ``"forgotten"`` says which item and
+    which paths still hold it. Returns ``{"removed": [ids...], "unknown": [ids or paths not
+    found], "forgotten": [{"path", "item", "kept_by": [paths]}, ...]}``.
     """
     target.require_writable()
     store = target.store
     unknown: list[Any] = []
+    forgotten: list[dict[str, Any]] = []
     with store.transaction():
         targets: set[int] = set()
         if ids:
@@ -39,11 +42,15 @@ def remove(target: IngestTarget, ids: list[int] | None = None,
                 unknown.append(p)
                 continue
             store.forget_path(key)
-            if not store.paths_of(entry[0]):
+            kept_by = store.paths_of(entry[0])
+            if kept_by:
+                forgotten.append({"path": p, "item": entry[0], "kept_by": kept_by})
+            else:
                 targets.add(entry[0])
         gone = store.delete_items(sorted(targets))
     target.apply({}, gone)
     if gone:
         write_calibration(store, target.manifest.dim)  # score thresholds follow the contents
     target.persist()
-    return {"removed": gone, "unknown": unknown}
+    forgotten = [f for f in forgotten if f["item"] not in gone]  # its id was removed too
+    return {"removed": gone, "unknown": unknown, "forgotten": forgotten}

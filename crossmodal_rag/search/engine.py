@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import QueryError
 from ..store import fulltext
-from . import hybrid, routing
+from . import hybrid, routing, text_only
 from .dense import TargetEmptyError, resolve_min_score, search_vectors
 from .filters import allowed_ids, parse_where
 from .fusion import RRF_K, reciprocal_rank_fusion
@@ -47,6 +47,8 @@ def run(coll: Searchable, request: SearchRequest) -> SearchResult:
     embeds nothing, so it loads no model (CLIP or the text space's)."""
     keyword_only = request.mode == "keyword" and (request.min_score in (None, "") or not request.cut) \
         and not request.dense_scores
+    if text_only.is_text_only(coll.manifest.encoder):
+        return _text_only(coll, request, keyword_only)
     space = coll.text_space if routing.routes(request) and not keyword_only else None
     if space is not None:
         return _routed(coll, space, request)
@@ -56,7 +58,7 @@ def run(coll: Searchable, request: SearchRequest) -> SearchResult:
 def dense_only(coll: Searchable, request: SearchRequest) -> bool:
     """Whether ``request`` runs as a plain dense search in CLIP's space (what the web batcher
     batches): not routed to a text space, and its mode resolves to dense."""
-    if routing.routes(request) and coll.text_space is not None:
+    if text_only.is_text_only(coll.manifest.encoder) or (routing.routes(request) and coll.text_space is not None):
         return False
     mode = hybrid.choose_mode(request.mode, coll.store, has_text=request.has_text, query=request.text)
     return mode == "dense" and not request.dense_scores
@@ -217,6 +219,24 @@ def _routed(coll: Searchable, space: TextSpace, request: SearchRequest) -> Searc
                                        RRF_K, limit=r.k)
         hits = tuple(by_key[key].ranked(rank) for rank, (key, _) in enumerate(fused, start=1))
     return SearchResult(hits, plan.mode, _routed_threshold(coll, space, r, hits), reason=plan.reason)
+
+
+def _text_only(coll: Searchable, request: SearchRequest, keyword_only: bool) -> SearchResult:
+    """A search of a text-only collection (:mod:`.text_only`): its texts ranked as the mode says,
+    then turned into the images they belong to for ``target`` images or all."""
+    space = coll.text_space if not keyword_only else None
+    refused = text_only.refusal(coll.folder, request, has_text_space=coll.text_space is not None,
+                                keyword_only=keyword_only)
+    if refused is not None:
+        raise refused
+    # an image's own --where conditions are applied to the images, after the texts are ranked
+    texts = SearchRequest.of(request, target="texts", k=text_only.text_depth(request, hybrid.fused_depth(request.k)),
+                             where=request.where if request.target == "texts" else ())
+    found = _routed(coll, space, texts) if space is not None else _clip(coll, texts)
+    if request.target == "texts":
+        return found
+    hits = text_only.with_images(coll.store, found.hits, request.target, request.k, _allowed(coll, request))
+    return replace(found, hits=hits, reason=f"{found.reason}; images by their captions and OCR text")
 
 
 def _routed_threshold(coll: Searchable, space: TextSpace, request: SearchRequest,
