@@ -237,3 +237,69 @@ def test_cli_search_over_repeated_c_and_a_shard_list(built: tuple[Path, list[Pat
     assert main(["search", "a red cat", "--shards", str(listing), "--mode", "dense", "-k", "5", "-q"]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [r.split("\t")[5] for r in rows] == [h["path"] for h in a["results"]]
+
+
+# -- on Ray Serve: one local cluster for the module (start-up is the slow part) --------------------
+
+@pytest.fixture(scope="module")
+def served(built: tuple[Path, list[Path]]):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
+    import socket
+
+    from ray import serve
+
+    from crossmodal_rag.serving.ray_serve import RaySettings, deploy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        handle = deploy(built[1], RaySettings(shard_cpus=0.25, router_cpus=0.25, port=port, deadline_s=3.0))
+        yield handle, port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _get(port: int, **params: object) -> dict:
+    import urllib.parse
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode(params, doseq=True)
+    with urllib.request.urlopen(url, timeout=60) as r:
+        assert r.status == 200
+        return json.loads(r.read())
+
+
+def test_ray_serve_answers_as_the_union_then_survives_a_dead_replica(opened, served) -> None:
+    import ray
+
+    union, shards = opened
+    handle, port = served
+    want = union.search("a red cat", mode="dense", k=10, where="year>=2005")
+    got = _get(port, q="a red cat", mode="dense", k=10, where="year>=2005")
+    assert got["partial"] is False and [h["path"] for h in got["results"]] == [h.path for h in want]
+    fused = handle.search.remote(SearchRequest(text="zx021 beach", k=10, target="texts")).result()
+    local = shards.search("zx021 beach", k=10, target="texts")
+    assert fused["mode"] == local.mode == "hybrid" and not fused["partial"]
+    assert [(h["shard"], h["id"]) for h in fused["results"]] == [(h.shard, h.id) for h in local]
+    assert np.allclose([h["dense_score"] for h in fused["results"]], [h.dense_score for h in local], atol=1e-5)
+
+    replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                   if "shard-shard-2" in a["name"] and "REPLICA" in a["name"].upper())
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    seen_partial, recovered, end = None, None, time.monotonic() + 90
+    while time.monotonic() < end and recovered is None:
+        out = _get(port, q="a red cat", mode="dense", k=10)
+        if out["partial"]:
+            seen_partial = out
+        elif seen_partial is not None:
+            recovered = out
+        time.sleep(0.2)
+    assert seen_partial is not None, "the dead replica's shard was never reported missing"
+    assert [m["shard"] for m in seen_partial["missing_shards"]] == ["shard-2"]
+    assert all(h["shard"] != "shard-2" for h in seen_partial["results"])
+    assert recovered is not None and recovered["shards"] == ["shard-1", "shard-2", "shard-3"]
+    assert [h["path"] for h in recovered["results"]] == [h.path for h in union.search("a red cat", mode="dense", k=10)]

@@ -49,6 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "(default 10 s)")
     sv.add_argument("--decode-memory-mb", type=_memory_mb, default=1024, metavar="MB",
                     help="memory a decode worker may use beyond its start-up (64 to 65536, default 1024)")
+    sv.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                    help="serve index shards on Ray Serve (one deployment per --shard, a router that merges): "
+                         "alone, a local Ray instance; 'auto' or ray://HOST:PORT, an existing cluster "
+                         "(needs crossmodal-rag[serve-ray]; see docs/scaling.md)")
+    sv.add_argument("--shard", action="append", default=[], metavar="DIR",
+                    help="with --ray: a shard collection folder (repeatable; -c DIR counts as one too)")
+    sv.add_argument("--replicas", type=positive_int, default=1, metavar="N",
+                    help="with --ray: replicas of each shard deployment (default 1)")
+    sv.add_argument("--shard-deadline", type=_seconds, default=10.0, metavar="S",
+                    help="with --ray: a shard slower than S seconds is left out and the answer marked "
+                         "partial (default 10)")
     sv.set_defaults(handler=cmd_serve)
 
 
@@ -99,6 +110,8 @@ def _memory_mb(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray is not None or args.shard:
+        return _serve_ray(args)
     try:
         import uvicorn
 
@@ -127,3 +140,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(settings), host=args.host, port=args.port,
                 log_level="warning" if not args.verbose else "info", timeout_keep_alive=5)
     return 0
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    """``serve --ray``: the shards and the router on Ray Serve, until Ctrl-C."""
+    import time
+
+    from ..serving.ray_serve import RaySettings, deploy
+
+    folders = ([args.collection] if args.collection else []) + list(args.shard)
+    if args.ray is None or not folders:
+        raise UsageError("serve on Ray Serve takes --ray [ADDRESS] and one or more --shard DIR")
+    settings = RaySettings(address=None if args.ray == "local" else args.ray, replicas=args.replicas,
+                           host=args.host, port=args.port, mmap=True, deadline_s=args.shard_deadline)
+    deploy(folders, settings)
+    print(f"serving {len(folders)} shard(s), {args.replicas} replica(s) each, on "
+          f"http://{args.host}:{args.port}/api/search (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        from ray import serve
+
+        serve.shutdown()
