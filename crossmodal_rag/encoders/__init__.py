@@ -246,7 +246,9 @@ def load_encoder(spec: str | ModelSpec | None = None, device: str | None = None)
     """
     from .onnx_runtime import resolve_clip_spec
 
-    parsed = resolve_clip_spec(parse_model_spec(spec or DEFAULT_MODEL))
+    parsed = parse_model_spec(spec or DEFAULT_MODEL)
+    if parsed.backend != TEXT_ONLY:  # no weights, so no export: the same under every runtime
+        parsed = resolve_clip_spec(parsed)
     key = (str(parsed), device or _device_for(parsed))
     with _CACHE_LOCK:
         enc = _CACHE.get(key)
