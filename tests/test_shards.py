@@ -303,3 +303,20 @@ def test_ray_serve_answers_as_the_union_then_survives_a_dead_replica(opened, ser
     assert all(h["shard"] != "shard-2" for h in seen_partial["results"])
     assert recovered is not None and recovered["shards"] == ["shard-1", "shard-2", "shard-3"]
     assert [h["path"] for h in recovered["results"]] == [h.path for h in union.search("a red cat", mode="dense", k=10)]
+
+
+def test_ask_and_eval_retrieve_from_every_shard(built: tuple[Path, list[Path]], lm_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """ask over several -c retrieves as from a knowledge collection holding the union."""
+    union, shards = built
+    common = ["--generator", str(lm_dir), "-k", "4", "--max-new-tokens", "2", "--json", "-q"]
+    assert main(["ask", "a red cat by the river", "-c", str(shards[0]), "--knowledge", str(union), *common]) == 0
+    want = json.loads(capsys.readouterr().out)
+    args = [a for s in shards for a in ("-c", str(s))]
+    assert main(["ask", "a red cat by the river", *args, *common]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [s["caption"] for s in got["sources"]] == [s["caption"] for s in want["sources"]]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "a red cat by the river", "answers": ["cat"]}) + "\n")
+    assert main(["eval", "generation", str(qa), *args, *common[:-2], "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 1

@@ -8,9 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from .options import MODEL_HELP, UsageError, add_json, add_model, collection_dir, positive_int
+from .options import MODEL_HELP, UsageError, add_json, add_model, positive_int
 from .output import to_json
 from .rag import add_generation_flags, add_search_mode, pipeline_from_args
+from .shards import open_main
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,10 +66,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"skipped {s}", file=sys.stderr)
         return 0
 
-    from ..collection import Collection
     from ..eval import evaluate_captioning, evaluate_qa
 
-    with Collection.open(collection_dir(args), model=args.model) as coll:
+    with open_main(args, model=args.model) as coll:
         pipe = pipeline_from_args(args, coll)
         if args.task == "qa":
             report = evaluate_qa(pipe, args.dataset, limit=args.limit, progress=not args.quiet)

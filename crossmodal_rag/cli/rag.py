@@ -17,13 +17,13 @@ from .options import (
     add_top_k,
     add_where,
     check_image_arg,
-    collection_dir,
     flag_spelling,
     min_score_arg,
     nonneg_int,
     positive_int,
 )
 from .output import safe, to_json, tsv_field
+from .shards import add_collections, open_main
 
 if TYPE_CHECKING:
     from ..collection import Collection
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 def add_generation_flags(sp: argparse.ArgumentParser) -> None:
     """The retrieval and generation flags of ``ask``, ``chat``, ``write`` and ``eval generation``
     (read back by :func:`pipeline_from_args`)."""
-    add_collection(sp)
+    add_collections(sp)  # several -c: retrieval searches them as one (cli/shards.py)
     sp.add_argument("--generator", "-g", metavar="SPEC",
                     help="hub id, save_pretrained folder or .gguf file (default google/flan-t5-base)")
     add_top_k(sp, dest="k", default=5, help="retrieved items (default 5)")
@@ -100,10 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     wr.set_defaults(handler=cmd_write)
 
     cp = sub.add_parser("caption", help="caption images: image prefix + retrieved neighbours' captions "
-                                        "(SmallCap style)")
-    cp.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) to caption")
-    cp.add_argument("--image-prefix", required=True, metavar="CKPT",
+                                        "(SmallCap style); with --caption-model, a collection's uncaptioned photos")
+    cp.add_argument("images", nargs="*", metavar="IMAGE", help="image file(s) to caption")
+    cp.add_argument("--image-prefix", metavar="CKPT",
                     help="image-prefix checkpoint folder (from `train prefix`)")
+    from .caption import add_caption_flags
+
+    add_caption_flags(cp)
     add_collection(cp, help="retrieve the neighbours' captions from this collection (its encoder must be "
                              "the checkpoint's); without it the prompt holds no captions")
     add_top_k(cp, dest="k", type=nonneg_int, default=None,
@@ -133,7 +136,7 @@ def pipeline_from_args(args: argparse.Namespace, coll: Collection) -> RagPipelin
     from ..generation import RagPipeline
 
     settings, gen = getattr(args, "settings_checked", None) or _settings(args)
-    knowledge = None
+    knowledge = getattr(args, "shard_set", None)  # several -c: the shards searched as one
     if args.knowledge:
         from ..collection import Collection
 
@@ -232,13 +235,11 @@ def answer_events(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from ..collection import Collection
-
     if (args.question is None or not args.question.strip()) and args.image is None:
         raise QueryError("ask: give a QUESTION, an --image, or both")
     check_image_arg(args.image)
     check_generation_args(args)
-    with Collection.open(collection_dir(args), model=args.model) as coll:
+    with open_main(args, model=args.model) as coll:
         pipeline = pipeline_from_args(args, coll)
         answer = pipeline.ask(args.question, image=args.image, **answer_events(args))  # retrieves (--search-mode)
     if args.json:
@@ -248,12 +249,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from ..apps import ChatSession
-    from ..collection import Collection
 
     check_image_arg(args.image)
     check_generation_args(args)
     session = ChatSession.load_or_new(args.session)
-    with Collection.open(collection_dir(args), model=args.model) as coll:
+    with open_main(args, model=args.model) as coll:
         pipeline = pipeline_from_args(args, coll)
         if args.message is not None:
             answer = session.send(pipeline, args.message, image=args.image, **answer_events(args))
@@ -276,7 +276,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_write(args: argparse.Namespace) -> int:
     from ..apps import write
-    from ..collection import Collection
 
     draft = args.draft
     if args.draft_file:
@@ -289,7 +288,7 @@ def cmd_write(args: argparse.Namespace) -> int:
     if draft is None or not draft.strip():
         raise QueryError("write: give the DRAFT text or --draft-file FILE")
     check_generation_args(args)
-    with Collection.open(collection_dir(args), model=args.model) as coll:
+    with open_main(args, model=args.model) as coll:
         answer = write(pipeline_from_args(args, coll), draft, **answer_events(args))
     if args.json:
         print_answer(answer, args.json)
@@ -298,6 +297,17 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from ..collection import Collection
+
+    if args.caption_model:  # words for the collection's uncaptioned photos (issue 33)
+        from .caption import cmd_backfill
+
+        if not args.collection or args.images or args.image_prefix:
+            raise UsageError("caption --caption-model SPEC describes a collection's uncaptioned images: give "
+                             "-c DIR, and no IMAGE or --image-prefix")
+        return cmd_backfill(args)
+    if not args.images or not args.image_prefix:
+        raise UsageError("caption: give IMAGE... and --image-prefix CKPT (or -c DIR --caption-model SPEC to "
+                         "describe a collection's uncaptioned photos)")
     from ..generation import GenerationSettings
     from ..generation.caption import Captioner
     from ..generation.prefix import load_image_prefix

@@ -12,7 +12,7 @@ from typing import Any
 from .options import UsageError
 from .output import safe
 
-__all__ = ["add_collections", "open_searchable", "report_partial", "shard_folders", "sharded_json"]
+__all__ = ["add_collections", "open_main", "open_searchable", "report_partial", "shard_folders", "sharded_json"]
 
 
 def add_collections(sp: argparse.ArgumentParser) -> None:
@@ -51,6 +51,27 @@ def open_searchable(args: argparse.Namespace, **open_kwargs: Any) -> Iterator[An
 
     with open_shards(folders, **open_kwargs) as shards:
         yield shards
+
+
+@contextmanager
+def open_main(args: argparse.Namespace, **open_kwargs: Any) -> Iterator[Any]:
+    """The first ``-c`` collection (it embeds the queries); with several, ``args.shard_set`` holds
+    all of them searched as one, for :func:`~crossmodal_rag.cli.rag.pipeline_from_args` to
+    retrieve from (as a knowledge collection: dense retrieval by the question's CLIP vector)."""
+    folders = shard_folders(args)
+    from ..collection import Collection
+
+    if len(folders) == 1:
+        with Collection.open(folders[0], **open_kwargs) as coll:
+            yield coll
+        return
+    if getattr(args, "knowledge", None):
+        raise UsageError(f"{args.command}: several -c collections are the knowledge already; leave out --knowledge")
+    from ..serving.local import open_shards
+
+    with open_shards(folders, model=open_kwargs.get("model")) as shards:
+        args.shard_set = shards
+        yield shards.first
 
 
 def report_partial(result: Any, label: str = "") -> None:
