@@ -323,3 +323,36 @@ def test_the_same_filter_works_from_the_cli_rest_and_rag(indexed: Path, tmp_path
         pipe = RagPipeline(c, generator=str(t5_dir), settings=RagSettings(k=5, target="images", where=("has!=gps",)))
         hits, _ = pipe.retrieve("a photo", None, 5, "images")
     assert {Path(h.path).stem for h in hits} == {"no_gps", "no_exif"}
+
+
+def test_dates_and_places_typed_in_the_query_filter_from_the_cli_and_rest(
+        indexed: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fastapi.testclient import TestClient
+
+    from crossmodal_rag.cli import main
+    from crossmodal_rag.web import WebSettings, create_app
+
+    capsys.readouterr()
+    assert main(["-q", "search", "a photo in Paris in July 2023", "-c", str(indexed), "--mode", "dense",
+                 "--k", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["query"]["parsed"]["where"] == ["taken:2023-07", "place=Paris"]
+    assert out["query"]["parsed"]["text"] == "a photo"
+    assert [Path(h["path"]).stem for h in out["results"]] == ["paris_jul"]
+    assert main(["-q", "search", "a photo in Paris in July 2023", "-c", str(indexed), "--mode", "dense",
+                 "--k", "20", "--json", "--no-parse"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "parsed" not in out["query"] and len(out["results"]) == len(PHOTOS)
+    assert main(["-q", "search", "a photo", "-c", str(indexed), "--mode", "dense", "--k", "20", "--json",
+                 "--where", "has:gps", "--sort", "-taken"]) == 0
+    taken = [h["capture"]["taken"] for h in json.loads(capsys.readouterr().out)["results"]]
+    assert taken == sorted(taken, reverse=True) and len(taken) == 7
+    settings = WebSettings(collection=str(indexed), thumbnail_dir=str(tmp_path / "thumbs"))
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
+        body = client.get("/api/search", params={"q": "a photo from Japan", "k": 20, "mode": "dense",
+                                                 "sort": "taken"}).json()
+        assert body["query"]["parsed"]["where"] == ["country=JP"]
+        assert [Path(h["path"]).stem for h in body["results"]] == ["tokyo_nye"]
+        body = client.get("/api/search", params={"q": "a photo", "k": 20, "mode": "dense", "sort": "taken"}).json()
+        taken = [h["capture"]["taken"] for h in body["results"]]
+        assert taken == sorted(taken) and len(taken) == len(PHOTOS)

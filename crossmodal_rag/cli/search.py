@@ -59,6 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--minus", action="append", default=[], metavar="TEXT", help="subtract a text from the query")
     add_json(se, help="JSON output instead of TSV")
     se.add_argument("--no-header", action="store_true", help="TSV without the header line")
+    se.add_argument("--no-parse", action="store_true",
+                    help="keep dates and places in the query text as words (default: 'beach in July "
+                         "2023' searches 'beach' with --where taken:2023-07 in a collection of dated photos)")
+    se.add_argument("--sort", choices=("relevance", "taken", "-taken"), default="relevance", nargs="?",
+                    const="relevance", help="order of the results: relevance (default), taken (oldest "
+                                            "first), -taken (newest first)")
+    # argparse reads "--sort -taken" as --sort and a flag -taken: that flag is the newest-first order
+    se.add_argument("-taken", dest="sort_newest", action="store_true", help=argparse.SUPPRESS)
     add_ann_flags(se)
     se.set_defaults(handler=cmd_search)
 
@@ -109,6 +117,7 @@ def _read_queries(path: str) -> list[dict[str, Any]]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from ..search import SearchRequest, TargetEmptyError
+    from ..search.moments import moments_in, sort_hits
 
     folders = shard_folders(args)
     folder = folders[0] if len(folders) == 1 else f"none of the {len(folders)} shards"
@@ -135,11 +144,16 @@ def cmd_search(args: argparse.Namespace) -> int:
             try:
                 if q.get("error"):
                     raise QueryError(q["error"])
+                found = None if args.no_parse else moments_in(coll, q.get("text"))  # issue 30
                 result = coll.search(SearchRequest(
-                    text=q.get("text"), image=q.get("image"), k=args.top_k, target=args.target,
-                    where=args.where, min_score=args.min_score, plus=args.plus, minus=args.minus,
-                    params=params, mode=args.mode))
-                mode, hits = result.mode, result.hits
+                    text=found.text if found else q.get("text"), image=q.get("image"), k=args.top_k,
+                    target=args.target, where=[*args.where, *(found.where if found else ())],
+                    min_score=args.min_score, plus=args.plus, minus=args.minus, params=params, mode=args.mode))
+                order = "-taken" if getattr(args, "sort_newest", False) else args.sort
+                mode, hits = result.mode, sort_hits(list(result.hits), order)
+                if found is not None and found.where:
+                    q["parsed"] = found.to_dict()
+                    logger.info("query %s: read as %r with %s", _shown(label), found.text, " ".join(found.where))
                 report_partial(result, f"query on line {q['line']}: " if q["line"] is not None else "")
                 if result.reason:
                     logger.info("query %s: %s", _shown(label), result.reason)
@@ -156,7 +170,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             if note and not getattr(args, "quiet", False):
                 where = f"query on line {q['line']}: " if q["line"] is not None else ""
                 print(f"note: {where}{safe(note)}", file=sys.stderr)
-            records.append({"query": {"text": q.get("text"), "image": q.get("image")},
+            records.append({"query": {"text": q.get("text"), "image": q.get("image"),
+                                      **({"parsed": q["parsed"]} if q.get("parsed") else {})},
                             "label": label, "hits": hits, "mode": mode, "note": note,
                             "reason": result.reason, "shards": sharded_json(result)})
     if args.json:

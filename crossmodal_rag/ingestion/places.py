@@ -29,7 +29,8 @@ import numpy as np
 
 from ..errors import CrossmodalError
 
-__all__ = ["EARTH_RADIUS_KM", "MAX_PLACE_KM", "Place", "great_circle_km", "reverse_geocode"]
+__all__ = ["EARTH_RADIUS_KM", "MAX_PLACE_KM", "MIN_NAMED_POPULATION", "Place", "great_circle_km",
+           "place_names", "reverse_geocode"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 EARTH_RADIUS_KM = 6371.0088
 #: A photo farther than this from every listed place gets no place names.
 MAX_PLACE_KM = 100.0
+#: Cities a query may name (search/moments.py): those of at least this many people.
+MIN_NAMED_POPULATION = 15_000
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class _Table:
         self.lon = np.array([r["longitude"] for r in rows], dtype=np.float64)
         self.names = [(r.get("city") or None, r.get("state") or None, r.get("country_code") or None)
                       for r in rows]
+        big = sorted((r for r in rows if r.get("city") and (r.get("population") or 0) >= MIN_NAMED_POPULATION),
+                     key=lambda r: r.get("population") or 0)  # the most populous of a name wins
+        self.city_names = {r["city"].casefold(): r["city"] for r in big}
         self.countries = countries
         self.tree = cKDTree(_unit(self.lat, self.lon))
         logger.info("loaded %d GeoNames places for reverse geocoding", len(rows))
@@ -96,6 +102,13 @@ def _loaded() -> _Table:
         if _table is None:
             _table = _Table()
         return _table
+
+
+def place_names() -> tuple[dict[str, str], dict[str, str]]:
+    """(city name casefolded -> city as stored, for cities of :data:`MIN_NAMED_POPULATION` or
+    more; country name casefolded -> ISO code): the places a query may name."""
+    table = _loaded()
+    return table.city_names, {name.casefold(): code for code, name in table.countries.items()}
 
 
 def reverse_geocode(points: Sequence[tuple[float, float]]) -> list[Place | None]:

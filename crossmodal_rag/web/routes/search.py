@@ -9,10 +9,12 @@ Each route makes one :class:`~crossmodal_rag.search.SearchRequest` and hands it 
 from __future__ import annotations
 
 import time
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 
 from ...search import DEFAULT_MODE, Mode, SearchRequest, SearchResult, Target
+from ...search.moments import moments_in, sort_hits
 from ..checks import Checks
 from ..inputs import MAX_SCORE_CHARS, check_min_score
 from ..models import ErrorOut, SearchOut
@@ -51,6 +53,11 @@ def router(settings: WebSettings) -> APIRouter:
                                           "mode_reason), dense (embeddings; batched with "
                                           "concurrent searches), keyword (BM25 over captions, passages, OCR "
                                           "text), hybrid (both, reciprocal rank fusion)"),
+            parse: bool = Query(True, description="read dates and places in q as capture filters ('beach in "
+                                                  "July 2023' -> beach, taken:2023-07) when photos are dated; "
+                                                  "query.parsed shows what was read"),
+            sort: Literal["relevance", "taken", "-taken"] = Query(
+                "relevance", description="order of the results: relevance, taken (oldest first), -taken"),
             st: AppState = Depends(get_state)) -> SearchOut:
         """Search by text."""
         t0 = time.perf_counter()
@@ -58,9 +65,14 @@ def router(settings: WebSettings) -> APIRouter:
         check.where(where)
         check_min_score(min_score)
         check.k(k)
-        result = await run(st, SearchRequest(text=q, k=k, target=target, where=tuple(where),
+        found = await st.work(moments_in, st.collection, q) if parse else None  # issue 30
+        text, extra = (found.text, found.where) if found else (q, ())
+        result = await run(st, SearchRequest(text=text, k=k, target=target, where=(*where, *extra),
                                               min_score=min_score, mode=mode))
-        return search_out({"text": q, "where": where}, target, k, result.hits, t0, st.paths, result.mode,
+        query: dict[str, Any] = {"text": q, "where": where}
+        if found is not None and found.where:
+            query["parsed"] = found.to_dict()
+        return search_out(query, target, k, sort_hits(list(result.hits), sort), t0, st.paths, result.mode,
                           result.reason)
 
     @r.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
