@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import CrossmodalError, QueryError
-from . import caption, collection, demo, eval, maintenance, mcp, onnx, rag, search, serve, train
+from . import collection, demo, eval, maintenance, mcp, onnx, rag, search, serve, train
 from .options import UsageError, add_verbosity, check_collection_args
 from .output import EscapingFormatter, safe
 
@@ -35,7 +35,7 @@ __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "UsageEr
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: The command families in the order their subcommands are listed by ``--help``.
-FAMILIES = (collection, caption, maintenance, search, rag, eval, serve, mcp, demo, train, onnx)
+FAMILIES = (collection, maintenance, search, rag, eval, serve, mcp, demo, train, onnx)
 
 
 def _subparsers_of(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -76,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("--ocr", action=argparse.BooleanOptionalAction, default=None,
                     help="read the text in images (OCR; needs crossmodal-rag[ocr]) and index it; the "
                          "collection remembers it, --no-ocr turns it off (default: as remembered)")
+    from .caption import add_caption_flags
+
+    add_caption_flags(ix)
     ix.add_argument("--ocr-workers", type=positive_int, default=1, metavar="N",
                     help="images read by OCR at once (default 1)")
     ix.add_argument("--fsync", choices=("full", "normal", "off"), default="full",
@@ -193,6 +196,11 @@ def cmd_index(args: argparse.Namespace) -> int:
                     report = ingest(coll, args.source, settings)
             if text_model is not None:  # the collection keeps the text space in step from now on
                 _text_space_report(coll.set_text_model(text_model))
+            if args.caption_model:  # words for the uncaptioned photos (ingestion/captioning.py)
+                from .caption import run_captions
+
+                captions = run_captions(coll, args)
+                print(f"{captions.captioned} image(s) captioned by {captions.model}", file=sys.stderr)
             counts = coll.counts()
     except CrossmodalError:
         if remove_created:

@@ -555,6 +555,10 @@ def check_generator_spec(spec: str) -> str:
     spec = spec.strip()
     if not spec:
         raise ModelSpecError("empty generator spec: give a hub id, a local folder, a .gguf file or bundled:NAME")
+    if spec.startswith("vlm:"):  # a vision-language model (generation/vlm.py, vlm_gguf.py)
+        from .vlm_gguf import check_vlm_spec
+
+        return check_vlm_spec(spec)
     if spec.startswith("bundled:"):
         from .bundled import bundled_gguf
 
@@ -597,6 +601,8 @@ def load_generator(spec: str | None = None, device: str | None = None, runtime: 
 
         spec = default_generator(DEFAULT_GENERATOR)
     spec = check_generator_spec(spec)
+    if spec.startswith("vlm:") or _is_vlm_folder(spec):
+        return _load_vlm(spec, device)
     where = gguf_runtime(spec, runtime)
     key = (spec, device or default_device(), where)
     with _CACHE_LOCK:
@@ -610,3 +616,27 @@ def load_generator(spec: str | None = None, device: str | None = None, runtime: 
                 gen = Generator(spec, device=key[1])
             _CACHE[key] = gen
         return gen
+
+
+def _is_vlm_folder(spec: str) -> bool:
+    from .vlm import is_vlm_folder
+
+    return not spec.endswith(".gguf") and Path(os.path.expanduser(spec)).is_dir() and is_vlm_folder(spec)
+
+
+def _load_vlm(spec: str, device: str | None) -> TextGenerator:
+    """The process-wide vision-language generator for ``spec`` (``vlm:ID``, ``vlm:FOLDER`` or a VLM
+    folder); a GGUF VLM (``vlm:MODEL.gguf,mmproj=PROJ.gguf``) goes to llama.cpp."""
+    from .vlm_gguf import load_gguf_vlm
+
+    if spec.removeprefix("vlm:").split(",")[0].endswith(".gguf"):
+        return load_gguf_vlm(spec)
+    from .vlm import VisionGenerator
+
+    key = ("vlm:" + spec.removeprefix("vlm:"), device or default_device(), "transformers")
+    with _CACHE_LOCK:
+        gen = _CACHE.get(key)
+        if gen is None:
+            gen = VisionGenerator(spec, device=key[1])  # type: ignore[assignment]
+            _CACHE[key] = gen  # type: ignore[assignment]
+        return gen  # type: ignore[return-value]

@@ -134,6 +134,7 @@ class Source:
     included: bool = True  # in concat mode: whether it fit the prompt budget
     truncated: bool = False  # in concat mode: whether it was cut to fit
     prefix_image: str | None = None  # the image whose prefix this item's own prompt carried
+    image: str | None = None  # vision-language generator: the picture shown with this item (its file)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class Answer:
     min_score: float | None = None  # the threshold that applied
     image_prefix: str | None = None  # the image-prefix checkpoint used, if any
     prefix_images: list[str | None] = field(default_factory=list)  # per prompt: the prefixed image
+    prompt_images: list[list[str]] = field(default_factory=list)  # VLM: per prompt, the pictures it showed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,6 +233,9 @@ class RagPipeline:
         if knowledge is not None:  # queries are embedded by the main collection's encoder
             knowledge.check_compatible(collection)
         self.image_prefix = image_prefix
+        if image_prefix is not None and getattr(self.generator, "sees_images", False):
+            raise ValueError(f"the vision-language model {self.generator.spec} reads the images themselves; "
+                             "leave the image prefix out")
         if image_prefix is not None:
             image_prefix.check_encoder(collection.manifest.encoder, collection.manifest.dim)
             image_prefix.check_generator(self.generator)
@@ -411,11 +416,20 @@ class RagPipeline:
         if mode == "concat":
             prompt, included, truncated = self.concat_prompt(q_text, texts)
             prompts, prefix_labels = [prompt], [q_label]
+        seen: list[str | None] = [None] * len(hits)
+        prompt_images: list[list[str]] = []
+        if getattr(self.generator, "sees_images", False):  # a VLM: the pictures beside their texts
+            from .rag_images import attach_images
+
+            item_prompts, concat, seen, prompt_images = attach_images(  # type: ignore[assignment]
+                item_prompts, prompts[0] if mode == "concat" else None, image, hits, included,
+                self.generator.limits)  # type: ignore[attr-defined]
+            prompts = [concat] if concat is not None else item_prompts  # type: ignore[list-item]
         timings["prompt"] = time.perf_counter() - t
         candidates: list[dict[str, Any]] = []
         streaming = mode != "rag-sequence" and self.generation.num_beams == 1
-        yield Sources([_source(h, x, p, 0.0, 0.0, inc, tr, pl) for h, x, p, inc, tr, pl
-                       in zip(hits, texts, prior, included, truncated, item_labels, strict=True)], mode, streaming)
+        yield Sources([_source(h, x, p, 0.0, 0.0, inc, tr, pl, im) for h, x, p, inc, tr, pl, im
+                       in zip(hits, texts, prior, included, truncated, item_labels, seen, strict=True)], mode, streaming)
         with self.generator.encoder_reuse():  # seq2seq: encode each prompt once
             t = time.perf_counter()
             if mode == "rag-sequence":
@@ -447,8 +461,8 @@ class RagPipeline:
                                         (prompts[0], q_prefix) if mode == "concat" else None)
                 timings["score"] = time.perf_counter() - t
             posterior = np.exp(_log_softmax(log_prior + lp))
-            sources = [_source(h, x, p, post, lpi, inc, tr, pl) for h, x, p, post, lpi, inc, tr, pl
-                       in zip(hits, texts, prior, posterior, lp, included, truncated, item_labels, strict=True)]
+            sources = [_source(h, x, p, post, lpi, inc, tr, pl, im) for h, x, p, post, lpi, inc, tr, pl, im
+                       in zip(hits, texts, prior, posterior, lp, included, truncated, item_labels, seen, strict=True)]
             timings["total"] = time.perf_counter() - started
             yield Final(Answer(answer=answer, question=q_text, mode=mode, sources=sources,
                                prompts=[self.generator.render(p) for p in prompts],
@@ -456,7 +470,8 @@ class RagPipeline:
                                encoder=self.collection.manifest.encoder, image=image_label,
                                candidates=candidates, logprob=total, logprob_of=LOGPROB_OF[mode], min_score=threshold,
                                image_prefix=self.image_prefix.label if self.image_prefix is not None else None,
-                               prefix_images=prefix_labels if self.image_prefix is not None else []))
+                               prefix_images=prefix_labels if self.image_prefix is not None else [],
+                               prompt_images=prompt_images))
 
     def _image_prefixes(
         self, image: str | Path | Image.Image | None, qvec: np.ndarray | None, hits: list[Hit],
@@ -560,11 +575,11 @@ class RagPipeline:
 
 
 def _source(h: Hit, text: str, prior: float, posterior: float, logprob: float, included: bool,
-            truncated: bool, prefix_image: str | None) -> Source:
+            truncated: bool, prefix_image: str | None, image: str | None = None) -> Source:
     return Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=text,
                   caption=" | ".join(h.captions) if h.kind == "image" else (h.text or ""), score=h.score,
                   prior=float(prior), posterior=float(posterior), logprob=float(logprob), included=included,
-                  truncated=truncated, prefix_image=prefix_image)
+                  truncated=truncated, prefix_image=prefix_image, image=image)
 
 
 def _sample(logp: torch.Tensor, gs: GenerationSettings, rng: torch.Generator) -> int:
