@@ -35,7 +35,7 @@ REGEN = os.environ.get("CROSSMODAL_RAG_REGEN_GOLDEN") == "1"
 #: JSON keys whose values vary run to run (or machine to machine) and are masked.
 _MASKED_KEYS = {"created_at", "updated_at", "library_version", "timings", "seconds", "bytes", "elapsed",
                 "elapsed_s", "images_per_s", "collection_id",
-                "sha256"}
+                "sha256", "taken", "taken_from", "taken_to"}  # taken: the copied files' times
 _MASK = "<masked>"
 
 
@@ -82,7 +82,7 @@ def _normalise_json(text: str, paths: _Paths) -> str:
 
 def _normalise_text(text: str, paths: _Paths) -> str:
     text = paths(text)
-    text = re.sub(r"^(created|updated):( +).*$", r"\1:\2" + _MASK, text, flags=re.M)
+    text = re.sub(r"^(created|updated|taken):( +).*$", r"\1:\2" + _MASK, text, flags=re.M)
     text = re.sub(r"written by crossmodal-rag [^)]+\)", f"written by crossmodal-rag {_MASK})", text)
     text = re.sub(r"\d+ bytes", f"{_MASK} bytes", text)
     text = re.sub(r"in \d+(\.\d+)? ?s\b", f"in {_MASK}", text)
