@@ -356,3 +356,52 @@ def test_dates_and_places_typed_in_the_query_filter_from_the_cli_and_rest(
         body = client.get("/api/search", params={"q": "a photo", "k": 20, "mode": "dense", "sort": "taken"}).json()
         taken = [h["capture"]["taken"] for h in body["results"]]
         assert taken == sorted(taken) and len(taken) == len(PHOTOS)
+
+
+def test_watch_follows_new_changed_moved_and_deleted_files(photos: Path, tmp_path: Path, tiny_oc_spec: str) -> None:
+    import threading
+    import time
+
+    from crossmodal_rag.ingestion.runner import IngestSettings
+    from crossmodal_rag.ingestion.watch import WatchSettings, watch
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes((photos / "paris_jul.jpg").read_bytes())
+    reports: list = []
+    stop = threading.Event()
+    with Collection.create(tmp_path / "c", tiny_oc_spec) as c:
+        t = threading.Thread(target=watch, args=(c, src, IngestSettings(workers=0)),
+                             kwargs={"watch_settings": WatchSettings(0.1, 0.2), "stop": stop,
+                                     "on_ingest": reports.append})
+        t.start()
+
+        def settled(n: int) -> None:
+            deadline = time.monotonic() + 30
+            while len(reports) < n and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(reports) >= n
+
+        try:
+            settled(1)  # the catch-up ingest
+            t0 = time.monotonic()
+            (src / "b.jpg").write_bytes((photos / "tokyo_nye.jpg").read_bytes())  # new
+            settled(2)
+            assert reports[1].images_added == 1 and time.monotonic() - t0 < 5  # searchable within 5 s
+            vec_b = c.store.vectors([c.store.path_entry(str(src / "b.jpg"))[0]], c.manifest.dim)
+            (src / "b.jpg").rename(src / "moved.jpg")  # moved: linked by contents, not embedded again
+            settled(3)
+            assert (reports[2].images_added, reports[2].pruned) == (0, 1)
+            moved_id = c.store.path_entry(str(src / "moved.jpg"))[0]
+            assert np.array_equal(c.store.vectors([moved_id], c.manifest.dim), vec_b)
+            (src / "a.jpg").write_bytes((photos / "pole.jpg").read_bytes())  # changed
+            settled(4)
+            assert reports[3].replaced == 1
+            (src / "a.jpg").unlink()  # deleted
+            settled(5)
+            assert reports[4].pruned == 1
+        finally:
+            stop.set()
+            t.join(30)
+        assert _names(c, []) == {"moved"} and c.counts()["images"] == 1
+        assert c.search("a photo", k=5, where=["country=JP"], mode="dense")[0].path == str(src / "moved.jpg")

@@ -10,6 +10,7 @@ import logging
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("--report", metavar="FILE", help="write a JSON report (skipped items and why) to FILE")
     ix.add_argument("--keep-missing", action="store_true",
                     help="a folder SOURCE: keep the items of indexed files that are gone (default: pruned)")
+    ix.add_argument("--watch", action="store_true",
+                    help="a folder SOURCE: keep indexing it as files are added, changed, moved or deleted "
+                         "(polls every --watch-interval seconds; Ctrl-C stops; see docs/photos.md)")
+    ix.add_argument("--watch-interval", type=float, default=1.0, metavar="S",
+                    help="seconds between two looks at a watched folder, and the quiet time a change "
+                         "waits for (default 1)")
     ix.add_argument("--ocr", action=argparse.BooleanOptionalAction, default=None,
                     help="read the text in images (OCR; needs crossmodal-rag[ocr]) and index it; the "
                          "collection remembers it, --no-ocr turns it off (default: as remembered)")
@@ -146,6 +153,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     from ..ingestion.runner import IngestSettings, ingest
 
     folder = collection_dir(args)
+    if args.watch and not Path(args.source).is_dir():  # before anything is created
+        raise UsageError(f"--watch needs a folder, and {args.source} is not one")
     settings_kwargs: dict[str, Any] = {
         "batch_size": args.batch_size, "workers": args.workers, "image_root": args.image_root,
         "allow_outside_root": args.allow_outside_root, "progress": not args.quiet,
@@ -191,6 +200,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                     # that holds nothing is not left behind (anything committed is kept)
                     remove_created = not existed and not any(coll.counts().values())
                     raise
+            elif args.watch:
+                return _watch(coll, args.source, settings, args.watch_interval)
             else:
                 with _skips_listed_by_cli():
                     report = ingest(coll, args.source, settings)
@@ -282,6 +293,27 @@ def items_line(counts: dict[str, int]) -> str:
              if key in ("images", "captions", "passages") or counts.get(key)]
     shown += [f"{n} {key}" for key, n in counts.items() if key not in _COUNT_NAMES]
     return ", ".join(shown)
+
+
+def _watch(coll: Any, source: str, settings: Any, interval: float) -> int:
+    """``index --watch``: each ingest's summary on stdout until Ctrl-C (exit 0)."""
+    from ..ingestion.watch import WatchSettings, watch
+
+    if not interval > 0 or interval > 3600:
+        raise UsageError(f"--watch-interval must be in (0, 3600] seconds, got {interval}")
+
+    def shown(report: Any) -> None:
+        for p in report.skipped[:50]:
+            print(f"skipped {safe(p.item)}: {safe(p.reason)}", file=sys.stderr)
+        print(f"{time.strftime('%H:%M:%S')} {report.summary()}", flush=True)
+
+    print(f"watching {safe(Path(source).resolve())} (Ctrl-C stops)", file=sys.stderr)
+    try:
+        with _skips_listed_by_cli():
+            watch(coll, source, settings, WatchSettings(interval=interval, debounce=interval), on_ingest=shown)
+    except KeyboardInterrupt:
+        print("stopped watching", file=sys.stderr)
+    return 0
 
 
 def _text_space_report(report: SyncReport) -> None:
