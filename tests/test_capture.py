@@ -356,6 +356,11 @@ def test_dates_and_places_typed_in_the_query_filter_from_the_cli_and_rest(
         body = client.get("/api/search", params={"q": "a photo", "k": 20, "mode": "dense", "sort": "taken"}).json()
         taken = [h["capture"]["taken"] for h in body["results"]]
         assert taken == sorted(taken) and len(taken) == len(PHOTOS)
+        stats = client.get("/api/stats").json()["captures"]  # the page's facets
+        assert stats["located"] == 7 and {"city": "Paris", "country": "FR", "images": 2} in stats["top_places"]
+        page, script = client.get("/").text, client.get("/static/app.js").text
+        assert all(f'id="{i}"' in page for i in ("taken-from", "taken-to", "place"))
+        assert "function captureLine" in script and 'params.append("where", w)' in script
 
 
 def test_watch_follows_new_changed_moved_and_deleted_files(photos: Path, tmp_path: Path, tiny_oc_spec: str) -> None:

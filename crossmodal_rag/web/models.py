@@ -119,6 +119,8 @@ class StatsOut(BaseModel):
     counts: dict[str, int]
     generation: int
     updated_at: str
+    captures: dict[str, Any] | None = Field(None, description="photos' capture metadata (issue 30): dated and "
+                                            "located counts, taken_from/taken_to, top_places, top_cameras")
 
 
 class HealthOut(BaseModel):

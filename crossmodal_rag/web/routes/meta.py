@@ -25,6 +25,7 @@ def router(settings: WebSettings) -> APIRouter:
         c, paths = st.collection, st.paths
         m = c.manifest
         return StatsOut(collection=paths.folder(c.folder), encoder=paths.spec(m.encoder), dim=m.dim,
-                        index_type=m.index_type, counts=c.counts(), generation=m.generation, updated_at=m.updated_at)
+                        index_type=m.index_type, counts=c.counts(), generation=m.generation, updated_at=m.updated_at,
+                        captures=c.store.capture_summary(top=30) or None)  # the page's date and place facets
 
     return r

@@ -61,11 +61,43 @@ function renderResults(data) {
     const meta = el("div", { class: "meta" });
     meta.append(el("div", { class: "score" }, `#${hit.rank} · ${hit.score.toFixed(3)}`));
     meta.append(el("div", { class: "cap" }, caption || (hit.path || "").split("/").pop()));
+    const shot = captureLine(hit.capture);
+    if (shot) meta.append(el("div", { class: "capture" }, shot));
     const ocrText = hit.kind === "ocr" ? hit.text : hit.ocr;
     if (ocrText) meta.append(ocrBlock(ocrText, data.query && data.query.text));
     li.append(meta);
     list.append(li);
   }
+}
+
+// When, where and with what a photo was taken, in one line: "2023-07-14 18:03 · Paris, FR · Apple iPhone 12".
+function captureLine(c) {
+  if (!c) return "";
+  const when = c.taken && c.taken_source !== "file" ? c.taken.slice(0, 16).replace("T", " ") : "";
+  const where = [c.city, c.country].filter(Boolean).join(", ");
+  const camera = [c.make, c.model].filter(Boolean).join(" ");
+  return [when, where, camera].filter(Boolean).join(" · ");
+}
+
+// The date-range and place facets as --where filters.
+function facetFilters() {
+  const from = $("taken-from").value, to = $("taken-to").value, place = $("place").value;
+  const where = [];
+  if (from && to) where.push(`taken:${from}..${to}`);
+  else if (from) where.push(`taken>=${from}`);
+  else if (to) where.push(`taken<=${to}`);
+  if (place) where.push(`place=${place}`);
+  return where;
+}
+
+function showFacets(captures) {
+  if (!captures || !(captures.dated || captures.located)) return;
+  for (const p of captures.top_places || []) {
+    $("place").append(el("option", { value: p.city }, `${p.city} (${p.country}) · ${p.images}`));
+  }
+  if (captures.taken_from) $("taken-from").min = $("taken-to").min = captures.taken_from.slice(0, 10);
+  if (captures.taken_to) $("taken-from").max = $("taken-to").max = captures.taken_to.slice(0, 10);
+  $("facets").hidden = false;
 }
 
 const SEARCH_MODES = ["auto", "dense", "keyword", "hybrid"];
@@ -76,6 +108,7 @@ async function searchText(ev) {
   if (!q) { setStatus($("search-status"), "Type something to search for, or drop an image.", true); return; }
   const mode = $("search-mode").value;
   const params = new URLSearchParams({ q, k: $("k").value, target: $("target").value, mode });
+  for (const w of facetFilters()) params.append("where", w);
   // a shareable address: /?q=...&mode=... (target too when it is not the default)
   const shared = new URLSearchParams({ q, mode });
   if ($("target").value !== "images") shared.set("target", $("target").value);
@@ -106,6 +139,7 @@ async function searchImage(file) {
   form.append("image", file);
   form.append("k", $("k").value);
   form.append("target", $("target").value);
+  for (const w of facetFilters()) form.append("where", w);
   await runSearch(() => api("/api/search/image", { method: "POST", body: form }), file.name);
 }
 
@@ -251,6 +285,7 @@ async function loadStats() {
     const [stats, health] = await Promise.all([api("/api/stats"), api("/api/health")]);
     const c = stats.counts;
     setStatus($("stats"), `${c.images} images · ${c.captions} captions · ${c.passages} passages · encoder ${stats.encoder} · generator ${health.generator} (${health.generator_status})`);
+    showFacets(stats.captures);
   } catch (e) {
     setStatus($("stats"), `Cannot reach the server: ${e.message}`, true);
   }
