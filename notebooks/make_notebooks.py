@@ -113,6 +113,27 @@ tt = (cap @ cap.T)[np.triu_indices(len(cap), 1)]
 print(f"image-image {ii.mean():.3f} | text-text {tt.mean():.3f} | matching image-text {matching.mean():.3f}")
 print("centroid distance (the gap):", float(np.linalg.norm(img.mean(0) - cap.mean(0))))
 viz.score_histogram(list(matching), list(ii))'''),
+        new_markdown_cell("## Photos over time and by place\n\nWhen each photo was taken (EXIF, else its file "
+                          "time) and where (GPS named offline); filter on them with `where=[\"taken:2023-07\", "
+                          "\"place~Paris\"]`, or type them in the query: `\"beach in July 2023\"`."),
+        new_code_cell('''import collections
+
+import matplotlib.pyplot as plt
+
+shots = [it.capture for it in coll.get(coll.store.ids("image").tolist()) if it.capture]
+months = collections.Counter(c["taken"][:7] for c in shots if c.get("taken"))
+places = collections.Counter(f"{c['city']}, {c['country']}" for c in shots if c.get("city"))
+fig, (when, where) = plt.subplots(1, 2, figsize=(11, 3))
+when.bar(sorted(months), [months[m] for m in sorted(months)])
+when.set_title("photos over time (month taken)")
+when.tick_params(axis="x", rotation=45)
+if places:
+    names, counts = zip(*places.most_common(10))
+    where.barh(names, counts)
+else:
+    where.text(0.5, 0.5, "no GPS positions in these photos", ha="center", va="center")
+where.set_title("photos by place")
+plt.tight_layout()'''),
     ])
 
 
