@@ -76,6 +76,13 @@ def test_logits_equal_a_direct_transformers_call(vlm_dirs: dict[str, Path], fami
     a_ids = gen.answer_ids(answer)
     got = gen.answer_token_logprobs([vp], [answer])[0]
     np.testing.assert_allclose(got, direct_logprobs(model, proc, text, [RED], a_ids), rtol=1e-4, atol=1e-4)
+    # RAG-token's lock-step rows (cached, one token a step) equal the uncached forward pass
+    state = gen.start([vp, VisionPrompt("Which colour?", (BLUE,), ("Query image",))])
+    for tok in a_ids[:3]:
+        state.feed(tok)
+    ref = torch.stack([gen.logits(gen.inputs(p), a_ids[:3])[-1] for p in
+                       (vp, VisionPrompt("Which colour?", (BLUE,), ("Query image",)))])
+    torch.testing.assert_close(state.logprobs(), torch.log_softmax(ref, -1), rtol=1e-4, atol=1e-4)
     if family != "idefics3":
         return
     s = GenerationSettings(max_new_tokens=6)

@@ -9,10 +9,11 @@ model's own chat template and expanded into image tokens by the model's own proc
 
 * ``generate`` / ``stream``: transformers' ``generate`` on one prompt at a time (its key/value
   cache, whatever the family's position scheme);
-* ``sequence_logprobs`` / ``answer_token_logprobs``: one teacher-forced forward pass per
-  (prompt, answer) pair -- prompts with different image counts do not batch across families;
-* ``start``: RAG-token lock-step decoding, each step one full forward pass per row, no cache
-  (exact for every family, Qwen2-VL's 3-D positions included; slower on long answers).
+* ``sequence_logprobs`` / ``answer_token_logprobs``: each distinct prompt read once (its images
+  encoded once), every answer teacher-forced on a copy of that prompt's key/value cache --
+  prompts with different image counts do not batch across families, so rows run one by one;
+* ``start``: RAG-token lock-step decoding, one cache per row, one token per row and step
+  (Qwen2-VL's 3-D position offset kept per row).
 
 Image prefixes (``prefixes``) are for text-only generators; a VLM refuses them.
 """
@@ -38,7 +39,7 @@ from .stopping import cut_text, stop_ids
 from .stream import TextStream, transformers_token_ids
 from .vision_prompt import ImageLimits, VisionPrompt, to_messages
 
-__all__ = ["DEFAULT_VLM", "VisionGenerator", "VisionState", "is_vlm_folder"]
+__all__ = ["DEFAULT_VLM", "Row", "VisionGenerator", "VisionState", "is_vlm_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ class VisionGenerator:
     # -- scoring ---------------------------------------------------------------------------
     def logits(self, feats: dict[str, torch.Tensor], extra: Sequence[int] = ()) -> torch.Tensor:
         """Next-token logits ``(L, V)`` float32 of one processed prompt followed by ``extra`` ids,
-        one forward pass without a cache."""
+        one forward pass without a cache (the reference the cached paths are tested against)."""
         feats = dict(feats)
         if extra:
             more = torch.tensor([list(extra)], dtype=feats["input_ids"].dtype, device=self.device)
@@ -287,19 +288,41 @@ class VisionGenerator:
                 feats["mm_token_type_ids"] = torch.cat([feats["mm_token_type_ids"], torch.zeros_like(more)], dim=1)
         return self.model(**feats, use_cache=False).logits[0].float()
 
+    def prefill(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Row]:
+        """One processed prompt read once (images encoded once): its last position's logits
+        ``(V,)`` and a :class:`Row` whose cache later tokens continue."""
+        name = _cache_name(self.model)
+        out = self.model(**feats, use_cache=True)
+        return out.logits[0, -1].float(), Row(getattr(out, name), _rope_state(self.model))
+
+    def extend(self, row: Row, ids: Sequence[int]) -> torch.Tensor:
+        """Feed ``ids`` after ``row`` (its cache grows): the logits ``(len(ids), V)``."""
+        name = _cache_name(self.model)
+        _set_rope_state(self.model, row.rope)  # Qwen2-VL keeps the 3-D position offset on the model
+        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=tokens, use_cache=True, **{name: row.past})
+        row.past = getattr(out, name)
+        return out.logits[0].float()
+
     @torch.inference_mode()
     def answer_token_logprobs(self, prompts: list[AnyPrompt], answers: list[str],
                               prefixes: Prefixes = None) -> list[np.ndarray]:
+        """Per pair, ``log P(y_t | prompt, y_<t)`` over the answer's tokens and the end token: each
+        distinct prompt read once, every answer continuing a copy of its cache."""
+        import copy
+
         self._no_prefixes(prefixes)
         if len(prompts) != len(answers):
             raise ValueError("prompts and answers must have the same length")
         self.load()
-        out, cache = [], {}
+        out, read = [], {}
         for prompt, answer in zip(prompts, answers, strict=True):
-            feats = cache.setdefault(id(prompt), self.inputs(prompt))
+            if id(prompt) not in read:
+                read[id(prompt)] = self.prefill(self.inputs(prompt))
+            last, row = read[id(prompt)]
             a = self.answer_ids(answer)
-            n = feats["input_ids"].shape[1]
-            logp = torch.log_softmax(self.logits(feats, a)[n - 1 : n - 1 + len(a)], dim=-1)
+            rest = self.extend(Row(copy.deepcopy(row.past), row.rope), a[:-1]) if len(a) > 1 else last[None, :0]
+            logp = torch.log_softmax(torch.cat([last[None], rest]), dim=-1)
             out.append(logp.gather(-1, torch.tensor(a, device=logp.device)[:, None])[:, 0].double().cpu().numpy())
         return out
 
@@ -308,20 +331,48 @@ class VisionGenerator:
         return np.array([t.sum() for t in self.answer_token_logprobs(prompts, answers, prefixes)], dtype=np.float64)
 
 
+class Row:
+    """One prompt being continued: its key/value cache and (Qwen2-VL) its 3-D position offset."""
+
+    def __init__(self, past: Any, rope: Any) -> None:
+        self.past, self.rope = past, rope
+
+
+def _cache_name(model: Any) -> str:
+    """The cache argument's name: ``cache`` from transformers 5.2x, else ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _rope_state(model: Any) -> Any:
+    inner = getattr(model, "model", None)
+    return getattr(inner, "rope_deltas", None)
+
+
+def _set_rope_state(model: Any, value: Any) -> None:
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "rope_deltas"):
+        inner.rope_deltas = value
+
+
 class VisionState:
-    """k processed prompts decoded in lock-step: each step one full forward pass per row."""
+    """k processed prompts decoded in lock-step, each with its own cache (images read once)."""
 
     def __init__(self, gen: VisionGenerator, feats: list[dict[str, torch.Tensor]]) -> None:
-        self.gen, self.feats, self.k = gen, feats, len(feats)
-        self.tokens: list[int] = []
+        self.gen, self.k = gen, len(feats)
+        with torch.inference_mode():
+            first = [gen.prefill(f) for f in feats]
+        self.rows = [r for _, r in first]
+        self.next = torch.stack([lg for lg, _ in first])  # (k, V)
+
+    def logprobs(self) -> torch.Tensor:
+        return torch.log_softmax(self.next, dim=-1)
 
     @torch.inference_mode()
-    def logprobs(self) -> torch.Tensor:
-        rows = [self.gen.logits(f, self.tokens)[-1] for f in self.feats]
-        return torch.log_softmax(torch.stack(rows), dim=-1)
-
     def feed(self, token: int) -> None:
-        self.tokens.append(int(token))
+        self.next = torch.stack([self.gen.extend(r, [int(token)])[-1] for r in self.rows])
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Drop the caches."""
+        self.rows = []
