@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from .dense import TargetEmptyError
 from .fusion import RRF_K, reciprocal_rank_fusion
 from .hits import Hit
 from .request import SearchRequest, SearchResult
+
+if TYPE_CHECKING:
+    from .text_space import TextSpaceOwner
 
 __all__ = ["Shard", "ShardSet", "ShardSettings", "ShardedResult", "ShardsUnavailableError", "merge_by"]
 
@@ -150,7 +153,7 @@ class ShardSet:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def check_compatible(self, collection: Any) -> None:
+    def check_compatible(self, collection: TextSpaceOwner) -> None:
         """``collection`` embeds queries as the shards do (same encoder and dimension)."""
         if (collection.manifest.encoder, collection.manifest.dim) != (self.encoder, self.dim):
             raise CrossmodalError(f"{collection.folder} uses {collection.manifest.encoder}; the shards use "
