@@ -320,3 +320,22 @@ def test_ask_and_eval_retrieve_from_every_shard(built: tuple[Path, list[Path]], 
     qa.write_text(json.dumps({"question": "a red cat by the river", "answers": ["cat"]}) + "\n")
     assert main(["eval", "generation", str(qa), *args, *common[:-2], "--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 1
+
+
+def test_recommend_over_shards_matches_the_union(built: tuple[Path, list[Path]],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Liked SHARD:ID items over three shards recommend what the same liked items recommend in
+    the union (MMR over the same candidates)."""
+    union, shards = built
+    with Collection.open(shards[1]) as c:
+        liked = c.search(SearchRequest(vector=np.ones(32, np.float32), mode="dense", k=1))[0]
+    with Collection.open(union) as u:
+        same = u.store.path_entry(liked.path)[0]
+    assert main(["recommend", "-c", str(union), "--liked", str(same), "-k", "6", "--json", "-q"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    args = [a for s in shards for a in ("-c", str(s))]
+    assert main(["recommend", *args, "--liked-in", f"shard-2:{liked.id}", "-k", "6", "--json", "-q"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in got] == [r["path"] for r in want] and len(got) == 6
+    assert main(["recommend", *args, "--liked", "3", "-q"]) == 2
+    assert "--liked-in SHARD:ID" in capsys.readouterr().err

@@ -15,13 +15,11 @@ from ..search.request import DEFAULT_MODE, MODES, TARGETS
 from .options import (
     UsageError,
     add_ann_flags,
-    add_collection,
     add_json,
     add_model,
     add_top_k,
     add_where,
     check_image_arg,
-    collection_dir,
     min_score_arg,
     search_params,
 )
@@ -71,8 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.set_defaults(handler=cmd_search)
 
     rc = sub.add_parser("recommend", help="items like the ones you liked (not already liked)")
-    add_collection(rc)
+    add_collections(rc)
     rc.add_argument("--liked", type=int, nargs="*", default=[], metavar="ID", help="liked item ids")
+    rc.add_argument("--liked-in", action="append", default=[], metavar="SHARD:ID",
+                    help="with several -c: a liked item of shard SHARD (repeatable; hits name their shard)")
     rc.add_argument("--liked-image", action="append", default=[], metavar="PATH",
                     help="a liked image file (repeatable)")
     add_top_k(rc, default=10, help="recommendations (default 10)")
@@ -218,13 +218,24 @@ def _keyword_note(text: str | None, mode: str) -> str | None:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     from ..apps import recommend
-    from ..collection import Collection
 
     for image in args.liked_image:
         check_image_arg(image)
-    with Collection.open(collection_dir(args), model=args.model) as coll:
-        recs = recommend(coll, args.liked, args.liked_image, k=args.top_k, diversity=args.diversity,
-                         target=args.target, where=args.where)
+    several = len(shard_folders(args)) > 1
+    if several and args.liked:
+        raise UsageError("recommend over several -c: name liked items as --liked-in SHARD:ID")
+    if args.liked_in and not several:
+        raise UsageError("--liked-in SHARD:ID is for several -c collections; with one, give --liked ID")
+    with open_searchable(args, model=args.model) as coll:
+        if several:
+            from ..serving.recommend import parse_liked, recommend_shards
+
+            liked = parse_liked(args.liked_in, [s.name for s in coll.shards])
+            recs = recommend_shards(coll, liked, args.liked_image, k=args.top_k, diversity=args.diversity,
+                                    target=args.target, where=args.where)
+        else:
+            recs = recommend(coll, args.liked, args.liked_image, k=args.top_k, diversity=args.diversity,
+                             target=args.target, where=args.where)
     if args.json:
         print(to_json([r.to_dict() for r in recs]))
     else:
