@@ -193,15 +193,20 @@ def test_streamable_http_and_its_host_check(state: AppState) -> None:
 
     app = http_app(build_server(state, AgentSettings()), ("127.0.0.1", "localhost"), 1 << 20)
     with serve_in_thread(app) as port:
-        async def go() -> tuple[set[str], dict[str, Any]]:
+        async def go() -> tuple[set[str], dict[str, Any], Any, Any]:
             async with Client(f"http://127.0.0.1:{port}/mcp") as c:
-                return {t.name for t in (await c.list_tools()).tools}, _json(await c.call_tool("stats", {}))
+                return ({t.name for t in (await c.list_tools()).tools}, _json(await c.call_tool("stats", {})),
+                        await c.call_tool("get_item", {"id": 1}), await c.call_tool("search", {"text": "x", "k": 0}))
 
-        names, stats = run(go())
+        names, stats, item, bad = run(go())
         rebinding = httpx.post(f"http://127.0.0.1:{port}/mcp", headers={"Host": "evil.example"},
                                json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
     assert names == {"search", "ask", "get_item", "stats"} and stats["counts"]
     assert rebinding.status_code in (400, 403, 421)
+    assert json.loads(item.content[0].text)["id"] == 1
+    if json.loads(item.content[0].text)["image_id"] is not None:  # its thumbnail, a JPEG that decodes
+        assert Image.open(io.BytesIO(base64.b64decode(item.content[1].data))).format == "JPEG"
+    assert "k" in _error(bad)
 
 
 def test_stdio_subprocess(coll: Path, tmp_path: Path) -> None:

@@ -72,6 +72,12 @@ def test_models_and_embeddings_equal_the_library(api, facts: Path, sample_dir: P
         client.embeddings.create(model=encoder, input="x", dimensions=3)
     with pytest.raises(openai.BadRequestError, match="data:image"):
         client.embeddings.create(model=encoder, input=["data:text/plain;base64,aGk="])
+    with pytest.raises(openai.BadRequestError, match="at most 256"):
+        client.embeddings.create(model=encoder, input=["x"] * 257)
+    with pytest.raises(openai.UnprocessableEntityError, match="NUL"):
+        client.embeddings.create(model=encoder, input=["a\x00b"])
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.embeddings.create(model=encoder, input=[[1, 2, 3]])
 
 
 def test_chat_answers_from_the_retrieved_passage(api) -> None:
