@@ -56,11 +56,12 @@ def _text_config(cls: Any, tok: Any, hidden: int, layers: int, **extra: Any) -> 
 
 
 def make_tiny_vlm(folder: str | Path, family: str = "idefics3", *, seed: int = 0, hidden: int = 32,
-                  layers: int = 2, vision_hidden: int = 32, vision_layers: int = 2, image_size: int = 32
-                  ) -> Path:
+                  layers: int = 2, vision_hidden: int = 32, vision_layers: int = 2, image_size: int = 32,
+                  patch: int = 8, scale_factor: int = 1) -> Path:
     """A random ``family`` VLM (one of :data:`VLM_FAMILIES`) with its processor, saved into
     ``folder``; returns the folder. The defaults load in well under a second; the benchmark passes
-    SmolVLM-256M's widths (``hidden=576, layers=30, vision_hidden=768, vision_layers=12``)."""
+    SmolVLM-256M's shape to the ``idefics3`` family (``hidden=576, layers=30, vision_hidden=768,
+    vision_layers=12, image_size=512, patch=16, scale_factor=4``: 64 tokens per image)."""
     import torch
     import transformers as tf
 
@@ -72,8 +73,7 @@ def make_tiny_vlm(folder: str | Path, family: str = "idefics3", *, seed: int = 0
     heads = max(vision_hidden // 16, 1)
     torch.manual_seed(seed)
     if family == "idefics3":
-        patch = 8
-        seq = (image_size // patch) ** 2
+        seq = (image_size // patch) ** 2 // scale_factor ** 2
         proc = tf.Idefics3Processor(
             image_processor=tf.Idefics3ImageProcessor(size={"longest_edge": image_size},
                                                       max_image_size={"longest_edge": image_size},
@@ -84,10 +84,9 @@ def make_tiny_vlm(folder: str | Path, family: str = "idefics3", *, seed: int = 0
             vision_config={"hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden,
                            "num_hidden_layers": vision_layers, "num_attention_heads": heads,
                            "image_size": image_size, "patch_size": patch},
-            image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=1, tie_word_embeddings=False)
+            image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale_factor, tie_word_embeddings=False)
         model = tf.Idefics3ForConditionalGeneration(config)
     elif family == "llava":
-        patch = 8
         proc = tf.LlavaProcessor(
             image_processor=tf.CLIPImageProcessor(size={"shortest_edge": image_size},
                                                   crop_size={"height": image_size, "width": image_size}),
@@ -102,7 +101,7 @@ def make_tiny_vlm(folder: str | Path, family: str = "idefics3", *, seed: int = 0
             vision_feature_layer=-1, tie_word_embeddings=False)
         model = tf.LlavaForConditionalGeneration(config)
     else:
-        patch, merge = 8, 2
+        merge = 2
         proc = tf.Qwen2VLProcessor(
             image_processor=tf.Qwen2VLImageProcessor(min_pixels=(patch * merge) ** 2,
                                                      max_pixels=(image_size * 2) ** 2, patch_size=patch,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,31 @@ def test_captions_for_uncaptioned_photos(vlm_dirs: dict[str, Path], tiny_oc_spec
                                                          prompt=settings.prompt, recaption=True), gen)
         assert again.replaced == 2 and again.captioned == 2
         assert all(len(coll.store.captions_of(i)) == 1 for i in ids)
+
+
+def test_rest_answers_show_the_pictures(vlm_dirs: dict[str, Path], sample_collection: Path, sample_dir: Path,
+                                        tmp_path: Path) -> None:
+    """/api/ask/image with a VLM folder as the generator: each source names the picture it was
+    shown with, and the prompt's pictures are listed (as public paths)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from crossmodal_rag.web import WebSettings, create_app
+
+    dest = tmp_path / "c"
+    shutil.copytree(sample_collection, dest, ignore=shutil.ignore_patterns(".lock"))
+    settings = WebSettings(collection=str(dest), generator=str(vlm_dirs["idefics3"]), max_new_tokens=2,
+                           thumbnail_dir=str(tmp_path / "thumbs"))
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
+        for _ in range(200):
+            if c.get("/api/health").json()["generator_status"] == "ready":
+                break
+            time.sleep(0.1)
+        r = c.post("/api/ask/image", data={"question": "what is this photo?", "k": "2", "mode": "rag-sequence",
+                                           "target": "images"},
+                   files={"image": ("cat.jpg", (sample_dir / "cat.jpg").read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [s["image"] for s in out["sources"]] == [s["path"] for s in out["sources"]]
+    assert all(s["image"] and not s["image"].startswith("/") for s in out["sources"])  # public paths
+    assert out["prompt_images"] == [["Query image", s["path"]] for s in out["sources"]]

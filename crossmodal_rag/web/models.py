@@ -61,6 +61,7 @@ class SourceOut(BaseModel):
     image_id: int | None
     thumbnail_url: str | None
     image_url: str | None
+    image: str | None = None  # a vision-language generator: the picture shown with this source
 
 
 class AskIn(BaseModel):
@@ -89,6 +90,7 @@ class AskOut(BaseModel):
     logprob_of: str | None = None  # what logprob is (crossmodal_rag.generation.rag.LOGPROB_OF)
     abstained: bool = False
     min_score: float | None = None
+    prompt_images: list[list[str]] = []  # a vision-language generator: per prompt, the pictures it showed
 
 
 class ItemOut(BaseModel):

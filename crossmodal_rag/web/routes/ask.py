@@ -59,13 +59,15 @@ def _public_source(st: AppState, s: dict[str, Any]) -> dict[str, Any]:
     item = st.collection.get(s["id"])
     parent = item[0].parent_id if item else None
     iid = image_id_of(s["kind"], s["id"], parent)
-    return {**s, "path": st.paths.path(s["path"]), "image_id": iid, **urls(iid)}
+    return {**s, "path": st.paths.path(s["path"]), "image": st.paths.path(s.get("image")), "image_id": iid,
+            **urls(iid)}
 
 
 def answer_out(st: AppState, answer: Any) -> AskOut:
     d = answer.to_dict()
     d["sources"] = [SourceOut(**_public_source(st, s)) for s in d["sources"]]
     d["generator"], d["encoder"] = st.paths.spec(d["generator"]), st.paths.spec(d["encoder"])
+    d["prompt_images"] = [[st.paths.path(p) or "" for p in ps] for ps in d.get("prompt_images", [])]  # VLM
     return AskOut(**{k2: v for k2, v in d.items() if k2 in AskOut.model_fields})
 
 
