@@ -60,6 +60,12 @@ def test_open_clip_export_equals_torch(oc_export: Path, tiny_oc_spec: str, sampl
     photos = sorted(sample_dir.glob("*.jpg"))[:4]
     assert np.abs(onnx_enc.encode_images(photos) - torch_enc.encode_images(photos)).max() <= 1e-5
     assert onnx_enc.text_windows("word " * 200) == torch_enc.text_windows("word " * 200)
+    # a folder in immich's layout alone (no crossmodal_rag_export.json) loads the same
+    import shutil
+
+    immich = oc_export.parent / "immich-layout"
+    shutil.copytree(oc_export, immich, ignore=shutil.ignore_patterns("crossmodal_rag_export.json", "*int8*"))
+    assert np.abs(ClipEncoder(f"onnx:{immich}").encode_texts(TEXTS) - expected).max() <= 1e-5
     # int8 towers run and stay close to fp32
     int8 = ClipEncoder(f"onnx:int8:{oc_export}")
     assert ((int8.encode_texts(TEXTS) * expected).sum(1) > 0.95).all()
@@ -135,7 +141,8 @@ def test_runtime_choice_and_export_cache(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_sentence_encoder_export_equals_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from crossmodal_rag.encoders.onnx_runtime import RUNTIME_ENV, cached_text_export
-    from crossmodal_rag.encoders.onnx_sentence import OnnxSentenceBackend, export_sentence
+    from crossmodal_rag.encoders.onnx_export_text import export_sentence
+    from crossmodal_rag.encoders.onnx_sentence import OnnxSentenceBackend
     from crossmodal_rag.encoders.sentence import SentenceEncoder
     from tests.sentence_models import make_tiny_sentence_model
 

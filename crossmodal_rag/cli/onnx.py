@@ -79,7 +79,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
                            "files": report.files, "spec": f"onnx:{report.folder}"}
         print(f"exported {spec} -> {report.folder} (use --model onnx:{report.folder})", file=sys.stderr)
     if text:
-        from ..encoders.onnx_sentence import export_sentence
+        from ..encoders.onnx_export_text import export_sentence
         from ..encoders.sentence import parse_text_model_spec
 
         parsed = parse_text_model_spec(text)

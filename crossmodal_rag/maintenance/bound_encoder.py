@@ -49,8 +49,11 @@ class BoundEncoder:
             return
         encoder = load_encoder(spec, self.device)
         self.verify(encoder, asked=spec)  # raises unless the embeddings match
-        logger.warning("encoder %s differs in name from %s but gives the same embeddings",
-                       spec, self.built_with)
+        if _export_source(spec) == self.built_with:  # its ONNX export: the same weights, by design
+            logger.info("encoder %s is an ONNX export of %s; embeddings match", spec, self.built_with)
+        else:
+            logger.warning("encoder %s differs in name from %s but gives the same embeddings",
+                           spec, self.built_with)
         self.model = spec
         self.loaded = encoder
 
@@ -73,3 +76,18 @@ class BoundEncoder:
             "%s was made before image fingerprints: the image tower of %s cannot be verified for "
             "this older collection (its text tower matches). Open it writable once with its own "
             "encoder (e.g. `crossmodal-rag index` into it) to record one", self.folder, asked)
+
+
+def _export_source(spec: str) -> str | None:
+    """The spec an ``onnx:`` folder was exported from (its crossmodal_rag_export.json), or None."""
+    import json
+
+    from ..encoders.onnx_runtime import EXPORT_INFO
+
+    parsed = parse_model_spec(spec)
+    if parsed.backend != "onnx" or parsed.local_path is None:
+        return None
+    try:
+        return str(json.loads((parsed.local_path / EXPORT_INFO).read_text(encoding="utf-8"))["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
