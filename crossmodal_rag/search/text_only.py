@@ -28,7 +28,7 @@ from ..store.metadata import MetadataStore
 from .hits import Hit, hit_of
 from .request import SearchRequest
 
-__all__ = ["is_text_only", "refusal", "text_depth", "with_images"]
+__all__ = ["TEXTS_PER_IMAGE", "is_text_only", "refusal", "text_depth", "with_images"]
 
 #: Texts ranked per image asked for: an image may have several captions and an OCR text.
 TEXTS_PER_IMAGE = 8
