@@ -298,10 +298,8 @@ _COUNT_NAMES = {"images": "images", "captions": "captions", "passages": "passage
 def items_line(counts: dict[str, int]) -> str:
     """``counts`` in words: every count ``/api/stats`` reports, e.g. ``3 images, 9 captions,
     0 passages, 2 OCR texts`` (OCR texts and extra windows of long texts only when present)."""
-    shown = [f"{counts.get(key, 0)} {name}" for key, name in _COUNT_NAMES.items()
-             if key in ("images", "captions", "passages") or counts.get(key)]
-    shown += [f"{n} {key}" for key, n in counts.items() if key not in _COUNT_NAMES]
-    return ", ".join(shown)
+    return ", ".join(f"{counts.get(key, 0)} {name}" for key, name in _COUNT_NAMES.items()
+                     if key in ("images", "captions", "passages") or counts.get(key))
 
 
 def _watch(coll: Any, source: str, settings: Any, interval: float) -> int:
