@@ -30,6 +30,7 @@ from .options import (
 from .output import safe, to_json, tsv_field
 
 if TYPE_CHECKING:
+    from ..ingestion.runner import IngestReport, IngestSettings, IngestTarget
     from ..search.text_space import SyncReport
 
 
@@ -302,14 +303,14 @@ def items_line(counts: dict[str, int]) -> str:
                      if key in ("images", "captions", "passages") or counts.get(key))
 
 
-def _watch(coll: Any, source: str, settings: Any, interval: float) -> int:
+def _watch(coll: IngestTarget, source: str, settings: IngestSettings, interval: float) -> int:
     """``index --watch``: each ingest's summary on stdout until Ctrl-C (exit 0)."""
     from ..ingestion.watch import WatchSettings, watch
 
     if not interval > 0 or interval > 3600:
         raise UsageError(f"--watch-interval must be in (0, 3600] seconds, got {interval}")
 
-    def shown(report: Any) -> None:
+    def shown(report: IngestReport) -> None:
         for p in report.skipped[:50]:
             print(f"skipped {safe(p.item)}: {safe(p.reason)}", file=sys.stderr)
         print(f"{time.strftime('%H:%M:%S')} {report.summary()}", flush=True)
