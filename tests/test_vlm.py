@@ -213,6 +213,13 @@ def test_captions_for_uncaptioned_photos(vlm_dirs: dict[str, Path], tiny_oc_spec
         text = next(iter(caps[min(ids)]))
         top = coll.search(SearchRequest(text=text, mode="dense", target="texts", k=1)).hits[0]
         assert (top.kind, top.parent_id, top.text) == ("caption", min(ids), text)  # embedded as a caption
+        from crossmodal_rag.cli.search import shown_text
+
+        assert top.generated == (text,) and top.to_dict()["generated"] == [text]  # shown as generated
+        assert shown_text(top) == f"(generated) {text}"
+        items = coll.store.get_items([min(ids), dahlia])
+        assert items[min(ids)].generated == (text,) and items[dahlia].generated == ()
+        assert "generated" not in items[dahlia].to_dict()
         words = [w for w in text.split() if w.isalnum() and len(w) > 2]
         if words:  # and in the keyword index
             hits = coll.search(SearchRequest(text=words[0], mode="keyword", target="texts", k=20)).hits

@@ -184,10 +184,19 @@ def cmd_search(args: argparse.Namespace) -> int:
             print("query\trank\tscore\tid\tkind\tpath\ttext")
         for r in records:
             for h in r["hits"]:
-                text = h.text if h.text is not None else " | ".join(h.captions)
+                text = shown_text(h)
                 print(f"{tsv_field(r['label'])}\t{h.rank}\t{_tsv_score(h):.4f}\t{h.id}\t{h.kind}\t"
                       f"{tsv_field(h.path)}\t{tsv_field(text)}")
     return 2 if failures else 0
+
+
+def shown_text(hit: Hit) -> str:
+    """A hit's text for TSV: its own text, or an image's captions joined; a caption a VLM wrote is
+    shown as ``(generated) TEXT``."""
+    def mark(text: str) -> str:
+        return f"(generated) {text}" if text in hit.generated else text
+
+    return mark(hit.text) if hit.text is not None else " | ".join(mark(c) for c in hit.captions)
 
 
 def _tsv_score(hit: Hit) -> float:
@@ -242,6 +251,6 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print("rank\tscore\tmmr\tid\tkind\tpath\ttext")
         for r in recs:
             h = r.hit
-            text = h.text if h.text is not None else " | ".join(h.captions)
+            text = shown_text(h)
             print(f"{h.rank}\t{h.score:.4f}\t{r.mmr:.4f}\t{h.id}\t{h.kind}\t{tsv_field(h.path)}\t{tsv_field(text)}")
     return 0

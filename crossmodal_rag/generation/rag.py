@@ -160,7 +160,14 @@ class Answer:
     prompt_images: list[list[str]] = field(default_factory=list)  # VLM: per prompt, the pictures it showed
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The answer as JSON shows it; the pictures a vision-language generator was shown
+        (``prompt_images``, each source's ``image``) only when it was one."""
+        d = asdict(self)
+        if not self.prompt_images:
+            del d["prompt_images"]
+            for s in d["sources"]:
+                del s["image"]
+        return d
 
 
 def priors(scores: np.ndarray, temperature: float) -> np.ndarray:

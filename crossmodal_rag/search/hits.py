@@ -39,6 +39,7 @@ class Hit:
     space: Space = "clip"  # where its dense score comes from: "clip" or "text" (the text space)
     capture: dict[str, Any] | None = None  # when/where/camera of the image (taken, city, country, make, ...)
     shard: str | None = None  # the index shard (collection) that holds it, in a search over several
+    generated: tuple[str, ...] = ()  # captions a VLM wrote (index --caption-model): an image's, or this caption
 
     def to_dict(self) -> dict[str, Any]:
         """The hit as JSON output shows it: a dense hit without the per-ranking fields (they
@@ -56,6 +57,10 @@ class Hit:
             del d["shard"]
         if self.capture is None:  # no capture metadata (a passage, or an image not back-filled yet)
             del d["capture"]
+        if self.generated:  # shown as generated; absent for human captions
+            d["generated"] = list(self.generated)
+        else:
+            del d["generated"]
         return d
 
     def ranked(self, rank: int, **changes: Any) -> Hit:
@@ -72,4 +77,4 @@ def hit_of(item: Item, rank: int, score: float, *, mode: str = "dense", space: S
     return Hit(rank=rank, score=score, id=item.id, kind=item.kind, path=item.path, text=item.text,
                captions=item.captions, parent_id=item.parent_id, title=item.title,
                ocr=item.ocr, mode=mode, dense_score=dense_score,
-               keyword_score=keyword_score, space=space, capture=item.capture)
+               keyword_score=keyword_score, space=space, capture=item.capture, generated=item.generated)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-__all__ = ["GENERATED_ORIGIN", "generated_caption_ids", "images_to_caption", "is_generated"]
+__all__ = ["GENERATED_ORIGIN", "generated_among", "generated_caption_ids", "images_to_caption", "is_generated"]
 
 GENERATED_ORIGIN = "generated:"
 
@@ -51,4 +51,17 @@ def generated_caption_ids(store: Any, image_ids: list[int]) -> list[int]:
         out += [int(r[0]) for r in conn.execute(
             f"SELECT id FROM items WHERE kind = 'caption' AND parent_id IN ({marks}) "
             "AND substr(origin, 1, ?) = ? ORDER BY id", (*chunk, len(GENERATED_ORIGIN), GENERATED_ORIGIN))]
+    return out
+
+
+def generated_among(store: Any, caption_ids: list[int]) -> set[int]:
+    """The generated captions among ``caption_ids``."""
+    conn, out = _conn(store), set()
+    ids = [int(i) for i in caption_ids]
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        out |= {int(r[0]) for r in conn.execute(
+            f"SELECT id FROM items WHERE id IN ({marks}) AND kind = 'caption' AND substr(origin, 1, ?) = ?",
+            (*chunk, len(GENERATED_ORIGIN), GENERATED_ORIGIN)) if isinstance(r[0], int)}
     return out

@@ -34,12 +34,17 @@ class Item:
     extra: dict[str, Any]
     ocr: str | None = None  # an image's OCR text (index --ocr), None without
     capture: dict[str, Any] | None = None  # when/where/camera (store/captures.py); a caption's: its image's
+    generated: tuple[str, ...] = ()  # captions a VLM wrote (store/generated.py): an image's, or a caption's own text
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["captions"] = list(self.captions)
         if self.capture is None:  # no capture metadata read (a passage, or not back-filled yet)
             del d["capture"]
+        if self.generated:
+            d["generated"] = list(self.generated)
+        else:
+            del d["generated"]
         return d
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import CollectionError
 from . import captures as capture_sql
 from . import fulltext
+from . import generated as generated_sql
 from . import ocr as ocr_sql
 from .guard import DB_NAME, MAX_VALUE_BYTES, StepBudget, check_files
 from .items import FILTER_COLUMNS, INDEX_OF_KIND, ROW_TYPES, Item, chunks
@@ -583,21 +584,26 @@ class MetadataStore:
             ).fetchall()
             owners = [r[2] if r[1] in ("caption", "ocr") else r[0] for r in rows]
             caps = capture_sql.captures_of(self.conn, [o for o in owners if isinstance(o, int)])
+            made = generated_sql.generated_among(self.conn, [r[0] for r in rows if r[1] == "caption"])
             for r in rows:
                 self._check_row(r)
                 (item_id, kind, parent_id, sha, text, title, ext_id, w, h, fmt, size, extra, added) = r
                 owner = parent_id if kind in ("caption", "ocr") else item_id
                 paths = self.paths_of(owner) if kind != "passage" else []
                 captions: tuple[str, ...] = ()
+                generated: tuple[str, ...] = (text,) if item_id in made and isinstance(text, str) else ()
                 ocr_text = None
                 if kind == "image":
-                    captions = tuple(self.captions_of(item_id))
+                    of = self.captions_of(item_id)
+                    captions = tuple(of)
+                    generated = tuple(t for t, (_, origin) in of.items() if generated_sql.is_generated(origin))
                     ocr_text = ocr_sql.ocr_texts(self.conn, [item_id]).get(item_id)
                 result[item_id] = Item(
                     id=item_id, kind=kind, path=paths[0] if paths else None, text=text,
                     captions=captions, parent_id=parent_id, title=title, ext_id=ext_id, width=w,
                     height=h, format=fmt, size_bytes=size, sha256=sha, added_at=added,
                     extra=self._extra(item_id, extra), ocr=ocr_text, capture=caps.get(owner),
+                    generated=generated,
                 )
         return result
 

@@ -32,6 +32,8 @@ class HitOut(BaseModel):
     capture: dict[str, Any] | None = Field(None, description="when, where and with what the image was taken: taken "
                                            "(local ISO time), taken_offset, taken_source, lat, lon, alt, make, "
                                            "model, lens, orientation, city, region, country, country_name")
+    generated: list[str] = Field(default_factory=list, description="captions a vision-language model wrote "
+                                 "(index --caption-model): an image's, or this caption's own text")
 
 
 class SearchOut(BaseModel):
@@ -111,6 +113,8 @@ class ItemOut(BaseModel):
     thumbnail_url: str | None
     capture: dict[str, Any] | None = Field(None, description="when, where and with what the image was taken "
                                            "(see HitOut.capture)")
+    generated: list[str] = Field(default_factory=list, description="captions a vision-language model wrote "
+                                 "(index --caption-model), shown as generated")
 
 
 class StatsOut(BaseModel):
