@@ -18,11 +18,10 @@ from crossmodal_rag.ingestion.importer import import_embeddings, parse_slice, sl
 from crossmodal_rag.search import SearchRequest, SearchResult
 from crossmodal_rag.search.shards import ShardSet, ShardSettings, ShardsUnavailableError
 from crossmodal_rag.serving import ShardMismatchError, open_shards, read_shard_list
-from tests.e2e.test_cli import run
 
 N_ROWS = 2400  # in two embedding files of 1,200: the three slices cut across the file boundary
-WORDS = ("red blue green cat dog bird car boat tree house river mountain beach snow city night "
-         "market street garden kitchen").split()
+WORDS = ("red", "blue", "green", "cat", "dog", "bird", "car", "boat", "tree", "house", "river", "mountain",
+         "beach", "snow", "city", "night", "market", "street", "garden", "kitchen")
 CODES = [f"zx{k:03d}" for k in range(40)]  # rare words: informative keyword evidence
 
 
@@ -153,7 +152,7 @@ def test_shard_of_another_encoder_is_refused_by_name(built: tuple[Path, list[Pat
                                                      source: Path) -> None:
     from crossmodal_rag.testing import make_tiny_open_clip
 
-    union, shards = built
+    _, shards = built
     other = make_tiny_open_clip(tmp_path / "other-model", seed=1)  # 32-d as well, other weights
     odd = tmp_path / "odd"
     import_embeddings(source, odd, f"open_clip:local-dir:{other}", verify=0, fsync="off", progress=False,
@@ -194,7 +193,7 @@ class Flaky:
 
 
 def test_a_failing_or_slow_shard_gives_a_partial_result_then_recovers(opened) -> None:
-    union, shards = opened
+    _, shards = opened
     flaky = [Flaky(shards.shards[0]), Flaky(shards.shards[1], stall=1.0), shards.shards[2]]
     fan = ShardSet(flaky, shards.embed, settings=ShardSettings(deadline_s=0.5, retries=1))
     full = fan.search("a red cat", mode="dense", k=20)
@@ -214,8 +213,13 @@ def test_a_failing_or_slow_shard_gives_a_partial_result_then_recovers(opened) ->
     flaky[2].down = True
     with pytest.raises(ShardsUnavailableError, match="no shard answered"):
         fan_all_down.search("a red cat", mode="dense", k=5)
+    in_turn = ShardSet([flaky[0], shards.shards[2]], shards.embed, settings=ShardSettings(parallel=False))
+    flaky[0].down = True
+    assert dict(in_turn.search("a red cat", mode="dense", k=5).missing) == {"shard-1": "ConnectionError: replica died"}
     for f in flaky:
         f.down = False
+    assert not in_turn.search("a red cat", mode="dense", k=5).partial
+    in_turn.close()
     time.sleep(1.0)  # the stalled call ends
     assert fan.search("a red cat", mode="dense", k=20) == full
     fan.close()

@@ -47,11 +47,12 @@ from .dense import TargetEmptyError
 from .fusion import RRF_K, reciprocal_rank_fusion
 from .hits import Hit
 from .request import SearchRequest, SearchResult
+from .shard_merge import dense_scored, first_threshold, fuse_merged, merge_by
 
 if TYPE_CHECKING:
     from .text_space import TextSpaceOwner
 
-__all__ = ["Shard", "ShardSet", "ShardSettings", "ShardedResult", "ShardsUnavailableError", "merge_by"]
+__all__ = ["Shard", "ShardSet", "ShardSettings", "ShardedResult", "ShardsUnavailableError"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,6 +88,8 @@ class ShardSettings:
     deadline_s: float = 30.0  # a shard that has not answered by then is left out (partial result)
     retries: int = 1  # a shard that fails is asked again this many times before it is left out
     workers: int = 16  # threads that call the shards (one query uses one per shard)
+    parallel: bool = True  # False: call the shards one after another in the caller's thread (no
+    # hand-off to a thread: cheaper for small in-process shards; a late answer is kept, not cut)
 
     def __post_init__(self) -> None:
         if not self.deadline_s > 0:
@@ -110,17 +113,6 @@ class ShardedResult(SearchResult):
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "partial": self.partial, "shards": list(self.shards),
                 "missing_shards": [{"shard": s, "reason": why} for s, why in self.missing]}
-
-
-def merge_by(lists: Sequence[tuple[str, Sequence[Hit]]], score: Callable[[Hit], float | None],
-             limit: int | None = None) -> list[Hit]:
-    """Hits of several shards ``[(shard name, best-first hits), ...]`` -> one best-first list by
-    ``score`` (ties: shard order, then rank), each hit naming its shard."""
-    rows = [(-(score(h) if score(h) is not None else -np.inf), i, h.rank, h.ranked(h.rank, shard=name))
-            for i, (name, hits) in enumerate(lists) for h in hits]
-    rows.sort(key=lambda row: row[:3])
-    merged = [row[3] for row in rows]
-    return merged if limit is None else merged[:limit]
 
 
 @dataclass(frozen=True)
@@ -176,6 +168,8 @@ class ShardSet:
         """``call`` on every shard not yet missing, in parallel; failures and late answers go to
         ``missing``. Raises :class:`ShardsUnavailableError` when no shard answers."""
         active = [s for s in self.shards if s.name not in missing]
+        if not self.settings.parallel:
+            return self._serial(active, call, missing)
         futures = [(s, self._pool.submit(self._call, s, call)) for s in active]
         end = time.monotonic() + self.settings.deadline_s
         out: list[tuple[str, T]] = []
@@ -198,6 +192,25 @@ class ShardSet:
             why = "; ".join(f"{n}: {r}" for n, r in missing.items())
             raise ShardsUnavailableError(f"no shard answered ({why}); check that the shards are up "
                                          "(serve --ray: the deployments' status) and search again")
+        return out
+
+    def _serial(self, active: list[Shard], call: Callable[[Shard], T], missing: dict[str, str]) -> list[tuple[str, T]]:
+        out: list[tuple[str, T]] = []
+        empty: TargetEmptyError | None = None
+        for shard in active:
+            try:
+                out.append((shard.name, self._call(shard, call)))
+            except TargetEmptyError as e:
+                empty = e
+            except QueryError:
+                raise
+            except Exception as e:
+                missing[shard.name] = f"{type(e).__name__}: {e}"
+                logger.warning("shard %s left out: %s", shard.name, missing[shard.name])
+        if not out:
+            if empty is not None and not missing:
+                raise empty
+            raise ShardsUnavailableError(f"no shard answered ({'; '.join(f'{n}: {r}' for n, r in missing.items())})")
         return out
 
     # -- one search ----------------------------------------------------------------------------
@@ -252,7 +265,7 @@ class ShardSet:
         """The merged hits of ``plan`` (not yet cut to ``k``) and the threshold."""
         if plan.mode == "dense":
             dense = self._fan(lambda s: s.search(SearchRequest.of(r, mode="dense", dense_scores=False)), missing)
-            return merge_by([(n, res.hits) for n, res in dense], lambda h: h.score, r.k), _threshold(dense)
+            return merge_by([(n, res.hits) for n, res in dense], lambda h: h.score, r.k), first_threshold(dense)
         depth = hybrid.fused_depth(r.k)
         cut_asked = r.cut and r.min_score not in (None, "")
         kw_depth = r.k if plan.mode == "keyword" and not cut_asked else depth
@@ -260,22 +273,22 @@ class ShardSet:
                              else (r.text or "", True))
         kw_request = SearchRequest.of(r, k=kw_depth, target="texts" if routed else r.target)
         found = self._fan(lambda s: s.keyword(kw_request, query, arithmetic, routed and s.has_text_space), missing)
-        threshold = _threshold(found)
+        threshold = first_threshold(found)
         keyword = merge_by([(n, res.hits) for n, res in found], lambda h: h.keyword_score, kw_depth)
         cut = threshold if r.cut else None
         if plan.mode == "keyword":
             hits = [h for h in keyword if cut is None or (h.dense_score is not None and h.dense_score >= cut)]
-            return _scored(hits, r.dense_scores), threshold
+            return dense_scored(hits, r.dense_scores), threshold
         sub = SearchRequest.of(r, mode="dense", k=depth, dense_scores=False,
                                target="texts" if routed else r.target)
         dense_found = [(n, res) for n, res in self._fan(lambda s: s.search(sub), missing)
                        if n not in missing]
         dense = merge_by([(n, res.hits) for n, res in dense_found], lambda h: h.score, depth)
         keyword = [h for h in keyword if h.shard not in missing]
-        hits = _fused(dense, keyword, plan.evidence, depth, "text" if routed else "clip", limit_all=not routed)
+        hits = fuse_merged(dense, keyword, plan.evidence, depth, "text" if routed else "clip", limit_all=not routed)
         if cut is not None and not routed:
             hits = [h for h in hits if h.dense_score is not None and h.dense_score >= cut]
-        return _scored(hits, r.dense_scores), threshold
+        return dense_scored(hits, r.dense_scores), threshold
 
     def _routed_all(self, r: SearchRequest, plan: _Plan, missing: dict[str, str]) -> tuple[list[Hit], float | None]:
         """A routed text query for ``all``: the text space's list and CLIP's image list, fused by
@@ -293,37 +306,3 @@ class ShardSet:
         fused = reciprocal_rank_fusion([[("image", h.shard, h.id) for h in images],
                                         [("text", h.shard, h.id) for h in texts]], RRF_K, limit=r.k)
         return [key[k] for k, _ in fused], threshold
-
-
-def _threshold(results: Sequence[tuple[str, SearchResult]]) -> float | None:
-    return next((res.threshold for _, res in results if res.threshold is not None), None)
-
-
-def _scored(hits: list[Hit], dense_scores: bool) -> list[Hit]:
-    """RAG's view (``dense_scores``): each hit's ``score`` is its cosine, in the mode's order."""
-    if not dense_scores:
-        return hits
-    return [h.ranked(h.rank, score=float(h.dense_score)) for h in hits if h.dense_score is not None]
-
-
-def _fused(dense: list[Hit], keyword: list[Hit], ev: evidence.Evidence | None, depth: int, space: str,
-           *, limit_all: bool) -> list[Hit]:
-    """The merged dense and keyword lists fused as one collection fuses them. Item ids repeat
-    across shards, so each (shard, id) gets a global number for the fusion and back."""
-    keys: dict[tuple[str | None, int], int] = {}
-    for h in (*dense, *keyword):
-        keys.setdefault((h.shard, h.id), len(keys))
-    back = {g: key for key, g in keys.items()}
-    kw_cos = {keys[(h.shard, h.id)]: h.dense_score for h in keyword}
-    as_global = [[h.ranked(h.rank, id=keys[(h.shard, h.id)]) for h in hits] for hits in (dense, keyword)]
-    if ev is not None:
-        fused = hybrid.fuse_evidence(as_global[0], as_global[1], ev, depth, space=space)  # type: ignore[arg-type]
-    else:
-        limit = len(dense) + len(keyword) if limit_all else depth
-        fused = hybrid.fuse(as_global[0], as_global[1], limit, space=space)  # type: ignore[arg-type]
-    out = []
-    for h in fused:
-        shard, item_id = back[h.id]
-        cos = h.dense_score if h.dense_score is not None else kw_cos.get(h.id)
-        out.append(h.ranked(h.rank, id=item_id, shard=shard, dense_score=cos))
-    return out
