@@ -26,7 +26,6 @@ from PIL import Image
 from crossmodal_rag import Collection
 from crossmodal_rag.agents.mcp_server import build_server, http_app
 from crossmodal_rag.agents.tools import AgentSettings
-from crossmodal_rag.testing import make_tiny_t5
 from crossmodal_rag.web import WebSettings
 from crossmodal_rag.web.state import AppState
 from tests.servers import serve_in_thread
@@ -40,17 +39,22 @@ def coll(tmp_path_factory: pytest.TempPathFactory, sample_collection: Path) -> P
 
 
 @pytest.fixture(scope="module")
-def state(coll: Path, tmp_path_factory: pytest.TempPathFactory):
-    t5 = make_tiny_t5(tmp_path_factory.mktemp("t5") / "t5")
-    st = AppState(WebSettings(collection=str(coll), generator=str(t5), max_k=20, max_query_chars=200,
+def state(coll: Path, t5_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    st = AppState(WebSettings(collection=str(coll), generator=str(t5_dir), max_k=20, max_query_chars=200,
                               max_new_tokens=4, max_upload_bytes=300_000, load_generator_at_startup=False,
+                              decode_timeout_s=120,  # a cold decode worker on a loaded CI machine
                               thumbnail_dir=str(tmp_path_factory.mktemp("thumbs")), max_batch=1))
     yield st
     st.close()
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
+@pytest.fixture(scope="module")
+def run():
+    """One event loop for the module's in-memory sessions: the served state's decode pool keeps
+    its worker processes on the loop that started them, as a server's single loop does."""
+    loop = asyncio.new_event_loop()
+    yield loop.run_until_complete
+    loop.close()
 
 
 def _json(result: Any) -> dict[str, Any]:
@@ -63,7 +67,7 @@ def _error(result: Any) -> str:
     return result.content[0].text
 
 
-def test_tools_answer_as_the_library_does(state: AppState, coll: Path, sample_dir: Path) -> None:
+def test_tools_answer_as_the_library_does(run: Any, state: AppState, coll: Path, sample_dir: Path) -> None:
     server = build_server(state, AgentSettings(read_roots=(str(sample_dir),)))
 
     async def go() -> dict[str, Any]:
@@ -121,7 +125,7 @@ def test_tools_answer_as_the_library_does(state: AppState, coll: Path, sample_di
     ({"image_path": "../../etc/passwd"}, "outside the allowed roots"),
     ({}, "give a text"),
 ])
-def test_bad_arguments_are_tool_errors(state: AppState, sample_dir: Path, args: dict[str, Any], needle: str) -> None:
+def test_bad_arguments_are_tool_errors(run: Any, state: AppState, sample_dir: Path, args: dict[str, Any], needle: str) -> None:
     server = build_server(state, AgentSettings(read_roots=(str(sample_dir),)))
 
     async def go() -> tuple[Any, Any]:
@@ -135,7 +139,7 @@ def test_bad_arguments_are_tool_errors(state: AppState, sample_dir: Path, args: 
     assert not still.is_error
 
 
-def test_paths_and_writes_stay_inside_their_roots(tmp_path: Path, state: AppState, photos: Path,
+def test_paths_and_writes_stay_inside_their_roots(run: Any, tmp_path: Path, state: AppState, photos: Path,
                                                   sample_dir: Path) -> None:
     link = photos / "escape.jpg"
     os.symlink(sample_dir / "cat.jpg", link)  # inside the root by name, outside once resolved
@@ -154,7 +158,7 @@ def test_paths_and_writes_stay_inside_their_roots(tmp_path: Path, state: AppStat
     assert _error(huge) and "no item 987654" in _error(missing)
 
 
-def test_allow_write_indexes_and_removes_under_root_only(tmp_path: Path, collection_copy: Path, photos: Path,
+def test_allow_write_indexes_and_removes_under_root_only(run: Any, tmp_path: Path, collection_copy: Path, photos: Path,
                                                          sample_dir: Path) -> None:
     st = AppState(WebSettings(collection=str(collection_copy), load_generator_at_startup=False, max_batch=1,
                               thumbnail_dir=str(tmp_path / "t")))
@@ -188,23 +192,27 @@ def test_allow_write_indexes_and_removes_under_root_only(tmp_path: Path, collect
         assert not c.get(found["results"][0]["id"])
 
 
-def test_streamable_http_and_its_host_check(state: AppState) -> None:
+def test_streamable_http_and_its_host_check(coll: Path, tmp_path: Path) -> None:
     import httpx
 
-    app = http_app(build_server(state, AgentSettings()), ("127.0.0.1", "localhost"), 1 << 20)
+    st = AppState(WebSettings(collection=str(coll), load_generator_at_startup=False, max_batch=1,
+                              decode_timeout_s=120, thumbnail_dir=str(tmp_path / "t")))  # served on uvicorn's loop
+    app = http_app(build_server(st, AgentSettings()), st, ("127.0.0.1", "localhost"), 1 << 20)
     with serve_in_thread(app) as port:
         async def go() -> tuple[set[str], dict[str, Any], Any, Any]:
             async with Client(f"http://127.0.0.1:{port}/mcp") as c:
                 return ({t.name for t in (await c.list_tools()).tools}, _json(await c.call_tool("stats", {})),
                         await c.call_tool("get_item", {"id": 1}), await c.call_tool("search", {"text": "x", "k": 0}))
 
-        names, stats, item, bad = run(go())
+        names, stats, item, bad = asyncio.run(go())
         rebinding = httpx.post(f"http://127.0.0.1:{port}/mcp", headers={"Host": "evil.example"},
                                json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+    st.close()
     assert names == {"search", "ask", "get_item", "stats"} and stats["counts"]
     assert rebinding.status_code in (400, 403, 421)
     assert json.loads(item.content[0].text)["id"] == 1
     if json.loads(item.content[0].text)["image_id"] is not None:  # its thumbnail, a JPEG that decodes
+        assert len(item.content) == 2, item.content[0].text
         assert Image.open(io.BytesIO(base64.b64decode(item.content[1].data))).format == "JPEG"
     assert "k" in _error(bad)
 
@@ -222,7 +230,7 @@ def test_stdio_subprocess(coll: Path, tmp_path: Path) -> None:
             bad = _error(await c.call_tool("search", {"image_path": "/etc/passwd"}))
             return names, hits, bad
 
-    names, hits, bad = run(go())
+    names, hits, bad = asyncio.run(go())
     with Collection.open(coll) as c:
         want = [h.id for h in c.search("a cat", k=2, mode="dense")]
     assert names == {"search", "ask", "get_item", "stats"}

@@ -15,7 +15,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field
@@ -27,7 +28,7 @@ from ..web.inputs import MAX_ID
 from ..web.state import AppState
 from .tools import AgentSettings, AgentTools
 
-__all__ = ["INSTRUCTIONS", "build_server", "http_app"]
+__all__ = ["INSTRUCTIONS", "build_server", "http_app", "run_stdio"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,12 +139,33 @@ def build_server(st: AppState, settings: AgentSettings) -> Any:
     return server
 
 
-def http_app(server: Any, allowed_hosts: tuple[str, ...], max_body_bytes: int) -> Any:
-    """The Streamable HTTP app (``/mcp``): Host (and Origin) checked against DNS rebinding."""
+async def run_stdio(server: Any, st: AppState) -> None:
+    """Serve on stdin/stdout until the client closes them; the decode workers stopped after."""
+    try:
+        await server.run_stdio_async()
+    finally:
+        await st.decoder.aclose()
+
+
+def http_app(server: Any, st: AppState, allowed_hosts: tuple[str, ...], max_body_bytes: int) -> Any:
+    """The Streamable HTTP app (``/mcp``): Host (and Origin) checked against DNS rebinding; the
+    decode workers stopped when it shuts down."""
     from mcp.server.transport_security import TransportSecuritySettings
 
     hosts = [h for name in allowed_hosts for h in (name, f"{name}:*", f"[{name}]:*")]
     security = TransportSecuritySettings(
         enable_dns_rebinding_protection="*" not in allowed_hosts, allowed_hosts=hosts,
         allowed_origins=[f"http://{h}" for h in hosts])
-    return server.streamable_http_app(transport_security=security, max_request_body_size=max_body_bytes)
+    app = server.streamable_http_app(transport_security=security, max_request_body_size=max_body_bytes)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        async with inner(a) as state:
+            try:
+                yield state
+            finally:
+                await st.decoder.aclose()
+
+    app.router.lifespan_context = lifespan
+    return app

@@ -40,9 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_mcp(args: argparse.Namespace) -> int:
     try:
+        import anyio
         import mcp.server.mcpserver  # noqa: F401
 
-        from ..agents.mcp_server import build_server, http_app
+        from ..agents.mcp_server import build_server, http_app, run_stdio
         from ..agents.tools import AgentSettings, ToolRefused
         from ..web import WebSettings
         from ..web.guards import allowed_hosts_for
@@ -70,13 +71,13 @@ def cmd_mcp(args: argparse.Namespace) -> int:
         writes = f"; index/remove under {agent.write_root}" if agent.write_root else " (read-only)"
         if args.transport == "stdio":
             print(f"MCP server for {settings.collection} on stdio{writes}", file=sys.stderr)
-            server.run("stdio")
+            anyio.run(run_stdio, server, st)
         else:
             import uvicorn
 
             print(f"MCP server for {settings.collection} on http://{args.host}:{args.port}/mcp{writes}",
                   file=sys.stderr)
-            app = http_app(server, hosts, settings.max_upload_bytes * 2 + 64 * 1024)
+            app = http_app(server, st, hosts, settings.max_upload_bytes * 2 + 64 * 1024)
             uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info")
     finally:
         st.close()
