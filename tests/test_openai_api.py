@@ -20,7 +20,7 @@ from crossmodal_rag.web import WebSettings, create_app
 from tests.servers import serve_in_thread
 
 FACT = "The password of the lighthouse is marmalade."
-PASSAGES = [FACT, "The lighthouse keeper's dog is called Biscuit."]
+PASSAGES = [FACT, "Bananas are a good source of potassium."]  # one passage on the subject
 QUESTION = "What is the password of the lighthouse?"
 
 
