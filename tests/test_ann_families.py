@@ -68,7 +68,8 @@ def test_family_specs_and_sizes() -> None:
     assert family_spec("ivf_flat", 1_000_000, 512) == "IVF4096,Flat"
     assert family_spec("ivf_hnsw_pqfs", 1_000_000, 512) == "IVF8192_HNSW32,PQ128x4fs"
     assert family_spec("ivf_hnsw_pqfs", 1_000_000, 512, budget_per_vector=40) == "IVF8192_HNSW32,PQ64x4fs"
-    assert family_spec("hnsw", 100_000, 512) == "HNSW16" and family_spec("hnsw", 1_000_000, 512) == "HNSW32"
+    assert family_spec("hnsw", 100_000, 128) == "HNSW16" and family_spec("hnsw", 1_000_000, 512) == "HNSW32"
+    assert family_spec("hnsw", 100_000, 384) == "HNSW32"  # text embeddings at 100k need the links
     with pytest.raises(ValueError, match="ivf_hnsw_sq8"):
         family_spec("ivf_sq4", 10, 512)
     # per vector: SQ8 d + 8 id bytes; float16 2d + 8; 4-bit PQ m/2 + 8 (plus centroids and their graph)

@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_collection(ri, positional=True)
     ri.add_argument("--index", dest="index_type", default=None, metavar="SPEC",
                     help="'auto' or a FAISS factory string (default: keep the current choice)")
-    ri.add_argument("--max-index-memory", metavar="SIZE", help="memory budget for 'auto', e.g. 4G")
+    ri.add_argument("--max-index-memory", metavar="SIZE",
+                    help="memory budget of the index 'auto' builds, e.g. 4G (default: a quarter of "
+                         "the machine's RAM); 'auto' measures the families that fit on the "
+                         "collection's own vectors and keeps the fastest at the target recall")
     ri.add_argument("--target-recall", type=float, default=0.95, metavar="R",
                     help="tune nprobe/efSearch to the fastest setting with recall@10 >= R (default 0.95)")
     ri.add_argument("--no-tune", dest="tune", action="store_false", help="keep FAISS's default search settings")
@@ -97,6 +100,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         build = r.get("build") or {}
         print(f"{name}: {r['index_type']}, {r['count']} vectors, built in {build.get('seconds', 0):.1f} s"
               f"{' (sharded)' if build.get('sharded') else ''}{_tuning_text(r.get('tuning'))}")
+        _print_auto(build.get("auto"))
         for shard in r.get("shards_rebuilt", []):
             print(f"  rebuilt from the metadata: {shard['file']} ({safe(shard['reason'])})")
     return 0
@@ -115,6 +119,20 @@ def _print_repair(r: dict[str, Any]) -> None:
     for entry in r["removed"]:
         print(f"repair: removed item {entry['id']} ({safe(str(entry['path']))}): its stored vector was "
               f"unusable and its source is gone ({safe(entry['reason'])})")
+
+
+def _print_auto(auto: dict[str, Any] | None) -> None:
+    """What ``auto`` measured (one line per family) and why the winner won."""
+    if not auto:
+        return
+    print(f"  auto: {safe(auto['reason'])}")
+    for c in auto.get("candidates", []):
+        if c.get("status") == "measured" or c.get("status") == "missed target":
+            setting = f"{c['param']}={c['value']}, " if c.get("param") else ""
+            print(f"    {c['spec']}: {c['status']}, {setting}recall@10 {c['recall']:.3f}, p50 "
+                  f"{c['est_p50_ms']:.3f} ms, {c['scaled_bytes'] / 2**20:.1f} MiB")
+        else:
+            print(f"    {c['spec']}: {c['status']} (about {c['est_bytes'] / 2**20:.1f} MiB)")
 
 
 def _tuning_text(tuning: dict[str, Any] | None) -> str:
@@ -169,6 +187,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{k}={v}" for k, v in r["search_params"].items() if v is not None)
             line = f", {shown} (set)" if shown else " (exact: nothing to tune)"
         print(f"{name}: {r['index_type']}{line}")
+        _print_auto(r.get("auto"))
     return 0
 
 

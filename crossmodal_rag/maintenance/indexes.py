@@ -93,7 +93,7 @@ def reindex(
         state.sync_shards(name, live)
         if len(state.shards[name]) != len(live):
             state.shards[name].compact(live, fsync=state.fsync)
-        want = state.resolve_type(len(live))
+        want = state.resolve_type(len(live), name, fresh=True, target_recall=target_recall, seed=seed)
         state.build(name, want, live, seed=seed, tune=tune, target_recall=target_recall,
                     sharded=sharded, workers=workers)
     state.persist()
@@ -138,7 +138,9 @@ def tune(state: IndexState, *, target_recall: float = 0.95, seed: int = 0) -> di
         state.dirty.add(name)
     state.persist()
     return {n: {"index_type": ix.index_type, "search_params": ix.params.to_dict(),
-                "tuning": state.tuning.get(n)} for n, ix in state.indexes.items()}
+                "tuning": state.tuning.get(n),
+                **({"auto": auto} if (auto := (state.built.get(n) or {}).get("auto")) else {})}
+            for n, ix in state.indexes.items()}
 
 
 def set_search_params(state: IndexState, params: SearchParams, index: str | None = None) -> None:

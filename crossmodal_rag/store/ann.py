@@ -109,6 +109,8 @@ class Tuning:
     queries: int
     measured: list[dict[str, float]] = field(default_factory=list)  # the curve; chosen row last
     rerank: int | None = None  # chosen re-rank depth (compact codes), None: not tuned
+    verify_queries: int = 0  # second held-out set the setting was checked on (0: not checked)
+    verify_recall: float | None = None  # recall@k on it at the accepted setting
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

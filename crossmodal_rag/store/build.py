@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,16 @@ import faiss
 import numpy as np
 
 from ..errors import CollectionError
+from ..progress import bar, default_enabled
 from .ann import SearchParams, Tuning, describe_index, recall_at_k, training_rows
+from .families import hnsw_ef_construction
 from .shards import EmbeddingShards, vector_faults
 from .threads import single_thread_if
-from .tuning import tune_grid
+from .tuning import tune_grid, verify_tuning
 from .vectors import VectorIndex, silence_c_stdout
 
-__all__ = ["BuildReport", "build_index", "drop_self", "exact_top_k", "sound_chunks", "tune_index"]
+__all__ = ["BuildReport", "build_index", "configure_graph", "drop_self", "exact_top_k", "sample_vectors",
+           "sound_chunks", "tune_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ def sound_chunks(shards: EmbeddingShards, live: np.ndarray) -> Any:
         yield ids, vecs
 
 
-def _sample_rows(shards: EmbeddingShards, live: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def sample_vectors(shards: EmbeddingShards, live: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Vectors at positions ``rows`` (sorted) of the live vectors in shard order."""
     out = np.empty((len(rows), shards.dim), dtype=np.float32)
     offset = filled = 0
@@ -136,6 +140,21 @@ def train_coarse_two_level(index: faiss.Index, sample: np.ndarray, seed: int) ->
     return True
 
 
+#: Builds of at least this many vectors show a progress bar on stderr (the CLI's default).
+PROGRESS_MIN_VECTORS = 50_000
+
+
+def configure_graph(index: faiss.Index) -> bool:
+    """Set ``efConstruction`` of an (id-mapped) HNSW ``index`` from its ``M``
+    (:func:`.families.hnsw_ef_construction`) before vectors are added; False if not HNSW. An
+    HNSW graph takes later additions as it is (removals rebuild it, see ``persist``)."""
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else faiss.downcast_index(index)
+    if not isinstance(inner, faiss.IndexHNSW):
+        return False
+    inner.hnsw.efConstruction = hnsw_ef_construction(inner.hnsw.nb_neighbors(1))
+    return True
+
+
 def build_index(
     index_type: str, shards: EmbeddingShards, live: np.ndarray, *, seed: int = 0,
     params: SearchParams | None = None, sharded: bool = False, out_dir: Path | None = None,
@@ -148,10 +167,11 @@ def build_index(
     """
     t0 = time.perf_counter()
     index = VectorIndex(shards.dim, index_type, params=params)
+    configure_graph(index.index)
     rows = training_rows(len(live), index.index, seed)
     if len(rows):
         logger.info("training %s on %d of %d vectors (seed %d)", index_type, len(rows), len(live), seed)
-        sample = _sample_rows(shards, live, rows)
+        sample = sample_vectors(shards, live, rows)
         train_coarse_two_level(index.index, sample, seed)
         index.train(sample)
     parts = 1
@@ -166,8 +186,11 @@ def build_index(
             raise CollectionError("a sharded build needs an output folder")
         index, parts = _build_sharded_ivf(index, shards, live, out_dir, basename, workers)
     else:
-        for ids, vecs in sound_chunks(shards, live):
-            index.add(ids, vecs)
+        with bar(total=len(live), desc=f"building {index_type}", unit="vec",
+                 enabled=default_enabled() and len(live) >= PROGRESS_MIN_VECTORS) as pbar:
+            for ids, vecs in sound_chunks(shards, live):
+                index.add(ids, vecs)
+                pbar.update(len(ids))
     if len(index) != len(live):
         raise CollectionError(f"built an index of {len(index)} vectors for {len(live)} live items; "
                               "the embedding shards are incomplete — run `crossmodal-rag reindex`")
@@ -244,6 +267,27 @@ def drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
     return ids[~first].reshape(len(ids), k)
 
 
+#: Tuning with at least this many queries checks its setting on half of them (the other half tunes).
+VERIFY_MIN_QUERIES = 40
+
+
+def _search_fn(index: VectorIndex, query_ids: np.ndarray | None
+               ) -> Callable[[np.ndarray, int, SearchParams], tuple[np.ndarray, np.ndarray]]:
+    """The search tuning measures: ``index`` at given settings, each query's own stored id
+    (``query_ids``, -1 for none) left out of its results (None: no query is stored)."""
+    if query_ids is None:
+        def search(q: np.ndarray, kk: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+            return index.search(q, kk, params=params)
+        return search
+
+    def search_loo(q: np.ndarray, kk: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = index.search(q, kk + 1, params=params)
+        if len(q) != len(query_ids):  # a single query timed: its ids are not scored
+            return scores[:, :kk], ids[:, :kk]
+        return scores[:, :kk], drop_self(ids, query_ids, kk)
+    return search_loo
+
+
 def tune_index(index: VectorIndex, shards: EmbeddingShards, live: np.ndarray, queries: np.ndarray,
                *, k: int = 10, target_recall: float = 0.95, query_ids: np.ndarray | None = None
                ) -> Tuning:
@@ -258,23 +302,20 @@ def tune_index(index: VectorIndex, shards: EmbeddingShards, live: np.ndarray, qu
     setting holds for queries the collection has not seen.
     """
     k = min(k, len(live) - (query_ids is not None))
-    if query_ids is None:
-        truth = exact_top_k(shards, live, queries, k)
-
-        def search(q: np.ndarray, kk: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
-            return index.search(q, kk, params=params)
-    else:
-        query_ids = np.asarray(query_ids, dtype=np.int64)
-        truth = drop_self(exact_top_k(shards, live, queries, k + 1), query_ids, k)
-
-        def search(q: np.ndarray, kk: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
-            scores, ids = index.search(q, kk + 1, params=params)
-            if len(q) != len(query_ids):  # a single query timed: its ids are not scored
-                return scores[:, :kk], ids[:, :kk]
-            return scores[:, :kk], drop_self(ids, query_ids, kk)
-
-    result = tune_grid(search, index.index, queries, truth, k=k, target_recall=target_recall,
-                       can_rerank=index.exact_vectors is not None)
+    qids = None if query_ids is None else np.asarray(query_ids, dtype=np.int64)
+    truth = exact_top_k(shards, live, queries, k) if qids is None \
+        else drop_self(exact_top_k(shards, live, queries, k + 1), qids, k)
+    # every other query checks the tuned setting (tuning.verify_tuning); the rest tune it
+    split = len(queries) >= VERIFY_MIN_QUERIES
+    tune_rows = np.arange(0, len(queries), 2 if split else 1)
+    check_rows = np.arange(1, len(queries), 2) if split else np.zeros(0, np.int64)
+    search = _search_fn(index, None if qids is None else qids[tune_rows])
+    result = tune_grid(search, index.index, queries[tune_rows], truth[tune_rows], k=k,
+                       target_recall=target_recall, can_rerank=index.exact_vectors is not None)
+    if len(check_rows):
+        verify_tuning(_search_fn(index, None if qids is None else qids[check_rows]), index.index,
+                      result, queries[check_rows], truth[check_rows], target_recall=target_recall)
+    search = _search_fn(index, qids)
     if result.param:
         index.params = SearchParams(**{**index.params.to_dict(), result.param: result.value,
                                        "rerank": result.rerank})

@@ -34,6 +34,7 @@ __all__ = [
     "Measured",
     "estimate_index_bytes",
     "family_spec",
+    "hnsw_ef_construction",
     "hnsw_m_for",
     "nlist_for",
     "nlist_hnsw_for",
@@ -67,9 +68,17 @@ def _pow2_lists(n: int, factor: int) -> int:
     return int(min(nlist, 1 << 16))
 
 
-def hnsw_m_for(n: int) -> int:
-    """HNSW ``M`` by size: 16 links up to 250k vectors, 32 above (recall at 1M needs them)."""
-    return 16 if n <= 250_000 else 32
+def hnsw_m_for(n: int, dim: int = 512) -> int:
+    """HNSW ``M`` (links per vector) by size and dimension: 16 for up to 250k vectors of at most
+    128 dimensions, 32 otherwise (recall at 1M, and text embeddings of 384 dimensions at 100k,
+    need the links: HNSW16 needed efSearch 1,024 on 100k ``powerlaw`` vectors, RESULTS.md)."""
+    return 16 if n <= 250_000 and dim <= 128 else 32
+
+
+def hnsw_ef_construction(m: int) -> int:
+    """``efConstruction`` for an HNSW graph of ``M`` links: 2 M + 16 (48 for M 16, 80 for M 32;
+    FAISS's default 40 builds a thinner graph that needs a wider efSearch at query time)."""
+    return 2 * int(m) + 16
 
 
 def pqfs_m_for(dim: int, budget_per_vector: float | None = None) -> int | None:
@@ -92,7 +101,7 @@ def family_spec(family: str, n: int, dim: int, budget_per_vector: float | None =
     if family == "ivf_flat":
         return f"IVF{nlist_for(n)},Flat"
     if family == "hnsw":
-        return f"HNSW{hnsw_m_for(n)}"
+        return f"HNSW{hnsw_m_for(n, dim)}"
     coarse = f"IVF{nlist_hnsw_for(n)}_HNSW32"
     if family == "ivf_hnsw_sq8":
         return f"{coarse},SQ8"

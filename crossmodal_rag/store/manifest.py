@@ -384,7 +384,8 @@ _MANIFEST_FIELDS: dict[str, Check] = {
     "index_types": _map(_str(256, empty=False)),
     "search_params": _map(_record(_SEARCH_PARAMS, others=None)),
     "tuning": _map(_record(_TUNING, required=tuple(_TUNING))),
-    "build": _map(_record({})),
+    "build": _map(_record({"auto": _record({"candidates": _list(_map(_scalar, keys=None), 64),  # autoselect
+                                            "curves": _list(_map(_scalar, keys=None), 10_000)})})),
     "embeddings": _map(_list(lambda v, where: v)),  # each a ShardFile, checked by ShardFile.from_dict
     "collection_id": _str(32, re.compile(f"(?:{_COLLECTION_ID.pattern})?")),
 }

@@ -24,6 +24,8 @@ from .._version import __version__
 from ..errors import CollectionError
 from ..maintenance import fingerprint
 from .ann import AUTO, SearchParams, choose_index, min_training_vectors, training_rows
+from .autoindex import auto_index_type, measured_floor
+from .autoselect import MEASURE_MIN_VECTORS
 from .binding import (
     COLLECTION_ID_KEY,
     INDEX_FILES_KEY,
@@ -196,9 +198,27 @@ class IndexState:
         compact_if_fragmented(shards, live, fsync=self.fsync)
 
     # -- building --------------------------------------------------------------------------
-    def resolve_type(self, n: int) -> str:
-        """The index type for an index of ``n`` vectors under the collection's request."""
+    def resolve_type(self, n: int, name: str | None = None, *, fresh: bool = False,
+                     target_recall: float | None = None, seed: int = 0) -> str:
+        """The index type for an index of ``n`` vectors under the collection's request. ``auto``
+        with ``name`` and at least :data:`.autoselect.MEASURE_MIN_VECTORS` vectors measures the
+        candidate families on the index's own vectors (:func:`.autoindex.auto_index_type`; the
+        choice is kept until the size halves or doubles, or ``fresh``)."""
         m = self.manifest
+        if m.index_type == AUTO and name is not None and n >= MEASURE_MIN_VECTORS:
+            other = self.store.ids("text" if name == "image" else "image")
+
+            def other_vectors(count: int, rng: np.random.Generator) -> np.ndarray:
+                picked = np.sort(rng.choice(other, size=min(count, len(other)), replace=False))
+                return self.store.vectors(picked.tolist(), m.dim)
+
+            spec, record = auto_index_type(
+                self.shards[name], self.store.ids(name), previous=(self.built.get(name) or {}).get("auto"),
+                other=other_vectors, max_memory=m.max_index_memory, fresh=fresh,
+                target_recall=target_recall, seed=seed)
+            if record is not None:
+                self.built[name] = {**(self.built.get(name) or {}), "auto": record}
+            return spec
         if m.index_type == AUTO:
             return choose_index(n, m.dim, m.max_index_memory)
         if n < min_training_vectors(make_faiss_index(m.dim, m.index_type)):
@@ -220,12 +240,15 @@ class IndexState:
                                     sharded=sharded, out_dir=self.folder / "index",
                                     basename=basename, workers=workers)
         self.attach(name, index)
-        self.built[name] = report.to_dict()
+        auto = (self.built.get(name) or {}).get("auto")  # what auto measured (autoselect)
+        keep = auto and auto.get("index_type") == index_type
+        self.built[name] = report.to_dict() | ({"auto": auto} if keep else {})
         self.tuning.pop(name, None)
         if tune and index.kind in ("ivf", "hnsw") and len(live):
             queries, query_ids = self.tuning_queries(name, live, index, seed)
             result = tune_index(index, self.shards[name], live, queries, target_recall=target_recall,
                                 query_ids=query_ids)
+            index.params = measured_floor(self.built[name].get("auto"), index_type, index.params)
             self.tuning[name] = result.to_dict()
             logger.info("tuned the %s index: %s=%s (recall@10 %.3f, target %.2f)", name,
                         result.param, result.value,
@@ -286,7 +309,7 @@ class IndexState:
             live = self.store.ids(name)
             self.sync_shards(name, live)
             try:
-                want = self.resolve_type(len(live))
+                want = self.resolve_type(len(live), name)
             except CollectionError as e:  # e.g. the memory budget no longer fits: keep the index
                 logger.warning("%s index: %s", name, e)
                 want = self.indexes[name].index_type
