@@ -1,5 +1,8 @@
 """Writing assistance: retrieve items related to a draft and generate a grounded continuation
-that cites its sources as [n]."""
+that cites its sources as [n]: the model is asked to cite, and the pipeline keeps only numbers of
+listed sources, adding the best-supported source's number when none is left
+(:func:`crossmodal_rag.generation.extractive.cite`). A draft is continued freely, never answered
+extractively, whatever ``answer_style`` says."""
 
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ WRITE_TEMPLATE = (
 
 def write(pipeline: RagPipeline, draft: str, **ask: Any) -> Answer:
     """Retrieve with the draft as the query and generate a cited continuation (concat mode by
-    default; any mode works). The answer's sources carry the posterior weights."""
+    default; any mode works; concat answers carry ``[n]`` citations of listed sources). The
+    answer's sources carry the posterior weights."""
     if not draft or not draft.strip():
         raise QueryError("empty draft: give the paragraph to continue")
-    settings = replace(pipeline.settings, prompt_template=WRITE_TEMPLATE)
+    settings = replace(pipeline.settings, prompt_template=WRITE_TEMPLATE, answer_style="free")
     return RagPipeline(pipeline.collection, pipeline.generator, settings, pipeline.generation).ask(
         draft, **ask
     )

@@ -92,6 +92,10 @@ class TextGenerator(Protocol):
         """``text`` cut to its first ``n`` tokens."""
         ...
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``, no BOS or other special token added."""
+        ...
+
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``, special tokens dropped."""
         ...

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelSpecError, QueryError
+from .constrained import SpanConstraint
 from .kv_cache import CacheFull, PromptCache, PromptSlot
 from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
 from .stopping import SentenceStop
@@ -286,6 +287,8 @@ class LlamaCppGenerator:
         rng = np.random.default_rng(s.seed)
         out: list[list[int]] = [[] for _ in slots]
         stops = [SentenceStop(self.decode) if s.stop == "sentence" else None for _ in slots]
+        copy = self._constraint(s)
+        copies = [copy.restart() if copy is not None else None for _ in slots]
         try:
             for slot, seq in zip(slots, seqs, strict=True):
                 cache.fork(slot, seq)
@@ -293,11 +296,14 @@ class LlamaCppGenerator:
             for step in range(s.max_new_tokens):
                 entries, rows = [], []
                 for r in list(logp):
-                    tok = _pick(logp[r], s, rng)
+                    c = copies[r]
+                    tok = _pick(logp[r] if c is None else c.mask(logp[r]), s, rng)
                     stop = stops[r]
                     if tok in self._eos_ids or (stop is not None and stop.stops(tok)):
                         del logp[r]
                         continue
+                    if c is not None:
+                        c.advance(tok)
                     out[r].append(tok)
                     entries.append((tok, slots[r].n + step, seqs[r], True))
                     rows.append(r)
@@ -334,18 +340,26 @@ class LlamaCppGenerator:
             cache.fork(slot, seq)
             logp = slot.logp
             stop = SentenceStop(self.decode) if s.stop == "sentence" else None
+            copy = self._constraint(s)
             try:
                 for step in range(s.max_new_tokens):
                     if cancel is not None and cancel.is_set():
                         return
-                    tok = _pick(logp, s, rng)
+                    tok = _pick(logp if copy is None else copy.mask(logp), s, rng)
                     if tok in self._eos_ids or (stop is not None and stop.stops(tok)):
                         return
+                    if copy is not None:
+                        copy.advance(tok)
                     yield tok
                     if step + 1 < s.max_new_tokens:
                         (logp,) = cache.decode([(tok, slot.n + step, seq, True)])
             finally:
                 cache.release([seq])
+
+    def _constraint(self, s: GenerationSettings) -> SpanConstraint | None:
+        """The span constraint of ``s.copy_from`` (None: decoding is free)."""
+        return (SpanConstraint.build(s.copy_from, self.tokenize, self._eos_ids, s.copy_whole, s.copy_weights)
+                if s.copy_from or s.copy_whole else None)
 
     @contextmanager
     def encoder_reuse(self) -> Iterator[None]:

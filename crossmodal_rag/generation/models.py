@@ -181,6 +181,11 @@ class Generator:
         n = min(int(n or 512), 2048)
         return n
 
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text``, no special tokens added."""
+        self.load()
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
     def count_tokens(self, text: str) -> int:
         self.load()
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -357,6 +362,15 @@ class Generator:
                                   "pad_token_id": self.tokenizer.pad_token_id}
         if s.do_sample:
             kwargs.update(temperature=s.temperature, top_p=s.top_p)
+        if s.copy_from or s.copy_whole:  # span-constrained decoding (generation.constrained)
+            from transformers import LogitsProcessorList
+
+            from .constrained import SpanConstraint, logits_processor
+
+            start = 0 if new_only else 1 if self.kind == "seq2seq" else inputs["input_ids"].shape[1]
+            copy = SpanConstraint.build(s.copy_from, self.tokenize, self.eos_ids, s.copy_whole, s.copy_weights)
+            extra = {**extra, "logits_processor": LogitsProcessorList(
+                [*extra.get("logits_processor", []), logits_processor(copy, start=start)])}
         out = self.model.generate(**inputs, attention_mask=mask, **kwargs, **extra)
         if self.kind == "causal" and not new_only:
             out = out[:, inputs["input_ids"].shape[1]:]

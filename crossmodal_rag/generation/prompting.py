@@ -35,6 +35,11 @@ class GenerationSettings:
     top_p: float = 1.0  # nucleus sampling mass
     seed: int | None = None  # makes sampling reproducible
     stop: str = "eos"  # eos: at the end token; sentence: also at the first sentence end or line break
+    # texts the answer is copied from: each step may only continue a span of them (or end the
+    # answer); empty: any token (see generation.constrained)
+    copy_from: tuple[str, ...] = ()
+    copy_whole: tuple[str, ...] = ()  # with copy_from: answers also allowed whole (not in the sources)
+    copy_weights: tuple[float, ...] = ()  # per copy_from text: log-weight of starting a copy there
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -45,6 +50,15 @@ class GenerationSettings:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.copy_from, str) or not all(isinstance(t, str) for t in self.copy_from):
+            raise ValueError("copy_from must be a sequence of texts, not a single string")
+        if isinstance(self.copy_whole, str):
+            raise ValueError("copy_whole must be a sequence of texts, not a single string")
+        object.__setattr__(self, "copy_from", tuple(self.copy_from))
+        object.__setattr__(self, "copy_whole", tuple(self.copy_whole))
+        object.__setattr__(self, "copy_weights", tuple(float(w) for w in self.copy_weights))
+        if self.copy_weights and len(self.copy_weights) != len(self.copy_from):
+            raise ValueError(f"copy_weights has {len(self.copy_weights)} weights for {len(self.copy_from)} texts")
         if self.stop not in ("eos", "sentence"):  # generation.stopping.STOPS
             raise ValueError(f"unknown stop {self.stop!r}; choose eos or sentence")
 

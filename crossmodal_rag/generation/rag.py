@@ -34,7 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,9 @@ from ..errors import ImageDecodeError, QueryError
 from ..ingestion.images import load_image
 from ..search import DEFAULT_MODE, Hit, SearchRequest, check_k
 from ..search import MODES as SEARCH_MODES
+from .constrained import SpanConstraint
+from .extractive import (ANSWER_STYLES, EXTRACTIVE_TEMPLATE, abstain_spans, cite, clean_answer, extractive_messages,
+                         is_short_answer_question)
 from .models import GenerationSettings, Prompt, load_generator
 from .stopping import SentenceStop
 from .stream import Event, Final, Sources, TextStream, Token
@@ -96,9 +99,14 @@ class RagSettings:
     abstain_answer: str = "not found in the collection"  # the answer when abstaining
     # how a text question retrieves: auto | dense | keyword | hybrid (crossmodal_rag.search.MODES)
     search_mode: str = DEFAULT_MODE
+    # auto: short-answer questions get the extractive prompt, span-copying decoding and a stop at
+    # the sentence end (generation.extractive); extract: every question; free: none
+    answer_style: str = "auto"
 
     def __post_init__(self) -> None:
         check_k(self.k)
+        if self.answer_style not in ANSWER_STYLES:
+            raise ValueError(f"unknown answer_style {self.answer_style!r}; choose one of {', '.join(ANSWER_STYLES)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.prior_temperature <= 0:
@@ -293,8 +301,17 @@ class RagPipeline:
             budget -= self.image_prefix.config.settings.prefix_length
         return max(budget, 16)
 
+    def extracts(self, question: str) -> bool:
+        """Whether ``question`` gets an extractive answer (``RagSettings.answer_style``)."""
+        style = self.settings.answer_style
+        return style == "extract" or (style == "auto" and is_short_answer_question(question))
+
     def _fill(self, question: str, context: str) -> Prompt:
         template = self.settings.prompt_template
+        if template == DEFAULT_TEMPLATE and self.extracts(question):
+            if self.generator.is_chat:  # worked examples as earlier turns (generation.extractive)
+                return extractive_messages(context, question)
+            template = EXTRACTIVE_TEMPLATE
         if template == DEFAULT_TEMPLATE and self.generator.is_chat:
             return [{"role": "system", "content": CHAT_SYSTEM_TEMPLATE.replace("{context}", context)},
                     {"role": "user", "content": question}]
@@ -434,26 +451,32 @@ class RagPipeline:
             prompts = [concat] if concat is not None else item_prompts  # type: ignore[list-item]
         timings["prompt"] = time.perf_counter() - t
         candidates: list[dict[str, Any]] = []
-        streaming = mode != "rag-sequence" and self.generation.num_beams == 1
+        extract = self.extracts(q_text)
+        gs = self.generation
+        if extract:  # copy a span of the sources (or say they lack it), up to the sentence end
+            kept = [i for i, inc in enumerate(included) if inc]
+            gs = replace(gs, stop="sentence", copy_from=tuple(texts[i] for i in kept), copy_whole=abstain_spans(),
+                         copy_weights=tuple(float(log_prior[i]) for i in kept) if mode == "concat" else ())
+        streaming = mode != "rag-sequence" and gs.num_beams == 1
         yield Sources([_source(h, x, p, 0.0, 0.0, inc, tr, pl, im) for h, x, p, inc, tr, pl, im
                        in zip(hits, texts, prior, included, truncated, item_labels, seen, strict=True)], mode, streaming)
         with self.generator.encoder_reuse():  # seq2seq: encode each prompt once
             t = time.perf_counter()
             if mode == "rag-sequence":
-                answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings, item_prefixes)
+                answer, lp, candidates = self._rag_sequence(item_prompts, log_prior, timings, item_prefixes, gs)
                 total = candidates[0]["logprob"]
                 timings["first_token"] = time.perf_counter() - started
                 if answer:
                     yield Token(answer)
             else:
                 if not streaming:  # beam search: the whole answer at once
-                    answer = self.generator.generate(prompts, self.generation,
+                    answer = self.generator.generate(prompts, gs,
                                                      prefixes=[q_prefix] if q_prefix is not None else None)[0][0]
                     pieces: Any = [answer] if answer else []
                 elif mode == "concat":
-                    pieces = self.generator.stream(prompts[0], self.generation, prefix=q_prefix, cancel=cancel)
+                    pieces = self.generator.stream(prompts[0], gs, prefix=q_prefix, cancel=cancel)
                 else:
-                    pieces = TextStream(self._rag_token(item_prompts, log_prior, item_prefixes, cancel),
+                    pieces = TextStream(self._rag_token(item_prompts, log_prior, item_prefixes, cancel, gs),
                                         self.generator.decode)
                 for piece in pieces:
                     timings.setdefault("first_token", time.perf_counter() - started)
@@ -462,12 +485,18 @@ class RagPipeline:
                     return
                 if streaming:
                     answer = pieces.answer
+                answer = clean_answer(answer, extract)
                 timings["generate"] = time.perf_counter() - t
                 t = time.perf_counter()
                 lp, total = self._score(answer, item_prompts, item_prefixes, log_prior,
                                         (prompts[0], q_prefix) if mode == "concat" else None)
                 timings["score"] = time.perf_counter() - t
             posterior = np.exp(_log_softmax(log_prior + lp))
+            if mode == "concat":  # [n] citations that point at listed sources (generation.extractive)
+                cited = cite(answer, texts, posterior.tolist(), included)
+                if cited.startswith(answer) and len(cited) > len(answer):
+                    yield Token(cited[len(answer):])
+                answer = cited
             sources = [_source(h, x, p, post, lpi, inc, tr, pl, im) for h, x, p, post, lpi, inc, tr, pl, im
                        in zip(hits, texts, prior, posterior, lp, included, truncated, item_labels, seen, strict=True)]
             timings["total"] = time.perf_counter() - started
@@ -532,14 +561,15 @@ class RagPipeline:
         return items.sum(1), float(np.logaddexp.reduce(log_prior[:, None] + items, axis=0).sum())
 
     def _rag_sequence(self, prompts: list[Prompt], log_prior: np.ndarray, timings: dict[str, float],
-                      prefixes: list[torch.Tensor | None] | None = None,
+                      prefixes: list[torch.Tensor | None] | None = None, gs: GenerationSettings | None = None,
                       ) -> tuple[str, np.ndarray, list[dict[str, Any]]]:
-        g, gs = self.generator, self.generation
+        g, gs = self.generator, gs or self.generation
         t = time.perf_counter()
         per_item = g.generate(prompts, gs, num_return_sequences=gs.num_beams, prefixes=prefixes)
         timings["generate"] = time.perf_counter() - t
         t = time.perf_counter()
-        cands = list(dict.fromkeys(c for group in per_item for c in group))
+        extract = bool(gs.copy_from)
+        cands = list(dict.fromkeys(clean_answer(c, extract) for group in per_item for c in group))
         k = len(prompts)
         # every candidate under every item's prompt, one batched pass: lp[z, y]
         flat = g.sequence_logprobs([p for p in prompts for _ in cands], cands * k,
@@ -554,15 +584,17 @@ class RagPipeline:
     @torch.inference_mode()
     def _rag_token(self, prompts: list[Prompt], log_prior: np.ndarray,
                    prefixes: list[torch.Tensor | None] | None = None,
-                   cancel: threading.Event | None = None) -> Iterator[int]:
+                   cancel: threading.Event | None = None, gs: GenerationSettings | None = None) -> Iterator[int]:
         """Greedy (or sampled) RAG-token decoding: the answer's token ids as they are chosen, end
         token excluded (the text is scored afterwards by ``_score``)."""
-        g, gs = self.generator, self.generation
+        g, gs = self.generator, gs or self.generation
         state = g.start(prompts, prefixes, max_new_tokens=gs.max_new_tokens)
         try:
             lprior = torch.tensor(log_prior, dtype=torch.float32, device=g.device)[:, None]
             eos = g.eos_ids
             stop = SentenceStop(g.decode) if gs.stop == "sentence" else None
+            copy = (SpanConstraint.build(gs.copy_from, g.tokenize, eos, gs.copy_whole, gs.copy_weights)
+                    if gs.copy_from or gs.copy_whole else None)
             rng = torch.Generator(device="cpu")
             if gs.seed is not None:
                 rng.manual_seed(gs.seed)
@@ -571,9 +603,13 @@ class RagPipeline:
                     return
                 lp = state.logprobs().to(lprior.device)  # (k, V)
                 mix = torch.logsumexp(lp + lprior, dim=0)  # log sum_z P(z|x) p(y_t | x, z, y_<t)
+                if copy is not None:
+                    mix = torch.from_numpy(copy.mask(mix.cpu().numpy()))
                 tok = _sample(mix, gs, rng) if gs.do_sample else int(torch.argmax(mix))
                 if tok in eos or (stop is not None and stop.stops(tok)):
                     return
+                if copy is not None:
+                    copy.advance(tok)
                 yield tok
                 if step + 1 < gs.max_new_tokens:
                     state.feed(tok)
