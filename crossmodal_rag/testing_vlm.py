@@ -50,7 +50,7 @@ def _tokenizer(family: str) -> Any:
 
 def _text_config(cls: Any, tok: Any, hidden: int, layers: int, **extra: Any) -> Any:
     return cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                **extra)
 
