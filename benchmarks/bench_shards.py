@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--auto-queries", type=int, default=50, help="text queries in auto mode (keyword evidence fused)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/xmr-bench-shards"))
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT / "results.json")
     args = ap.parse_args()
     _, union_dir, shard_dirs = build(args.work, args.rows)
     rng = np.random.default_rng(7)
@@ -153,8 +154,11 @@ def main() -> None:
             t, _ = timed(in_turn.search, reqs)
             same = sum([(h.path, h.text) for h in a] == [(h.path, h.text) for h in b] for a, b in zip(want, got,
                                                                                                       strict=True))
+            overlap = statistics.mean(len({(h.path, h.text) for h in a} & {(h.path, h.text) for h in b}) / max(len(a), 1)
+                                      for a, b in zip(want, got, strict=True))
             results[f"in_process_{name}"] = {
                 "union": u, "shards_threads": s, "shards_in_turn": t, "same_as_union": f"{same}/{len(reqs)}",
+                "top10_overlap": round(overlap, 3),
                 "p50_ratio_threads": round(s["p50_ms"] / u["p50_ms"], 2),
                 "p50_ratio_in_turn": round(t["p50_ms"] / u["p50_ms"], 2)}
             print(name, results[f"in_process_{name}"], file=sys.stderr)
@@ -181,8 +185,8 @@ def main() -> None:
             serve.delete("crossmodal-rag")
         serve.shutdown()
         ray.shutdown()
-    OUT.mkdir(exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
 
 
