@@ -6,11 +6,14 @@ Spec forms (``--generator``):
 * ``vlm:FOLDER`` or a plain folder whose ``config.json`` names an image-text-to-text model;
 * ``vlm:MODEL.gguf,mmproj=PROJ.gguf`` -- a GGUF language model and its multimodal projector.
 
-The llama.cpp binding the project uses (``cyllama``) ships libmtmd's tokenizer and chunk
-evaluation (``cyllama.llama.mtmd``), but not the per-token log-probabilities after image chunks
-that RAG scoring needs (the posterior of every mode) nor lock-step decoding over image prompts.
-A GGUF VLM spec is therefore checked in full (both files exist and are GGUF, the binding has
-mtmd) and then refused with the forms that work: a transformers VLM folder or hub id.
+The llama.cpp binding the project uses (``cyllama``) ships libmtmd (``cyllama.llama.mtmd``:
+``MtmdContext.tokenize`` splits a prompt with media markers into text and image chunks,
+``eval_chunks`` encodes and decodes them into a context, after which text tokens can be decoded
+and scored as usual). Driving it is not implemented here yet: no GGUF VLM and projector could be
+had to test the generation, the per-token scoring every mode's posterior needs, or lock-step
+decoding over image prompts against. A GGUF VLM spec is therefore checked in full (both files
+exist and are GGUF, the binding has mtmd) and then refused naming the forms that work: a
+transformers VLM folder or hub id.
 """
 
 from __future__ import annotations
@@ -82,9 +85,9 @@ def load_gguf_vlm(spec: str) -> object:
     gs = parse_gguf_vlm(spec)
     has_mtmd = (importlib.util.find_spec("cyllama") is not None
                 and importlib.util.find_spec("cyllama.llama.mtmd") is not None)
-    binding = ("the installed cyllama has libmtmd, but not the per-token scores after image chunks that "
-               "RAG's posteriors need" if has_mtmd else "the llama.cpp binding (cyllama) with libmtmd is not "
-               "installed")
+    binding = ("the installed cyllama has libmtmd, but this release does not drive it yet (untested without a "
+               "GGUF VLM to check generation and scoring against)" if has_mtmd else
+               "the llama.cpp binding (cyllama) with libmtmd is not installed")
     raise ModelSpecError(
         f"GGUF vision-language models ({gs.model.name} + {gs.mmproj.name}) cannot answer here yet: {binding}. "
         "Use a transformers VLM instead: a save_pretrained folder (--generator /models/SmolVLM-256M-Instruct) "
