@@ -148,15 +148,16 @@ def test_rag_modes_with_images_match_a_hand_computation(vlm_pipe, sample_dir: Pa
     make, model, proc = vlm_pipe
     query = sample_dir / "cat.jpg"
     for mode in ("rag-sequence", "rag-token", "concat"):
-        ans = make(mode).ask("what is shown?", image=query)
+        pipe = make(mode)
+        ans = pipe.ask("what is shown?", image=query)
         assert ans.answer is not None and len(ans.sources) == 2
         imgs = [Image.open(s.path).convert("RGB") for s in ans.sources]
         q = Image.open(query).convert("RGB")
         # concat answers may carry a citation appended after scoring (generation.extractive.cite)
-        a_ids = make(mode).generator.answer_ids(re.sub(r"\s*\[\d+\]$", "", ans.answer) if mode == "concat"
+        a_ids = pipe.generator.answer_ids(re.sub(r"\s*\[\d+\]$", "", ans.answer) if mode == "concat"
                                                 else ans.answer)
-        item_prompts = [make(mode).generator.render(VisionPrompt(
-            make(mode).item_prompt(ans.question, s.text), (q, im), ("Query image", "[1]")))
+        item_prompts = [pipe.generator.render(VisionPrompt(
+            pipe.item_prompt(ans.question, s.text), (q, im), ("Query image", "[1]")))
             for s, im in zip(ans.sources, imgs, strict=True)]
         per_token = [direct_logprobs(model, proc, t, [q, im], a_ids) for t, im in zip(item_prompts, imgs, strict=True)]
         lp = np.array([t.sum() for t in per_token])
