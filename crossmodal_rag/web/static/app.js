@@ -52,7 +52,10 @@ function renderResults(data) {
   list.replaceChildren();
   for (const hit of data.results) {
     const li = el("li", { class: "card", "data-id": String(hit.id), "data-kind": hit.kind });
-    const caption = hit.text !== null ? hit.text : hit.captions.join(" · ");
+    // a caption a vision-language model wrote (index --caption-model) is shown as generated
+    const made = new Set(hit.generated || []);
+    const mark = (t) => (made.has(t) ? `(generated) ${t}` : t);
+    const caption = hit.text !== null ? mark(hit.text) : hit.captions.map(mark).join(" · ");
     if (hit.thumbnail_url) {
       const a = el("a", { href: hit.image_url, target: "_blank", rel: "noopener" });
       a.append(el("img", { src: hit.thumbnail_url, alt: caption || `item ${hit.id}`, loading: "lazy" }));
