@@ -123,8 +123,8 @@ def test_a_rerun_reads_only_changed_files_and_embeds_only_new_contents(coll: Col
     new_dahlia = coll.store.path_entry(str(changed))[0]
     np.testing.assert_allclose(coll.store.vectors([new_dahlia], dim)[0], _vector(_sha(changed), dim), atol=1e-6)
     assert coll.store.path_entry(str(copy))[0] == ids["coffee.jpg"]  # stored once, two paths
-    assert coll.get(ids["pagoda.jpg"])[0].path == str(deleted)  # stays until removed
-    assert coll.counts()["images"] == 6  # 5 - dahlia's old + dahlia's new + new.jpg
+    assert coll.get(ids["pagoda.jpg"]) == [] and report.pruned == 1  # gone from disk: pruned (issue 30)
+    assert coll.counts()["images"] == 5  # 5 - dahlia's old + dahlia's new + new.jpg - pagoda
     assert coll.check().ok
 
 
