@@ -203,7 +203,7 @@ def test_captions_for_uncaptioned_photos(vlm_dirs: dict[str, Path], tiny_oc_spec
         caps = {i: coll.store.captions_of(i) for i in ids}
         for i, got in caps.items():
             assert len(got) == 1
-            ((text, (cid, origin)),) = got.items()
+            ((text, (_cid, origin)),) = got.items()
             assert origin == GENERATED_ORIGIN + gen.spec
             # the description is what the model writes for that picture
             img = Image.open(coll.store.paths_of(i)[0]).convert("RGB")
