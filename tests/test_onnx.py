@@ -99,6 +99,19 @@ def test_fingerprint_accepts_the_export_and_refuses_other_weights(
     assert got == expected
     with pytest.raises(EncoderMismatchError, match="probe cosine"):
         Collection.open(collection_copy, model=f"onnx:{hf_export}")  # same dimension, other weights
+    # the pass is remembered in the export (the next cold query loads no image tower) for this
+    # fingerprint only: a collection whose stored probe differs is checked again, and refused
+    assert (oc_export / "verified_fingerprints.json").is_file()
+    from crossmodal_rag.maintenance import fingerprint
+    from crossmodal_rag.store.metadata import MetadataStore
+
+    store = MetadataStore(collection_copy)
+    stored = fingerprint.read(store)
+    with store.snapshot():
+        fingerprint.write(store, fingerprint.Fingerprint(-stored.text, stored.image))
+    store.close()
+    with pytest.raises(EncoderMismatchError, match="text tower"):
+        Collection.open(collection_copy, model=f"onnx:{oc_export}")
 
 
 def test_collection_built_on_onnx_grows_and_searches_with_torch(

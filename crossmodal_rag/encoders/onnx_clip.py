@@ -81,6 +81,7 @@ class OnnxClipBackend:
         self.prep: PreprocessConfig | None = None
         self._dim = 0
         self._text_len: int | None = None  # fixed sequence length of the textual input, if any
+        self._visual_path = Path()
 
     def load(self, device: str) -> None:
         if device not in ("cpu", ""):
@@ -96,7 +97,7 @@ class OnnxClipBackend:
         context = int(text_cfg.get("context_length", 77))
         tok_cfg_path = folder / "textual" / "tokenizer_config.json"
         tok_cfg = read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
-        self.visual = onnx_session(folder / "visual" / name)
+        self._visual_path = folder / "visual" / name  # opened on the first image: a text query never needs it
         self.textual = onnx_session(folder / "textual" / name)
         # open_clip exports (ours and immich's) clean texts as open_clip does; transformers'
         # tokenizers normalise by themselves
@@ -110,15 +111,9 @@ class OnnxClipBackend:
                                                str(folder / "visual" / "preprocess_cfg.json"))
         seq = self.textual.get_inputs()[0].shape
         self._text_len = seq[1] if len(seq) > 1 and isinstance(seq[1], int) else None
-        out_dim = self.visual.get_outputs()[0].shape[-1]
+        out_dim = self.textual.get_outputs()[0].shape[-1]
         self._dim = int(out_dim if isinstance(out_dim, int) else config.get("embed_dim")
-                        or info.get("dim") or self.image_features(self._blank()).shape[-1])
-
-    def _blank(self) -> np.ndarray:
-        import numpy as np
-
-        assert self.prep is not None
-        return np.zeros((1, 3, self.prep.size, self.prep.size), np.float32)
+                        or info.get("dim") or self.text_features([""]).shape[-1])
 
     @property
     def dim(self) -> int:
@@ -143,6 +138,8 @@ class OnnxClipBackend:
 
         if not isinstance(pixels, np.ndarray):
             pixels = pixels.detach().cpu().numpy()
+        if self.visual is None:
+            self.visual = onnx_session(self._visual_path)
         feed = {self.visual.get_inputs()[0].name: np.ascontiguousarray(pixels, dtype=np.float32)}
         return self.visual.run(None, feed)[0]
 

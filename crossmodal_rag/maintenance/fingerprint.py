@@ -24,9 +24,9 @@ from PIL import Image
 
 from ..errors import CollectionError, EncoderMismatchError
 
-if TYPE_CHECKING:
-    from pathlib import Path
+from pathlib import Path
 
+if TYPE_CHECKING:
     from ..encoders import ClipEncoder
     from ..store.metadata import MetadataStore
 
@@ -207,9 +207,66 @@ def verify_encoder(store: MetadataStore, encoder: ClipEncoder, *, asked: str, di
     if stored is None:
         logger.warning("%s holds no encoder fingerprint; %s cannot be verified", where, asked)
         return None, None
+    memo = _Memo.of(encoder, store)
+    if memo is not None and memo.passed():
+        return stored, stored  # this very export already reproduced this very fingerprint
     fresh = compute(encoder)
     check(stored, fresh, asked=asked, expected="the one that built the collection", fix=fix)
+    if memo is not None and stored.image is not None:
+        memo.record()
     return stored, fresh
+
+
+class _Memo:
+    """Checks passed by an ONNX export folder, kept in it (``verified_fingerprints.json``): the key
+    hashes the spec, the size and mtime of the tower files and the collection's stored probes, so
+    a changed file or fingerprint checks again. Saves the image tower's load and the probes on
+    every cold query."""
+
+    FILE = "verified_fingerprints.json"
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+
+    @classmethod
+    def of(cls, encoder: ClipEncoder, store: MetadataStore) -> _Memo | None:
+        import hashlib
+
+        spec = encoder.spec
+        folder = spec.local_path if spec.backend == "onnx" else None
+        if folder is None:
+            return None
+        name = "model_int8.onnx" if spec.pretrained == "int8" else "model.onnx"
+        digest = hashlib.sha256(str(spec).encode())
+        try:
+            for tower in ("visual", "textual"):
+                st = (folder / tower / name).stat()
+                digest.update(f"|{tower}:{st.st_size}:{st.st_mtime_ns}".encode())
+        except OSError:
+            return None
+        for key in (TEXT_KEY, IMAGE_KEY):
+            digest.update(b"|" + (store.get_meta(key) or "").encode())
+        return cls(folder / cls.FILE, digest.hexdigest())
+
+    def _keys(self) -> list[str]:
+        try:
+            keys = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        return [k for k in keys if isinstance(k, str)][-64:] if isinstance(keys, list) else []
+
+    def passed(self) -> bool:
+        return self.key in self._keys()
+
+    def record(self) -> None:
+        import os
+
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps([*self._keys(), self.key]), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as e:  # a read-only export: it is checked every time, as any encoder
+            logger.debug("cannot record the fingerprint check in %s: %s", self.path, e)
 
 
 def record_image_probe(store: MetadataStore, stored: Fingerprint, fresh: Fingerprint) -> None:
