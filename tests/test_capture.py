@@ -278,6 +278,7 @@ def test_an_old_collection_opens_with_null_captures_and_index_backfills_headers_
         assert np.array_equal(c.store.vectors(c.store.ids("image"), c.manifest.dim), vectors)
         assert _names(c, ["country=FR"]) == {"paris_jul", "paris_dec"}
         assert c.add(photos).backfilled == 0  # read once
+        assert c.check().ok
 
 
 def test_index_prunes_files_that_are_gone_unless_keep_missing(photos: Path, tmp_path: Path,
