@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from .image_sniff import SNIFF_BYTES, sniff_image_format
+from .images import format_support
 
 __all__ = ["CAPTURE_FIELDS", "MAX_EXIF_BYTES", "Capture", "read_capture", "read_capture_file"]
 
@@ -94,6 +95,8 @@ def _read(f: BinaryIO, name: str, mtime: float | None) -> Capture:
         head = f.read(SNIFF_BYTES)
         f.seek(0)
         fmt = sniff_image_format(head, name)
+        if fmt in ("HEIF", "AVIF"):
+            format_support()  # their openers registered (a back-fill reads them before any decode)
         with warnings.catch_warnings(record=True) as caught, Image.open(f, formats=[fmt]) as img:
             warnings.simplefilter("always")  # Pillow's "Corrupt EXIF data": logged as a reason
             raw = img.info.get("exif")
