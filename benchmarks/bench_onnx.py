@@ -6,7 +6,8 @@ A ViT-B-32-sized random open_clip model (benchmarks/_common.py) is exported once
 - cold ``crossmodal-rag search "TEXT" -c DIR`` wall (a fresh process each time, median of
   ``--cold-runs``), ``--runtime onnx`` and ``--runtime torch``, over data/sample indexed with a
   MiniLM text space;
-- text query encode p50 at batch 1 and batch 16 (CLIP text tower; MiniLM at batch 1);
+- text query encode p50 at batch 1 and batch 16 (CLIP text tower; MiniLM at batch 1), with the
+  default threads and with one thread per runtime, alternating query by query;
 - image tower throughput on preprocessed batches of 16, and whole-ingest images/s of data/sample;
 - int8 quality: MiniLM recall@1/@5 of the gold passage on data/passages_qa (200 questions) with
   fp32 and int8 ONNX; CLIP int8 vs fp32 rank agreement (top-10 overlap, top-1 equal) over the
@@ -75,19 +76,61 @@ def _collection(spec: str) -> Path:
 
 
 def cold_search(folder: Path, runs: int) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for runtime in ("onnx", "torch", "onnx", "torch")[: 2 if runs < 2 else 4]:
-        walls = []
-        for _ in range(runs):
+    """Fresh ``crossmodal-rag search`` processes, the runtimes alternating: wall, CPU seconds
+    (user + system, less disturbed by other load than wall) and peak RSS of each."""
+    out: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for runtime in ("onnx", "torch"):
             t = time.perf_counter()
-            done = subprocess.run(["crossmodal-rag", "search", "a red car parked on a street", "-c", str(folder),
-                                   "-k", "5", "-q", "--runtime", runtime], capture_output=True, text=True,
-                                  env=dict(os.environ, CROSSMODAL_RAG_RUNTIME=runtime))
-            walls.append(time.perf_counter() - t)
-            assert done.returncode == 0, done.stderr[-800:]
-        out.setdefault(f"cold_search_{runtime}_s", []).extend(walls)  # type: ignore[union-attr]
-    for runtime in ("onnx", "torch"):
-        out[f"cold_search_{runtime}_median_s"] = statistics.median(out[f"cold_search_{runtime}_s"])  # type: ignore[arg-type]
+            proc = subprocess.Popen(["crossmodal-rag", "search", "a red car parked on a street", "-c", str(folder),
+                                     "-k", "5", "-q", "--runtime", runtime], stdout=subprocess.DEVNULL,
+                                    env=dict(os.environ, CROSSMODAL_RAG_RUNTIME=runtime))
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            assert proc.returncode == 0, f"search --runtime {runtime} failed"
+            out.setdefault(f"cold_search_{runtime}_wall_s", []).append(time.perf_counter() - t)
+            out.setdefault(f"cold_search_{runtime}_cpu_s", []).append(usage.ru_utime + usage.ru_stime)
+            out.setdefault(f"cold_search_{runtime}_rss_mb", []).append(usage.ru_maxrss / 1024)
+    return {k: statistics.median(v) for k, v in out.items()} | {"cold_search_runs": runs}
+
+
+def single_thread(spec: str, clip_dir: Path, reps: int) -> dict[str, float]:
+    """Text batch 1 and image batch 16 with one thread each for torch and onnxruntime, the two
+    alternating query by query: the fairest comparison on a machine others load too."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from crossmodal_rag.encoders import ClipEncoder
+
+    torch.set_num_threads(1)
+    questions = [json.loads(line)["question"] for line in (ROOT / "data/passages_qa/qa.jsonl").open()][:reps]
+    torch_enc = ClipEncoder(spec, device="cpu").load()
+    pixels = np.random.default_rng(0).standard_normal((16, 3, 224, 224)).astype(np.float32)
+    out: dict[str, float] = {}
+    for name, file in (("onnx", "model.onnx"), ("int8", "model_int8.onnx")):
+        enc = ClipEncoder(f"onnx:{clip_dir}" if name == "onnx" else f"onnx:int8:{clip_dir}").load()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        backend = enc.backend
+        backend.textual = ort.InferenceSession(str(clip_dir / "textual" / file), options, providers=["CPUExecutionProvider"])
+        backend.visual = ort.InferenceSession(str(clip_dir / "visual" / file), options, providers=["CPUExecutionProvider"])
+        enc.encode_texts(questions[:2]), torch_enc.encode_texts(questions[:2])
+        t_text, o_text, t_img, o_img = [], [], [], []
+        for q in questions:
+            t_text += _timed(lambda q=q: torch_enc.encode_texts([q]), 1)
+            o_text += _timed(lambda q=q: enc.encode_texts([q]), 1)
+        for _ in range(3):
+            t_img += _timed(lambda: torch_enc.encode_pixels(torch.from_numpy(pixels)), 1)
+            o_img += _timed(lambda: enc.encode_pixels(pixels), 1)
+        out[f"one_thread_text_b1_ms_torch_vs_{name}"] = statistics.median(t_text) * 1000
+        out[f"one_thread_text_b1_ms_{name}"] = statistics.median(o_text) * 1000
+        out[f"one_thread_text_b1_speedup_{name}"] = statistics.median(t_text) / statistics.median(o_text)
+        out[f"one_thread_images_per_s_torch_vs_{name}"] = 16 / statistics.median(t_img)
+        out[f"one_thread_images_per_s_{name}"] = 16 / statistics.median(o_img)
+        out[f"one_thread_images_speedup_{name}"] = statistics.median(t_img) / statistics.median(o_img)
+    torch.set_num_threads(os.cpu_count() or 1)
     return out
 
 
@@ -196,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cold-runs", type=int, default=3)
     ap.add_argument("--reps", type=int, default=40, help="batch-1 text queries per runtime")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: cold,encode,ingest,minilm,rank")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: cold,encode,single,ingest,minilm,rank")
     ap.add_argument("--out-json")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -216,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["CROSSMODAL_RAG_RUNTIME"] = "torch"  # the in-process comparisons name their runtime
     if "encode" not in skip:
         result |= encode_speed(spec, clip_dir, args.reps)
+    if "single" not in skip:
+        result |= single_thread(spec, clip_dir, min(args.reps, 30))
     if "ingest" not in skip:
         result |= ingest_speed(spec, clip_dir)
     if "minilm" not in skip:
