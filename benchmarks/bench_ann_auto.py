@@ -142,7 +142,7 @@ def run(name: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     rounds: dict[int, list[float]] = {i: [] for i in range(len(built) + 1)}
     for _ in range(args.rounds):
         rounds[len(built)].append(p50_single(lambda q: np.argpartition(-(base @ q), K)[:K], qb[: args.timed]))
-        for i, (row, index, p) in enumerate(built):
+        for i, (_row, index, p) in enumerate(built):
             rounds[i].append(p50_single(lambda q, index=index, p=p: index.search(q[None], K, params=p), qb[: args.timed]))
     faiss.omp_set_num_threads(2)
     result["numpy_p50_ms"] = round(float(np.median(rounds[len(built)])), 3)

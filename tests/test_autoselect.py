@@ -14,7 +14,7 @@ import pytest
 
 from crossmodal_rag.maintenance import indexes
 from crossmodal_rag.store import autoindex, autoselect, persist
-from crossmodal_rag.store.ann import SearchParams, Tuning, recall_at_k
+from crossmodal_rag.store.ann import SearchParams, recall_at_k
 from crossmodal_rag.store.autoselect import AutoSettings, Candidate, measure_choice, pick
 from crossmodal_rag.store.build import build_index
 from crossmodal_rag.store.manifest import Manifest
