@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     enc = SentenceEncoder("minilm", device="cpu").load()
-    impl = enc._backend  # noqa: SLF001 - a benchmark may shorten the model's context
+    impl = enc._backend
     if hasattr(impl, "max_tokens"):
         impl.max_tokens = min(int(impl.max_tokens), args.max_seq_length)
     parts = []
