@@ -28,7 +28,7 @@ from .places import reverse_geocode
 if TYPE_CHECKING:
     from ..store.metadata import MetadataStore
 
-__all__ = ["BACKFILL_BATCH", "CaptureTarget", "backfill_captures", "placed", "prune_missing"]
+__all__ = ["BACKFILL_BATCH", "CaptureTarget", "backfill_captures", "header_capture", "placed", "prune_missing"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def backfill_captures(target: CaptureTarget, *, progress: bool = False) -> int:
     done = 0
     try:
         for start in range(0, len(pending), BACKFILL_BATCH):
-            rows = [(item_id, _header(path)) for item_id, path in pending[start:start + BACKFILL_BATCH]]
+            rows = [(item_id, header_capture(path)) for item_id, path in pending[start:start + BACKFILL_BATCH]]
             filled = placed([r for _, r in rows])
             with store.transaction():
                 store.write_captures(zip([i for i, _ in rows], filled, strict=True))
@@ -94,11 +94,12 @@ def backfill_captures(target: CaptureTarget, *, progress: bool = False) -> int:
     return done
 
 
-def _header(path: str) -> dict[str, Any]:
+def header_capture(path: str | Path) -> dict[str, Any]:
+    """The capture fields of the image file at ``path``, from its header (empty if unreadable)."""
     try:
         with open_regular(path, max_bytes=MAX_IMAGE_BYTES, what="image file") as f:
             mtime = os.fstat(f.fileno()).st_mtime
-            return read_capture_file(f, path, mtime=mtime).to_dict()
+            return read_capture_file(f, str(path), mtime=mtime).to_dict()
     except (OSError, CrossmodalError) as e:
         logger.info("%s: capture metadata not read: %s", path, str(e)[:160])
         return {}

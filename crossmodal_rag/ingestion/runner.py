@@ -38,7 +38,7 @@ from ..progress import tqdm
 from ..safe_io import MAX_IMAGE_BYTES, open_regular, read_capped
 from ..search.calibration import write_calibration
 from .capture import read_capture
-from .capture_stage import backfill_captures, placed, prune_missing
+from .capture_stage import backfill_captures, header_capture, placed, prune_missing
 from .images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 from .ocr_stage import OcrStage, stage_for
 from .sources import ImageRecord, Problem, TextRecord, read_source
@@ -443,7 +443,8 @@ class _Writer:
             else:
                 links.append((rec, out, existing))
         image_vecs = np.zeros((0, self.c.manifest.dim), np.float32)
-        captures = placed([o.get("capture") or {} for _, o in new])  # place names of GPS positions
+        # capture metadata: read by the decode workers, else (Ray) from the file's header here
+        captures = placed([o["capture"] if "capture" in o else header_capture(rec.path) for rec, o in new])
         if new:
             t = time.perf_counter()
             image_vecs = self.embedder.image_vectors([o for _, o in new])
@@ -479,8 +480,7 @@ class _Writer:
                 store.set_path(str(rec.path), item_id, out["size"], out["mtime_ns"])
                 added_images.append((item_id, vec))
                 self.report.images_added += 1
-            store.write_captures((new_ids[o["sha256"]], cap) for (_, o), cap in zip(new, captures, strict=True)
-                                 if "capture" in o)  # without: read by the back-fill below
+            store.write_captures((new_ids[o["sha256"]], cap) for (_, o), cap in zip(new, captures, strict=True))
             for rec, out, existing in links:
                 item_id = existing if existing is not None else new_ids[out["sha256"]]
                 previous = store.path_entry(str(rec.path))
