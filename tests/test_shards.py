@@ -277,7 +277,7 @@ def _get(port: int, **params: object) -> dict:
         return json.loads(r.read())
 
 
-def test_ray_serve_answers_as_the_union_then_survives_a_dead_replica(opened, served) -> None:
+def test_ray_serve_answers_as_the_union_then_survives_a_dead_replica(built, opened, served) -> None:
     import ray
 
     union, shards = opened
@@ -291,17 +291,26 @@ def test_ray_serve_answers_as_the_union_then_survives_a_dead_replica(opened, ser
     assert [(h["shard"], h["id"]) for h in fused["results"]] == [(h.shard, h.id) for h in local]
     assert np.allclose([h["dense_score"] for h in fused["results"]], [h.dense_score for h in local], atol=1e-5)
 
+    # the shard's node loses its disk and its replica dies: the replacement cannot open the shard
+    # until the folder is back (a replica alone is replaced by Serve within the deadline)
+    folder = built[1][1]
+    away = folder.with_name("shard-2-away")
+    folder.rename(away)
     replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                    if "shard-shard-2" in a["name"] and "REPLICA" in a["name"].upper())
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
-    seen_partial, recovered, end = None, None, time.monotonic() + 90
+    seen_partial, recovered, end = None, None, time.monotonic() + 120
+    try:
+        while time.monotonic() < end and seen_partial is None:
+            out = _get(port, q="a red cat", mode="dense", k=10)
+            seen_partial = out if out["partial"] else None
+            time.sleep(0.2)
+    finally:
+        away.rename(folder)
     while time.monotonic() < end and recovered is None:
         out = _get(port, q="a red cat", mode="dense", k=10)
-        if out["partial"]:
-            seen_partial = out
-        elif seen_partial is not None:
-            recovered = out
-        time.sleep(0.2)
+        recovered = out if not out["partial"] else None
+        time.sleep(0.5)
     assert seen_partial is not None, "the dead replica's shard was never reported missing"
     assert [m["shard"] for m in seen_partial["missing_shards"]] == ["shard-2"]
     assert all(h["shard"] != "shard-2" for h in seen_partial["results"])
