@@ -23,7 +23,7 @@ import re
 import string
 from collections.abc import Sequence
 
-__all__ = ["ANSWER_STYLES", "EXTRACTIVE_SYSTEM", "EXTRACTIVE_TEMPLATE", "NOT_IN_SOURCES", "abstain_spans",
+__all__ = ["ANSWER_STYLES", "EXAMPLES_MIN_CONTEXT", "EXTRACTIVE_SHORT_TEMPLATE", "EXTRACTIVE_SYSTEM", "EXTRACTIVE_TEMPLATE", "NOT_IN_SOURCES", "abstain_spans",
            "cite", "citations", "clean_answer", "extractive_messages", "is_short_answer_question"]
 
 #: RagSettings.answer_style: auto (extractive for short-answer questions), extract, free.
@@ -42,15 +42,20 @@ _SHOTS = (("What does the Old Mill grind?", "rye"), ("When was the Old Mill buil
 EXTRACTIVE_TEMPLATE = (_INSTRUCTION + f"\n\nContext:\n{_EXAMPLE}\n\n"
                        + "".join(f"Question: {q}\nShort answer: {a}\n" for q, a in _SHOTS)
                        + "\nContext:\n{context}\n\nQuestion: {question}\nShort answer:")
+#: Without the examples: for generators whose context is under :data:`EXAMPLES_MIN_CONTEXT` tokens
+#: (the examples would crowd out the sources).
+EXTRACTIVE_SHORT_TEMPLATE = _INSTRUCTION + "\n\nContext:\n{context}\n\nQuestion: {question}\nShort answer:"
+#: The worked examples are shown to generators that read at least this many tokens.
+EXAMPLES_MIN_CONTEXT = 1024
 #: Chat models: the instruction is the system message (see :func:`extractive_messages`).
 EXTRACTIVE_SYSTEM = _INSTRUCTION
 
 
-def extractive_messages(context: str, question: str) -> list[dict[str, str]]:
+def extractive_messages(context: str, question: str, examples: bool = True) -> list[dict[str, str]]:
     """The extractive prompt for chat models: the instruction as the system message, the worked
     examples as earlier turns (the first with the example context), then the context and question."""
     messages = [{"role": "system", "content": _INSTRUCTION}]
-    for i, (q, a) in enumerate(_SHOTS):
+    for i, (q, a) in enumerate(_SHOTS if examples else ()):
         ask = f"Context:\n{_EXAMPLE}\n\nQuestion: {q}" if i == 0 else f"Question: {q}"
         messages += [{"role": "user", "content": ask}, {"role": "assistant", "content": a}]
     return [*messages, {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]

@@ -48,8 +48,8 @@ from ..ingestion.images import load_image
 from ..search import DEFAULT_MODE, Hit, SearchRequest, check_k
 from ..search import MODES as SEARCH_MODES
 from .constrained import SpanConstraint
-from .extractive import (ANSWER_STYLES, EXTRACTIVE_TEMPLATE, abstain_spans, cite, clean_answer, extractive_messages,
-                         is_short_answer_question)
+from .extractive import (ANSWER_STYLES, EXAMPLES_MIN_CONTEXT, EXTRACTIVE_SHORT_TEMPLATE, EXTRACTIVE_TEMPLATE,
+                         abstain_spans, cite, clean_answer, extractive_messages, is_short_answer_question)
 from .models import GenerationSettings, Prompt, load_generator
 from .stopping import SentenceStop
 from .stream import Event, Final, Sources, TextStream, Token
@@ -309,9 +309,10 @@ class RagPipeline:
     def _fill(self, question: str, context: str) -> Prompt:
         template = self.settings.prompt_template
         if template == DEFAULT_TEMPLATE and self.extracts(question):
+            examples = self.generator.max_input_tokens >= EXAMPLES_MIN_CONTEXT  # else they crowd out the sources
             if self.generator.is_chat:  # worked examples as earlier turns (generation.extractive)
-                return extractive_messages(context, question)
-            template = EXTRACTIVE_TEMPLATE
+                return extractive_messages(context, question, examples)
+            template = EXTRACTIVE_TEMPLATE if examples else EXTRACTIVE_SHORT_TEMPLATE
         if template == DEFAULT_TEMPLATE and self.generator.is_chat:
             return [{"role": "system", "content": CHAT_SYSTEM_TEMPLATE.replace("{context}", context)},
                     {"role": "user", "content": question}]
@@ -478,14 +479,19 @@ class RagPipeline:
                 else:
                     pieces = TextStream(self._rag_token(item_prompts, log_prior, item_prefixes, cancel, gs),
                                         self.generator.decode)
+                text, sent = "", 0  # an extractive answer's final full stop is held back, then dropped
                 for piece in pieces:
                     timings.setdefault("first_token", time.perf_counter() - started)
-                    yield Token(piece)
+                    text += piece
+                    keep = len(text.rstrip(".,;:")) if extract else len(text)
+                    if keep > sent:
+                        yield Token(text[sent:keep])
+                        sent = keep
                 if cancel is not None and cancel.is_set():
                     return
-                if streaming:
-                    answer = pieces.answer
-                answer = clean_answer(answer, extract)
+                # what was streamed is the answer: only a held-back final stop is dropped
+                answer = (pieces.answer.rstrip(".,;:").strip() if extract else pieces.answer) if streaming \
+                    else clean_answer(answer, extract)
                 timings["generate"] = time.perf_counter() - t
                 t = time.perf_counter()
                 lp, total = self._score(answer, item_prompts, item_prefixes, log_prior,
