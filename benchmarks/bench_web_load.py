@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--batch-ms", type=float, default=2.0, help="the batching server's batch_ms")
     ap.add_argument("--rounds", type=int, default=4, help="--batching: alternating rounds per level")
     ap.add_argument("--torch-threads", type=int, default=0, help="--batching: torch threads per server (0: default)")
+    ap.add_argument("--serve-model", metavar="SPEC",
+                    help="serve's --model, e.g. onnx:FOLDER, an ONNX export of the same weights (issue 29)")
     args = ap.parse_args()
     if args.batching:
         compare_batching(args)
@@ -185,7 +187,8 @@ def main() -> None:
         env = {**os.environ, "CROSSMODAL_RAG_OFFLINE": "1"}
         server = subprocess.Popen(
             [sys.executable, "-m", "crossmodal_rag", "serve", "--collection", str(coll), "--port", str(port),
-             "--lazy-generator", "--thumbnail-dir", str(work / "thumbs")],
+             "--lazy-generator", "--thumbnail-dir", str(work / "thumbs"),
+             *(["--model", args.serve_model] if args.serve_model else [])],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=30) as probe:
