@@ -170,3 +170,13 @@ def test_collection_records_and_reuses_the_choice(tmp_path: Path, monkeypatch: p
         assert autoindex.still_holds(auto, 5999, None) and not autoindex.still_holds(auto, 6001, None)
     finally:
         state.store.close()
+
+
+def test_measured_floor_takes_the_measured_setting_whole() -> None:
+    record = {"candidates": [{"spec": "IVF64,SQ8", "sample_spec": "IVF64,SQ8", "param": "nprobe",
+                              "value": 48, "rerank": 0}]}
+    narrow = SearchParams(nprobe=12, rerank=4, filter_factor=2)
+    assert autoindex.measured_floor(record, "IVF64,SQ8", narrow) == SearchParams(nprobe=48, rerank=0, filter_factor=2)
+    wide = SearchParams(nprobe=64, rerank=2)
+    assert autoindex.measured_floor(record, "IVF64,SQ8", wide) == wide  # never narrower
+    assert autoindex.measured_floor(record, "HNSW32", narrow) == narrow  # another type: untouched

@@ -76,6 +76,10 @@ def measured_floor(record: dict[str, Any] | None, index_type: str, params: Searc
     list are its own). A sample smaller than the index needs at least as wide a setting."""
     for c in (record or {}).get("candidates", []):
         if c.get("spec") == index_type == c.get("sample_spec") and c.get("param") and c.get("value"):
-            current = getattr(params, c["param"]) or 0
-            return SearchParams(**{**params.to_dict(), c["param"]: max(int(current), int(c["value"]))})
+            if (getattr(params, c["param"]) or 0) >= int(c["value"]):
+                return params
+            # the measured setting as a whole: a wider main knob with the re-rank depth it was
+            # measured at (the built index's own tuning may have paired a narrower knob with a
+            # deeper re-rank, which the wider knob no longer needs)
+            return SearchParams(**{**params.to_dict(), c["param"]: int(c["value"]), "rerank": c.get("rerank")})
     return params
