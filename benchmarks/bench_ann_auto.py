@@ -99,8 +99,12 @@ def run(name: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
                               "fresh_queries": [len(qa), len(qb)], "rows": []}
     # -- auto, as reindex runs it ------------------------------------------------------------
     t0 = time.perf_counter()
-    spec, record = auto_index_type(shards, live, seed=0, max_memory=args.max_memory)
-    auto_s = time.perf_counter() - t0
+    if args.auto_record:  # the choice an earlier run measured (its JSON): rebuild and re-time only
+        record = json.loads(Path(args.auto_record).read_text())["auto_record"]
+        spec = record["index_type"]
+    else:
+        spec, record = auto_index_type(shards, live, seed=0, max_memory=args.max_memory)
+    auto_s = time.perf_counter() - t0 if not args.auto_record else record["seconds"]
     logging.info("%s: auto chose %s in %.0f s: %s", label, spec, auto_s, record["reason"])
     result.update(auto=spec, auto_seconds=round(auto_s, 1), auto_record=record)
     specs = {f: family_spec(f, n, dim) for f in args.families}
@@ -159,7 +163,7 @@ def run(name: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         result["best_swept"] = best["spec"]
         result["auto_vs_best"] = round(auto_rows[0]["p50_ms"] / best["p50_ms"], 2)
     OUT.mkdir(exist_ok=True)
-    (OUT / f"auto_{label}_{n}.json").write_text(json.dumps(result, indent=1))
+    (OUT / f"auto_{label}_{n}{args.tag}.json").write_text(json.dumps(result, indent=1))
     logging.info("%s", report_one(result))
     return result
 
@@ -198,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", default="HNSW32", help="hand-picked factory strings swept too")
     ap.add_argument("--max-memory", type=int, default=None)
     ap.add_argument("--workdir", default="/tmp/xmrag-bench/auto")
+    ap.add_argument("--auto-record", default=None, help="reuse the auto choice of this earlier JSON")
+    ap.add_argument("--tag", default="", help="suffix of the output JSON's name")
     ap.add_argument("--report", action="store_true", help="print the tables of benchmarks/ann/auto_*.json")
     args = ap.parse_args(argv)
     if args.report:
