@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,9 +71,8 @@ def load_dataset(name: str, n: int, n_fresh: int, workdir: Path) -> tuple[str, n
 
 
 def make_shards(base: np.ndarray, folder: Path) -> EmbeddingShards:
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in folder.glob("*"):
-        f.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     shards = EmbeddingShards(folder, "image", base.shape[1])
     for s in range(0, len(base), 100_000):
         shards.append(np.arange(s, min(s + 100_000, len(base)), dtype=np.int64), base[s:s + 100_000], fsync=False)
