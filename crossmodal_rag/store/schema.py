@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: 1: ids from SQLite (``max(id) + 1``, reused once the newest is removed); 2: ids from a counter;
 #: 3: the steps of :data:`STEPS` with ``version=3``; 4: the keyword index holds folded text;
-#: 5: capture metadata (when, where, which camera) of images.
+#: 5: capture metadata (when, where, which camera) of images; items indexed by parent.
 SCHEMA_VERSION = 5
 #: The version :data:`BASE_SCHEMA` makes (with the id counter of :func:`_id_counter`).
 BASE_VERSION = 2
@@ -135,12 +135,19 @@ def _captures(conn: sqlite3.Connection) -> None:
     captures_step(conn)
 
 
+def _parent_index(conn: sqlite3.Connection) -> None:
+    """Version 5: items by their parent and kind, so an image's captions and OCR text, an item's
+    windows and a removal's children are found without walking every item of the kind."""
+    conn.execute("CREATE INDEX IF NOT EXISTS items_parent ON items(parent_id, kind)")
+
+
 #: The ordered migration steps after :data:`BASE_VERSION`. Append only.
 STEPS: list[Step] = [
     Step(3, "ocr item kind and runs", _ocr),  # H8 (issue 18)
     Step(3, "full-text index of item texts", _fulltext),  # H1 (issue 18)
     Step(4, "full-text index of folded texts", _fulltext_folded),  # issue 25
     Step(5, "capture metadata of images", _captures),  # issue 30
+    Step(5, "index of items by parent", _parent_index),
 ]
 
 
