@@ -131,7 +131,11 @@ def test_runtime_choice_and_export_cache(tmp_path: Path, monkeypatch: pytest.Mon
                                          oc_export: Path, tiny_oc_spec: str) -> None:
     import shutil
 
-    from crossmodal_rag.encoders.onnx_runtime import RUNTIME_ENV, cached_clip_export, resolve_clip_spec
+    from crossmodal_rag.encoders.onnx_runtime import (
+        RUNTIME_ENV,
+        cached_clip_export,
+        resolve_clip_spec,
+    )
 
     spec = parse_model_spec(tiny_oc_spec)
     monkeypatch.setenv("CROSSMODAL_RAG_ONNX_DIR", str(tmp_path))
@@ -153,8 +157,8 @@ def test_runtime_choice_and_export_cache(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_sentence_encoder_export_equals_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from crossmodal_rag.encoders.onnx_runtime import RUNTIME_ENV, cached_text_export
     from crossmodal_rag.encoders.onnx_export_text import export_sentence
+    from crossmodal_rag.encoders.onnx_runtime import RUNTIME_ENV, cached_text_export
     from crossmodal_rag.encoders.onnx_sentence import OnnxSentenceBackend
     from crossmodal_rag.encoders.sentence import SentenceEncoder
     from tests.sentence_models import make_tiny_sentence_model
@@ -187,6 +191,18 @@ assert "torch" not in sys.modules, "Collection.search imported torch"
 assert main(["search", "a cat", "-c", sys.argv[1], "-k", "2", "-q"]) == 0
 assert main(["search", "-c", sys.argv[1], "--image", sys.argv[2], "-k", "2", "-q", "--json"]) == 0
 assert "torch" not in sys.modules, "the CLI search imported torch"
+from fastapi.testclient import TestClient
+from crossmodal_rag.generation.bundled import bundled_gguf
+from crossmodal_rag.web.app import create_app
+from crossmodal_rag.web.settings import WebSettings
+app = create_app(WebSettings(collection=sys.argv[1], generator=str(bundled_gguf("smollm2")), max_new_tokens=4))
+with TestClient(app, base_url="http://127.0.0.1") as client:
+    found = client.get("/api/search", params={"q": "a cat", "k": 2})
+    assert found.status_code == 200 and found.json()["results"], found.text
+    assert "torch" not in sys.modules, "serve (start-up with a llama.cpp generator, search) imported torch"
+    answered = client.post("/api/ask", json={"question": "What animal is it?", "k": 1, "mode": "concat", "target": "images"})
+    assert answered.status_code == 200 and answered.json()["answer"], answered.text
+assert "torch" not in sys.modules, "an answer in concat mode on llama.cpp imported torch"
 print("torch-free")
 """
 

@@ -23,8 +23,20 @@ import re
 import string
 from collections.abc import Sequence
 
-__all__ = ["ANSWER_STYLES", "EXAMPLES_MIN_CONTEXT", "EXTRACTIVE_SHORT_TEMPLATE", "EXTRACTIVE_SYSTEM", "EXTRACTIVE_TEMPLATE", "NOT_IN_SOURCES", "abstain_spans",
-           "cite", "citations", "clean_answer", "extractive_messages", "is_short_answer_question"]
+__all__ = [
+    "ANSWER_STYLES",
+    "EXAMPLES_MIN_CONTEXT",
+    "EXTRACTIVE_SHORT_TEMPLATE",
+    "EXTRACTIVE_SYSTEM",
+    "EXTRACTIVE_TEMPLATE",
+    "NOT_IN_SOURCES",
+    "abstain_spans",
+    "citations",
+    "cite",
+    "clean_answer",
+    "extractive_messages",
+    "is_short_answer_question",
+]
 
 #: RagSettings.answer_style: auto (extractive for short-answer questions), extract, free.
 ANSWER_STYLES = ("auto", "extract", "free")

@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
-import torch
 
+from ..lazy_torch import torch  # annotations only: imported if they are evaluated
 from .prompting import GenerationSettings, Prefixes, Prompt
 from .stream import TextStream
 

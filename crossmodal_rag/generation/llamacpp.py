@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..errors import ModelSpecError, QueryError
+from ..lazy_torch import torch
 from .constrained import SpanConstraint
 from .kv_cache import CacheFull, PromptCache, PromptSlot
 from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..encoders import default_device
 from ..encoders._hub import hub_reachable, refused_pickle, unsafe_weights_error
 from ..errors import ModelSpecError, WeightsUnavailableError
+from ..lazy_torch import inference_mode, torch
 from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
 from .stopping import cut_text, stop_ids
 from .stream import TextStream, transformers_token_ids
@@ -333,7 +333,7 @@ class Generator:
             states[i, : r.shape[0]], mask[i, : r.shape[0]] = r, 1
         return states, mask
 
-    @torch.inference_mode()
+    @inference_mode
     def generate(self, prompts: list[Prompt], settings: GenerationSettings | None = None,
                  num_return_sequences: int = 1, prefixes: Prefixes = None, **extra: Any) -> list[list[str]]:
         """Answers for each prompt (``num_return_sequences`` each), in one batched ``generate``;
@@ -378,7 +378,7 @@ class Generator:
         n = num_return_sequences
         return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    @torch.inference_mode()
+    @inference_mode
     def sequence_logprobs(self, prompts: list[Prompt], answers: list[str],
                           prefixes: Prefixes = None) -> np.ndarray:
         """``log P(answer_i | prompt_i)`` for each pair, one batched forward pass. Shape ``(N,)``."""
@@ -390,7 +390,7 @@ class Generator:
         tok, sel = self.token_logprobs(prompts, answers, prefixes)
         return (tok * sel).sum(-1).cpu().double().numpy()
 
-    @torch.inference_mode()
+    @inference_mode
     def answer_token_logprobs(self, prompts: list[Prompt], answers: list[str],
                               prefixes: Prefixes = None) -> list[np.ndarray]:
         """Per pair, ``log P(y_t | prompt_i, y_<t)`` for each token of ``answers[i]`` (the text
@@ -470,7 +470,7 @@ class Generator:
         ids = transformers_token_ids(self, prompt, s, prefix, cancel)
         return TextStream(stop_ids(ids, self.decode, s.stop), self.decode)
 
-    @torch.inference_mode()
+    @inference_mode
     def start(self, prompts: list[Prompt], prefixes: Prefixes = None, max_new_tokens: int = 256
               ) -> DecodeState:
         """Begin lock-step decoding of ``prompts`` (each with its prefix, if any); see
@@ -505,7 +505,7 @@ class DecodeState:
             self.next_input, self.mask = gen.pad(prompt_ids, left=True)
             self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
 
-    @torch.inference_mode()
+    @inference_mode
     def logprobs(self) -> torch.Tensor:
         """Next-token log-probabilities for every row, ``(k, V)`` float32."""
         model = self.gen.model
@@ -618,7 +618,8 @@ def load_generator(spec: str | None = None, device: str | None = None, runtime: 
     if spec.startswith("vlm:") or _is_vlm_folder(spec):
         return _load_vlm(spec, device)
     where = gguf_runtime(spec, runtime)
-    key = (spec, device or default_device(), where)
+    # llama.cpp runs on the CPU: asking torch about CUDA would import it for nothing
+    key = (spec, "cpu" if where == "llama.cpp" else device or default_device(), where)
     with _CACHE_LOCK:
         gen = _CACHE.get(key)
         if gen is None:  # a Generator or a LlamaCppGenerator, both TextGenerators
@@ -633,9 +634,11 @@ def load_generator(spec: str | None = None, device: str | None = None, runtime: 
 
 
 def _is_vlm_folder(spec: str) -> bool:
+    if spec.endswith(".gguf") or not Path(os.path.expanduser(spec)).is_dir():
+        return False  # decided without importing the VLM module (and torch)
     from .vlm import is_vlm_folder
 
-    return not spec.endswith(".gguf") and Path(os.path.expanduser(spec)).is_dir() and is_vlm_folder(spec)
+    return is_vlm_folder(spec)
 
 
 def _load_vlm(spec: str, device: str | None) -> TextGenerator:

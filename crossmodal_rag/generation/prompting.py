@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import Any, ForwardRef
 
 from .._config import strict_from_dict
+from ..lazy_torch import torch
 
 __all__ = ["GenerationSettings", "Prefixes", "Prompt", "has_prefixes"]
 
 #: A prompt: plain text, or chat messages ``[{"role": "system"|"user", "content": ...}]``.
 Prompt = str | list[dict[str, str]]
 #: Prefix embeddings, one ``(P_i, H)`` tensor or None per prompt (None: no prefixes at all).
-Prefixes = Sequence[torch.Tensor | None] | None
+# (resolved in this module when the hints are read, so defining it imports no torch)
+Prefixes = Sequence[ForwardRef("torch.Tensor | None", module=__name__)] | None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,17 +40,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .._config import strict_from_dict
 from ..errors import ImageDecodeError, QueryError
 from ..ingestion.images import load_image
+from ..lazy_torch import inference_mode, torch
 from ..search import DEFAULT_MODE, Hit, SearchRequest, check_k
 from ..search import MODES as SEARCH_MODES
 from .constrained import SpanConstraint
-from .extractive import (ANSWER_STYLES, EXAMPLES_MIN_CONTEXT, EXTRACTIVE_SHORT_TEMPLATE, EXTRACTIVE_TEMPLATE,
-                         abstain_spans, cite, clean_answer, extractive_messages, is_short_answer_question)
+from .extractive import (
+    ANSWER_STYLES,
+    EXAMPLES_MIN_CONTEXT,
+    EXTRACTIVE_SHORT_TEMPLATE,
+    EXTRACTIVE_TEMPLATE,
+    abstain_spans,
+    cite,
+    clean_answer,
+    extractive_messages,
+    is_short_answer_question,
+)
 from .models import GenerationSettings, Prompt, load_generator
 from .stopping import SentenceStop
 from .stream import Event, Final, Sources, TextStream, Token
@@ -231,10 +241,12 @@ class RagPipeline:
         # A query projection trained by `train rag` (auto: found in the generator's folder) maps
         # the query before search and sets P(z|x)'s temperature and the trained prompt.
         if query_projection == "auto":
-            from .checkpoint import has_rag_checkpoint, load_rag_checkpoint
-
             spec = self.generator.spec
-            query_projection = load_rag_checkpoint(spec) if has_rag_checkpoint(spec) else None
+            query_projection = None
+            if os.path.isdir(os.path.expanduser(spec)):  # only a generator folder holds one (no torch else)
+                from .checkpoint import has_rag_checkpoint, load_rag_checkpoint
+
+                query_projection = load_rag_checkpoint(spec) if has_rag_checkpoint(spec) else None
         elif isinstance(query_projection, str):
             from .checkpoint import load_rag_checkpoint
 
@@ -587,7 +599,7 @@ class RagPipeline:
         ranked = sorted(range(len(cands)), key=lambda j: -scores[j])
         return cands[best], lp[:, best], [{"text": cands[j], "logprob": float(scores[j])} for j in ranked]
 
-    @torch.inference_mode()
+    @inference_mode
     def _rag_token(self, prompts: list[Prompt], log_prior: np.ndarray,
                    prefixes: list[torch.Tensor | None] | None = None,
                    cancel: threading.Event | None = None, gs: GenerationSettings | None = None) -> Iterator[int]:

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..encoders import default_device
 from ..encoders._hub import hub_reachable, refused_pickle, unsafe_weights_error
 from ..errors import ModelSpecError, QueryError, WeightsUnavailableError
+from ..lazy_torch import inference_mode, torch
 from .prompting import GenerationSettings, Prefixes, Prompt, has_prefixes
 from .stopping import cut_text, stop_ids
 from .stream import TextStream, transformers_token_ids
@@ -228,7 +228,7 @@ class VisionGenerator:
             raise QueryError("a vision-language model reads the images themselves; image prefixes are for "
                              "text generators (leave --image-prefix out)")
 
-    @torch.inference_mode()
+    @inference_mode
     def generate(self, prompts: list[AnyPrompt], settings: GenerationSettings | None = None,
                  num_return_sequences: int = 1, prefixes: Prefixes = None, **extra: Any) -> list[list[str]]:
         """``num_return_sequences`` answers per prompt, one ``generate`` call per prompt;
@@ -304,7 +304,7 @@ class VisionGenerator:
         row.past = getattr(out, name)
         return out.logits[0].float()
 
-    @torch.inference_mode()
+    @inference_mode
     def answer_token_logprobs(self, prompts: list[AnyPrompt], answers: list[str],
                               prefixes: Prefixes = None) -> list[np.ndarray]:
         """Per pair, ``log P(y_t | prompt, y_<t)`` over the answer's tokens and the end token: each
@@ -369,7 +369,7 @@ class VisionState:
     def logprobs(self) -> torch.Tensor:
         return torch.log_softmax(self.next, dim=-1)
 
-    @torch.inference_mode()
+    @inference_mode
     def feed(self, token: int) -> None:
         self.next = torch.stack([self.gen.extend(r, [int(token)])[-1] for r in self.rows])
 
