@@ -59,7 +59,8 @@ def test_streamed_answer_is_the_answer(gen_server, mode: str) -> None:
     """Events: sources (priors, before any token), tokens, final; the tokens make the final
     answer, and the final answer is the non-streamed one (greedy decoding is deterministic)."""
     base, _ = gen_server
-    body = {"question": "what is in the picture?", "k": 3, "mode": mode}
+    # a free answer (not a short-fact question, whose copied span may be one token: issue 28)
+    body = {"question": "describe what is in the picture", "k": 3, "mode": mode}
     plain = httpx.post(base + "/api/ask", json=body, timeout=300)
     assert plain.status_code == 200, plain.text
     r = httpx.post(base + "/api/ask", json={**body, "stream": True}, timeout=300)
