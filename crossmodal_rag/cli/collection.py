@@ -151,12 +151,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_index(args: argparse.Namespace) -> int:
     folder = collection_dir(args)
-    _weights_first(args, folder)  # offline without CLIP weights: said before torch loads (seconds)
+    # usage first (exit 2), then the weights (offline without CLIP weights: said before torch loads)
+    if args.watch and not Path(args.source).is_dir():  # before anything is created
+        raise UsageError(f"--watch needs a folder, and {args.source} is not one")
+    if args.max_image_mb is not None and not args.max_image_mb > 0:
+        raise UsageError(f"--max-image-mb must be > 0, got {args.max_image_mb}")
+    _ray_flags_need_ray(args)
+    _weights_first(args, folder)
     from ..collection import Collection
     from ..ingestion.runner import IngestSettings, ingest
 
-    if args.watch and not Path(args.source).is_dir():  # before anything is created
-        raise UsageError(f"--watch needs a folder, and {args.source} is not one")
     settings_kwargs: dict[str, Any] = {
         "batch_size": args.batch_size, "workers": args.workers, "image_root": args.image_root,
         "allow_outside_root": args.allow_outside_root, "progress": not args.quiet,
@@ -167,8 +171,6 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.max_image_pixels:
         settings_kwargs["max_image_pixels"] = args.max_image_pixels
     if args.max_image_mb is not None:
-        if not args.max_image_mb > 0:
-            raise UsageError(f"--max-image-mb must be > 0, got {args.max_image_mb}")
         settings_kwargs["max_image_bytes"] = int(args.max_image_mb * 1024 * 1024)
     settings = IngestSettings(**settings_kwargs)
     ray_settings = _ray_settings(args)
@@ -348,13 +350,19 @@ def _skips_listed_by_cli() -> Iterator[None]:
         ingest_logger.removeFilter(no_skips)
 
 
-def _ray_settings(args: argparse.Namespace) -> Any:
-    """RaySettings for ``index --ray``, or None (refusing --ray-* options without --ray)."""
+def _ray_flags_need_ray(args: argparse.Namespace) -> None:
+    """Refuse --ray-* options given without --ray."""
     if args.ray is None:
         given = [f for f, v in (("--ray-actors", args.ray_actors), ("--ray-batch-size", args.ray_batch_size),
                                 ("--ray-actor-cpus", args.ray_actor_cpus != 1.0)) if v]
         if given:
             raise UsageError(f"{', '.join(given)} only apply with --ray")
+
+
+def _ray_settings(args: argparse.Namespace) -> Any:
+    """RaySettings for ``index --ray``, or None (refusing --ray-* options without --ray)."""
+    _ray_flags_need_ray(args)
+    if args.ray is None:
         return None
     from ..ingestion.distributed import RaySettings, check_ray
 

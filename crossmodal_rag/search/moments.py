@@ -82,7 +82,7 @@ def parse_moments(text: str, *, today: date | None = None, dates: bool = True,
                   places: bool = True) -> Moments:
     """Find a date (or season) and a place in ``text``; see the module docstring. ``today``:
     what relative dates resolve against (default: this machine's date)."""
-    if not text or len(text) > MAX_PARSE_CHARS:
+    if not text or len(text) > MAX_PARSE_CHARS or _arithmetic(text):
         return Moments(text)
     today = today or date.today()
     tokens = text.split()
@@ -107,6 +107,12 @@ def parse_moments(text: str, *, today: date | None = None, dates: bool = True,
         return Moments(text)
     rest = " ".join(tokens).strip(" ,;")
     return Moments(rest or text, tuple(where), parsed)
+
+
+def _arithmetic(text: str) -> bool:
+    """Whether ``text`` is written as query arithmetic (quoted terms, ``+``/``-`` between terms, a
+    weight ``2*``: :mod:`.query`): then it is taken literally, no date or place read from it."""
+    return '"' in text or any(t in ("+", "-") or t[:1] in "+-" or "*" in t for t in text.split())
 
 
 def _period_text(start: date, end: date, period: str) -> str:
