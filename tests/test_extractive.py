@@ -77,7 +77,7 @@ def test_rag_answers_cite_listed_sources_and_copy_spans(lm_dir: Path, tiny_oc_sp
 
     gen = load_generator(str(lm_dir))
     with Collection.create(tmp_path / "coll", tiny_oc_spec) as coll:  # hits are given: it stays empty
-        pipe = RagPipeline(coll, gen, RagSettings(k=3), GenerationSettings(max_new_tokens=8), query_projection=None)
+        pipe = RagPipeline(coll, gen, RagSettings(k=3, answer_style="auto"), GenerationSettings(max_new_tokens=8), query_projection=None)
         short = pipe.ask("When does the ferry leave?", hits=HITS)
         body = re.sub(r"\s*\[\d+\]", "", short.answer).strip()
         cited = citations(short.answer)

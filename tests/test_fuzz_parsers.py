@@ -208,9 +208,10 @@ def test_globs_are_bounded_and_compiled_once_per_condition() -> None:
     before = fnmatch._compile_pattern.cache_info().currsize
     tail = "b" * (MAX_WHERE_CHARS - 5 - 2 * MAX_GLOB_STARS)
     worst = "path=" + "*a" * MAX_GLOB_STARS + tail
-    t0 = time.thread_time()
     (cond,) = parse_where([worst])
-    assert time.thread_time() - t0 < 0.5
+    # the compiled size is bounded by the limit: a group per wildcard, never more (no timing here:
+    # a CI process's garbage collector once made this parse read 0.65 CPU-s)
+    assert cond.glob is not None and cond.glob.groups <= MAX_GLOB_STARS
     row = {"paths": ["/x/" + "a" * 4000 + tail, "/y/ab"], "format": "JPEG", "size_bytes": 1,
            "width": 1, "height": 1, "extra": {}}
     assert _image_matches(cond, row) is True

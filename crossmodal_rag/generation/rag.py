@@ -110,8 +110,10 @@ class RagSettings:
     # how a text question retrieves: auto | dense | keyword | hybrid (crossmodal_rag.search.MODES)
     search_mode: str = DEFAULT_MODE
     # auto: short-answer questions get the extractive prompt, span-copying decoding and a stop at
-    # the sentence end (generation.extractive); extract: every question; free: none
-    answer_style: str = "auto"
+    # the sentence end (generation.extractive); extract: every question; free (default): none.
+    # Free by measurement: with copied spans SmolLM2's contains-gold fell (benchmarks/RESULTS.md,
+    # "Small local answerers") and its answers in the CI quality tests got worse
+    answer_style: str = "free"
 
     def __post_init__(self) -> None:
         check_k(self.k)

@@ -40,11 +40,11 @@ TOP_K = {("search",), ("recommend",), ("demo",), ("ask",), ("chat",), ("write",)
 #: Subcommands that print JSON (with --json, or always, where --json is accepted as well).
 JSON = {("search",), ("info",), ("check",), ("remove",), ("recommend",), ("duplicates",), ("ask",),
         ("chat",), ("write",), ("eval", "retrieval"), ("eval", "generation"), ("caption",), ("reindex",),
-        ("tune",), ("reembed",), ("train", "clip"), ("train", "prefix"), ("train", "rag")}
+        ("tune",), ("reembed",), ("train", "clip"), ("train", "prefix"), ("train", "rag"), ("export-onnx",)}
 #: Subcommands that embed with an encoder one may name.
 MODEL = {("index",), ("search",), ("import",), ("ask",), ("chat",), ("write",), ("recommend",),
          ("eval", "retrieval"), ("eval", "generation"), ("serve",), ("caption",), ("demo",), ("reembed",),
-         ("train", "clip"), ("train", "prefix")}
+         ("train", "clip"), ("train", "prefix"), ("export-onnx",), ("mcp",)}
 #: Subcommands that filter retrieval by metadata.
 WHERE = {("search",), ("recommend",), ("ask",), ("chat",), ("write",), ("eval", "generation")}
 #: Subcommands that took the collection as a positional DIR before issue 17 (still accepted).
@@ -57,7 +57,7 @@ def _action(parser: argparse.ArgumentParser, option: str) -> argparse.Action | N
 
 def test_the_walk_finds_every_subcommand() -> None:
     assert {("search",), ("eval", "retrieval"), ("train", "rag"), ("serve",), ("import",)} <= set(LEAVES)
-    assert len(LEAVES) == 22
+    assert len(LEAVES) == 24  # export-onnx (issue 29) and mcp (issue 31) since 22
     for table in (NO_COLLECTION, TOP_K, JSON, MODEL, WHERE, POSITIONAL):
         assert table <= set(LEAVES), table - set(LEAVES)
 

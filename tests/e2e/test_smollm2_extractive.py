@@ -54,7 +54,7 @@ def test_smollm2_copies_short_answers_and_cites_them(tiny_oc_spec: str, tmp_path
     gen = load_generator(str(_smollm2()), runtime="llama.cpp")
     right = 0
     with Collection.create(tmp_path / "coll", tiny_oc_spec) as coll:
-        pipe = RagPipeline(coll, gen, RagSettings(k=3), GenerationSettings(max_new_tokens=24), query_projection=None)
+        pipe = RagPipeline(coll, gen, RagSettings(k=3, answer_style="auto"), GenerationSettings(max_new_tokens=24), query_projection=None)
         for qid in QUESTIONS:
             q = qa[qid]
             hits = _hits(by_id[q["passage_id"]], passages)

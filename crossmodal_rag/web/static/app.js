@@ -194,6 +194,7 @@ async function ask(ev) {
   if (!question && !useImage) { setStatus(status, "Type a question, or choose an image above.", true); return; }
   $("ask-btn").disabled = true;
   $("answer-panel").hidden = true;
+  $("answer").textContent = "";  // the last answer must not stand in for this one
   setStatus(status, "Retrieving… (the first answer also loads the language model)");
   try {
     let resp;
