@@ -33,7 +33,8 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import QueryError
-from ..store import fulltext
+from ..store import bm25, fulltext
+from ..store.bm25 import Bm25Stats
 from ..store.metadata import MetadataStore
 from . import evidence
 from .evidence import Evidence, EvidenceSettings
@@ -116,18 +117,19 @@ def weigh(store: MetadataStore, query: str) -> Evidence:
     return evidence.weigh_evidence(words, df, n, EVIDENCE)
 
 
-def _ranked_texts(store: MetadataStore, query: str, depth: int | None, arithmetic: bool) -> list[tuple[int, float]]:
-    return fulltext.search_store(store, keyword_text(query) if arithmetic else query, limit=depth)
-
-
 def keyword_hits(store: MetadataStore, query: str, k: int, target: str = "images",
-                 allowed: dict[str, np.ndarray] | None = None, *, arithmetic: bool = True) -> list[Hit]:
+                 allowed: dict[str, np.ndarray] | None = None, *, arithmetic: bool = True,
+                 stats: Bm25Stats | None = None) -> list[Hit]:
     """The best ``k`` keyword hits for ``target`` (``images``, ``texts``, ``all``), ``score`` =
     BM25. An image scores as its best-matching caption or OCR text. ``allowed``: ids per index a
     filter lets through (see :func:`crossmodal_rag.search.filters.allowed_ids`). ``arithmetic``:
     ``query`` is a search query (its added terms are matched, :func:`keyword_text`); False: it
-    is a keyword query already (:attr:`Evidence.keyword_query`)."""
-    ranked = _ranked_texts(store, query, None if allowed is not None or target != "texts" else k, arithmetic)
+    is a keyword query already (:attr:`Evidence.keyword_query`). ``stats``: BM25 statistics of
+    several shards summed (:mod:`crossmodal_rag.store.bm25`), for scores the union would give."""
+    text = keyword_text(query) if arithmetic else query
+    depth = None if allowed is not None or target != "texts" else k
+    ranked = (fulltext.search_store(store, text, limit=depth) if stats is None
+              else bm25.search_global(store, text, stats, limit=depth))
     ok = None if allowed is None else {n: set(np.asarray(v).tolist()) for n, v in allowed.items()}
     items = store.get_items([i for i, _ in ranked])
     parents = store.get_items({it.parent_id for it in items.values() if it.parent_id is not None})

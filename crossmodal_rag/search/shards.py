@@ -9,11 +9,12 @@ The merge rules, and how they compare with one collection holding the union of t
 
 * **dense**: each shard's top ``k`` (its ``where`` filter and ``min_score`` cut applied), merged
   by cosine: exactly the union's top ``k`` when each shard's index is exact.
-* **keyword**: each shard's BM25 list, merged by BM25 score. BM25 weighs a word by its document
-  frequency in the shard that scored it, so scores of shards with very different statistics
-  are not comparable; shards cut from one corpus by ``import --slice`` have near-equal
-  statistics, and tests/test_shards.py measures the merge against the union (same matches,
-  top-10 overlap and rank agreement).
+* **keyword**: BM25 with **global statistics**. Each shard reports, for the query's phrases,
+  its row count, its token total and the rows holding each phrase; the router sums them, and
+  every shard scores its matching texts with the sums (:mod:`crossmodal_rag.store.bm25`), so a
+  text's score is the one the union gives it and the lists merge by score: the union's keyword
+  ranking (tests/test_shards.py: same texts, scores within 1e-6). One more round trip per
+  keyword query (the statistics), and each shard reads every row holding a phrase.
 * **auto**: whether keyword evidence counts, and which words, is decided once from the
   **global** document frequencies (each shard's, summed), so every shard ranks for the same
   keyword query and the decision is the union's.
@@ -50,6 +51,7 @@ from .request import SearchRequest, SearchResult
 from .shard_merge import dense_scored, first_threshold, fuse_merged, merge_by
 
 if TYPE_CHECKING:
+    from ..store.bm25 import Bm25Stats
     from .text_space import TextSpaceOwner
 
 __all__ = ["Shard", "ShardSet", "ShardSettings", "ShardedResult", "ShardsUnavailableError"]
@@ -72,8 +74,14 @@ class Shard(Protocol):
         """The shard's own search (the router sends dense requests, with the vector when CLIP's)."""
         ...
 
-    def keyword(self, request: SearchRequest, query: str, arithmetic: bool, routed: bool) -> SearchResult:
-        """The shard's keyword ranking of ``query``, ``request.k`` deep, with dense scores."""
+    def keyword_stats(self, query: str, arithmetic: bool) -> Bm25Stats:
+        """The shard's BM25 statistics of the keyword query ``query`` (:mod:`crossmodal_rag.store.bm25`)."""
+        ...
+
+    def keyword(self, request: SearchRequest, query: str, arithmetic: bool, routed: bool,
+                stats: Bm25Stats | None = None) -> SearchResult:
+        """The shard's keyword ranking of ``query``, ``request.k`` deep, with dense scores; BM25
+        scored with ``stats`` (every shard's summed) when given."""
         ...
 
     def doc_freqs(self, words: Sequence[str]) -> tuple[dict[str, int], int]:
@@ -272,7 +280,9 @@ class ShardSet:
         query, arithmetic = ((plan.evidence.keyword_query or "", False) if plan.evidence is not None
                              else (r.text or "", True))
         kw_request = SearchRequest.of(r, k=kw_depth, target="texts" if routed else r.target)
-        found = self._fan(lambda s: s.keyword(kw_request, query, arithmetic, routed and s.has_text_space), missing)
+        stats = self._global_stats(query, arithmetic, missing)
+        found = self._fan(lambda s: s.keyword(kw_request, query, arithmetic, routed and s.has_text_space, stats),
+                          missing)
         threshold = first_threshold(found)
         keyword = merge_by([(n, res.hits) for n, res in found], lambda h: h.keyword_score, kw_depth)
         cut = threshold if r.cut else None
@@ -289,6 +299,14 @@ class ShardSet:
         if cut is not None and not routed:
             hits = [h for h in hits if h.dense_score is not None and h.dense_score >= cut]
         return dense_scored(hits, r.dense_scores), threshold
+
+    def _global_stats(self, query: str, arithmetic: bool, missing: dict[str, str]) -> Bm25Stats:
+        """The BM25 statistics of ``query`` over every shard that answers (summed)."""
+        reports = self._fan(lambda s: s.keyword_stats(query, arithmetic), missing)
+        total = reports[0][1]
+        for _, stats in reports[1:]:
+            total = total + stats
+        return total
 
     def _routed_all(self, r: SearchRequest, plan: _Plan, missing: dict[str, str]) -> tuple[list[Hit], float | None]:
         """A routed text query for ``all``: the text space's list and CLIP's image list, fused by

@@ -20,7 +20,8 @@ from ..search.dense import resolve_min_score
 from ..search.filters import allowed_ids, parse_where
 from ..search.request import SearchRequest, SearchResult
 from ..search.shards import ShardSet, ShardSettings
-from ..store import fulltext
+from ..store import bm25, fulltext
+from ..store.bm25 import Bm25Stats
 
 if TYPE_CHECKING:
     from ..collection import Collection
@@ -48,13 +49,19 @@ class LocalShard:
     def search(self, request: SearchRequest) -> SearchResult:
         return self.collection.search(request)
 
-    def keyword(self, request: SearchRequest, query: str, arithmetic: bool, routed: bool) -> SearchResult:
-        """The keyword ranking ``request.k`` deep, each hit with its cosine: in the text space
-        (``routed``), else in CLIP's with ``request.vector`` (none: no cosine)."""
+    def keyword_stats(self, query: str, arithmetic: bool) -> Bm25Stats:
+        return bm25.query_stats(self.collection.store, hybrid.keyword_text(query) if arithmetic else query)
+
+    def keyword(self, request: SearchRequest, query: str, arithmetic: bool, routed: bool,
+                stats: Bm25Stats | None = None) -> SearchResult:
+        """The keyword ranking ``request.k`` deep (BM25 with ``stats`` when given), each hit with
+        its cosine: in the text space (``routed``), else in CLIP's with ``request.vector`` (none:
+        no cosine)."""
         coll = self.collection
         conditions = parse_where(request.where)
         allowed = allowed_ids(coll.store, conditions) if conditions else None
-        hits = hybrid.keyword_hits(coll.store, query, request.k, request.target, allowed, arithmetic=arithmetic)
+        hits = hybrid.keyword_hits(coll.store, query, request.k, request.target, allowed, arithmetic=arithmetic,
+                                   stats=stats)
         space = coll.text_space if routed else None
         if space is not None:
             vector = space.embed_query(request.text or "")

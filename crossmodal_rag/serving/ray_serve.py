@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import CrossmodalError, QueryError
 from ..search.request import SearchRequest, SearchResult
 from ..search.shards import ShardSet, ShardSettings, ShardsUnavailableError
+from ..store.bm25 import Bm25Stats
 from .local import ShardMismatchError, shard_names
 
 __all__ = ["RaySettings", "RemoteShard", "RouterServer", "ShardServer", "deploy"]
@@ -77,8 +78,12 @@ class ShardServer:
     def search(self, request: SearchRequest) -> SearchResult:
         return self.shard.search(request)
 
-    def keyword(self, request: SearchRequest, query: str, arithmetic: bool, routed: bool) -> SearchResult:
-        return self.shard.keyword(request, query, arithmetic, routed)
+    def keyword_stats(self, query: str, arithmetic: bool) -> Bm25Stats:
+        return self.shard.keyword_stats(query, arithmetic)
+
+    def keyword(self, request: SearchRequest, query: str, arithmetic: bool, routed: bool,
+                stats: Bm25Stats | None = None) -> SearchResult:
+        return self.shard.keyword(request, query, arithmetic, routed, stats)
 
     def doc_freqs(self, words: Sequence[str]) -> tuple[dict[str, int], int]:
         return self.shard.doc_freqs(words)
@@ -94,8 +99,12 @@ class RemoteShard:
     def search(self, request: SearchRequest) -> SearchResult:
         return self.handle.search.remote(request).result(timeout_s=self.timeout_s)
 
-    def keyword(self, request: SearchRequest, query: str, arithmetic: bool, routed: bool) -> SearchResult:
-        return self.handle.keyword.remote(request, query, arithmetic, routed).result(timeout_s=self.timeout_s)
+    def keyword_stats(self, query: str, arithmetic: bool) -> Bm25Stats:
+        return self.handle.keyword_stats.remote(query, arithmetic).result(timeout_s=self.timeout_s)
+
+    def keyword(self, request: SearchRequest, query: str, arithmetic: bool, routed: bool,
+                stats: Bm25Stats | None = None) -> SearchResult:
+        return self.handle.keyword.remote(request, query, arithmetic, routed, stats).result(timeout_s=self.timeout_s)
 
     def doc_freqs(self, words: Sequence[str]) -> tuple[dict[str, int], int]:
         return self.handle.doc_freqs.remote(list(words)).result(timeout_s=self.timeout_s)
