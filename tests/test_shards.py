@@ -351,6 +351,7 @@ def test_ask_and_eval_retrieve_from_every_shard(built: tuple[Path, list[Path]], 
     assert main(["ask", "a red cat by the river", *args, *common]) == 0
     got = json.loads(capsys.readouterr().out)
     assert [s["caption"] for s in got["sources"]] == [s["caption"] for s in want["sources"]]
+    assert all(s["shard"].startswith("shard-") for s in got["sources"]) and "shard" not in want["sources"][0]
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"question": "a red cat by the river", "answers": ["cat"]}) + "\n")
     assert main(["eval", "generation", str(qa), *args, *common[:-2], "--json", "-q"]) == 0

@@ -49,6 +49,7 @@ from ..lazy_torch import inference_mode, torch
 from ..search import DEFAULT_MODE, Hit, SearchRequest, check_k
 from ..search import MODES as SEARCH_MODES
 from .constrained import SpanConstraint
+from .evidence import copy_sources
 from .extractive import (
     ANSWER_STYLES,
     EXAMPLES_MIN_CONTEXT,
@@ -155,6 +156,7 @@ class Source:
     truncated: bool = False  # in concat mode: whether it was cut to fit
     prefix_image: str | None = None  # the image whose prefix this item's own prompt carried
     image: str | None = None  # vision-language generator: the picture shown with this item (its file)
+    shard: str | None = None  # the index shard that holds it (retrieval over several collections)
 
 
 @dataclass
@@ -187,6 +189,9 @@ class Answer:
             del d["prompt_images"]
             for s in d["sources"]:
                 del s["image"]
+        for s in d["sources"]:
+            if s["shard"] is None:
+                del s["shard"]
         return d
 
 
@@ -468,10 +473,11 @@ class RagPipeline:
         candidates: list[dict[str, Any]] = []
         extract = self.extracts(q_text)
         gs = self.generation
-        if extract:  # copy a span of the sources (or say they lack it), up to the sentence end
+        if extract:  # copy a span of a source's segment (or say they lack it), up to the sentence end
             kept = [i for i, inc in enumerate(included) if inc]
-            gs = replace(gs, stop="sentence", copy_from=tuple(texts[i] for i in kept), copy_whole=abstain_spans(),
-                         copy_weights=tuple(float(log_prior[i]) for i in kept) if mode == "concat" else ())
+            spans, weights = copy_sources([texts[i] for i in kept], [log_prior[i] for i in kept])
+            gs = replace(gs, stop="sentence", copy_from=spans, copy_whole=abstain_spans(),
+                         copy_weights=weights if mode == "concat" else ())
         streaming = mode != "rag-sequence" and gs.num_beams == 1
         yield Sources([_source(h, x, p, 0.0, 0.0, inc, tr, pl, im) for h, x, p, inc, tr, pl, im
                        in zip(hits, texts, prior, included, truncated, item_labels, seen, strict=True)], mode, streaming)
@@ -642,7 +648,7 @@ def _source(h: Hit, text: str, prior: float, posterior: float, logprob: float, i
     return Source(rank=h.rank, id=h.id, kind=h.kind, path=h.path, text=text,
                   caption=" | ".join(h.captions) if h.kind == "image" else (h.text or ""), score=h.score,
                   prior=float(prior), posterior=float(posterior), logprob=float(logprob), included=included,
-                  truncated=truncated, prefix_image=prefix_image, image=image)
+                  truncated=truncated, prefix_image=prefix_image, image=image, shard=h.shard)
 
 
 def _sample(logp: torch.Tensor, gs: GenerationSettings, rng: torch.Generator) -> int:
