@@ -198,12 +198,14 @@ def _gguf_permute(w: Any, n_head: int) -> Any:
 
 
 def make_tiny_gguf(path: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                   qtype: str = "Q8_0") -> Path:
+                   qtype: str = "Q8_0", chat_template: str | None = None) -> Path:
     """Write :func:`tiny_gguf_llama` as a llama-architecture ``.gguf`` file, the way llama.cpp's
     converter does: tensors under GGUF names, Q/K rows permuted, 2-D weights quantised to
     ``qtype`` (``Q8_0`` or ``F32``; norms stay F32), and a byte-level BPE tokenizer (256 byte
     tokens, :data:`TINY_GGUF_MERGES`, ``<|endoftext|>`` as BOS/EOS) in the metadata. Load it
-    with ``--generator PATH``. Written aside, then replaced whole (:func:`~crossmodal_rag.safe_io.atomic_write`)."""
+    with ``--generator PATH``. ``chat_template``: a Jinja chat template stored as
+    ``tokenizer.chat_template`` (an instruct model). Written aside, then replaced whole
+    (:func:`~crossmodal_rag.safe_io.atomic_write`)."""
     import tempfile
 
     import numpy as np
@@ -238,6 +240,8 @@ def make_tiny_gguf(path: str | Path, *, seed: int = 0, hidden: int = 64, layers:
         w.add_token_merges(list(TINY_GGUF_MERGES))
         w.add_bos_token_id(0)
         w.add_eos_token_id(0)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
         names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                  "lm_head.weight": "output.weight"}
         for i in range(layers):

@@ -5,6 +5,11 @@ chat template), so they load back through ``AutoModelForImageTextToText`` / ``Au
 Families: ``idefics3`` (SmolVLM's architecture), ``llava`` (CLIP vision tower + Llama) and
 ``qwen2-vl``. The tokenizer is byte-level BPE without merges (every byte one token) plus the
 family's special tokens; nothing is downloaded.
+
+:func:`make_tiny_gguf_vlm` writes a GGUF VLM for llama.cpp instead: the tiny Llama of
+:func:`~crossmodal_rag.testing.make_tiny_gguf` with a chat template, and a LLaVA-style projector
+(``clip.projector_type = "mlp"``: a CLIP vision tower and a two-layer MLP into the model's width)
+under the tensor names and metadata keys llama.cpp's converter writes, which libmtmd loads.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VLM_FAMILIES", "make_tiny_vlm"]
+__all__ = ["GGUF_VLM_TEMPLATE", "VLM_FAMILIES", "make_tiny_gguf_vlm", "make_tiny_vlm"]
 
 VLM_FAMILIES = ("idefics3", "llava", "qwen2-vl")
 
@@ -127,3 +132,66 @@ def make_tiny_vlm(folder: str | Path, family: str = "idefics3", *, seed: int = 0
     model.eval().save_pretrained(folder)
     proc.save_pretrained(folder)
     return folder
+
+
+#: The chat template of :func:`make_tiny_gguf_vlm`'s model (messages with string content).
+GGUF_VLM_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def make_tiny_gguf_vlm(folder: str | Path, *, seed: int = 0, hidden: int = 64, vision_hidden: int = 32,
+                       vision_layers: int = 2, image_size: int = 32, patch: int = 8) -> tuple[Path, Path]:
+    """A random GGUF VLM in ``folder``: ``(model.gguf, mmproj.gguf)``, for
+    ``--generator vlm:MODEL.gguf,mmproj=PROJ.gguf``. The projector's vision tower sees
+    ``image_size`` pixels square in ``patch``-pixel patches (16 image tokens by default) and
+    projects them to ``hidden``, the language model's width; weights are F32 but the patch
+    embedding (F16, as converted checkpoints have it)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from .testing import make_tiny_gguf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = make_tiny_gguf(folder / "model.gguf", seed=seed, hidden=hidden, qtype="F32",
+                           chat_template=GGUF_VLM_TEMPLATE)
+    rng = np.random.default_rng(seed)
+    e, ff, n_pos = vision_hidden, 2 * vision_hidden, (image_size // patch) ** 2 + 1  # + the class token
+
+    def rand(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    tensors: dict[str, np.ndarray] = {
+        "v.patch_embd.weight": rand(e, 3, patch, patch).astype(np.float16),
+        "v.class_embd": rand(e), "v.position_embd.weight": rand(n_pos, e),
+        "v.pre_ln.weight": 1 + rand(e), "v.pre_ln.bias": rand(e),
+        "mm.0.weight": rand(hidden, e, scale=1.0), "mm.0.bias": rand(hidden),
+        "mm.2.weight": rand(hidden, hidden, scale=1.0), "mm.2.bias": rand(hidden),
+    }
+    for i in range(vision_layers):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            tensors[f"v.blk.{i}.{name}.weight"], tensors[f"v.blk.{i}.{name}.bias"] = rand(e, e), rand(e)
+        for name in ("ln1", "ln2"):
+            tensors[f"v.blk.{i}.{name}.weight"], tensors[f"v.blk.{i}.{name}.bias"] = 1 + rand(e), rand(e)
+        tensors[f"v.blk.{i}.ffn_up.weight"], tensors[f"v.blk.{i}.ffn_up.bias"] = rand(ff, e), rand(ff)
+        tensors[f"v.blk.{i}.ffn_down.weight"], tensors[f"v.blk.{i}.ffn_down.bias"] = rand(e, ff), rand(e)
+    proj = folder / "mmproj.gguf"
+    w = GGUFWriter(str(proj), "clip")
+    w.add_name("crossmodal-rag tiny llava projector")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_string("clip.projector_type", "mlp")
+    w.add_bool("clip.use_gelu", True)
+    for key, value in (("embedding_length", e), ("feed_forward_length", ff), ("block_count", vision_layers),
+                       ("projection_dim", hidden), ("attention.head_count", max(e // 16, 1)),
+                       ("image_size", image_size), ("patch_size", patch)):
+        w.add_uint32(f"clip.vision.{key}", value)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    for name, t in tensors.items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model, proj
