@@ -14,6 +14,11 @@ Cells are counted as prompts take them: a prompt's tail stays until the cache is
 request reserves room for its working tokens, which return when it releases them. A request that does not fit flushes the
 cache first (all prompts go), and grows the context when it alone needs more.
 
+Pictures (GGUF VLMs, :mod:`~crossmodal_rag.generation.vlm_llamacpp`): a prompt's ids may hold runs
+of placeholder ids below zero, one per position a picture takes: the run's first id names the
+picture (:data:`MEDIA_CONT` fills the rest), and :attr:`PromptCache.media` decodes it whole at its
+position. A shared prefix never ends inside a picture; a prompt ends with a text token.
+
 Shapes: V the vocabulary; a log-distribution is ``(V,)`` float64.
 """
 
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +34,14 @@ import numpy as np
 
 from ..errors import QueryError
 
-__all__ = ["PROMPT_SLOTS", "SEQUENCES", "CacheFull", "PromptCache", "PromptSlot", "log_softmax"]
+__all__ = ["MEDIA_CONT", "PROMPT_SLOTS", "SEQUENCES", "CacheFull", "PromptCache", "PromptSlot", "log_softmax"]
 
 logger = logging.getLogger(__name__)
 
 SEQUENCES = 256  # llama.cpp's most (LLAMA_MAX_SEQ)
 PROMPT_SLOTS = 64  # sequences 0..63 keep prompts; 64..255 are working sequences
 MIN_CELLS = 2048  # the context's first size (grown by doubling when a request needs more)
+MEDIA_CONT = -1  # the placeholder id of a picture's positions after its first
 
 
 class CacheFull(QueryError):
@@ -88,6 +94,9 @@ class PromptCache:
         self._ticks = itertools.count(1)
         self.request = 0  # slots used since this tick belong to the request in progress
         self.stats = {"prompt_tokens": 0, "reused_tokens": 0, "flushes": 0}
+        # decodes the picture whose first placeholder id is given at (sequence, position) and
+        # returns the positions it took (None: the prompts hold text only)
+        self.media: Callable[[int, int, int], int] | None = None
 
     # -- the context -----------------------------------------------------------------------
     def _make(self, cells: int) -> None:
@@ -175,16 +184,36 @@ class PromptCache:
             if n > shared:
                 shared, source = n, slot
         shared = min(shared, len(ids) - 1)  # the last token is decoded again for its logits
+        while shared > 0 and ids[shared] == MEDIA_CONT:  # a picture is decoded whole
+            shared -= 1
         if source is not None and shared > 0:
             self.ctx.memory_seq_cp(source.seq, seq, 0, shared)
         tail = ids[shared:]
-        (logp,) = self.decode([(t, shared + i, seq, i == len(tail) - 1) for i, t in enumerate(tail)])
+        logp = self._decode_tail(tail, shared, seq)
         self.used += len(tail)
         self.stats["prompt_tokens"] += len(tail)
         self.stats["reused_tokens"] += shared
         slot = PromptSlot(ids, seq, logp)
         self.slots[ids] = slot
         return slot
+
+    def _decode_tail(self, tail: tuple[int, ...], start: int, seq: int) -> np.ndarray:
+        """Decode ``tail`` at positions ``start..`` of ``seq`` (text in batches, each picture
+        through :attr:`media`); the log-distribution after its last token."""
+        if min(tail) >= 0:
+            (logp,) = self.decode([(t, start + i, seq, i == len(tail) - 1) for i, t in enumerate(tail)])
+            return logp
+        if tail[-1] < 0 or self.media is None:
+            raise QueryError("a prompt with pictures must end with text, on a model that reads pictures")
+        i, rows = 0, []
+        while i < len(tail):
+            if tail[i] < 0:
+                i += self.media(tail[i], seq, start + i)
+                continue
+            j = next((k for k in range(i, len(tail)) if tail[k] < 0), len(tail))
+            rows = self.decode([(tail[k], start + k, seq, k == len(tail) - 1) for k in range(i, j)])
+            i = j
+        return rows[-1]
 
     def _free_slot(self) -> int:
         taken = {s.seq for s in self.slots.values()}

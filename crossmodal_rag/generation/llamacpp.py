@@ -140,6 +140,7 @@ class LlamaCppGenerator:
         self.spec = spec.strip()
         if not self.spec.endswith(".gguf"):
             raise ModelSpecError(f"the llama.cpp runtime reads .gguf files, not {self.spec!r}")
+        self.path = Path(os.path.expanduser(self.spec))  # the model file
         self.device = "cpu"
         self.n_threads = n_threads or default_threads()
         self.model: Any = None  # cyllama LlamaModel
@@ -165,7 +166,7 @@ class LlamaCppGenerator:
         return self
 
     def _load(self) -> None:
-        path = Path(os.path.expanduser(self.spec))
+        path = self.path
         if not path.is_file():
             raise ModelSpecError(f"GGUF file does not exist: {path}")
         lib = _lib()

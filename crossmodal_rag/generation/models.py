@@ -643,17 +643,21 @@ def _is_vlm_folder(spec: str) -> bool:
 
 def _load_vlm(spec: str, device: str | None) -> TextGenerator:
     """The process-wide vision-language generator for ``spec`` (``vlm:ID``, ``vlm:FOLDER`` or a VLM
-    folder); a GGUF VLM (``vlm:MODEL.gguf,mmproj=PROJ.gguf``) goes to llama.cpp."""
-    from .vlm_gguf import load_gguf_vlm
-
-    if spec.removeprefix("vlm:").split(",")[0].endswith(".gguf"):
-        return load_gguf_vlm(spec)
-    from .vlm import VisionGenerator
-
-    key = ("vlm:" + spec.removeprefix("vlm:"), device or default_device(), "transformers")
+    folder); a GGUF VLM (``vlm:MODEL.gguf,mmproj=PROJ.gguf``) goes to llama.cpp (on the CPU,
+    without importing torch)."""
+    gguf = spec.removeprefix("vlm:").split(",")[0].endswith(".gguf")
+    where = "llama.cpp" if gguf else "transformers"
+    key = ("vlm:" + spec.removeprefix("vlm:"), "cpu" if gguf else device or default_device(), where)
     with _CACHE_LOCK:
         gen = _CACHE.get(key)
         if gen is None:
-            gen = VisionGenerator(spec, device=key[1])  # type: ignore[assignment]
+            if gguf:
+                from .vlm_llamacpp import load_gguf_vlm
+
+                gen = load_gguf_vlm(spec)
+            else:
+                from .vlm import VisionGenerator
+
+                gen = VisionGenerator(spec, device=key[1])  # type: ignore[assignment]
             _CACHE[key] = gen  # type: ignore[assignment]
         return gen  # type: ignore[return-value]

@@ -1,31 +1,28 @@
-"""Vision-language specs, checked before anything loads; GGUF VLMs (model + projector) on llama.cpp.
+"""Vision-language specs, checked before anything loads; GGUF VLM projectors checked before llama.cpp reads them.
 
 Spec forms (``--generator``):
 
 * ``vlm:OWNER/NAME`` -- a transformers VLM from the hub (e.g. ``vlm:HuggingFaceTB/SmolVLM-256M-Instruct``);
 * ``vlm:FOLDER`` or a plain folder whose ``config.json`` names an image-text-to-text model;
-* ``vlm:MODEL.gguf,mmproj=PROJ.gguf`` -- a GGUF language model and its multimodal projector.
+* ``vlm:MODEL.gguf,mmproj=PROJ.gguf`` -- a GGUF language model and its multimodal projector, run
+  on llama.cpp's libmtmd (:class:`~crossmodal_rag.generation.vlm_llamacpp.LlamaCppVisionGenerator`).
 
-The llama.cpp binding the project uses (``cyllama``) ships libmtmd (``cyllama.llama.mtmd``:
-``MtmdContext.tokenize`` splits a prompt with media markers into text and image chunks,
-``eval_chunks`` encodes and decodes them into a context, after which text tokens can be decoded
-and scored as usual). Driving it is not implemented here yet: no GGUF VLM and projector could be
-had to test the generation, the per-token scoring every mode's posterior needs, or lock-step
-decoding over image prompts against. A GGUF VLM spec is therefore checked in full (both files
-exist and are GGUF, the binding has mtmd) and then refused naming the forms that work: a
-transformers VLM folder or hub id.
+A projector is read by libmtmd, which aborts the process (not an exception) on some malformed
+files, e.g. one without ``clip.vision.image_mean``; :func:`check_projector` reads the file's
+metadata first and refuses such a file naming it and what is missing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
+import struct
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from ..errors import ModelSpecError
 
-__all__ = ["GgufVlmSpec", "check_vlm_spec", "load_gguf_vlm", "parse_gguf_vlm"]
+__all__ = ["GgufVlmSpec", "check_projector", "check_vlm_spec", "gguf_metadata", "parse_gguf_vlm"]
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -80,15 +77,83 @@ def check_vlm_spec(spec: str) -> str:
     return "vlm:" + body
 
 
-def load_gguf_vlm(spec: str) -> object:
-    """Check a GGUF VLM spec and the binding, then refuse naming what works (see the module docstring)."""
-    gs = parse_gguf_vlm(spec)
-    has_mtmd = (importlib.util.find_spec("cyllama") is not None
-                and importlib.util.find_spec("cyllama.llama.mtmd") is not None)
-    binding = ("the installed cyllama has libmtmd, but this release does not drive it yet (untested without a "
-               "GGUF VLM to check generation and scoring against)" if has_mtmd else
-               "the llama.cpp binding (cyllama) with libmtmd is not installed")
-    raise ModelSpecError(
-        f"GGUF vision-language models ({gs.model.name} + {gs.mmproj.name}) cannot answer here yet: {binding}. "
-        "Use a transformers VLM instead: a save_pretrained folder (--generator /models/SmolVLM-256M-Instruct) "
-        "or vlm:HuggingFaceTB/SmolVLM-256M-Instruct; GGUF text models (--generator model.gguf) keep working.")
+# GGUF value types: struct formats of the scalars; 8 is a string, 9 an array
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _read(f: BinaryIO, fmt: str) -> Any:
+    size = struct.calcsize("<" + fmt)
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError("the file ends inside its metadata")
+    return struct.unpack("<" + fmt, data)[0]
+
+
+def _string(f: BinaryIO) -> str:
+    n = _read(f, "Q")
+    if n > 1 << 24:
+        raise ValueError(f"a metadata string of {n} bytes")
+    return f.read(n).decode("utf-8", "replace")
+
+
+def _value(f: BinaryIO, kind: int) -> Any:
+    if kind == 8:
+        return _string(f)
+    if kind == 9:
+        item, n = _read(f, "I"), _read(f, "Q")
+        if n > 1 << 24:
+            raise ValueError(f"a metadata array of {n} items")
+        return [_value(f, item) for _ in range(n)]
+    if kind not in _SCALARS:
+        raise ValueError(f"unknown metadata type {kind}")
+    return _read(f, _SCALARS[kind])
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file (version 2 or 3, little-endian), tensors not read."""
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("it does not start with 'GGUF'")
+        version = _read(f, "I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (2 or 3 are read; a big-endian file?)")
+        _read(f, "Q")  # tensors
+        n_kv = _read(f, "Q")
+        if n_kv > 1 << 16:
+            raise ValueError(f"{n_kv} metadata keys")
+        out: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = _string(f)
+            out[key] = _value(f, _read(f, "I"))
+        return out
+
+
+#: What libmtmd asserts (aborting the process when absent) or needs for a picture.
+_VISION_KEYS = ("clip.vision.image_mean", "clip.vision.image_std", "clip.vision.image_size",
+                "clip.vision.patch_size", "clip.vision.embedding_length", "clip.vision.block_count")
+
+
+def check_projector(path: Path, n_embd: int | None = None) -> dict[str, Any]:
+    """The projector's metadata, checked: a CLIP-architecture GGUF with a vision encoder, the keys
+    libmtmd needs, and (given the language model's ``n_embd``) embeddings of the model's width.
+    Raises :class:`ModelSpecError` naming the file and what is wrong."""
+    try:
+        meta = gguf_metadata(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ModelSpecError(f"the projector {path} cannot be read as GGUF: {e}") from e
+    if meta.get("general.architecture") != "clip":
+        raise ModelSpecError(f"the projector {path} is not a multimodal projector (its architecture is "
+                             f"{meta.get('general.architecture')!r}, not 'clip'): give the mmproj file made "
+                             "for the model")
+    if not meta.get("clip.has_vision_encoder"):
+        raise ModelSpecError(f"the projector {path} has no vision encoder (an audio projector?)")
+    missing = [k for k in _VISION_KEYS if k not in meta]
+    if missing:
+        raise ModelSpecError(f"the projector {path} lacks {', '.join(missing)}: not a complete vision projector")
+    if any(len(meta[k]) != 3 for k in ("clip.vision.image_mean", "clip.vision.image_std")):
+        raise ModelSpecError(f"the projector {path} does not give 3 image_mean and image_std values")
+    width = meta.get("clip.vision.projection_dim")
+    if n_embd is not None and width is not None and int(width) != n_embd:
+        raise ModelSpecError(f"the projector {path} makes {width}-wide embeddings but the language model reads "
+                             f"{n_embd}-wide ones: it is not this model's projector")
+    return meta
