@@ -198,13 +198,14 @@ def _gguf_permute(w: Any, n_head: int) -> Any:
 
 
 def make_tiny_gguf(path: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                   qtype: str = "Q8_0", chat_template: str | None = None) -> Path:
+                   qtype: str = "Q8_0", chat_template: str | None = None, context: int | None = None) -> Path:
     """Write :func:`tiny_gguf_llama` as a llama-architecture ``.gguf`` file, the way llama.cpp's
     converter does: tensors under GGUF names, Q/K rows permuted, 2-D weights quantised to
     ``qtype`` (``Q8_0`` or ``F32``; norms stay F32), and a byte-level BPE tokenizer (256 byte
     tokens, :data:`TINY_GGUF_MERGES`, ``<|endoftext|>`` as BOS/EOS) in the metadata. Load it
     with ``--generator PATH``. ``chat_template``: a Jinja chat template stored as
-    ``tokenizer.chat_template`` (an instruct model). Written aside, then replaced whole
+    ``tokenizer.chat_template`` (an instruct model); ``context``: the training context stored
+    (default the config's 256 positions). Written aside, then replaced whole
     (:func:`~crossmodal_rag.safe_io.atomic_write`)."""
     import tempfile
 
@@ -223,7 +224,7 @@ def make_tiny_gguf(path: str | Path, *, seed: int = 0, hidden: int = 64, layers:
         tmp = Path(scratch) / path.name  # GGUFWriter opens a path: built aside, then replaced whole
         w = GGUFWriter(str(tmp), "llama")
         w.add_name("crossmodal-rag tiny llama")
-        w.add_context_length(config.max_position_embeddings)
+        w.add_context_length(context or config.max_position_embeddings)
         w.add_embedding_length(hidden)
         w.add_block_count(layers)
         w.add_feed_forward_length(config.intermediate_size)

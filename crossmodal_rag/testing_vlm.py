@@ -154,7 +154,7 @@ def make_tiny_gguf_vlm(folder: str | Path, *, seed: int = 0, hidden: int = 64, v
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = make_tiny_gguf(folder / "model.gguf", seed=seed, hidden=hidden, qtype="F32",
-                           chat_template=GGUF_VLM_TEMPLATE)
+                           chat_template=GGUF_VLM_TEMPLATE, context=8192)  # room for pictures, as real VLMs have
     rng = np.random.default_rng(seed)
     e, ff, n_pos = vision_hidden, 2 * vision_hidden, (image_size // patch) ** 2 + 1  # + the class token
 

@@ -195,6 +195,7 @@ def test_rag_modes_with_pictures_match_a_hand_computation(gguf_pipe, direct: Dir
             assert ans.logprob == pytest.approx(float(mix), abs=1e-3)
         else:  # one prompt with the query picture and the retrieved ones it includes
             shown = [im for im, s in zip(imgs, ans.sources, strict=True) if s.image]
+            assert shown and all(s.image == s.path for s in ans.sources if s.included)
             concat = direct.logprobs(ans.prompts[0], [q, *shown], a_ids).sum()
             assert ans.prompt_images[0][0] == str(query) and len(ans.prompt_images[0]) == 1 + len(shown)
             assert ans.logprob == pytest.approx(float(concat), abs=1e-3)
