@@ -139,13 +139,15 @@ GGUF_VLM_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}:{{ m['
                      "{% if add_generation_prompt %}Assistant:{% endif %}")
 
 
-def make_tiny_gguf_vlm(folder: str | Path, *, seed: int = 0, hidden: int = 64, vision_hidden: int = 32,
-                       vision_layers: int = 2, image_size: int = 32, patch: int = 8) -> tuple[Path, Path]:
+def make_tiny_gguf_vlm(folder: str | Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
+                       qtype: str = "F32", vision_hidden: int = 32, vision_layers: int = 2, image_size: int = 32,
+                       patch: int = 8) -> tuple[Path, Path]:
     """A random GGUF VLM in ``folder``: ``(model.gguf, mmproj.gguf)``, for
-    ``--generator vlm:MODEL.gguf,mmproj=PROJ.gguf``. The projector's vision tower sees
-    ``image_size`` pixels square in ``patch``-pixel patches (16 image tokens by default) and
-    projects them to ``hidden``, the language model's width; weights are F32 but the patch
-    embedding (F16, as converted checkpoints have it)."""
+    ``--generator vlm:MODEL.gguf,mmproj=PROJ.gguf``. The language model is ``hidden`` wide,
+    ``layers`` deep, its matrices in ``qtype`` (``F32`` or ``Q8_0``). The projector's vision tower
+    sees ``image_size`` pixels square in ``patch``-pixel patches (16 image tokens by default) and
+    projects them to ``hidden``; its weights are F32 but the patch embedding (F16, as converted
+    checkpoints have it)."""
     import numpy as np
     from gguf import GGUFWriter
 
@@ -153,7 +155,7 @@ def make_tiny_gguf_vlm(folder: str | Path, *, seed: int = 0, hidden: int = 64, v
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = make_tiny_gguf(folder / "model.gguf", seed=seed, hidden=hidden, qtype="F32",
+    model = make_tiny_gguf(folder / "model.gguf", seed=seed, hidden=hidden, layers=layers, qtype=qtype,
                            chat_template=GGUF_VLM_TEMPLATE, context=8192)  # room for pictures, as real VLMs have
     rng = np.random.default_rng(seed)
     e, ff, n_pos = vision_hidden, 2 * vision_hidden, (image_size // patch) ** 2 + 1  # + the class token

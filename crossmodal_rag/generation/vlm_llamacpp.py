@@ -134,16 +134,13 @@ class LlamaCppVisionGenerator(LlamaCppGenerator):
         check_projector(path, int(self.model.n_embd))
         params = mtmd.MtmdContextParams()
         params.use_gpu, params.n_threads, params.print_timings, params.warmup = False, self.n_threads, False, False
-        with _stderr_aside() as written:
-            try:
+        written: list[str] = []
+        try:
+            with _stderr_aside() as written:
                 ctx = mtmd.MtmdContext(str(path), self.model, params)
-            except (RuntimeError, ValueError) as e:
-                error = e
-            else:
-                error = None
-        if error is not None:
+        except (RuntimeError, ValueError) as e:
             raise ModelSpecError(f"llama.cpp cannot use the projector {path} with {self.files.model.name}: "
-                                 f"{_errors(''.join(written)) or error}") from error
+                                 f"{_errors(''.join(written)) or e}") from e
         if not ctx.supports_vision:
             raise ModelSpecError(f"the projector {path} has no vision encoder")
         if ctx.uses_mrope:
@@ -242,13 +239,12 @@ class LlamaCppVisionGenerator(LlamaCppGenerator):
                              "in one request): retrieve fewer items (-k)")
         chunks, n = got
         ctx = self._cache.ctx  # type: ignore[union-attr]
-        with _stderr_aside() as written:
-            try:
+        written: list[str] = []
+        try:
+            with _stderr_aside() as written:
                 end = self.mtmd.eval_chunks(ctx, chunks, pos, seq, int(ctx.n_batch), False)
-            except (RuntimeError, ValueError) as e:
-                error: Exception | None = e
-            else:
-                error = None
-        if error is not None or end != pos + n:
-            raise QueryError(f"llama.cpp could not decode a picture: {_errors(''.join(written)) or error}") from error
+        except (RuntimeError, ValueError) as e:
+            raise QueryError(f"llama.cpp could not decode a picture: {_errors(''.join(written)) or e}") from e
+        if end != pos + n:
+            raise QueryError(f"llama.cpp decoded a picture of {n} positions at {pos} but ended at {end}")
         return n
