@@ -265,10 +265,119 @@ def test_cli_search_over_repeated_c_and_a_shard_list(built: tuple[Path, list[Pat
     assert [r.split("\t")[5] for r in rows] == [h["path"] for h in a["results"]]
 
 
+# -- the web app, its OpenAI front end and the MCP tools over shards (serve -c A -c B; mcp -c A -c B) --
+
+LOCAL = "http://127.0.0.1"
+
+
+def _web_settings(shards: list[Path], lm_dir: Path, tmp: Path, **extra: object):
+    from crossmodal_rag.web import WebSettings
+
+    return WebSettings(collection=str(shards[0]), shards=tuple(map(str, shards[1:])), generator=str(lm_dir),
+                       max_new_tokens=2, show_paths=True, load_generator_at_startup=False, max_k=50,
+                       thumbnail_dir=str(tmp), **extra)  # type: ignore[arg-type]
+
+
+def test_web_app_openai_and_mcp_over_shards_answer_as_the_union(built, opened, lm_dir: Path, sample_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """The routes of `serve` over three shards in one process: text and image search equal to the
+    union (dense, keyword), items named by shard, counts summed, answers and chat completions
+    retrieving from every shard (streamed too); one shard down: partial, never a 500."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from crossmodal_rag.web import create_app
+    from crossmodal_rag.web.backend import ShardBackend
+
+    union, shards = opened
+    cat = (sample_dir / "cat.jpg").read_bytes()
+    with TestClient(create_app(_web_settings(built[1], lm_dir, tmp_path)), base_url=LOCAL) as c:
+        got = c.get("/api/search", params={"q": "a red cat", "mode": "dense", "k": 8, "where": "year>=2005"}).json()
+        want = union.search("a red cat", mode="dense", k=8, where="year>=2005")
+        assert got["partial"] is False and got["shards"] == ["shard-1", "shard-2", "shard-3"]
+        assert [h["path"] for h in got["results"]] == [h.path for h in want]
+        kw = c.get("/api/search", params={"q": "kitchen garden river", "mode": "keyword", "k": 10,
+                                          "target": "texts"}).json()
+        want_kw = union.search("kitchen garden river", mode="keyword", k=10, target="texts")
+        assert np.allclose([h["keyword_score"] for h in kw["results"]], [h.keyword_score for h in want_kw], atol=1e-6)
+        r = c.post("/api/search/image", files={"image": ("cat.jpg", cat, "image/jpeg")},
+                   data={"k": "5", "plus": ["snow"], "where": ["width>=300"]})
+        assert r.status_code == 200, r.text
+        with Image.open(sample_dir / "cat.jpg") as im:
+            want_img = union.search(SearchRequest(image=im.convert("RGB"), plus=("snow",), k=5, where=("width>=300",)))
+        assert [h["path"] for h in r.json()["results"]] == [h.path for h in want_img]
+        first = r.json()["results"][0]
+        assert first["image_url"] == f"/api/items/{first['id']}/image?shard={first['shard']}"
+        item = c.get(f"/api/items/{first['id']}", params={"shard": first["shard"]}).json()
+        assert item["path"] == first["path"] and item["shard"] == first["shard"]
+        assert c.get(f"/api/items/{first['id']}").json()["error"]["code"] == "shard_required"
+        assert c.get(f"/api/items/{first['id']}", params={"shard": "nope"}).status_code == 404
+        assert c.get(first["thumbnail_url"]).json()["error"]["code"] == "gone"  # imported rows: no files on disk
+        stats = c.get("/api/stats").json()
+        assert stats["counts"] == union.counts() and stats["missing_shards"] == []
+
+        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert models[1] == "shard-1+shard-2+shard-3"
+        emb = c.post("/v1/embeddings", json={"model": models[0], "input": ["a red cat"]}).json()
+        assert np.allclose(emb["data"][0]["embedding"], union.encoder.encode_texts(["a red cat"])[0], atol=1e-6)
+        question = "a red cat by the river"
+        want_src = [h.text for h in union.search(question, mode="dense", k=4, target="texts")]
+        chat = c.post("/v1/chat/completions", json={"model": models[1], "k": 4,
+                                                   "messages": [{"role": "user", "content": question}]}).json()
+        assert [s["caption"] for s in chat["sources"]] == want_src and {s["shard"] for s in chat["sources"]} <= set(
+            stats["shards"])
+        with c.stream("POST", "/v1/chat/completions", json={"model": models[1], "k": 4, "stream": True,
+                                                            "messages": [{"role": "user", "content": question}]}) as st:
+            lines = [x for x in st.iter_lines() if x.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and json.loads(lines[0][6:])["sources"][0]["shard"].startswith("shard-")
+        r = c.post("/api/ask/image", files={"image": ("cat.jpg", cat, "image/jpeg")}, data={"k": "3"})
+        assert r.status_code == 200, r.text
+        assert all(s["shard"] and s["thumbnail_url"].endswith(f"?shard={s['shard']}") for s in r.json()["sources"])
+
+    flaky = Flaky(shards.shards[1])
+    backend = ShardBackend(ShardSet([shards.shards[0], flaky, shards.shards[2]], shards.embed,
+                                    settings=ShardSettings(deadline_s=5, retries=1)), shards.first, lambda: None)
+    with TestClient(create_app(_web_settings(built[1], lm_dir, tmp_path), backend=lambda: backend),
+                    base_url=LOCAL) as c:
+        flaky.down = True
+        part = c.get("/api/search", params={"q": "a red cat", "mode": "dense", "k": 5}).json()
+        assert part["partial"] is True and part["missing_shards"][0]["shard"] == "shard-2"
+        assert all(h["shard"] != "shard-2" for h in part["results"])
+        kw = c.get("/api/search", params={"q": "zx007", "mode": "keyword", "k": 5}).json()
+        assert kw["partial"] is True and kw["missing_shards"][0]["shard"] == "shard-2"
+        assert c.get("/api/stats").json()["missing_shards"][0]["shard"] == "shard-2"
+        r = c.get("/api/items/1", params={"shard": "shard-2"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shard_unavailable"
+        flaky.down = False
+        assert c.get("/api/search", params={"q": "a red cat", "k": 5}).json()["partial"] is False
+
+    from crossmodal_rag.agents.tools import AgentSettings, AgentTools
+    from crossmodal_rag.web.state import AppState
+
+    st = AppState(_web_settings(built[1], lm_dir, tmp_path, max_batch=1))
+    try:
+        tools = AgentTools(st, AgentSettings())
+        import asyncio
+
+        found = asyncio.run(tools.search("a red cat", mode="dense", k=3))
+        assert found["partial"] is False and [h["path"] for h in found["results"]] == [
+            h.path for h in union.search("a red cat", mode="dense", k=3)]
+        top = found["results"][0]
+        assert top["uri"] == f"xmr://shard/{top['shard']}/item/{top['id']}"
+        d, _ = asyncio.run(tools.item(top["id"], with_thumbnail=False, shard=top["shard"]))
+        assert d["path"] == top["path"] and d["uri"] == top["uri"]
+        assert asyncio.run(tools.stats())["counts"] == union.counts()
+    finally:
+        st.close()
+    args = [a for s in built[1] for a in ("-c", str(s))]
+    assert main(["mcp", *args, "--allow-write", str(tmp_path)]) == 2
+
+
 # -- on Ray Serve: one local cluster for the module (start-up is the slow part) --------------------
 
 @pytest.fixture(scope="module")
-def served(built: tuple[Path, list[Path]]):
+def served(built: tuple[Path, list[Path]], lm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.serve")
     import socket
@@ -282,24 +391,29 @@ def served(built: tuple[Path, list[Path]]):
         port = s.getsockname()[1]
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        handle = deploy(built[1], RaySettings(shard_cpus=0.25, router_cpus=0.25, port=port, deadline_s=3.0))
+        web = _web_settings(built[1], lm_dir, tmp_path_factory.mktemp("thumbs"))
+        handle = deploy(built[1], RaySettings(shard_cpus=0.25, router_cpus=0.25, port=port, deadline_s=3.0), web)
         yield handle, port
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def _get(port: int, **params: object) -> dict:
+def _get(port: int, path: str = "/api/search", **params: object) -> dict:
     import urllib.parse
     import urllib.request
 
-    url = f"http://127.0.0.1:{port}/api/search?" + urllib.parse.urlencode(params, doseq=True)
+    url = f"http://127.0.0.1:{port}{path}?" + urllib.parse.urlencode(params, doseq=True)
     with urllib.request.urlopen(url, timeout=60) as r:
         assert r.status == 200
         return json.loads(r.read())
 
 
-def test_ray_serve_answers_as_the_union_then_survives_a_dead_replica(built, opened, served) -> None:
+def test_ray_serve_answers_as_the_union_then_survives_a_dead_replica(built, opened, served, sample_dir: Path) -> None:
+    """The router runs serve's web app over the shard deployments: search (text, keyword, an
+    upload), items by shard and the OpenAI chat answer as the union or the in-process shards do."""
+    import urllib.request
+
     import ray
 
     union, shards = opened
@@ -307,6 +421,29 @@ def test_ray_serve_answers_as_the_union_then_survives_a_dead_replica(built, open
     want = union.search("a red cat", mode="dense", k=10, where="year>=2005")
     got = _get(port, q="a red cat", mode="dense", k=10, where="year>=2005")
     assert got["partial"] is False and [h["path"] for h in got["results"]] == [h.path for h in want]
+    kw = _get(port, q="kitchen garden river", mode="keyword", k=10, target="texts")
+    want_kw = union.search("kitchen garden river", mode="keyword", k=10, target="texts")
+    assert np.allclose([h["keyword_score"] for h in kw["results"]], [h.keyword_score for h in want_kw], atol=1e-6)
+    boundary = "xmrboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"cat.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + (sample_dir / "cat.jpg").read_bytes() + (
+        f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"k\"\r\n\r\n5\r\n--{boundary}--\r\n").encode()
+    upload = urllib.request.Request(f"http://127.0.0.1:{port}/api/search/image", data=body, method="POST",
+                                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(upload, timeout=60) as r:
+        image_hits = json.loads(r.read())["results"]
+    local = shards.search(SearchRequest(image=str(sample_dir / "cat.jpg"), k=5))
+    assert [(h["shard"], h["id"]) for h in image_hits] == [(h.shard, h.id) for h in local]
+    item = _get(port, path=f"/api/items/{image_hits[0]['id']}", shard=image_hits[0]["shard"])
+    assert item["path"] == image_hits[0]["path"]
+    chat = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                  headers={"Content-Type": "application/json"},
+                                  data=json.dumps({"model": "shard-1+shard-2+shard-3", "k": 4, "messages": [
+                                      {"role": "user", "content": "a red cat by the river"}]}).encode())
+    with urllib.request.urlopen(chat, timeout=120) as r:
+        sources = json.loads(r.read())["sources"]
+    assert [s["caption"] for s in sources] == [h.text for h in union.search("a red cat by the river", mode="dense",
+                                                                              k=4, target="texts")]
     fused = handle.search.remote(SearchRequest(text="zx021 beach", k=10, target="texts")).result()
     local = shards.search("zx021 beach", k=10, target="texts")
     assert fused["mode"] == local.mode == "hybrid" and not fused["partial"]

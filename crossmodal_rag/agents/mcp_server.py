@@ -1,7 +1,8 @@
 """The Model Context Protocol server (``crossmodal-rag mcp``) on the official MCP Python SDK.
 
 Tools: ``search``, ``ask``, ``get_item`` (with the thumbnail as image content), ``stats``; with a
-write root also ``index`` and ``remove``. Items are resources ``xmr://item/{id}``. Each tool is a
+write root also ``index`` and ``remove``. Items are resources ``xmr://item/{id}`` (over several
+shards, ``mcp -c A -c B``: ``xmr://shard/{shard}/item/{id}``, and ``get_item`` takes the shard). Each tool is a
 thin call of :class:`~.tools.AgentTools` (the REST API's checks and bounds); every refusal or
 failure is an MCP tool error (``isError``) whose text names the input and the fix, never a crash
 of the server. Arguments are typed, so the SDK validates them against the tool's JSON schema first.
@@ -53,6 +54,8 @@ ImagePath = Annotated[str | None, Field(max_length=4096, description="an image f
 ImageB64 = Annotated[str | None, Field(description="an image's bytes, base64 (or a data: URL)")]
 Paths = Annotated[list[Annotated[str, Field(max_length=4096)]] | None, Field(max_length=1000)]
 Ids = Annotated[list[ItemId] | None, Field(max_length=1000)]
+ShardName = Annotated[str | None, Field(max_length=200, description="a server of several shards: the item's "
+                                                                     "shard (search results name it)")]
 IndexPath = Annotated[str, Field(min_length=1, max_length=4096, description="a folder or file under the write root")]
 
 
@@ -96,9 +99,9 @@ def build_server(st: AppState, settings: AgentSettings) -> Any:
         return await _guarded(tools.ask(question, mode, k, target, where, min_score, search_mode))
 
     @server.tool(annotations=read_only)
-    async def get_item(id: ItemId) -> list[Any]:
+    async def get_item(id: ItemId, shard: ShardName = None) -> list[Any]:
         """An item's metadata, captions and OCR text (JSON), and its image's thumbnail (JPEG)."""
-        d, jpeg = await _guarded(tools.item(id))
+        d, jpeg = await _guarded(tools.item(id, shard=shard))
         blocks: list[Any] = [TextContent(type="text", text=json.dumps(d, ensure_ascii=False))]
         if jpeg is not None:
             blocks.append(ImageContent(type="image", data=base64.b64encode(jpeg).decode(), mime_type="image/jpeg"))
@@ -120,6 +123,25 @@ def build_server(st: AppState, settings: AgentSettings) -> Any:
             d, _ = await tools.item(int(item_id), with_thumbnail=False)
         except CrossmodalError as e:
             raise ResourceError(str(e)) from e
+        except ApiError as e:
+            raise ResourceError(e.message) from e
+        return json.dumps(d, ensure_ascii=False)
+
+    @server.resource("xmr://shard/{shard}/item/{item_id}", mime_type="application/json",
+                     description="an item of a shard (a server of several): metadata, captions and OCR text")
+    async def shard_item_resource(shard: str, item_id: str) -> str:
+        from urllib.parse import unquote
+
+        from mcp.server.mcpserver.exceptions import ResourceError
+
+        if not item_id.isdigit() or len(item_id) > 19:
+            raise ResourceError(f"xmr://shard/.../item/{item_id[:40]}: an item id is a number (0 to 2**63-1)")
+        try:
+            d, _ = await tools.item(int(item_id), with_thumbnail=False, shard=unquote(shard))
+        except CrossmodalError as e:
+            raise ResourceError(str(e)) from e
+        except ApiError as e:
+            raise ResourceError(e.message) from e
         return json.dumps(d, ensure_ascii=False)
 
     if settings.write_root is not None:

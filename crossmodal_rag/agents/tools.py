@@ -19,14 +19,16 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 from ..errors import CrossmodalError
 from ..safe_io import read_regular
 from ..search import SearchRequest
+from ..web.backend import CollectionBackend
 from ..web.checks import Checks
 from ..web.inputs import MAX_ID, check_min_score, check_text, check_texts
 from ..web.paths import PublicPaths
-from ..web.results import hit_out, image_id_of
+from ..web.results import hit_out, image_id_of, sharded
 from ..web.routes.ask import run_ask
 from ..web.routes.items import thumbnail
 from ..web.routes.openai import BytesUpload
@@ -63,9 +65,9 @@ class AgentSettings:
         object.__setattr__(self, "write_root", write)
 
 
-def item_uri(item_id: int) -> str:
-    """The MCP resource URI of an item."""
-    return f"xmr://item/{item_id}"
+def item_uri(item_id: int, shard: str | None = None) -> str:
+    """The MCP resource URI of an item (of ``shard``, on a server of several)."""
+    return f"xmr://item/{item_id}" if shard is None else f"xmr://shard/{quote(shard, safe='')}/item/{item_id}"
 
 
 def _inside(path: str, roots: tuple[str, ...], flag: str) -> str:
@@ -127,8 +129,8 @@ class AgentTools:
         request = SearchRequest(text=text if image is None else None, image=image,
                                 plus=(text,) if image is not None and text else (), k=k, target=target,  # type: ignore[arg-type]
                                 where=tuple(where), min_score=min_score, mode=mode)  # type: ignore[arg-type]
-        result = await self.st.work(self.st.collection.search, request)
-        return {"mode": result.mode, "mode_reason": result.reason,
+        result = await self.st.work(self.st.backend.search, request)  # several shards: merged
+        return {"mode": result.mode, "mode_reason": result.reason, **sharded(result),
                 "results": [_agent_view(hit_out(h, self.st.paths).model_dump()) for h in result.hits]}
 
     async def ask(self, question: str, mode: str = "concat", k: int = 5, target: str = "texts",
@@ -149,39 +151,49 @@ class AgentTools:
         d["sources"] = [_agent_view(s) for s in d["sources"]]
         return d
 
-    async def item(self, item_id: int, with_thumbnail: bool = True) -> tuple[dict[str, Any], bytes | None]:
-        """An item's metadata, captions and OCR text, and the JPEG thumbnail of its image (or None)."""
+    async def item(self, item_id: int, with_thumbnail: bool = True,
+                   shard: str | None = None) -> tuple[dict[str, Any], bytes | None]:
+        """An item's metadata, captions and OCR text, and the JPEG thumbnail of its image (or None);
+        ``shard``: the item's shard, on a server of several (hits name it)."""
         if not 0 <= item_id <= MAX_ID:
             raise ToolRefused(f"item id {item_id} is out of range (0 to 2**63-1)")
-        items = await self.st.work(self.st.collection.get, item_id)
-        if not items:
-            raise ToolRefused(f"no item {item_id} in the collection; search first to find item ids")
-        it = items[0]
+        it = await self.st.work(self.st.backend.item, item_id, shard)
+        if it is None:
+            where = "the collection" if shard is None else f"shard {shard}"
+            raise ToolRefused(f"no item {item_id} in {where}; search first to find item ids")
         d = {k: v for k, v in it.to_dict().items() if k not in ("sha256", "ext_id")}
         d["path"] = self.st.paths.path(it.path)
         iid = image_id_of(it.kind, it.id, it.parent_id)
-        d["image_id"], d["uri"] = iid, item_uri(it.id)
+        d["image_id"], d["uri"] = iid, item_uri(it.id, shard)
+        if shard is not None:
+            d["shard"] = shard
         jpeg = None
         if with_thumbnail and iid is not None:
             try:
-                jpeg = await thumbnail(self.st, iid, snap_size(self.settings.thumbnail_size))
+                jpeg = await thumbnail(self.st, iid, snap_size(self.settings.thumbnail_size), shard)
             except Exception as e:  # the metadata is still worth having
                 d["thumbnail"] = f"unavailable: {getattr(e, 'message', e)}"
         return d, jpeg
 
     async def stats(self) -> dict[str, Any]:
-        c, paths = self.st.collection, self.st.paths
+        c, paths, backend = self.st.collection, self.st.paths, self.st.backend
         m = c.manifest
-        counts = await self.st.work(c.counts)
-        return {"collection": paths.folder(c.folder), "encoder": paths.spec(m.encoder), "dim": m.dim,
+        counts, missing = await self.st.work(backend.counts)  # several shards: summed
+        shards = {"shards": list(backend.shards), "missing_shards": [{"shard": s, "reason": why}
+                                                                     for s, why in missing.items()]}
+        return {"collection": backend.name if backend.shards else paths.folder(c.folder),
+                "encoder": paths.spec(m.encoder), "dim": m.dim,
                 "index_type": m.index_type, "counts": counts, "generation": m.generation,
                 "updated_at": m.updated_at, "text_model": c.text_model,
-                "writable": self.settings.write_root is not None}
+                "writable": self.settings.write_root is not None, **(shards if backend.shards else {})}
 
     # -- writing (--allow-write ROOT) -----------------------------------------------------------
     def _write_root(self) -> str:
         if self.settings.write_root is None:
             raise ToolRefused("this server is read-only; start it with --allow-write ROOT to index or remove")
+        if self.st.backend.shards:
+            raise ToolRefused("this server searches several shards, read-only; index into one collection "
+                              "(crossmodal-rag mcp -c DIR --allow-write ROOT)")
         return self.settings.write_root
 
     async def index(self, path: str) -> dict[str, Any]:
@@ -221,6 +233,7 @@ class AgentTools:
         fresh = Collection.open(s.collection, model=s.model, mmap=s.mmap)
         fresh.encoder.load()
         old, self.st.collection = self.st.collection, fresh
+        self.st.backend = CollectionBackend(fresh)
         self.st.paths = PublicPaths(fresh, show_paths=s.show_paths)
         old.close()
         logger.info("collection %s changed by an agent; reopened", s.collection)
@@ -230,5 +243,5 @@ class AgentTools:
 def _agent_view(d: dict[str, Any]) -> dict[str, Any]:
     """A hit or source as an agent gets it: the item's resource URI instead of the web URLs."""
     out = {k: v for k, v in d.items() if k not in ("image_url", "thumbnail_url")}
-    out["uri"] = item_uri(d["id"])
+    out["uri"] = item_uri(d["id"], d.get("shard"))
     return out

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import UsageError, add_collection, add_model, collection_dir, positive_int
+from .options import UsageError, add_model, positive_int
+from .shards import add_collections, shard_folders
 
 __all__ = ["cmd_mcp", "register"]
 
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Serve a collection over the Model Context Protocol: tools search, ask, "
                                     "get_item, stats (and index/remove with --allow-write); items as resources "
                                     "xmr://item/{id}. Read-only by default. See docs/agents.md.")
-    add_collection(mp)
+    add_collections(mp)  # several -c: shards searched as one, read-only (cli/shards.py)
     mp.add_argument("--transport", choices=("stdio", "http"), default="stdio",
                     help="stdio (default: the client starts this command) or http (Streamable HTTP on /mcp)")
     mp.add_argument("--host", default="127.0.0.1", help="http: address to bind (default 127.0.0.1: this machine only)")
@@ -58,24 +59,30 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     except ToolRefused as e:
         raise UsageError(str(e)) from e
     hosts = allowed_hosts_for(args.host, args.allowed_host)
-    settings = WebSettings(collection=collection_dir(args), generator=args.generator, model=args.model,
+    folders = shard_folders(args)
+    if len(folders) > 1 and agent.write_root is not None:
+        raise UsageError("mcp: several -c collections are served read-only; leave out --allow-write "
+                         "(or serve one collection)")
+    settings = WebSettings(collection=folders[0], shards=tuple(folders[1:]), generator=args.generator,
+                           model=args.model,
                            max_k=args.max_k, max_new_tokens=args.max_new_tokens, thumbnail_dir=args.thumbnail_dir,
                            max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), load_generator_at_startup=False,
                            allowed_hosts=hosts, max_batch=1)
     from ..collection import Collection
 
-    Collection.open(settings.collection).close()  # fail fast, with a clear message, before serving
+    for folder in folders:  # fail fast, with a clear message, before serving
+        Collection.open(folder).close()
     st = AppState(settings)
     try:
         server = build_server(st, agent)
         writes = f"; index/remove under {agent.write_root}" if agent.write_root else " (read-only)"
         if args.transport == "stdio":
-            print(f"MCP server for {settings.collection} on stdio{writes}", file=sys.stderr)
+            print(f"MCP server for {', '.join(folders)} on stdio{writes}", file=sys.stderr)
             anyio.run(run_stdio, server, st)
         else:
             import uvicorn
 
-            print(f"MCP server for {settings.collection} on http://{args.host}:{args.port}/mcp{writes}",
+            print(f"MCP server for {', '.join(folders)} on http://{args.host}:{args.port}/mcp{writes}",
                   file=sys.stderr)
             app = http_app(server, st, hosts, settings.max_upload_bytes * 2 + 64 * 1024)
             uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if not args.verbose else "info")

@@ -1,17 +1,20 @@
-"""``serve``: the web app and REST API for a collection."""
+"""``serve``: the web app and REST API for a collection, or for several index shards as one (in
+this process with repeated ``-c``, or on Ray Serve with ``--ray``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from .options import UsageError, add_collection, add_model, collection_dir, nonneg_int, positive_int
+from .options import UsageError, add_model, nonneg_int, positive_int
+from .shards import add_collections, shard_folders
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve`` to ``sub``."""
     sv = sub.add_parser("serve", help="start the web app and REST API for a collection")
-    add_collection(sv)
+    add_collections(sv)  # several -c: shards searched as one in this process (cli/shards.py)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=positive_int, default=8000)
     sv.add_argument("--generator", "-g", metavar="SPEC", help="generator for answers (default google/flan-t5-base)")
@@ -109,19 +112,16 @@ def _memory_mb(text: str) -> int:
     return value
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    if args.ray is not None or args.shard:
-        return _serve_ray(args)
+def _web_settings(args: argparse.Namespace, folders: list[str]) -> Any:
+    """The server's :class:`~crossmodal_rag.web.WebSettings` from the flags (``folders``: the
+    collection, or the shards, the first of which embeds the queries)."""
     try:
-        import uvicorn
-
-        from ..web import WebSettings, create_app
+        from ..web import WebSettings
         from ..web.guards import allowed_hosts_for
     except ImportError as e:
         raise UsageError(f"serve needs the web extras: pip install 'crossmodal-rag[serve]' ({e})") from e
-
-    settings = WebSettings(
-        collection=collection_dir(args), generator=args.generator, model=args.model,
+    return WebSettings(
+        collection=folders[0], shards=tuple(folders[1:]), generator=args.generator, model=args.model,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
         max_k=args.max_k, max_new_tokens=args.max_new_tokens, thumbnail_dir=args.thumbnail_dir,
         load_generator_at_startup=not args.lazy_generator, mmap=args.mmap,
@@ -130,10 +130,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_origins=tuple(args.allow_origin), decode_workers=args.decode_workers,
         decode_timeout_s=args.decode_timeout, decode_memory_mb=args.decode_memory_mb,
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray is not None or args.shard:
+        return _serve_ray(args)
+    settings = _web_settings(args, shard_folders(args))
+    try:
+        import uvicorn
+
+        from ..web import create_app
+    except ImportError as e:
+        raise UsageError(f"serve needs the web extras: pip install 'crossmodal-rag[serve]' ({e})") from e
     from ..collection import Collection
 
-    Collection.open(settings.collection).close()  # fail fast, with a clear message, before binding
-    print(f"serving {settings.collection} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    folders = [settings.collection, *settings.shards]
+    for folder in folders:  # fail fast, with a clear message, before binding
+        Collection.open(folder).close()
+    what = folders[0] if len(folders) == 1 else f"{len(folders)} shards as one ({', '.join(folders)})"
+    print(f"serving {what} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
     print(f"answering Host: {', '.join(settings.allowed_hosts)} (more with --allowed-host)", file=sys.stderr)
     if settings.allowed_origins:
         print(f"pages of {', '.join(settings.allowed_origins)} may use the API too", file=sys.stderr)
@@ -143,19 +158,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_ray(args: argparse.Namespace) -> int:
-    """``serve --ray``: the shards and the router on Ray Serve, until Ctrl-C."""
+    """``serve --ray``: the shards and the router (the web app over them) on Ray Serve, until Ctrl-C."""
     import time
 
     from ..serving.ray_serve import RaySettings, deploy
 
-    folders = ([args.collection] if args.collection else []) + list(args.shard)
+    folders = list(args.collection or []) + list(args.shard)
     if args.ray is None or not folders:
         raise UsageError("serve on Ray Serve takes --ray [ADDRESS] and one or more --shard DIR")
+    web = _web_settings(args, folders)
     settings = RaySettings(address=None if args.ray == "local" else args.ray, replicas=args.replicas,
                            host=args.host, port=args.port, mmap=True, deadline_s=args.shard_deadline)
-    deploy(folders, settings)
+    deploy(folders, settings, web)
     print(f"serving {len(folders)} shard(s), {args.replicas} replica(s) each, on "
-          f"http://{args.host}:{args.port}/api/search (Ctrl-C to stop)", file=sys.stderr)
+          f"http://{args.host}:{args.port}/ (the REST API, /v1; Ctrl-C to stop)", file=sys.stderr)
     try:
         while True:
             time.sleep(3600)

@@ -20,8 +20,8 @@ The merge rules, and how they compare with one collection holding the union of t
   keyword query and the decision is the union's.
 * **hybrid / auto fused**: the merged dense list and the merged keyword list, each
   :data:`~crossmodal_rag.search.hybrid.FUSED_DEPTH` deep, fused by the one-collection rule
-  (reciprocal rank fusion, or auto's min-max evidence fusion): the union's answer wherever the
-  keyword merge agrees with the union's BM25 order.
+  (reciprocal rank fusion, or auto's min-max evidence fusion): both lists are the union's, so
+  the fusion is too (up to the order of equal scores).
 
 A shard that fails (after one retry) or answers after the deadline is left out: the result is a
 :class:`ShardedResult` with ``partial`` true and ``missing`` naming the shard and why. A query
@@ -52,6 +52,7 @@ from .shard_merge import dense_scored, first_threshold, fuse_merged, merge_by
 
 if TYPE_CHECKING:
     from ..store.bm25 import Bm25Stats
+    from ..store.items import Item
     from .text_space import TextSpaceOwner
 
 __all__ = ["Shard", "ShardSet", "ShardSettings", "ShardedResult", "ShardsUnavailableError"]
@@ -86,6 +87,19 @@ class Shard(Protocol):
 
     def doc_freqs(self, words: Sequence[str]) -> tuple[dict[str, int], int]:
         """(word -> number of texts holding it, number of texts) in the shard's word index."""
+        ...
+
+    # what the web app reads of one shard's items (an item is named by its shard and id)
+    def get(self, ids: list[int]) -> list[Item]:
+        """The shard's items by id, in the order asked (missing ids left out)."""
+        ...
+
+    def path_entry(self, path: str) -> tuple[int, int | None, int | None] | None:
+        """(item id, size, mtime_ns) of an indexed file of the shard, or None."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """The shard's items by kind."""
         ...
 
 
@@ -158,6 +172,13 @@ class ShardSet:
         if (collection.manifest.encoder, collection.manifest.dim) != (self.encoder, self.dim):
             raise CrossmodalError(f"{collection.folder} uses {collection.manifest.encoder}; the shards use "
                                   f"{self.encoder}: give collections of one encoder")
+
+    def each(self, call: Callable[[Shard], T]) -> tuple[list[tuple[str, T]], dict[str, str]]:
+        """``call`` on every shard as a search calls them (deadline, one retry): the answers
+        ``[(shard, answer), ...]`` and the shards missing, with why. Raises
+        :class:`ShardsUnavailableError` when none answers."""
+        missing: dict[str, str] = {}
+        return self._fan(call, missing), missing
 
     # -- the fan-out ---------------------------------------------------------------------------
     def _call(self, shard: Shard, call: Callable[[Shard], T]) -> T:

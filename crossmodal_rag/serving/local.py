@@ -25,6 +25,7 @@ from ..store.bm25 import Bm25Stats
 
 if TYPE_CHECKING:
     from ..collection import Collection
+    from ..store.items import Item
 
 __all__ = ["LocalShard", "ShardMismatchError", "check_encoders", "open_shards", "read_shard_list", "shard_names"]
 
@@ -77,6 +78,15 @@ class LocalShard:
 
     def doc_freqs(self, words: Sequence[str]) -> tuple[dict[str, int], int]:
         return fulltext.doc_freqs(self.collection.store, words)
+
+    def get(self, ids: list[int]) -> list[Item]:
+        return self.collection.get(list(ids))
+
+    def path_entry(self, path: str) -> tuple[int, int | None, int | None] | None:
+        return self.collection.store.path_entry(path)
+
+    def counts(self) -> dict[str, int]:
+        return self.collection.counts()
 
 
 def read_shard_list(path: str | Path) -> list[Path]:

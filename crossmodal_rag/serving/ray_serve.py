@@ -2,17 +2,21 @@
 
 One deployment per shard (``shard-NAME``: each replica opens its collection read-only, mmap-able,
 and answers :class:`~crossmodal_rag.search.shards.Shard` calls) and one ``router`` deployment
-that embeds each query once, fans out to the shards' handles, merges
-(:class:`~crossmodal_rag.search.shards.ShardSet`) and answers the REST API's search::
+that runs the web app of ``serve`` over the shards (:class:`RouterServer`): it embeds each query
+once, fans out to the shards' handles, merges (:class:`~crossmodal_rag.search.shards.ShardSet`)
+and answers the same REST API, uploads and answers included, and the OpenAI endpoints::
 
-    HTTP GET /api/search?q=...&k=&target=&mode=&where=&min_score=  (as `serve`, plus partial,
-      shards, missing_shards)  -> router -> shard-a | shard-b | shard-c  (replicas each)
-    GET /api/health -> the shards and the encoder
+    HTTP /api/search, /api/search/image, /api/ask, /api/ask/image, /api/items/{id}?shard=,
+         /api/stats, /api/health, /v1/models, /v1/embeddings, /v1/chat/completions
+      -> router (web app; ShardBackend) -> shard-a | shard-b | shard-c  (replicas each)
 
 A shard that fails twice (Serve sends the retry to another replica when it has one) or answers
 after the deadline is left out: 200 with ``"partial": true`` and the shard named in
-``missing_shards``, never a 500. Serve replaces a dead replica; ``--replicas N`` scales each shard.
-Ray and Serve load on first use (``pip install 'crossmodal-rag[serve-ray]'``)."""
+``missing_shards``, never a 500 (no shard at all: 503 with Retry-After). Serve replaces a dead
+replica; ``--replicas N`` scales each shard. The router opens the first shard's folder
+read-only for its encoder (every node of the cluster sees the shard folders, as the shard
+replicas, placed by Ray, need). Ray and Serve load on first use
+(``pip install 'crossmodal-rag[serve-ray]'``)."""
 
 from __future__ import annotations
 
@@ -27,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CrossmodalError, QueryError
+from ..errors import CrossmodalError
 from ..search.request import SearchRequest, SearchResult
-from ..search.shards import ShardSet, ShardSettings, ShardsUnavailableError
+from ..search.shards import ShardSet, ShardSettings
 from ..store.bm25 import Bm25Stats
+from ..store.items import Item
 from .local import ShardMismatchError, shard_names
 
 __all__ = ["RaySettings", "RemoteShard", "RouterServer", "ShardServer", "deploy"]
@@ -88,6 +93,15 @@ class ShardServer:
     def doc_freqs(self, words: Sequence[str]) -> tuple[dict[str, int], int]:
         return self.shard.doc_freqs(words)
 
+    def get(self, ids: list[int]) -> list[Item]:
+        return self.shard.get(ids)
+
+    def path_entry(self, path: str) -> tuple[int, int | None, int | None] | None:
+        return self.shard.path_entry(path)
+
+    def counts(self) -> dict[str, int]:
+        return self.shard.counts()
+
 
 class RemoteShard:
     """A shard deployment behind its Serve handle (the :class:`Shard` interface)."""
@@ -108,6 +122,15 @@ class RemoteShard:
 
     def doc_freqs(self, words: Sequence[str]) -> tuple[dict[str, int], int]:
         return self.handle.doc_freqs.remote(list(words)).result(timeout_s=self.timeout_s)
+
+    def get(self, ids: list[int]) -> list[Item]:
+        return self.handle.get.remote(list(ids)).result(timeout_s=self.timeout_s)
+
+    def path_entry(self, path: str) -> tuple[int, int | None, int | None] | None:
+        return self.handle.path_entry.remote(path).result(timeout_s=self.timeout_s)
+
+    def counts(self) -> dict[str, int]:
+        return self.handle.counts.remote().result(timeout_s=self.timeout_s)
 
 
 def _check_infos(infos: list[dict[str, Any]]) -> None:
@@ -131,83 +154,83 @@ def _check_infos(infos: list[dict[str, Any]]) -> None:
 
 
 class RouterServer:
-    """The router replica: embeds once, fans out, merges, answers ``/api/search`` and ``/api/health``.
-    It reads the shards' encoder and fingerprints on its first call (:meth:`ready`; a handle's
-    blocking ``.result()`` may not run on the replica's event loop, so it runs in a thread)."""
+    """The router replica: the web app of ``serve`` (:func:`crossmodal_rag.web.create_app`: every
+    route, uploads, answers, items and the OpenAI endpoints) over a
+    :class:`~crossmodal_rag.web.backend.ShardBackend` of the shards' deployments. At start-up
+    (the app's lifespan) it reads the shards' encoder and fingerprints (a
+    :class:`ShardMismatchError` naming the odd one) and opens the first shard's folder read-only,
+    memory-mapped, for the query side (its encoder embeds each query once; it searches no shard
+    itself). Wrapped by ``serve.ingress`` in :func:`deploy` (Ray loads on first use)."""
 
-    def __init__(self, handles: list[Any], deadline_s: float = 10.0) -> None:
-        self.handles, self.deadline_s = handles, deadline_s
-        self.shards: ShardSet | None = None
-        self.infos: list[dict[str, Any]] = []
-        self._lock = asyncio.Lock()
+    def __init__(self, handles: list[Any], web: Any, deadline_s: float = 10.0) -> None:
+        self.handles, self.web, self.deadline_s = handles, web, deadline_s
 
-    def _setup(self) -> None:
-        from ..encoders import load_encoder
-        from ..search.query import embed_query
+    def __serve_build_asgi_app__(self) -> Any:
+        from ..web import create_app
+
+        return create_app(self.web, backend=self._backend)
+
+    def _backend(self) -> Any:
+        """The shards behind their handles, as one (runs in a thread: a handle's blocking
+        ``.result()`` may not run on the replica's event loop)."""
+        from ..collection import Collection
+        from ..web.backend import ShardBackend
 
         infos = [h.info.remote().result(timeout_s=300) for h in self.handles]
         _check_infos(infos)
-        encoder = load_encoder(infos[0]["encoder"])
+        main = Collection.open(self.web.collection, model=self.web.model, mmap=True)
 
         def embed(r: SearchRequest) -> np.ndarray:
-            return embed_query(lambda: encoder, r.text, r.image, plus=list(r.plus), minus=list(r.minus))
+            return main.embed_query(r.text, r.image, plus=list(r.plus), minus=list(r.minus))
 
-        shards = [RemoteShard(h, info, self.deadline_s) for h, info in zip(self.handles, infos, strict=True)]
-        self.shards = ShardSet(shards, embed, encoder=infos[0]["encoder"], dim=infos[0]["dim"],
-                               settings=ShardSettings(deadline_s=self.deadline_s, retries=1))
-        self.infos = infos
+        remote = [RemoteShard(h, info, self.deadline_s) for h, info in zip(self.handles, infos, strict=True)]
+        shards = ShardSet(remote, embed, encoder=infos[0]["encoder"], dim=infos[0]["dim"],
+                          settings=ShardSettings(deadline_s=self.deadline_s, retries=1))
+
+        def close() -> None:
+            shards.close()
+            main.close()
+
+        return ShardBackend(shards, main, close)
+
+    def _state(self) -> Any:
+        st = getattr(self.app.state, "web", None)  # type: ignore[attr-defined]  # set by the app's lifespan
+        if st is None:
+            raise CrossmodalError("the router is still starting; ask again")
+        return st
 
     async def ready(self) -> dict[str, Any]:
-        """The shards read and checked (a :class:`ShardMismatchError` naming the odd one), and the encoder."""
-        async with self._lock:
-            if self.shards is None:
-                await asyncio.get_running_loop().run_in_executor(None, self._setup)
-        return {"status": "ok", "encoder": self.infos[0]["encoder"], "shards": [i["name"] for i in self.infos]}
+        """The shards read and checked, and the encoder (``/api/health`` answers as ``serve``'s)."""
+        st = self._state()
+        return {"status": "ok", "encoder": st.collection.manifest.encoder, "shards": list(st.backend.shards)}
 
     def _search(self, request: SearchRequest) -> dict[str, Any]:
-        assert self.shards is not None
+        st = self._state()
         t0 = time.perf_counter()
-        result = self.shards.search(request)
+        result = st.backend.search(request)
         return {"query": {"text": request.text, "where": list(request.where)}, "target": request.target,
                 "k": request.k, **result.to_dict(), "seconds": time.perf_counter() - t0}
 
     async def search(self, request: SearchRequest) -> dict[str, Any]:
-        """One search, as the REST API answers it (the handle's way in, for Python callers)."""
-        await self.ready()
+        """One search, as ``/api/search`` answers it, with absolute paths (the handle's way in,
+        for Python callers)."""
         return await asyncio.get_running_loop().run_in_executor(None, self._search, request)
-
-    async def __call__(self, http: Any) -> Any:
-        from starlette.responses import JSONResponse
-
-        path = http.url.path.rstrip("/")
-        if path.endswith("/api/health"):
-            return JSONResponse(await self.ready())
-        if not path.endswith("/api/search"):
-            return JSONResponse({"error": "not_found", "detail": "this router answers /api/search and /api/health"},
-                                status_code=404)
-        p = http.query_params
-        try:
-            if not p.get("q", "").strip():
-                raise QueryError("give a text query: /api/search?q=...")
-            request = SearchRequest(text=p["q"], k=int(p.get("k", "10")), target=p.get("target", "images"),  # type: ignore[arg-type]
-                                    mode=p.get("mode", "auto"), where=tuple(p.getlist("where")),  # type: ignore[arg-type]
-                                    min_score=p.get("min_score"))
-            return JSONResponse(await self.search(request))
-        except (QueryError, ValueError) as e:
-            return JSONResponse({"error": "bad_query", "detail": str(e)}, status_code=422)
-        except ShardsUnavailableError as e:
-            return JSONResponse({"error": "shards_unavailable", "detail": str(e)}, status_code=503,
-                                headers={"Retry-After": "5"})
 
 
 def _deployment_name(name: str) -> str:
     return "shard-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def deploy(folders: Sequence[str | Path], settings: RaySettings | None = None) -> Any:
+def deploy(folders: Sequence[str | Path], settings: RaySettings | None = None, web: Any = None) -> Any:
     """Deploy ``folders`` (index shards of one encoder) and the router on Ray Serve; returns the
-    router's handle (``handle.search.remote(SearchRequest(...)).result()``). Starts a local Ray
-    instance unless ``settings.address`` names a cluster (or Ray is already up)."""
+    router's handle (``handle.search.remote(SearchRequest(...)).result()``). ``web``: the router's
+    :class:`~crossmodal_rag.web.WebSettings` (generator, limits, hosts; its ``collection`` is
+    the first shard). Starts a local Ray instance unless ``settings.address`` names a cluster
+    (or Ray is already up)."""
+    from dataclasses import replace
+
+    from ..web.settings import WebSettings
+
     s = settings or RaySettings()
     try:
         import ray
@@ -230,9 +253,12 @@ def deploy(folders: Sequence[str | Path], settings: RaySettings | None = None) -
                                ray_actor_options={"num_cpus": s.shard_cpus}, max_ongoing_requests=32,
                                health_check_period_s=2, graceful_shutdown_timeout_s=1)
         bound.append(dep.bind(str(Path(folder).expanduser().resolve()), name, s.mmap))
-    router = serve.deployment(RouterServer, name="router", ray_actor_options={"num_cpus": s.router_cpus},
-                              max_ongoing_requests=64, graceful_shutdown_timeout_s=1)
-    handle = serve.run(router.bind(bound, s.deadline_s), name=s.app_name, route_prefix="/")
+    first = str(Path(folders[0]).expanduser().resolve())
+    web = replace(web, collection=first, shards=()) if web is not None else WebSettings(collection=first)
+    router = serve.deployment(serve.ingress()(RouterServer), name="router",
+                              ray_actor_options={"num_cpus": s.router_cpus}, max_ongoing_requests=64,
+                              graceful_shutdown_timeout_s=1)
+    handle = serve.run(router.bind(bound, web, s.deadline_s), name=s.app_name, route_prefix="/")
     try:
         handle.ready.remote().result(timeout_s=600)
     except Exception:

@@ -23,6 +23,7 @@ router per family of routes (:mod:`.routes`).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -30,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from .._version import __version__
+from .backend import Backend
 from .errors import register_errors
 from .guards import CatchAll, HostCheck, SecurityHeaders
 from .limits import BodyLimit
@@ -41,12 +43,14 @@ from .state import AppState
 __all__ = ["WebSettings", "create_app"]
 
 
-def create_app(settings: WebSettings) -> FastAPI:
-    """Build the app; the collection opens and the encoder loads at start-up."""
+def create_app(settings: WebSettings, backend: Callable[[], Backend] | None = None) -> FastAPI:
+    """Build the app; the collection opens (``settings.shards``: the shards, as one) and the
+    encoder loads at start-up. ``backend``: what the routes search instead, made at start-up
+    (the Ray Serve router's remote shards, :mod:`crossmodal_rag.serving.ray_serve`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        st = await run_in_threadpool(AppState, settings)
+        st = await run_in_threadpool(lambda: AppState(settings, backend() if backend is not None else None))
         app.state.web = st
         if settings.load_generator_at_startup:
             threading.Thread(target=st.load_generator, name="load-generator", daemon=True).start()

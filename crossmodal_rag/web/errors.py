@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import CollectionError, QueryError
+from ..search.shards import ShardsUnavailableError
 from .inputs import InputError
 
 __all__ = ["ApiError", "error_response", "register_errors"]
@@ -53,6 +54,12 @@ def register_errors(app: FastAPI) -> None:
             folder = str(web.collection.folder)
             message = message.replace(folder, web.collection.folder.name)
         return error_response(503, "collection_damaged", message)
+
+    @app.exception_handler(ShardsUnavailableError)
+    async def _shards_down(request: Request, exc: ShardsUnavailableError) -> JSONResponse:
+        # no shard answered (a shard that did not is named in the partial answer of the others)
+        logger.error("no shard answered on %s: %s", request.url.path, exc)
+        return error_response(503, "shards_unavailable", str(exc), {"Retry-After": "5"})
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:

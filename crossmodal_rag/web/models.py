@@ -34,6 +34,8 @@ class HitOut(BaseModel):
                                            "model, lens, orientation, city, region, country, country_name")
     generated: list[str] = Field(default_factory=list, description="captions a vision-language model wrote "
                                  "(index --caption-model): an image's, or this caption's own text")
+    shard: str | None = Field(None, description="several shards: the shard (collection) that holds it; its "
+                                                "item URLs name it (null: one collection)")
 
 
 class SearchOut(BaseModel):
@@ -45,6 +47,11 @@ class SearchOut(BaseModel):
                                                       "informative keyword: ...')")
     results: list[HitOut]
     seconds: float
+    partial: bool | None = Field(None, description="several shards: true when some shard did not answer (the "
+                                                   "hits are the best of the others); null: one collection")
+    shards: list[str] | None = Field(None, description="several shards: those whose hits are merged here")
+    missing_shards: list[dict[str, str]] | None = Field(None, description="several shards: {shard, reason} of "
+                                                                          "each shard left out")
 
 
 class SourceOut(BaseModel):
@@ -64,6 +71,8 @@ class SourceOut(BaseModel):
     thumbnail_url: str | None
     image_url: str | None
     image: str | None = None  # a vision-language generator: the picture shown with this source
+    shard: str | None = Field(None, description="several shards: the shard (collection) that holds it; its "
+                                                "item URLs name it (null: one collection)")
 
 
 class AskIn(BaseModel):
@@ -115,6 +124,8 @@ class ItemOut(BaseModel):
                                            "(see HitOut.capture)")
     generated: list[str] = Field(default_factory=list, description="captions a vision-language model wrote "
                                  "(index --caption-model), shown as generated")
+    shard: str | None = Field(None, description="several shards: the shard (collection) that holds it; its "
+                                                "item URLs name it (null: one collection)")
 
 
 class StatsOut(BaseModel):
@@ -127,6 +138,10 @@ class StatsOut(BaseModel):
     updated_at: str
     captures: dict[str, Any] | None = Field(None, description="photos' capture metadata (issue 30): dated and "
                                             "located counts, taken_from/taken_to, top_places, top_cameras")
+    shards: list[str] | None = Field(None, description="several shards: their names (counts are summed over "
+                                                       "those that answered)")
+    missing_shards: list[dict[str, str]] | None = Field(None, description="several shards: {shard, reason} of "
+                                                                          "each shard not counted")
 
 
 class HealthOut(BaseModel):

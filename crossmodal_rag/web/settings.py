@@ -24,8 +24,10 @@ class WebSettings:
                              f"and max_queued_decodes >= 0; got {self.decode_workers}, {self.decode_timeout_s}, "
                              f"{self.decode_memory_mb} and {self.max_queued_decodes}")
         object.__setattr__(self, "allowed_origins", tuple(normalize_origin(o) for o in self.allowed_origins))
+        object.__setattr__(self, "shards", tuple(self.shards))
 
-    collection: str  # collection folder
+    collection: str  # collection folder (with shards: the first shard, which embeds the queries)
+    shards: tuple[str, ...] = ()  # more collection folders searched with it as one (index shards)
     generator: str | None = None  # generator spec (default google/flan-t5-base)
     model: str | None = None  # encoder spec (default: the collection's)
     max_upload_bytes: int = 10 * 1024 * 1024  # largest accepted upload

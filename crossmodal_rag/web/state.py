@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import Request
 
-from ..collection import Collection
 from ..errors import CrossmodalError
 from ..generation import load_generator
+from .backend import Backend, open_backend
 from .batching import SearchBatcher
 from .decoding import DecodePool
 from .files import VerifiedFiles
@@ -38,9 +38,12 @@ T = TypeVar("T")
 class AppState:
     """The collection (opened, encoder loaded), the generator and the limits of one server."""
 
-    def __init__(self, settings: WebSettings) -> None:
+    def __init__(self, settings: WebSettings, backend: Backend | None = None) -> None:
         self.settings = settings
-        self.collection = Collection.open(settings.collection, model=settings.model, mmap=settings.mmap)
+        # what the routes search and read (one collection, or shards as one); main embeds queries
+        self.backend = backend or open_backend(settings.collection, settings.shards, model=settings.model,
+                                               mmap=settings.mmap)
+        self.collection = self.backend.main
         self.collection.encoder.load()
         self.paths = PublicPaths(self.collection, show_paths=settings.show_paths)
         self.generator_status = "not-loaded"
@@ -64,7 +67,8 @@ class AppState:
                                   memory_mb=settings.decode_memory_mb, max_queued=settings.max_queued_decodes)
         # concurrent searches share encoder forwards (max_batch 1: each search on its own)
         self.batcher = SearchBatcher(self.collection, self.work_limit, max_batch=settings.max_batch,
-                                     batch_ms=settings.batch_ms) if settings.max_batch > 1 else None
+                                     batch_ms=settings.batch_ms) if settings.max_batch > 1 and not self.backend.shards \
+            else None
 
     def load_generator(self) -> None:
         self.generator_status = "loading"
@@ -80,7 +84,7 @@ class AppState:
         return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self.work_limit)
 
     def close(self) -> None:
-        self.collection.close()
+        self.backend.close()
 
 
 class _Unusable:

@@ -36,7 +36,8 @@ def _pipeline(st: AppState, k: int, mode: str, target: str, where: list[str] | N
     return RagPipeline(st.collection, st.generator,
                        RagSettings(k=k, mode=mode, target=target, where=tuple(where or ()), min_score=min_score,
                                    search_mode=search_mode),
-                       generation or GenerationSettings(max_new_tokens=st.settings.max_new_tokens))
+                       generation or GenerationSettings(max_new_tokens=st.settings.max_new_tokens),
+                       knowledge=st.backend.knowledge)  # several shards: retrieval merges them
 
 
 def _check_generator(st: AppState) -> None:
@@ -55,12 +56,13 @@ def _ensure_loaded(st: AppState) -> None:
 
 
 def _public_source(st: AppState, s: dict[str, Any]) -> dict[str, Any]:
-    """A source as the API shows it: the public path, and its image's id and URLs."""
-    item = st.collection.get(s["id"])
-    parent = item[0].parent_id if item else None
+    """A source as the API shows it: the public path, and its image's id and URLs (of its shard)."""
+    shard = s.get("shard")
+    item = st.backend.item(s["id"], shard)
+    parent = item.parent_id if item else None
     iid = image_id_of(s["kind"], s["id"], parent)
     return {**s, "path": st.paths.path(s["path"]), "image": st.paths.path(s.get("image")), "image_id": iid,
-            **urls(iid)}
+            **urls(iid, shard)}
 
 
 def answer_out(st: AppState, answer: Any) -> AskOut:
@@ -108,8 +110,10 @@ def produce(st: AppState, question: str | None, image: Any, k: int, mode: str, t
             for event in pipe.stream(question, image=image, k=k, mode=mode, cancel=ticket.cancel):
                 if isinstance(event, Sources):
                     d = event.to_dict()
+                    shards = [{"shard": s.shard} if s.shard is not None else {} for s in event.sources]
                     emit("sources", {**{k2: v for k2, v in d.items() if k2 != "event"},
-                                     "sources": [_public_source(st, s) for s in d["sources"]]})
+                                     "sources": [_public_source(st, {**s, **of})
+                                                 for s, of in zip(d["sources"], shards, strict=True)]})
                 elif isinstance(event, Token):
                     ticket.tokens += 1
                     emit("token", {"text": event.text})

@@ -24,8 +24,13 @@ def router(settings: WebSettings) -> APIRouter:
     def stats(st: AppState = Depends(get_state)) -> StatsOut:
         c, paths = st.collection, st.paths
         m = c.manifest
-        return StatsOut(collection=paths.folder(c.folder), encoder=paths.spec(m.encoder), dim=m.dim,
-                        index_type=m.index_type, counts=c.counts(), generation=m.generation, updated_at=m.updated_at,
-                        captures=c.store.capture_summary(top=30) or None)  # the page's date and place facets
+        counts, missing = st.backend.counts()  # several shards: summed over those that answer
+        shards = {"shards": list(st.backend.shards), "missing_shards": [{"shard": s, "reason": why}
+                                                                        for s, why in missing.items()]}
+        return StatsOut(collection=st.backend.name if st.backend.shards else paths.folder(c.folder),
+                        encoder=paths.spec(m.encoder), dim=m.dim, index_type=m.index_type, counts=counts,
+                        generation=m.generation, updated_at=m.updated_at,
+                        captures=c.store.capture_summary(top=30) or None,  # the page's date and place facets
+                        **(shards if st.backend.shards else {}))
 
     return r

@@ -29,7 +29,6 @@ import json
 import time
 import uuid
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -104,8 +103,9 @@ class ChatIn(BaseModel):
 
 
 def _model_ids(st: AppState) -> tuple[str, str]:
-    """(the embeddings model: the encoder, the chat model: the collection's name)."""
-    return st.paths.spec(st.collection.manifest.encoder), Path(st.collection.folder).name
+    """(the embeddings model: the encoder, the chat model: the collection's name; several shards:
+    their names joined by '+')."""
+    return st.paths.spec(st.collection.manifest.encoder), st.backend.name
 
 
 def _check_model(given: str, wanted: str, what: str) -> None:

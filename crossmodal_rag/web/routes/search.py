@@ -2,9 +2,11 @@
 
 Each route makes one :class:`~crossmodal_rag.search.SearchRequest` and hands it to the batcher
 (which batches the dense CLIP searches and runs every other request as
-:meth:`Collection.search <crossmodal_rag.collection.Collection.search>` does), or to
-``Collection.search`` in a worker thread: the answers are the CLI's, mode and routing included
-(``mode`` defaults to :data:`~crossmodal_rag.search.DEFAULT_MODE`, as the CLI's)."""
+:meth:`Collection.search <crossmodal_rag.collection.Collection.search>` does), or to the
+server's backend in a worker thread (:mod:`..backend`: one collection, or several shards merged,
+the answer then marked ``partial`` with ``missing_shards`` when a shard did not answer): the
+answers are the CLI's, mode and routing included (``mode`` defaults to
+:data:`~crossmodal_rag.search.DEFAULT_MODE`, as the CLI's)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from ...search.moments import moments_in, sort_hits
 from ..checks import Checks
 from ..inputs import MAX_SCORE_CHARS, check_min_score
 from ..models import ErrorOut, SearchOut
-from ..results import search_out
+from ..results import search_out, sharded
 from ..settings import WebSettings
 from ..state import AppState, get_state
 
@@ -35,7 +37,7 @@ def router(settings: WebSettings) -> APIRouter:
     async def run(st: AppState, request: SearchRequest) -> SearchResult:
         if st.batcher is not None:  # concurrent dense searches share one forward and one FAISS call
             return await st.batcher.search(request)
-        return await st.work(st.collection.search, request)
+        return await st.work(st.backend.search, request)  # one collection, or the shards merged
 
     @r.get("/api/search", response_model=SearchOut, responses=ERRORS)
     async def search_text(
@@ -73,7 +75,7 @@ def router(settings: WebSettings) -> APIRouter:
         if found is not None and found.where:
             query["parsed"] = found.to_dict()
         return search_out(query, target, k, sort_hits(list(result.hits), sort), t0, st.paths, result.mode,
-                          result.reason)
+                          result.reason, sharded(result))
 
     @r.post("/api/search/image", response_model=SearchOut, responses=ERRORS)
     async def search_image(request: Request, image: UploadFile = File(..., description="query image"),
@@ -95,6 +97,6 @@ def router(settings: WebSettings) -> APIRouter:
         result = await run(st, SearchRequest(image=pil, k=k, target=target, where=tuple(where),
                                              min_score=min_score, plus=tuple(plus), minus=tuple(minus)))
         return search_out({"image": image.filename, "plus": plus, "minus": minus, "where": where},
-                          target, k, result.hits, t0, st.paths, result.mode)
+                          target, k, result.hits, t0, st.paths, result.mode, shards=sharded(result))
 
     return r
