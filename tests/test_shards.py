@@ -270,7 +270,7 @@ def test_cli_search_over_repeated_c_and_a_shard_list(built: tuple[Path, list[Pat
 LOCAL = "http://127.0.0.1"
 
 
-def _web_settings(shards: list[Path], lm_dir: Path, tmp: Path, **extra: object):
+def _settings_over(shards: list[Path], lm_dir: Path, tmp: Path, **extra: object):
     from crossmodal_rag.web import WebSettings
 
     return WebSettings(collection=str(shards[0]), shards=tuple(map(str, shards[1:])), generator=str(lm_dir),
@@ -292,7 +292,7 @@ def test_web_app_openai_and_mcp_over_shards_answer_as_the_union(built, opened, l
 
     union, shards = opened
     cat = (sample_dir / "cat.jpg").read_bytes()
-    with TestClient(create_app(_web_settings(built[1], lm_dir, tmp_path)), base_url=LOCAL) as c:
+    with TestClient(create_app(_settings_over(built[1], lm_dir, tmp_path)), base_url=LOCAL) as c:
         got = c.get("/api/search", params={"q": "a red cat", "mode": "dense", "k": 8, "where": "year>=2005"}).json()
         want = union.search("a red cat", mode="dense", k=8, where="year>=2005")
         assert got["partial"] is False and got["shards"] == ["shard-1", "shard-2", "shard-3"]
@@ -338,7 +338,7 @@ def test_web_app_openai_and_mcp_over_shards_answer_as_the_union(built, opened, l
     flaky = Flaky(shards.shards[1])
     backend = ShardBackend(ShardSet([shards.shards[0], flaky, shards.shards[2]], shards.embed,
                                     settings=ShardSettings(deadline_s=5, retries=1)), shards.first, lambda: None)
-    with TestClient(create_app(_web_settings(built[1], lm_dir, tmp_path), backend=lambda: backend),
+    with TestClient(create_app(_settings_over(built[1], lm_dir, tmp_path), backend=lambda: backend),
                     base_url=LOCAL) as c:
         flaky.down = True
         part = c.get("/api/search", params={"q": "a red cat", "mode": "dense", "k": 5}).json()
@@ -355,7 +355,7 @@ def test_web_app_openai_and_mcp_over_shards_answer_as_the_union(built, opened, l
     from crossmodal_rag.agents.tools import AgentSettings, AgentTools
     from crossmodal_rag.web.state import AppState
 
-    st = AppState(_web_settings(built[1], lm_dir, tmp_path, max_batch=1))
+    st = AppState(_settings_over(built[1], lm_dir, tmp_path, max_batch=1))
     try:
         tools = AgentTools(st, AgentSettings())
         import asyncio
@@ -372,6 +372,13 @@ def test_web_app_openai_and_mcp_over_shards_answer_as_the_union(built, opened, l
         st.close()
     args = [a for s in built[1] for a in ("-c", str(s))]
     assert main(["mcp", *args, "--allow-write", str(tmp_path)]) == 2
+    from crossmodal_rag.cli import build_parser
+    from crossmodal_rag.cli.serve import web_settings
+    from crossmodal_rag.cli.shards import shard_folders
+
+    parsed = build_parser().parse_args(["serve", *args])
+    web = web_settings(parsed, shard_folders(parsed))
+    assert (web.collection, web.shards) == (str(built[1][0]), tuple(map(str, built[1][1:])))
 
 
 # -- on Ray Serve: one local cluster for the module (start-up is the slow part) --------------------
@@ -391,7 +398,7 @@ def served(built: tuple[Path, list[Path]], lm_dir: Path, tmp_path_factory: pytes
         port = s.getsockname()[1]
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        web = _web_settings(built[1], lm_dir, tmp_path_factory.mktemp("thumbs"))
+        web = _settings_over(built[1], lm_dir, tmp_path_factory.mktemp("thumbs"))
         handle = deploy(built[1], RaySettings(shard_cpus=0.25, router_cpus=0.25, port=port, deadline_s=3.0), web)
         yield handle, port
     finally:

@@ -112,7 +112,7 @@ def _memory_mb(text: str) -> int:
     return value
 
 
-def _web_settings(args: argparse.Namespace, folders: list[str]) -> Any:
+def web_settings(args: argparse.Namespace, folders: list[str]) -> Any:
     """The server's :class:`~crossmodal_rag.web.WebSettings` from the flags (``folders``: the
     collection, or the shards, the first of which embeds the queries)."""
     try:
@@ -135,7 +135,7 @@ def _web_settings(args: argparse.Namespace, folders: list[str]) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray is not None or args.shard:
         return _serve_ray(args)
-    settings = _web_settings(args, shard_folders(args))
+    settings = web_settings(args, shard_folders(args))
     try:
         import uvicorn
 
@@ -166,7 +166,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
     folders = list(args.collection or []) + list(args.shard)
     if args.ray is None or not folders:
         raise UsageError("serve on Ray Serve takes --ray [ADDRESS] and one or more --shard DIR")
-    web = _web_settings(args, folders)
+    web = web_settings(args, folders)
     settings = RaySettings(address=None if args.ray == "local" else args.ray, replicas=args.replicas,
                            host=args.host, port=args.port, mmap=True, deadline_s=args.shard_deadline)
     deploy(folders, settings, web)
