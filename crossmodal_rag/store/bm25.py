@@ -14,7 +14,8 @@ own, so its scores do not compare with another shard's. The rule here, per table
    statistics. The row's phrase frequency ``f`` is read back from FTS5's own score of that
    phrase alone with the shard's own statistics (``s = IDF * f (k1 + 1) / (f + K)``, ``K`` from
    the row's token count in ``_docsize``: ``f = s K / (IDF (k1 + 1) - s)``, a whole number), so
-   the phrase matching stays FTS5's; then ``IDF`` and ``avgdl`` are the union's.
+   the phrase matching stays FTS5's; then ``IDF`` and ``avgdl`` are the union's (numpy over
+   the rows; one statement per phrase and table).
 
 An item's score is the sum over both tables, as :func:`~crossmodal_rag.store.fulltext.keyword_search`
 sums them: the score the union gives it (tests/test_shards.py checks ids and scores against one
@@ -27,6 +28,8 @@ import math
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .fulltext import FTS_TABLES, KeywordQuery, has_index, parse_keyword_query
 
@@ -93,17 +96,19 @@ def _idf(rows: int, hits: int) -> float:
     return idf if idf > 0 else 1e-6
 
 
-def _matches(conn: sqlite3.Connection, table: str, phrase: str) -> list[tuple[int, float]]:
-    return conn.execute(f"SELECT rowid, -bm25({table}) FROM {table} WHERE {table} MATCH ?", (phrase,)).fetchall()
-
-
-def _sizes(conn: sqlite3.Connection, table: str, ids: list[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        rows = conn.execute(f"SELECT id, sz FROM {table}_docsize WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-        out.update((int(i), _varints(bytes(sz))[0]) for i, sz in rows)
-    return out
+def _matches(conn: sqlite3.Connection, table: str, phrase: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row ids, FTS5's BM25 of ``phrase`` alone under this table's statistics, row token counts)
+    of every row holding ``phrase``."""
+    rows = conn.execute(f"SELECT t.rowid, -bm25({table}), d.sz FROM {table} AS t JOIN {table}_docsize AS d "
+                        f"ON d.id = t.rowid WHERE {table} MATCH ?", (phrase,)).fetchall()
+    sizes: dict[bytes, int] = {}  # a row's size is one varint: few distinct ones
+    for _, _, sz in rows:
+        key = bytes(sz)
+        if key not in sizes:
+            sizes[key] = _varints(key)[0]
+    return (np.fromiter((r[0] for r in rows), np.int64, len(rows)), np.fromiter((r[1] for r in rows), np.float64,
+                                                                                len(rows)),
+            np.fromiter((sizes[bytes(r[2])] for r in rows), np.float64, len(rows)))
 
 
 def _parsed(query: str | KeywordQuery) -> KeywordQuery:
@@ -137,7 +142,8 @@ def search_global(store: Any, query: str | KeywordQuery, stats: Bm25Stats, limit
     :func:`~crossmodal_rag.store.fulltext.search_store` ranks them, with every BM25 statistic
     taken from ``stats`` (the shards' summed :func:`query_stats`) instead of this collection's."""
     parsed = _parsed(query)
-    scores: dict[int, float] = {}
+    ids: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
     with store.locked() as conn:
         if not has_index(conn):
             return []
@@ -151,21 +157,24 @@ def search_global(store: Any, query: str | KeywordQuery, stats: Bm25Stats, limit
                 rows, tokens = _totals(conn, table)
                 avgdl, avgdl_all = tokens / max(rows, 1), tokens_all / max(n_all, 1)
                 for phrase, hits in zip(phrases, hits_all, strict=True):
-                    found = _matches(conn, table, phrase)
-                    idf, idf_all = _idf(rows, len(found)), _idf(n_all, hits)
-                    sizes = _sizes(conn, table, [i for i, _ in found])
-                    for item_id, local in found:
-                        size = sizes.get(item_id, 0)
-                        f = round(local * _norm(size, avgdl) / (idf * (K1 + 1) - local))
-                        scores[item_id] = scores.get(item_id, 0.0) + idf_all * f * (K1 + 1) / (
-                            f + _norm(size, avgdl_all))
+                    found, local, size = _matches(conn, table, phrase)
+                    idf = _idf(rows, len(found))
+                    f = np.rint(local * _norm(size, avgdl) / (idf * (K1 + 1) - local))  # the phrase's count
+                    ids.append(found)
+                    parts.append(_idf(n_all, hits) * f * (K1 + 1) / (f + _norm(size, avgdl_all)))
         except sqlite3.DatabaseError as e:
             raise store.damaged(e) from e
-    ranked = sorted(((i, s) for i, s in scores.items() if allowed is None or i in allowed),
-                    key=lambda kv: (-kv[1], kv[0]))
-    return ranked if limit is None else ranked[:limit]
+    if not ids:
+        return []
+    every, inverse = np.unique(np.concatenate(ids), return_inverse=True)
+    scores = np.bincount(inverse, weights=np.concatenate(parts))
+    if allowed is not None:
+        keep = np.isin(every, np.fromiter(allowed, np.int64, len(allowed)))
+        every, scores = every[keep], scores[keep]
+    order = np.lexsort((every, -scores))[:limit]
+    return [(int(i), float(v)) for i, v in zip(every[order], scores[order], strict=True)]
 
 
-def _norm(size: int, avgdl: float) -> float:
-    """BM25's ``K = k1 (1 - b + b |D| / avgdl)`` of a row of ``size`` tokens."""
-    return K1 * (1 - B + B * size / avgdl) if avgdl > 0 else K1
+def _norm(size: np.ndarray, avgdl: float) -> np.ndarray:
+    """BM25's ``K = k1 (1 - b + b |D| / avgdl)`` of rows of ``size`` tokens."""
+    return K1 * (1 - B + B * size / avgdl) if avgdl > 0 else np.full_like(size, K1)
