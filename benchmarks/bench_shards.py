@@ -5,8 +5,9 @@ that the query embedding costs next to nothing and the fan-out is what is measur
 twice: whole (the union collection) and as ``--slice i/3`` (three shards). Then, in one run:
 
 * in-process: p50/p99 of ``Collection.search`` on the union vs ``open_shards(...).search`` over
-  the three shards (in parallel threads, the default, and in turn: ``ShardSettings(parallel=False)``), dense (by vector) and auto (text queries with rare words: keyword evidence
-  fused with the dense ranking), every shard result checked against the union;
+  the three shards (in parallel threads, the default, and in turn: ``ShardSettings(parallel=False)``), dense (by vector), auto (text queries with rare words: keyword evidence
+  fused with the dense ranking) and keyword (BM25 with the shards' summed statistics), every
+  shard result checked against the union (hits, and scores within 1e-6);
 * Ray Serve, the union as one shard deployment vs the three shards (1, then 2 replicas each)
   behind the same router: the dense queries through the router's handle, text queries over HTTP
   (1 client), and throughput at 16 concurrent HTTP clients.
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=20.0, help="each throughput run")
     ap.add_argument("--auto-queries", type=int, default=50, help="text queries in auto mode (keyword evidence fused)")
+    ap.add_argument("--keyword-queries", type=int, default=50,
+                    help="text queries in keyword mode (BM25 with the shards' summed statistics)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/xmr-bench-shards"))
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT / "results.json")
@@ -143,12 +146,14 @@ def main() -> None:
              "beach", "snow", "city"]
     texts = [f"{words[i % len(words)]} zx{i % 40:03d}" for i in range(args.queries)]
     auto = [SearchRequest(text=t, k=10, target="texts") for t in texts[:args.auto_queries]]
+    keyword = [SearchRequest(text=f"{words[i % len(words)]} {words[(3 * i + 1) % len(words)]} zx{i % 40:03d}",
+                             mode="keyword", k=10, target="texts") for i in range(args.keyword_queries)]
     results: dict[str, object] = {"machine": _common.machine_info(), "rows": args.rows, "shards": 3,
                                   "queries": args.queries}
     serial = ShardSettings(parallel=False)
     with Collection.open(union_dir) as union, open_shards(shard_dirs) as shards, \
             open_shards(shard_dirs, settings=serial) as in_turn:
-        for name, reqs in (("dense", dense), ("auto", auto)):
+        for name, reqs in (("dense", dense), ("auto", auto), ("keyword", keyword)):
             u, want = timed(union.search, reqs)
             s, got = timed(shards.search, reqs)
             t, _ = timed(in_turn.search, reqs)
@@ -156,8 +161,11 @@ def main() -> None:
                                                                                                       strict=True))
             overlap = statistics.mean(len({(h.path, h.text) for h in a} & {(h.path, h.text) for h in b}) / max(len(a), 1)
                                       for a, b in zip(want, got, strict=True))
+            scores = sum(np.allclose([h.score for h in a], [h.score for h in b], rtol=0, atol=1e-6)
+                         for a, b in zip(want, got, strict=True) if len(a) == len(b))
             results[f"in_process_{name}"] = {
                 "union": u, "shards_threads": s, "shards_in_turn": t, "same_as_union": f"{same}/{len(reqs)}",
+                "same_scores_as_union": f"{scores}/{len(reqs)}",
                 "top10_overlap": round(overlap, 3),
                 "p50_ratio_threads": round(s["p50_ms"] / u["p50_ms"], 2),
                 "p50_ratio_in_turn": round(t["p50_ms"] / u["p50_ms"], 2)}
