@@ -213,6 +213,18 @@ class Flaky:
         self._gate()
         return self.inner.doc_freqs(words)
 
+    def get(self, ids):
+        self._gate()
+        return self.inner.get(ids)
+
+    def path_entry(self, path):
+        self._gate()
+        return self.inner.path_entry(path)
+
+    def counts(self):
+        self._gate()
+        return self.inner.counts()
+
 
 def test_a_failing_or_slow_shard_gives_a_partial_result_then_recovers(opened) -> None:
     _, shards = opened
@@ -351,6 +363,8 @@ def test_web_app_openai_and_mcp_over_shards_answer_as_the_union(built, opened, l
         assert r.status_code == 503 and r.json()["error"]["code"] == "shard_unavailable"
         flaky.down = False
         assert c.get("/api/search", params={"q": "a red cat", "k": 5}).json()["partial"] is False
+        assert c.get("/api/items/1", params={"shard": "shard-2"}).json()["shard"] == "shard-2"
+        assert c.get("/api/stats").json()["counts"] == union.counts()
 
     from crossmodal_rag.agents.tools import AgentSettings, AgentTools
     from crossmodal_rag.web.state import AppState
