@@ -1,4 +1,5 @@
-"""FastAPI app: a search page and a JSON REST API over one collection.
+"""FastAPI app: a search page and a JSON REST API over one collection, or over several index shards
+searched as one (the routes call a backend, :mod:`.backend`).
 
 Safety: the server binds to 127.0.0.1 unless told otherwise; images are served only for item
 ids in the collection (the path comes from the metadata, never from the request), and only while

@@ -1,4 +1,5 @@
-"""What a running server holds: the open collection, the generator, caches and the worker limits.
+"""What a running server holds: the open collection (or shards as one: :mod:`.backend`), the
+generator, caches and the worker limits.
 
 CPU-heavy request work runs in worker threads, a bounded number at a time (the rest wait on the
 event loop, not in threads), so ``/api/health`` answers while they run; searches are batched
