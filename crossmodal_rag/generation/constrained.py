@@ -20,11 +20,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["WINDOW_CHARS", "SpanConstraint", "logits_processor", "span_windows", "whole_windows"]
+if TYPE_CHECKING:
+    from .prompting import GenerationSettings
+
+__all__ = ["NO_START", "WINDOW_CHARS", "SpanConstraint", "logits_processor", "span_windows", "whole_windows"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,14 @@ WINDOW_CHARS = 160
 #: At most this many word starts per source text (a long OCR'd page costs no more than this).
 MAX_STARTS = 400
 _WORD_START = re.compile(r"(?:(?<=\s)|^)\S")
+#: Words a copied span never starts with: an answer is "Kraibor", not "in Kraibor", "the" or "and walnuts".
+NO_START = frozenset({
+    "a", "about", "after", "against", "an", "and", "are", "as", "at", "be", "been", "before", "between", "but",
+    "by", "during", "for", "from", "had", "has", "have", "in", "into", "is", "it", "its", "near", "nor", "of",
+    "on", "onto", "or", "than", "that", "the", "then", "these", "this", "those", "through", "to", "towards",
+    "under", "until", "was", "were", "which", "who", "whom", "whose", "with", "within",
+})
+_FIRST_WORD = re.compile(r"[^\W_]+")
 
 
 def span_windows(texts: Iterable[str], tokenize: Callable[[str], list[int]],
@@ -49,6 +60,9 @@ def span_windows(texts: Iterable[str], tokenize: Callable[[str], list[int]],
             if n >= MAX_STARTS:
                 break
             i = m.start()
+            word = _FIRST_WORD.match(text, i)
+            if word is not None and word.end() < len(text) and word.group().lower() in NO_START:
+                continue  # a span starts at a content word (a last word of a text may still be one)
             piece = text[i : i + WINDOW_CHARS]
             for start in {piece, piece[:1].upper() + piece[1:]}:
                 for variant in (start, " " + start):
@@ -68,20 +82,25 @@ class SpanConstraint:
 
     ``windows``: token-id sequences; ``end_ids``: the tokens that end the answer (allowed once it
     has at least one token); ``whole``: sequences the answer may be only as a whole (the end
-    allowed only after their last token); ``bias``: per window, a log-weight added to the first
-    token's log-probability (which source to copy from: RAG passes log P(z|x), so a tiny LM does
-    not start copying from a source the retriever ranked far below; whole sequences get 0). Call :meth:`allowed` (or :meth:`mask`) before each pick and
+    allowed only after their last token); ``bias``: per window, a log-weight added to the score of
+    every answer copied from it (which source to copy from: RAG passes log P(z|x), so a tiny LM
+    does not copy from a source the retriever ranked far below; whole sequences get 0; see
+    :meth:`bias_steps`). Call :meth:`allowed` (or :meth:`mask`) before each pick and
     :meth:`advance` with the token picked. A token outside the allowed set (a caller that picked
     freely) releases the constraint: from then on every token is allowed."""
 
     def __init__(self, windows: Sequence[Sequence[int]], end_ids: Iterable[int],
-                 whole: Sequence[Sequence[int]] = (), bias: Sequence[float] = ()) -> None:
+                 whole: Sequence[Sequence[int]] = (), bias: Sequence[float] = (), n_spans: int | None = None) -> None:
+        # windows[n_spans:] (when given) are whole-only, as are ``whole``; ``bias`` covers ``windows``
         windows = list(windows)  # a span_windows dict gives its windows
+        n = len(windows) if n_spans is None else n_spans
         keep = [i for i, w in enumerate(windows) if len(w)]
-        self.windows = [tuple(int(t) for t in windows[i]) for i in keep] + [tuple(int(t) for t in w)
-                                                                          for w in whole if len(w)]
+        kept_whole = [i for i in keep if i >= n]
+        keep = [i for i in keep if i < n]
+        self.windows = ([tuple(int(t) for t in windows[i]) for i in keep + kept_whole]
+                        + [tuple(int(t) for t in w) for w in whole if len(w)])
         self.n_spans = len(keep)  # windows[n_spans:] are whole-only
-        self.bias = ([float(bias[i]) for i in keep] + [0.0] * (len(self.windows) - len(keep))
+        self.bias = ([float(bias[i]) for i in keep + kept_whole] + [0.0] * (len(self.windows) - len(keep) - len(kept_whole))
                      if len(bias) else [])
         self.end_ids = frozenset(int(t) for t in end_ids)
         self.states: list[tuple[int, int]] | None = [(w, 0) for w in range(len(self.windows))]
@@ -89,15 +108,29 @@ class SpanConstraint:
 
     @classmethod
     def build(cls, texts: Iterable[str], tokenize: Callable[[str], list[int]], end_ids: Iterable[int],
-              whole: Iterable[str] = (), weights: Sequence[float] = ()) -> SpanConstraint:
+              whole: Iterable[str] = (), weights: Sequence[float] = (), whole_weight: float = 0.0) -> SpanConstraint:
         """The constraint for answers copied from ``texts`` (any span) or equal to one of ``whole``.
-        A line break ends a span as the end tokens do (a base model writes one after a short
-        answer; decode with ``stop="sentence"`` so that it ends the answer)."""
+        ``weights`` (per text) become the spans' bias, the best text's 0; ``whole_weight`` is the
+        whole answers' bias on the same scale. A line break ends a span as the end tokens do (a
+        base model writes one after a short answer; decode with ``stop="sentence"`` so that it
+        ends the answer)."""
         ends = set(end_ids) | {ids[0] for t in ("\n", "\n\n") if len(ids := tokenize(t)) == 1}
         spans = span_windows(texts, tokenize, weights)
         top = max(spans.values(), default=0.0)
-        return cls(list(spans), ends, whole_windows(whole, tokenize),
-                   [w - top for w in spans.values()] if len(weights) else ())
+        whole_ids = whole_windows(whole, tokenize)
+        bias = ([w - top for w in spans.values()] + [whole_weight] * len(whole_ids)
+                if len(weights) or whole_weight else ())
+        return cls(list(spans) + whole_ids, ends, bias=bias, n_spans=len(spans))
+
+    @classmethod
+    def of(cls, settings: GenerationSettings, tokenize: Callable[[str], list[int]],
+           end_ids: Iterable[int]) -> SpanConstraint | None:
+        """The constraint ``settings`` ask for (``copy_from``, ``copy_whole``, ``copy_weights``,
+        ``copy_whole_weight``), or None when decoding is free."""
+        s = settings
+        if not (s.copy_from or s.copy_whole):
+            return None
+        return cls.build(s.copy_from, tokenize, end_ids, s.copy_whole, s.copy_weights, s.copy_whole_weight)
 
     def restart(self) -> SpanConstraint:
         """A constraint over the same windows, at the answer's start."""
@@ -129,14 +162,28 @@ class SpanConstraint:
         out = np.full_like(logp, -np.inf)
         ok = ok[ok < logp.shape[-1]]
         out[ok] = logp[ok]
-        if self.steps == 0 and self.bias:  # where to start copying: the best source's bias per token
-            best: dict[int, float] = {}
-            for w, first in enumerate(x[0] for x in self.windows):
-                best[first] = max(self.bias[w], best.get(first, -np.inf))
+        if self.bias:  # which source to copy from: see bias_steps
+            best = self.bias_steps()
             ids = np.fromiter(best, dtype=np.int64, count=len(best))
             ids_ok = ids < logp.shape[-1]
             out[ids[ids_ok]] += np.fromiter(best.values(), dtype=out.dtype, count=len(best))[ids_ok]
         return out
+
+    def bias_steps(self) -> dict[int, float]:
+        """Per next token, what its pick adds to the answer's bias: the best bias among the windows
+        that still match after it minus the best among those matching now (0 for a token every
+        best window continues with). Summed over the steps, an answer's score is its log-probability
+        plus the highest bias of the windows it is a span of, whatever its tokens: a number whose
+        first digit starts spans of every source is still held to the trusted source's digits."""
+        assert self.states is not None
+        now = max((self.bias[w] for w, _ in self.states), default=0.0)
+        best: dict[int, float] = {}
+        for w, p in self.states:
+            if p < len(self.windows[w]):
+                t, b = self.windows[w][p], self.bias[w]
+                if b > best.get(t, -np.inf):
+                    best[t] = b
+        return {t: b - now for t, b in best.items()}
 
     def advance(self, token: int) -> None:
         """Take ``token`` as the answer's next token."""

@@ -359,8 +359,7 @@ class LlamaCppGenerator:
 
     def _constraint(self, s: GenerationSettings) -> SpanConstraint | None:
         """The span constraint of ``s.copy_from`` (None: decoding is free)."""
-        return (SpanConstraint.build(s.copy_from, self.tokenize, self._eos_ids, s.copy_whole, s.copy_weights)
-                if s.copy_from or s.copy_whole else None)
+        return SpanConstraint.of(s, self.tokenize, self._eos_ids)
 
     @contextmanager
     def encoder_reuse(self) -> Iterator[None]:

@@ -368,7 +368,7 @@ class Generator:
             from .constrained import SpanConstraint, logits_processor
 
             start = 0 if new_only else 1 if self.kind == "seq2seq" else inputs["input_ids"].shape[1]
-            copy = SpanConstraint.build(s.copy_from, self.tokenize, self.eos_ids, s.copy_whole, s.copy_weights)
+            copy = SpanConstraint.of(s, self.tokenize, self.eos_ids)
             extra = {**extra, "logits_processor": LogitsProcessorList(
                 [*extra.get("logits_processor", []), logits_processor(copy, start=start)])}
         out = self.model.generate(**inputs, attention_mask=mask, **kwargs, **extra)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ForwardRef
 
 from .._config import strict_from_dict
-from ..lazy_torch import torch
+from ..lazy_torch import torch  # noqa: F401  (Prefixes resolves "torch.Tensor" here)
 
 __all__ = ["GenerationSettings", "Prefixes", "Prompt", "has_prefixes"]
 
@@ -39,7 +39,8 @@ class GenerationSettings:
     # answer); empty: any token (see generation.constrained)
     copy_from: tuple[str, ...] = ()
     copy_whole: tuple[str, ...] = ()  # with copy_from: answers also allowed whole (not in the sources)
-    copy_weights: tuple[float, ...] = ()  # per copy_from text: log-weight of starting a copy there
+    copy_weights: tuple[float, ...] = ()  # per copy_from text: log-weight added to an answer copied from it
+    copy_whole_weight: float = 0.0  # the copy_whole answers' log-weight, on the scale where the best text's is 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -49,7 +49,7 @@ from ..lazy_torch import inference_mode, torch
 from ..search import DEFAULT_MODE, Hit, SearchRequest, check_k
 from ..search import MODES as SEARCH_MODES
 from .constrained import SpanConstraint
-from .evidence import copy_sources
+from .evidence import ABSTAIN_WEIGHT, copy_sources
 from .extractive import (
     ANSWER_STYLES,
     EXAMPLES_MIN_CONTEXT,
@@ -475,9 +475,11 @@ class RagPipeline:
         gs = self.generation
         if extract:  # copy a span of a source's segment (or say they lack it), up to the sentence end
             kept = [i for i, inc in enumerate(included) if inc]
-            spans, weights = copy_sources([texts[i] for i in kept], [log_prior[i] for i in kept])
-            gs = replace(gs, stop="sentence", copy_from=spans, copy_whole=abstain_spans(),
-                         copy_weights=weights if mode == "concat" else ())
+            # concat: the prior steers which source is copied; rag modes mix P(z|x) in themselves
+            spans, weights = copy_sources([texts[i] for i in kept],
+                                          [log_prior[i] if mode == "concat" else 0.0 for i in kept], q_text)
+            gs = replace(gs, stop="sentence", copy_from=spans, copy_whole=abstain_spans(), copy_weights=weights,
+                         copy_whole_weight=ABSTAIN_WEIGHT)
         streaming = mode != "rag-sequence" and gs.num_beams == 1
         yield Sources([_source(h, x, p, 0.0, 0.0, inc, tr, pl, im) for h, x, p, inc, tr, pl, im
                        in zip(hits, texts, prior, included, truncated, item_labels, seen, strict=True)], mode, streaming)
@@ -619,8 +621,7 @@ class RagPipeline:
             lprior = torch.tensor(log_prior, dtype=torch.float32, device=g.device)[:, None]
             eos = g.eos_ids
             stop = SentenceStop(g.decode) if gs.stop == "sentence" else None
-            copy = (SpanConstraint.build(gs.copy_from, g.tokenize, eos, gs.copy_whole, gs.copy_weights)
-                    if gs.copy_from or gs.copy_whole else None)
+            copy = SpanConstraint.of(gs, g.tokenize, eos)
             rng = torch.Generator(device="cpu")
             if gs.seed is not None:
                 rng.manual_seed(gs.seed)
