@@ -1,10 +1,11 @@
 """Small local answerers (issue 28): exact match, token F1, contains-gold and seconds per question
 for the bundled GGUF models (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M) in all three RAG
-modes on llama.cpp, with the library's defaults for short-answer questions: the extractive prompt,
-span-constrained decoding (the answer is copied from the sources or says "not in the sources"),
-answers that stop at a sentence end, clean-up and a ``[n]`` citation in concat mode
-(``--answer-style free`` measures the old free answers, ``--no-copy`` the prompt without the
-span constraint).
+modes on llama.cpp, with ``--answer-style auto`` (the default here) for short-answer questions:
+the extractive prompt, span-constrained decoding (the answer is copied from the sources' pieces,
+generation/evidence.py, or says "not in the sources"), answers that stop at a sentence end,
+clean-up and a ``[n]`` citation in concat mode (``--answer-style free`` measures free answers
+with the plain prompt, ``--no-copy`` the extractive prompt without the span constraint).
+``CROSSMODAL_RAG_THREADS`` sets llama.cpp's threads.
 
 Questions: a QA folder (``--set``: data/passages_qa, or data/ocr_captions_qa for the text read in
 generated documents and the sample photos' captions), retrieved by all-MiniLM-L6-v2 in the

@@ -79,8 +79,9 @@ def test_pieces_leave_out_the_question_words_and_the_function_words_at_their_end
 def test_copy_sources_weights_every_piece_by_its_source_prior() -> None:
     texts = ["The Thesi Bridge was completed in 1825. It is built of basalt.", "The Fudrik Bridge was completed in 1718."]
     spans, weights = copy_sources(texts, [-0.1, -2.5], "When was the Thesi Bridge completed?", prior_weight=2.0)
-    assert dict(zip(spans, weights, strict=True)) == {"1825.": -0.2, "built of basalt.": -0.2,
-                                                      "Fudrik": -5.0, "1718.": -5.0}
+    # "when" asks for a date: word runs weigh TYPE_WEIGHT (-2) less
+    assert dict(zip(spans, weights, strict=True)) == pytest.approx({"1825.": -0.2, "built of basalt.": -2.2,
+                                                                    "Fudrik": -7.0, "1718.": -5.0})
     # a source made only of the question's words keeps its segments; no question: the segments,
     # without function words at their ends
     assert copy_sources(["Thesi Bridge"], [0.0], "Thesi Bridge?") == (("Thesi Bridge",), (0.0,))
@@ -104,11 +105,14 @@ def test_a_question_asking_for_a_number_or_a_name_weights_the_other_kind_down() 
     kinds = {"How high is Mount Bapeirk in metres?": "number", "How many rows of coins are there?": "number",
              "In which year was she born?": "number", "Where are the workshops?": "name",
              "In which town is the school?": "name", "Who discovered the comet?": "name",
-             "When was the bridge completed?": None, "What did the ship carry?": None}
+             "When was the bridge completed?": "number", "In which month is it eaten?": "number",
+             "What did the ship carry?": None, "Which instrument is played?": None}
     assert {q: answer_type(q) for q in kinds} == kinds
     assert typed_pieces("founded in 1737 by Ada", "name") == [("founded", True), ("1737", False), ("Ada", True)]
     assert typed_pieces("four rows of coins", "number") == [("four", True), ("rows of coins", False)]
     assert typed_pieces("founded in 1737", None) == [("founded in 1737", True)]
+    assert typed_pieces("eaten on the first day of August", "number") == [("eaten on the first day", False),
+                                                                          ("August", True)]
     spans, weights = copy_sources(["It rises 8033 metres. It was climbed in 1721."], [0.0], "How high is it in metres?")
     assert dict(zip(spans, weights, strict=True)) == {"rises": TYPE_WEIGHT, "8033": 0.0, "climbed": TYPE_WEIGHT,
                                                       "1721.": 0.0}

@@ -40,7 +40,7 @@ _WORD_START = re.compile(r"(?:(?<=\s)|^)\S")
 NO_START = frozenset({
     "a", "about", "after", "against", "an", "and", "are", "as", "at", "be", "been", "before", "between", "but",
     "by", "during", "for", "from", "had", "has", "have", "in", "into", "is", "it", "its", "near", "nor", "of",
-    "on", "onto", "or", "than", "that", "the", "then", "these", "this", "those", "through", "to", "towards",
+    "on", "onto", "or", "than", "that", "the", "then", "there", "these", "this", "those", "through", "to", "towards",
     "under", "until", "was", "were", "which", "who", "whom", "whose", "with", "within",
 })
 _FIRST_WORD = re.compile(r"[^\W_]+")

@@ -48,8 +48,8 @@ ABSTAIN_WEIGHT = -2.0
 #: The bias of a span that is not the kind of answer the question asks for (a year for "where",
 #: a name for "how high"; :func:`answer_type`).
 TYPE_WEIGHT = -2.0
-_NUMBER_Q = re.compile(r"\bhow (?:many|much|high|tall|long|old|far|deep|big|large|wide|heavy|often)\b"
-                       r"|\b(?:what|which) (?:year|number|date|age|percentage|price|amount|total)\b")
+_NUMBER_Q = re.compile(r"^(?:\w+ )?when\b|\bhow (?:many|much|high|tall|long|old|far|deep|big|large|wide|heavy|often)\b"
+                       r"|\b(?:what|which) (?:year|month|day|date|time|number|age|percentage|price|amount|total)\b")
 _NAME_Q = re.compile(r"^(?:\w+ )?(?:who|whom|whose|where)\b"
                      r"|\b(?:which|what) (?:town|city|village|country|place|person|street|port|river|island|"
                      r"company|firm|name)\b")
@@ -57,6 +57,10 @@ _NUMBER_WORDS = frozenset({
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty", "thirty",
     "forty", "fifty", "hundred", "thousand", "million", "dozen", "once", "twice",
+    # dates and times count as numbers: "when" and "which month" ask for them
+    "january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+    "november", "december", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
+    "spring", "summer", "autumn", "winter", "noon", "midnight", "am", "pm",
 })
 # a sentence end (., !, ? then a space and a capital, digit or quote), an OCR line break, a caption
 # separator, a line break
@@ -102,8 +106,9 @@ def without_words(segment: str, words: frozenset[str]) -> list[str]:
 
 
 def answer_type(question: str) -> str | None:
-    """What kind of answer ``question`` asks for: ``"number"`` (how many/much/high/..., which
-    year), ``"name"`` (who, where, which town/person/...), or None (anything else, "when")."""
+    """What kind of answer ``question`` asks for: ``"number"`` (how many/much/high/..., when,
+    which year/month/...; dates and times are numbers), ``"name"`` (who, where, which
+    town/person/...), or None (anything else)."""
     q = " ".join(question.lower().split())
     if _NUMBER_Q.search(q):
         return "number"
