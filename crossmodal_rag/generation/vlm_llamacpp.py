@@ -16,7 +16,8 @@ generator does works unchanged on pictures:
   decoded once and every answer continuing it;
 * RAG-token's k rows in one context, one decode per step;
 * a prompt that shares a prefix with a cached one (the query picture and the instruction) decodes
-  only its tail: a picture shared by two prompts is encoded once per cache fill.
+  only its tail. A picture outside the shared prefix is encoded again (concat's pictures and each
+  item prompt's own one): the binding offers no way to decode stored embeddings.
 
 Bounded as transformers VLMs are (:class:`~crossmodal_rag.generation.vision_prompt.ImageLimits`):
 pictures per prompt, their side before libmtmd resizes them to the projector's resolution, and the
