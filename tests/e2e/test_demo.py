@@ -34,7 +34,7 @@ def test_demo_ends_with_index_search_serve_that_parse(tmp_path: Path, tiny_oc_sp
     parsed = [parser.parse_args(c) for c in commands]  # each one a valid command line
     index, search, serve = parsed
     assert index.model == tiny_oc_spec  # the model the demo ran with, so it works offline too
-    assert index.collection == serve.collection and search.collection == [index.collection]  # search: -c repeats (shards)
+    assert search.collection == serve.collection == [index.collection]  # search and serve: -c repeats (shards)
     assert search.text and serve.generator is None
     assert "next, on your own photos" in r.stdout
 
