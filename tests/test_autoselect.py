@@ -91,9 +91,10 @@ def _cand(family: str, p50: float, nbytes: int, status: str = "measured") -> Can
 def test_pick_rule() -> None:
     hnsw, ivf = _cand("hnsw", 0.30, 500), _cand("ivf_flat", 0.50, 400)
     assert pick([ivf, hnsw])[0] is hnsw  # the fastest
-    sq8 = _cand("ivf_hnsw_sq8", 0.32, 100)
+    sq8 = _cand("ivf_hnsw_sq8", 0.31, 100)
     assert pick([hnsw, sq8])[0] is sq8  # within TIE of the fastest and smaller
-    flat = _cand("flat", 0.325, 900)
+    assert pick([hnsw, _cand("ivf_hnsw_sq8", 0.32, 100)])[0] is hnsw  # 1.07x: not a tie
+    flat = _cand("flat", 0.312, 900)
     best, why = pick([hnsw, sq8, flat])
     assert best is flat and "exact" in why  # a tie goes to exact search first
     fast_miss = _cand("hnsw", 0.01, 10, status="missed target")
@@ -129,6 +130,26 @@ def test_verify_walks_up_until_the_second_set_reaches_the_target() -> None:
     expect = next(v for v in values if v >= tuned and recall_b[v] >= 0.99)
     assert tuning.value == expect and tuning.verify_recall >= 0.99 and tuning.verify_queries == 100
     assert tuning.measured[-1]["set"] == "verify" or expect == tuned
+
+
+def test_mean_criterion_takes_the_first_setting_whose_mean_reaches_the_target() -> None:
+    x = clustered(4000, seed=5)
+    a = clustered(200, seed=6)
+    index = VectorIndex(D, "IVF64,Flat")
+    index.add(np.arange(4000, dtype=np.int64), x)
+
+    def search(q: np.ndarray, k: int, p: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        return index.search(q, k, params=p)
+
+    truth = brute(x, a)
+    mean = tune_grid(search, index.index, a, truth, target_recall=0.9, criterion="mean")
+    bound = tune_grid(search, index.index, a, truth, target_recall=0.9)
+    _, values, _ = knob_grid(index.index, 10)
+    recall = {v: recall_at_k(search(a, 10, SearchParams(nprobe=v))[1], truth) for v in values}
+    assert mean.value == next(v for v in values if recall[v] >= 0.9)  # the oracle on the same set
+    assert mean.value <= bound.value  # the bound adds a margin the second set's check replaces
+    with pytest.raises(ValueError, match="bound, mean"):
+        tune_grid(search, index.index, a, truth, criterion="median")
 
 
 def test_hnsw_build_settings_and_incremental_adds(tmp_path: Path) -> None:
@@ -177,6 +198,8 @@ def test_measured_floor_takes_the_measured_setting_whole() -> None:
                               "value": 48, "rerank": 0}]}
     narrow = SearchParams(nprobe=12, rerank=4, filter_factor=2)
     assert autoindex.measured_floor(record, "IVF64,SQ8", narrow) == SearchParams(nprobe=48, rerank=0, filter_factor=2)
-    wide = SearchParams(nprobe=64, rerank=2)
-    assert autoindex.measured_floor(record, "IVF64,SQ8", wide) == wide  # never narrower
+    wide = SearchParams(nprobe=64, rerank=2)  # leave-one-out tuning to a bound can ask for more
+    assert autoindex.measured_floor(record, "IVF64,SQ8", wide) == SearchParams(nprobe=48, rerank=0)
+    sampled = {"candidates": [{**record["candidates"][0], "spec": "IVF128,SQ8"}]}
+    assert autoindex.measured_floor(sampled, "IVF128,SQ8", wide) == wide  # measured on a sample
     assert autoindex.measured_floor(record, "HNSW32", narrow) == narrow  # another type: untouched

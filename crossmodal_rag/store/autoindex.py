@@ -70,16 +70,15 @@ def auto_index_type(
 
 
 def measured_floor(record: dict[str, Any] | None, index_type: str, params: SearchParams) -> SearchParams:
-    """``params`` with the main knob raised to the setting ``auto`` accepted on truly held-out
-    queries for the same factory string (``index_type``): tuning the built index leaves each
-    stored query's own id out, which can still be optimistic (a stored vector's graph links and
-    list are its own). A sample smaller than the index needs at least as wide a setting."""
+    """``params`` with the main knob and re-rank depth that ``auto`` accepted on truly held-out
+    queries for the same factory string (``index_type``) built on the same vectors (the sample
+    was the collection), in place of the built index's own leave-one-out tuning: that can be
+    optimistic (a stored vector's graph links and list are its own) or, tuned to a confidence
+    bound on fewer queries, wider than needed, while the measured setting reached the target
+    on two independent held-out sets. A sample smaller than the index: ``params`` unchanged."""
     for c in (record or {}).get("candidates", []):
         if c.get("spec") == index_type == c.get("sample_spec") and c.get("param") and c.get("value"):
-            if (getattr(params, c["param"]) or 0) >= int(c["value"]):
-                return params
-            # the measured setting as a whole: a wider main knob with the re-rank depth it was
-            # measured at (the built index's own tuning may have paired a narrower knob with a
-            # deeper re-rank, which the wider knob no longer needs)
+            # the measured setting as a whole: its main knob with the re-rank depth it was
+            # measured at (the built index's own tuning may pair another knob with another depth)
             return SearchParams(**{**params.to_dict(), c["param"]: int(c["value"]), "rerank": c.get("rerank")})
     return params

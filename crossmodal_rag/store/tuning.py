@@ -6,7 +6,10 @@ rerank`` candidates re-scored with exact vectors). For each re-rank depth the ma
 from cheap to thorough until recall@k reaches the target (recall grows with it; going further
 only costs more); a depth is abandoned as soon as its latency exceeds the best point found. A
 setting reaches the target when the 95% lower confidence bound of its recall over the tuning
-queries does, so the setting holds for other queries, not just these. The chosen point is the
+queries does, so the setting holds for other queries, not just these (``criterion="bound"``);
+with ``criterion="mean"`` when the mean does, for callers that check the pick on a second,
+independent set (:func:`verify_tuning`), which removes the mean's selection bias without the
+bound's margin. The chosen point is the
 reaching one with the lowest single-query p50; the whole measured curve is
 kept (chosen row last) for ``info``.
 """
@@ -22,7 +25,7 @@ import numpy as np
 
 from .ann import SearchParams, Tuning, describe_index, recall_at_k
 
-__all__ = ["knob_grid", "recall_lower_bound", "tune_grid", "verify_tuning"]
+__all__ = ["CRITERIA", "knob_grid", "recall_lower_bound", "tune_grid", "verify_tuning"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ PLATEAU = 0.003
 #: one-sided 95% bound): tuned on 500 queries to a bare mean of 0.95, 1,000 other queries of
 #: the same distribution measured 0.937-0.953 (benchmarks/ann/families_*.json).
 CONFIDENCE_Z = 1.645
+#: When a tuned setting reaches the target: its recall's lower confidence bound, or its mean.
+CRITERIA = ("bound", "mean")
 
 
 def knob_grid(index: faiss.Index, k: int, *, can_rerank: bool = True
@@ -83,15 +88,20 @@ def _measure(search: Search, queries: np.ndarray, truth: np.ndarray, k: int, par
 
 
 def tune_grid(search: Search, index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *,
-              k: int = 10, target_recall: float = 0.95, can_rerank: bool = True) -> Tuning:
+              k: int = 10, target_recall: float = 0.95, can_rerank: bool = True,
+              criterion: str = "bound") -> Tuning:
     """Pick the cheapest (lowest single-query p50) setting of ``index``'s knobs reaching
-    ``target_recall``.
+    ``target_recall`` by ``criterion`` (:data:`CRITERIA`: the recall's 95% lower bound over
+    ``queries``, or its mean).
 
     ``search(queries, k, params)`` runs the real search path (index plus re-ranking);
     ``truth`` ``(Q, k)`` holds the exact top-``k`` ids of ``queries`` ``(Q, D)``. Single queries
     are timed one at a time, as a user's search runs. When no setting reaches the target, the
     one with the highest recall is chosen and ``reached`` is False.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown tuning criterion {criterion!r} (valid: {', '.join(CRITERIA)})")
+    key = "recall_lo" if criterion == "bound" else "recall"
     param, values, depths = knob_grid(index, k, can_rerank=can_rerank)
     tuning = Tuning(param=param, value=None, target_recall=float(target_recall), reached=bool(not param),
                     k=int(k), queries=len(queries))
@@ -109,7 +119,7 @@ def tune_grid(search: Search, index: faiss.Index, queries: np.ndarray, truth: np
                         depth, k, row["recall"], row["recall_lo"], row["p50_ms"])
             if best is not None and row["p50_ms"] > best["p50_ms"]:
                 break  # this depth can no longer beat the best point
-            if row["recall_lo"] >= target_recall:
+            if row[key] >= target_recall:
                 if best is None or row["p50_ms"] < best["p50_ms"]:
                     best = row
                 break
