@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", default="data/passages_qa", help="QA folder (passages.jsonl + qa.jsonl)")
     ap.add_argument("--offset", type=int, default=0, help="skip this many questions first")
-    ap.add_argument("--answer-style", default="auto", choices=("auto", "extract", "free"))
+    ap.add_argument("--answer-style", default="auto", choices=("model", "auto", "extract", "free"),
+                    help="model: what `ask` does by default (copied spans for base LMs, free for chat models)")
     ap.add_argument("--no-copy", action="store_true", help="extractive prompt without the span constraint")
     args = ap.parse_args(argv)
     from crossmodal_rag.search.text_space import sync_text_space
@@ -74,12 +75,14 @@ def main(argv: list[str] | None = None) -> int:
             sync_text_space(coll, "minilm")
             hits = {it.id: list(coll.search(it.question, k=3, target="texts", mode="dense").hits) for it in items}
             for name in args.models.split(","):
-                stop = "sentence" if args.answer_style != "free" else "eos"
+                # model: as `ask` runs by default (the pipeline sets the sentence stop when it copies)
+                stop = "sentence" if args.answer_style not in ("free", "model") else "eos"
                 pipe = RagPipeline(coll, f"bundled:{name}", RagSettings(k=3, answer_style=args.answer_style),
                                    GenerationSettings(max_new_tokens=24, stop=stop), query_projection=None)
                 t = time.perf_counter()
                 pipe.generator.load()
                 load_s = time.perf_counter() - t
+                style = pipe.answer_style  # "model" resolved for this generator
                 for mode in args.modes.split(","):
                     em = f1 = cg = secs = 0.0
                     answers = []
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                             Path(args.out + ".partial").write_text(json.dumps(
                                 {"model": name, "mode": mode, "answers": answers}) + "\n")
                     n = len(items)
-                    row = {"model": name, "mode": mode, "n": n, "exact_match": em / n, "f1": f1 / n,
+                    row = {"model": name, "mode": mode, "answer_style": style, "n": n, "exact_match": em / n, "f1": f1 / n,
                            "contains_gold": cg / n, "seconds_per_question": secs / n, "load_s": round(load_s, 2),
                            "em_per_s": em / secs, "f1_per_s": f1 / secs, "bad_citations": bad_cites,
                            "answers": answers}

@@ -22,6 +22,10 @@ from crossmodal_rag.search import Hit
     ("In which month is Shast stew eaten?", True), ("What error code does Fenwick show?", True),
     ("What does this image show?", False), ("Why is the sky blue?", False),
     ("How does the ferry work?", False), ("Describe the photo.", False), ("Explain the receipt", False),
+    # what is seen, or a list: described freely, not copied (the default copies for base LMs)
+    ("What is in this photo?", False), ("what is in the pictures?", False), ("What is shown here?", False),
+    ("What can you see?", False), ("What photos of animals do I have?", False),
+    ("What is in the box?", True), ("What is the cat looking at?", True), ("What photos did the museum lend?", True),
 ])
 def test_short_answer_questions(question: str, short: bool) -> None:
     assert is_short_answer_question(question) is short
@@ -91,3 +95,36 @@ def test_rag_answers_cite_listed_sources_and_copy_spans(lm_dir: Path, tiny_oc_sp
         assert drafted.answer and citations(drafted.answer) and all(1 <= n <= 3 for n in citations(drafted.answer))
         token = pipe.ask("When does the ferry leave?", hits=HITS, mode="rag-token").answer
         assert token == NOT_IN_SOURCES or any(token.lower() in h.text.lower() for h in HITS), token
+
+
+def test_the_default_style_follows_the_model(lm_dir: Path, t5_dir: Path, tiny_gguf: Path, tiny_oc_spec: str,
+                                             tmp_path: Path) -> None:
+    """``answer_style="model"`` (the default): a base decoder-only LM copies short answers from the
+    sources (as ``auto``), a chat model and a seq2seq model write freely (as ``free``); an explicit
+    style wins over the model's."""
+    from crossmodal_rag import Collection
+    from crossmodal_rag.generation.models import load_generator
+    from crossmodal_rag.testing import make_tiny_gguf
+
+    assert RagSettings().answer_style == "model"
+    chat_gguf = make_tiny_gguf(tmp_path / "chat.gguf", chat_template=(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}<|assistant|>"))
+    with Collection.create(tmp_path / "coll", tiny_oc_spec) as coll:
+        def pipe(gen: object, style: str = "model") -> RagPipeline:
+            return RagPipeline(coll, gen, RagSettings(k=3, answer_style=style), GenerationSettings(max_new_tokens=6),
+                               query_projection=None)
+
+        base = pipe(load_generator(str(lm_dir)))
+        assert base.answer_style == "auto" and base.extracts("When does the ferry leave?")
+        assert not base.extracts("Tell me about the harbour, please")
+        answer = base.ask("When does the ferry leave?", hits=HITS)
+        body = re.sub(r"\s*\[\d+\]", "", answer.answer).strip()  # a random LM, held to the sources' spans
+        assert "Short answer:" in answer.prompts[0]
+        assert body == NOT_IN_SOURCES or any(body.lower() in h.text for h in HITS), answer.answer
+        assert pipe(load_generator(str(tiny_gguf), runtime="llama.cpp")).answer_style == "auto"
+        assert pipe(load_generator(str(chat_gguf), runtime="llama.cpp")).answer_style == "free"
+        seq2seq = pipe(load_generator(str(t5_dir)))
+        assert seq2seq.answer_style == "free"
+        assert "Short answer:" not in seq2seq.ask("When does the ferry leave?", hits=HITS).prompts[0]
+        assert pipe(load_generator(str(lm_dir)), "free").answer_style == "free"
+        assert pipe(load_generator(str(t5_dir)), "auto").answer_style == "auto"

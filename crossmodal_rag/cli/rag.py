@@ -46,10 +46,11 @@ def add_generation_flags(sp: argparse.ArgumentParser) -> None:
                     help="prompt with {context} and {question} placeholders")
     sp.add_argument("--max-context-tokens", type=positive_int, metavar="N",
                     help="prompt token budget (default: the generator's context)")
-    sp.add_argument("--answer-style", choices=("auto", "extract", "free"), default="free",
-                    help="free (default): the model writes freely; auto: a short-answer question (who, when, "
-                         "how many ...) gets a span copied from the sources, or 'not in the sources'; extract: "
-                         "every question")
+    sp.add_argument("--answer-style", choices=("model", "auto", "extract", "free"), default="model",
+                    help="model (default): auto for base LMs (Gemma 3), free for chat and seq2seq models (SmolLM2, "
+                         "flan-t5), as measured; auto: a short-answer question (who, when, how many ...) gets a span "
+                         "copied from the sources, or 'not in the sources'; extract: every question; free: the "
+                         "model writes freely")
     sp.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N")
     sp.add_argument("--beams", type=positive_int, default=1, metavar="N")
     sp.add_argument("--sample", action="store_true", help="sample instead of greedy/beam decoding")
@@ -162,7 +163,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
                               "max_context_tokens": args.max_context_tokens,
                               "min_score": args.min_score, "where": tuple(args.where),
                               "search_mode": getattr(args, "search_mode", DEFAULT_MODE),
-                              "answer_style": getattr(args, "answer_style", "free")}
+                              "answer_style": getattr(args, "answer_style", "model")}
         if args.prompt_template:
             rs["prompt_template"] = args.prompt_template
         settings = RagSettings(**rs)

@@ -60,6 +60,7 @@ from .extractive import (
     clean_answer,
     extractive_messages,
     is_short_answer_question,
+    model_answer_style,
 )
 from .models import GenerationSettings, Prompt, load_generator
 from .stopping import SentenceStop
@@ -111,10 +112,10 @@ class RagSettings:
     # how a text question retrieves: auto | dense | keyword | hybrid (crossmodal_rag.search.MODES)
     search_mode: str = DEFAULT_MODE
     # auto: short-answer questions get the extractive prompt, span-copying decoding and a stop at
-    # the sentence end (generation.extractive); extract: every question; free (default): none.
-    # Free by measurement: with copied spans SmolLM2's contains-gold fell (benchmarks/RESULTS.md,
-    # "Small local answerers") and its answers in the CI quality tests got worse
-    answer_style: str = "free"
+    # the sentence end (generation.extractive); extract: every question; free: none.
+    # model (default): auto for base decoder-only LMs, free for chat and seq2seq models, by
+    # measurement (extractive.model_answer_style; benchmarks/RESULTS.md, "Small local answerers")
+    answer_style: str = "model"
 
     def __post_init__(self) -> None:
         check_k(self.k)
@@ -322,8 +323,19 @@ class RagPipeline:
 
     def extracts(self, question: str) -> bool:
         """Whether ``question`` gets an extractive answer (``RagSettings.answer_style``)."""
-        style = self.settings.answer_style
+        style = self.answer_style
         return style == "extract" or (style == "auto" and is_short_answer_question(question))
+
+    @property
+    def answer_style(self) -> str:
+        """The answer style in force: ``RagSettings.answer_style``, with ``model`` resolved for
+        this generator (:func:`~crossmodal_rag.generation.extractive.model_answer_style`)."""
+        style = self.settings.answer_style
+        if style == "model":
+            g = self.generator
+            g.load()
+            style = model_answer_style(g.kind, g.is_chat)
+        return style
 
     def _fill(self, question: str, context: str) -> Prompt:
         template = self.settings.prompt_template
