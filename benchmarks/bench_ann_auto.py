@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -89,6 +90,7 @@ def p50_single(search: Any, queries: np.ndarray) -> float:
 
 
 def run(name: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    build_threads = faiss.omp_get_max_threads()  # builds: OMP_NUM_THREADS (1 on a shared machine)
     label, base, fresh = load_dataset(name, n, 2 * args.fresh, Path(args.workdir))
     dim = base.shape[1]
     shards = make_shards(base, Path(args.workdir) / f"shards-{label}-{n}")
@@ -96,7 +98,9 @@ def run(name: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     qa, qb = fresh[: args.fresh], fresh[args.fresh:]
     ta, tb = exact_top_k(shards, live, qa, K), exact_top_k(shards, live, qb, K)
     result: dict[str, Any] = {"data": name, "label": label, "n": n, "dim": dim, "machine": _common.machine_info(),
-                              "fresh_queries": [len(qa), len(qb)], "rows": []}
+                              "fresh_queries": [len(qa), len(qb)], "rows": [],
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                              "load_start": [round(v, 2) for v in os.getloadavg()]}
     # -- auto, as reindex runs it ------------------------------------------------------------
     t0 = time.perf_counter()
     if args.auto_record:  # the choice an earlier run measured (its JSON): rebuild and re-time only
@@ -140,7 +144,7 @@ def run(name: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
             auto_row = {**row, "family": f"auto ({family})", "auto_params": own.to_dict(),
                         "tuning": tuned.to_dict()}
             built.append((auto_row, index, own))
-        faiss.omp_set_num_threads(2)
+        faiss.omp_set_num_threads(build_threads)
         logging.info("%s %s built in %.1f s, sweep setting %s", label, s, build_s, oracle.to_dict())
     faiss.omp_set_num_threads(1)
     rounds: dict[int, list[float]] = {i: [] for i in range(len(built) + 1)}
@@ -148,7 +152,7 @@ def run(name: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         rounds[len(built)].append(p50_single(lambda q: np.argpartition(-(base @ q), K)[:K], qb[: args.timed]))
         for i, (_row, index, p) in enumerate(built):
             rounds[i].append(p50_single(lambda q, index=index, p=p: index.search(q[None], K, params=p), qb[: args.timed]))
-    faiss.omp_set_num_threads(2)
+    faiss.omp_set_num_threads(build_threads)
     result["numpy_p50_ms"] = round(float(np.median(rounds[len(built)])), 3)
     for i, (row, index, p) in enumerate(built):
         _, found = index.search(qb, K, params=p)
@@ -162,6 +166,8 @@ def run(name: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
         best = min(ok, key=lambda r: r["p50_ms"])
         result["best_swept"] = best["spec"]
         result["auto_vs_best"] = round(auto_rows[0]["p50_ms"] / best["p50_ms"], 2)
+    result["load_end"] = [round(v, 2) for v in os.getloadavg()]
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     OUT.mkdir(exist_ok=True)
     (OUT / f"auto_{label}_{n}{args.tag}.json").write_text(json.dumps(result, indent=1))
     logging.info("%s", report_one(result))
