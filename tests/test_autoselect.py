@@ -194,12 +194,14 @@ def test_collection_records_and_reuses_the_choice(tmp_path: Path, monkeypatch: p
 
 
 def test_measured_floor_takes_the_measured_setting_whole() -> None:
-    record = {"candidates": [{"spec": "IVF64,SQ8", "sample_spec": "IVF64,SQ8", "param": "nprobe",
+    record = {"n": 5000, "sample": 4800, "held": 200,  # measured on the whole collection
+              "candidates": [{"spec": "IVF64,SQ8", "sample_spec": "IVF64,SQ8", "param": "nprobe",
                               "value": 48, "rerank": 0}]}
     narrow = SearchParams(nprobe=12, rerank=4, filter_factor=2)
     assert autoindex.measured_floor(record, "IVF64,SQ8", narrow) == SearchParams(nprobe=48, rerank=0, filter_factor=2)
     wide = SearchParams(nprobe=64, rerank=2)  # leave-one-out tuning to a bound can ask for more
     assert autoindex.measured_floor(record, "IVF64,SQ8", wide) == SearchParams(nprobe=48, rerank=0)
-    sampled = {"candidates": [{**record["candidates"][0], "spec": "IVF128,SQ8"}]}
-    assert autoindex.measured_floor(sampled, "IVF128,SQ8", wide) == wide  # measured on a sample
+    sampled = {**record, "n": 50_000}  # measured on a sample: a floor only
+    assert autoindex.measured_floor(sampled, "IVF64,SQ8", wide) == wide
+    assert autoindex.measured_floor(sampled, "IVF64,SQ8", narrow) == SearchParams(nprobe=48, rerank=0, filter_factor=2)
     assert autoindex.measured_floor(record, "HNSW32", narrow) == narrow  # another type: untouched

@@ -71,13 +71,20 @@ def auto_index_type(
 
 def measured_floor(record: dict[str, Any] | None, index_type: str, params: SearchParams) -> SearchParams:
     """``params`` with the main knob and re-rank depth that ``auto`` accepted on truly held-out
-    queries for the same factory string (``index_type``) built on the same vectors (the sample
-    was the collection), in place of the built index's own leave-one-out tuning: that can be
-    optimistic (a stored vector's graph links and list are its own) or, tuned to a confidence
-    bound on fewer queries, wider than needed, while the measured setting reached the target
-    on two independent held-out sets. A sample smaller than the index: ``params`` unchanged."""
-    for c in (record or {}).get("candidates", []):
+    queries for the same factory string (``index_type``). When the measured index held the
+    whole collection (sample + held-out queries = n), the measured setting replaces the built
+    index's own leave-one-out tuning: that can be optimistic (a stored vector's graph links and
+    list are its own) or, tuned to a confidence bound on fewer queries, wider than needed, while
+    the measured one reached the target on two independent held-out sets. Measured on a smaller
+    sample (a larger index may need a wider setting), it is a floor only: never narrower than
+    ``params``. (A collection grown since the measurement, within :data:`GROWTH`, still takes
+    the measured setting.)"""
+    rec = record or {}
+    whole = bool(rec.get("held")) and int(rec.get("sample", 0)) + int(rec["held"]) >= int(rec.get("n", 0))
+    for c in rec.get("candidates", []):
         if c.get("spec") == index_type == c.get("sample_spec") and c.get("param") and c.get("value"):
+            if not whole and (getattr(params, c["param"]) or 0) >= int(c["value"]):
+                return params
             # the measured setting as a whole: its main knob with the re-rank depth it was
             # measured at (the built index's own tuning may pair another knob with another depth)
             return SearchParams(**{**params.to_dict(), c["param"]: int(c["value"]), "rerank": c.get("rerank")})

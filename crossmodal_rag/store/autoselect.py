@@ -146,6 +146,7 @@ class AutoChoice:
     seed: int
     reason: str
     seconds: float = 0.0
+    held: int = 0  # stored vectors held out as queries (sets A + B); sample + held = n: all of it
     candidates: list[Candidate] = field(default_factory=list)
 
     def chosen(self) -> Candidate | None:
@@ -308,7 +309,7 @@ def measure_choice(ids: np.ndarray, vectors: np.ndarray, n: int, settings: AutoS
     qa, qb = queries[: s.tune_queries], queries[s.tune_queries:]
     sets = (qa, _exact_top_k(base, base_ids, qa, s.k), qb, _exact_top_k(base, base_ids, qb, s.k))
     choice = AutoChoice(index_type="", n=int(n), dim=int(dim), sample=len(base), budget=int(budget),
-                        target_recall=s.target_recall, seed=s.seed, reason="")
+                        target_recall=s.target_recall, seed=s.seed, reason="", held=held)
     built: list[tuple[Candidate, VectorIndex]] = []
     for family in s.families:
         sample_spec = family_spec(family, len(base), dim)
