@@ -12,7 +12,7 @@ import pytest
 
 from crossmodal_rag.generation import GenerationSettings, RagPipeline, RagSettings
 from crossmodal_rag.generation.extractive import (EXTRACTIVE_TEMPLATE, NOT_IN_SOURCES, citations, cite, clean_answer,
-                                                  extractive_messages, is_short_answer_question)
+                                                  current_question, extractive_messages, is_short_answer_question)
 from crossmodal_rag.search import Hit
 
 
@@ -26,9 +26,14 @@ from crossmodal_rag.search import Hit
     ("What is in this photo?", False), ("what is in the pictures?", False), ("What is shown here?", False),
     ("What can you see?", False), ("What photos of animals do I have?", False),
     ("What is in the box?", True), ("What is the cat looking at?", True), ("What photos did the museum lend?", True),
+    ("What is it?", False), ("What is this picture about?", False), ("What is it built of?", True),
+    ("What did it cost?", True),
+    # a chat prompt: the new message decides, not the turns before it
+    ("Conversation so far: User: Tell me about the bridge. Assistant: It is old. User: When was it built?", True),
+    ("Conversation so far: User: When was it built? Assistant: 1825 User: Tell me more about it.", False),
 ])
 def test_short_answer_questions(question: str, short: bool) -> None:
-    assert is_short_answer_question(question) is short
+    assert is_short_answer_question(current_question(question)) is short
 
 
 @pytest.mark.parametrize("raw, extractive, clean", [
@@ -128,3 +133,25 @@ def test_the_default_style_follows_the_model(lm_dir: Path, t5_dir: Path, tiny_gg
         assert "Short answer:" not in seq2seq.ask("When does the ferry leave?", hits=HITS).prompts[0]
         assert pipe(load_generator(str(lm_dir)), "free").answer_style == "free"
         assert pipe(load_generator(str(t5_dir)), "auto").answer_style == "auto"
+
+
+def test_a_chat_follow_up_is_answered_by_its_own_kind(lm_dir: Path, tiny_oc_spec: str, tmp_path: Path) -> None:
+    """In a chat the prompt's question slot holds the turns so far and then the new message: a
+    short follow-up ("When does it leave?") after a free first turn gets the copied answer (the
+    default style, a base LM), a request to tell more does not."""
+    from crossmodal_rag import Collection
+    from crossmodal_rag.apps.chat import ChatSession
+    from crossmodal_rag.generation.models import load_generator
+
+    with Collection.create(tmp_path / "coll", tiny_oc_spec) as coll:
+        pipe = RagPipeline(coll, load_generator(str(lm_dir)), RagSettings(k=3), GenerationSettings(max_new_tokens=6),
+                           query_projection=None)
+        chat = ChatSession()
+        first = chat.send(pipe, "Tell me about the ferry, please", hits=HITS)
+        assert "Short answer:" not in first.prompts[0]
+        follow = chat.send(pipe, "When does it leave?", hits=HITS)
+        assert follow.question.startswith("Conversation so far:") and "Short answer:" in follow.prompts[0]
+        body = re.sub(r"\s*\[\d+\]", "", follow.answer).strip()
+        assert body == NOT_IN_SOURCES or any(body.lower() in h.text for h in HITS), follow.answer
+        more = chat.send(pipe, "Tell me more about it", hits=HITS)
+        assert "Short answer:" not in more.prompts[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CrossmodalError, QueryError
+from ..generation.extractive import CONVERSATION_HEADER
 from ..generation.rag import Answer, RagPipeline
 from ..safe_io import atomic_write_text
 
@@ -48,7 +49,7 @@ class ChatSession:
         lines = [f"{'User' if t.role == 'user' else 'Assistant'}: {t.content}" for t in recent]
         if not lines:
             return message
-        return "Conversation so far:\n" + "\n".join(lines) + f"\nUser: {message}"
+        return f"{CONVERSATION_HEADER}\n" + "\n".join(lines) + f"\nUser: {message}"
 
     def send(self, pipeline: RagPipeline, message: str, image: str | None = None, **ask: Any) -> Answer:
         if not message or not message.strip():

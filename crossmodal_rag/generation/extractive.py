@@ -34,6 +34,8 @@ __all__ = [
     "citations",
     "cite",
     "clean_answer",
+    "CONVERSATION_HEADER",
+    "current_question",
     "extractive_messages",
     "is_short_answer_question",
     "model_answer_style",
@@ -42,6 +44,8 @@ __all__ = [
 #: RagSettings.answer_style: model (the generator's measured style, :func:`model_answer_style`),
 #: auto (extractive for short-answer questions), extract (every question), free (never).
 ANSWER_STYLES = ("model", "auto", "extract", "free")
+#: How a chat prompt's question slot starts (apps/chat.py): the recent turns, then ``User: MESSAGE``.
+CONVERSATION_HEADER = "Conversation so far:"
 #: What an extractive answer says when the sources do not contain the answer.
 NOT_IN_SOURCES = "not in the sources"
 _INSTRUCTION = (
@@ -78,8 +82,9 @@ _SHORT = re.compile(
     r"^(?:(?:in|on|at|from|to|by|for|of|with|since|until|near|after|before|under|over|into|through|during|"
     r"behind|beside|between|across|along|around|about|against|among|inside|outside|towards?|upon|within|"
     r"without|via|per)\s+)?"
-    r"(?:who|whom|whose|when|where|which|what(?!\s+(?:does|do|did|is|are|was|were)\s+(?:this|that|it|the\s+image|"
-    r"the\s+picture|the\s+photo)\b)(?!\s+(?:does|do|did)\s+.*\b(?:mean|show|do|look\s+like)\?*$)"
+    r"(?:who|whom|whose|when|where|which|what(?!\s+(?:does|do|did|is|are|was|were)\s+(?:this|that|it)(?:\s+about)?\s*\?*$)"
+    r"(?!\s+(?:does|do|did|is|are|was|were)\s+(?:this|that|it|the)\s+(?:image|picture|photo)\b)"
+    r"(?!\s+(?:does|do|did)\s+.*\b(?:mean|show|do|look\s+like)\?*$)"
     # a request to describe what is seen ("what is in this photo?", "what can you see?", "what is
     # shown?") or to list ("what photos of cats do I have?") is not a short fact
     r"(?!\s+(?:is|are|was|were)\s+(?:(?:in|on)\s+)?(?:this|these|that|those|the|my|our)\s+"
@@ -104,6 +109,14 @@ def is_short_answer_question(question: str) -> bool:
     """Whether ``question`` asks for a short fact (who, when, where, which, what, how many/high/...):
     not why/how questions, requests to describe or explain, or "what does this image show"."""
     return bool(_SHORT.match(" ".join(question.split())))
+
+
+def current_question(question: str) -> str:
+    """The question being asked now: ``question`` itself, or for a chat prompt (the conversation so
+    far, then the new message) the new message, which decides whether the answer is a short fact."""
+    if question.startswith(CONVERSATION_HEADER) and "User:" in question:
+        return question.rsplit("User:", 1)[1].strip()
+    return question
 
 
 def abstain_spans() -> tuple[str, ...]:

@@ -58,6 +58,7 @@ from .extractive import (
     abstain_spans,
     cite,
     clean_answer,
+    current_question,
     extractive_messages,
     is_short_answer_question,
     model_answer_style,
@@ -324,7 +325,8 @@ class RagPipeline:
     def extracts(self, question: str) -> bool:
         """Whether ``question`` gets an extractive answer (``RagSettings.answer_style``)."""
         style = self.answer_style
-        return style == "extract" or (style == "auto" and is_short_answer_question(question))
+        # in a chat, the new message decides (the turns before it are context)
+        return style == "extract" or (style == "auto" and is_short_answer_question(current_question(question)))
 
     @property
     def answer_style(self) -> str:
@@ -483,13 +485,14 @@ class RagPipeline:
             prompts = [concat] if concat is not None else item_prompts  # type: ignore[list-item]
         timings["prompt"] = time.perf_counter() - t
         candidates: list[dict[str, Any]] = []
-        extract = self.extracts(q_text)
+        asked = current_question(q_text)  # in a chat, the new message (not the turns before it)
+        extract = self.extracts(asked)
         gs = self.generation
         if extract:  # copy a span of a source's segment (or say they lack it), up to the sentence end
             kept = [i for i, inc in enumerate(included) if inc]
             # concat: the prior steers which source is copied; rag modes mix P(z|x) in themselves
             spans, weights = copy_sources([texts[i] for i in kept],
-                                          [log_prior[i] if mode == "concat" else 0.0 for i in kept], q_text)
+                                          [log_prior[i] if mode == "concat" else 0.0 for i in kept], asked)
             gs = replace(gs, stop="sentence", copy_from=spans, copy_whole=abstain_spans(), copy_weights=weights,
                          copy_whole_weight=ABSTAIN_WEIGHT)
         streaming = mode != "rag-sequence" and gs.num_beams == 1
