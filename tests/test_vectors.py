@@ -94,3 +94,27 @@ def test_save_load_round_trip_and_checks(tmp_path: Path) -> None:
 def test_invalid_index_type() -> None:
     with pytest.raises(CollectionError, match="invalid FAISS index type"):
         VectorIndex(8, "NoSuchIndex")
+
+
+def test_the_index_description_follows_the_index_in_use() -> None:
+    """The kind and code type a search reads are worked out once per FAISS index object, and
+    anew when the index is replaced (an HNSW graph swapped in for a flat index searches as a
+    graph, and removals are refused)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 16)).astype("float32")
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(500, dtype=np.int64)
+    vi = VectorIndex(16, "Flat")
+    vi.add(ids, x)
+    assert vi.kind == "flat" and not vi.uses_pq and vi.supports_remove
+    graph = VectorIndex(16, "HNSW16")
+    graph.add(ids, x)
+    vi.index = graph.index
+    assert vi.kind == "hnsw" and not vi.supports_remove
+    exact = np.argsort(-(x[:5] @ x.T), axis=1)[:, :10]
+    _, found = vi.search(x[:5], 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True)]) >= 0.9
+    sq = VectorIndex(16, "SQfp16")
+    sq.add(ids, x)
+    vi.index = sq.index
+    assert vi.kind == "flat" and vi.uses_pq

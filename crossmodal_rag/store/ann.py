@@ -262,9 +262,11 @@ def training_rows(n_total: int, index: faiss.Index, seed: int) -> np.ndarray:
 QUANTIZER_EF_MIN = 32
 
 
-def search_parameters(index: faiss.Index, params: SearchParams, sel: Any = None) -> Any:
-    """A FAISS ``SearchParameters`` object for ``index`` (None if nothing is set)."""
-    d = describe_index(index)
+def search_parameters(index: faiss.Index, params: SearchParams, sel: Any = None,
+                      described: dict[str, Any] | None = None) -> Any:
+    """A FAISS ``SearchParameters`` object for ``index`` (None if nothing is set);
+    ``described``: ``describe_index(index)`` when the caller has it already."""
+    d = described if described is not None else describe_index(index)
     kind = d["kind"]
     if kind == "ivf":
         p = faiss.SearchParametersIVF()

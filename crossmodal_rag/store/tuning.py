@@ -34,7 +34,11 @@ Search = Callable[[np.ndarray, int, SearchParams], tuple[np.ndarray, np.ndarray]
 #: Re-rank depths tried per code type (multiples of k); 0 = the codes' own order.
 RERANK_DEPTHS = {"flat": (0,), "fp16": (0, 2), "sq8": (0, 2, 4, 8), "sq": (0, 2, 4, 8),
                  "pq": (4, 8, 16, 32), "pqfs": (8, 16, 32, 64)}
-_EF_VALUES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+#: efSearch values tried, in steps of x1.14-x1.25 (an HNSW search costs about linearly in efSearch, so
+#: a x1.5 step could cost up to a third more time than the target needs: real MiniLM 100k
+#: needed between 48 and 64; benchmarks/RESULTS.md, "auto by measurement").
+_EF_VALUES = (16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+              640, 768, 896, 1024)
 #: Single queries timed per setting (the rest of the queries only measure recall).
 TIMED_QUERIES = 100
 #: A re-rank depth stops when recall gained less than this over its last two settings (lossy

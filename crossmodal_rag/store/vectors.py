@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -118,10 +119,19 @@ class VectorIndex:
         self.exact_vectors: Callable[[np.ndarray], np.ndarray] | None = None
         self.mmapped = False
 
+    def _describe(self) -> dict[str, Any]:
+        """:func:`describe_index` of the index in use, worked out once per index object: a search
+        asks for it three times, and each asks FAISS through SWIG (about 0.05 ms a query of a
+        0.2 ms HNSW search; benchmarks/RESULTS.md, "auto by measurement")."""
+        cached = self.__dict__.get("_described")
+        if cached is None or cached[0] is not self.index:
+            cached = self._described = (self.index, describe_index(self.index))
+        return cached[1]
+
     @property
     def kind(self) -> str:
         """``flat``, ``hnsw``, ``ivf`` (or a FAISS class name for other types)."""
-        return describe_index(self.index)["kind"]
+        return str(self._describe()["kind"])
 
     @property
     def is_trained(self) -> bool:
@@ -133,7 +143,7 @@ class VectorIndex:
 
     @property
     def uses_pq(self) -> bool:
-        return bool(describe_index(self.index).get("pq"))
+        return bool(self._describe().get("pq"))
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -275,7 +285,7 @@ class VectorIndex:
         fetch = k
         if rerank and self.exact_vectors is not None:
             fetch = min(k * rerank, len(self))
-        fparams = search_parameters(self.index, p, sel)
+        fparams = search_parameters(self.index, p, sel, described=self._describe())
         with _single_thread_if(len(queries) <= _NUMPY_MAX_QUERIES):
             scores, ids = self.index.search(queries, fetch, params=fparams)
         if fetch > k:
