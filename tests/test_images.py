@@ -128,16 +128,18 @@ def _decode_in_child(path: Path, max_pixels: int | None = None) -> tuple[str, fl
     """(outcome, MB the decode added to the child's peak resident memory)."""
     kw = f", max_pixels={max_pixels}" if max_pixels else ""
     code = f"""
-import json, resource
+import json
 from crossmodal_rag.errors import ImageDecodeError
 from crossmodal_rag.ingestion.images import load_image
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # this process's own peak resident KB (ru_maxrss also carries a forking parent's)
+    return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1])
+before = hwm()
 try:
     d = load_image({str(path)!r}{kw})
     outcome = f"decoded {{d.width}}x{{d.height}} as {{d.image.size[0]}}x{{d.image.size[1]}}"
 except ImageDecodeError as e:
     outcome = "refused: " + e.reason
-print(json.dumps([outcome, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024]))
+print(json.dumps([outcome, (hwm() - before) / 1024]))
 """
     r = _child(code, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]

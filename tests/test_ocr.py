@@ -318,7 +318,8 @@ for name in ("1000x1.png", "60000x1.png", "wide.png"):
     except OcrInputError as e:
         out[name] = str(e)
     out[name + ":s"] = time.perf_counter() - t
-out["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# this process's own peak (VmHWM): ru_maxrss would carry the forking test process's peak
+out["peak_mb"] = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) / 1024
 print(json.dumps(out))
 """
 
@@ -334,4 +335,4 @@ print(json.dumps(out))
     assert out["60000x1.png"].startswith("60000x1 (read at 1875x1) image is too thin to hold readable text")
     assert out["1000x1.png:s"] < 1 and out["60000x1.png:s"] < 1
     assert out["wide.png"] == [0] and out["wide.png:s"] < 60
-    assert out["peak_mb"] < 2048, out  # 0.9-1.0 GB measured here, 1.7 GB in a fresh CI venv
+    assert out["peak_mb"] < 2048, out  # 0.9-1.0 GB measured here

@@ -269,9 +269,10 @@ def test_cli_index_ocr_skips_thin_images_in_bounded_memory(tmp_path: Path, tiny_
     white_png(folder / "strip60000.png", 60000, 1)
     _document(folder / "memo.png", ["Quarterly budget memo", "Total EUR 1234"])
     peak = tmp_path / "peak"
-    code = ("import atexit, resource, runpy, sys\n"
-            f"atexit.register(lambda: open({str(peak)!r}, 'w').write("
-            "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+    # the child's own peak (VmHWM): ru_maxrss would carry the forking test process's peak
+    code = ("import atexit, runpy, sys\n"
+            f"atexit.register(lambda: open({str(peak)!r}, 'w').write(next(ln for ln in open('/proc/self/status') "
+            "if ln.startswith('VmHWM')).split()[1]))\n"
             f"sys.argv = ['crossmodal-rag', 'index', {str(folder)!r}, '--collection', {str(tmp_path / 'coll')!r}, "
             f"'--model', {tiny_oc_spec!r}, '--ocr', '-q']\n"
             "runpy.run_module('crossmodal_rag', run_name='__main__', alter_sys=True)\n")

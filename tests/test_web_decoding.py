@@ -254,7 +254,9 @@ def test_a_client_that_goes_away_has_its_decode_stopped(coll_dir: Path, tmp_path
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(head + body)
             deadline = time.time() + 10
-            while st.decoder.running == 0:  # the worker started and the decode is under way
+            # the worker process started and the decode is under way (a request counts as running
+            # from when it holds a slot; a hang-up before its worker exists has nothing to kill)
+            while st.decoder.running == 0 or st.decoder.stats.started == 0:
                 assert time.time() < deadline, "the decode did not start"
                 time.sleep(0.05)
         t0 = time.perf_counter()  # hung up
