@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "ANSWER_STYLES",
+    "CONVERSATION_HEADER",
     "EXAMPLES_MIN_CONTEXT",
     "EXTRACTIVE_SHORT_TEMPLATE",
     "EXTRACTIVE_SYSTEM",
@@ -34,7 +35,6 @@ __all__ = [
     "citations",
     "cite",
     "clean_answer",
-    "CONVERSATION_HEADER",
     "current_question",
     "extractive_messages",
     "is_short_answer_question",

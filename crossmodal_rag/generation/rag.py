@@ -485,8 +485,8 @@ class RagPipeline:
             prompts = [concat] if concat is not None else item_prompts  # type: ignore[list-item]
         timings["prompt"] = time.perf_counter() - t
         candidates: list[dict[str, Any]] = []
+        extract = self.extracts(q_text)
         asked = current_question(q_text)  # in a chat, the new message (not the turns before it)
-        extract = self.extracts(asked)
         gs = self.generation
         if extract:  # copy a span of a source's segment (or say they lack it), up to the sentence end
             kept = [i for i, inc in enumerate(included) if inc]
